@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny models/tokenizers built locally, one Ray instance per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # so tests can `import tiny`
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data, or skip when this checkout has none (users who clone the project)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data sets not present at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def chatml_tokenizer():
+    from tiny import build_tokenizer
+
+    return build_tokenizer("chatml")
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer():
+    from tiny import build_tokenizer
+
+    return build_tokenizer("llama3")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama + ChatML tokenizer saved in Hugging Face format."""
+    from tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_chatml"), "chatml")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3_model_dir(tmp_path_factory) -> Path:
+    from tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_llama3"), "llama3")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (logical oversubscription, as Ray's tests do)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
+    yield ray
+    ray.shutdown()
