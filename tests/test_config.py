@@ -1,0 +1,96 @@
+"""The typed config schema: YAML + dotted overrides, strict validation, one-sentence errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from raysft.pipeline.config import Config, load_config
+from raysft.pipeline.errors import ConfigError
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_have_the_design_keys():
+    cfg = load_config()
+    assert cfg.model.quantization == "nf4"
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules) == (16, 32, 0.05, "all-linear")
+    assert (cfg.data.format, cfg.data.max_seq_len, cfg.data.packing, cfg.data.train_on) == ("auto", 1024, "bfd", "responses")
+    assert (cfg.train.epochs, cfg.train.lr, cfg.train.deepspeed.stage) == (1, 2.0e-4, 2)
+    assert (cfg.scaling.num_workers, cfg.scaling.use_gpu) == (2, False)
+    assert cfg.run.max_failures == 2
+    assert (cfg.tune.metric, cfg.tune.mode, cfg.tune.scheduler) == ("eval_loss", "min", "asha")
+    assert cfg.model.trust_remote_code is False
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = write(tmp_path, "model: {name_or_path: /m}\ntrain: {lr: 1.0e-3, deepspeed: {stage: 3}}\n")
+    cfg = load_config(path, overrides=["train.lr=1e-4", "data.max_seq_len=512", "lora.target_modules=[q_proj, v_proj]"])
+    assert cfg.model.name_or_path == "/m"
+    assert cfg.train.lr == pytest.approx(1e-4)
+    assert cfg.train.deepspeed.stage == 3
+    assert cfg.data.max_seq_len == 512
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_round_trip_through_dict_is_identity(tmp_path):
+    cfg = load_config(write(tmp_path, "lora: {r: 8}\n"), overrides=["tune.search_space.train.lr={loguniform: [1.0e-5, 1.0e-3]}"])
+    again = Config.from_dict(cfg.to_dict())
+    assert again.to_dict() == cfg.to_dict()
+    assert cfg.tune.search_space == {"train.lr": {"loguniform": [1e-5, 1e-3]}}
+
+
+@pytest.mark.parametrize(
+    "text, overrides, expected",
+    [
+        ("train: {lrr: 1}\n", [], "Unknown config key 'train.lrr' in"),
+        ("", ["train.lr=abc"], "Config key 'train.lr'"),
+        ("data: {packing: greedy}\n", [], "Config key 'data.packing' in"),
+        ("scaling: {num_workers: -1}\n", [], "Config key 'scaling.num_workers'"),
+        ("- a\n- b\n", [], "must hold a mapping"),
+        ("model: [unclosed\n", [], "is not valid YAML at line"),
+        ("", ["train.lr"], "must have the form key.sub=value"),
+    ],
+)
+def test_bad_config_is_one_sentence_naming_the_path(tmp_path, text, overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text), overrides=overrides)
+    message = str(err.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent/cfg.yaml")
+
+
+def test_cli_config_prints_resolved_and_fails_cleanly(tmp_path):
+    path = write(tmp_path, "train: {lr: 1.0e-3}\n")
+    ok = subprocess.run([sys.executable, "-m", "raysft.pipeline.cli", "config", str(path), "--set", "lora.r=4"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    printed = load_config(None).from_dict(__import__("yaml").safe_load(ok.stdout))
+    assert printed.lora.r == 4 and printed.train.lr == pytest.approx(1e-3)
+
+    bad = subprocess.run([sys.executable, "-m", "raysft.pipeline.cli", "config", str(path), "--set", "lora.rank=4"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0
+    assert "Unknown config key 'lora.rank'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_every_command_documents_its_flags():
+    from raysft.pipeline.cli import build_parser
+
+    parser = build_parser()
+    help_text = parser.format_help()
+    for command in ["prepare", "train", "tune", "submit", "status", "logs", "stop", "models", "demo", "export", "config"]:
+        assert command in help_text
