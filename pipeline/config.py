@@ -195,6 +195,10 @@ def set_dotted(data: dict[str, Any], key: str, value: Any, source: str | None = 
     parts = key.split(".")
     if not all(parts):
         raise ConfigError(f"Override key '{key}' is not a dotted path like train.lr.")
+    # tune.search_space takes dotted keys of its own as one key.
+    if parts[:2] == ["tune", "search_space"] and len(parts) > 2:
+        data.setdefault("tune", {}).setdefault("search_space", {})[".".join(parts[2:])] = value
+        return
     node = data
     for part in parts[:-1]:
         child = node.get(part)
@@ -203,10 +207,6 @@ def set_dotted(data: dict[str, Any], key: str, value: Any, source: str | None = 
         if not isinstance(child, dict):
             raise ConfigError(f"Override key '{key}': '{part}' is a value, not a section.")
         node = child
-    # tune.search_space takes dotted keys of its own as one key.
-    if parts[:2] == ["tune", "search_space"] and len(parts) > 2:
-        data.setdefault("tune", {}).setdefault("search_space", {})[".".join(parts[2:])] = value
-        return
     node[parts[-1]] = value
 
 
