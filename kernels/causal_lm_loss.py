@@ -1,0 +1,98 @@
+"""The packed-row training loss of a causal LM without materialising logits.
+
+`causal_lm_loss_sum` runs the model body on a flattened packed micro-batch ([1, T]; samples kept
+apart by position_ids alone, hence attention_mask=None and use_cache=False), keeps the positions
+whose shifted label is trained, and sums their cross-entropy with `fused_linear_cross_entropy` on
+the lm_head weight. A LoRA adapter on lm_head is included exactly (its low-rank term is an extra
+input of the fused loss); anything this cannot represent is refused with a ModelError rather than
+silently left untrained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from raysft.pipeline.errors import ModelError
+
+from .fused_linear_cross_entropy import fused_linear_cross_entropy
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LMHead:
+    """The output projection as the fused loss sees it: a dense weight plus active LoRA adapters."""
+
+    weight: torch.Tensor  # [V, H]
+    adapters: list[tuple[nn.Module, nn.Module, nn.Module, float]] = field(default_factory=list)  # dropout, A, B, scale
+
+    def lora_inputs(self, hidden: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(lora_hidden [N, r], lora_weight [V, r]) such that logits += lora_hidden @ lora_weight.T."""
+        if not self.adapters:
+            return None, None
+        low = [scale * lora_a(dropout(hidden.to(lora_a.weight.dtype))) for dropout, lora_a, _, scale in self.adapters]
+        return torch.cat(low, dim=-1), torch.cat([lora_b.weight for _, _, lora_b, _ in self.adapters], dim=-1)
+
+
+def _base_causal_lm(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def lm_head_parts(model: nn.Module) -> LMHead:
+    """Read lm_head of a plain or PEFT-wrapped causal LM; ModelError for what the fused loss cannot train."""
+    head = _base_causal_lm(model).get_output_embeddings()
+    if head is None:
+        raise ModelError(f"{type(model).__name__} has no output embeddings (lm_head) for the fused loss")
+    if hasattr(head, "modules_to_save") and hasattr(head, "original_module"):  # PEFT modules_to_save
+        active = [a for a in head.active_adapters if a in head.modules_to_save] if not head.disable_adapters else []
+        if len(active) > 1:
+            raise ModelError("lm_head has several active modules_to_save copies; train.kernels supports one")
+        head = head.modules_to_save[active[0]] if active else head.original_module
+    adapters: list[tuple[nn.Module, nn.Module, nn.Module, float]] = []
+    if hasattr(head, "lora_A") and hasattr(head, "base_layer"):  # a PEFT LoRA layer
+        if not head.disable_adapters and not head.merged:
+            for name in head.active_adapters:
+                if name not in head.lora_A:
+                    continue
+                if head.use_dora.get(name, False) or getattr(head, "lora_bias", {}).get(name, False):
+                    raise ModelError(
+                        f"lm_head carries a DoRA or bias LoRA adapter {name!r} that train.kernels cannot train; "
+                        "set train.kernels: false or leave lm_head out of lora.target_modules"
+                    )
+                adapters.append((head.lora_dropout[name], head.lora_A[name], head.lora_B[name], float(head.scaling[name])))
+        head = head.get_base_layer()
+    weight = getattr(head, "weight", None)
+    if not isinstance(head, nn.Linear) or weight is None or not weight.is_floating_point():
+        # bitsandbytes layers subclass nn.Linear but hold packed integer weights
+        raise ModelError(f"lm_head is a {type(head).__name__} without a dense float weight (quantized?); set train.kernels: false")
+    if head.bias is not None:
+        raise ModelError("lm_head has a bias, which the fused cross-entropy does not support; set train.kernels: false")
+    if getattr(_base_causal_lm(model).config, "final_logit_softcapping", None):
+        raise ModelError("the model soft-caps its logits, which the fused cross-entropy does not support; set train.kernels: false")
+    return LMHead(weight, adapters)
+
+
+def causal_lm_loss_sum(
+    model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the trained tokens of one packed row [1, T] (labels unshifted)."""
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or labels.shape != input_ids.shape or position_ids.shape != input_ids.shape:
+        raise ValueError(
+            f"expected input_ids, position_ids and labels of shape [1, T], got {tuple(input_ids.shape)}, "
+            f"{tuple(position_ids.shape)}, {tuple(labels.shape)}"
+        )
+    head = lm_head_parts(model)
+    base = _base_causal_lm(model)
+    body = getattr(base, base.base_model_prefix)
+    out = body(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # [1, T, H]
+    targets = labels[0, 1:]
+    keep = targets != IGNORE_INDEX
+    h, y = hidden[0, :-1][keep], targets[keep]  # only trained positions enter the loss
+    lora_hidden, lora_weight = head.lora_inputs(h)
+    return fused_linear_cross_entropy(
+        h, head.weight, y, ignore_index=IGNORE_INDEX, reduction="sum", lora_hidden=lora_hidden, lora_weight=lora_weight
+    )
