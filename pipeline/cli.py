@@ -157,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the job runs (default: tune when the config has a search space, else train)")
     p.add_argument("--env", action="append", default=[], metavar="NAME",
                    help="pass this environment variable from here to the job (repeatable; for secrets)")
+    p.add_argument("--working-dir", default=None,
+                   help="folder shipped as the job's working directory, minus secrets, caches and outputs (default: .)")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="also leave out files matching this gitignore-style pattern (repeatable)")
 
     for name, fn, help in [
         ("status", cmd_status, "show a Ray Job's status"),

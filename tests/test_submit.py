@@ -1,0 +1,260 @@
+"""Job submission against a real local Ray head: submit, --wait, status, logs, stop, failures, auth.
+
+The head is started with `ray start --head --block` in its own session and temp dir (so
+/tmp/ray/ray_current_cluster and teammates' local clusters are untouched), on free ports, with
+token authentication and a token of its own passed through RAY_AUTH_TOKEN (~/.ray/auth_token is
+neither read nor written). Its `python` is this virtualenv's, so job entrypoints find `raysft`.
+Stopping never uses `ray stop` (which kills every Ray process on the machine): SIGTERM to the
+head process, then SIGKILL to whatever is left in the session it started.
+"""
+
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LocalHead:
+    url: str
+    token: str
+    temp_dir: Path
+    proc: subprocess.Popen
+    env: dict[str, str] = field(default_factory=dict)  # what the head runs with
+
+    def client_env(self, token: bool = True, mode: str | None = None) -> dict[str, str]:
+        """Environment for a client process: the token (or none) and RAY_AUTH_MODE as given."""
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")}
+        env["PATH"] = self.env["PATH"]
+        env["HOME"] = str(self.temp_dir / "home")  # no ~/.ray/auth_token from other runs
+        if token:
+            env["RAY_AUTH_TOKEN"] = self.token
+        if mode:
+            env["RAY_AUTH_MODE"] = mode
+        return env
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+        _kill_session(self.proc.pid)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _session_pids(sid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == sid:
+                    pids.append(int(entry.name))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return pids
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL what is left of the session this head started (only processes this fixture started)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        pids = _session_pids(sid)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.3)
+
+
+def start_head(num_cpus: int = 4, timeout_s: float = 120) -> LocalHead:
+    temp_dir = Path(tempfile.mkdtemp(prefix="rsft_", dir="/tmp"))  # short: Ray's socket paths must stay short
+    (temp_dir / "home").mkdir()
+    token = uuid.uuid4().hex + uuid.uuid4().hex
+    dashboard_port = free_port()
+    env = dict(os.environ)
+    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(key, None)
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, HOME=str(temp_dir / "home"),
+               PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),
+               RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
+           f"--port={free_port()}", f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1",
+           f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+           f"--num-cpus={num_cpus}", "--num-gpus=0", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    log = open(temp_dir / "head.log", "wb")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    head = LocalHead(url=f"http://127.0.0.1:{dashboard_port}", token=token, temp_dir=temp_dir, proc=proc, env=env)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            r = requests.get(head.url + "/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=2)
+            if r.status_code == 200:
+                return head
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            text = (temp_dir / "head.log").read_text(errors="replace")[-2000:]
+            head.stop()
+            raise RuntimeError(f"local Ray head did not come up:\n{text}")
+        time.sleep(0.5)
+
+
+# ---------------------------------------------------------------- fixtures and helpers
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def head():
+    h = start_head()
+    yield h
+    h.stop()
+
+
+def raysft(args: list[str], env: dict[str, str] | None = None, cwd: str | Path | None = None,
+           timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the real `raysft` command line in a fresh process (as a user would)."""
+    return subprocess.run([sys.executable, "-m", "raysft.pipeline.cli", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def job_id_of(proc: subprocess.CompletedProcess) -> str:
+    for line in proc.stdout.splitlines():
+        if line.startswith("Submitted job "):
+            return line.split()[2]
+    raise AssertionError(f"no job id in output:\n{proc.stdout}\n{proc.stderr}")
+
+
+def write_project(root: Path, model_dir: Path | None, storage: Path, rows: int = 24) -> Path:
+    """A user's project folder: a config, a small chat data set, and things that must not be shipped."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "data").mkdir(exist_ok=True)
+    with open(root / "data" / "train.jsonl", "w") as f:
+        for i in range(rows):
+            f.write(json.dumps({"messages": [
+                {"role": "user", "content": f"what is {i} plus {i}?"},
+                {"role": "assistant", "content": f"the answer is {2 * i}."}]}) + "\n")
+    (root / ".env").write_text("HF_TOKEN=hf_do_not_ship\n")
+    (root / "runs").mkdir(exist_ok=True)
+    (root / "runs" / "old.txt").write_text("old run output\n")
+    cfg = {
+        "model": {"name_or_path": str(model_dir) if model_dir else "missing-model", "quantization": "nf4",
+                  "compute_dtype": "float32", "dtype": "float32", "gradient_checkpointing": False},
+        "lora": {"r": 4, "alpha": 8},
+        "data": {"train": "data/train.jsonl", "max_seq_len": 64, "num_tokenizer_actors": 1},
+        "train": {"max_steps": 3, "save_every": 2, "eval_every": 100, "deepspeed": {"stage": 0},
+                  "logging": {"tensorboard": False}},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
+        "run": {"name": "tiny-job", "storage_path": str(storage), "max_failures": 0},
+    }
+    import yaml
+
+    (root / "tiny.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return root / "tiny.yaml"
+
+
+# ---------------------------------------------------------------- no cluster needed
+
+
+def test_unreachable_cluster_is_one_clear_sentence(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    url = f"http://127.0.0.1:{free_port()}"
+    for args in (["status", "raysft-x", "--address", url], ["logs", "raysft-x", "--address", url],
+                 ["stop", "raysft-x"], ["submit", str(write_project(tmp_path, None, tmp_path / "runs")), "--wait"]):
+        if args[0] == "stop":
+            env_used = dict(env, RAY_ADDRESS=url)  # RAY_ADDRESS is honoured
+        else:
+            env_used = env
+        proc = raysft(args, env=env_used, cwd=tmp_path, timeout=120)
+        assert proc.returncode == 2, proc
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("raysft: error: "), proc.stderr
+        if args[0] == "submit":
+            assert "No cluster address" in lines[0]
+        else:
+            assert f"Cannot reach the Ray dashboard at {url}" in lines[0]
+
+
+def test_bad_config_fails_before_anything_is_submitted(tmp_path):
+    cfg = write_project(tmp_path, None, tmp_path / "runs")
+    proc = raysft(["submit", str(cfg), "--address", f"http://127.0.0.1:{free_port()}", "--set", "train.lr=-1"],
+                  cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert "train.lr" in proc.stderr and "Cannot reach" not in proc.stderr
+
+
+# ---------------------------------------------------------------- against a real head
+
+
+@pytest.mark.ray
+def test_token_cluster_without_token_is_refused_clearly(head, tmp_path):
+    proc = raysft(["status", "raysft-nope", "--address", head.url], env=head.client_env(token=False), timeout=120)
+    assert proc.returncode == 2
+    assert "requires token authentication" in proc.stderr, proc.stderr
+    # Ray's own mode switch works too: RAY_AUTH_MODE=token + the token; and a job that does not exist.
+    proc = raysft(["status", "raysft-nope", "--address", head.url], env=head.client_env(mode="token"), timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"raysft: error: No job raysft-nope on the Ray cluster at {head.url}."
+
+
+@pytest.mark.ray
+def test_failing_job_shows_its_error_and_wait_exits_nonzero(head, tmp_path, tiny_model_dir):
+    cfg = write_project(tmp_path / "proj", tiny_model_dir, tmp_path / "runs")
+    env = head.client_env()
+    proc = raysft(["submit", str(cfg), "--address", head.url, "--wait", "--set", "data.train=data/missing.jsonl"],
+                  env=env, cwd=tmp_path / "proj", timeout=300)
+    job = job_id_of(proc)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"raysft: error: job {job} failed" in proc.stderr
+    assert "missing.jsonl" in proc.stdout  # the streamed logs carry the job's own error sentence
+
+    env["RAY_ADDRESS"] = head.url  # RAY_ADDRESS is honoured by status/logs
+    logs = raysft(["logs", job], env=env, timeout=120)
+    assert logs.returncode == 0
+    assert "raysft: error:" in logs.stdout and "missing.jsonl" in logs.stdout, logs.stdout
+    assert "Traceback" not in logs.stdout  # a user error is one sentence, not a stack trace
+    status = raysft(["status", job], env=env, timeout=120)
+    assert status.returncode == 0 and status.stdout.startswith(f"{job}: FAILED"), status.stdout
+
+
+@pytest.mark.ray
+def test_stop_a_running_job(head, tmp_path):
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(head.url, headers={"Authorization": f"Bearer {head.token}"})
+    job = client.submit_job(entrypoint="sleep 300")
+    env = dict(head.client_env(), RAY_ADDRESS=head.url)
+    deadline = time.monotonic() + 60
+    while str(client.get_job_status(job)) != "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    proc = raysft(["stop", job], env=env, timeout=120)
+    assert proc.returncode == 0 and f"Job {job} stopped: STOPPED." in proc.stdout, proc.stdout + proc.stderr
+    assert raysft(["status", job], env=env, timeout=120).stdout.strip() == f"{job}: STOPPED"
+    again = raysft(["stop", job], env=env, timeout=120)
+    assert again.returncode == 0 and "had already ended: STOPPED" in again.stdout
