@@ -1,0 +1,423 @@
+"""`raysft tune`: a Ray Tune sweep in which every trial is a full Ray Train run of the config.
+
+Ray 2.60 with Train V2: Tune runs a function trainable (`run_trial`) that builds the trial's
+`TorchTrainer` with `TuneReportCallback`, so each `ray.train.report` of the training is one Tune
+result that ASHA can act on (its clock is the training's `step`). The data is prepared once, in the
+driver, before any trial starts; trials read the prepared Parquet and never tokenize.
+
+The sweep folder (run.storage_path/run.name) holds:
+    sweep.yaml        the resolved config the sweep started with (a resume must match it)
+    tune/             Ray Tune's experiment state (what `--resume` restores)
+    trials/ID/        each trial's Ray Train run: checkpoints, metrics.jsonl, adapter/, trial.json
+    events.jsonl      one line per trial start, end, early stop or error, as they happen
+    results.csv, loss_vs_lr.png, eval_curves.png, best_adapter/, best_config.yaml
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import yaml
+from ray import tune as rt
+from ray.tune import Callback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.tune.search.optuna import OptunaSearch
+
+from raysft.pipeline.config import Config, set_dotted
+from raysft.pipeline.errors import ClusterError, ConfigError
+from raysft.pipeline.tune_report import (
+    COMPLETED, EARLY_STOPPED, ERROR, INTERRUPTED, BestTrial, SweepResult, TrialRecord,
+    pick_best, plot_curves, plot_loss_vs_lr, table_row, write_csv,
+)
+from raysft.pipeline.tune_space import SweepPlan, data_overrides, plan_sweep, trial_overrides
+
+log = logging.getLogger("raysft.tune")
+
+SWEEP_CONFIG = "sweep.yaml"
+TUNE_DIR = "tune"
+TRIALS_DIR = "trials"
+EVENTS_FILE = "events.jsonl"
+TRIAL_FILE = "trial.json"  # written by a trial whose training finished
+ATTEMPTS_FILE = "attempts.jsonl"  # one line each time a trial's function starts (resume proof)
+ASHA_MAX_T = 2**31  # ASHA stops at max_t; trials end by their own step count instead
+PATH_FIELDS = ("model.name_or_path", "model.tokenizer", "data.train", "data.eval", "data.cache_dir",
+               "train.deepspeed.config")
+# The same names a resumed sweep may change (where to reach the cluster is not part of the sweep).
+RESUME_MAY_DIFFER = ("run.address",)
+
+
+def tune(cfg: Config, resume: bool = False) -> SweepResult:
+    """Run (or with `resume`, continue) the sweep declared in `cfg.tune`; returns the table and the best trial."""
+    plan = plan_sweep(cfg)  # every user error in the tune section, before anything starts
+    cfg = _with_absolute_paths(cfg)
+    sweep_dir = Path(cfg.run.storage_path).expanduser().resolve() / cfg.run.name
+    tune_path = sweep_dir / TUNE_DIR
+    _check_sweep_folder(cfg, sweep_dir, resume)
+
+    import ray
+
+    _connect(cfg)
+    concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
+    prepared = _prepare_all(cfg, plan)  # tokenizes at most once per distinct data config
+    trainable = rt.with_resources(
+        rt.with_parameters(run_trial, base=cfg.to_dict(), source=cfg.source, plan=plan, prepared=prepared,
+                           trials_dir=str(sweep_dir / TRIALS_DIR)),
+        trial_resources(cfg),
+    )
+    with _sparse_metrics():
+        if resume:
+            log.info("resuming the sweep in %s", sweep_dir)
+            tuner = rt.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True,
+                                     resume_errored=False, restart_errored=False)
+        else:
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            (sweep_dir / SWEEP_CONFIG).write_text(cfg.dump_yaml())
+            tuner = rt.Tuner(
+                trainable,
+                param_space=plan.param_space(),
+                tune_config=rt.TuneConfig(
+                    metric=plan.metric, mode=plan.mode, num_samples=cfg.tune.num_samples,
+                    max_concurrent_trials=concurrency, scheduler=_scheduler(cfg, sweep_dir),
+                    search_alg=_search_alg(cfg, plan), trial_dirname_creator=_trial_dirname,
+                ),
+                run_config=rt.RunConfig(
+                    name=TUNE_DIR, storage_path=str(sweep_dir), callbacks=[SweepEvents(str(sweep_dir / EVENTS_FILE))],
+                    failure_config=rt.FailureConfig(max_failures=0), verbose=1,
+                ),
+            )
+        grid = tuner.fit()
+    return _collect(cfg, plan, sweep_dir, grid)
+
+
+# --- the trial ----------------------------------------------------------------------------------
+
+def run_trial(config: dict[str, Any], *, base: dict[str, Any], source: Optional[str], plan: SweepPlan,
+              prepared: dict[str, Any], trials_dir: str) -> None:
+    """One Tune trial: the config with the sampled values, trained by its own TorchTrainer."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raysft.pipeline.trainer import build_trainer
+
+    trial_id = rt.get_context().get_trial_id()
+    cfg = trial_config(Config.from_dict(base, source), plan, config, trial_id, trials_dir)
+    run_dir = Path(trials_dir) / trial_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _append_json(run_dir / ATTEMPTS_FILE, {"started": time.time(), "pid": os.getpid()})
+    data = prepared[_variant_key(data_overrides(plan, config))]
+    trainer = build_trainer(cfg, data, callbacks=[TuneReportCallback()])
+    trainer.fit()  # a resumed trial's trainer continues from its latest checkpoint (same storage/name)
+    adapter = run_dir / "adapter"
+    (run_dir / TRIAL_FILE).write_text(json.dumps({
+        "trial_id": trial_id, "status": COMPLETED, "finished": time.time(),
+        "adapter": str(adapter) if adapter.is_dir() else None, "params": trial_overrides(plan, config, cfg),
+    }, indent=2))
+
+
+def trial_config(base: Config, plan: SweepPlan, sampled: dict[str, Any], trial_id: str, trials_dir: str) -> Config:
+    """The base config with the trial's values, run as trials_dir/trial_id."""
+    overrides = trial_overrides(plan, sampled, base)
+    overrides.update({"run.storage_path": trials_dir, "run.name": trial_id})
+    return base.with_overrides(overrides)
+
+
+def _trial_dirname(trial) -> str:
+    return trial.trial_id
+
+
+# --- resources ------------------------------------------------------------------------------------
+
+def trial_resources(cfg: Config) -> dict[str, float]:
+    """What Tune reserves for a trial: its driver (1 CPU). Its Ray Train workers reserve their own."""
+    s = cfg.scaling
+    if s.num_workers == 0:  # Train's local mode trains inside the trial's own process
+        return {"CPU": max(1.0, s.cpus_per_worker), "GPU": s.gpus_per_worker if s.use_gpu else 0.0}
+    return {"CPU": 1.0, "GPU": 0.0}
+
+
+def resources_per_trial(cfg: Config) -> dict[str, float]:
+    """Everything one trial holds while it trains: driver + workers (Train's controller takes none)."""
+    s = cfg.scaling
+    if s.num_workers == 0:
+        return trial_resources(cfg)
+    return {"CPU": 1.0 + s.num_workers * s.cpus_per_worker, "GPU": s.num_workers * s.gpus_per_worker if s.use_gpu else 0.0}
+
+
+def max_concurrent_trials(cfg: Config, cluster: dict[str, float]) -> int:
+    """How many trials fit the cluster at once (never more than tune.max_concurrent_trials)."""
+    need = resources_per_trial(cfg)
+    fits = min(math.floor(cluster.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0)
+    if fits < 1:
+        s = cfg.scaling
+        raise ClusterError(
+            f"One trial needs {need['CPU']:g} CPUs and {need['GPU']:g} GPUs (1 CPU for the trial driver plus "
+            f"{s.num_workers} workers x scaling.cpus_per_worker {s.cpus_per_worker:g}) but the cluster has "
+            f"{cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs; lower scaling.num_workers or the per-worker resources."
+        )
+    wanted = cfg.tune.max_concurrent_trials
+    if wanted is not None and wanted > fits:
+        log.warning("tune.max_concurrent_trials %d does not fit the cluster; running %d at a time", wanted, fits)
+    return min(fits, wanted) if wanted is not None else fits
+
+
+def _connect(cfg: Config) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.run.address, log_to_driver=True,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+
+
+# --- data: prepared once, before the trials -----------------------------------------------------
+
+def _variant_key(overrides: dict[str, Any]) -> str:
+    return json.dumps(overrides, sort_keys=True, default=str)
+
+
+def _prepare_all(cfg: Config, plan: SweepPlan) -> dict[str, Any]:
+    """One prepared dataset per distinct data config the sweep can sample (usually exactly one)."""
+    from raysft.pipeline.data.plan import ensure_prepared
+
+    out = {}
+    for variant in plan.data_variants():
+        p = ensure_prepared(cfg.with_overrides(variant) if variant else cfg)
+        out[_variant_key(variant)] = dataclasses.replace(
+            p, train_dir=Path(p.train_dir).resolve(), eval_dir=Path(p.eval_dir).resolve() if p.eval_dir else None)
+    return out
+
+
+def _with_absolute_paths(cfg: Config) -> Config:
+    """Trials run in their own working folder, so local paths travel as absolute paths."""
+    data = cfg.to_dict()
+    for key in PATH_FIELDS:
+        section, _, name = key.rpartition(".")
+        node = data
+        for part in section.split("."):
+            node = node[part]
+        value = node.get(name)
+        if not value or "://" in value or os.path.isabs(value):
+            continue
+        resolved = cfg.resolve_path(value)
+        if Path(resolved).exists() or glob.glob(resolved) or key == "data.cache_dir":
+            set_dotted(data, key, os.path.abspath(resolved))
+    source = os.path.abspath(cfg.source) if cfg.source else None
+    return Config.from_dict(data, source)
+
+
+def _check_sweep_folder(cfg: Config, sweep_dir: Path, resume: bool) -> None:
+    tune_path = sweep_dir / TUNE_DIR
+    if resume:
+        if not rt.Tuner.can_restore(str(tune_path)):
+            raise ConfigError(f"There is no sweep to resume in {sweep_dir} (run.storage_path/run.name); start it without --resume.")
+        saved = Config.from_dict(yaml.safe_load((sweep_dir / SWEEP_CONFIG).read_text()), cfg.source)
+        diff = _first_difference(saved.to_dict(), cfg.to_dict())
+        if diff and diff not in RESUME_MAY_DIFFER:
+            raise ConfigError(f"Config key '{diff}' differs from the interrupted sweep's {sweep_dir / SWEEP_CONFIG}; resume with the same config.")
+        return
+    if tune_path.exists():
+        raise ConfigError(f"{sweep_dir} already holds a sweep; continue it with --resume or choose another run.name.")
+    try:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        probe = sweep_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError:
+        raise ConfigError(f"run.storage_path {cfg.run.storage_path} is not writable (cannot create {sweep_dir}).") from None
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> Optional[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            found = _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+            if found and found not in RESUME_MAY_DIFFER:
+                return found
+        return None
+    return None if a == b else prefix.rstrip(".")
+
+
+# --- Tune pieces --------------------------------------------------------------------------------
+
+def _scheduler(cfg: Config, sweep_dir: Path):
+    if cfg.tune.scheduler == "none":
+        return None
+    return SweepASHA(str(sweep_dir / EVENTS_FILE), time_attr="step", max_t=ASHA_MAX_T,
+                     grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor)
+
+
+def _search_alg(cfg: Config, plan: SweepPlan):
+    if cfg.tune.search_alg == "optuna":
+        return SparseMetricOptuna(metric=plan.metric, mode=plan.mode, seed=cfg.train.seed)
+    return BasicVariantGenerator(random_state=cfg.train.seed)
+
+
+class SweepASHA(ASHAScheduler):
+    """ASHA that logs each early stop to events.jsonl and ranks a NaN metric (diverged) as the worst."""
+
+    def __init__(self, events_path: str, **kwargs):
+        super().__init__(**kwargs)
+        self._events_path = events_path
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        value = result.get(self._metric)
+        if isinstance(value, float) and math.isnan(value):
+            result = {**result, self._metric: 1e30 if self._mode == "min" else -1e30}
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == self.STOP:
+            _append_json(Path(self._events_path), {"time": time.time(), "trial_id": trial.trial_id, "event": "early_stopped",
+                                                   "step": result.get("step"), self._metric: value})
+            print(f"[raysft] ASHA stopped trial {trial.trial_id} at step {result.get('step')} ({self._metric} {value})", flush=True)
+        return action
+
+
+class SparseMetricOptuna(OptunaSearch):
+    """Optuna TPE when the metric arrives only on some results (eval intervals), not with every step."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self.metric in result:
+            self._last_value = {**getattr(self, "_last_value", {}), trial_id: result[self.metric]}
+            super().on_trial_result(trial_id, {**result, "training_iteration": result.get("step", result.get("training_iteration"))})
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+        last = getattr(self, "_last_value", {}).get(trial_id)
+        if result is not None and self.metric not in result and last is not None:
+            result = {**result, self.metric: last}
+        super().on_trial_complete(trial_id, result, error)
+
+
+class SweepEvents(Callback):
+    """Appends a line to events.jsonl (and prints one) as each trial starts and ends."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def _event(self, trial, event: str, **extra) -> None:
+        _append_json(Path(self.path), {"time": time.time(), "trial_id": trial.trial_id, "event": event, **extra})
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._event(trial, "started", params={k: _jsonable(v) for k, v in trial.config.items()})
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._event(trial, "ended")
+        ended = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+        print(f"[raysft] trial {trial.trial_id} ended ({ended}/{len(trials)} trials done)", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._event(trial, "error")
+        print(f"[raysft] trial {trial.trial_id} failed (see {trial.path}/error.txt)", flush=True)
+
+
+@contextlib.contextmanager
+def _sparse_metrics() -> Iterator[None]:
+    """Eval metrics arrive at eval intervals, not with every step: let Tune accept results without them."""
+    old = os.environ.get("TUNE_DISABLE_STRICT_METRIC_CHECKING")
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TUNE_DISABLE_STRICT_METRIC_CHECKING", None)
+        else:
+            os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = old
+
+
+# --- results --------------------------------------------------------------------------------------
+
+def _collect(cfg: Config, plan: SweepPlan, sweep_dir: Path, grid) -> SweepResult:
+    """Results table, plots, the best adapter and config, from Tune's results and the trial folders."""
+    stopped = {e["trial_id"] for e in _read_events(sweep_dir) if e.get("event") == "early_stopped"}
+    records = []
+    for result in grid:
+        trial_id = result.metrics.get("trial_id") or Path(result.path).name
+        run_dir = sweep_dir / TRIALS_DIR / trial_id
+        done = _read_json(run_dir / TRIAL_FILE)
+        if done is not None:
+            reason = COMPLETED
+        elif result.error is not None:
+            reason = f"{ERROR}: {str(result.error).strip().splitlines()[-1][:200]}"
+        else:
+            reason = EARLY_STOPPED if trial_id in stopped else INTERRUPTED
+        records.append(TrialRecord(
+            trial_id=trial_id, params=trial_overrides(plan, result.config, cfg), history=_history(result),
+            wall_time_s=float(result.metrics.get("time_total_s", math.nan)), stop_reason=reason,
+            run_dir=str(run_dir), adapter=(done or {}).get("adapter"),
+        ))
+    records.sort(key=lambda r: r.trial_id)
+    table = [table_row(r, plan.metric, plan.mode) for r in records]
+    write_csv(table, sweep_dir / "results.csv")
+    plots = [str(sweep_dir / "loss_vs_lr.png"), str(sweep_dir / "eval_curves.png")]
+    plot_loss_vs_lr(table, plots[0])
+    plot_curves(records, plots[1], plan.keys)
+
+    best = None
+    row = pick_best(table, plan.metric, plan.mode)
+    if row is not None:
+        best_dir = sweep_dir / "best_adapter"
+        shutil.rmtree(best_dir, ignore_errors=True)
+        adapter = None
+        if row["adapter"]:
+            shutil.copytree(row["adapter"], best_dir)
+            adapter = str(best_dir)
+        params = {k: v for k, v in row.items() if k in plan.keys}
+        best_cfg = trial_config(cfg, plan, params, row["trial_id"], str(sweep_dir / TRIALS_DIR))
+        (sweep_dir / "best_config.yaml").write_text(best_cfg.dump_yaml())
+        best = BestTrial(trial_id=row["trial_id"], config=best_cfg.to_dict(), metrics=row, adapter=adapter)
+    sweep = SweepResult(sweep_dir=str(sweep_dir), metric=plan.metric, mode=plan.mode, table=table, best=best, plots=plots)
+    log.info(sweep.summary_line())
+    return sweep
+
+
+def _history(result) -> list[dict[str, Any]]:
+    """Every result the trial reported, one per training step (a resumed trial repeats steps: keep the last)."""
+    df = result.metrics_dataframe
+    if df is None or "step" not in df:
+        return []
+    by_step: dict[int, dict[str, Any]] = {}
+    for row in df.to_dict("records"):
+        if isinstance(row.get("step"), (int, float)) and not math.isnan(row["step"]):
+            clean = {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
+            by_step[int(row["step"])] = clean
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _append_json(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+
+
+def _read_json(path: Path) -> Optional[dict[str, Any]]:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _read_events(sweep_dir: Path) -> list[dict[str, Any]]:
+    path = sweep_dir / EVENTS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _jsonable(v: Any) -> Any:
+    item = getattr(v, "item", None)
+    return item() if callable(item) else v
+
+
+class _CallableModule(types.ModuleType):
+    """Importing this submodule makes `raysft.pipeline.tune` name the module rather than the function
+    (Python sets the package attribute after the import); calling the module runs the function, so the
+    documented `from raysft.pipeline import tune; tune(cfg)` works in either order."""
+
+    def __call__(self, cfg: Config, resume: bool = False) -> SweepResult:
+        return tune(cfg, resume=resume)
+
+
+sys.modules[__name__].__class__ = _CallableModule
