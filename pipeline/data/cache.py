@@ -1,0 +1,68 @@
+"""The prepared-data cache: a key over inputs, tokenizer and data config; atomic, lock-guarded publish.
+
+Key = sha256 of (cache format version, every input file's path/size/mtime, the tokenizer's
+serialized content + chat template + special tokens, the data config minus fields that cannot
+change the result). Entries are written to a temp folder and renamed into place, and an flock
+on `<key>.lock` makes concurrent callers (Tune trials, workers) wait for one writer, then reuse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+CACHE_VERSION = 1
+NOT_IN_KEY = ("cache_dir", "num_tokenizer_actors")  # cannot change the prepared rows
+
+
+def cache_root(cfg) -> Path:
+    root = cfg.data.cache_dir or os.path.join("~", ".cache", "raysft", "prepared")
+    return Path(os.path.expanduser(root))
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Content hash of a tokenizer: vocabulary, merges, normalisation, added tokens, chat template."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else repr(tokenizer.get_vocab()).encode())
+    template = tokenizer.chat_template
+    h.update(json.dumps(template, sort_keys=True).encode())
+    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def prepared_key(data_config: dict, train_identity: list, eval_identity: list, tokenizer_hash: str) -> str:
+    data = {k: v for k, v in data_config.items() if k not in NOT_IN_KEY}
+    blob = json.dumps(
+        {"version": CACHE_VERSION, "data": data, "train": train_identity, "eval": eval_identity, "tokenizer": tokenizer_hash},
+        sort_keys=True, default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+@contextlib.contextmanager
+def locked(root: Path, key: str) -> Iterator[None]:
+    """Exclusive lock on one cache key (blocks until the current holder finishes)."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{key}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Rename a finished temp folder into place; if another writer won the race, keep theirs."""
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not (final / "stats.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)

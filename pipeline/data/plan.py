@@ -1,0 +1,239 @@
+"""The data plan on Ray Data (the only module that touches Ray Data).
+
+read chunks (tasks) -> normalise + tokenize + mask (actor pool, one tokenizer per actor) -> pack
+(tasks; each batch of `data.pack_window` samples is one packing window, so memory stays bounded)
+-> the driver streams the packed rows into Parquet and accumulates stats.json. Every stage is a
+pure pyarrow function from sources.py / tokenize.py / pack.py, so the same result comes out of
+`prepare_local` (no Ray) for the same windows.
+
+`ensure_prepared(cfg)` is what training and tuning call: it reuses the cache entry keyed by the
+input files, the tokenizer and the data config, or builds it once (lock + atomic rename).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from raysft.pipeline.data import cache
+from raysft.pipeline.data.pack import DATASET_COLUMNS, pack_batch
+from raysft.pipeline.data.sources import Chunk, expand, files_identity, plan_chunks, read_chunk, read_chunks_batch
+from raysft.pipeline.data.stats import StatsAccumulator
+from raysft.pipeline.data.tokenize import TokenizeStage, load_tokenizer
+from raysft.pipeline.errors import ConfigError
+
+ROWS_PER_FILE = 4096  # packed rows per Parquet file
+
+
+@dataclass
+class Prepared:
+    """A prepared dataset on disk: Parquet folders and the stats.json content."""
+
+    train_dir: Path
+    eval_dir: Optional[Path]
+    stats: dict
+    key: str
+
+
+@dataclass
+class Inputs:
+    """Everything the plan reads, resolved on the driver (files, tokenizer, cache key)."""
+
+    train_files: list[Path]
+    eval_files: list[Path]
+    tokenizer: object
+    key: str
+
+
+def resolve_inputs(cfg) -> Inputs:
+    if not cfg.data.train:
+        raise ConfigError("data.train is not set; point it at a file, directory, glob or hf:// data set.")
+    train_files = expand(cfg.resolve_path(cfg.data.train))
+    eval_files = expand(cfg.resolve_path(cfg.data.eval)) if cfg.data.eval else []
+    tok = load_tokenizer(cfg)
+    key = cache.prepared_key(
+        cfg.data.model_dump(mode="json"), files_identity(train_files), files_identity(eval_files),
+        cache.tokenizer_fingerprint(tok),
+    )
+    return Inputs(train_files, eval_files, tok, key)
+
+
+def chunks_for(cfg, inputs: Inputs) -> list[Chunk]:
+    rows = cfg.data.tokenize_batch_size
+    fraction = 0.0 if inputs.eval_files else cfg.data.eval_split
+    return plan_chunks(inputs.train_files, rows, 0, fraction, cfg.data.seed) + plan_chunks(inputs.eval_files, rows, 1)
+
+
+class ParquetSink:
+    """Streams the dataset columns of packed rows into DIR/part-NNNNN.parquet files."""
+
+    def __init__(self, directory: Path, rows_per_file: int = ROWS_PER_FILE) -> None:
+        self.directory, self.rows_per_file = directory, rows_per_file
+        self.writer: Optional[pq.ParquetWriter] = None
+        self.files = self.rows_in_file = 0
+
+    def write(self, table: pa.Table) -> None:
+        table = table.select(DATASET_COLUMNS)
+        while table.num_rows:
+            if self.writer is None:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                path = self.directory / f"part-{self.files:05d}.parquet"
+                self.writer = pq.ParquetWriter(path, table.schema)
+                self.files += 1
+            take = min(table.num_rows, self.rows_per_file - self.rows_in_file)
+            self.writer.write_table(table.slice(0, take))
+            self.rows_in_file += take
+            table = table.slice(take)
+            if self.rows_in_file >= self.rows_per_file:
+                self.close()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.writer, self.rows_in_file = None, 0
+
+
+def consume(cfg, inputs: Inputs, batches: Iterable[pa.Table], out_dir: Path) -> dict:
+    """Packed batches -> Parquet under out_dir/{train,eval} + stats (checked for the bad-row policy)."""
+    stats = StatsAccumulator(cfg.data.max_seq_len, [inputs.train_files, inputs.eval_files], cfg.data.on_bad_row)
+    sinks = [ParquetSink(out_dir / "train"), ParquetSink(out_dir / "eval")]
+    start = last = time.monotonic()
+    try:
+        for batch in batches:
+            stats.add(batch)
+            for split, sink in enumerate(sinks):
+                keep = batch.filter(pc.and_(pc.equal(batch.column("split"), split),
+                                                    pc.is_null(batch.column("drop_reason"))))
+                if keep.num_rows:
+                    sink.write(keep)
+            if time.monotonic() - last > 10:
+                last = time.monotonic()
+                st = stats.splits[0]
+                print(f"raysft prepare: {st.rows_read} rows, {st.tokens_total} tokens, "
+                      f"{st.tokens_total / (last - start):.0f} tokens/s", file=sys.stderr, flush=True)
+    finally:
+        for sink in sinks:
+            sink.close()
+    stats.check(cfg.data.max_bad_fraction, cfg.data.format)
+    result = stats.to_dict()
+    seconds = time.monotonic() - start
+    result.update(
+        packing=cfg.data.packing, train_on=cfg.data.train_on, format=cfg.data.format,
+        sources=[str(f) for f in inputs.train_files], eval_sources=[str(f) for f in inputs.eval_files],
+        cache_key=inputs.key, seconds=round(seconds, 3),
+    )
+    (out_dir / "stats.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def packed_batches_local(cfg, inputs: Inputs) -> Iterable[pa.Table]:
+    """The same stages without Ray, one window after another (for tests and tiny inputs)."""
+    stage = TokenizeStage(inputs.tokenizer, cfg.data.format, cfg.data.system_prompt, cfg.data.train_on)
+    tokenized = [stage(read_chunk(c)) for c in chunks_for(cfg, inputs)]
+    table = pa.concat_tables(tokenized)
+    for start in range(0, table.num_rows, cfg.data.pack_window):
+        yield pack_batch(table.slice(start, cfg.data.pack_window), cfg.data.max_seq_len, cfg.data.packing, cfg.data.too_long)
+
+
+def packed_batches_ray(cfg, inputs: Inputs) -> Iterable[pa.Table]:
+    """The Ray Data plan; yields packed batches in a deterministic order (preserve_order)."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    chunks = chunks_for(cfg, inputs)
+    ctx = DataContext.get_current()
+    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
+    ctx.execution_options.preserve_order = True  # same windows, same packed rows on every run
+    ctx.enable_progress_bars = False
+    try:
+        ds = ray.data.from_items([c.to_dict() for c in chunks], override_num_blocks=len(chunks))
+        ds = ds.map_batches(read_chunks_batch, batch_size=1, batch_format="pyarrow", udf_modifying_row_count=True)
+        ds = ds.map_batches(
+            TokenizeStage,
+            fn_constructor_kwargs=dict(tokenizer=inputs.tokenizer, fmt=cfg.data.format,
+                                       system_prompt=cfg.data.system_prompt, train_on=cfg.data.train_on),
+            batch_size=cfg.data.tokenize_batch_size,
+            compute=ActorPoolStrategy(size=cfg.data.num_tokenizer_actors),
+            batch_format="pyarrow",
+            udf_modifying_row_count=True,
+        )
+        ds = ds.map_batches(
+            pack_batch,
+            fn_kwargs=dict(max_seq_len=cfg.data.max_seq_len, packing=cfg.data.packing, too_long=cfg.data.too_long),
+            batch_size=cfg.data.pack_window,
+            batch_format="pyarrow",
+            udf_modifying_row_count=True,
+        )
+        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    finally:
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+
+
+def _run(cfg, inputs: Inputs, out_dir: Path, use_ray: bool = True) -> dict:
+    if not use_ray:
+        return consume(cfg, inputs, packed_batches_local(cfg, inputs), out_dir)
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=cfg.run.address, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    try:
+        return consume(cfg, inputs, packed_batches_ray(cfg, inputs), out_dir)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _clear(out_dir: Path) -> None:
+    for sub in ("train", "eval"):
+        for f in (out_dir / sub).glob("*.parquet"):
+            f.unlink()
+    (out_dir / "stats.json").unlink(missing_ok=True)
+
+
+def prepare(cfg, output: str | Path | None = None, use_ray: bool = True) -> dict:
+    """Run the data plan; write DIR/train, DIR/eval (when there is eval data) and DIR/stats.json.
+
+    Without `output` the result goes to (or is reused from) the cache; returns the stats dict.
+    """
+    if output is None:
+        return ensure_prepared(cfg, use_ray=use_ray).stats
+    out_dir = Path(output).expanduser()
+    inputs = resolve_inputs(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _clear(out_dir)
+    return _run(cfg, inputs, out_dir, use_ray)
+
+
+def ensure_prepared(cfg, use_ray: bool = True) -> Prepared:
+    """The prepared dataset for cfg from the cache, building it once when missing (safe concurrently)."""
+    inputs = resolve_inputs(cfg)
+    root = cache.cache_root(cfg)
+    final = root / inputs.key
+    if not (final / "stats.json").exists():
+        with cache.locked(root, inputs.key):
+            if not (final / "stats.json").exists():
+                tmp = root / f".tmp-{inputs.key}-{uuid.uuid4().hex[:8]}"
+                try:
+                    _run(cfg, inputs, tmp, use_ray)
+                    cache.publish(tmp, final)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+    return load_prepared(final, inputs.key)
+
+
+def load_prepared(directory: Path, key: str = "") -> Prepared:
+    stats = json.loads((directory / "stats.json").read_text())
+    eval_dir = directory / "eval"
+    return Prepared(directory / "train", eval_dir if any(eval_dir.glob("*.parquet")) else None, stats, key)

@@ -1,0 +1,272 @@
+"""List and read input files: JSON lines, JSON arrays, Parquet, Arrow, directories, globs, hf://.
+
+The driver turns a `data.train` / `data.eval` spec into `Chunk`s (a file slice with the row
+number it starts at); `read_chunk` turns one chunk into a pyarrow table of raw JSON rows with
+their source ids. Reading is split from parsing so a malformed line becomes a counted drop with
+its line number instead of failing the whole file.
+
+Source ids: a file's 0-based row number (line for JSON lines, element for a JSON array, row for
+Parquet/Arrow) plus `file_index << 40`, where file_index is the file's position in the sorted
+list of matched files (so a single file's ids are plain row numbers).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from raysft.pipeline.errors import DataError
+
+FILE_SHIFT = 40  # source_id = (file_index << FILE_SHIFT) | row
+SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+READ_SCHEMA = pa.schema(
+    [("source_id", pa.int64()), ("split", pa.int8()), ("row", pa.string()), ("read_reason", pa.string())]
+)
+
+
+@dataclass
+class Chunk:
+    """A slice of one input file: what a read task reads."""
+
+    path: str
+    kind: str  # jsonl | json | parquet | arrow
+    file_index: int
+    split: int = 0  # 0 train, 1 eval
+    first_row: int = 0
+    byte_start: int = 0  # jsonl
+    byte_end: int = -1  # jsonl; -1 = to the end
+    row_groups: list[int] = field(default_factory=list)  # parquet
+    eval_fraction: float = 0.0  # rows held out for eval (data.eval_split), chosen by a hash of (seed, source id)
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def source_id(file_index: int, row: int) -> int:
+    return (file_index << FILE_SHIFT) | row
+
+
+def split_source_id(sid: int) -> tuple[int, int]:
+    """(file_index, row) of a source id."""
+    return sid >> FILE_SHIFT, sid & ((1 << FILE_SHIFT) - 1)
+
+
+def _kind(path: Path) -> str | None:
+    kind = SUFFIXES.get(path.suffix.lower())
+    if kind == "json":  # a .json file may hold JSON lines: look at its first character
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip()
+        kind = "json" if head.startswith(b"[") else "jsonl"
+    return kind
+
+
+def resolve_hf(spec: str) -> list[Path]:
+    """hf://NAME[/SPLIT] -> the Arrow cache files of `datasets.load_dataset(NAME, split=SPLIT)`."""
+    name = spec[len("hf://"):].removeprefix("datasets/")
+    parts = name.split("/")
+    split = "train"
+    if len(parts) == 3 or (len(parts) == 2 and parts[1] in ("train", "test", "validation")):
+        split = parts.pop()
+    try:
+        import datasets
+
+        ds = datasets.load_dataset("/".join(parts), split=split)
+    except Exception as exc:  # offline, unknown name, gated ...
+        raise DataError(f"Could not load the Hugging Face data set {spec} ({type(exc).__name__}: {str(exc)[:120]}).") from None
+    files = [Path(f["filename"]) for f in ds.cache_files]
+    if not files:
+        raise DataError(f"The Hugging Face data set {spec} has no local Arrow files to read.")
+    return files
+
+
+def expand(spec: str) -> list[Path]:
+    """A file, directory, glob or hf:// spec -> the sorted list of readable, non-empty data files."""
+    if spec.startswith("hf://"):
+        return resolve_hf(spec)
+    path = Path(os.path.expanduser(spec))
+    if any(ch in spec for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
+        if not files:
+            raise DataError(f"The data glob {spec} matches no files.")
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+        if not files:
+            raise DataError(f"The data directory {spec} holds no .jsonl, .json, .parquet or .arrow files.")
+    elif path.exists():
+        files = [path]
+    else:
+        raise DataError(f"The data path {spec} does not exist.")
+    for f in files:
+        if f.suffix.lower() not in SUFFIXES:
+            raise DataError(f"The data file {f} has an unsupported type (use .jsonl, .json, .parquet or .arrow).")
+        if not os.access(f, os.R_OK):
+            raise DataError(f"The data file {f} is not readable.")
+        if f.stat().st_size == 0:
+            raise DataError(f"The data file {f} is empty.")
+    return files
+
+
+def _jsonl_chunks(path: Path, file_index: int, split: int, rows_per_chunk: int) -> list[Chunk]:
+    """Byte ranges of `rows_per_chunk` lines each, found with one buffered pass over the file."""
+    chunks, start, line, offset, lines_in_chunk = [], 0, 0, 0, 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            pos = 0
+            while (nl := block.find(b"\n", pos)) != -1:
+                pos = nl + 1
+                line += 1
+                lines_in_chunk += 1
+                if lines_in_chunk == rows_per_chunk:
+                    end = offset + pos
+                    chunks.append(Chunk(str(path), "jsonl", file_index, split, line - lines_in_chunk, start, end))
+                    start, lines_in_chunk = end, 0
+            offset += len(block)
+    if offset > start:
+        chunks.append(Chunk(str(path), "jsonl", file_index, split, line - lines_in_chunk, start, -1))
+    return chunks
+
+
+def _json_array_chunks(path: Path, file_index: int, split: int) -> list[Chunk]:
+    try:
+        data = json.loads(path.read_bytes())
+    except ValueError as exc:
+        raise DataError(f"The data file {path} is not valid JSON ({str(exc)[:80]}).") from None
+    if not isinstance(data, list):
+        raise DataError(f"The data file {path} holds a JSON {type(data).__name__}, not an array of rows.")
+    if not data:
+        raise DataError(f"The data file {path} is an empty JSON array.")
+    return [Chunk(str(path), "json", file_index, split)]
+
+
+def _parquet_chunks(path: Path, file_index: int, split: int, rows_per_chunk: int) -> list[Chunk]:
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except Exception as exc:
+        raise DataError(f"The data file {path} is not a readable Parquet file ({str(exc)[:80]}).") from None
+    if meta.num_rows == 0:
+        raise DataError(f"The data file {path} has no rows.")
+    chunks, groups, first, row, count = [], [], 0, 0, 0
+    for g in range(meta.num_row_groups):
+        groups.append(g)
+        count += meta.row_group(g).num_rows
+        if count >= rows_per_chunk:
+            chunks.append(Chunk(str(path), "parquet", file_index, split, first, row_groups=groups))
+            first, groups, count = first + count, [], 0
+    if groups:
+        chunks.append(Chunk(str(path), "parquet", file_index, split, first, row_groups=groups))
+    return chunks
+
+
+def held_out(source_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Deterministic eval membership: splitmix64(seed, source id) / 2**64 < fraction."""
+    with np.errstate(over="ignore"):
+        z = source_ids.astype(np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15 + 0x9E3779B97F4A7C15) % (1 << 64))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
+
+
+def plan_chunks(files: list[Path], rows_per_chunk: int, split: int = 0, eval_fraction: float = 0.0,
+                seed: int = 0) -> list[Chunk]:
+    """Cut every file into chunks of about `rows_per_chunk` rows (JSON arrays: one per file)."""
+    chunks = _plan_chunks(files, rows_per_chunk, split)
+    for c in chunks:
+        c.eval_fraction, c.seed = eval_fraction, seed
+    return chunks
+
+
+def _plan_chunks(files: list[Path], rows_per_chunk: int, split: int) -> list[Chunk]:
+    chunks: list[Chunk] = []
+    for i, path in enumerate(files):
+        kind = _kind(path)
+        if kind == "jsonl":
+            chunks += _jsonl_chunks(path, i, split, rows_per_chunk)
+        elif kind == "json":
+            chunks += _json_array_chunks(path, i, split)
+        elif kind == "parquet":
+            chunks += _parquet_chunks(path, i, split, rows_per_chunk)
+        else:
+            chunks.append(Chunk(str(path), "arrow", i, split))
+    return chunks
+
+
+def _table_rows_as_json(table: pa.Table) -> list[str]:
+    return [json.dumps(r, default=str) for r in table.to_pylist()]
+
+
+def read_chunk(chunk: Chunk) -> pa.Table:
+    """Pure stage: one chunk -> READ_SCHEMA table (one row per source row, raw JSON text)."""
+    rows: list[str | None]
+    reasons: list[str | None]
+    if chunk.kind == "jsonl":
+        with open(chunk.path, "rb") as f:
+            f.seek(chunk.byte_start)
+            data = f.read() if chunk.byte_end < 0 else f.read(chunk.byte_end - chunk.byte_start)
+        lines = data.split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()  # the newline that ends the last line
+        rows, reasons = [], []
+        for raw in lines:
+            try:
+                text = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                rows.append(None), reasons.append("malformed_json")
+                continue
+            rows.append(text or None)
+            reasons.append(None if text else "blank_line")
+    elif chunk.kind == "json":
+        data = json.loads(Path(chunk.path).read_bytes())
+        rows = [json.dumps(r) for r in data]
+        reasons = [None] * len(rows)
+    elif chunk.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        rows = _table_rows_as_json(pq.ParquetFile(chunk.path).read_row_groups(chunk.row_groups))
+        reasons = [None] * len(rows)
+    else:
+        with pa.memory_map(chunk.path) as source:
+            try:
+                table = pa.ipc.open_stream(source).read_all()
+            except pa.ArrowInvalid:
+                table = pa.ipc.open_file(source).read_all()
+        rows = _table_rows_as_json(table)
+        reasons = [None] * len(rows)
+    base = source_id(chunk.file_index, chunk.first_row)
+    ids = np.arange(base, base + len(rows), dtype=np.int64)
+    split = np.full(len(rows), chunk.split, dtype=np.int8)
+    if chunk.eval_fraction > 0:
+        split[held_out(ids, chunk.eval_fraction, chunk.seed)] = 1
+    return pa.table(
+        {
+            "source_id": pa.array(ids, pa.int64()),
+            "split": pa.array(split, pa.int8()),
+            "row": pa.array(rows, pa.string()),
+            "read_reason": pa.array(reasons, pa.string()),
+        },
+        schema=READ_SCHEMA,
+    )
+
+
+def read_chunks_batch(table: pa.Table) -> pa.Table:
+    """Pure stage for Ray Data: a table of chunk descriptors -> their rows, concatenated."""
+    tables = [read_chunk(Chunk(**row)) for row in table.to_pylist()]
+    return pa.concat_tables(tables) if tables else READ_SCHEMA.empty_table()
+
+
+def files_identity(files: list[Path]) -> list[tuple[str, int, int]]:
+    """(absolute path, size, mtime_ns) of each file: what the prepared-data cache is keyed by."""
+    out = []
+    for f in files:
+        st = f.stat()
+        out.append((str(f.resolve()), st.st_size, st.st_mtime_ns))
+    return out

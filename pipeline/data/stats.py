@@ -1,0 +1,146 @@
+"""Accumulate stats.json from the packed stream, log the first bad rows, enforce the bad-row policy.
+
+Every source row ends up either in a packed row's `source_ids` or as a drop row with its reason,
+so `rows_read == rows_used + sum(rows_dropped.values())` holds by construction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from raysft.pipeline.data.formats import BAD_INPUT_REASONS
+from raysft.pipeline.data.sources import split_source_id
+from raysft.pipeline.errors import DataError
+
+log = logging.getLogger("raysft.data")
+BAD_REASONS = BAD_INPUT_REASONS | {"template_error"}
+LOGGED_PER_SPLIT = 5
+
+_LIKELY_CAUSE = {
+    "no_trainable_tokens": "no assistant content survives rendering (check data.format, data.train_on and the chat template)",
+    "template_mismatch": "the chat template does not render the assistant contents (check the tokenizer's chat template)",
+    "template_error": "the chat template refuses these conversations (check roles and their order)",
+    "too_long": "every sample is longer than data.max_seq_len (raise it, or set data.too_long=truncate)",
+    "no_trainable_tokens_after_truncation": "truncation to data.max_seq_len cuts off every response (raise data.max_seq_len)",
+    "malformed_json": "the file is not JSON lines or a JSON array",
+    "unknown_format": "the rows match no known format (set data.format, or rename the fields)",
+    "missing_field": "the rows lack the fields data.format expects",
+    "blank_line": "the file holds only blank lines",
+}
+
+
+class SplitStats:
+    """Counters for one split (train or eval)."""
+
+    def __init__(self, max_seq_len: int) -> None:
+        self.max_seq_len = max_seq_len
+        self.rows_used = 0
+        self.dropped: Counter[str] = Counter()
+        self.rows_truncated = 0
+        self.tokens_total = 0
+        self.tokens_trainable = 0
+        self.tokens_truncated = 0
+        self.tokens_dropped = 0
+        self.packed_rows = 0
+        self.logged = 0
+
+    @property
+    def rows_read(self) -> int:
+        return self.rows_used + sum(self.dropped.values())
+
+    @property
+    def rows_bad(self) -> int:
+        return sum(n for r, n in self.dropped.items() if r in BAD_REASONS)
+
+    def to_dict(self) -> dict:
+        eff = self.tokens_total / (self.packed_rows * self.max_seq_len) if self.packed_rows else 0.0
+        return {
+            "rows_read": self.rows_read,
+            "rows_used": self.rows_used,
+            "rows_dropped": dict(sorted(self.dropped.items())),
+            "rows_truncated": self.rows_truncated,
+            "tokens_total": self.tokens_total,
+            "tokens_trainable": self.tokens_trainable,
+            "tokens_truncated": self.tokens_truncated,
+            "tokens_dropped": self.tokens_dropped,
+            "packed_rows": self.packed_rows,
+            "max_seq_len": self.max_seq_len,
+            "packing_efficiency": round(eff, 6),
+        }
+
+
+class StatsAccumulator:
+    """Feeds on PACKED_SCHEMA batches; raises DataError at the first bad row when on_bad_row=error."""
+
+    def __init__(self, max_seq_len: int, files: list[list[Path]], on_bad_row: str = "skip") -> None:
+        self.splits = [SplitStats(max_seq_len), SplitStats(max_seq_len)]
+        self.files = files  # per split: the matched files, indexed by source id's file index
+        self.on_bad_row = on_bad_row
+
+    def where(self, split: int, sid: int) -> str:
+        index, row = split_source_id(sid)
+        files = self.files[split] if split < len(self.files) and self.files[split] else self.files[0]
+        name = files[index] if index < len(files) else f"file #{index}"
+        return f"{name} row {row}"
+
+    def add(self, batch: pa.Table) -> None:
+        reasons = batch.column("drop_reason")
+        kept = pc.is_null(reasons)
+        splits = batch.column("split").to_numpy()
+        if not pc.all(kept).as_py():
+            drops = batch.filter(pc.invert(kept))
+            for split, sids, reason, detail in zip(drops.column("split").to_pylist(), drops.column("source_ids").to_pylist(),
+                                                   drops.column("drop_reason").to_pylist(), drops.column("detail").to_pylist()):
+                st = self.splits[split]
+                st.dropped[reason] += 1
+                if reason in BAD_REASONS and self.on_bad_row == "error":
+                    raise DataError(f"Bad row in {self.where(split, sids[0])}: {reason} ({detail}); data.on_bad_row is error.")
+                if st.logged < LOGGED_PER_SPLIT and reason != "blank_line":
+                    st.logged += 1
+                    log.warning("dropped %s: %s (%s)", self.where(split, sids[0]), reason, detail)
+        for split in (0, 1):
+            mask = splits == split
+            if not mask.any():
+                continue
+            part = batch.filter(pa.array(mask))
+            st = self.splits[split]
+            st.tokens_dropped += int(pc.sum(part.column("tokens_dropped")).as_py() or 0)
+            part = part.filter(pc.is_null(part.column("drop_reason")))
+            if not part.num_rows:
+                continue
+            st.packed_rows += part.num_rows
+            st.rows_used += int(pc.sum(pc.list_value_length(part.column("source_ids"))).as_py())
+            st.rows_truncated += int(pc.sum(part.column("rows_truncated")).as_py())
+            st.tokens_truncated += int(pc.sum(part.column("tokens_truncated")).as_py())
+            st.tokens_total += int(pc.sum(pc.list_value_length(part.column("input_ids"))).as_py())
+            labels = pc.list_flatten(part.column("labels"))
+            st.tokens_trainable += int(pc.sum(pc.not_equal(labels, -100)).as_py() or 0)
+
+    def check(self, max_bad_fraction: float, fmt: str) -> None:
+        """Stop with one sentence when too many rows are bad or nothing at all is usable."""
+        for name, st in zip(("train", "eval"), self.splits):
+            if not st.rows_read:
+                continue
+            if st.rows_bad / st.rows_read > max_bad_fraction:
+                top = Counter({r: n for r, n in st.dropped.items() if r in BAD_REASONS}).most_common(1)[0][0]
+                raise DataError(
+                    f"{st.rows_bad} of {st.rows_read} {name} rows are bad (mostly {top}), more than "
+                    f"data.max_bad_fraction={max_bad_fraction}; see the log for the first offending rows."
+                )
+            if st.rows_used == 0:
+                top = st.dropped.most_common(1)[0][0]
+                cause = _LIKELY_CAUSE.get(top, f"every row was dropped as {top}")
+                raise DataError(
+                    f"All {st.rows_read} {name} rows were dropped (mostly {top}, data.format={fmt}): likely {cause}."
+                )
+
+    def to_dict(self) -> dict:
+        out = self.splits[0].to_dict()
+        out["eval"] = self.splits[1].to_dict() if self.splits[1].rows_read else None
+        return out
+

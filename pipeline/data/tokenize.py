@@ -1,0 +1,221 @@
+"""Render chat rows with the tokenizer's own template, tokenize, and build exact response labels.
+
+Masks are computed at character level and mapped to tokens through the tokenizer's offsets:
+each assistant turn's content is located in the rendered text by rendering the conversation
+prefix (`messages[:i]` + generation prompt), which tells where the turn's content starts, then
+finding the content (or its trimmed form, for templates such as Llama-3's that trim) right there.
+The first special token after the content (`<|im_end|>`, `<|eot_id|>`, ...) closes the turn and
+is trained too; the newline after it is not. No marker token sequences are searched for, so
+tokens merging across boundaries cannot shift the mask.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from raysft.pipeline.data.formats import BadRow, Normalised, parse_and_normalise
+from raysft.pipeline.errors import ModelError
+
+IGNORE = -100
+TOKENIZED_SCHEMA = pa.schema(
+    [("source_id", pa.int64()), ("split", pa.int8()), ("input_ids", pa.list_(pa.int32())),
+     ("labels", pa.list_(pa.int32())), ("drop_reason", pa.string()), ("detail", pa.string())]
+)
+
+
+def tokenizer_source(cfg) -> tuple[str, Optional[str]]:
+    """(path or hub id, gguf file name or None) of the tokenizer a config asks for."""
+    src = cfg.resolve_path(cfg.model.tokenizer or cfg.model.name_or_path)
+    gguf = cfg.model.gguf_file
+    if src.lower().endswith(".gguf") and Path(src).is_file():
+        gguf, src = Path(src).name, str(Path(src).parent)
+    return os.path.expanduser(src), gguf
+
+
+def load_tokenizer(cfg, need_chat_template: bool | None = None):
+    """The tokenizer of `cfg.model.tokenizer` (else `cfg.model.name_or_path`), fast and with offsets.
+
+    Raises ModelError (one sentence) when it is missing, not a tokenizer, not a fast tokenizer, or
+    has no chat template while the data format needs one (every format but `text`).
+    """
+    from transformers import AutoTokenizer
+
+    src, gguf = tokenizer_source(cfg)
+    field = "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path"
+    local = Path(src)
+    looks_local = src.startswith((".", "/", "~")) or local.exists() or src.count("/") > 1
+    if looks_local and not local.exists():
+        raise ModelError(f"The tokenizer path {src} ({field}) does not exist.")
+    if gguf and not (local / gguf).is_file():
+        raise ModelError(f"The GGUF file {gguf} (model.gguf_file) is not in {src}.")
+    try:
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.model.trust_remote_code, gguf_file=gguf)
+    except Exception as exc:
+        what = "does not hold a tokenizer" if looks_local else "could not be loaded (offline, or not a hub id?)"
+        raise ModelError(f"The tokenizer {src} ({field}) {what}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}.") from None
+    if not getattr(tok, "is_fast", False):
+        raise ModelError(f"The tokenizer {src} ({field}) is not a fast tokenizer, which exact loss masks need (offsets).")
+    if need_chat_template is None:
+        need_chat_template = cfg.data.format != "text"
+    if need_chat_template and not tok.chat_template:
+        raise ModelError(
+            f"The tokenizer {src} ({field}) has no chat template; use an instruct model's tokenizer or set data.format=text."
+        )
+    return tok
+
+
+class ChatEncoder:
+    """Normalised rows -> (input_ids, labels) with exact response masks; holds one tokenizer."""
+
+    def __init__(self, tokenizer, train_on: str = "responses") -> None:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        self.tokenizer = tokenizer
+        self.backend = tokenizer.backend_tokenizer if hasattr(tokenizer, "backend_tokenizer") else tokenizer._tokenizer
+        self.train_on = train_on
+        template = tokenizer.get_chat_template() if tokenizer.chat_template else None
+        self.template = _compile_jinja_template(template) if template else None
+        self.template_kwargs = dict(tokenizer.special_tokens_map)
+        self.special_ids = set(tokenizer.all_special_ids) | {
+            i for i, t in tokenizer.added_tokens_decoder.items() if t.special
+        }
+        self.eos_id = tokenizer.eos_token_id
+
+    def render(self, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+        return self.template.render(messages=messages, add_generation_prompt=generation_prompt, **self.template_kwargs)
+
+    def spans(self, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int, int]]]:
+        """Rendered text and, per assistant turn, (content start, content end, turn end) in characters."""
+        if self.template is None:
+            raise BadRow("no_chat_template", "the tokenizer has no chat template")
+        full = self.render(messages)
+        out, cursor = [], 0
+        for i, msg in enumerate(messages):
+            if msg["role"] != "assistant":
+                continue
+            prefix = self.render(messages[:i], generation_prompt=True)
+            upto = full if i == len(messages) - 1 else self.render(messages[: i + 1])
+            start = len(prefix) if full.startswith(prefix) and len(prefix) >= cursor else cursor
+            turn_end = len(upto) if full.startswith(upto) else len(full)
+            content = msg["content"]
+            for variant in (content, content.strip()):
+                at = full.find(variant, start, turn_end) if variant else -1
+                if at != -1:
+                    break
+            else:
+                raise BadRow("template_mismatch", f"assistant turn {i} does not appear in the rendered template")
+            out.append((at, at + len(variant), turn_end))
+            cursor = at + len(variant)
+        return full, out
+
+    def labels_for(self, ids: np.ndarray, offsets: np.ndarray, spans: list[tuple[int, int, int]]) -> np.ndarray:
+        """-100 everywhere except tokens overlapping assistant contents and each turn's closing special token."""
+        labels = np.full(len(ids), IGNORE, dtype=np.int32)
+        if not len(ids):
+            return labels
+        starts, ends = offsets[:, 0], offsets[:, 1]
+        for a, b, turn_end in spans:
+            lo = int(np.searchsorted(ends, a, side="right"))
+            hi = int(np.searchsorted(starts, b, side="left"))
+            labels[lo:hi] = ids[lo:hi]
+            k = hi
+            while k < len(ids) and starts[k] < turn_end:
+                if int(ids[k]) in self.special_ids:
+                    labels[k] = ids[k]
+                    break
+                k += 1
+        return labels
+
+    def encode(self, items: list[Normalised]) -> list[tuple[np.ndarray, np.ndarray] | BadRow]:
+        """Encode a batch; a row that cannot be encoded comes back as a BadRow (its drop reason)."""
+        texts: list[Optional[str]] = [None] * len(items)
+        spans: list[Any] = [None] * len(items)
+        results: list[Any] = [None] * len(items)
+        for j, item in enumerate(items):
+            if item.drop_reason is not None:
+                results[j] = BadRow(item.drop_reason, item.detail or item.drop_reason)
+            elif item.text is not None:
+                texts[j] = item.text
+            else:
+                try:
+                    texts[j], spans[j] = self.spans(item.messages)
+                except BadRow as bad:
+                    results[j] = bad
+                except Exception as exc:  # a template's own raise_exception (e.g. roles must alternate)
+                    results[j] = BadRow("template_error", f"the chat template refused the row: {str(exc)[:80]}")
+        todo = [j for j in range(len(items)) if texts[j] is not None]
+        chat = [j for j in todo if spans[j] is not None]
+        plain = [j for j in todo if spans[j] is None]
+        if chat:
+            for j, enc in zip(chat, self.backend.encode_batch([texts[j] for j in chat], add_special_tokens=False)):
+                ids = np.asarray(enc.ids, dtype=np.int32)
+                if self.train_on == "all":
+                    results[j] = (ids, ids.copy())
+                else:
+                    results[j] = (ids, self.labels_for(ids, np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2), spans[j]))
+        if plain:
+            for j, enc in zip(plain, self.backend.encode_batch([texts[j] for j in plain], add_special_tokens=True)):
+                ids = list(enc.ids)
+                if self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
+                    ids.append(self.eos_id)
+                arr = np.asarray(ids, dtype=np.int32)
+                results[j] = (arr, arr.copy())
+        for j in todo:
+            ids, labels = results[j]
+            if not (labels != IGNORE).any():
+                results[j] = BadRow("no_trainable_tokens", "the rendered row has no trainable token")
+        return results
+
+
+def _list_array(arrays: list[np.ndarray]) -> pa.ListArray:
+    lengths = np.fromiter((len(a) for a in arrays), dtype=np.int32, count=len(arrays))
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.concatenate(arrays).astype(np.int32, copy=False) if arrays else np.zeros(0, np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, pa.int32()))
+
+
+def encoded_table(source_ids, splits, results: list) -> pa.Table:
+    """Results of `ChatEncoder.encode` -> TOKENIZED_SCHEMA table (dropped rows keep empty lists)."""
+    empty = np.zeros(0, np.int32)
+    ids = [empty if isinstance(r, BadRow) else r[0] for r in results]
+    labels = [empty if isinstance(r, BadRow) else r[1] for r in results]
+    return pa.table(
+        {
+            "source_id": pa.array(source_ids, pa.int64()),
+            "split": pa.array(splits, pa.int8()),
+            "input_ids": _list_array(ids),
+            "labels": _list_array(labels),
+            "drop_reason": pa.array([r.reason if isinstance(r, BadRow) else None for r in results], pa.string()),
+            "detail": pa.array([r.detail if isinstance(r, BadRow) else None for r in results], pa.string()),
+        },
+        schema=TOKENIZED_SCHEMA,
+    )
+
+
+def tokenize_batch(table: pa.Table, encoder: ChatEncoder) -> pa.Table:
+    """Pure stage: NORMALISED_SCHEMA table -> TOKENIZED_SCHEMA table."""
+    messages = table.column("messages").to_pylist()
+    texts = table.column("text").to_pylist()
+    reasons = table.column("drop_reason").to_pylist()
+    items = [Normalised(messages=m, text=t, drop_reason=r) for m, t, r in zip(messages, texts, reasons)]
+    return encoded_table(table.column("source_id"), table.column("split"), encoder.encode(items))
+
+
+class TokenizeStage:
+    """Callable class for the actor pool: raw rows -> normalise -> tokenize + mask (one tokenizer per actor)."""
+
+    def __init__(self, tokenizer, fmt: str = "auto", system_prompt: str | None = None, train_on: str = "responses") -> None:
+        self.fmt, self.system_prompt = fmt, system_prompt
+        self.encoder = ChatEncoder(tokenizer, train_on)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        rows = table.column("row").to_pylist()
+        why = table.column("read_reason").to_pylist()
+        items = [parse_and_normalise(r, self.fmt, self.system_prompt, w) for r, w in zip(rows, why)]
+        return encoded_table(table.column("source_id"), table.column("split"), self.encoder.encode(items))
