@@ -130,7 +130,11 @@ def build_job_package(cfg: Config, working_dir: str | os.PathLike, staging: str 
         raise ConfigError(f"Working directory {root} does not exist.")
     dest = Path(staging)
     dest.mkdir(parents=True, exist_ok=True)
-    files = upload_files(root, extra_excludes)
+    sources = _raysft_sources()
+    # Submitting from a raysft checkout: its pipeline/ and kernels/ travel as raysft/ below; shipped
+    # again at the top they would shadow PyPI's `kernels` (which transformers probes) on the job's path.
+    own = [f"/{name}/" for name, src in sources.items() if src.resolve().parent == root]
+    files = upload_files(root, [*extra_excludes, *own])
     total = 0
     for rel in files:
         total += (root / rel).stat().st_size
@@ -147,7 +151,7 @@ def build_job_package(cfg: Config, working_dir: str | os.PathLike, staging: str 
         raise ConfigError(f"Working directory {root} has its own 'raysft' folder, which would shadow the shipped package.")
     pkg.mkdir()
     (pkg / "__init__.py").write_text('"""raysft, shipped with a Ray job by `raysft submit`."""\n')
-    for name, src in _raysft_sources().items():
+    for name, src in sources.items():
         for rel in upload_files(src):
             (pkg / name / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src / rel, pkg / name / rel)

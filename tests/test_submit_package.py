@@ -86,6 +86,14 @@ def test_job_package_ships_code_config_and_only_named_secrets(tmp_path, monkeypa
         assert b"wandb-secret-value" not in text and b"hf_do_not_ship" not in text and b"must-not-travel" not in text
 
 
+def test_submitting_from_this_checkout_ships_raysft_once(tmp_path):
+    pkg = build_job_package(load_config(None), REPO, tmp_path / "stage")
+    assert "raysft/pipeline/submit.py" in pkg.files and "raysft/kernels/__init__.py" in pkg.files
+    # no top-level kernels/ on the job's sys.path to shadow PyPI's `kernels` package
+    assert not any(f.startswith(("kernels/", "pipeline/")) for f in pkg.files)
+    assert "pyproject.toml" in pkg.files and not any(f.startswith(".venv/") for f in pkg.files)
+
+
 def test_named_secret_must_exist_here(tmp_path, monkeypatch):
     root = make_tree(tmp_path / "proj")
     monkeypatch.delenv("RAYSFT_NO_SUCH_VAR", raising=False)
