@@ -149,11 +149,11 @@ def pack_batch(table: pa.Table, max_seq_len: int, packing: str = "bfd", too_long
         samples[int(splits[j])].append((j, ids, labels, cut))
 
     for split in sorted(samples):
-        kept = samples[split]
+        kept = sorted(samples[split], key=lambda s: int(sids[s[0]]))  # same rows whatever the batch order
         if packing == "bfd":
             bins = plan_bins([len(s[1]) for s in kept], max_seq_len)
         else:
-            bins = [[i] for i in sorted(range(len(kept)), key=lambda i: int(sids[kept[i][0]]))]
+            bins = [[i] for i in range(len(kept))]
         for members in bins:
             parts = [kept[i] for i in members]
             lens = [len(p[1]) for p in parts]

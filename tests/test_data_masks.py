@@ -1,0 +1,118 @@
+"""Exact response masks: trained tokens decode to each assistant content plus its end-of-turn token.
+
+Runs for every input format on synthetic rows and on ../shared/data (gsm8k as prompt/completion,
+sharegpt multi-turn), with the ChatML template (as SmolLM2 ships it) and Llama-3's (which trims).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from raysft.pipeline.data.formats import normalise_row
+from raysft.pipeline.data.tokenize import IGNORE, ChatEncoder
+
+EOT = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}
+
+SYNTHETIC = [
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
+                  {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"},
+                  {"role": "assistant", "content": "It is 6.\nDone."}]},
+    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  hello there  "}]},
+    {"conversations": [{"from": "system", "value": "You answer math."}, {"from": "human", "value": "Natalia sold clips"},
+                       {"from": "gpt", "value": "She sold 72 clips.\n#### 72"}, {"from": "human", "value": "thanks"},
+                       {"from": "gpt", "value": "You are welcome!"}]},
+    {"instruction": "Add the numbers.", "input": "3 and 4", "output": "7"},
+    {"instruction": "Say hello.", "output": "hello"},
+    {"prompt": "How many apples?", "completion": "Five apples."},
+    {"prompt": [{"role": "user", "content": "Half of 10?"}], "completion": [{"role": "assistant", "content": "5"}]},
+    {"question": "How much does she earn?", "answer": "12/60 = $<<12/60=0.2>>0.2 per minute.\n#### 10"},
+    {"messages": [{"role": "user", "content": "unicode?"}, {"role": "assistant", "content": "Ja, grüße — 東京 ✓"}]},
+]
+
+
+def trained_segments(ids: np.ndarray, labels: np.ndarray) -> list[list[int]]:
+    segments, current = [], []
+    for token, label in zip(ids.tolist(), labels.tolist()):
+        if label != IGNORE:
+            assert label == token, "a trained label must equal its input token"
+            current.append(token)
+        elif current:
+            segments.append(current)
+            current = []
+    if current:
+        segments.append(current)
+    return segments
+
+
+def check_row(tokenizer, template: str, row: dict, encoder: ChatEncoder | None = None) -> None:
+    encoder = encoder or ChatEncoder(tokenizer)
+    item = normalise_row(row)
+    assert item.drop_reason is None, item.detail
+    (result,) = encoder.encode([item])
+    ids, labels = result
+    got = [tokenizer.decode(s) for s in trained_segments(ids, labels)]
+    want = []
+    for m in item.messages:
+        if m["role"] == "assistant":
+            content = m["content"].strip() if template == "llama3" else m["content"]
+            want.append(content + EOT[template])
+    assert got == want
+    # Everything outside the trained spans is the rest of the rendered conversation, untouched.
+    assert tokenizer.decode(ids) == encoder.render(item.messages)
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3"])
+@pytest.mark.parametrize("index", range(len(SYNTHETIC)))
+def test_synthetic_rows_every_format(template, index, chatml_tokenizer, llama3_tokenizer):
+    tok = chatml_tokenizer if template == "chatml" else llama3_tokenizer
+    check_row(tok, template, SYNTHETIC[index])
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3"])
+def test_shared_data_gsm8k_and_sharegpt(template, shared_data, chatml_tokenizer, llama3_tokenizer):
+    tok = chatml_tokenizer if template == "chatml" else llama3_tokenizer
+    encoder = ChatEncoder(tok)
+    with open(shared_data / "gsm8k" / "train.jsonl") as f:
+        gsm8k = [json.loads(next(f)) for _ in range(150)]
+    sharegpt = json.loads((shared_data / "sharegpt" / "dummy_conversation.json").read_text())
+    for row in gsm8k + sharegpt[::3]:
+        check_row(tok, template, row, encoder)
+    # Multi-turn: every gpt turn is trained, nothing else.
+    multi = [r for r in sharegpt if len(r["conversations"]) >= 6][0]
+    ids, labels = encoder.encode([normalise_row(multi)])[0]
+    assert len(trained_segments(ids, labels)) == sum(t["from"] == "gpt" for t in multi["conversations"]) >= 3
+
+
+def test_text_rows_train_every_token_and_end_with_eos(chatml_tokenizer):
+    encoder = ChatEncoder(chatml_tokenizer)
+    ids, labels = encoder.encode([normalise_row({"text": "plain pretraining text 42"})])[0]
+    assert (labels == ids).all()
+    assert chatml_tokenizer.decode(ids) == "plain pretraining text 42<|im_end|>"
+
+
+def test_train_on_all_trains_the_whole_conversation(llama3_tokenizer):
+    encoder = ChatEncoder(llama3_tokenizer, train_on="all")
+    ids, labels = encoder.encode([normalise_row(SYNTHETIC[0])])[0]
+    assert (labels == ids).all()
+
+
+def test_template_that_hides_the_response_is_a_counted_drop(chatml_tokenizer):
+    encoder = ChatEncoder(chatml_tokenizer)
+    # A template that never renders assistant turns: the content cannot be found -> counted drop.
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    encoder.template = _compile_jinja_template(
+        "{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    )
+    (bad,) = encoder.encode([normalise_row({"prompt": "question here", "completion": "an answer"})])
+    assert bad.reason == "template_mismatch"
+
+
+def test_system_prompt_is_added_and_untrained(chatml_tokenizer):
+    item = normalise_row({"prompt": "hi", "completion": "hello"}, system_prompt="You are terse.")
+    assert item.messages[0] == {"role": "system", "content": "You are terse."}
+    ids, labels = ChatEncoder(chatml_tokenizer).encode([item])[0]
+    assert [chatml_tokenizer.decode(s) for s in trained_segments(ids, labels)] == ["hello<|im_end|>"]

@@ -1,0 +1,182 @@
+"""The data plan end to end: Parquet + stats.json, bad-input policy, tokenizer errors, cache, CLI, Ray == pure."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raysft.pipeline import cli
+from raysft.pipeline.config import load_config
+from raysft.pipeline.data import plan
+from raysft.pipeline.data.tokenize import load_tokenizer
+from raysft.pipeline.errors import DataError, ModelError
+
+STATS_KEYS = {"rows_read", "rows_used", "rows_dropped", "rows_truncated", "tokens_total", "tokens_trainable",
+              "packed_rows", "max_seq_len", "packing_efficiency"}
+INT32_LIST, INT64_LIST = pa.list_(pa.int32()), pa.list_(pa.int64())
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory, chatml_tokenizer) -> Path:
+    d = tmp_path_factory.mktemp("tok")
+    chatml_tokenizer.save_pretrained(d)
+    return d
+
+
+def write_rows(path: Path, n: int, bad: dict[int, str] | None = None) -> Path:
+    lines = []
+    for i in range(n):
+        if i % 3 == 0:
+            row = {"question": f"how many apples does {i} have", "answer": "the answer is " + " ".join(["more"] * (i % 40)) + f" #### {i}"}
+        elif i % 3 == 1:
+            row = {"conversations": [{"from": "human", "value": f"hello {i}"}, {"from": "gpt", "value": f"hi {i} " * (i % 9 + 1)},
+                                     {"from": "human", "value": "thanks"}, {"from": "gpt", "value": "sure"}]}
+        else:
+            row = {"instruction": "add the numbers", "input": f"{i} and {i + 1}", "output": str(2 * i + 1)}
+        lines.append(json.dumps(row))
+    for i, text in (bad or {}).items():
+        lines[i] = text
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def make_cfg(tok_dir: Path, train: Path, tmp_path: Path, **data):
+    over = {"model.name_or_path": str(tok_dir), "data.train": str(train), "data.cache_dir": str(tmp_path / "cache"),
+            "data.max_seq_len": 128, "data.tokenize_batch_size": 64}
+    over.update({f"data.{k}": v for k, v in data.items()})
+    return load_config(None, over)
+
+
+def read_split(directory: Path) -> pa.Table:
+    return pq.read_table(directory) if directory.is_dir() else None
+
+
+def test_prepare_writes_dataset_and_stats(tok_dir, tmp_path, caplog):
+    train = write_rows(tmp_path / "train.jsonl", 300, bad={5: "{not json", 8: '{"messages": "no list"}'})
+    cfg = make_cfg(tok_dir, train, tmp_path, eval_split=0.1)
+    with caplog.at_level(logging.WARNING, logger="raysft.data"):
+        stats = plan.prepare(cfg, output=tmp_path / "out", use_ray=False)
+    assert STATS_KEYS <= set(stats) and stats["eval"] is not None
+    assert stats == json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert "train.jsonl row 5: malformed_json" in caplog.text  # first offending rows logged with the file name
+    train_t, eval_t = read_split(tmp_path / "out" / "train"), read_split(tmp_path / "out" / "eval")
+    for t in (train_t, eval_t):
+        assert t.schema == pa.schema([("input_ids", INT32_LIST), ("labels", INT32_LIST), ("position_ids", INT32_LIST),
+                                      ("seq_lengths", INT32_LIST), ("source_ids", INT64_LIST)])
+    ids = [s for t in (train_t, eval_t) for row in t.column("source_ids").to_pylist() for s in row]
+    dropped = sum(stats["rows_dropped"].values()) + sum(stats["eval"]["rows_dropped"].values())
+    assert len(ids) == len(set(ids)) == 300 - dropped  # every row once, or counted as dropped
+    assert stats["rows_read"] + stats["eval"]["rows_read"] == 300
+    assert stats["rows_dropped"].get("malformed_json", 0) + stats["eval"]["rows_dropped"].get("malformed_json", 0) == 1
+    assert stats["tokens_total"] == sum(len(x) for x in train_t.column("input_ids").to_pylist())
+    assert stats["tokens_trainable"] == sum(sum(v != -100 for v in x) for x in train_t.column("labels").to_pylist())
+    assert stats["packed_rows"] == train_t.num_rows
+    assert 0 < stats["packing_efficiency"] <= 1
+
+
+def test_bad_row_policies(tok_dir, tmp_path):
+    train = write_rows(tmp_path / "t.jsonl", 60, bad={3: "{oops", 7: "[1]", 9: "{oops", 11: "{oops", 13: "{oops",
+                                                         15: "{oops", 17: "{oops", 19: "{oops"})
+    with pytest.raises(DataError, match=r"Bad row in .*t.jsonl row 3: malformed_json .*on_bad_row is error"):
+        plan.prepare(make_cfg(tok_dir, train, tmp_path, on_bad_row="error"), tmp_path / "o1", use_ray=False)
+    with pytest.raises(DataError, match=r"8 of 60 train rows are bad \(mostly malformed_json\), more than data.max_bad_fraction=0.1"):
+        plan.prepare(make_cfg(tok_dir, train, tmp_path), tmp_path / "o2", use_ray=False)
+    stats = plan.prepare(make_cfg(tok_dir, train, tmp_path, max_bad_fraction=0.2), tmp_path / "o3", use_ray=False)
+    assert stats["rows_dropped"] == {"malformed_json": 7, "not_an_object": 1}
+    with pytest.raises(DataError, match=r"All 60 train rows were dropped \(mostly too_long.*raise it"):
+        plan.prepare(make_cfg(tok_dir, train, tmp_path, max_seq_len=8, too_long="drop", max_bad_fraction=0.2),
+                     tmp_path / "o4", use_ray=False)
+
+
+def test_tokenizer_errors_are_one_sentence(tok_dir, tmp_path, chatml_tokenizer):
+    base = {"data.train": "x.jsonl"}
+    with pytest.raises(ModelError, match="does not exist"):
+        load_tokenizer(load_config(None, {**base, "model.name_or_path": str(tmp_path / "nope")}))
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(ModelError, match="does not hold a tokenizer"):
+        load_tokenizer(load_config(None, {**base, "model.name_or_path": str(tmp_path / "empty_dir")}))
+    plain = chatml_tokenizer.__class__(tokenizer_object=chatml_tokenizer.backend_tokenizer, eos_token="<|im_end|>")
+    plain.save_pretrained(tmp_path / "plain")
+    cfg = load_config(None, {**base, "model.name_or_path": str(tmp_path / "plain")})
+    with pytest.raises(ModelError, match="has no chat template"):
+        load_tokenizer(cfg)
+    assert load_tokenizer(cfg.with_overrides({"data.format": "text"})) is not None
+    assert load_tokenizer(load_config(None, {**base, "model.name_or_path": "/nowhere", "model.tokenizer": str(tok_dir)}))
+
+
+def test_cache_is_reused_and_keyed_by_inputs(tok_dir, tmp_path):
+    train = write_rows(tmp_path / "t.jsonl", 90)
+    cfg = make_cfg(tok_dir, train, tmp_path)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(plan.ensure_prepared(cfg, use_ray=False))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({r.key for r in results}) == 1 and len({r.train_dir for r in results}) == 1
+    entries = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    assert len(entries) == 1 and not list((tmp_path / "cache").glob(".tmp-*"))
+    stamp = (results[0].train_dir.parent / "stats.json").stat().st_mtime_ns
+    again = plan.ensure_prepared(cfg, use_ray=False)
+    assert again.key == results[0].key and (again.train_dir.parent / "stats.json").stat().st_mtime_ns == stamp
+    assert again.eval_dir is None and plan.prepare(cfg, use_ray=False) == again.stats
+    # A different data config, or a touched input file, is a different entry.
+    assert plan.ensure_prepared(cfg.with_overrides({"data.max_seq_len": 256}), use_ray=False).key != again.key
+    write_rows(train, 91)
+    assert plan.ensure_prepared(cfg, use_ray=False).key != again.key
+
+
+@pytest.mark.ray
+def test_ray_plan_equals_pure_functions_and_cli(ray_session, tok_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_rows(data / "a.jsonl", 200, bad={10: "{broken"})
+    write_rows(data / "b.jsonl", 150)
+    cfg = make_cfg(tok_dir, data, tmp_path, eval_split=0.1, pack_window=100000)
+    local = plan.prepare(cfg, tmp_path / "local", use_ray=False)
+    config_file = tmp_path / "cfg.yaml"
+    config_file.write_text(cfg.dump_yaml())
+    assert cli.main(["prepare", str(config_file), "--output", str(tmp_path / "ray")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    strip = lambda s: {k: v for k, v in s.items() if k != "seconds"}  # noqa: E731
+    assert strip(printed) == strip(local)
+    for split in ("train", "eval"):
+        assert read_split(tmp_path / "ray" / split).equals(read_split(tmp_path / "local" / split))
+    ids = [s for r in read_split(tmp_path / "ray" / "train").column("source_ids").to_pylist() for s in r]
+    assert max(ids) >= 1 << 40  # the second file's ids carry its file index
+
+    # Several packing windows: the same samples and accounting, windows cut where Ray batches fall.
+    small = cfg.with_overrides({"data.pack_window": 64})
+    ray_stats = plan.prepare(small, tmp_path / "ray_small")
+    local_stats = plan.prepare(small, tmp_path / "local_small", use_ray=False)
+    for key in ("rows_read", "rows_used", "rows_dropped", "tokens_total", "tokens_trainable", "eval"):
+        assert ray_stats[key] == local_stats[key]
+
+    def samples(directory: Path) -> dict[int, list[int]]:
+        out = {}
+        for row in read_split(directory).to_pylist():
+            start = 0
+            for n, sid in zip(row["seq_lengths"], row["source_ids"]):
+                out[sid] = row["input_ids"][start:start + n]
+                start += n
+        return out
+
+    assert samples(tmp_path / "ray_small" / "train") == samples(tmp_path / "local_small" / "train")
+
+
+def test_cli_bad_input_exits_2_with_one_sentence(tok_dir, tmp_path):
+    config_file = tmp_path / "cfg.yaml"
+    config_file.write_text(f"model: {{name_or_path: {tok_dir}}}\ndata: {{train: {tmp_path / 'missing.jsonl'}}}\n")
+    proc = subprocess.run([sys.executable, "-m", "raysft.pipeline.cli", "prepare", str(config_file)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert lines == [f"raysft: error: The data path {tmp_path / 'missing.jsonl'} does not exist."]
