@@ -1,0 +1,53 @@
+"""samples.jsonl, the data ledger: one line per optimizer step with every source id it trained (all ranks).
+
+Saved with every checkpoint and rewound to the checkpoint's step on resume, so after any number of
+restarts each step appears once and no source id appears twice within an epoch (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+LEDGER_FILE = "samples.jsonl"
+
+
+class Ledger:
+    """Append-only JSON lines file, written by rank 0 only."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def append(self, step: int, epoch: int, source_ids: Iterable[int]) -> None:
+        line = json.dumps({"step": int(step), "epoch": int(epoch), "source_ids": [int(s) for s in source_ids]})
+        with self.path.open("a") as f:
+            f.write(line + "\n")
+
+    def entries(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def rewind(self, step: int, source: str | os.PathLike | None = None) -> None:
+        """Keep only steps <= `step`; take them from `source` (a checkpoint's copy) when given."""
+        src = Ledger(source) if source is not None else self
+        kept = [e for e in src.entries() if e["step"] <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
+        os.replace(tmp, self.path)
+
+
+def check_exactly_once(entries: list[dict], kept_per_epoch: dict[int, set[int]] | None = None) -> None:
+    """Raise AssertionError unless each step appears once and no source id repeats within an epoch."""
+    steps = [e["step"] for e in entries]
+    assert len(steps) == len(set(steps)), "a step appears more than once"
+    seen: dict[int, set[int]] = {}
+    for e in entries:
+        ids = seen.setdefault(e["epoch"], set())
+        for s in e["source_ids"]:
+            assert s not in ids, f"source id {s} twice in epoch {e['epoch']}"
+            ids.add(s)
+    for epoch, kept in (kept_per_epoch or {}).items():
+        assert seen.get(epoch, set()) == kept, f"epoch {epoch} does not list every kept row"

@@ -1,0 +1,228 @@
+"""The Ray Train per-worker function: QLoRA with DeepSpeed on packed rows. Reads top to bottom.
+
+Everything comes from `loop_config` (built by `trainer.build_trainer`):
+    config       Config.to_dict()
+    train_table  ObjectRef of the packed train rows (pyarrow.Table), eval_table likewise or None
+    run_dir      where rank 0 appends metrics.jsonl, samples.jsonl and TensorBoard events
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from raysft.pipeline.config import Config
+from raysft.pipeline.train import checkpoint as ckpt_io
+from raysft.pipeline.train.ledger import LEDGER_FILE, Ledger
+from raysft.pipeline.train.metrics import MetricsLog
+from raysft.pipeline.train.order import StepPlan
+from raysft.pipeline.train.step import MicroBatch, collate, eval_loss_sum, make_optimizer, optimizer_step
+
+ROW_COLUMNS = ["input_ids", "labels", "position_ids", "source_ids"]
+
+
+def deepspeed_config(cfg: Config, world_size: int, user_json: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON: from the config, or the user's JSON with raysft's batch/precision keys enforced."""
+    t = cfg.train
+    ds: dict[str, Any] = dict(user_json or {})
+    zero = dict(ds.get("zero_optimization") or {"stage": t.deepspeed.stage})
+    if user_json is None:
+        if t.deepspeed.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        if t.deepspeed.offload_params and t.deepspeed.stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    ds.update({
+        # raysft's step logic owns these: the data order and loss normalisation depend on them.
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # torch AdamW over the LoRA parameters
+        "zero_force_ds_cpu_optimizer": False,
+    })
+    ds.setdefault("gradient_clipping", t.max_grad_norm)
+    ds.setdefault("steps_per_print", 1 << 30)
+    ds.setdefault("wall_clock_breakdown", False)
+    ds["bf16"] = {"enabled": cfg.model.dtype == "bfloat16"}  # bf16, never fp16, with a 4-bit base
+    ds.pop("fp16", None)
+    ds.pop("optimizer", None)  # the optimizer and schedule come from train.* (so resume restores them)
+    ds.pop("scheduler", None)
+    return ds
+
+
+class DeepSpeedStepEngine:
+    """StepEngine over a DeepSpeed engine: the engine averages gradients over ranks and accumulation."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def forward_model(self):
+        return self.engine.module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)  # the loss is already divided by the step's N
+
+    def micro_step(self) -> None:
+        self.engine.step()  # DeepSpeed updates only at the accumulation boundary
+
+    def finish_step(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def lr(self) -> float:
+        return float(self.engine.optimizer.param_groups[0]["lr"])
+
+
+def _micro_batches(table, rows: np.ndarray) -> list[MicroBatch]:
+    """rows[k, m]: k micro-batches of m packed rows, each flattened to one [1, T] sequence."""
+    out = []
+    for k in range(rows.shape[0]):
+        out.append(collate(table.take(rows[k].tolist()).select(ROW_COLUMNS).to_pylist()))
+    return out
+
+
+def _step_counts(table, rows: np.ndarray) -> tuple[int, list[int]]:
+    """Trained tokens and source ids of ALL rows of a step (every rank computes the same)."""
+    mb = collate(table.take(rows.reshape(-1).tolist()).select(ROW_COLUMNS).to_pylist())
+    return mb.n_trained, mb.source_ids
+
+
+def _evaluate(engine, eval_table, rank: int, world: int, micro: int, kernels: bool, device) -> dict[str, float]:
+    """Loss and perplexity over the whole eval set: sum CE / trained tokens, summed over ranks."""
+    import torch.distributed as dist
+
+    n = eval_table.num_rows
+    chunks = [list(range(i, min(i + micro, n))) for i in range(0, n, micro)]
+    per_rank = math.ceil(len(chunks) / world)
+    mine = chunks[rank::world]
+    # Every rank runs the same number of forwards (ZeRO-3 gathers weights collectively); padding counts 0.
+    weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
+    mine = mine + [chunks[0]] * (per_rank - len(mine))
+    mbs = [collate(eval_table.take(c).select(ROW_COLUMNS).to_pylist()) for c in mine]
+    s, cnt = eval_loss_sum(engine.module, mbs, weights, kernels=kernels, device=device)
+    t = torch.tensor([s, float(cnt)], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    loss = float(t[0] / max(t[1], 1.0))
+    return {"eval_loss": loss, "eval_ppl": float(math.exp(min(loss, 50.0)))}
+
+
+def _unshadow_kernels() -> None:
+    """Ray puts the driver's working directory on workers' sys.path; from a raysft checkout its
+    `kernels/` folder would then shadow PyPI's `kernels`, which transformers probes on import.
+    raysft itself is imported through its installed package mapping, not through that folder."""
+    import sys
+
+    for entry in list(sys.path):
+        root = Path(entry or os.getcwd())
+        if (root / "kernels" / "__init__.py").is_file() and (root / "pipeline" / "train" / "loop.py").is_file():
+            sys.path.remove(entry)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    _unshadow_kernels()
+    import deepspeed
+    import ray
+    import ray.train
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+
+    from raysft.pipeline.model import build_model
+
+    # --- who am I, what do I train on ---------------------------------------------------------
+    cfg = Config.from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    run_dir = Path(loop_config["run_dir"])
+    train_table = ray.get(loop_config["train_table"])
+    eval_table = ray.get(loop_config["eval_table"]) if loop_config.get("eval_table") is not None else None
+    t = cfg.train
+    plan = StepPlan(train_table.num_rows, world, t.grad_accum, t.micro_batch_size, t.seed, t.max_steps, t.epochs)
+    total = plan.total_steps
+
+    # --- model, optimizer, DeepSpeed ----------------------------------------------------------
+    torch.manual_seed(t.seed)
+    model = build_model(cfg, device=str(device))
+    optimizer, scheduler = make_optimizer(model, t, total)
+    if device.type == "cpu":
+        # The shared-memory all-reduce op (JIT-compiled, ~2 min) only serves inference collectives;
+        # training over gloo does not use it, so do not build it.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, world, loop_config.get("deepspeed_json")), dist_init_required=False,
+    )
+    stepper = DeepSpeedStepEngine(engine)
+    random.seed(t.seed + rank)
+    np.random.seed(t.seed + rank)
+    torch.manual_seed(t.seed + rank)  # per-rank dropout masks
+
+    # --- resume: weights, optimizer, scheduler, RNG, data position, ledger ------------------------
+    start, trained_tokens = 0, 0
+    ledger = Ledger(run_dir / LEDGER_FILE)
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as d:
+            state = ckpt_io.load(engine, d, rank=rank)
+            if rank == 0:
+                ledger.rewind(state["step"], source=Path(d) / LEDGER_FILE)
+        start, trained_tokens = state["step"], state["trained_tokens"]
+    elif rank == 0 and ledger.path.exists():
+        ledger.path.unlink()  # a fresh run of this name starts a fresh ledger
+    metrics_log = MetricsLog(run_dir, t.logging, cfg.to_dict(), cfg.run.name, resume_step=start) if rank == 0 else None
+    config_yaml = cfg.dump_yaml()
+    if rank == 0:
+        print(f"[raysft] training {total} steps on {world} worker(s) from step {start} "
+              f"({plan.n_rows} packed rows, {plan.left_out_per_epoch} left out per epoch to balance ranks)", flush=True)
+
+    # --- the loop ----------------------------------------------------------------------------
+    for step in range(start, total):
+        epoch, rows = plan.step_rows(step)  # rows[grad_accum, world, micro]
+        n_global, step_sources = _step_counts(train_table, rows)
+        mbs = _micro_batches(train_table, rows[:, rank, :])
+        res = optimizer_step(stepper, mbs, n_global, grad_scale=float(world), kernels=t.kernels, device=device)
+        sums = torch.tensor([res.loss_sum, float(res.tokens)], dtype=torch.float64)
+        dist.all_reduce(sums)
+        trained_tokens += n_global
+        done = step + 1
+        metrics: dict[str, Any] = {
+            "step": done, "epoch": epoch, "loss": float(sums[0]) / max(n_global, 1), "lr": res.lr,
+            "grad_norm": res.grad_norm, "tokens_per_s": float(sums[1]) / max(res.seconds, 1e-9),
+            "trained_tokens": trained_tokens,
+        }
+        last = done == total
+        if eval_table is not None and eval_table.num_rows > 0 and (done % t.eval_every == 0 or last):
+            metrics.update(_evaluate(engine, eval_table, rank, world, t.micro_batch_size, t.kernels, device))
+        if rank == 0:
+            ledger.append(done, epoch, step_sources)
+            metrics_log.log(metrics)
+            extra = f" eval_loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""
+            print(f"[raysft] step {done}/{total} loss {metrics['loss']:.4f} lr {res.lr:.2e} "
+                  f"{metrics['tokens_per_s']:.0f} tok/s{extra}", flush=True)
+
+        if done % t.save_every == 0 or last:
+            tmp = Path(tempfile.mkdtemp(prefix=f"raysft-ckpt-r{rank}-"))
+            state = {"step": done, "epoch": epoch, "trained_tokens": trained_tokens,
+                     "steps_per_epoch": plan.steps_per_epoch, "total_steps": total}
+            ckpt_io.save(engine, tmp, rank=rank, state=state, ledger_path=ledger.path if rank == 0 else None,
+                         config_yaml=config_yaml)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(tmp)),
+                             checkpoint_dir_name=f"checkpoint_{done:06d}")
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            ray.train.report(metrics)
+
+    if metrics_log is not None:
+        metrics_log.close()

@@ -1,0 +1,224 @@
+"""Build and fit the Ray Train TorchTrainer; `train(cfg)` is the Python API behind `raysft train`.
+
+Bad input fails here, on the driver, in one sentence, before any worker starts: a missing model, a
+tokenizer without a chat template, more workers than the cluster has CPUs/GPUs, an unwritable
+storage path, fp16 with DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from raysft.pipeline.config import Config
+from raysft.pipeline.errors import ClusterError, ConfigError, DataError
+from raysft.pipeline.model import ADAPTER_DIR, RESOLVED_CONFIG, load_tokenizer, resolve_model_source
+from raysft.pipeline.train.ledger import LEDGER_FILE
+
+
+@dataclass
+class TrainResult:
+    """What a finished run gives back: final metrics (incl. eval_loss), the run folder, the adapter."""
+
+    metrics: dict[str, Any]
+    run_dir: Path
+    adapter_path: Path
+    checkpoint_path: Optional[str] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "run_dir": str(self.run_dir),
+            "adapter_path": str(self.adapter_path),
+            "checkpoint_path": self.checkpoint_path,
+            "metrics": {k: v for k, v in self.metrics.items() if isinstance(v, (int, float, str, bool)) or v is None},
+        }
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.run.storage_path).expanduser().resolve() / cfg.run.name
+
+
+def preflight(cfg: Config) -> Config:
+    """Check what can be checked without a cluster; return the config with resolved absolute paths."""
+    if cfg.scaling.num_workers < 1:
+        raise ConfigError("scaling.num_workers must be at least 1 for training.")
+    if cfg.model.dtype == "float16" or (cfg.model.quantization == "nf4" and cfg.model.compute_dtype == "float16"):
+        raise ConfigError("model.dtype / model.compute_dtype float16 is not supported with DeepSpeed and a 4-bit base; use bfloat16.")
+    source, gguf = resolve_model_source(cfg.model, cfg.source)
+    updates: dict[str, Any] = {}
+    if os.path.isdir(source):
+        updates["model.name_or_path"] = os.path.join(source, gguf) if gguf else source
+        updates["model.gguf_file"] = None
+    if cfg.model.tokenizer is None:
+        load_tokenizer(cfg.model.model_copy(update={"name_or_path": updates.get("model.name_or_path", source)}))
+    else:
+        load_tokenizer(cfg.model)
+    storage = Path(cfg.run.storage_path).expanduser()
+    if cfg.source and not storage.is_absolute():
+        storage = Path(cfg.source).resolve().parent / storage if not storage.exists() else storage
+    _check_writable(storage, "run.storage_path")
+    updates["run.storage_path"] = str(storage.resolve())
+    ds = cfg.train.deepspeed.config
+    if ds is not None:
+        path = Path(cfg.resolve_path(ds) or ds)
+        if not path.is_file():
+            raise ConfigError(f"train.deepspeed.config {ds} does not exist.")
+        updates["train.deepspeed.config"] = str(path.resolve())
+    out = cfg.with_overrides(updates)
+    object.__setattr__(out, "source", cfg.source)
+    return out
+
+
+def _check_writable(path: Path, key: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".raysft-write-test-{uuid.uuid4().hex}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError:
+        raise ConfigError(f"{key} {path} is not writable.") from None
+
+
+def check_cluster(cfg: Config) -> None:
+    """More workers than the cluster's CPUs/GPUs would wait forever: say so instead."""
+    import ray
+
+    res = ray.cluster_resources()
+    s = cfg.scaling
+    need_cpu = s.num_workers * s.cpus_per_worker
+    if need_cpu > res.get("CPU", 0) + 1e-9:
+        raise ClusterError(
+            f"scaling.num_workers={s.num_workers} x scaling.cpus_per_worker={s.cpus_per_worker} needs {need_cpu:g} CPUs "
+            f"but the Ray cluster has {res.get('CPU', 0):g}."
+        )
+    if s.use_gpu:
+        need_gpu = s.num_workers * s.gpus_per_worker
+        if need_gpu > res.get("GPU", 0) + 1e-9:
+            raise ClusterError(
+                f"scaling.num_workers={s.num_workers} x scaling.gpus_per_worker={s.gpus_per_worker} needs {need_gpu:g} GPUs "
+                f"but the Ray cluster has {res.get('GPU', 0):g}."
+            )
+
+
+def read_rows(directory: str | os.PathLike | None, what: str):
+    """All Parquet files of a prepared split, in file-name order, as one pyarrow Table (or None)."""
+    import pyarrow.parquet as pq
+    import pyarrow as pa
+
+    if directory is None:
+        return None
+    files = sorted(Path(directory).rglob("*.parquet"))
+    if not files:
+        return None if what == "eval" else _no_rows(directory)
+    table = pa.concat_tables([pq.read_table(f) for f in files]).combine_chunks()
+    missing = {"input_ids", "labels", "position_ids", "source_ids"} - set(table.column_names)
+    if missing:
+        raise DataError(f"Prepared {what} data in {directory} lacks column(s) {sorted(missing)}.")
+    return table
+
+
+def _no_rows(directory) -> None:
+    raise DataError(f"Prepared train data in {directory} has no Parquet files.")
+
+
+def build_trainer(cfg: Config, prepared, *, callbacks: list | None = None):
+    """A TorchTrainer for `cfg` on `prepared` (train_dir, eval_dir); the caller calls `.fit()`.
+
+    The packed rows travel as object refs of one Arrow table, so workers on other nodes need no
+    shared filesystem; the per-step order is computed identically on every rank (train/order.py).
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raysft.pipeline.train.loop import train_loop_per_worker
+    from raysft.pipeline.train.order import StepPlan
+
+    check_cluster(cfg)
+    train_table = read_rows(prepared.train_dir, "train")
+    eval_table = read_rows(getattr(prepared, "eval_dir", None), "eval")
+    s, t = cfg.scaling, cfg.train
+    plan = StepPlan(train_table.num_rows, s.num_workers, t.grad_accum, t.micro_batch_size, t.seed, t.max_steps, t.epochs)
+    if plan.steps_per_epoch == 0:
+        raise DataError(
+            f"Prepared train data has {plan.n_rows} packed rows, fewer than one optimizer step needs "
+            f"(scaling.num_workers x train.grad_accum x train.micro_batch_size = {plan.rows_per_step})."
+        )
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RESOLVED_CONFIG).write_text(cfg.dump_yaml())
+    ds_json = None
+    if t.deepspeed.config:
+        try:
+            ds_json = json.loads(Path(t.deepspeed.config).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"train.deepspeed.config {t.deepspeed.config} is not readable JSON ({exc}).") from None
+    loop_config = {
+        "config": cfg.to_dict(),
+        "train_table": ray.put(train_table),
+        "eval_table": ray.put(eval_table) if eval_table is not None and eval_table.num_rows else None,
+        "run_dir": str(run_dir),
+        "deepspeed_json": ds_json,
+    }
+    resources = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    max_failures = cfg.run.max_failures
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=s.placement_strategy),
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=str(Path(cfg.run.storage_path).expanduser().resolve()),
+            # A controller that cannot schedule workers fails after as many tries as a worker group may.
+            failure_config=FailureConfig(max_failures=max_failures,
+                                         controller_failure_limit=max_failures if max_failures >= 0 else -1),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def finish_run(cfg: Config, result) -> TrainResult:
+    """Copy the final adapter and ledger out of the last checkpoint into the run folder."""
+    run_dir = run_dir_of(cfg)
+    adapter = run_dir / ADAPTER_DIR
+    ckpt = result.checkpoint
+    if ckpt is None:
+        raise DataError(f"Run {run_dir} finished without a checkpoint.")
+    with ckpt.as_directory() as d:
+        if adapter.exists():
+            shutil.rmtree(adapter)
+        shutil.copytree(Path(d) / ADAPTER_DIR, adapter)
+        if (Path(d) / LEDGER_FILE).is_file():
+            shutil.copyfile(Path(d) / LEDGER_FILE, run_dir / LEDGER_FILE)
+    metrics = {k: v for k, v in (result.metrics or {}).items()}
+    return TrainResult(metrics=metrics, run_dir=run_dir, adapter_path=adapter, checkpoint_path=ckpt.path)
+
+
+def _init_ray(cfg: Config) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.run.address, log_to_driver=True)
+
+
+def train(cfg: Config) -> TrainResult:
+    """Prepare (or reuse the cache), then train with Ray Train; returns metrics, run dir and adapter path."""
+    from raysft.pipeline.data.plan import ensure_prepared
+
+    cfg = preflight(cfg)
+    _init_ray(cfg)
+    check_cluster(cfg)
+    prepared = ensure_prepared(cfg)
+    trainer = build_trainer(cfg, prepared)
+    return finish_run(cfg, trainer.fit())

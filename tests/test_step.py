@@ -1,0 +1,127 @@
+"""train/step.py without Ray: packed == per-sample (loss and LoRA grads), use_cache regression, TorchEngine step."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from raysft.pipeline.config import load_config
+from raysft.pipeline.model import build_model
+from raysft.pipeline.train.step import (
+    IGNORE, MicroBatch, TorchEngine, collate, eval_loss_sum, loss_sum, make_optimizer, optimizer_step,
+)
+
+
+def fp32_cfg(model_dir, **over):
+    base = {"model.name_or_path": str(model_dir), "model.quantization": "none", "model.dtype": "float32",
+            "model.gradient_checkpointing": False, "lora.dropout": 0.0, "lora.r": 4, "lora.alpha": 8}
+    base.update(over)
+    return load_config(None, overrides=base)
+
+
+def random_sample(rng: random.Random, vocab: int, sid: int) -> dict:
+    """One sample: a prompt (untrained) and a response (trained); the first token never trained."""
+    n_prompt, n_resp = rng.randint(2, 9), rng.randint(1, 12)
+    ids = [rng.randrange(3, vocab) for _ in range(n_prompt + n_resp)]
+    labels = [IGNORE] * n_prompt + ids[n_prompt:]
+    return {"input_ids": ids, "labels": labels, "position_ids": list(range(len(ids))), "source_ids": [sid]}
+
+
+def pack(samples: list[dict]) -> dict:
+    row = {"input_ids": [], "labels": [], "position_ids": [], "source_ids": [], "seq_lengths": []}
+    for s in samples:
+        for k in ("input_ids", "labels", "position_ids", "source_ids"):
+            row[k] += s[k]
+        row["seq_lengths"].append(len(s["input_ids"]))
+    return row
+
+
+def lora_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    m = build_model(fp32_cfg(tiny_model_dir))
+    # Non-zero LoRA B so the adapter changes the output and its gradients are all informative.
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return m
+
+
+def test_packed_equals_per_sample_loss_and_grads(model):
+    rng = random.Random(0)
+    samples = [random_sample(rng, 500, i) for i in range(4)]
+    n_total = sum(collate([s]).n_trained for s in samples)
+
+    model.zero_grad(set_to_none=True)
+    packed = collate([pack(samples)])
+    assert packed.n_trained == n_total
+    loss_packed = loss_sum(model, packed) / n_total
+    loss_packed.backward()
+    g_packed = lora_grads(model)
+
+    model.zero_grad(set_to_none=True)
+    loss_sep = sum(loss_sum(model, collate([s])) for s in samples) / n_total
+    loss_sep.backward()
+    g_sep = lora_grads(model)
+
+    assert abs(float(loss_packed) - float(loss_sep)) < 1e-5
+    assert g_packed.keys() == g_sep.keys() and len(g_packed) > 0
+    for name in g_packed:
+        assert torch.allclose(g_packed[name], g_sep[name], atol=1e-5, rtol=0), name
+
+
+def test_rows_flattened_into_one_micro_batch_equal_separate_rows(model):
+    rng = random.Random(1)
+    rows = [pack([random_sample(rng, 500, 2 * i), random_sample(rng, 500, 2 * i + 1)]) for i in range(3)]
+    flat = collate(rows)
+    assert flat.input_ids.shape[0] == 1 and flat.n_trained == sum(collate([r]).n_trained for r in rows)
+    assert flat.source_ids == [0, 1, 2, 3, 4, 5]
+    with torch.no_grad():
+        a = float(loss_sum(model, flat))
+        b = sum(float(loss_sum(model, collate([r]))) for r in rows)
+    assert abs(a - b) < 1e-4
+
+
+def test_kv_cache_regression_packed_forward_needs_use_cache_false(model):
+    """In eval mode the default use_cache=True lets packed samples see each other; ours never does."""
+    rng = random.Random(2)
+    s1, s2 = random_sample(rng, 500, 0), random_sample(rng, 500, 1)
+    mb = collate([pack([s1, s2])])
+    model.eval()
+    model.config.use_cache = True  # what a stock checkpoint says; our forwards must not depend on it
+    with torch.no_grad():
+        sep = model(input_ids=collate([s2]).input_ids, use_cache=False).logits[0]
+        ours_sum, _ = eval_loss_sum(model, [mb])
+        kw = dict(input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=None)
+        isolated = model(**kw, use_cache=False).logits[0, len(s1["input_ids"]):]
+        leaky = model(**kw, use_cache=True).logits[0, len(s1["input_ids"]):]
+        per_sample = float(loss_sum(model, collate([s1]))) + float(loss_sum(model, collate([s2])))
+    model.config.use_cache = False
+    model.train()
+    assert torch.allclose(isolated, sep, atol=1e-5)
+    assert abs(ours_sum - per_sample) < 1e-4
+    # If this ever stops failing, transformers changed: the test documents why use_cache=False matters.
+    assert (leaky - sep).abs().max() > 1e-3
+
+
+def test_torch_engine_step_updates_only_lora_and_loss_drops(tiny_model_dir):
+    cfg = fp32_cfg(tiny_model_dir, **{"train.lr": 1e-2, "train.warmup_steps": 0, "train.scheduler": "constant"})
+    model = build_model(cfg)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt, sched = make_optimizer(model, cfg.train, 10)
+    engine = TorchEngine(model, opt, sched, cfg.train.max_grad_norm)
+    rng = random.Random(3)
+    mbs = [collate([pack([random_sample(rng, 500, i) for i in range(3)])]) for _ in range(2)]
+    n = sum(m.n_trained for m in mbs)
+    losses = [optimizer_step(engine, mbs, n).loss_sum / n for _ in range(8)]
+    assert losses[-1] < losses[0]
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen[name]), name
