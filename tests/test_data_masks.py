@@ -116,3 +116,39 @@ def test_system_prompt_is_added_and_untrained(chatml_tokenizer):
     assert item.messages[0] == {"role": "system", "content": "You are terse."}
     ids, labels = ChatEncoder(chatml_tokenizer).encode([item])[0]
     assert [chatml_tokenizer.decode(s) for s in trained_segments(ids, labels)] == ["hello<|im_end|>"]
+
+
+THINK_TEMPLATE = (  # Qwen3-like: the generation prompt opens an empty think block the history lacks
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+)
+ALTERNATE_TEMPLATE = (  # Mistral-like: refuses conversations whose roles do not alternate
+    "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('roles must alternate') }}{% endif %}"
+    "{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ m['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def test_generation_prompt_the_history_lacks_and_echoed_content(chatml_tokenizer):
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    encoder = ChatEncoder(chatml_tokenizer)
+    encoder.template = _compile_jinja_template(THINK_TEMPLATE)
+    row = {"messages": [{"role": "user", "content": "say 4"}, {"role": "assistant", "content": "4"},
+                        {"role": "user", "content": "4"}, {"role": "assistant", "content": "say"}]}
+    ids, labels = encoder.encode([normalise_row(row)])[0]
+    assert [chatml_tokenizer.decode(s) for s in trained_segments(ids, labels)] == ["4<|im_end|>", "say<|im_end|>"]
+
+
+def test_template_refusing_a_row_is_a_counted_drop(chatml_tokenizer):
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    encoder = ChatEncoder(chatml_tokenizer)
+    encoder.template = _compile_jinja_template(ALTERNATE_TEMPLATE)
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    bad = {"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"},
+                        {"role": "assistant", "content": "hello"}]}
+    ok, refused = encoder.encode([normalise_row(good), normalise_row(bad)])
+    assert [chatml_tokenizer.decode(s) for s in trained_segments(*ok)] == ["hello<|im_end|>"]
+    assert refused.reason == "template_error"

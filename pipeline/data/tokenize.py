@@ -69,6 +69,18 @@ def load_tokenizer(cfg, need_chat_template: bool | None = None):
     return tok
 
 
+def _common_prefix_len(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    lo, hi = 0, n  # binary search on slice equality: O(n log n) in C instead of a Python loop
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 class ChatEncoder:
     """Normalised rows -> (input_ids, labels) with exact response masks; holds one tokenizer."""
 
@@ -100,7 +112,10 @@ class ChatEncoder:
                 continue
             prefix = self.render(messages[:i], generation_prompt=True)
             upto = full if i == len(messages) - 1 else self.render(messages[: i + 1])
-            start = len(prefix) if full.startswith(prefix) and len(prefix) >= cursor else cursor
+            if full.startswith(prefix):
+                start = max(cursor, len(prefix))
+            else:  # e.g. a generation prompt the full render lacks (an empty <think> block): where they part
+                start = max(cursor, _common_prefix_len(prefix, full))
             turn_end = len(upto) if full.startswith(upto) else len(full)
             content = msg["content"]
             for variant in (content, content.strip()):
