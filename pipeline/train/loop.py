@@ -8,6 +8,7 @@ Everything comes from `loop_config` (built by `trainer.build_trainer`):
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -128,6 +129,27 @@ def _unshadow_kernels() -> None:
             sys.path.remove(entry)
 
 
+EVENTS_FILE = "events.jsonl"
+
+
+def _append_event(run_dir: Path, event: dict[str, Any]) -> None:
+    """events.jsonl: one line per (re)start of the worker group, so restarts are visible afterwards."""
+    with (run_dir / EVENTS_FILE).open("a") as f:
+        f.write(json.dumps({"time": time.time(), **event}) + "\n")
+
+
+def _base_weight_residency(model: torch.nn.Module) -> dict[str, int]:
+    """Elements of the frozen base weights this rank holds vs their full size (ZeRO-3 partitions them)."""
+    local = full = 0
+    for p in model.parameters():
+        if p.requires_grad:
+            continue
+        ds_tensor = getattr(p, "ds_tensor", None)
+        local += ds_tensor.numel() if ds_tensor is not None else p.numel()
+        full += getattr(p, "ds_numel", p.numel())
+    return {"base_numel_local": int(local), "base_numel_full": int(full)}
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     _unshadow_kernels()
     import deepspeed
@@ -184,6 +206,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     metrics_log = MetricsLog(run_dir, t.logging, cfg.to_dict(), cfg.run.name, resume_step=start) if rank == 0 else None
     config_yaml = cfg.dump_yaml()
     if rank == 0:
+        _append_event(run_dir, {"event": "start", "step": start, "world_size": world,
+                                "zero_stage": cfg.train.deepspeed.stage, **_base_weight_residency(engine.module)})
         print(f"[raysft] training {total} steps on {world} worker(s) from step {start} "
               f"({plan.n_rows} packed rows, {plan.left_out_per_epoch} left out per epoch to balance ranks)", flush=True)
 

@@ -1,0 +1,228 @@
+"""Ray Train + DeepSpeed on CPU (gloo): step-split invariance, recovery from a killed worker with exact
+resume and exactly-once data, ZeRO-2/ZeRO-3 with a 4-bit base, export, the Python API end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from raysft.pipeline.config import load_config
+from raysft.pipeline.train.ledger import check_exactly_once
+from raysft.pipeline.train.metrics import read_metrics
+from raysft.pipeline.trainer import build_trainer, finish_run, preflight
+from train_fixtures import make_prepared
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+N_SAMPLES = 48  # 16 packed rows of 3 samples; 4 rows per step -> 4 steps per epoch, 2 epochs
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    return make_prepared(tmp_path_factory.mktemp("packed"), n_train=N_SAMPLES, n_eval=9, per_row=3)
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+def fp32_cfg(model_dir, runs_root, name, workers, micro, accum, **more):
+    over = {
+        "model.name_or_path": str(model_dir), "model.quantization": "none", "model.dtype": "float32",
+        "lora.dropout": 0.0, "lora.r": 4, "lora.alpha": 8,
+        "train.epochs": 2, "train.lr": 5e-3, "train.warmup_steps": 1, "train.save_every": 2, "train.eval_every": 4,
+        "train.micro_batch_size": micro, "train.grad_accum": accum, "train.deepspeed.stage": 2,
+        "scaling.num_workers": workers, "run.storage_path": str(runs_root), "run.name": name, "run.max_failures": 0,
+    }
+    over.update(more)
+    return preflight(load_config(None, overrides=over))
+
+
+def fit(cfg, prepared):
+    return finish_run(cfg, build_trainer(cfg, prepared).fit())
+
+
+def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_same_adapter(a: dict, b: dict, atol: float = 1e-5) -> None:
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=atol, rtol=0), (k, (a[k] - b[k]).abs().max())
+
+
+@pytest.fixture(scope="module")
+def run_1w(ray_session, tiny_model_dir, runs_root, prepared):
+    """1 worker x 4 rows per micro-batch x accumulation 1."""
+    return fit(fp32_cfg(tiny_model_dir, runs_root, "w1", workers=1, micro=4, accum=1), prepared)
+
+
+@pytest.fixture(scope="module")
+def run_2w(ray_session, tiny_model_dir, runs_root, prepared):
+    """2 workers x 1 row per micro-batch x accumulation 2 (the uninterrupted reference run)."""
+    return fit(fp32_cfg(tiny_model_dir, runs_root, "w2", workers=2, micro=1, accum=2), prepared)
+
+
+def ledger(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
+
+
+def test_step_split_invariance(run_1w, run_2w, prepared):
+    """Same data per step, split differently: the updated LoRA weights agree within 1e-5 (fp32)."""
+    assert ledger(run_1w.run_dir) == ledger(run_2w.run_dir)
+    # The rows really have unequal trained-token counts (otherwise averaging per rank would also pass).
+    import pyarrow.parquet as pq
+    from raysft.pipeline.train.step import trained_tokens
+
+    counts = {trained_tokens(r) for r in pq.read_table(prepared.train_dir).column("labels").to_pylist()}
+    assert len(counts) > 3
+    assert_same_adapter(adapter(run_1w.run_dir), adapter(run_2w.run_dir))
+    assert abs(run_1w.metrics["eval_loss"] - run_2w.metrics["eval_loss"]) < 1e-5
+
+
+def test_metrics_ledger_and_checkpoints(run_2w):
+    rows = read_metrics(run_2w.run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    for r in rows:
+        assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "trained_tokens"} <= r.keys()
+    assert all(b["trained_tokens"] > a["trained_tokens"] for a, b in zip(rows, rows[1:]))
+    assert "eval_loss" in rows[3] and "eval_ppl" in rows[-1] and "eval_loss" not in rows[2]
+    assert rows[-1]["eval_loss"] == pytest.approx(run_2w.metrics["eval_loss"])
+    check_exactly_once(ledger(run_2w.run_dir), {0: set(range(N_SAMPLES)), 1: set(range(N_SAMPLES))})
+    assert any((run_2w.run_dir / "tensorboard").iterdir())
+    ckpts = sorted(p.name for p in run_2w.run_dir.glob("checkpoint_*") if p.is_dir())
+    assert ckpts == ["checkpoint_000006", "checkpoint_000008"]  # keep_checkpoints=2
+    last = run_2w.run_dir / "checkpoint_000008"
+    assert json.loads((last / "state.json").read_text())["step"] == 8
+    assert (last / "rng" / "rank0.json").is_file() and (last / "rng" / "rank1.json").is_file()
+    assert (last / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def _read_quietly(run_dir: Path) -> list[dict]:
+    try:
+        return read_metrics(run_dir)
+    except (OSError, ValueError):
+        return []
+
+
+def _kill_a_worker_after_first_checkpoint(run_dir: Path, killed: dict, gcs_address: str) -> None:
+    from ray.util.state import list_actors
+
+    # Step 3 logged means every rank returned from step 2's report: checkpoint_000002 is registered.
+    deadline = time.time() + 240
+    while time.time() < deadline and not any(r["step"] >= 3 for r in _read_quietly(run_dir)):
+        time.sleep(0.05)
+    actors = list_actors(address=gcs_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    if actors:
+        pid = max(a.pid for a in actors)
+        os.kill(pid, signal.SIGKILL)
+        killed["pid"] = pid
+
+
+def test_recovery_from_killed_worker_is_exact(ray_session, tiny_model_dir, runs_root, prepared, run_2w):
+    cfg = fp32_cfg(tiny_model_dir, runs_root, "killed", workers=2, micro=1, accum=2, **{"run.max_failures": 1})
+    run_dir = runs_root / "killed"
+    killed: dict = {}
+    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(run_dir, killed, ray_session.get_runtime_context().gcs_address), daemon=True)
+    killer.start()
+    result = fit(cfg, prepared)
+    killer.join(timeout=5)
+    assert "pid" in killed, "no worker was killed"
+    starts = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert len(starts) == 2 and starts[0]["step"] == 0 and starts[1]["step"] >= 2, starts
+    check_exactly_once(ledger(run_dir), {0: set(range(N_SAMPLES)), 1: set(range(N_SAMPLES))})
+    assert [e["step"] for e in ledger(run_dir)] == list(range(1, 9))
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 9))
+    assert_same_adapter(adapter(result.run_dir), adapter(run_2w.run_dir))
+    assert result.metrics["eval_loss"] == pytest.approx(run_2w.metrics["eval_loss"], abs=1e-5)
+
+
+def _eval_loss(model, eval_dir) -> float:
+    import pyarrow.parquet as pq
+    from raysft.pipeline.train.step import collate, eval_loss_sum
+
+    rows = pq.read_table(eval_dir).to_pylist()
+    s, n = eval_loss_sum(model, [collate([r]) for r in rows])
+    return s / n
+
+
+def test_export_adapter_reproduces_eval_loss_and_merge_loads(run_2w, prepared, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from raysft.pipeline.cli import main
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, run_2w.adapter_path)
+    assert _eval_loss(model, prepared.eval_dir) == pytest.approx(run_2w.metrics["eval_loss"], abs=1e-5)
+
+    assert main(["export", str(run_2w.run_dir), "--merge"]) == 0
+    merged_dir = run_2w.run_dir / "merged"
+    assert (merged_dir / "model.safetensors").is_file()
+    assert not list(merged_dir.glob("*.bin")) and not list(merged_dir.glob("*.pt"))
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    assert merged.dtype == torch.bfloat16
+    assert _eval_loss(merged.float(), prepared.eval_dir) == pytest.approx(run_2w.metrics["eval_loss"], abs=2e-2)
+
+
+def _losses_drop(run_dir: Path) -> None:
+    losses = [r["loss"] for r in read_metrics(run_dir)]
+    assert sum(losses[-2:]) / 2 < losses[0] - 0.05, losses
+
+
+def _nf4_overrides(model_dir, runs_root, name, stage):
+    return {
+        "model.name_or_path": str(model_dir), "model.quantization": "nf4", "lora.r": 8, "lora.alpha": 16,
+        "train.max_steps": 8, "train.lr": 1e-2, "train.warmup_steps": 0, "train.save_every": 4, "train.eval_every": 4,
+        "train.deepspeed.stage": stage, "scaling.num_workers": 2, "run.storage_path": str(runs_root),
+        "run.name": name, "run.max_failures": 0,
+    }
+
+
+def test_zero3_with_4bit_base_trains_and_shards_the_base(ray_session, tiny_model_dir, runs_root, prepared):
+    cfg = preflight(load_config(None, overrides=_nf4_overrides(tiny_model_dir, runs_root, "z3", 3)))
+    result = fit(cfg, prepared)
+    _losses_drop(result.run_dir)
+    start = json.loads((result.run_dir / "events.jsonl").read_text().splitlines()[0])
+    # ZeRO-3 partitions the packed 4-bit weights (bf16 quant storage): each of 2 ranks holds about half.
+    assert start["base_numel_local"] < 0.6 * start["base_numel_full"], start
+
+
+def test_python_api_zero2_4bit_end_to_end(ray_session, tiny_model_dir, runs_root, tmp_path, monkeypatch):
+    """raysft.pipeline.train on a chat JSONL through the data plan; no secret reaches the run folder."""
+    import random
+
+    from raysft.pipeline import train
+
+    rng = random.Random(0)
+    with (tmp_path / "chat.jsonl").open("w") as f:
+        for i in range(40):
+            a, b = rng.randint(1, 20), rng.randint(1, 20)
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"what is {a} plus {b}"},
+                                             {"role": "assistant", "content": f"the answer is {a + b} #### {a + b}"}]}) + "\n")
+    monkeypatch.setenv("HF_TOKEN", "hf_SECRETtoken123")
+    monkeypatch.setenv("WANDB_API_KEY", "wandbSECRETkey456")
+    over = _nf4_overrides(tiny_model_dir, runs_root, "api", 2)
+    over.update({"data.train": str(tmp_path / "chat.jsonl"), "data.eval_split": 0.2, "data.max_seq_len": 256,
+                 "data.cache_dir": str(tmp_path / "cache"), "train.max_steps": None, "train.epochs": 2})
+    result = train(load_config(None, overrides=over))
+    assert result.adapter_path == result.run_dir / "adapter" and result.adapter_path.is_dir()
+    assert result.metrics["eval_loss"] > 0 and "eval_ppl" in result.metrics
+    json.dumps(result.summary())
+    _losses_drop(result.run_dir)
+    for path in result.run_dir.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert b"SECRETtoken" not in data and b"SECRETkey" not in data, path
+    # Weights a user gets are safetensors; no pickle in the adapter.
+    assert {p.suffix for p in result.adapter_path.iterdir()} <= {".json", ".safetensors", ".md"}
