@@ -10,6 +10,7 @@ silently left untrained.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -33,8 +34,25 @@ class LMHead:
         """(lora_hidden [N, r], lora_weight [V, r]) such that logits += lora_hidden @ lora_weight.T."""
         if not self.adapters:
             return None, None
+        # lora_A runs as a module (its hooks fire); the activation dtype follows PEFT's cast to lora_A's
         low = [scale * lora_a(dropout(hidden.to(lora_a.weight.dtype))) for dropout, lora_a, _, scale in self.adapters]
         return torch.cat(low, dim=-1), torch.cat([lora_b.weight for _, _, lora_b, _ in self.adapters], dim=-1)
+
+
+def _gathered(params: list[torch.Tensor]) -> contextlib.AbstractContextManager:
+    """Gather DeepSpeed ZeRO-3 partitioned weights for the fused loss, which reads them outside their
+    module's forward. Safe for frozen weights only: the loss finishes all its math in the forward."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    if any(p.requires_grad for p in partitioned):
+        raise ModelError(
+            "train.kernels cannot train lm_head weights (LoRA on lm_head) under DeepSpeed ZeRO-3; "
+            "use train.deepspeed.stage 2, leave lm_head out of lora.target_modules, or set train.kernels: false"
+        )
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
 
 def _base_causal_lm(model: nn.Module) -> nn.Module:
@@ -93,6 +111,7 @@ def causal_lm_loss_sum(
     keep = targets != IGNORE_INDEX
     h, y = hidden[0, :-1][keep], targets[keep]  # only trained positions enter the loss
     lora_hidden, lora_weight = head.lora_inputs(h)
-    return fused_linear_cross_entropy(
-        h, head.weight, y, ignore_index=IGNORE_INDEX, reduction="sum", lora_hidden=lora_hidden, lora_weight=lora_weight
-    )
+    with _gathered([head.weight, *(b.weight for _, _, b, _ in head.adapters)]):
+        return fused_linear_cross_entropy(
+            h, head.weight, y, ignore_index=IGNORE_INDEX, reduction="sum", lora_hidden=lora_hidden, lora_weight=lora_weight
+        )

@@ -104,9 +104,11 @@ def _cross_entropy_grad_torch(
 
 
 def _chunk_rows(n_rows: int, vocab: int, hidden: int) -> int:
-    """Rows per chunk: the chunk's logits hold about as many elements as the hidden states (Liger's rule)."""
+    """Rows per chunk: the chunk's logits hold about as many elements as the hidden states (Liger's
+    rule), but at least 2^20 elements so that small hidden sizes do not spend their time in launches."""
     growth = max(1, -(-vocab // hidden))
-    return max(1, min(next_power_of_2(-(-n_rows // growth)), 4096))
+    rows = max(-(-n_rows // growth), (1 << 20) // vocab)
+    return max(1, min(next_power_of_2(rows), next_power_of_2(n_rows), 4096))
 
 
 def fused_linear_cross_entropy_forward(

@@ -265,7 +265,7 @@ def test_patch_and_loss_on_peft_4bit_model(tiny_model_dir):
 # ----------------------------------------------------------------------------- 20 steps, kernels on vs off
 
 
-def train_losses(kernels: bool, steps: int = 20) -> list[float]:
+def train_losses(kernels: bool, steps: int = 20, lengths=(19, 14, 12)) -> list[float]:
     """A plain AdamW loop on packed rows; loss normalised by the trained tokens of the step."""
     from raysft.kernels import causal_lm_loss_sum, patch_model
 
@@ -274,7 +274,7 @@ def train_losses(kernels: bool, steps: int = 20) -> list[float]:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for step in range(steps):
-        ids, pos, labels = packed_row(100 + step % 5)
+        ids, pos, labels = packed_row(100 + step % 5, lengths)
         n_trained = int((labels[0, 1:] != -100).sum())
         loss_sum = causal_lm_loss_sum(model, ids, pos, labels) if kernels else hf_loss_sum(model, ids, pos, labels)
         loss = loss_sum / n_trained
@@ -303,7 +303,8 @@ def test_twenty_steps_kernels_on_equals_off_triton():
     from raysft.kernels.backend import use_triton
 
     assert use_triton(torch.zeros(1))
-    _assert_same_trajectory(train_losses(True), train_losses(False))
+    short = (11, 8, 6)  # the interpreter runs every program instance in Python: keep rows short
+    _assert_same_trajectory(train_losses(True, lengths=short), train_losses(False, lengths=short))
 
 
 @in_child
