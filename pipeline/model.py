@@ -101,11 +101,10 @@ def load_tokenizer(mcfg: ModelConfig, require_chat_template: bool = True):
 def materialize_gguf(directory: str, gguf_file: str, mcfg: ModelConfig, cache_root: str | None = None) -> str:
     """Dequantize a GGUF model once into a Hugging Face safetensors folder and return its path.
 
-    bitsandbytes quantizes from float weights, so the GGUF is converted once (on the driver) and
-    workers load the HF copy. The GGUF quantizer attribute blocks save_pretrained: it is cleared.
+    bitsandbytes quantizes from float weights, so the GGUF is converted once (on the driver, through
+    `raysft.pipeline.fetch.convert_gguf`) and workers load the HF copy.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from raysft.pipeline.fetch import convert_gguf
 
     src = Path(directory) / gguf_file
     stat = src.stat()
@@ -114,21 +113,12 @@ def materialize_gguf(directory: str, gguf_file: str, mcfg: ModelConfig, cache_ro
     out = root / f"{src.stem}-{key}"
     if (out / "config.json").is_file():
         return str(out)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32,
-                                                 trust_remote_code=mcfg.trust_remote_code)
-    tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
-    for attr in ("hf_quantizer", "quantization_method", "is_quantized"):
-        if hasattr(model, attr):
-            try:
-                delattr(model, attr)
-            except AttributeError:
-                setattr(model, attr, None)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    tmp.rename(out)
+    convert_gguf(src, tmp, dtype="float32")
+    try:
+        tmp.rename(out)
+    except OSError:  # another process published the same conversion first
+        shutil.rmtree(tmp, ignore_errors=True)
     return str(out)
 
 

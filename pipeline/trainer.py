@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from raysft.pipeline.config import Config
 from raysft.pipeline.errors import ClusterError, ConfigError, DataError
-from raysft.pipeline.model import ADAPTER_DIR, RESOLVED_CONFIG, load_tokenizer, resolve_model_source
+from raysft.pipeline.model import ADAPTER_DIR, RESOLVED_CONFIG, load_tokenizer, materialize_gguf, resolve_model_source
 from raysft.pipeline.train.ledger import LEDGER_FILE
 
 
@@ -52,13 +52,12 @@ def preflight(cfg: Config) -> Config:
         raise ConfigError("model.dtype / model.compute_dtype float16 is not supported with DeepSpeed and a 4-bit base; use bfloat16.")
     source, gguf = resolve_model_source(cfg.model, cfg.source)
     updates: dict[str, Any] = {}
+    if gguf:  # converted once here; workers and the data plan then read a Hugging Face folder
+        source = materialize_gguf(source, gguf, cfg.model)
     if os.path.isdir(source):
-        updates["model.name_or_path"] = os.path.join(source, gguf) if gguf else source
+        updates["model.name_or_path"] = source
         updates["model.gguf_file"] = None
-    if cfg.model.tokenizer is None:
-        load_tokenizer(cfg.model.model_copy(update={"name_or_path": updates.get("model.name_or_path", source)}))
-    else:
-        load_tokenizer(cfg.model)
+    load_tokenizer(cfg.model.model_copy(update={"name_or_path": source, "gguf_file": None}))
     storage = Path(cfg.run.storage_path).expanduser()
     if cfg.source and not storage.is_absolute():
         storage = Path(cfg.source).resolve().parent / storage if not storage.exists() else storage

@@ -1,0 +1,132 @@
+"""pipeline/model.py: NF4 / plain loading, LoRA options, adapters as safetensors, model resolution errors, GGUF."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from raysft.pipeline.config import load_config
+from raysft.pipeline.errors import ModelError
+from raysft.pipeline.model import (
+    build_model, load_base_model, load_tokenizer, materialize_gguf, resolve_model_source, save_adapter,
+)
+
+
+def cfg_for(model_dir, **over):
+    return load_config(None, overrides={"model.name_or_path": str(model_dir), **over})
+
+
+def test_nf4_base_is_double_quantized_with_float_storage(tiny_model_dir):
+    import bitsandbytes as bnb
+
+    model = load_base_model(cfg_for(tiny_model_dir).model)
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, bnb.nn.Linear4bit)
+    assert q.weight.quant_state.quant_type == "nf4" and q.weight.quant_state.nested  # double quantization
+    assert q.weight.dtype == torch.bfloat16  # bnb_4bit_quant_storage: ZeRO-3 can partition it
+    assert q.compute_dtype == torch.bfloat16
+    assert model.config.use_cache is False
+
+
+def test_quantization_none_loads_plain_weights(tiny_model_dir):
+    model = load_base_model(cfg_for(tiny_model_dir, **{"model.quantization": "none", "model.dtype": "float32"}).model)
+    q = model.model.layers[0].self_attn.q_proj
+    assert type(q) is torch.nn.Linear and q.weight.dtype == torch.float32
+
+
+def test_lora_all_linear_rslora_and_checkpointing(tiny_model_dir):
+    cfg = cfg_for(tiny_model_dir, **{"lora.r": 4, "lora.alpha": 8, "lora.use_rslora": True})
+    model = build_model(cfg)
+    targets = {n.split(".")[-4] for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n}
+    assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert not any("lm_head" in n for n, p in model.named_parameters() if p.requires_grad)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q.scaling["default"] == pytest.approx(8 / 4**0.5)  # rsLoRA: alpha / sqrt(r)
+    assert model.base_model.model.is_gradient_checkpointing
+
+
+def test_dora_and_explicit_targets(tiny_model_dir):
+    cfg = cfg_for(tiny_model_dir, **{"model.quantization": "none", "model.dtype": "float32", "lora.use_dora": True,
+                                     "lora.target_modules": ["q_proj", "v_proj"], "model.gradient_checkpointing": False})
+    model = build_model(cfg)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_magnitude_vector" in n for n in names)
+    assert {n.split(".")[-4] for n in names if "lora_A" in n} == {"q_proj", "v_proj"}
+
+
+def test_adapter_saved_as_safetensors_and_reloads(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = cfg_for(tiny_model_dir, **{"model.quantization": "none", "model.dtype": "float32", "lora.r": 4})
+    model = build_model(cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    out = save_adapter(model, tmp_path / "adapter")
+    assert sorted(p.name for p in out.iterdir() if p.suffix != ".md") == ["adapter_config.json", "adapter_model.safetensors"]
+    again = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), out)
+    x = torch.randint(3, 400, (1, 12))
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=x).logits, again(input_ids=x).logits, atol=1e-5)
+
+
+def test_missing_paths_and_offline_hub_ids_are_one_sentence_errors(tmp_path, monkeypatch):
+    cfg = load_config(None)
+    for name in [str(tmp_path / "nope"), "./nope", "~/nope/model", "a/b/c", str(tmp_path / "m.gguf")]:
+        with pytest.raises(ModelError, match="does not exist") as exc:
+            resolve_model_source(cfg.model.model_copy(update={"name_or_path": name}))
+        assert "\n" not in str(exc.value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ModelError, match="offline"):
+        resolve_model_source(cfg.model.model_copy(update={"name_or_path": "someorg/not-cached-model"}))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="no config.json"):
+        resolve_model_source(cfg.model.model_copy(update={"name_or_path": str(tmp_path / "empty")}))
+
+
+def test_tokenizer_without_chat_template_is_refused(tmp_path):
+    from tiny import save_tiny_model
+
+    d = save_tiny_model(tmp_path / "m", chat_template=False)
+    with pytest.raises(ModelError, match="no chat template"):
+        load_tokenizer(cfg_for(d).model)
+
+
+def test_trust_remote_code_is_off_by_default(tiny_model_dir, tmp_path):
+    """A model folder that asks for custom code does not get it executed unless the config says so."""
+    import shutil
+
+    d = tmp_path / "remote"
+    shutil.copytree(tiny_model_dir, d)
+    marker = tmp_path / "executed"
+    (d / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\nfrom transformers import LlamaForCausalLM as EvilModel\n")
+    conf = json.loads((d / "config.json").read_text())
+    conf["auto_map"] = {"AutoModelForCausalLM": "evil.EvilModel"}
+    (d / "config.json").write_text(json.dumps(conf))
+    cfg = cfg_for(d, **{"model.quantization": "none"})
+    assert cfg.model.trust_remote_code is False
+    try:
+        load_base_model(cfg.model)
+    except (ValueError, OSError):
+        pass  # refusing is fine too; running the code is not
+    assert not marker.exists()
+
+
+def test_gguf_file_is_converted_once_and_loads(tmp_path):
+    from test_fetch import write_tiny_gguf
+
+    path = tmp_path / "tiny.F32.gguf"
+    write_tiny_gguf(path)
+    mcfg = cfg_for(path, **{"model.quantization": "none", "model.dtype": "float32"}).model
+    assert resolve_model_source(mcfg) == (str(tmp_path.resolve()), "tiny.F32.gguf")
+    first = materialize_gguf(str(tmp_path), "tiny.F32.gguf", mcfg, cache_root=str(tmp_path / "cache"))
+    assert materialize_gguf(str(tmp_path), "tiny.F32.gguf", mcfg, cache_root=str(tmp_path / "cache")) == first
+    model = load_base_model(mcfg.model_copy(update={"name_or_path": first}))
+    assert model(input_ids=torch.tensor([[5, 6, 7]])).logits.shape[-1] > 0

@@ -1,0 +1,139 @@
+"""Bad input fails in one sentence before any worker starts; the plan, ledger, DeepSpeed config and RNG units."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from raysft.pipeline.config import load_config
+from raysft.pipeline.errors import ClusterError, ConfigError, ModelError
+from raysft.pipeline.train.checkpoint import rng_state, set_rng_state
+from raysft.pipeline.train.ledger import Ledger, check_exactly_once
+from raysft.pipeline.train.loop import deepspeed_config
+from raysft.pipeline.train.order import StepPlan
+from raysft.pipeline.trainer import preflight, train
+
+
+def one_sentence(exc: BaseException) -> str:
+    msg = str(exc)
+    assert "\n" not in msg and msg.endswith(".") and msg.count(". ") == 0, msg
+    return msg
+
+
+def base(tiny_model_dir, tmp_path, **over):
+    return load_config(None, overrides={"model.name_or_path": str(tiny_model_dir), "data.train": str(tmp_path / "d.jsonl"),
+                                        "run.storage_path": str(tmp_path / "runs"), **over})
+
+
+def test_missing_model_path(tmp_path):
+    cfg = load_config(None, overrides={"model.name_or_path": str(tmp_path / "no-such-model"),
+                                       "run.storage_path": str(tmp_path / "runs")})
+    with pytest.raises(ModelError) as exc:
+        train(cfg)
+    assert "no-such-model" in one_sentence(exc.value)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_model_without_chat_template(tmp_path):
+    from tiny import save_tiny_model
+
+    d = save_tiny_model(tmp_path / "m", chat_template=False)
+    with pytest.raises(ModelError) as exc:
+        train(base(d, tmp_path))
+    assert "chat template" in one_sentence(exc.value)
+
+
+def test_unwritable_storage_path(tiny_model_dir, tmp_path):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ConfigError) as exc:
+        train(base(tiny_model_dir, tmp_path, **{"run.storage_path": str(tmp_path / "afile" / "runs")}))
+    assert "run.storage_path" in one_sentence(exc.value)
+
+
+def test_fp16_and_zero_workers_are_refused(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="bfloat16"):
+        preflight(base(tiny_model_dir, tmp_path, **{"model.dtype": "float16"}))
+    with pytest.raises(ConfigError, match="num_workers"):
+        preflight(base(tiny_model_dir, tmp_path, **{"scaling.num_workers": 0}))
+
+
+@pytest.mark.ray
+def test_more_workers_than_cluster_cpus_or_gpus(ray_session, tiny_model_dir, tmp_path):
+    with pytest.raises(ClusterError) as exc:
+        train(base(tiny_model_dir, tmp_path, **{"scaling.num_workers": 64}))
+    assert "64" in one_sentence(exc.value) and "CPUs" in str(exc.value)
+    with pytest.raises(ClusterError) as exc:
+        train(base(tiny_model_dir, tmp_path, **{"scaling.num_workers": 1, "scaling.use_gpu": True}))
+    assert "GPUs" in one_sentence(exc.value)
+    # Nothing was prepared or started: the data file does not even exist.
+    assert not (tmp_path / "d.jsonl").exists() and not list((tmp_path / "runs").glob("*"))
+
+
+def test_cli_prints_one_sentence_and_exits_2(tmp_path, capsys):
+    from raysft.pipeline.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"name_or_path": str(tmp_path / "gone")}}))
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("raysft: error:") and "gone" in err and "\n" not in err
+
+
+def test_step_plan_covers_every_kept_row_once_per_epoch():
+    plan = StepPlan(n_rows=23, world_size=2, grad_accum=3, micro_batch_size=2, seed=7, epochs=2)
+    assert plan.rows_per_step == 12 and plan.steps_per_epoch == 1 and plan.left_out_per_epoch == 11
+    plan = StepPlan(n_rows=50, world_size=2, grad_accum=2, micro_batch_size=3, seed=7, epochs=3)
+    for epoch in range(3):
+        seen = []
+        for s in range(epoch * plan.steps_per_epoch, (epoch + 1) * plan.steps_per_epoch):
+            e, rows = plan.step_rows(s)
+            assert e == epoch and rows.shape == (2, 2, 3)
+            seen += rows.reshape(-1).tolist()
+        assert len(seen) == len(set(seen)) == 48 and set(seen) == set(plan.kept_rows(epoch).tolist())
+    assert not np.array_equal(plan.permutation(0), plan.permutation(1))
+    assert np.array_equal(plan.step_rows(5)[1], StepPlan(50, 2, 2, 3, 7, epochs=3).step_rows(5)[1])  # deterministic
+    assert StepPlan(50, 2, 2, 3, 7, max_steps=20).total_steps == 20
+
+
+def test_ledger_rewind_and_exactly_once_check(tmp_path):
+    ledger = Ledger(tmp_path / "samples.jsonl")
+    for step in range(1, 5):
+        ledger.append(step, (step - 1) // 2, [2 * step, 2 * step + 1])
+    copy = tmp_path / "ckpt.jsonl"
+    copy.write_text(ledger.path.read_text())
+    ledger.append(5, 2, [99])
+    ledger.rewind(2, source=copy)
+    assert [e["step"] for e in ledger.entries()] == [1, 2]
+    check_exactly_once(ledger.entries(), {0: {2, 3, 4, 5}})
+    ledger.append(2, 0, [6])
+    with pytest.raises(AssertionError):
+        check_exactly_once(ledger.entries())
+
+
+def test_deepspeed_config_owns_batching_and_precision(tiny_model_dir, tmp_path):
+    cfg = base(tiny_model_dir, tmp_path, **{"train.micro_batch_size": 2, "train.grad_accum": 3,
+                                            "train.deepspeed.stage": 3, "train.deepspeed.offload_optimizer": True,
+                                            "train.deepspeed.offload_params": True})
+    ds = deepspeed_config(cfg, world_size=4)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 3, 24)
+    assert ds["bf16"] == {"enabled": True} and "fp16" not in ds
+    assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
+    user = {"fp16": {"enabled": True}, "train_batch_size": "auto", "zero_optimization": {"stage": 2, "overlap_comm": True},
+            "optimizer": {"type": "Adam"}, "gradient_clipping": 0.5}
+    ds = deepspeed_config(cfg, world_size=1, user_json=user)
+    assert "fp16" not in ds and "optimizer" not in ds and ds["train_batch_size"] == 6
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True} and ds["gradient_clipping"] == 0.5
+    json.dumps(ds)
+
+
+def test_rng_state_roundtrip_is_json():
+    state = json.loads(json.dumps(rng_state()))
+    a = (random.random(), np.random.rand(), torch.rand(3))
+    set_rng_state(state)
+    b = (random.random(), np.random.rand(), torch.rand(3))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
