@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import json
 import logging
 import math
@@ -33,10 +32,11 @@ import yaml
 from ray import tune as rt
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from raysft.pipeline.config import Config, set_dotted
+from raysft.pipeline.config import Config
 from raysft.pipeline.errors import ClusterError, ConfigError
 from raysft.pipeline.tune_report import (
     COMPLETED, EARLY_STOPPED, ERROR, INTERRUPTED, BestTrial, SweepResult, TrialRecord,
@@ -52,17 +52,19 @@ TRIALS_DIR = "trials"
 EVENTS_FILE = "events.jsonl"
 TRIAL_FILE = "trial.json"  # written by a trial whose training finished
 ATTEMPTS_FILE = "attempts.jsonl"  # one line each time a trial's function starts (resume proof)
+WORST = 1e30  # what a diverged trial's metric counts as for ASHA (mode min; negated for max)
 ASHA_MAX_T = 2**31  # ASHA stops at max_t; trials end by their own step count instead
-PATH_FIELDS = ("model.name_or_path", "model.tokenizer", "data.train", "data.eval", "data.cache_dir",
-               "train.deepspeed.config")
 # The same names a resumed sweep may change (where to reach the cluster is not part of the sweep).
 RESUME_MAY_DIFFER = ("run.address",)
 
 
 def tune(cfg: Config, resume: bool = False) -> SweepResult:
     """Run (or with `resume`, continue) the sweep declared in `cfg.tune`; returns the table and the best trial."""
+    from raysft.pipeline.trainer import preflight
+
     plan = plan_sweep(cfg)  # every user error in the tune section, before anything starts
-    cfg = _with_absolute_paths(cfg)
+    data_cfg = cfg  # data paths as written, so the data cache key matches `raysft train`'s
+    cfg = preflight(cfg)  # model, tokenizer, storage: checked, and local paths made absolute for the trials
     sweep_dir = Path(cfg.run.storage_path).expanduser().resolve() / cfg.run.name
     tune_path = sweep_dir / TUNE_DIR
     _check_sweep_folder(cfg, sweep_dir, resume)
@@ -71,7 +73,7 @@ def tune(cfg: Config, resume: bool = False) -> SweepResult:
 
     _connect(cfg)
     concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
-    prepared = _prepare_all(cfg, plan)  # tokenizes at most once per distinct data config
+    prepared = _prepare_all(data_cfg, plan)  # tokenizes at most once per distinct data config
     trainable = rt.with_resources(
         rt.with_parameters(run_trial, base=cfg.to_dict(), source=cfg.source, plan=plan, prepared=prepared,
                            trials_dir=str(sweep_dir / TRIALS_DIR)),
@@ -90,8 +92,8 @@ def tune(cfg: Config, resume: bool = False) -> SweepResult:
                 param_space=plan.param_space(),
                 tune_config=rt.TuneConfig(
                     metric=plan.metric, mode=plan.mode, num_samples=cfg.tune.num_samples,
-                    max_concurrent_trials=concurrency, scheduler=_scheduler(cfg, sweep_dir),
-                    search_alg=_search_alg(cfg, plan), trial_dirname_creator=_trial_dirname,
+                    scheduler=_scheduler(cfg, sweep_dir), search_alg=search_alg(cfg, plan, concurrency),
+                    trial_dirname_creator=_trial_dirname,
                 ),
                 run_config=rt.RunConfig(
                     name=TUNE_DIR, storage_path=str(sweep_dir), callbacks=[SweepEvents(str(sweep_dir / EVENTS_FILE))],
@@ -109,7 +111,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], source: Optional[
     """One Tune trial: the config with the sampled values, trained by its own TorchTrainer."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raysft.pipeline.trainer import build_trainer
+    from raysft.pipeline.trainer import build_trainer, finish_run
 
     trial_id = rt.get_context().get_trial_id()
     cfg = trial_config(Config.from_dict(base, source), plan, config, trial_id, trials_dir)
@@ -118,11 +120,11 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], source: Optional[
     _append_json(run_dir / ATTEMPTS_FILE, {"started": time.time(), "pid": os.getpid()})
     data = prepared[_variant_key(data_overrides(plan, config))]
     trainer = build_trainer(cfg, data, callbacks=[TuneReportCallback()])
-    trainer.fit()  # a resumed trial's trainer continues from its latest checkpoint (same storage/name)
-    adapter = run_dir / "adapter"
+    result = trainer.fit()  # a resumed trial's trainer continues from its latest checkpoint (same storage/name)
+    finished = finish_run(cfg, result)  # the final adapter into run_dir/adapter
     (run_dir / TRIAL_FILE).write_text(json.dumps({
         "trial_id": trial_id, "status": COMPLETED, "finished": time.time(),
-        "adapter": str(adapter) if adapter.is_dir() else None, "params": trial_overrides(plan, config, cfg),
+        "adapter": str(finished.adapter_path), "params": trial_overrides(plan, config, cfg),
     }, indent=2))
 
 
@@ -173,11 +175,29 @@ def max_concurrent_trials(cfg: Config, cluster: dict[str, float]) -> int:
 
 
 def _connect(cfg: Config) -> None:
+    """Join the configured cluster, or start a local one (run.address: local, or none running)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.run.address, log_to_driver=True,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    if ray.is_initialized():
+        return
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    kwargs: dict[str, Any] = {}
+    if cfg.run.address == "local":
+        # Ray Train's placement-group cleaner (what frees an ASHA-stopped trial's workers) finds the
+        # dashboard by scanning for running clusters, which fails when a machine runs several: tell
+        # it where this one's is.
+        port = _free_port()
+        kwargs = {"include_dashboard": True, "dashboard_port": port}
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(address=cfg.run.address, log_to_driver=True, runtime_env={"env_vars": env}, **kwargs)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # --- data: prepared once, before the trials -----------------------------------------------------
@@ -196,24 +216,6 @@ def _prepare_all(cfg: Config, plan: SweepPlan) -> dict[str, Any]:
         out[_variant_key(variant)] = dataclasses.replace(
             p, train_dir=Path(p.train_dir).resolve(), eval_dir=Path(p.eval_dir).resolve() if p.eval_dir else None)
     return out
-
-
-def _with_absolute_paths(cfg: Config) -> Config:
-    """Trials run in their own working folder, so local paths travel as absolute paths."""
-    data = cfg.to_dict()
-    for key in PATH_FIELDS:
-        section, _, name = key.rpartition(".")
-        node = data
-        for part in section.split("."):
-            node = node[part]
-        value = node.get(name)
-        if not value or "://" in value or os.path.isabs(value):
-            continue
-        resolved = cfg.resolve_path(value)
-        if Path(resolved).exists() or glob.glob(resolved) or key == "data.cache_dir":
-            set_dotted(data, key, os.path.abspath(resolved))
-    source = os.path.abspath(cfg.source) if cfg.source else None
-    return Config.from_dict(data, source)
 
 
 def _check_sweep_folder(cfg: Config, sweep_dir: Path, resume: bool) -> None:
@@ -256,14 +258,19 @@ def _scheduler(cfg: Config, sweep_dir: Path):
                      grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor)
 
 
-def _search_alg(cfg: Config, plan: SweepPlan):
+def search_alg(cfg: Config, plan: SweepPlan, concurrency: int):
+    """The search algorithm, limited to `concurrency` trials at a time (Tune ignores
+    TuneConfig.max_concurrent_trials when it is given a BasicVariantGenerator, so the limit goes here)."""
     if cfg.tune.search_alg == "optuna":
-        return SparseMetricOptuna(metric=plan.metric, mode=plan.mode, seed=cfg.train.seed)
-    return BasicVariantGenerator(random_state=cfg.train.seed)
+        optuna = SparseMetricOptuna(metric=plan.metric, mode=plan.mode, seed=cfg.train.seed)
+        return ConcurrencyLimiter(optuna, max_concurrent=concurrency)
+    return BasicVariantGenerator(max_concurrent=concurrency, random_state=cfg.train.seed)
 
 
 class SweepASHA(ASHAScheduler):
-    """ASHA that logs each early stop to events.jsonl and ranks a NaN metric (diverged) as the worst."""
+    """ASHA that logs each early stop to events.jsonl and ranks a NaN or infinite metric (a diverged
+    trial) as the worst finite value, which stock ASHA would never stop (NaN compares false) or would
+    turn into NaN cut-offs for later trials (inf)."""
 
     def __init__(self, events_path: str, **kwargs):
         super().__init__(**kwargs)
@@ -271,8 +278,8 @@ class SweepASHA(ASHAScheduler):
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         value = result.get(self._metric)
-        if isinstance(value, float) and math.isnan(value):
-            result = {**result, self._metric: 1e30 if self._mode == "min" else -1e30}
+        if isinstance(value, float) and not math.isfinite(value):
+            result = {**result, self._metric: WORST if self._mode == "min" else -WORST}
         action = super().on_trial_result(tune_controller, trial, result)
         if action == self.STOP:
             _append_json(Path(self._events_path), {"time": time.time(), "trial_id": trial.trial_id, "event": "early_stopped",
@@ -310,8 +317,7 @@ class SweepEvents(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._event(trial, "ended")
-        ended = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-        print(f"[raysft] trial {trial.trial_id} ended ({ended}/{len(trials)} trials done)", flush=True)
+        print(f"[raysft] trial {trial.trial_id} ended", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._event(trial, "error")
@@ -337,19 +343,23 @@ def _sparse_metrics() -> Iterator[None]:
 def _collect(cfg: Config, plan: SweepPlan, sweep_dir: Path, grid) -> SweepResult:
     """Results table, plots, the best adapter and config, from Tune's results and the trial folders."""
     stopped = {e["trial_id"] for e in _read_events(sweep_dir) if e.get("event") == "early_stopped"}
+    # A trial that never reported (pending when a sweep was interrupted) has no Result.config.
+    configs = {t.trial_id: t.config for t in getattr(getattr(grid, "_experiment_analysis", None), "trials", [])}
     records = []
     for result in grid:
-        trial_id = result.metrics.get("trial_id") or Path(result.path).name
+        trial_id = Path(result.path).name  # trial folders are named by trial id (_trial_dirname)
         run_dir = sweep_dir / TRIALS_DIR / trial_id
         done = _read_json(run_dir / TRIAL_FILE)
-        if done is not None:
-            reason = COMPLETED
-        elif result.error is not None:
+        # ASHA's decision wins over a trial that raced to its end before the stop reached it.
+        if result.error is not None:
             reason = f"{ERROR}: {str(result.error).strip().splitlines()[-1][:200]}"
+        elif trial_id in stopped:
+            reason = EARLY_STOPPED
         else:
-            reason = EARLY_STOPPED if trial_id in stopped else INTERRUPTED
+            reason = COMPLETED if done is not None else INTERRUPTED
         records.append(TrialRecord(
-            trial_id=trial_id, params=trial_overrides(plan, result.config, cfg), history=_history(result),
+            trial_id=trial_id, params=trial_overrides(plan, result.config or configs.get(trial_id, {}), cfg),
+            history=_history(result),
             wall_time_s=float(result.metrics.get("time_total_s", math.nan)), stop_reason=reason,
             run_dir=str(run_dir), adapter=(done or {}).get("adapter"),
         ))
