@@ -61,7 +61,7 @@ def check_row(tokenizer, template: str, row: dict, encoder: ChatEncoder | None =
             want.append(content + EOT[template])
     assert got == want
     # Everything outside the trained spans is the rest of the rendered conversation, untouched.
-    assert tokenizer.decode(ids) == encoder.render(item.messages)
+    assert tokenizer.decode(ids) == encoder.render(item.messages) == tokenizer.apply_chat_template(item.messages, tokenize=False)
 
 
 @pytest.mark.parametrize("template", ["chatml", "llama3"])

@@ -228,7 +228,11 @@ def prepare(cfg, output: str | Path | None = None, use_ray: bool = True) -> dict
 
 
 def ensure_prepared(cfg, use_ray: bool = True) -> Prepared:
-    """The prepared dataset for cfg from the cache, building it once when missing (safe concurrently)."""
+    """The prepared dataset for cfg from the cache, building it once when missing (safe concurrently).
+
+    Call it on the driver before starting Tune trials or Train workers: building needs free CPUs for
+    the tokenizer actors, which trials that already hold every CPU could not give it.
+    """
     inputs = resolve_inputs(cfg)
     root = cache.cache_root(cfg)
     final = root / inputs.key

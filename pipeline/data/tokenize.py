@@ -99,7 +99,9 @@ class ChatEncoder:
         self.eos_id = tokenizer.eos_token_id
 
     def render(self, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
-        return self.template.render(messages=messages, add_generation_prompt=generation_prompt, **self.template_kwargs)
+        # The same variables apply_chat_template passes (templates test `tools is not none`).
+        return self.template.render(messages=messages, tools=None, documents=None,
+                                    add_generation_prompt=generation_prompt, **self.template_kwargs)
 
     def spans(self, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int, int]]]:
         """Rendered text and, per assistant turn, (content start, content end, turn end) in characters."""
