@@ -125,3 +125,22 @@ def test_torch_engine_step_updates_only_lora_and_loss_drops(tiny_model_dir):
     for name, p in model.named_parameters():
         if not p.requires_grad:
             assert torch.equal(p, frozen[name]), name
+
+
+def test_kernels_path_matches_reference_loss_and_grads(tiny_model_dir):
+    """train.kernels: patched model + raysft.kernels.causal_lm_loss_sum == the reference step (fp32)."""
+    rng = random.Random(4)
+    mb = collate([pack([random_sample(rng, 500, i) for i in range(3)])])
+    out = {}
+    for kernels in (False, True):
+        model = build_model(fp32_cfg(tiny_model_dir, **{"train.kernels": kernels}))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.fill_(0.01)
+        s = loss_sum(model, mb, kernels=kernels)
+        s.backward()
+        out[kernels] = (float(s), lora_grads(model))
+    assert abs(out[True][0] - out[False][0]) < 1e-4 * max(1.0, abs(out[False][0]))
+    for name, g in out[False][1].items():
+        assert torch.allclose(out[True][1][name], g, atol=1e-5, rtol=1e-4), name

@@ -140,14 +140,20 @@ def _append_event(run_dir: Path, event: dict[str, Any]) -> None:
 
 def _base_weight_residency(model: torch.nn.Module) -> dict[str, int]:
     """Elements of the frozen base weights this rank holds vs their full size (ZeRO-3 partitions them)."""
-    local = full = 0
+    counts = {"base_numel_local": 0, "base_numel_full": 0, "base4bit_numel_local": 0, "base4bit_numel_full": 0}
     for p in model.parameters():
         if p.requires_grad:
             continue
         ds_tensor = getattr(p, "ds_tensor", None)
-        local += ds_tensor.numel() if ds_tensor is not None else p.numel()
-        full += getattr(p, "ds_numel", p.numel())
-    return {"base_numel_local": int(local), "base_numel_full": int(full)}
+        # Under ZeRO-3 a released parameter's .data is empty and its shard is ds_tensor; a
+        # "persistent" (small) one keeps its full .data as well, so it counts fully here.
+        local = p.data.numel() + (ds_tensor.numel() if ds_tensor is not None else 0)
+        full = getattr(p, "ds_numel", p.numel())
+        kinds = ["base", "base4bit"] if type(p).__name__ == "Params4bit" else ["base"]
+        for kind in kinds:
+            counts[f"{kind}_numel_local"] += int(local)
+            counts[f"{kind}_numel_full"] += int(full)
+    return counts
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
