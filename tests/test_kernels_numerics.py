@@ -207,6 +207,27 @@ def test_fused_linear_cross_entropy_matches_reference(dtype, ignored, reduction)
 
 @in_child
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_linear_cross_entropy_vocab_spanning_several_blocks(dtype):
+    """Vocab 10007 > the CPU block of 8192: the online softmax runs over a full and a partial block."""
+    from raysft.kernels import fused_linear_cross_entropy, linear_cross_entropy_reference
+
+    torch.manual_seed(5)
+    n, hidden, vocab = 13, 32, 10007
+    h, w = leaf(torch.randn(n, hidden).to(dtype)), leaf((torch.randn(vocab, hidden) * 0.3).to(dtype))
+    y = _labels(n, vocab, "some")
+    y[-1] = vocab - 1  # a target in the partial block
+    loss = fused_linear_cross_entropy(h, w, y, reduction="mean")
+    loss.backward()
+    hr, wr = leaf(h.float()), leaf(w.float())
+    ref = linear_cross_entropy_reference(hr, wr, y, reduction="mean")
+    ref.backward()
+    assert abs(loss.item() - ref.item()) <= (1e-5 if dtype == torch.float32 else 2e-3) * abs(ref.item())
+    assert_close(h.grad, hr.grad, dtype, "d_hidden")
+    assert_close(w.grad, wr.grad, dtype, "d_weight")
+
+
+@in_child
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_fused_linear_cross_entropy_lora_term_and_frozen_weight(dtype):
     """The low-rank lm_head term gets exact gradients; a frozen weight gets none and costs no buffer."""
     from raysft.kernels import fused_linear_cross_entropy, linear_cross_entropy_reference

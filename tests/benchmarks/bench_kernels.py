@@ -48,16 +48,25 @@ def import_kernels():
     try:
         import raysft.kernels as kernels
     except ImportError:
-        import importlib.util
-        import types
+        kernels = import_kernels_from_tree()
+    return kernels
 
-        sys.modules.setdefault("raysft", types.ModuleType("raysft")).__path__ = []
-        spec = importlib.util.spec_from_file_location(
-            "raysft.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
-        )
-        kernels = importlib.util.module_from_spec(spec)
-        sys.modules["raysft.kernels"] = kernels
-        spec.loader.exec_module(kernels)
+
+def import_kernels_from_tree():
+    """Load kernels/ as raysft.kernels without installing, with only pipeline/errors.py beside it."""
+    import importlib.util
+    import types
+
+    for name, path in (("raysft", None), ("raysft.pipeline", ROOT / "pipeline")):
+        package = types.ModuleType(name)
+        package.__path__ = [str(path)] if path else []  # a bare package: its __init__ is not run
+        sys.modules[name] = package
+    spec = importlib.util.spec_from_file_location(
+        "raysft.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
+    )
+    kernels = importlib.util.module_from_spec(spec)
+    sys.modules["raysft.kernels"] = kernels
+    spec.loader.exec_module(kernels)
     return kernels
 
 
