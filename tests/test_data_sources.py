@@ -144,3 +144,10 @@ def test_eval_split_is_deterministic_and_roughly_the_fraction(tmp_path):
     table = read_all([f], rows_per_chunk=64, eval_fraction=0.2, seed=1)
     split = table.column("split").to_numpy()
     assert (split == held_out(np.arange(500), 0.2, 1)).all()  # source ids stay the original row numbers
+
+
+def test_hf_source_offline_is_one_sentence(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError, match=r"Could not load the Hugging Face data set hf://raysft-test/none"):
+        expand("hf://raysft-test/none/train")

@@ -23,7 +23,7 @@ NOT_IN_KEY = ("cache_dir", "num_tokenizer_actors")  # cannot change the prepared
 
 def cache_root(cfg) -> Path:
     root = cfg.data.cache_dir or os.path.join("~", ".cache", "raysft", "prepared")
-    return Path(os.path.expanduser(root))
+    return Path(os.path.expanduser(root)).resolve()
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
