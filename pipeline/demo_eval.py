@@ -1,0 +1,120 @@
+"""Before/after evaluation for the demo: eval loss on held-out rows and exact-match task accuracy.
+
+Both numbers come from the same base model the run trains on (NF4 when the config says so), with
+or without the run's adapter, so "before" and "after" differ only by the adapter. The loss uses
+the project's own tokenization (response-only labels) and the training step's loss function;
+accuracy uses greedy decoding of held-out prompts and `demo_task.is_correct`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raysft.pipeline.config import Config
+from raysft.pipeline.data import demo_task
+
+
+@dataclass
+class EvalResult:
+    eval_loss: float
+    eval_tokens: int
+    accuracy: float
+    correct: int
+    total: int
+    seconds: float
+    samples: list[dict[str, str]] = field(default_factory=list)  # a few prompts, replies and answers
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_rows(path: str | os.PathLike) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def load_model(cfg: Config, adapter: str | os.PathLike | None = None):
+    """The configured base (NF4 or plain, no gradient checkpointing) with the adapter when given, in eval mode."""
+    from raysft.pipeline.model import load_base_model, load_tokenizer
+
+    model = load_base_model(cfg.model)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    tokenizer = load_tokenizer(cfg.model)
+    return model, tokenizer
+
+
+@torch.no_grad()
+def eval_loss(model, tokenizer, rows: list[dict], system_prompt: str | None = None,
+              tokens_per_batch: int = 1024) -> tuple[float, int]:
+    """Mean next-token CE over response tokens of `rows` (packed, samples kept apart by position_ids)."""
+    from raysft.pipeline.data.formats import normalise_row
+    from raysft.pipeline.data.tokenize import ChatEncoder
+    from raysft.pipeline.train.step import collate, eval_loss_sum
+
+    encoded = ChatEncoder(tokenizer).encode([normalise_row(r, system_prompt=system_prompt) for r in rows])
+    packed: list[list[dict]] = [[]]
+    size = 0
+    for item in encoded:
+        if isinstance(item, Exception):
+            continue
+        ids, labels = item
+        if packed[-1] and size + len(ids) > tokens_per_batch:
+            packed.append([])
+            size = 0
+        packed[-1].append({"input_ids": ids.tolist(), "labels": labels.tolist(), "position_ids": list(range(len(ids)))})
+        size += len(ids)
+    # Each sample is its own row for collate (its first token is never a target, as in training).
+    batches = [collate(group) for group in packed if group]
+    total, n = eval_loss_sum(model, batches)
+    return total / max(n, 1), n
+
+
+@torch.no_grad()
+def generate_replies(model, tokenizer, prompts: list[str], system_prompt: str | None = None, max_new_tokens: int = 12,
+                     batch_size: int = 16) -> list[str]:
+    """Greedy replies to single-turn user prompts (left-padded batches)."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    replies: list[str] = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            texts = [tokenizer.apply_chat_template(system + [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                     for p in prompts[i:i + batch_size]]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: v.to(model.device) for k, v in enc.items()}
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            replies += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return replies
+
+
+def evaluate(cfg: Config, eval_rows: list[dict], adapter: str | os.PathLike | None = None,
+             max_new_tokens: int = 12, n_shown: int = 3) -> EvalResult:
+    """Eval loss and exact-match accuracy of the base (+ adapter) on the held-out demo rows."""
+    start = time.perf_counter()
+    model, tokenizer = load_model(cfg, adapter)
+    system = cfg.data.system_prompt
+    loss, n_tokens = eval_loss(model, tokenizer, eval_rows, system)
+    prompts = [r["messages"][0]["content"] for r in eval_rows]
+    answers = [r["messages"][-1]["content"] for r in eval_rows]
+    replies = generate_replies(model, tokenizer, prompts, system, max_new_tokens=max_new_tokens)
+    hits = [demo_task.is_correct(r, a) for r, a in zip(replies, answers)]
+    shown = [{"prompt": p, "reply": r.strip(), "answer": a} for p, r, a in list(zip(prompts, replies, answers))[:n_shown]]
+    del model
+    return EvalResult(loss, n_tokens, sum(hits) / max(len(hits), 1), sum(hits), len(hits),
+                      time.perf_counter() - start, shown)
