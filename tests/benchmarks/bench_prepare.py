@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -80,8 +81,9 @@ def tree_rss(proc: psutil.Process) -> int:
     return total
 
 
-def run(cmd: list[str], env: dict | None = None) -> tuple[float, int, int]:
-    """(wall seconds, peak RSS of the process tree, peak RSS of the main process)."""
+def run(cmd: list[str], env: dict | None = None) -> tuple[float, int, int, float]:
+    """(wall seconds, peak RSS of the process tree, peak RSS of the main process, CPU seconds of the tree)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
     ps = psutil.Process(proc.pid)
@@ -96,7 +98,9 @@ def run(cmd: list[str], env: dict | None = None) -> tuple[float, int, int]:
     wall = time.monotonic() - start
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[:4]} failed:\n{proc.stderr.read()[-3000:]}")
-    return wall, peak_tree, peak_main
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # every descendant that was waited for
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, peak_tree, peak_main, cpu
 
 
 def main() -> None:
@@ -128,20 +132,21 @@ def main() -> None:
         tokens = {}
         for i in range(args.runs):
             out = work / f"out_x{repeat}"
-            wall, tree, main_rss = run([sys.executable, "-m", "raysft.pipeline.cli", "prepare", str(cfg), "--output", str(out)], env)
+            wall, tree, main_rss, cpu = run([sys.executable, "-m", "raysft.pipeline.cli", "prepare", str(cfg), "--output", str(out)], env)
             stats = json.loads((out / "stats.json").read_text())
             tokens["raysft"] = stats["tokens_total"]
-            results["raysft"].append((wall, tree, main_rss))
-            print(f"x{repeat} run {i} raysft: {wall:.1f}s, {stats['tokens_total'] / wall:.0f} tok/s, "
-                  f"peak tree RSS {tree / 2**20:.0f} MiB, driver {main_rss / 2**20:.0f} MiB", flush=True)
+            results["raysft"].append((wall, tree, main_rss, cpu))
+            print(f"x{repeat} run {i} raysft: {wall:.1f}s, {stats['tokens_total'] / wall:.0f} tok/s, {cpu:.0f} CPU s, "
+                  f"peak tree RSS {tree / 2**20:.0f} MiB, driver {main_rss / 2**20:.0f} MiB, load {os.getloadavg()[0]:.1f}",
+                  flush=True)
             for b in args.baselines:
                 res = work / f"{b}.json"
-                wall, tree, main_rss = run([sys.executable, str(work / "baseline.py"), str(data), args.tokenizer,
-                                            str(args.max_seq_len), b, str(res)])
+                wall, tree, main_rss, cpu = run([sys.executable, str(work / "baseline.py"), str(data), args.tokenizer,
+                                                 str(args.max_seq_len), b, str(res)])
                 tokens[b] = json.loads(res.read_text())["tokens"]
-                results[b].append((wall, tree, main_rss))
-                print(f"x{repeat} run {i} {b}: {wall:.1f}s, {tokens[b] / wall:.0f} tok/s, peak RSS {tree / 2**20:.0f} MiB",
-                      flush=True)
+                results[b].append((wall, tree, main_rss, cpu))
+                print(f"x{repeat} run {i} {b}: {wall:.1f}s, {tokens[b] / wall:.0f} tok/s, {cpu:.0f} CPU s, "
+                      f"peak RSS {tree / 2**20:.0f} MiB, load {os.getloadavg()[0]:.1f}", flush=True)
         summary = {}
         for name, runs in results.items():
             wall = statistics.median(r[0] for r in runs)
@@ -151,9 +156,12 @@ def main() -> None:
                 "tokens_per_s": round(tokens[name] / wall),
                 "peak_tree_rss_mib": round(max(r[1] for r in runs) / 2**20),
                 "peak_main_rss_mib": round(max(r[2] for r in runs) / 2**20),
+                "median_cpu_s": round(statistics.median(r[3] for r in runs), 1),
             }
         for b in args.baselines:
             summary[f"speedup_vs_{b}"] = round(summary["raysft"]["tokens_per_s"] / summary[b]["tokens_per_s"], 2)
+            ratios = [r[0] / o[0] for r, o in zip(results[b], results["raysft"])]  # paired, same round
+            summary[f"paired_speedups_vs_{b}"] = [round(x * tokens["raysft"] / tokens[b], 2) for x in ratios]
         report[f"x{repeat}"] = summary
         print(json.dumps({f"x{repeat}": summary}, indent=2), flush=True)
     print(json.dumps(report, indent=2))
