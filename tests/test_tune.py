@@ -185,3 +185,163 @@ def test_metric_names_match_what_the_training_reports():
     source = loop.read_text()
     for name in REPORTED_METRICS:
         assert f'"{name}"' in source, f"the training loop no longer reports {name}"
+
+
+# --- real sweeps on the tiny model ------------------------------------------------------------------
+
+GOOD_LR, BAD_LR = 0.01, 1.0e30  # BAD_LR makes the loss NaN at the first step: ASHA must stop it
+
+
+@pytest.fixture(scope="module")
+def sweep_base(tmp_path_factory, tiny_model_dir) -> dict:
+    """Config (as a dict) for 4-step trials of the tiny model on 1 worker, sharing one data cache."""
+    import random
+
+    root = tmp_path_factory.mktemp("sweep")
+    rng = random.Random(0)
+    rows = []
+    for _ in range(60):
+        a, b = rng.randint(0, 50), rng.randint(0, 50)
+        rows.append({"messages": [{"role": "system", "content": "add"}, {"role": "user", "content": f"what is {a} plus {b}?"},
+                                  {"role": "assistant", "content": f"{a} plus {b} equals {a + b}"}]})
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {
+        "model": {"name_or_path": str(tiny_model_dir), "quantization": "none", "dtype": "float32", "gradient_checkpointing": False},
+        "lora": {"r": 4, "dropout": 0.0},
+        "data": {"train": str(root / "train.jsonl"), "eval_split": 0.2, "max_seq_len": 128,
+                 "cache_dir": str(root / "cache"), "num_tokenizer_actors": 1},
+        "train": {"max_steps": 4, "eval_every": 2, "save_every": 2, "logging": {"tensorboard": False}},
+        "scaling": {"num_workers": 1},
+        "run": {"storage_path": str(root / "runs"), "max_failures": 0},
+    }
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _csv(path: Path) -> list[dict]:
+    import csv
+
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_grid_of_ranks_and_learning_rates(ray_session, sweep_base, tiny_model_dir):
+    """2 ranks x 2 learning rates, 2 trials at a time on the 4-CPU test cluster; table, plots, best adapter."""
+    import yaml
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from raysft.pipeline import tune
+
+    cfg = load_config(overrides={**_flat(sweep_base), "run.name": "grid", "tune": {
+        "search_space": {"lora.r": [4, 8], "train.lr": [GOOD_LR, 0.003]}, "search_alg": "grid",
+        "scheduler": "none", "alpha_rule": "2r"}})
+    sweep = tune(cfg)
+    sweep_dir = Path(sweep.sweep_dir)
+
+    rows = _csv(sweep_dir / "results.csv")
+    assert len(rows) == 4 and [r["trial_id"] for r in rows] == [r["trial_id"] for r in sweep.table]
+    assert sorted((int(r["lora.r"]), float(r["train.lr"])) for r in rows) == [(4, 0.003), (4, GOOD_LR), (8, 0.003), (8, GOOD_LR)]
+    for row in rows:
+        run_dir = sweep_dir / "trials" / row["trial_id"]
+        trained = yaml.safe_load((run_dir / "config.yaml").read_text())  # what the trial really trained with
+        assert (trained["lora"]["r"], trained["train"]["lr"]) == (int(row["lora.r"]), float(row["train.lr"]))
+        assert trained["lora"]["alpha"] == float(row["lora.alpha"]) == 2 * int(row["lora.r"])
+        history = _metrics(run_dir)
+        evals = [m["eval_loss"] for m in history if "eval_loss" in m]
+        assert len(evals) == 2 and float(row["final_eval_loss"]) == pytest.approx(evals[-1], rel=1e-9)
+        assert float(row["best_eval_loss"]) == pytest.approx(min(evals), rel=1e-9)
+        assert int(row["trained_tokens"]) == history[-1]["trained_tokens"] > 0
+        assert (row["steps"], row["stop_reason"]) == ("4", COMPLETED) and float(row["wall_time_s"]) > 0
+
+    best = min(rows, key=lambda r: float(r["final_eval_loss"]))
+    assert sweep.best.trial_id == best["trial_id"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), sweep_dir / "best_adapter")
+    lora = model.peft_config["default"]
+    assert (lora.r, lora.lora_alpha) == (int(best["lora.r"]), 2 * int(best["lora.r"]))
+    best_cfg = load_config(sweep_dir / "best_config.yaml")
+    assert (best_cfg.lora.r, best_cfg.train.lr) == (int(best["lora.r"]), float(best["train.lr"]))
+    for png in ("loss_vs_lr.png", "eval_curves.png"):
+        assert (sweep_dir / png).read_bytes()[:4] == b"\x89PNG"
+    assert sweep.summary_line().startswith(f"Sweep of 4 trials (4 completed): best {best['trial_id']}")
+
+    # Trial resources are accounted: never more than 2 trials (1 driver CPU + 1 worker CPU each) at once.
+    events = [json.loads(line) for line in (sweep_dir / "events.jsonl").read_text().splitlines()]
+    running, peak = 0, 0
+    for e in events:
+        running += {"started": 1, "ended": -1}.get(e["event"], 0)
+        peak = max(peak, running)
+    assert peak == 2
+    # The data was prepared once, by the driver: one cache entry.
+    cache = Path(sweep_base["data"]["cache_dir"])
+    assert len([d for d in cache.iterdir() if (d / "stats.json").is_file()]) == 1
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_asha_stops_the_bad_learning_rate_and_an_interrupted_sweep_resumes(sweep_base, tmp_path):
+    """`raysft tune` in a subprocess with its own local cluster, one trial at a time, grid (lr x seed):
+    the diverging lr is stopped by ASHA at its first rung; Ctrl-C after two finished trials, then
+    `--resume` runs the other two and leaves the first two untouched."""
+    import yaml
+
+    base = {**sweep_base, "run": {**sweep_base["run"], "storage_path": str(tmp_path), "name": "asha", "address": "local"}}
+    base["tune"] = {"search_space": {"train.lr": [GOOD_LR, BAD_LR], "train.seed": [0, 1]}, "search_alg": "grid",
+                    "scheduler": "asha", "grace_period": 2, "reduction_factor": 4, "max_concurrent_trials": 1}
+    config = tmp_path / "asha.yaml"
+    config.write_text(yaml.safe_dump(base))
+    sweep_dir = tmp_path / "asha"
+    events = sweep_dir / "events.jsonl"
+    command = [sys.executable, "-m", "raysft.pipeline.cli", "tune", str(config)]
+
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 420
+        while sum('"ended"' in line for line in (events.read_text().splitlines() if events.exists() else [])) < 2:
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the experiment state and stops
+        assert proc.wait(timeout=180) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    first = {r["trial_id"]: r for r in _csv(sweep_dir / "results.csv")}
+    done = sorted(first)[:2]
+    assert [first[t]["stop_reason"] for t in done] == [COMPLETED, EARLY_STOPPED]
+    snapshot = {t: {f: ((sweep_dir / "trials" / t / f).stat().st_mtime_ns, (sweep_dir / "trials" / t / f).read_bytes())
+                    for f in ("metrics.jsonl", "attempts.jsonl")} for t in done}
+
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert resumed.stdout.strip().splitlines()[-1].startswith("Sweep of 4 trials (2 completed, 2 early-stopped by ASHA): best ")
+
+    rows = _csv(sweep_dir / "results.csv")
+    assert len(rows) == 4
+    for row in rows:
+        bad = float(row["train.lr"]) == BAD_LR
+        assert row["stop_reason"] == (EARLY_STOPPED if bad else COMPLETED), row
+        assert int(row["steps"]) == (2 if bad else 4)  # stopped at ASHA's first rung (grace period 2)
+    # The two trials that had finished were not run again: same files, one start each.
+    for t in done:
+        for f, (mtime, content) in snapshot[t].items():
+            path = sweep_dir / "trials" / t / f
+            assert (path.stat().st_mtime_ns, path.read_bytes()) == (mtime, content)
+    starts = [json.loads(line)["trial_id"] for line in events.read_text().splitlines() if '"started"' in line]
+    assert sorted(set(starts)) == sorted(r["trial_id"] for r in rows)
+    assert all(starts.count(t) == 1 for t in done)
+    assert Path(sweep_dir / "best_adapter" / "adapter_config.json").is_file()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("search_space",):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
