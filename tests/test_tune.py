@@ -140,6 +140,28 @@ def test_concurrency_never_oversubscribes_the_cluster():
         max_concurrent_trials(gpu, {"CPU": 8, "GPU": 1})
 
 
+def test_search_algorithms_carry_the_concurrency_limit_and_take_sparse_metrics():
+    """Tune ignores TuneConfig.max_concurrent_trials for a given BasicVariantGenerator: the limit must sit
+    on the searcher. Optuna must accept results without the eval metric (it arrives at eval intervals)."""
+    from ray.tune.search import ConcurrencyLimiter
+
+    from raysft.pipeline.tune import SparseMetricOptuna, search_alg
+
+    cfg = cfg_with({"train.lr": {"loguniform": [1e-5, 1e-3]}, "lora.r": {"choice": [4, 8]}})
+    plan = plan_sweep(cfg)
+    assert search_alg(cfg, plan, 3).max_concurrent == 3
+    limited = search_alg(cfg.with_overrides({"tune.search_alg": "optuna"}), plan, 2)
+    assert isinstance(limited, ConcurrencyLimiter) and limited.max_concurrent == 2
+
+    optuna = SparseMetricOptuna(space=plan.param_space(), metric="eval_loss", mode="min", seed=0)
+    suggested = optuna.suggest("t1")
+    assert set(suggested) == {"train.lr", "lora.r"} and 1e-5 <= suggested["train.lr"] <= 1e-3
+    optuna.on_trial_result("t1", {"step": 1, "loss": 3.0})  # no eval_loss in this step's result
+    optuna.on_trial_result("t1", {"step": 2, "loss": 2.9, "eval_loss": 2.5})
+    optuna.on_trial_complete("t1", {"step": 3, "loss": 2.8})  # completes with the last eval_loss seen
+    assert optuna._ot_study.trials[0].value == 2.5
+
+
 # --- table, best trial, plots ---------------------------------------------------------------------
 
 def _record(trial_id, r, lr, evals, reason=COMPLETED):
