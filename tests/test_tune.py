@@ -162,6 +162,20 @@ def test_search_algorithms_carry_the_concurrency_limit_and_take_sparse_metrics()
     assert optuna._ot_study.trials[0].value == 2.5
 
 
+def test_sweep_examples_plan_and_fit_their_clusters():
+    """examples/sweep_*.yaml pass every sweep check; the demo runs one trial at a time on 2 cores and the
+    multi-GPU sweep four 4-GPU trials on 2 nodes x 8 GPUs."""
+    from raysft.pipeline.tune import max_concurrent_trials
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    demo = load_config(examples / "sweep_demo.yaml")
+    assert plan_sweep(demo).num_trials == 4 and max_concurrent_trials(demo, {"CPU": 2}) == 1
+    multi = load_config(examples / "sweep_multigpu.yaml")
+    plan = plan_sweep(multi)
+    assert plan.keys == ["lora.r", "train.lr", "lora.dropout"] and multi.tune.search_alg == "optuna"
+    assert max_concurrent_trials(multi, {"CPU": 192, "GPU": 16}) == 4
+
+
 # --- table, best trial, plots ---------------------------------------------------------------------
 
 def _record(trial_id, r, lr, evals, reason=COMPLETED):
