@@ -87,6 +87,17 @@ def kernel(fn: Callable[..., Any]) -> Kernel:
     return Kernel(fn)
 
 
+def num_warps(block: int) -> int:
+    """Warps per program for a block of `block` elements per row (the rule Liger-Kernel and Unsloth use)."""
+    if block >= 32768:
+        return 32
+    if block >= 8192:
+        return 16
+    if block >= 2048:
+        return 8
+    return 4
+
+
 def num_programs(device: torch.device, n_rows: int) -> int:
     """How many persistent programs to launch for a row loop: one per SM on GPU, a few on CPU."""
     if device.type == "cuda":

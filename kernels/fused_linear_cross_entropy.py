@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backend import kernel, next_power_of_2, tl, use_triton
+from .backend import kernel, next_power_of_2, num_warps, tl, use_triton
 
 _REDUCTIONS = ("mean", "sum")
 
@@ -103,11 +103,12 @@ def _cross_entropy_grad_torch(
     logits.copy_(x)
 
 
-def _chunk_rows(n_rows: int, vocab: int, hidden: int) -> int:
+def _chunk_rows(n_rows: int, vocab: int, hidden: int, min_elements: int = 1) -> int:
     """Rows per chunk: the chunk's logits hold about as many elements as the hidden states (Liger's
-    rule), but at least 2^20 elements so that small hidden sizes do not spend their time in launches."""
+    rule), and at least `min_elements` (the PyTorch step asks for 2^18 so small hidden sizes do not
+    spend their time in per-op overhead)."""
     growth = max(1, -(-vocab // hidden))
-    rows = max(-(-n_rows // growth), (1 << 20) // vocab)
+    rows = max(-(-n_rows // growth), min_elements // vocab)
     return max(1, min(next_power_of_2(rows), next_power_of_2(n_rows), 4096))
 
 
@@ -125,8 +126,8 @@ def fused_linear_cross_entropy_forward(
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     n_kept = int((labels != ignore_index).sum())
     grad_scale = 1.0 / n_kept if (reduction == "mean" and n_kept) else 1.0
-    rows_per_chunk = _chunk_rows(n_rows, vocab, hidden.shape[1])
     triton_path = use_triton(hidden)
+    rows_per_chunk = _chunk_rows(n_rows, vocab, hidden.shape[1], 1 if triton_path else 1 << 18)
     block = min(next_power_of_2(vocab), 32768 if hidden.is_cuda else 8192)
 
     loss_rows = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
@@ -145,7 +146,8 @@ def fused_linear_cross_entropy_forward(
         y = labels[start:end]
         if triton_path:
             _cross_entropy_grad_kernel.on(hidden.device)[(end - start,)](
-                logits, logits.stride(0), y, loss_rows[start:end], vocab, ignore_index, grad_scale, BLOCK=block
+                logits, logits.stride(0), y, loss_rows[start:end], vocab, ignore_index, grad_scale,
+                BLOCK=block, num_warps=num_warps(block),
             )
         else:
             _cross_entropy_grad_torch(logits, y, loss_rows[start:end], ignore_index, grad_scale)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backend import kernel, next_power_of_2, num_programs, tl, use_triton
+from .backend import kernel, next_power_of_2, num_programs, num_warps, tl, use_triton
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -90,7 +90,8 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows:
         _rms_norm_forward_kernel.on(x.device)[(n_rows,)](
-            y, y.stride(0), x2, x2.stride(0), weight.contiguous(), rstd, n_cols, eps, BLOCK=next_power_of_2(n_cols)
+            y, y.stride(0), x2, x2.stride(0), weight.contiguous(), rstd, n_cols, eps,
+            BLOCK=next_power_of_2(n_cols), num_warps=num_warps(next_power_of_2(n_cols)),
         )
     return y.view(*x.shape[:-1], n_cols), rstd
 
@@ -108,7 +109,7 @@ def rms_norm_backward(
         rows_per_program = -(-n_rows // programs)
         _rms_norm_backward_kernel.on(x.device)[(programs,)](
             dy2, dy2.stride(0), x2, x2.stride(0), weight.contiguous(), rstd, dx, dx.stride(0), dw_partial,
-            n_rows, n_cols, rows_per_program, BLOCK=next_power_of_2(n_cols),
+            n_rows, n_cols, rows_per_program, BLOCK=next_power_of_2(n_cols), num_warps=num_warps(next_power_of_2(n_cols)),
         )
     return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)
 

@@ -50,8 +50,12 @@ def _rope_kernel(
     cos2 = tl.load(COS + c_off + half + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
     sin1 = tl.load(SIN + c_off + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
     sin2 = tl.load(SIN + c_off + half + d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-    if BACKWARD:  # transpose of the rotation: rotate by -angle with the halves' own cos/sin
-        sin1, sin2 = -sin2, -sin1
+    if BACKWARD:  # transpose of the rotation: the halves swap their sines, negated
+        s1 = -sin2
+        s2 = -sin1
+    else:
+        s1 = sin1
+        s2 = sin2
     h = tl.arange(0, BLOCK_H)[:, None]
 
     q_mask = (h < n_q_heads) & d_mask[None, :]
@@ -59,16 +63,16 @@ def _rope_kernel(
     q1 = tl.load(q_in, mask=q_mask, other=0.0).to(tl.float32)
     q2 = tl.load(q_in + half, mask=q_mask, other=0.0).to(tl.float32)
     q_out = QO + b * qo_sb + t * qo_st + h * qo_sh + d[None, :]
-    tl.store(q_out, (q1 * cos1 - q2 * sin1).to(QO.dtype.element_ty), mask=q_mask)
-    tl.store(q_out + half, (q2 * cos2 + q1 * sin2).to(QO.dtype.element_ty), mask=q_mask)
+    tl.store(q_out, (q1 * cos1 - q2 * s1).to(QO.dtype.element_ty), mask=q_mask)
+    tl.store(q_out + half, (q2 * cos2 + q1 * s2).to(QO.dtype.element_ty), mask=q_mask)
 
     k_mask = (h < n_k_heads) & d_mask[None, :]
     k_in = K + b * k_sb + t * k_st + h * k_sh + d[None, :]
     k1 = tl.load(k_in, mask=k_mask, other=0.0).to(tl.float32)
     k2 = tl.load(k_in + half, mask=k_mask, other=0.0).to(tl.float32)
     k_out = KO + b * ko_sb + t * ko_st + h * ko_sh + d[None, :]
-    tl.store(k_out, (k1 * cos1 - k2 * sin1).to(KO.dtype.element_ty), mask=k_mask)
-    tl.store(k_out + half, (k2 * cos2 + k1 * sin2).to(KO.dtype.element_ty), mask=k_mask)
+    tl.store(k_out, (k1 * cos1 - k2 * s1).to(KO.dtype.element_ty), mask=k_mask)
+    tl.store(k_out + half, (k2 * cos2 + k1 * s2).to(KO.dtype.element_ty), mask=k_mask)
 
 
 # ----------------------------------------------------------------------------- host launcher

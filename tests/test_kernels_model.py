@@ -26,6 +26,7 @@ VOCAB = 300
 
 
 @in_parent
+@pytest.mark.slow
 def test_model_level_under_triton_interpreter():
     pytest.importorskip("triton")
     proc = subprocess.run(
@@ -207,6 +208,20 @@ def test_causal_lm_loss_sum_keeps_packed_samples_apart():
             separate += causal_lm_loss_sum(model, ids[:, sl], pos[:, sl], labels[:, sl]).item()
             start += n
     assert abs(packed.item() - separate) <= 1e-4 * separate
+
+
+@in_parent
+def test_causal_lm_loss_sum_row_without_trained_tokens():
+    """A packed row whose labels are all ignored gives 0 and a backward that leaves zero gradients."""
+    from raysft.kernels import causal_lm_loss_sum, patch_model
+
+    model = tiny_model()
+    ids, pos, labels = packed_row(6)
+    with patch_model(model):
+        loss = causal_lm_loss_sum(model, ids, pos, torch.full_like(labels, -100))
+        loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 
 def _lora(model, targets, **kw):
