@@ -168,8 +168,9 @@ def fused_linear_cross_entropy_forward(
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, reduction, lora_hidden, lora_weight):
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[5], ctx.needs_input_grad[6])
+    def forward(ctx, hidden, weight, labels, ignore_index, reduction, lora_hidden, lora_weight, grad_enabled):
+        wants = ctx.needs_input_grad
+        need = tuple(grad_enabled and wants[i] for i in (0, 1, 5, 6))
         loss, grads = fused_linear_cross_entropy_forward(
             hidden, weight, labels, ignore_index, reduction, lora_hidden, lora_weight, need
         )
@@ -184,7 +185,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         if not torch.equal(grad_loss, torch.ones_like(grad_loss)):  # scale in place: no extra copies
             grads = [g.mul_(grad_loss.to(g.dtype)) if g is not None else None for g in grads]
         g_hidden, g_weight, g_lora_hidden, g_lora_weight = grads
-        return g_hidden, g_weight, None, None, None, g_lora_hidden, g_lora_weight
+        return g_hidden, g_weight, None, None, None, g_lora_hidden, g_lora_weight, None
 
 
 # ----------------------------------------------------------------------------- functional API and module
@@ -219,9 +220,10 @@ def fused_linear_cross_entropy(
     hidden, weight = hidden.to(dtype).contiguous(), weight.to(dtype)
     if lora_hidden is not None:
         lora_hidden, lora_weight = lora_hidden.to(dtype).contiguous(), lora_weight.to(dtype)
+    grad_enabled = torch.is_grad_enabled()  # under no_grad (eval) no gradient is computed at all
     with torch.autocast(hidden.device.type, enabled=False):
         return FusedLinearCrossEntropyFunction.apply(
-            hidden, weight, labels.contiguous(), ignore_index, reduction, lora_hidden, lora_weight
+            hidden, weight, labels.contiguous(), ignore_index, reduction, lora_hidden, lora_weight, grad_enabled
         )
 
 

@@ -244,6 +244,16 @@ def test_causal_lm_loss_sum_trains_lora_on_lm_head():
 
 
 @in_parent
+def test_patched_peft_model_with_gradient_checkpointing():
+    """Activation checkpointing recomputes the patched forwards in the backward: same loss and grads."""
+    model = _lora(tiny_model(), ["q_proj", "v_proj", "gate_proj", "down_proj"])
+    twin = copy.deepcopy(model)
+    twin.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    twin.train()
+    _check_loss_sum(model, twin, seed=9)
+
+
+@in_parent
 def test_unsupported_lm_head_adapter_is_refused():
     from raysft.kernels import causal_lm_loss_sum
 
