@@ -26,7 +26,7 @@ import sys
 import time
 import types
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import yaml
 from ray import tune as rt
@@ -92,7 +92,8 @@ def tune(cfg: Config, resume: bool = False) -> SweepResult:
                 param_space=plan.param_space(),
                 tune_config=rt.TuneConfig(
                     metric=plan.metric, mode=plan.mode, num_samples=cfg.tune.num_samples,
-                    scheduler=_scheduler(cfg, sweep_dir), search_alg=search_alg(cfg, plan, concurrency),
+                    scheduler=_scheduler(cfg, sweep_dir, PlannedSteps(cfg.to_dict(), cfg.source, plan, _rows(prepared))),
+                    search_alg=search_alg(cfg, plan, concurrency),
                     trial_dirname_creator=_trial_dirname,
                 ),
                 run_config=rt.RunConfig(
@@ -251,11 +252,37 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> Optional[str]:
 
 # --- Tune pieces --------------------------------------------------------------------------------
 
-def _scheduler(cfg: Config, sweep_dir: Path):
+def _scheduler(cfg: Config, sweep_dir: Path, planned_steps: "PlannedSteps"):
     if cfg.tune.scheduler == "none":
         return None
-    return SweepASHA(str(sweep_dir / EVENTS_FILE), time_attr="step", max_t=ASHA_MAX_T,
+    return SweepASHA(str(sweep_dir / EVENTS_FILE), planned_steps, time_attr="step", max_t=ASHA_MAX_T,
                      grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor)
+
+
+@dataclasses.dataclass
+class PlannedSteps:
+    """How many optimizer steps a trial runs (its values may change max_steps, batch sizes or data)."""
+
+    base: dict[str, Any]
+    source: Optional[str]
+    plan: SweepPlan
+    rows: dict[str, int]  # packed train rows per data variant
+
+    def __call__(self, sampled: dict[str, Any]) -> int:
+        from raysft.pipeline.train.order import StepPlan
+
+        base = Config.from_dict(self.base, self.source)
+        cfg = base.with_overrides(trial_overrides(self.plan, sampled, base))
+        s, t = cfg.scaling, cfg.train
+        n_rows = self.rows[_variant_key(data_overrides(self.plan, sampled))]
+        return StepPlan(n_rows, s.num_workers, t.grad_accum, t.micro_batch_size, t.seed, t.max_steps, t.epochs).total_steps
+
+
+def _rows(prepared: dict[str, Any]) -> dict[str, int]:
+    import pyarrow.parquet as pq
+
+    return {key: sum(pq.ParquetFile(f).metadata.num_rows for f in Path(p.train_dir).rglob("*.parquet"))
+            for key, p in prepared.items()}
 
 
 def search_alg(cfg: Config, plan: SweepPlan, concurrency: int):
@@ -272,20 +299,29 @@ class SweepASHA(ASHAScheduler):
     trial) as the worst finite value, which stock ASHA would never stop (NaN compares false) or would
     turn into NaN cut-offs for later trials (inf)."""
 
-    def __init__(self, events_path: str, **kwargs):
+    def __init__(self, events_path: str, planned_steps: Callable[[dict], int], **kwargs):
         super().__init__(**kwargs)
         self._events_path = events_path
+        self._planned_steps = planned_steps
+        self._last_step: dict[str, int] = {}
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         value = result.get(self._metric)
         if isinstance(value, float) and not math.isfinite(value):
             result = {**result, self._metric: WORST if self._mode == "min" else -WORST}
         action = super().on_trial_result(tune_controller, trial, result)
+        if action == self.STOP and result.get("step", 0) >= self._final_step(trial):
+            return self.CONTINUE  # at its last step the trial is done anyway: let it save its adapter
         if action == self.STOP:
             _append_json(Path(self._events_path), {"time": time.time(), "trial_id": trial.trial_id, "event": "early_stopped",
                                                    "step": result.get("step"), self._metric: value})
             print(f"[raysft] ASHA stopped trial {trial.trial_id} at step {result.get('step')} ({self._metric} {value})", flush=True)
         return action
+
+    def _final_step(self, trial) -> int:
+        if trial.trial_id not in self._last_step:
+            self._last_step[trial.trial_id] = self._planned_steps(trial.config)
+        return self._last_step[trial.trial_id]
 
 
 class SparseMetricOptuna(OptunaSearch):

@@ -176,6 +176,28 @@ def test_sweep_examples_plan_and_fit_their_clusters():
     assert max_concurrent_trials(multi, {"CPU": 192, "GPU": 16}) == 4
 
 
+def test_asha_stops_diverged_trials_but_never_a_trial_at_its_last_step(tmp_path):
+    from types import SimpleNamespace
+
+    from raysft.pipeline.tune import ASHA_MAX_T, SweepASHA
+
+    events = tmp_path / "events.jsonl"
+    asha = SweepASHA(str(events), lambda config: 4, metric="eval_loss", mode="min", time_attr="step",
+                     max_t=ASHA_MAX_T, grace_period=2, reduction_factor=2)
+    t0, t1, t2 = (SimpleNamespace(trial_id=f"t{i}", config={}) for i in range(3))
+    for t in (t0, t1, t2):
+        asha.on_trial_add(None, t)
+    assert asha.on_trial_result(None, t0, {"step": 1, "loss": 3.0}) == "CONTINUE"  # no metric: no decision
+    assert asha.on_trial_result(None, t0, {"step": 2, "eval_loss": 1.0}) == "CONTINUE"
+    assert asha.on_trial_result(None, t1, {"step": 2, "eval_loss": float("nan")}) == "STOP"  # stock ASHA: CONTINUE
+    assert asha.on_trial_result(None, t0, {"step": 4, "eval_loss": 0.5}) == "CONTINUE"
+    assert asha.on_trial_result(None, t2, {"step": 2, "eval_loss": 0.9}) == "CONTINUE"
+    # Worse than t0 at the rung of step 4, but step 4 is its last: it finishes and keeps its adapter.
+    assert asha.on_trial_result(None, t2, {"step": 4, "eval_loss": 2.0}) == "CONTINUE"
+    stops = [json.loads(line) for line in events.read_text().splitlines()]
+    assert [(e["trial_id"], e["event"], e["step"]) for e in stops] == [("t1", "early_stopped", 2)]
+
+
 # --- table, best trial, plots ---------------------------------------------------------------------
 
 def _record(trial_id, r, lr, evals, reason=COMPLETED):
