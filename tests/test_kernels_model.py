@@ -287,6 +287,58 @@ def test_patch_and_loss_on_peft_4bit_model(tiny_model_dir):
     assert max_grad_diff(model, twin) < 1e-4
 
 
+ZERO3_SCRIPT = """
+import copy, os, socket, sys
+import torch
+sock = socket.socket(); sock.bind(("127.0.0.1", 0)); port = sock.getsockname()[1]; sock.close()
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+import deepspeed, deepspeed.ops
+deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # not needed for gloo training
+deepspeed.init_distributed(dist_backend="gloo")
+sys.path.insert(0, sys.argv[1])
+import test_kernels_model as T
+from raysft.kernels import causal_lm_loss_sum, patch_model
+from raysft.pipeline.errors import ModelError
+
+def engine_for(targets):
+    model = T._lora(T.tiny_model(), targets)
+    twin = copy.deepcopy(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": 1,
+           "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg, dist_init_required=False)
+    return engine, twin
+
+ids, pos, labels = T.packed_row(3)
+engine, twin = engine_for(["q_proj", "v_proj"])
+model = engine.module
+assert model.base_model.model.lm_head.weight.numel() == 0  # partitioned: only ZeRO-3 can gather it
+ref = T.hf_loss_sum(twin, ids, pos, labels).item()
+with patch_model(model):
+    loss = causal_lm_loss_sum(model, ids, pos, labels)
+    engine.backward(loss)
+    engine.step()
+assert abs(loss.item() - ref) <= 1e-4 * ref, (loss.item(), ref)
+engine, _ = engine_for(["q_proj", "lm_head"])
+try:
+    causal_lm_loss_sum(engine.module, ids, pos, labels)
+    raise SystemExit("LoRA on a ZeRO-3 lm_head was not refused")
+except ModelError as e:
+    assert "ZeRO-3" in str(e)
+print("zero3 ok")
+"""
+
+
+@in_parent
+@pytest.mark.slow
+def test_causal_lm_loss_sum_under_deepspeed_zero3():
+    """ZeRO-3 partitions lm_head: the fused loss gathers a frozen one, and refuses a LoRA-trained one."""
+    pytest.importorskip("deepspeed")
+    proc = subprocess.run([sys.executable, "-c", ZERO3_SCRIPT, str(Path(__file__).parent)], capture_output=True,
+                          text=True, timeout=600, cwd=Path(__file__).parent)
+    assert proc.returncode == 0 and "zero3 ok" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
 # ----------------------------------------------------------------------------- 20 steps, kernels on vs off
 
 
