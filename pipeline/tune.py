@@ -136,6 +136,13 @@ def trial_config(base: Config, plan: SweepPlan, sampled: dict[str, Any], trial_i
     return base.with_overrides(overrides)
 
 
+def best_config(base: Config, plan: SweepPlan, params: dict[str, Any]) -> Config:
+    """The best trial's resolved config, ready for `raysft train`: its values, a run name of its own, no sweep."""
+    out = base.with_overrides({**trial_overrides(plan, params, base), "run.name": f"{base.run.name}-best", "tune": {}})
+    object.__setattr__(out, "source", base.source)
+    return out
+
+
 def _trial_dirname(trial) -> str:
     return trial.trial_id
 
@@ -144,17 +151,12 @@ def _trial_dirname(trial) -> str:
 
 def trial_resources(cfg: Config) -> dict[str, float]:
     """What Tune reserves for a trial: its driver (1 CPU). Its Ray Train workers reserve their own."""
-    s = cfg.scaling
-    if s.num_workers == 0:  # Train's local mode trains inside the trial's own process
-        return {"CPU": max(1.0, s.cpus_per_worker), "GPU": s.gpus_per_worker if s.use_gpu else 0.0}
-    return {"CPU": 1.0, "GPU": 0.0}
+    return {"CPU": 1.0}
 
 
 def resources_per_trial(cfg: Config) -> dict[str, float]:
     """Everything one trial holds while it trains: driver + workers (Train's controller takes none)."""
     s = cfg.scaling
-    if s.num_workers == 0:
-        return trial_resources(cfg)
     return {"CPU": 1.0 + s.num_workers * s.cpus_per_worker, "GPU": s.num_workers * s.gpus_per_worker if s.use_gpu else 0.0}
 
 
@@ -403,7 +405,7 @@ def _collect(cfg: Config, plan: SweepPlan, sweep_dir: Path, grid) -> SweepResult
     table = [table_row(r, plan.metric, plan.mode) for r in records]
     write_csv(table, sweep_dir / "results.csv")
     plots = [str(sweep_dir / "loss_vs_lr.png"), str(sweep_dir / "eval_curves.png")]
-    plot_loss_vs_lr(table, plots[0])
+    plot_loss_vs_lr(table, plots[0], defaults={"train.lr": cfg.train.lr, "lora.r": cfg.lora.r})
     plot_curves(records, plots[1], plan.keys)
 
     best = None
@@ -416,7 +418,7 @@ def _collect(cfg: Config, plan: SweepPlan, sweep_dir: Path, grid) -> SweepResult
             shutil.copytree(row["adapter"], best_dir)
             adapter = str(best_dir)
         params = {k: v for k, v in row.items() if k in plan.keys}
-        best_cfg = trial_config(cfg, plan, params, row["trial_id"], str(sweep_dir / TRIALS_DIR))
+        best_cfg = best_config(cfg, plan, params)
         (sweep_dir / "best_config.yaml").write_text(best_cfg.dump_yaml())
         best = BestTrial(trial_id=row["trial_id"], config=best_cfg.to_dict(), metrics=row, adapter=adapter)
     sweep = SweepResult(sweep_dir=str(sweep_dir), metric=plan.metric, mode=plan.mode, table=table, best=best, plots=plots)

@@ -104,13 +104,16 @@ def write_csv(table: list[dict[str, Any]], path: str | Path) -> None:
         writer.writerows(table)
 
 
-def plot_loss_vs_lr(table: list[dict[str, Any]], path: str | Path, lr_key: str = "train.lr", rank_key: str = "lora.r") -> None:
-    """Final eval loss against learning rate, one line per LoRA rank (early-stopped trials hollow)."""
+def plot_loss_vs_lr(table: list[dict[str, Any]], path: str | Path, lr_key: str = "train.lr", rank_key: str = "lora.r",
+                    defaults: Optional[dict[str, Any]] = None) -> None:
+    """Final eval loss against learning rate, one line per LoRA rank (early-stopped trials hollow);
+    `defaults` give the value of an axis the sweep did not search."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    table = [{**(defaults or {}), **r} for r in table]
     fig, ax = plt.subplots(figsize=(6, 4))
     ranks = sorted({r.get(rank_key) for r in table}, key=lambda v: (v is None, v))
     for rank in ranks:

@@ -323,6 +323,7 @@ def test_grid_of_ranks_and_learning_rates(ray_session, sweep_base, tiny_model_di
     assert (lora.r, lora.lora_alpha) == (int(best["lora.r"]), 2 * int(best["lora.r"]))
     best_cfg = load_config(sweep_dir / "best_config.yaml")
     assert (best_cfg.lora.r, best_cfg.train.lr) == (int(best["lora.r"]), float(best["train.lr"]))
+    assert (best_cfg.lora.alpha, best_cfg.run.name, best_cfg.tune.search_space) == (2 * best_cfg.lora.r, "grid-best", {})
     for png in ("loss_vs_lr.png", "eval_curves.png"):
         assert (sweep_dir / png).read_bytes()[:4] == b"\x89PNG"
     assert sweep.summary_line().startswith(f"Sweep of 4 trials (4 completed): best {best['trial_id']}")
