@@ -285,6 +285,18 @@ def _csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def test_sweep_folder_mistakes_are_caught_before_ray(sweep_base, tmp_path):
+    from raysft.pipeline import tune
+
+    cfg = load_config(overrides={**_flat(sweep_base), "run.storage_path": str(tmp_path), "run.name": "s",
+                                 "tune.search_space": {"train.lr": [1e-3]}})
+    with pytest.raises(ConfigError, match=r"There is no sweep to resume in .*/s \(run.storage_path/run.name\); start it without --resume\."):
+        tune(cfg, resume=True)
+    (tmp_path / "s" / "tune").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"already holds a sweep; continue it with --resume or choose another run.name\."):
+        tune(cfg)
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_grid_of_ranks_and_learning_rates(ray_session, sweep_base, tiny_model_dir):
