@@ -269,8 +269,9 @@ def test_torch_chunk_step_matches_kernel(monkeypatch):
 
 @pytest.fixture
 def liger_in_interpreter(monkeypatch):
-    """Liger's kernels call `.to()` on float arguments; Triton 3.9's interpreter passes floats as Python
-    floats (the compiler passes fp32 scalars), so for this comparison floats are wrapped as fp32 scalars."""
+    """Run Liger's kernels in Triton 3.9's interpreter: they call `.to()` on float arguments, which the
+    interpreter passes as Python floats (the compiler passes fp32 scalars), so floats are wrapped as fp32
+    scalars for these comparisons only."""
     pytest.importorskip("liger_kernel")
     import numpy as np
     import triton.language as tl
@@ -284,6 +285,10 @@ def liger_in_interpreter(monkeypatch):
         return original(arg)
 
     monkeypatch.setattr(interpreter, "_implicit_cvt", convert)
+    # Liger's RMSNorm calls libdevice's rsqrt, an extern the interpreter cannot run; tl.math.rsqrt is the same op
+    import liger_kernel.ops.rms_norm as liger_rms_norm
+
+    monkeypatch.setattr(liger_rms_norm, "rsqrt", lambda x: tl.math.rsqrt(x))
 
 
 @in_child
@@ -331,3 +336,44 @@ def test_rope_matches_liger(liger_in_interpreter, dtype):
     assert_close(ko, klo, dtype, "k_embed vs Liger")
     assert_close(q.grad, ql.grad, dtype, "dq vs Liger")
     assert_close(k.grad, kl.grad, dtype, "dk vs Liger")
+
+
+@in_child
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rms_norm_matches_liger(liger_in_interpreter, dtype):
+    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+    from raysft.kernels import rms_norm
+
+    torch.manual_seed(6)
+    x, w = leaf(torch.randn(2, 37, 341).to(dtype)), leaf((torch.rand(341) + 0.5).to(dtype))
+    y = rms_norm(x, w, 1e-6)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    xl, wl = leaf(x), leaf(w)
+    yl = LigerRMSNormFunction.apply(xl, wl, 1e-6, 0.0, "llama", False)
+    yl.backward(dy.clone())
+    assert_close(y, yl, dtype, "y vs Liger")
+    assert_close(x.grad, xl.grad, dtype, "dx vs Liger")
+    assert_close(w.grad, wl.grad, dtype, "dw vs Liger")
+
+
+@in_child
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_swiglu_matches_liger(liger_in_interpreter, dtype):
+    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+    from raysft.kernels import swiglu
+
+    torch.manual_seed(7)
+    gate, up = leaf(torch.randn(3, 41, 77).to(dtype) * 3), leaf(torch.randn(3, 41, 77).to(dtype))
+    y = swiglu(gate, up)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    gl, ul = leaf(gate), leaf(up)
+    yl = LigerSiLUMulFunction.apply(gl, ul)
+    expected_y = yl.detach().clone()  # Liger's backward writes its gradients over the saved inputs
+    yl.backward(dy.clone())
+    assert_close(y, expected_y, dtype, "y vs Liger")
+    assert_close(gate.grad, gl.grad, dtype, "d_gate vs Liger")
+    assert_close(up.grad, ul.grad, dtype, "d_up vs Liger")
