@@ -155,8 +155,25 @@ def load_base_model(mcfg: ModelConfig, device: str | None = None):
         raise ModelError(f"Could not load model.name_or_path {mcfg.name_or_path}: {str(exc).splitlines()[0]}") from None
     if device and mcfg.quantization == "none":
         model.to(device)
+    if mcfg.quantization == "nf4":
+        _keep_4bit_layout(model)
     model.config.use_cache = False  # packed rows must never use a KV cache (DESIGN.md)
     return model
+
+
+def _keep_4bit_layout(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights in place for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, an eval-mode no-grad forward of `Linear4bit` rewrites `weight.data`
+    into another layout and flags the shared quant_state. Under ZeRO-3 the rewritten data is a
+    temporary gather that is thrown away while the flag stays, so every later forward reads the
+    weights wrongly (training diverged after the first eval in our tests). One layout, always.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def attach_lora(model, cfg: Config):

@@ -27,6 +27,7 @@ def test_nf4_base_is_double_quantized_with_float_storage(tiny_model_dir):
     assert q.weight.quant_state.quant_type == "nf4" and q.weight.quant_state.nested  # double quantization
     assert q.weight.dtype == torch.bfloat16  # bnb_4bit_quant_storage: ZeRO-3 can partition it
     assert q.compute_dtype == torch.bfloat16
+    assert q.support_avx512bf16_for_cpu is False  # no in-place CPU repack at eval (breaks ZeRO-3)
     assert model.config.use_cache is False
 
 

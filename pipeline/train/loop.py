@@ -117,18 +117,6 @@ def _evaluate(engine, eval_table, rank: int, world: int, micro: int, kernels: bo
     return {"eval_loss": loss, "eval_ppl": float(math.exp(min(loss, 50.0)))}
 
 
-def _unshadow_kernels() -> None:
-    """Ray puts the driver's working directory on workers' sys.path; from a raysft checkout its
-    `kernels/` folder would then shadow PyPI's `kernels`, which transformers probes on import.
-    raysft itself is imported through its installed package mapping, not through that folder."""
-    import sys
-
-    for entry in list(sys.path):
-        root = Path(entry or os.getcwd())
-        if (root / "kernels" / "__init__.py").is_file() and (root / "pipeline" / "train" / "loop.py").is_file():
-            sys.path.remove(entry)
-
-
 EVENTS_FILE = "events.jsonl"
 
 
@@ -157,7 +145,6 @@ def _base_weight_residency(model: torch.nn.Module) -> dict[str, int]:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    _unshadow_kernels()
     import deepspeed
     import ray
     import ray.train
@@ -212,7 +199,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     metrics_log = MetricsLog(run_dir, t.logging, cfg.to_dict(), cfg.run.name, resume_step=start) if rank == 0 else None
     config_yaml = cfg.dump_yaml()
     if rank == 0:
-        _append_event(run_dir, {"event": "start", "step": start, "world_size": world,
+        _append_event(run_dir, {"event": "start", "step": start, "world_size": world, "total_steps": total,
+                                "rows_left_out_per_epoch": plan.left_out_per_epoch,
                                 "zero_stage": cfg.train.deepspeed.stage, **_base_weight_residency(engine.module)})
         print(f"[raysft] training {total} steps on {world} worker(s) from step {start} "
               f"({plan.n_rows} packed rows, {plan.left_out_per_epoch} left out per epoch to balance ranks)", flush=True)
