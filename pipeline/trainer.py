@@ -58,9 +58,7 @@ def preflight(cfg: Config) -> Config:
         updates["model.name_or_path"] = source
         updates["model.gguf_file"] = None
     load_tokenizer(cfg.model.model_copy(update={"name_or_path": source, "gguf_file": None}))
-    storage = Path(cfg.run.storage_path).expanduser()
-    if cfg.source and not storage.is_absolute():
-        storage = Path(cfg.source).resolve().parent / storage if not storage.exists() else storage
+    storage = Path(cfg.run.storage_path).expanduser()  # outputs: relative to the working directory
     _check_writable(storage, "run.storage_path")
     updates["run.storage_path"] = str(storage.resolve())
     ds = cfg.train.deepspeed.config
