@@ -144,3 +144,14 @@ def test_kernels_path_matches_reference_loss_and_grads(tiny_model_dir):
     assert abs(out[True][0] - out[False][0]) < 1e-4 * max(1.0, abs(out[False][0]))
     for name, g in out[False][1].items():
         assert torch.allclose(out[True][1][name], g, atol=1e-5, rtol=1e-4), name
+
+
+def test_reported_lr_is_the_rate_of_that_update(tiny_model_dir):
+    cfg = fp32_cfg(tiny_model_dir, **{"train.lr": 1e-3, "train.warmup_steps": 2, "train.scheduler": "linear"})
+    model = build_model(cfg)
+    opt, sched = make_optimizer(model, cfg.train, 6)
+    engine = TorchEngine(model, opt, sched)
+    mb = collate([random_sample(random.Random(5), 500, 0)])
+    lrs = [optimizer_step(engine, [mb], mb.n_trained).lr for _ in range(6)]
+    assert lrs[0] == pytest.approx(1e-3 / 3) and lrs[1] == pytest.approx(2e-3 / 3) and lrs[2] == pytest.approx(1e-3)
+    assert lrs[3] > lrs[4] > lrs[5] > 0

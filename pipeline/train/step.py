@@ -113,6 +113,7 @@ def optimizer_step(engine: StepEngine, micro_batches: Sequence[MicroBatch], n_gl
     the data-parallel ranks, so it is world_size there (and 1 with `TorchEngine`).
     """
     start = time.perf_counter()
+    lr = engine.lr()  # the rate this update uses (the schedule advances inside finish_step)
     model = engine.forward_model()
     model.train()
     total = 0.0
@@ -127,7 +128,7 @@ def optimizer_step(engine: StepEngine, micro_batches: Sequence[MicroBatch], n_gl
         total += float(s.detach())
         tokens += mb.n_tokens
     grad_norm = engine.finish_step()
-    return StepResult(total, n_global, tokens, grad_norm, engine.lr(), time.perf_counter() - start)
+    return StepResult(total, n_global, tokens, grad_norm, lr, time.perf_counter() - start)
 
 
 @torch.no_grad()
