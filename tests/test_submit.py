@@ -94,15 +94,18 @@ def start_head(num_cpus: int = 4, timeout_s: float = 120) -> LocalHead:
     temp_dir = Path(tempfile.mkdtemp(prefix="rsft_", dir="/tmp"))  # short: Ray's socket paths must stay short
     (temp_dir / "home").mkdir()
     token = uuid.uuid4().hex + uuid.uuid4().hex
-    dashboard_port = free_port()
+    dashboard_port, gcs_port = free_port(), free_port()
     env = dict(os.environ)
-    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
-        env.pop(key, None)
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, HOME=str(temp_dir / "home"),
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    # RAY_ADDRESS names this head for Ray's own processes (e.g. Train's placement-group cleaner), which
+    # otherwise scan the machine for "the" cluster and give up when teammates' clusters run too.
+    env.update(RAY_ADDRESS=f"127.0.0.1:{gcs_port}",
+               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, HOME=str(temp_dir / "home"),
                PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),
                RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
-           f"--port={free_port()}", f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1",
+           f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
+           f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1",
            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
            f"--num-cpus={num_cpus}", "--num-gpus=0", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     log = open(temp_dir / "head.log", "wb")
@@ -167,10 +170,10 @@ def write_project(root: Path, model_dir: Path | None, storage: Path, rows: int =
         "model": {"name_or_path": str(model_dir) if model_dir else "missing-model", "quantization": "nf4",
                   "compute_dtype": "float32", "dtype": "float32", "gradient_checkpointing": False},
         "lora": {"r": 4, "alpha": 8},
-        "data": {"train": "data/train.jsonl", "max_seq_len": 64, "num_tokenizer_actors": 1},
+        "data": {"train": "data/train.jsonl", "max_seq_len": 256, "num_tokenizer_actors": 1},
         "train": {"max_steps": 3, "save_every": 2, "eval_every": 100, "deepspeed": {"stage": 0},
                   "logging": {"tensorboard": False}},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1},  # 2 workers across nodes: test_cluster_multinode.py
         "run": {"name": "tiny-job", "storage_path": str(storage), "max_failures": 0},
     }
     import yaml
@@ -258,3 +261,40 @@ def test_stop_a_running_job(head, tmp_path):
     assert raysft(["status", job], env=env, timeout=120).stdout.strip() == f"{job}: STOPPED"
     again = raysft(["stop", job], env=env, timeout=120)
     assert again.returncode == 0 and "had already ended: STOPPED" in again.stdout
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_submit_tiny_training_succeeds(head, tmp_path, tiny_model_dir):
+    proj = tmp_path / "proj"
+    cfg = write_project(proj, tiny_model_dir, tmp_path / "runs")
+    env = dict(head.client_env(), RAYSFT_TEST_SECRET="s3cr3t-value")
+    proc = raysft(["submit", str(cfg), "--address", head.url, "--wait", "--env", "RAYSFT_TEST_SECRET"],
+                  env=env, cwd=proj, timeout=600)
+    job = job_id_of(proc)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert f"Job {job} succeeded." in proc.stdout and f"Dashboard: {head.url}/#/jobs/{job}" in proc.stdout
+
+    # the run landed in run.storage_path with its adapter, metrics and data ledger
+    run_dir = tmp_path / "runs" / "tiny-job"
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    steps = [json.loads(line)["step"] for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+    env["RAY_ADDRESS"] = head.url
+    assert raysft(["status", job], env=env, timeout=120).stdout.strip() == f"{job}: SUCCEEDED"
+    logs = raysft(["logs", job, "--follow"], env=env, timeout=120)  # follows a finished job to its end
+    assert logs.returncode == 0 and "step 3/3" in logs.stdout
+
+    # what reached the cluster: only the named secret, as an env var; no .env file, no old run outputs
+    from ray.job_submission import JobSubmissionClient
+
+    info = JobSubmissionClient(head.url, headers={"Authorization": f"Bearer {head.token}"}).get_job_info(job)
+    assert info.runtime_env["env_vars"] == {"RAYSFT_TEST_SECRET": "s3cr3t-value"}
+    unpacked = [p for p in head.temp_dir.glob("session_*/runtime_resources/working_dir_files/*")
+                if (p / "tiny.yaml").is_file()]
+    assert unpacked, "the job's working directory was not found on the head"
+    for d in unpacked:
+        names = {p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()}
+        assert "data/train.jsonl" in names and "raysft_job.yaml" in names and "raysft/pipeline/cli.py" in names
+        assert ".env" not in names and not any(n.startswith("runs/") for n in names)
