@@ -67,7 +67,7 @@ def run_demo(output: str | os.PathLike = "runs/demo", overrides: list[str] | Non
     model_path = user_model or str(fetch_model(DEMO_MODEL))
     probe = demo_config(model_path, output / "data", output, "probe", overrides)
     n_train = n_train or _rows_for(probe)
-    n_eval = n_eval or 48
+    n_eval = n_eval or 32
 
     _stage(2, f"data: {n_train} train + {n_eval} held-out rows of the task {TASK}", t0)
     train_path, eval_path = write_task(output / "data", n_train=n_train, n_eval=n_eval, seed=probe.data.seed)
@@ -136,7 +136,8 @@ def _train_on_local_ray(cfg: Config):
         cpus = max(os.cpu_count() or 1, int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker) + 1)
         ray.init(address=cfg.run.address or "local", num_cpus=None if cfg.run.address else cpus,
                  log_to_driver=True, include_dashboard=False, configure_logging=False,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+                                           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})  # worker prints once, not twice
         started = True
     try:
         return train(cfg)

@@ -81,7 +81,7 @@ def eval_loss(model, tokenizer, rows: list[dict], system_prompt: str | None = No
 
 @torch.no_grad()
 def generate_replies(model, tokenizer, prompts: list[str], system_prompt: str | None = None, max_new_tokens: int = 12,
-                     batch_size: int = 16) -> list[str]:
+                     batch_size: int = 16, progress: bool = False) -> list[str]:
     """Greedy replies to single-turn user prompts (left-padded batches)."""
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     side = tokenizer.padding_side
@@ -98,6 +98,8 @@ def generate_replies(model, tokenizer, prompts: list[str], system_prompt: str | 
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             replies += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            if progress:
+                print(f"  generated {len(replies)}/{len(prompts)} replies", flush=True)
     finally:
         tokenizer.padding_side = side
     return replies
@@ -110,9 +112,10 @@ def evaluate(cfg: Config, eval_rows: list[dict], adapter: str | os.PathLike | No
     model, tokenizer = load_model(cfg, adapter)
     system = cfg.data.system_prompt
     loss, n_tokens = eval_loss(model, tokenizer, eval_rows, system)
+    print(f"  eval loss {loss:.4f} over {n_tokens} response tokens; greedy decoding {len(eval_rows)} prompts", flush=True)
     prompts = [r["messages"][0]["content"] for r in eval_rows]
     answers = [r["messages"][-1]["content"] for r in eval_rows]
-    replies = generate_replies(model, tokenizer, prompts, system, max_new_tokens=max_new_tokens)
+    replies = generate_replies(model, tokenizer, prompts, system, max_new_tokens=max_new_tokens, progress=True)
     hits = [demo_task.is_correct(r, a) for r, a in zip(replies, answers)]
     shown = [{"prompt": p, "reply": r.strip(), "answer": a} for p, r, a in list(zip(prompts, replies, answers))[:n_shown]]
     del model
