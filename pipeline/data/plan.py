@@ -30,7 +30,7 @@ from raysft.pipeline.data.pack import DATASET_COLUMNS, pack_batch
 from raysft.pipeline.data.sources import Chunk, expand, files_identity, plan_chunks, read_chunk, read_chunks_batch
 from raysft.pipeline.data.stats import StatsAccumulator
 from raysft.pipeline.data.tokenize import TokenizeStage, load_tokenizer
-from raysft.pipeline.errors import ConfigError
+from raysft.pipeline.errors import ClusterError, ConfigError
 
 ROWS_PER_FILE = 4096  # packed rows per Parquet file
 
@@ -197,8 +197,13 @@ def _run(cfg, inputs: Inputs, out_dir: Path, use_ray: bool = True) -> dict:
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address=cfg.run.address, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+        try:
+            ray.init(address=cfg.run.address, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+        except Exception as exc:  # a head that cannot be reached, or a local node that failed to start
+            where = f"the Ray cluster at {cfg.run.address} (run.address)" if cfg.run.address else "a local Ray instance"
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise ClusterError(f"Could not start or reach {where}: {first}") from None
     try:
         return consume(cfg, inputs, packed_batches_ray(cfg, inputs), out_dir)
     finally:
