@@ -6,7 +6,8 @@ row's loss (log-sum-exp minus the target logit, fp32), and two more matmuls fold
 gradients of the hidden states and, when it requires grad, the weight. Gradients are therefore
 computed in the forward (as in Liger-Kernel) and the backward only scales them by the incoming
 gradient. Peak extra memory is one chunk of logits, sized like the hidden states, instead of
-logits + log-softmax + their gradient.
+logits + log-softmax + their gradient. Softmax statistics and the loss are fp32; the weight gradient
+accumulates chunk by chunk in the weight's dtype (each chunk's GEMM accumulates in fp32), as in Liger.
 
 A low-rank side input (`lora_hidden` [N, r], `lora_weight` [V, r]) adds `lora_hidden @ lora_weight.T`
 to the logits and receives its gradients: that is how a LoRA adapter on lm_head is trained.
