@@ -21,10 +21,10 @@ demo: $(STAMP)
 	$(BIN)/raysft demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not gpu" -rs --durations=25 tests
+	$(BIN)/pytest -m "not gpu" -rs --durations=30 tests
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not gpu and not slow" -x -q tests
+	$(BIN)/pytest -m "not gpu and not slow" -x -q tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache
