@@ -56,7 +56,7 @@ class LocalHead:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
         _kill_session(self.proc.pid)
