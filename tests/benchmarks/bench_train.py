@@ -171,8 +171,8 @@ def matmul_params(model) -> int:
     import torch
 
     n = 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and "lora_" not in name:  # the adapters' own FLOPs are ~1%: left out
             n += module.in_features * module.out_features
     return n
 
@@ -187,29 +187,55 @@ def flops_per_token(n_matmul: int, n_layers: int, hidden: int, sample_lens: list
     return 4.0 * n_matmul + 3 * 4.0 * n_layers * hidden * mean_ctx
 
 
+def _import_raysft_from_checkout() -> None:
+    """On a GPU box without `pip install -e .` (and without Ray): map pipeline/ and kernels/ to raysft.* by hand."""
+    try:
+        import raysft.pipeline  # noqa: F401
+        return
+    except ImportError:
+        pass
+    import importlib.util
+    import types
+
+    root = types.ModuleType("raysft")
+    root.__path__ = []
+    sys.modules["raysft"] = root
+    for sub in ("pipeline", "kernels"):
+        spec = importlib.util.spec_from_file_location(f"raysft.{sub}", REPO / sub / "__init__.py",
+                                                      submodule_search_locations=[str(REPO / sub)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[f"raysft.{sub}"] = module
+        spec.loader.exec_module(module)
+
+
 def gpu_main(args) -> None:
     import torch
+
+    _import_raysft_from_checkout()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from raysft.pipeline.config import Config
     from raysft.pipeline.model import build_model
     from raysft.pipeline.train.step import TorchEngine, collate, make_optimizer, optimizer_step
 
-    assert torch.cuda.is_available(), "--gpu needs a CUDA GPU"
-    gpu = torch.cuda.get_device_name(0)
+    dev = args.device
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--gpu needs a CUDA GPU (--device cpu runs the same code as a smoke check).")
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    gpu = torch.cuda.get_device_name(0) if dev == "cuda" else "cpu (smoke check)"
     results = []
     for name in args.models.split(","):
         arch = GPU_MODELS[name]
         with tempfile.TemporaryDirectory(prefix=f"raysft-bench-{name}-") as tmp:
             torch.manual_seed(0)
-            LlamaForCausalLM(LlamaConfig(**arch, torch_dtype="bfloat16")).to(torch.bfloat16).save_pretrained(tmp)
+            LlamaForCausalLM(LlamaConfig(**arch)).to(torch.bfloat16).save_pretrained(tmp)
             cfg = Config.from_dict({
                 "model": {"name_or_path": tmp, "quantization": args.quantization, "attn_implementation": args.attn,
                           "gradient_checkpointing": True},
                 "lora": {"r": args.rank, "alpha": 2 * args.rank, "dropout": 0.0, "target_modules": "all-linear"},
                 "train": {"lr": 2e-4, "max_steps": args.steps, "kernels": args.kernels},
             })
-            model = build_model(cfg, device="cuda")
+            model = build_model(cfg, device=dev)
             opt, sched = make_optimizer(model, cfg.train, args.steps)
             engine = TorchEngine(model, opt, sched)
             n_matmul = matmul_params(model.get_base_model())
@@ -225,15 +251,15 @@ def gpu_main(args) -> None:
                 ids = torch.randint(0, arch["vocab_size"], (args.gpu_seq_len,), generator=g).tolist()
                 pos = [p for s in lens for p in range(s)]
                 mb = collate([{"input_ids": ids, "labels": ids, "position_ids": pos}])
-                torch.cuda.synchronize()
-                res = optimizer_step(engine, [mb], mb.n_trained, device="cuda")
-                torch.cuda.synchronize()
+                sync()
+                res = optimizer_step(engine, [mb], mb.n_trained, device=dev)
+                sync()
                 rate = res.tokens / res.seconds
                 if step >= args.warmup:
                     rates.append(rate)
                     fpt = flops_per_token(n_matmul, arch["num_hidden_layers"], arch["hidden_size"], lens)
                     mfus.append(rate * fpt / (args.peak_tflops * 1e12))
-            mem = torch.cuda.max_memory_allocated() / 2**30
+            mem = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
             r = {"model": name, "params_matmul": n_matmul, "tokens_per_s": statistics.median(rates),
                  "mfu": statistics.median(mfus), "max_mem_gib": mem}
             results.append(r)
@@ -241,8 +267,9 @@ def gpu_main(args) -> None:
                   f"(N={n_matmul / 1e6:.0f}M in matmuls, {args.quantization}, seq {args.gpu_seq_len}, peak mem {mem:.1f} GiB)",
                   flush=True)
             del model, engine, opt
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
     print(json.dumps({"gpu": gpu, "peak_tflops": args.peak_tflops, "quantization": args.quantization,
                       "seq_len": args.gpu_seq_len, "results": results}, indent=2))
 
@@ -264,6 +291,7 @@ def main() -> None:
     ap.add_argument("--kernels", action="store_true", help="GPU: use raysft's Triton kernels")
     ap.add_argument("--gpu-seq-len", type=int, default=4096)
     ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--device", default="cuda", help="GPU variant's device (cpu: a smoke check of the code path)")
     ap.add_argument("--_trl-worker", dest="trl_worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--data", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
