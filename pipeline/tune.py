@@ -427,15 +427,16 @@ def _collect(cfg: Config, plan: SweepPlan, sweep_dir: Path, grid) -> SweepResult
 
 
 def _history(result) -> list[dict[str, Any]]:
-    """Every result the trial reported, one per training step (a resumed trial repeats steps: keep the last)."""
-    df = result.metrics_dataframe
-    if df is None or "step" not in df:
-        return []
+    """Every result the trial reported, one per training step (a resumed trial repeats steps: keep the last).
+
+    Read from the trial's result.json, where a metric that was not reported is absent and a diverged
+    one is NaN (a dataframe cannot tell the two apart)."""
+    path = Path(result.path) / "result.json"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
     by_step: dict[int, dict[str, Any]] = {}
-    for row in df.to_dict("records"):
-        if isinstance(row.get("step"), (int, float)) and not math.isnan(row["step"]):
-            clean = {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
-            by_step[int(row["step"])] = clean
+    for row in rows:
+        if isinstance(row.get("step"), (int, float)):
+            by_step[int(row["step"])] = row
     return [by_step[s] for s in sorted(by_step)]
 
 

@@ -198,6 +198,21 @@ def test_asha_stops_diverged_trials_but_never_a_trial_at_its_last_step(tmp_path)
     assert [(e["trial_id"], e["event"], e["step"]) for e in stops] == [("t1", "early_stopped", 2)]
 
 
+def test_history_keeps_diverged_values_and_the_last_report_of_a_repeated_step(tmp_path):
+    """A resumed trial re-reports steps after its checkpoint; a diverged one reports NaN (not a missing value)."""
+    from types import SimpleNamespace
+
+    from raysft.pipeline.tune import _history
+
+    lines = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0, "eval_loss": 2.5}, {"step": 3, "loss": 9.0},
+             {"step": 3, "loss": 1.5}, {"step": 4, "loss": float("nan"), "eval_loss": float("nan")}]
+    (tmp_path / "result.json").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    history = _history(SimpleNamespace(path=str(tmp_path)))
+    assert [h["step"] for h in history] == [1, 2, 3, 4] and history[2]["loss"] == 1.5
+    row = table_row(TrialRecord("t", {}, history, 1.0, COMPLETED), "eval_loss", "min")
+    assert math.isnan(row["final_eval_loss"]) and row["best_eval_loss"] == 2.5
+
+
 # --- table, best trial, plots ---------------------------------------------------------------------
 
 def _record(trial_id, r, lr, evals, reason=COMPLETED):
