@@ -13,6 +13,7 @@ input files, the tokenizer and the data config, or builds it once (lock + atomic
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -197,6 +198,10 @@ def _run(cfg, inputs: Inputs, out_dir: Path, use_ray: bool = True) -> dict:
 
     started = not ray.is_initialized()
     if started:
+        # Ray Data records usage stats from its executor thread after the last batch; if that races
+        # with our ray.shutdown() below, the core worker quick-exits the process with an error status
+        # (seen under heavy load). We own this Ray instance, so skip that bookkeeping.
+        os.environ.setdefault("RAY_DATA_USAGE_DISABLED", "1")
         try:
             ray.init(address=cfg.run.address, include_dashboard=False, log_to_driver=False,
                      runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})

@@ -104,7 +104,7 @@ def run(cmd: list[str], env: dict | None = None) -> tuple[float, int, int, float
         time.sleep(0.2)
     wall = time.monotonic() - start
     if proc.returncode != 0:
-        raise SystemExit(f"{cmd[:4]} failed:\n{proc.stderr.read()[-3000:]}")
+        raise RuntimeError(f"{cmd[:4]} failed:\n{proc.stderr.read()[-3000:]}")
     return wall, peak_tree, peak_main, sum(cpu.values())
 
 
