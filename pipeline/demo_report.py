@@ -42,14 +42,14 @@ def plot_losses(metrics: list[dict[str, Any]], path: str | os.PathLike, title: s
     train, evals = loss_series(metrics)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     if train:
-        ax.plot([s for s, _ in train], [v for _, v in train], lw=1.2, label="train loss (per step)")
+        ax.plot([s for s, _ in train], [v for _, v in train], lw=1.2, label="train loss per step (NF4 base)")
     if evals:
-        ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", lw=1.5, label="eval loss (during training)")
+        ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", lw=1.5, label="eval loss during training (NF4 base)")
     last = max([s for s, _ in train] + [s for s, _ in evals] + [1])
     if before_eval is not None:
-        ax.plot([0], [before_eval], "s", color="tab:red", label=f"eval before: {before_eval:.3f}")
+        ax.plot([0], [before_eval], "s", color="tab:red", label=f"eval before, fp32 base: {before_eval:.3f}")
     if after_eval is not None:
-        ax.plot([last], [after_eval], "D", color="tab:green", label=f"eval after: {after_eval:.3f}")
+        ax.plot([last], [after_eval], "D", color="tab:green", label=f"eval after, fp32 base + adapter: {after_eval:.3f}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy on response tokens")
     ax.set_title(title)
