@@ -96,13 +96,15 @@ def _first_line(exc: BaseException) -> str:
 
 def _call(what: str, job_id: str, url: str, fn: Callable[[], T]) -> T:
     """Run one Jobs API call, turning a missing job or a failed request into one sentence."""
+    import requests
+
     try:
         return fn()
     except RuntimeError as exc:
         if "404" in str(exc) or "does not exist" in str(exc):
             raise ClusterError(f"No job {job_id} on the Ray cluster at {url}.") from None
         raise ClusterError(f"Could not {what} job {job_id} at {url}: {_first_line(exc)}") from None
-    except ConnectionError:
+    except (ConnectionError, requests.RequestException):
         raise ClusterError(f"Lost the connection to the Ray cluster at {url} while trying to {what} job {job_id}.") from None
 
 
@@ -162,11 +164,13 @@ def _follow(client, job_id: str, url: str) -> int:
             sys.stdout.write(chunk)
             sys.stdout.flush()
 
+    import aiohttp
+
     try:
         try:
             asyncio.run(stream())
-        except RuntimeError as exc:  # the log socket dropped: fall back to polling the status
-            print(f"raysft: note: log stream ended early ({_first_line(exc)}); waiting for the job to finish.",
+        except (RuntimeError, aiohttp.ClientError, OSError) as exc:  # the log socket dropped: poll the status
+            print(f"raysft: note: log stream ended early ({_first_line(exc).rstrip('.')}); waiting for the job to finish.",
                   file=sys.stderr)
         info = _wait_terminal(client, job_id, url)
     except KeyboardInterrupt:
