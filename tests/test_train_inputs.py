@@ -137,3 +137,12 @@ def test_rng_state_roundtrip_is_json():
     set_rng_state(state)
     b = (random.random(), np.random.rand(), torch.rand(3))
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_user_deepspeed_json_is_checked_and_resolved(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        preflight(base(tiny_model_dir, tmp_path, **{"train.deepspeed.config": str(tmp_path / "ds.json")}))
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    cfg = preflight(base(tiny_model_dir, tmp_path, **{"train.deepspeed.config": str(tmp_path / "ds.json")}))
+    assert cfg.train.deepspeed.config == str((tmp_path / "ds.json").resolve())
+    assert cfg.run.storage_path == str((tmp_path / "runs").resolve())
