@@ -11,6 +11,7 @@ head process, then SIGKILL to whatever is left in the session it started.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import requests
 
 
@@ -127,10 +129,6 @@ def start_head(num_cpus: int = 4, timeout_s: float = 120) -> LocalHead:
 
 
 # ---------------------------------------------------------------- fixtures and helpers
-
-import json  # noqa: E402
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="module")
