@@ -152,3 +152,59 @@ def test_template_refusing_a_row_is_a_counted_drop(chatml_tokenizer):
     ok, refused = encoder.encode([normalise_row(good), normalise_row(bad)])
     assert [chatml_tokenizer.decode(s) for s in trained_segments(*ok)] == ["hello<|im_end|>"]
     assert refused.reason == "template_error"
+
+
+SMOLLM2 = "/tmp/smollm2_tok"  # real SmolLM2 tokenizer (see BENCHMARKS.md), used when present
+
+
+def _real_or_tiny(name, chatml_tokenizer, llama3_tokenizer):
+    if name == "smollm2":
+        import os
+
+        if not os.path.isfile(os.path.join(SMOLLM2, "tokenizer.json")):
+            pytest.skip(f"no SmolLM2 tokenizer at {SMOLLM2}")
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(SMOLLM2), "chatml"
+    return (chatml_tokenizer if name == "chatml" else llama3_tokenizer), name
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3", "smollm2"])
+def test_light_spec_matches_transformers_token_for_token(name, shared_data, chatml_tokenizer, llama3_tokenizer):
+    """What the Ray actors run (TokenizerSpec: tokenizers + jinja2, no transformers) gives the same
+    render, ids and labels as transformers' own apply_chat_template and tokenizer."""
+    import pickle
+    import subprocess
+    import sys
+
+    from raysft.pipeline.data.light_tokenizer import TokenizerSpec
+
+    tok, template = _real_or_tiny(name, chatml_tokenizer, llama3_tokenizer)
+    spec = pickle.loads(pickle.dumps(TokenizerSpec.from_hf(tok)))  # as it reaches an actor
+    light = ChatEncoder(spec)
+    assert light.special_ids == set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    assert light.eos_id == tok.eos_token_id
+    with open(shared_data / "gsm8k" / "train.jsonl") as f:
+        gsm8k = [json.loads(next(f)) for _ in range(60)]
+    sharegpt = json.loads((shared_data / "sharegpt" / "dummy_conversation.json").read_text())
+    items = [normalise_row(r) for r in SYNTHETIC + gsm8k + sharegpt[::5]]
+    items += [normalise_row({"text": "plain text"})]
+    items = [i for i in items if i.drop_reason is None]
+    for item, got, hf in zip(items, light.encode(items), ChatEncoder(tok).encode(items)):
+        assert got[0].tolist() == hf[0].tolist() and got[1].tolist() == hf[1].tolist()
+        if item.messages is not None:
+            want_text = tok.apply_chat_template(item.messages, tokenize=False)
+            assert light.render(item.messages) == want_text
+            assert light.render(item.messages, True) == tok.apply_chat_template(item.messages, tokenize=False, add_generation_prompt=True)
+            assert got[0].tolist() == tok(want_text, add_special_tokens=False)["input_ids"]
+            if name != "smollm2":  # real merges can pull the newline before a content into its first token
+                check_row(tok, template, {"messages": item.messages}, light)
+        else:
+            assert got[0].tolist()[:-1] == tok(item.text)["input_ids"]
+    # The light path really is light: building and using it imports no transformers.
+    code = ("import pickle, sys; from raysft.pipeline.data.tokenize import ChatEncoder; "
+            "from raysft.pipeline.data.formats import normalise_row; "
+            "e = ChatEncoder(pickle.loads(sys.stdin.buffer.read())); "
+            "e.encode([normalise_row({'prompt': 'a', 'completion': 'b'})]); "
+            "assert 'transformers' not in sys.modules, 'transformers imported'")
+    subprocess.run([sys.executable, "-c", code], input=pickle.dumps(spec), check=True, timeout=120)

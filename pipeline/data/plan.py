@@ -18,6 +18,7 @@ import shutil
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -30,6 +31,7 @@ from raysft.pipeline.data import cache
 from raysft.pipeline.data.pack import DATASET_COLUMNS, pack_batch
 from raysft.pipeline.data.sources import Chunk, expand, files_identity, plan_chunks, read_chunk, read_chunks_batch
 from raysft.pipeline.data.stats import StatsAccumulator
+from raysft.pipeline.data.light_tokenizer import TokenizerSpec
 from raysft.pipeline.data.tokenize import TokenizeStage, load_tokenizer
 from raysft.pipeline.errors import ClusterError, ConfigError
 
@@ -168,7 +170,7 @@ def packed_batches_ray(cfg, inputs: Inputs) -> Iterable[pa.Table]:
         ds = ray.data.from_items([c.to_dict() for c in chunks], override_num_blocks=len(chunks))
         ds = ds.map_batches(
             ReadAndTokenize,  # one chunk (<= data.tokenize_batch_size rows) per call
-            fn_constructor_kwargs=dict(tokenizer=inputs.tokenizer, fmt=cfg.data.format,
+            fn_constructor_kwargs=dict(tokenizer=TokenizerSpec.from_hf(inputs.tokenizer), fmt=cfg.data.format,
                                        system_prompt=cfg.data.system_prompt, train_on=cfg.data.train_on),
             batch_size=1,
             compute=ActorPoolStrategy(size=cfg.data.num_tokenizer_actors),
@@ -191,24 +193,55 @@ def packed_batches_ray(cfg, inputs: Inputs) -> Iterable[pa.Table]:
         ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
 
 
-def _run(cfg, inputs: Inputs, out_dir: Path, use_ray: bool = True) -> dict:
+def _start_ray(cfg) -> bool:
+    """ray.init unless Ray is already up; True when this call started it (and so must shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    # Ray Data records usage stats from its executor thread after the last batch; if that races
+    # with our ray.shutdown(), the core worker quick-exits the process with an error status
+    # (seen under heavy load). We own this Ray instance, so skip that bookkeeping.
+    os.environ.setdefault("RAY_DATA_USAGE_DISABLED", "1")
+    try:
+        ray.init(address=cfg.run.address, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    except Exception as exc:  # a head that cannot be reached, or a local node that failed to start
+        where = f"the Ray cluster at {cfg.run.address} (run.address)" if cfg.run.address else "a local Ray instance"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise ClusterError(f"Could not start or reach {where}: {first}") from None
+    return True
+
+
+def _resolve_while_ray_starts(cfg) -> tuple[Inputs, bool]:
+    """resolve_inputs (transformers import + tokenizer load, ~8 s of one core) in a thread while the
+    main thread runs ray.init, which mostly waits for GCS and raylet to come up. A config or data
+    error wins over a Ray error, and Ray is shut down again when the inputs fail."""
+    import ray
+
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(resolve_inputs, cfg)
+        try:
+            started = _start_ray(cfg)
+        except ClusterError:
+            future.result()
+            raise
+        try:
+            return future.result(), started
+        except BaseException:
+            if started:
+                ray.shutdown()
+            raise
+
+
+def _run(cfg, inputs: Inputs, out_dir: Path, use_ray: bool = True, started: Optional[bool] = None) -> dict:
+    """Run the plan into out_dir; `started` says Ray was already started for this run (by us: True)."""
     if not use_ray:
         return consume(cfg, inputs, packed_batches_local(cfg, inputs), out_dir)
     import ray
 
-    started = not ray.is_initialized()
-    if started:
-        # Ray Data records usage stats from its executor thread after the last batch; if that races
-        # with our ray.shutdown() below, the core worker quick-exits the process with an error status
-        # (seen under heavy load). We own this Ray instance, so skip that bookkeeping.
-        os.environ.setdefault("RAY_DATA_USAGE_DISABLED", "1")
-        try:
-            ray.init(address=cfg.run.address, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-        except Exception as exc:  # a head that cannot be reached, or a local node that failed to start
-            where = f"the Ray cluster at {cfg.run.address} (run.address)" if cfg.run.address else "a local Ray instance"
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-            raise ClusterError(f"Could not start or reach {where}: {first}") from None
+    if started is None:
+        started = _start_ray(cfg)
     try:
         return consume(cfg, inputs, packed_batches_ray(cfg, inputs), out_dir)
     finally:
@@ -231,10 +264,20 @@ def prepare(cfg, output: str | Path | None = None, use_ray: bool = True) -> dict
     if output is None:
         return ensure_prepared(cfg, use_ray=use_ray).stats
     out_dir = Path(output).expanduser()
-    inputs = resolve_inputs(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _clear(out_dir)
-    return _run(cfg, inputs, out_dir, use_ray)
+    if not use_ray:
+        inputs, started = resolve_inputs(cfg), None
+    else:
+        inputs, started = _resolve_while_ray_starts(cfg)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _clear(out_dir)
+    except BaseException:
+        if started:
+            import ray
+
+            ray.shutdown()
+        raise
+    return _run(cfg, inputs, out_dir, use_ray, started)
 
 
 def ensure_prepared(cfg, use_ray: bool = True) -> Prepared:

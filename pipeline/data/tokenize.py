@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from raysft.pipeline.data.formats import BadRow, Normalised, parse_and_normalise
+from raysft.pipeline.data.light_tokenizer import TokenizerSpec, compile_chat_template
 from raysft.pipeline.errors import ModelError
 
 IGNORE = -100
@@ -85,18 +86,19 @@ class ChatEncoder:
     """Normalised rows -> (input_ids, labels) with exact response masks; holds one tokenizer."""
 
     def __init__(self, tokenizer, train_on: str = "responses") -> None:
-        from transformers.utils.chat_template_utils import _compile_jinja_template
-
+        # A TokenizerSpec (what Ray actors get) needs only `tokenizers` + `jinja2`; a Hugging Face
+        # tokenizer is reduced to the same spec, so both paths render and encode identically.
+        spec = tokenizer if isinstance(tokenizer, TokenizerSpec) else TokenizerSpec.from_hf(tokenizer)
         self.tokenizer = tokenizer
-        self.backend = tokenizer.backend_tokenizer if hasattr(tokenizer, "backend_tokenizer") else tokenizer._tokenizer
+        if isinstance(tokenizer, TokenizerSpec):
+            self.backend = spec.backend()
+        else:
+            self.backend = tokenizer.backend_tokenizer if hasattr(tokenizer, "backend_tokenizer") else tokenizer._tokenizer
         self.train_on = train_on
-        template = tokenizer.get_chat_template() if tokenizer.chat_template else None
-        self.template = _compile_jinja_template(template) if template else None
-        self.template_kwargs = dict(tokenizer.special_tokens_map)
-        self.special_ids = set(tokenizer.all_special_ids) | {
-            i for i, t in tokenizer.added_tokens_decoder.items() if t.special
-        }
-        self.eos_id = tokenizer.eos_token_id
+        self.template = compile_chat_template(spec.chat_template) if spec.chat_template else None
+        self.template_kwargs = dict(spec.template_vars)
+        self.special_ids = set(spec.special_ids)
+        self.eos_id = spec.eos_id
 
     def render(self, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
         # The same variables apply_chat_template passes (templates test `tools is not none`).
