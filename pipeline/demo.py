@@ -135,7 +135,9 @@ def _train_on_local_ray(cfg: Config):
         # Logical CPUs: at least one per worker plus one for the data plan's tokenizer actors.
         cpus = max(os.cpu_count() or 1, int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker) + 1)
         ray.init(address=cfg.run.address or "local", num_cpus=None if cfg.run.address else cpus,
-                 log_to_driver=True, include_dashboard=False, configure_logging=False,
+                 # The dashboard serves the State API, which Ray Train's placement-group cleaner polls:
+                 # without it the cleaner can take the run for dead and remove its workers.
+                 log_to_driver=True, include_dashboard=True, configure_logging=False,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
                                            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})  # worker prints once, not twice
         started = True
