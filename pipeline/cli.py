@@ -53,7 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from raysft.pipeline.tune import tune
+    from raysft.pipeline.sweep import tune
 
     sweep = tune(_load(args), resume=args.resume)
     print(sweep.summary_line())

@@ -53,7 +53,7 @@ def run_demo(output: str | os.PathLike = "runs/demo", overrides: list[str] | Non
     from raysft.pipeline.demo_eval import evaluate, read_rows
     from raysft.pipeline.demo_report import summary_lines, write_report
     from raysft.pipeline.fetch import fetch_model
-    from raysft.pipeline.train.metrics import read_metrics
+    from raysft.pipeline.training.metrics import read_metrics
 
     t0 = time.perf_counter()
     output = Path(output).expanduser().resolve()

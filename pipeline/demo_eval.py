@@ -59,7 +59,7 @@ def eval_loss(model, tokenizer, rows: list[dict], system_prompt: str | None = No
     """Mean next-token CE over response tokens of `rows` (packed, samples kept apart by position_ids)."""
     from raysft.pipeline.data.formats import normalise_row
     from raysft.pipeline.data.tokenize import ChatEncoder
-    from raysft.pipeline.train.step import collate, eval_loss_sum
+    from raysft.pipeline.training.step import collate, eval_loss_sum
 
     encoded = ChatEncoder(tokenizer).encode([normalise_row(r, system_prompt=system_prompt) for r in rows])
     packed: list[list[dict]] = [[]]

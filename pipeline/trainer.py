@@ -18,7 +18,7 @@ from typing import Any, Optional
 from raysft.pipeline.config import Config
 from raysft.pipeline.errors import ClusterError, ConfigError, DataError
 from raysft.pipeline.model import ADAPTER_DIR, RESOLVED_CONFIG, load_tokenizer, materialize_gguf, resolve_model_source
-from raysft.pipeline.train.ledger import LEDGER_FILE
+from raysft.pipeline.training.ledger import LEDGER_FILE
 
 
 @dataclass
@@ -128,14 +128,14 @@ def build_trainer(cfg: Config, prepared, *, callbacks: list | None = None):
     """A TorchTrainer for `cfg` on `prepared` (train_dir, eval_dir); the caller calls `.fit()`.
 
     The packed rows travel as object refs of one Arrow table, so workers on other nodes need no
-    shared filesystem; the per-step order is computed identically on every rank (train/order.py).
+    shared filesystem; the per-step order is computed identically on every rank (training/order.py).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raysft.pipeline.train.loop import train_loop_per_worker
-    from raysft.pipeline.train.order import StepPlan
+    from raysft.pipeline.training.loop import train_loop_per_worker
+    from raysft.pipeline.training.order import StepPlan
 
     check_cluster(cfg)
     train_table = read_rows(prepared.train_dir, "train")

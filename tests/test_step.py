@@ -9,7 +9,7 @@ import torch
 
 from raysft.pipeline.config import load_config
 from raysft.pipeline.model import build_model
-from raysft.pipeline.train.step import (
+from raysft.pipeline.training.step import (
     IGNORE, MicroBatch, TorchEngine, collate, eval_loss_sum, loss_sum, make_optimizer, optimizer_step,
 )
 

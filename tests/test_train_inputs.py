@@ -12,10 +12,10 @@ import yaml
 
 from raysft.pipeline.config import load_config
 from raysft.pipeline.errors import ClusterError, ConfigError, ModelError
-from raysft.pipeline.train.checkpoint import rng_state, set_rng_state
-from raysft.pipeline.train.ledger import Ledger, check_exactly_once
-from raysft.pipeline.train.loop import deepspeed_config
-from raysft.pipeline.train.order import StepPlan
+from raysft.pipeline.training.checkpoint import rng_state, set_rng_state
+from raysft.pipeline.training.ledger import Ledger, check_exactly_once
+from raysft.pipeline.training.loop import deepspeed_config
+from raysft.pipeline.training.order import StepPlan
 from raysft.pipeline.trainer import preflight, train
 
 

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from raysft.pipeline.config import load_config
-from raysft.pipeline.train.ledger import check_exactly_once
-from raysft.pipeline.train.metrics import read_metrics
+from raysft.pipeline.training.ledger import check_exactly_once
+from raysft.pipeline.training.metrics import read_metrics
 from raysft.pipeline.trainer import build_trainer, finish_run, preflight
 from train_fixtures import make_prepared
 
@@ -82,7 +82,7 @@ def test_step_split_invariance(run_1w, run_2w, prepared):
     assert ledger(run_1w.run_dir) == ledger(run_2w.run_dir)
     # The rows really have unequal trained-token counts (otherwise averaging per rank would also pass).
     import pyarrow.parquet as pq
-    from raysft.pipeline.train.step import trained_tokens
+    from raysft.pipeline.training.step import trained_tokens
 
     counts = {trained_tokens(r) for r in pq.read_table(prepared.train_dir).column("labels").to_pylist()}
     assert len(counts) > 3
@@ -149,7 +149,7 @@ def test_recovery_from_killed_worker_is_exact(ray_session, tiny_model_dir, runs_
 
 def _eval_loss(model, eval_dir) -> float:
     import pyarrow.parquet as pq
-    from raysft.pipeline.train.step import collate, eval_loss_sum
+    from raysft.pipeline.training.step import collate, eval_loss_sum
 
     rows = pq.read_table(eval_dir).to_pylist()
     s, n = eval_loss_sum(model, [collate([r]) for r in rows])

@@ -8,7 +8,7 @@ data loading excluded on both sides) is reported as the median after --warmup st
 
     python tests/benchmarks/bench_train.py [--steps 12] [--warmup 2] [--seq-len 512] [--threads 2]
 
-GPU (--gpu): the Ray-free training step (pipeline/train/step.py) on one GPU: tokens/s and MFU for
+GPU (--gpu): the Ray-free training step (pipeline/training/step.py) on one GPU: tokens/s and MFU for
 the demo model's architecture and a ~1B Llama, randomly initialised (throughput does not depend on
 the weights, and nothing needs downloading). LoRA training is counted as 4N FLOPs per token (N =
 parameters in matmuls: forward 2N, backward through frozen weights 2N) plus attention, against
@@ -216,7 +216,7 @@ def gpu_main(args) -> None:
 
     from raysft.pipeline.config import Config
     from raysft.pipeline.model import build_model
-    from raysft.pipeline.train.step import TorchEngine, collate, make_optimizer, optimizer_step
+    from raysft.pipeline.training.step import TorchEngine, collate, make_optimizer, optimizer_step
 
     dev = args.device
     if dev == "cuda" and not torch.cuda.is_available():

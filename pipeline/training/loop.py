@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from raysft.pipeline.config import Config
-from raysft.pipeline.train import checkpoint as ckpt_io
-from raysft.pipeline.train.ledger import LEDGER_FILE, Ledger
-from raysft.pipeline.train.metrics import MetricsLog
-from raysft.pipeline.train.order import StepPlan
-from raysft.pipeline.train.step import MicroBatch, collate, eval_loss_sum, make_optimizer, optimizer_step
+from raysft.pipeline.training import checkpoint as ckpt_io
+from raysft.pipeline.training.ledger import LEDGER_FILE, Ledger
+from raysft.pipeline.training.metrics import MetricsLog
+from raysft.pipeline.training.order import StepPlan
+from raysft.pipeline.training.step import MicroBatch, collate, eval_loss_sum, make_optimizer, optimizer_step
 
 ROW_COLUMNS = ["input_ids", "labels", "position_ids", "source_ids"]
 

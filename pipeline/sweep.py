@@ -22,9 +22,7 @@ import logging
 import math
 import os
 import shutil
-import sys
 import time
-import types
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -38,11 +36,11 @@ from ray.tune.search.optuna import OptunaSearch
 
 from raysft.pipeline.config import Config
 from raysft.pipeline.errors import ClusterError, ConfigError
-from raysft.pipeline.tune_report import (
+from raysft.pipeline.sweep_report import (
     COMPLETED, EARLY_STOPPED, ERROR, INTERRUPTED, BestTrial, SweepResult, TrialRecord,
     pick_best, plot_curves, plot_loss_vs_lr, table_row, write_csv,
 )
-from raysft.pipeline.tune_space import SweepPlan, data_overrides, plan_sweep, trial_overrides
+from raysft.pipeline.sweep_space import SweepPlan, data_overrides, plan_sweep, trial_overrides
 
 log = logging.getLogger("raysft.tune")
 
@@ -271,7 +269,7 @@ class PlannedSteps:
     rows: dict[str, int]  # packed train rows per data variant
 
     def __call__(self, sampled: dict[str, Any]) -> int:
-        from raysft.pipeline.train.order import StepPlan
+        from raysft.pipeline.training.order import StepPlan
 
         base = Config.from_dict(self.base, self.source)
         cfg = base.with_overrides(trial_overrides(self.plan, sampled, base))
@@ -458,15 +456,3 @@ def _read_events(sweep_dir: Path) -> list[dict[str, Any]]:
 def _jsonable(v: Any) -> Any:
     item = getattr(v, "item", None)
     return item() if callable(item) else v
-
-
-class _CallableModule(types.ModuleType):
-    """Importing this submodule makes `raysft.pipeline.tune` name the module rather than the function
-    (Python sets the package attribute after the import); calling the module runs the function, so the
-    documented `from raysft.pipeline import tune; tune(cfg)` works in either order."""
-
-    def __call__(self, cfg: Config, resume: bool = False) -> SweepResult:
-        return tune(cfg, resume=resume)
-
-
-sys.modules[__name__].__class__ = _CallableModule

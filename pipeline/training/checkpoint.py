@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from raysft.pipeline.model import ADAPTER_DIR, RESOLVED_CONFIG, save_adapter
-from raysft.pipeline.train.ledger import LEDGER_FILE
+from raysft.pipeline.training.ledger import LEDGER_FILE
 
 TAG = "ds"
 STATE_FILE = "state.json"

@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional, get_args, get_origin
 from raysft.pipeline.config import Config, get_dotted
 from raysft.pipeline.errors import ConfigError
 
-# What the training loop reports (train/loop.py): every step, and at eval intervals and the end.
+# What the training loop reports (training/loop.py): every step, and at eval intervals and the end.
 STEP_METRICS = ("step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "trained_tokens")
 EVAL_METRICS = ("eval_loss", "eval_ppl")
 REPORTED_METRICS = STEP_METRICS + EVAL_METRICS
