@@ -206,7 +206,9 @@ def _init_ray(cfg: Config) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=cfg.run.address, log_to_driver=True)
+        # Ray Train's print patch would echo every worker line twice on the driver.
+        ray.init(address=cfg.run.address, log_to_driver=True,
+                 runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TOKENIZERS_PARALLELISM": "false"}})
 
 
 def train(cfg: Config) -> TrainResult:
