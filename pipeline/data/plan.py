@@ -203,9 +203,17 @@ def _start_ray(cfg) -> bool:
     # with our ray.shutdown(), the core worker quick-exits the process with an error status
     # (seen under heavy load). We own this Ray instance, so skip that bookkeeping.
     os.environ.setdefault("RAY_DATA_USAGE_DISABLED", "1")
+    # One tokenizer per actor, no rayon threads competing for the actors' CPUs. A local node inherits
+    # this process's environment; a job-level runtime_env there would also make the raylet's
+    # prestarted workers (started without one) unusable for our actors and tasks.
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    remote = bool(cfg.run.address or os.environ.get("RAY_ADDRESS"))
+    runtime_env = {"env_vars": env} if remote else None
+    if not remote:
+        for name, value in env.items():
+            os.environ.setdefault(name, value)
     try:
-        ray.init(address=cfg.run.address, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+        ray.init(address=cfg.run.address, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
     except Exception as exc:  # a head that cannot be reached, or a local node that failed to start
         where = f"the Ray cluster at {cfg.run.address} (run.address)" if cfg.run.address else "a local Ray instance"
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
