@@ -108,19 +108,21 @@ def test_metrics_ledger_and_checkpoints(run_2w):
     assert (last / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def _read_quietly(run_dir: Path) -> list[dict]:
+def _registered_checkpoint_step(run_dir: Path) -> int:
     try:
-        return read_metrics(run_dir)
-    except (OSError, ValueError):
-        return []
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        return int(snapshot["latest_checkpoint_result"]["checkpoint_dir_name"].split("_")[1])
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return 0
 
 
 def _kill_a_worker_after_first_checkpoint(run_dir: Path, killed: dict, gcs_address: str) -> None:
     from ray.util.state import list_actors
 
-    # Step 3 logged means every rank returned from step 2's report: checkpoint_000002 is registered.
+    # Kill only once Ray Train's controller has registered a checkpoint (its snapshot names it): a
+    # rank returning from report() does not mean the controller has processed that checkpoint yet.
     deadline = time.time() + 240
-    while time.time() < deadline and not any(r["step"] >= 3 for r in _read_quietly(run_dir)):
+    while time.time() < deadline and _registered_checkpoint_step(run_dir) < 2:
         time.sleep(0.05)
     actors = list_actors(address=gcs_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     if actors:
