@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,18 +26,14 @@ import threading
 import time
 from pathlib import Path
 
+from local_processes import free_port, kill_session
+
 # One sample per packed row at max_seq_len 96, 2 rows per step, nothing left out of the epoch.
 # The node-loss run has room after its first checkpoint (step 4 of 16) for the loss to land mid-run.
 # Both runs use the same data (the second reuses the prepared-data cache).
 N_SAMPLES = 32
 SAVE_EVERY = {"spread": 1000, "node-loss": 4}  # spread: only the final checkpoint
 T0 = time.monotonic()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- the child process
@@ -97,7 +92,7 @@ def run_scenarios(model_dir: str, work: Path) -> dict:
 
     from raysft.pipeline.trainer import train
 
-    gcs_port = _free_port()
+    gcs_port = free_port()
     # Ray processes (e.g. Train's placement-group cleaner) resolve "the" cluster by scanning the
     # machine; other test runs may have clusters here too, so name ours.
     os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{gcs_port}"
@@ -105,7 +100,7 @@ def run_scenarios(model_dir: str, work: Path) -> dict:
     # thread; the finally below shuts the cluster down, and the test kills the child's session anyway.
     cluster = Cluster(initialize_head=True, shutdown_at_exit=False, head_node_args=dict(
         num_cpus=2, gcs_server_port=gcs_port, include_dashboard=True,
-        dashboard_port=_free_port(), dashboard_host="127.0.0.1", resources={"head_node": 1}))
+        dashboard_port=free_port(), dashboard_host="127.0.0.1", resources={"head_node": 1}))
     assert cluster.address == os.environ["RAY_ADDRESS"], (cluster.address, os.environ["RAY_ADDRESS"])
     node_b = cluster.add_node(num_cpus=2, resources={"node_b": 1})
     nodes = {"head": cluster.head_node.node_id, "b": node_b.node_id}
@@ -172,7 +167,7 @@ def _run_child(model_dir: Path, work: Path, timeout_s: float = 900) -> tuple[dic
         log, _ = proc.communicate()
         log += f"\n[test] timed out after {timeout_s} s"
     finally:
-        _kill_session(proc.pid)
+        kill_session(proc.pid)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     if proc.returncode != 0 or not result_file.is_file():
         pytest.fail(f"multi-node run failed (exit {proc.returncode}):\n{log[-6000:]}")
@@ -183,27 +178,6 @@ def _run_child(model_dir: Path, work: Path, timeout_s: float = 900) -> tuple[dic
 def multinode(tmp_path_factory, tiny_model_dir) -> tuple[dict, str]:
     """Both runs, on one 2-node cluster (one cluster start for the two tests)."""
     return _run_child(tiny_model_dir, tmp_path_factory.mktemp("multinode"))
-
-
-def _kill_session(sid: int) -> None:
-    """SIGKILL every process still in the session the child started (only processes this test started)."""
-    for _ in range(30):
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    if os.getsid(int(entry.name)) == sid:
-                        pids.append(int(entry.name))
-                except (ProcessLookupError, PermissionError):
-                    pass
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.3)
 
 
 def _assert_exactly_once(ledger: list[dict]) -> None:

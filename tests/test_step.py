@@ -10,7 +10,7 @@ import torch
 from raysft.pipeline.config import load_config
 from raysft.pipeline.model import build_model
 from raysft.pipeline.training.step import (
-    IGNORE, MicroBatch, TorchEngine, collate, eval_loss_sum, loss_sum, make_optimizer, optimizer_step,
+    IGNORE, TorchEngine, collate, eval_loss_sum, loss_sum, make_optimizer, optimizer_step,
 )
 
 

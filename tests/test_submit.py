@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,11 +26,7 @@ from pathlib import Path
 import pytest
 import requests
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from local_processes import free_port, kill_session
 
 
 @dataclass
@@ -61,35 +56,8 @@ class LocalHead:
                 self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
-        _kill_session(self.proc.pid)
+        kill_session(self.proc.pid)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
-def _session_pids(sid: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getsid(int(entry.name)) == sid:
-                    pids.append(int(entry.name))
-            except (ProcessLookupError, PermissionError):
-                pass
-    return pids
-
-
-def _kill_session(sid: int) -> None:
-    """SIGKILL what is left of the session this head started (only processes this fixture started)."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        pids = _session_pids(sid)
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.3)
 
 
 def start_head(num_cpus: int = 4, timeout_s: float = 120) -> LocalHead:

@@ -154,7 +154,7 @@ def _parquet_chunks(path: Path, file_index: int, split: int, rows_per_chunk: int
         raise DataError(f"The data file {path} is not a readable Parquet file ({str(exc)[:80]}).") from None
     if meta.num_rows == 0:
         raise DataError(f"The data file {path} has no rows.")
-    chunks, groups, first, row, count = [], [], 0, 0, 0
+    chunks, groups, first, count = [], [], 0, 0
     for g in range(meta.num_row_groups):
         groups.append(g)
         count += meta.row_group(g).num_rows
