@@ -16,7 +16,8 @@ import pytest
 from raysft.pipeline import cli
 from raysft.pipeline.config import load_config
 from raysft.pipeline.data import plan
-from raysft.pipeline.data.tokenize import load_tokenizer
+from raysft.pipeline.data.light_tokenizer import TokenizerSpec
+from raysft.pipeline.data.tokenize import load_tokenizer, load_tokenizer_spec
 from raysft.pipeline.errors import DataError, ModelError
 
 STATS_KEYS = {"rows_read", "rows_used", "rows_dropped", "rows_truncated", "tokens_total", "tokens_trainable",
@@ -112,6 +113,39 @@ def test_tokenizer_errors_are_one_sentence(tok_dir, tmp_path, chatml_tokenizer):
     assert load_tokenizer(load_config(None, {**base, "model.name_or_path": "/nowhere", "model.tokenizer": str(tok_dir)}))
 
 
+def test_tokenizer_spec_is_cached_and_keyed_by_the_tokenizer_files(tok_dir, tmp_path, chatml_tokenizer):
+    """The data plan's tokenizer spec is transformers' own output, cached: a second call with unchanged
+    files does not import transformers; a touched file, a corrupt entry or a missing template is handled."""
+    folder = tmp_path / "tok"
+    chatml_tokenizer.save_pretrained(folder)
+    cfg = make_cfg(folder, tmp_path / "x.jsonl", tmp_path)
+    spec = load_tokenizer_spec(cfg)
+    assert spec == TokenizerSpec.from_hf(load_tokenizer(cfg))
+    (entry,) = (tmp_path / "cache" / "tokenizers").glob("*.json")
+    code = ("import sys; from raysft.pipeline.config import load_config; "
+            "from raysft.pipeline.data.tokenize import load_tokenizer_spec; "
+            f"s = load_tokenizer_spec(load_config(None, {cfg_overrides(cfg)!r})); "
+            "print(s.fingerprint(), 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [spec.fingerprint(), "False"]
+    entry.write_text("{not json")
+    assert load_tokenizer_spec(cfg) == spec and TokenizerSpec.from_json(entry.read_text()) == spec
+    cfg_file = folder / "tokenizer_config.json"
+    cfg_file.write_text(cfg_file.read_text())  # same content, new mtime: a new entry
+    load_tokenizer_spec(cfg)
+    assert len(list((tmp_path / "cache" / "tokenizers").glob("*.json"))) == 2
+    plain = chatml_tokenizer.__class__(tokenizer_object=chatml_tokenizer.backend_tokenizer, eos_token="<|im_end|>")
+    plain.save_pretrained(tmp_path / "plain")
+    plain_cfg = make_cfg(tmp_path / "plain", tmp_path / "x.jsonl", tmp_path)
+    assert load_tokenizer_spec(plain_cfg.with_overrides({"data.format": "text"})).chat_template is None
+    with pytest.raises(ModelError, match="has no chat template"):
+        load_tokenizer_spec(plain_cfg)  # answered from the cached spec, with the same sentence
+
+
+def cfg_overrides(cfg) -> dict:
+    return {"model.name_or_path": cfg.model.name_or_path, "data.train": cfg.data.train, "data.cache_dir": cfg.data.cache_dir}
+
+
 def test_cache_is_reused_and_keyed_by_inputs(tok_dir, tmp_path):
     train = write_rows(tmp_path / "t.jsonl", 90)
     cfg = make_cfg(tok_dir, train, tmp_path)
@@ -122,7 +156,7 @@ def test_cache_is_reused_and_keyed_by_inputs(tok_dir, tmp_path):
     for t in threads:
         t.join()
     assert len({r.key for r in results}) == 1 and len({r.train_dir for r in results}) == 1
-    entries = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    entries = [p for p in (tmp_path / "cache").iterdir() if p.is_dir() and p.name != "tokenizers"]
     assert len(entries) == 1 and not list((tmp_path / "cache").glob(".tmp-*"))
     stamp = (results[0].train_dir.parent / "stats.json").stat().st_mtime_ns
     again = plan.ensure_prepared(cfg, use_ray=False)

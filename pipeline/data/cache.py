@@ -17,24 +17,13 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the tokenizer part of the key is TokenizerSpec.fingerprint()
 NOT_IN_KEY = ("cache_dir", "num_tokenizer_actors")  # cannot change the prepared rows
 
 
 def cache_root(cfg) -> Path:
     root = cfg.data.cache_dir or os.path.join("~", ".cache", "raysft", "prepared")
     return Path(os.path.expanduser(root)).resolve()
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Content hash of a tokenizer: vocabulary, merges, normalisation, added tokens, chat template."""
-    h = hashlib.sha256()
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update(backend.to_str().encode() if backend is not None else repr(tokenizer.get_vocab()).encode())
-    template = tokenizer.chat_template
-    h.update(json.dumps(template, sort_keys=True).encode())
-    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
-    return h.hexdigest()
 
 
 def prepared_key(data_config: dict, train_identity: list, eval_identity: list, tokenizer_hash: str) -> str:

@@ -32,7 +32,7 @@ from raysft.pipeline.data.pack import DATASET_COLUMNS, pack_batch
 from raysft.pipeline.data.sources import Chunk, expand, files_identity, plan_chunks, read_chunk, read_chunks_batch
 from raysft.pipeline.data.stats import StatsAccumulator
 from raysft.pipeline.data.light_tokenizer import TokenizerSpec
-from raysft.pipeline.data.tokenize import TokenizeStage, load_tokenizer
+from raysft.pipeline.data.tokenize import TokenizeStage, load_tokenizer_spec
 from raysft.pipeline.errors import ClusterError, ConfigError
 
 ROWS_PER_FILE = 4096  # packed rows per Parquet file
@@ -54,7 +54,7 @@ class Inputs:
 
     train_files: list[Path]
     eval_files: list[Path]
-    tokenizer: object
+    tokenizer: TokenizerSpec
     key: str
 
 
@@ -63,12 +63,11 @@ def resolve_inputs(cfg) -> Inputs:
         raise ConfigError("data.train is not set; point it at a file, directory, glob or hf:// data set.")
     train_files = expand(cfg.resolve_path(cfg.data.train))
     eval_files = expand(cfg.resolve_path(cfg.data.eval)) if cfg.data.eval else []
-    tok = load_tokenizer(cfg)
+    spec = load_tokenizer_spec(cfg)
     key = cache.prepared_key(
-        cfg.data.model_dump(mode="json"), files_identity(train_files), files_identity(eval_files),
-        cache.tokenizer_fingerprint(tok),
+        cfg.data.model_dump(mode="json"), files_identity(train_files), files_identity(eval_files), spec.fingerprint(),
     )
-    return Inputs(train_files, eval_files, tok, key)
+    return Inputs(train_files, eval_files, spec, key)
 
 
 def chunks_for(cfg, inputs: Inputs) -> list[Chunk]:
@@ -115,10 +114,10 @@ def consume(cfg, inputs: Inputs, batches: Iterable[pa.Table], out_dir: Path) -> 
         for batch in batches:
             stats.add(batch)
             for split, sink in enumerate(sinks):
-                keep = batch.filter(pc.and_(pc.equal(batch.column("split"), split),
-                                                    pc.is_null(batch.column("drop_reason"))))
-                if keep.num_rows:
-                    sink.write(keep)
+                keep = pc.and_(pc.equal(batch.column("split"), split), pc.is_null(batch.column("drop_reason")))
+                kept = pc.sum(keep).as_py() or 0
+                if kept:  # filtering copies every list column: skip it when the whole batch is kept
+                    sink.write(batch if kept == batch.num_rows else batch.filter(keep))
             if time.monotonic() - last > 10:
                 last = time.monotonic()
                 st = stats.splits[0]
@@ -156,6 +155,17 @@ class ReadAndTokenize(TokenizeStage):
         return super().__call__(read_chunks_batch(chunks))
 
 
+class PackStage:
+    """Actor: one window of tokenized samples -> packed rows. A long-lived actor, not tasks: each task
+    wave made the raylet start and reap worker processes (~2.4 CPU-s of imports each)."""
+
+    def __init__(self, **kwargs) -> None:
+        self.kwargs = kwargs
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return pack_batch(table, **self.kwargs)
+
+
 def packed_batches_ray(cfg, inputs: Inputs) -> Iterable[pa.Table]:
     """The Ray Data plan; yields packed batches in a deterministic order (preserve_order)."""
     import ray
@@ -170,7 +180,7 @@ def packed_batches_ray(cfg, inputs: Inputs) -> Iterable[pa.Table]:
         ds = ray.data.from_items([c.to_dict() for c in chunks], override_num_blocks=len(chunks))
         ds = ds.map_batches(
             ReadAndTokenize,  # one chunk (<= data.tokenize_batch_size rows) per call
-            fn_constructor_kwargs=dict(tokenizer=TokenizerSpec.from_hf(inputs.tokenizer), fmt=cfg.data.format,
+            fn_constructor_kwargs=dict(tokenizer=inputs.tokenizer, fmt=cfg.data.format,
                                        system_prompt=cfg.data.system_prompt, train_on=cfg.data.train_on),
             batch_size=1,
             compute=ActorPoolStrategy(size=cfg.data.num_tokenizer_actors),
@@ -178,15 +188,15 @@ def packed_batches_ray(cfg, inputs: Inputs) -> Iterable[pa.Table]:
             udf_modifying_row_count=True,
         )
         ds = ds.map_batches(
-            pack_batch,
-            fn_kwargs=dict(max_seq_len=cfg.data.max_seq_len, packing=cfg.data.packing, too_long=cfg.data.too_long),
+            PackStage,
+            fn_constructor_kwargs=dict(max_seq_len=cfg.data.max_seq_len, packing=cfg.data.packing, too_long=cfg.data.too_long),
             batch_size=cfg.data.pack_window,
             batch_format="pyarrow",
             udf_modifying_row_count=True,
             # Packing costs ~2% of tokenizing: it runs beside the tokenizer actors, which hold the CPUs,
             # so windows stream out as they fill instead of waiting for every actor to finish.
             num_cpus=0,
-            compute=TaskPoolStrategy(size=2),
+            compute=ActorPoolStrategy(size=1),
         )
         yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
     finally:
@@ -222,8 +232,8 @@ def _start_ray(cfg) -> bool:
 
 
 def _resolve_while_ray_starts(cfg) -> tuple[Inputs, bool]:
-    """resolve_inputs (transformers import + tokenizer load, ~8 s of one core) in a thread while the
-    main thread runs ray.init, which mostly waits for GCS and raylet to come up. A config or data
+    """resolve_inputs (file listing, and the tokenizer: from the spec cache, else a transformers import
+    + load of ~3 s of one core) in a thread while the main thread runs ray.init, which mostly waits for GCS and raylet to come up. A config or data
     error wins over a Ray error, and Ray is shut down again when the inputs fail."""
     import ray
 

@@ -107,17 +107,22 @@ class StatsAccumulator:
             mask = splits == split
             if not mask.any():
                 continue
-            part = batch.filter(pa.array(mask))
+            # Filtering copies list columns, so only small columns are filtered; drop rows have empty
+            # token lists, so token counts over the whole batch are already the kept rows' counts.
+            part = batch if mask.all() else batch.filter(pa.array(mask))
             st = self.splits[split]
             st.tokens_dropped += int(pc.sum(part.column("tokens_dropped")).as_py() or 0)
-            part = part.filter(pc.is_null(part.column("drop_reason")))
-            if not part.num_rows:
+            keep = pc.is_null(part.column("drop_reason"))
+            small = part.select(["source_ids", "rows_truncated", "tokens_truncated"])
+            if not pc.all(keep).as_py():
+                small = small.filter(keep)
+            if not small.num_rows:
                 continue
-            st.packed_rows += part.num_rows
-            st.rows_used += int(pc.sum(pc.list_value_length(part.column("source_ids"))).as_py())
-            st.rows_truncated += int(pc.sum(part.column("rows_truncated")).as_py())
-            st.tokens_truncated += int(pc.sum(part.column("tokens_truncated")).as_py())
-            st.tokens_total += int(pc.sum(pc.list_value_length(part.column("input_ids"))).as_py())
+            st.packed_rows += small.num_rows
+            st.rows_used += int(pc.sum(pc.list_value_length(small.column("source_ids"))).as_py())
+            st.rows_truncated += int(pc.sum(small.column("rows_truncated")).as_py())
+            st.tokens_truncated += int(pc.sum(small.column("tokens_truncated")).as_py())
+            st.tokens_total += int(pc.sum(pc.list_value_length(part.column("input_ids"))).as_py() or 0)
             labels = pc.list_flatten(part.column("labels"))
             st.tokens_trainable += int(pc.sum(pc.not_equal(labels, -100)).as_py() or 0)
 
