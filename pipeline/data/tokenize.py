@@ -16,6 +16,7 @@ import gc
 import hashlib
 import itertools
 import json
+import logging
 import os
 from operator import itemgetter
 from pathlib import Path
@@ -24,11 +25,14 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 
+from raysft.pipeline.data.fast_bpe import ByteLevelFastPath
 from raysft.pipeline.data.formats import BadRow, Normalised, parse_and_normalise
 from raysft.pipeline.data.light_tokenizer import TokenizerSpec, compile_chat_template
 from raysft.pipeline.errors import ModelError
 
 IGNORE = -100
+FAST_PATH_CHECK_ROWS = 32  # rows compared with tokenizers before an encoder trusts its fast path
+log = logging.getLogger(__name__)
 _START, _END = itemgetter(0), itemgetter(1)
 TOKENIZED_SCHEMA = pa.schema(
     [("source_id", pa.int64()), ("split", pa.int8()), ("input_ids", pa.list_(pa.int32())),
@@ -145,7 +149,7 @@ def _common_prefix_len(a: str, b: str) -> int:
 class ChatEncoder:
     """Normalised rows -> (input_ids, labels) with exact response masks; holds one tokenizer."""
 
-    def __init__(self, tokenizer, train_on: str = "responses") -> None:
+    def __init__(self, tokenizer, train_on: str = "responses", fast_path: bool = True) -> None:
         # A TokenizerSpec (what Ray actors get) needs only `tokenizers` + `jinja2`; a Hugging Face
         # tokenizer is reduced to the same spec, so both paths render and encode identically.
         spec = tokenizer if isinstance(tokenizer, TokenizerSpec) else TokenizerSpec.from_hf(tokenizer)
@@ -159,6 +163,9 @@ class ChatEncoder:
         self.template_kwargs = dict(spec.template_vars)
         self.special_ids = set(spec.special_ids)
         self.eos_id = spec.eos_id
+        # Exact fast path for byte-level BPE on ASCII rows (see fast_bpe.py), checked on first use.
+        self.fast = ByteLevelFastPath.build(self.backend, spec.backend_json) if fast_path else None
+        self.fast_checked = False
 
     def render(self, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
         # The same variables apply_chat_template passes (templates test `tools is not none`).
@@ -245,8 +252,15 @@ class ChatEncoder:
         plain = [j for j in range(len(items)) if texts[j] is not None and spans[j] is None]
         token_ids: list[Any] = [()] * len(items)
         trained: list[list[tuple[int, int]]] = [[] for _ in items]
-        if chat:
-            for j, enc in zip(chat, self.backend.encode_batch([texts[j] for j in chat], add_special_tokens=False)):
+        fast = [j for j in chat if self.fast.safe(texts[j])] if self.fast is not None else []
+        if fast and not self.fast_checked:
+            fast = self._check_fast_path(fast, texts)
+        if fast:
+            self._encode_fast(fast, texts, spans, token_ids, trained)
+        taken = set(fast)
+        slow = [j for j in chat if j not in taken]
+        if slow:
+            for j, enc in zip(slow, self.backend.encode_batch([texts[j] for j in slow], add_special_tokens=False)):
                 ids = enc.ids
                 token_ids[j] = ids
                 if self.train_on == "all":
@@ -272,6 +286,51 @@ class ChatEncoder:
             for lo, hi in ranges:
                 flat_labels[base + lo:base + hi] = flat_ids[base + lo:base + hi]
         return flat_ids, flat_labels, row_offsets, bad
+
+    def _check_fast_path(self, rows: list[int], texts) -> list[int]:
+        """Compare the fast path with `tokenizers` (ids and offsets) on the first rows it would take;
+        on any difference, log it and use `tokenizers` for everything from then on."""
+        self.fast_checked = True
+        sample = rows[:FAST_PATH_CHECK_ROWS]
+        for j, enc in zip(sample, self.backend.encode_batch([texts[j] for j in sample], add_special_tokens=False)):
+            ids = self.fast.encode(texts[j])
+            ends = np.cumsum(self.fast.byte_lengths[np.asarray(ids, dtype=np.int64)]).tolist()
+            if ids != enc.ids or list(zip([0] + ends[:-1], ends)) != enc.offsets:
+                log.warning("The byte-level fast path differs from tokenizers on a row; using tokenizers for all rows.")
+                self.fast = None
+                return []
+        return rows
+
+    def _encode_fast(self, rows: list[int], texts, spans, token_ids, trained) -> None:
+        """Fast-path rows: ids from ByteLevelFastPath; offsets are cumulative byte lengths (ASCII: characters)."""
+        encoded = [self.fast.encode(texts[j]) for j in rows]
+        for j, ids in zip(rows, encoded):
+            token_ids[j] = ids
+        if self.train_on == "all":
+            for j, ids in zip(rows, encoded):
+                trained[j] = [(0, len(ids))]
+            return
+        flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64)
+        ends = np.cumsum(self.fast.byte_lengths[flat])
+        starts = ends - self.fast.byte_lengths[flat]
+        o = 0
+        for j, ids in zip(rows, encoded):
+            n = len(ids)
+            base = int(starts[o]) if n else 0  # the row's first character, in batch coordinates
+            row_starts, row_ends = starts[o:o + n], ends[o:o + n]
+            ranges = []
+            for a, b, turn_end in spans[j]:
+                lo = int(np.searchsorted(row_ends, base + a, side="right"))  # first token ending after a
+                hi = int(np.searchsorted(row_starts, base + b, side="left"))  # first token starting at or after b
+                ranges.append((lo, hi))
+                k = hi
+                while k < n and row_starts[k] < base + turn_end:
+                    if ids[k] in self.special_ids:
+                        ranges.append((k, k + 1))
+                        break
+                    k += 1
+            trained[j] = ranges
+            o += n
 
     def encode(self, items: list[Normalised]) -> list[tuple[np.ndarray, np.ndarray] | BadRow]:
         """Encode a batch; a row that cannot be encoded comes back as a BadRow (its drop reason)."""
