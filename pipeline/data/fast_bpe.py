@@ -26,7 +26,7 @@ import numpy as np
 # and the four whitespace characters a safe text can hold).
 _WORDS = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+""")
 _UNSAFE = re.compile(r"[^\t\n\r\x20-\x7e]")
-_CACHE_LIMIT = 1 << 20  # memoised words before the memo is cleared
+_CACHE_LIMIT = 1 << 18  # memoised words (~40 MB) before the memo is cleared
 
 
 def _byte_chars() -> dict[int, str]:

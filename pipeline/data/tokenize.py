@@ -6,7 +6,8 @@ prefix (`messages[:i]` + generation prompt), which tells where the turn's conten
 finding the content (or its trimmed form, for templates such as Llama-3's that trim) right there.
 The first special token after the content (`<|im_end|>`, `<|eot_id|>`, ...) closes the turn and
 is trained too; the newline after it is not. No marker token sequences are searched for, so
-tokens merging across boundaries cannot shift the mask.
+tokens merging across boundaries cannot shift the mask. Rows of printable ASCII under a byte-level
+BPE tokenizer are encoded by the exact fast path in fast_bpe.py (same ids and offsets).
 """
 
 from __future__ import annotations
