@@ -60,6 +60,21 @@ def leaf(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone().requires_grad_(True)
 
 
+def assert_matches_liger(ours, liger, inputs: list[torch.Tensor], grad_names: list[str], dtype: torch.dtype) -> None:
+    """Forward + backward (same upstream gradient) through ours and Liger on copies of the same leaf
+    inputs; outputs and input gradients must agree."""
+    y = ours(*inputs)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    copies = [leaf(t) for t in inputs]
+    yl = liger(*copies)
+    expected_y = yl.detach().clone()  # some Liger backwards write their gradients over the saved inputs
+    yl.backward(dy.clone())
+    assert_close(y, expected_y, dtype, "y vs Liger")
+    for t, copy, name in zip(inputs, copies, grad_names):
+        assert_close(t.grad, copy.grad, dtype, f"{name} vs Liger")
+
+
 def assert_triton_path(t: torch.Tensor) -> None:
     from raysft.kernels.backend import use_triton
 
@@ -347,15 +362,9 @@ def test_rms_norm_matches_liger(liger_in_interpreter, dtype):
 
     torch.manual_seed(6)
     x, w = leaf(torch.randn(2, 37, 341).to(dtype)), leaf((torch.rand(341) + 0.5).to(dtype))
-    y = rms_norm(x, w, 1e-6)
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    xl, wl = leaf(x), leaf(w)
-    yl = LigerRMSNormFunction.apply(xl, wl, 1e-6, 0.0, "llama", False)
-    yl.backward(dy.clone())
-    assert_close(y, yl, dtype, "y vs Liger")
-    assert_close(x.grad, xl.grad, dtype, "dx vs Liger")
-    assert_close(w.grad, wl.grad, dtype, "dw vs Liger")
+    assert_matches_liger(lambda x, w: rms_norm(x, w, 1e-6),
+                         lambda x, w: LigerRMSNormFunction.apply(x, w, 1e-6, 0.0, "llama", False),
+                         [x, w], ["dx", "dw"], dtype)
 
 
 @in_child
@@ -367,13 +376,4 @@ def test_swiglu_matches_liger(liger_in_interpreter, dtype):
 
     torch.manual_seed(7)
     gate, up = leaf(torch.randn(3, 41, 77).to(dtype) * 3), leaf(torch.randn(3, 41, 77).to(dtype))
-    y = swiglu(gate, up)
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    gl, ul = leaf(gate), leaf(up)
-    yl = LigerSiLUMulFunction.apply(gl, ul)
-    expected_y = yl.detach().clone()  # Liger's backward writes its gradients over the saved inputs
-    yl.backward(dy.clone())
-    assert_close(y, expected_y, dtype, "y vs Liger")
-    assert_close(gate.grad, gl.grad, dtype, "d_gate vs Liger")
-    assert_close(up.grad, ul.grad, dtype, "d_up vs Liger")
+    assert_matches_liger(swiglu, LigerSiLUMulFunction.apply, [gate, up], ["d_gate", "d_up"], dtype)

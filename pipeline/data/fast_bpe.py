@@ -100,3 +100,8 @@ class ByteLevelFastPath:
                     ids = memo[word] = [t.id for t in self.model.tokenize(word.translate(self.ascii_map))]
                 out.extend(ids)
         return out
+
+    def offsets(self, ids: list[int]) -> list[tuple[int, int]]:
+        """(start, end) characters of each token of a safe text: cumulative byte lengths."""
+        ends = np.cumsum(self.byte_lengths[np.asarray(ids, dtype=np.int64)]).tolist()
+        return list(zip([0] + ends[:-1], ends))

@@ -169,7 +169,7 @@ class PackStage:
 def packed_batches_ray(cfg, inputs: Inputs) -> Iterable[pa.Table]:
     """The Ray Data plan; yields packed batches in a deterministic order (preserve_order)."""
     import ray
-    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
+    from ray.data import ActorPoolStrategy, DataContext
 
     chunks = chunks_for(cfg, inputs)
     ctx = DataContext.get_current()

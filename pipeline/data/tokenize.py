@@ -50,6 +50,15 @@ def tokenizer_source(cfg) -> tuple[str, Optional[str]]:
     return os.path.expanduser(src), gguf
 
 
+def _tokenizer_field(cfg) -> str:
+    return "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path"
+
+
+def _no_chat_template(src: str, field: str) -> ModelError:
+    return ModelError(f"The tokenizer {src} ({field}) has no chat template; use an instruct model's tokenizer or set "
+                      "data.format=text.")
+
+
 def load_tokenizer(cfg, need_chat_template: bool | None = None):
     """The tokenizer of `cfg.model.tokenizer` (else `cfg.model.name_or_path`), fast and with offsets.
 
@@ -59,7 +68,7 @@ def load_tokenizer(cfg, need_chat_template: bool | None = None):
     from transformers import AutoTokenizer
 
     src, gguf = tokenizer_source(cfg)
-    field = "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path"
+    field = _tokenizer_field(cfg)
     local = Path(src)
     looks_local = src.startswith((".", "/", "~")) or local.exists() or src.count("/") > 1
     if looks_local and not local.exists():
@@ -76,9 +85,7 @@ def load_tokenizer(cfg, need_chat_template: bool | None = None):
     if need_chat_template is None:
         need_chat_template = cfg.data.format != "text"
     if need_chat_template and not tok.chat_template:
-        raise ModelError(
-            f"The tokenizer {src} ({field}) has no chat template; use an instruct model's tokenizer or set data.format=text."
-        )
+        raise _no_chat_template(src, field)
     return tok
 
 
@@ -93,7 +100,8 @@ def _spec_cache_path(cfg, src: str, gguf: Optional[str]) -> Optional[Path]:
     if not folder.is_dir():
         return None
     try:
-        files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file())
+        stats = [(f.name, f.stat()) for f in folder.iterdir() if f.is_file()]
+        files = sorted((name, st.st_size, st.st_mtime_ns) for name, st in stats)
         versions = [version("transformers"), version("tokenizers")]
     except (OSError, PackageNotFoundError):
         return None
@@ -119,9 +127,7 @@ def load_tokenizer_spec(cfg, need_chat_template: bool | None = None) -> Tokenize
             spec = None  # unreadable or from an older layout: rebuild below
         if spec is not None:
             if need_chat_template and not spec.chat_template:
-                field = "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path"
-                raise ModelError(f"The tokenizer {src} ({field}) has no chat template; use an instruct model's "
-                                 "tokenizer or set data.format=text.")
+                raise _no_chat_template(src, _tokenizer_field(cfg))
             return spec
     spec = TokenizerSpec.from_hf(load_tokenizer(cfg, need_chat_template))
     if path is not None:
@@ -133,6 +139,23 @@ def load_tokenizer_spec(cfg, need_chat_template: bool | None = None) -> Tokenize
         except OSError:
             pass  # a read-only cache only costs the next call the transformers import
     return spec
+
+
+def _trained_ranges(ids, spans, special_ids, first_ending_after, first_starting_at, start_of) -> list[tuple[int, int]]:
+    """Token ranges to train in one row: the tokens overlapping each assistant content, then the first
+    special token before the turn ends (the one closing it). The three lookups answer from the row's
+    token offsets: first token ending after a character, first starting at or after one, start of token k."""
+    out, n = [], len(ids)
+    for a, b, turn_end in spans:
+        lo, hi = first_ending_after(a), first_starting_at(b)
+        out.append((lo, hi))
+        k = hi
+        while k < n and start_of(k) < turn_end:
+            if ids[k] in special_ids:
+                out.append((k, k + 1))
+                break
+            k += 1
+    return out
 
 
 def _common_prefix_len(a: str, b: str) -> int:
@@ -200,24 +223,6 @@ class ChatEncoder:
             cursor = at + len(variant)
         return full, out
 
-    def _label_spans(self, ids: np.ndarray, offsets: list[tuple[int, int]], spans) -> list[tuple[int, int]]:
-        """Token ranges to train: those overlapping each assistant content, then the turn's closing
-        special token. `offsets` is the tokenizer's (start, end) list, searched in place (bisect)
-        rather than converted to an array: that conversion cost more than the search."""
-        out = []
-        n = len(offsets)
-        for a, b, turn_end in spans:
-            lo = bisect.bisect_right(offsets, a, key=_END)  # first token ending after the content starts
-            hi = bisect.bisect_left(offsets, b, key=_START)  # first token starting at or after its end
-            out.append((lo, hi))
-            k = hi
-            while k < n and offsets[k][0] < turn_end:
-                if int(ids[k]) in self.special_ids:
-                    out.append((k, k + 1))
-                    break
-                k += 1
-        return out
-
     def encode_flat(self, items: list[Normalised]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Optional[BadRow]]]:
         """Encode a batch into flat arrays: (input ids, labels, row offsets (n + 1), per-row BadRow or None).
 
@@ -262,12 +267,17 @@ class ChatEncoder:
         slow = [j for j in chat if j not in taken]
         if slow:
             for j, enc in zip(slow, self.backend.encode_batch([texts[j] for j in slow], add_special_tokens=False)):
-                ids = enc.ids
-                token_ids[j] = ids
-                if self.train_on == "all":
-                    trained[j] = [(0, len(ids))]
-                else:
-                    trained[j] = self._label_spans(ids, enc.offsets, spans[j])
+                token_ids[j] = enc.ids
+                if self.train_on != "all":
+                    # The offsets list is searched in place: converting it to an array costs more than the search.
+                    offs = enc.offsets
+                    trained[j] = _trained_ranges(enc.ids, spans[j], self.special_ids,
+                                                 lambda a, offs=offs: bisect.bisect_right(offs, a, key=_END),
+                                                 lambda b, offs=offs: bisect.bisect_left(offs, b, key=_START),
+                                                 lambda k, offs=offs: offs[k][0])
+        if self.train_on == "all":
+            for j in chat:
+                trained[j] = [(0, len(token_ids[j]))]
         if plain:
             for j, enc in zip(plain, self.backend.encode_batch([texts[j] for j in plain], add_special_tokens=True)):
                 ids = enc.ids
@@ -295,8 +305,7 @@ class ChatEncoder:
         sample = rows[:FAST_PATH_CHECK_ROWS]
         for j, enc in zip(sample, self.backend.encode_batch([texts[j] for j in sample], add_special_tokens=False)):
             ids = self.fast.encode(texts[j])
-            ends = np.cumsum(self.fast.byte_lengths[np.asarray(ids, dtype=np.int64)]).tolist()
-            if ids != enc.ids or list(zip([0] + ends[:-1], ends)) != enc.offsets:
+            if ids != enc.ids or self.fast.offsets(ids) != enc.offsets:
                 log.warning("The byte-level fast path differs from tokenizers on a row; using tokenizers for all rows.")
                 self.fast = None
                 return []
@@ -308,29 +317,19 @@ class ChatEncoder:
         for j, ids in zip(rows, encoded):
             token_ids[j] = ids
         if self.train_on == "all":
-            for j, ids in zip(rows, encoded):
-                trained[j] = [(0, len(ids))]
             return
-        flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64)
-        ends = np.cumsum(self.fast.byte_lengths[flat])
-        starts = ends - self.fast.byte_lengths[flat]
+        lengths = self.fast.byte_lengths[np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64)]
+        ends = np.cumsum(lengths)  # in batch coordinates: each row's characters follow the previous row's
+        starts = ends - lengths
         o = 0
         for j, ids in zip(rows, encoded):
             n = len(ids)
-            base = int(starts[o]) if n else 0  # the row's first character, in batch coordinates
+            base = int(starts[o]) if n else 0  # the row's first character
             row_starts, row_ends = starts[o:o + n], ends[o:o + n]
-            ranges = []
-            for a, b, turn_end in spans[j]:
-                lo = int(np.searchsorted(row_ends, base + a, side="right"))  # first token ending after a
-                hi = int(np.searchsorted(row_starts, base + b, side="left"))  # first token starting at or after b
-                ranges.append((lo, hi))
-                k = hi
-                while k < n and row_starts[k] < base + turn_end:
-                    if ids[k] in self.special_ids:
-                        ranges.append((k, k + 1))
-                        break
-                    k += 1
-            trained[j] = ranges
+            trained[j] = _trained_ranges(ids, spans[j], self.special_ids,
+                                         lambda a: int(np.searchsorted(row_ends, base + a, side="right")),
+                                         lambda b: int(np.searchsorted(row_starts, base + b, side="left")),
+                                         lambda k: row_starts[k] - base)
             o += n
 
     def encode(self, items: list[Normalised]) -> list[tuple[np.ndarray, np.ndarray] | BadRow]:
@@ -341,19 +340,23 @@ class ChatEncoder:
 
     def encode_table(self, items: list[Normalised], source_ids, splits) -> pa.Table:
         """Encode a batch straight into a TOKENIZED_SCHEMA table (dropped rows keep empty lists)."""
-        ids, labels, offsets, bad = self.encode_flat(items)
-        arrow_offsets = pa.array(offsets.astype(np.int32), pa.int32())
-        return pa.table(
-            {
-                "source_id": pa.array(source_ids, pa.int64()),
-                "split": pa.array(splits, pa.int8()),
-                "input_ids": pa.ListArray.from_arrays(arrow_offsets, pa.array(ids, pa.int32())),
-                "labels": pa.ListArray.from_arrays(arrow_offsets, pa.array(labels, pa.int32())),
-                "drop_reason": pa.array([b.reason if b is not None else None for b in bad], pa.string()),
-                "detail": pa.array([b.detail if b is not None else None for b in bad], pa.string()),
-            },
-            schema=TOKENIZED_SCHEMA,
-        )
+        return _tokenized_table(source_ids, splits, *self.encode_flat(items))
+
+
+def _tokenized_table(source_ids, splits, ids: np.ndarray, labels: np.ndarray, row_offsets: np.ndarray,
+                     bad: list[Optional[BadRow]]) -> pa.Table:
+    arrow_offsets = pa.array(row_offsets.astype(np.int32), pa.int32())
+    return pa.table(
+        {
+            "source_id": pa.array(source_ids, pa.int64()),
+            "split": pa.array(splits, pa.int8()),
+            "input_ids": pa.ListArray.from_arrays(arrow_offsets, pa.array(ids, pa.int32())),
+            "labels": pa.ListArray.from_arrays(arrow_offsets, pa.array(labels, pa.int32())),
+            "drop_reason": pa.array([b.reason if b is not None else None for b in bad], pa.string()),
+            "detail": pa.array([b.detail if b is not None else None for b in bad], pa.string()),
+        },
+        schema=TOKENIZED_SCHEMA,
+    )
 
 
 def _list_array(arrays: list[np.ndarray]) -> pa.ListArray:
@@ -369,26 +372,11 @@ def encoded_table(source_ids, splits, results: list) -> pa.Table:
     empty = np.zeros(0, np.int32)
     ids = [empty if isinstance(r, BadRow) else r[0] for r in results]
     labels = [empty if isinstance(r, BadRow) else r[1] for r in results]
-    return pa.table(
-        {
-            "source_id": pa.array(source_ids, pa.int64()),
-            "split": pa.array(splits, pa.int8()),
-            "input_ids": _list_array(ids),
-            "labels": _list_array(labels),
-            "drop_reason": pa.array([r.reason if isinstance(r, BadRow) else None for r in results], pa.string()),
-            "detail": pa.array([r.detail if isinstance(r, BadRow) else None for r in results], pa.string()),
-        },
-        schema=TOKENIZED_SCHEMA,
-    )
-
-
-def tokenize_batch(table: pa.Table, encoder: ChatEncoder) -> pa.Table:
-    """Pure stage: NORMALISED_SCHEMA table -> TOKENIZED_SCHEMA table."""
-    messages = table.column("messages").to_pylist()
-    texts = table.column("text").to_pylist()
-    reasons = table.column("drop_reason").to_pylist()
-    items = [Normalised(messages=m, text=t, drop_reason=r) for m, t, r in zip(messages, texts, reasons)]
-    return encoder.encode_table(items, table.column("source_id"), table.column("split"))
+    row_offsets = np.zeros(len(results) + 1, dtype=np.int64)
+    np.cumsum([len(i) for i in ids], out=row_offsets[1:])
+    flat = lambda arrays: np.concatenate(arrays) if arrays else empty  # noqa: E731
+    bad = [r if isinstance(r, BadRow) else None for r in results]
+    return _tokenized_table(source_ids, splits, flat(ids), flat(labels), row_offsets, bad)
 
 
 class TokenizeStage:
