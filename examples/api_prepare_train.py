@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 
 from raysft.pipeline import load_config, prepare, train
-from raysft.pipeline.data.demo_task import write_task
-from raysft.pipeline.fetch import fetch_model
-from raysft.pipeline.model import export_run
+from raysft.pipeline.demo.task import write_task
+from raysft.pipeline.models.fetch import fetch_model
+from raysft.pipeline.models.load import export_run
 
 
 def main() -> None:

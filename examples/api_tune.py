@@ -12,8 +12,8 @@ import argparse
 from pathlib import Path
 
 from raysft.pipeline import load_config, tune
-from raysft.pipeline.data.demo_task import write_task
-from raysft.pipeline.fetch import fetch_model
+from raysft.pipeline.demo.task import write_task
+from raysft.pipeline.models.fetch import fetch_model
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ __all__ = ["Config", "load_config", "prepare", "train", "tune", "RaysftError", "
 _LAZY = {
     "prepare": ("raysft.pipeline.data.plan", "prepare"),
     "train": ("raysft.pipeline.trainer", "train"),
-    "tune": ("raysft.pipeline.sweep", "tune"),
+    "tune": ("raysft.pipeline.sweep.run", "tune"),
 }
 
 

@@ -53,7 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from raysft.pipeline.sweep import tune
+    from raysft.pipeline.sweep.run import tune
 
     sweep = tune(_load(args), resume=args.resume)
     print(sweep.summary_line())
@@ -61,7 +61,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from raysft.pipeline.model import export_run
+    from raysft.pipeline.models.load import export_run
 
     path = export_run(args.run_dir, merge=args.merge, output=args.output)
     print(f"Exported to {path}")
@@ -69,7 +69,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_models_fetch(args: argparse.Namespace) -> int:
-    from raysft.pipeline.fetch import fetch_model
+    from raysft.pipeline.models.fetch import fetch_model
 
     path = fetch_model(args.name, directory=args.dir)
     print(path)
@@ -77,31 +77,31 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from raysft.pipeline.demo import run_demo
+    from raysft.pipeline.demo.run import run_demo
 
     return run_demo(output=args.output, overrides=args.overrides)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from raysft.pipeline.submit import submit
+    from raysft.pipeline.jobs.submit import submit
 
     return submit(args)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from raysft.pipeline.submit import status
+    from raysft.pipeline.jobs.submit import status
 
     return status(args)
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from raysft.pipeline.submit import logs
+    from raysft.pipeline.jobs.submit import logs
 
     return logs(args)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from raysft.pipeline.submit import stop
+    from raysft.pipeline.jobs.submit import stop
 
     return stop(args)
 

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from raysft.pipeline.config import Config
 from raysft.pipeline.errors import ClusterError, ConfigError, DataError
-from raysft.pipeline.model import ADAPTER_DIR, RESOLVED_CONFIG, load_tokenizer, materialize_gguf, resolve_model_source
+from raysft.pipeline.models.load import ADAPTER_DIR, RESOLVED_CONFIG, load_tokenizer, materialize_gguf, resolve_model_source
 from raysft.pipeline.training.ledger import LEDGER_FILE
 
 

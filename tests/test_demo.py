@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from raysft.pipeline.data import demo_task
-from raysft.pipeline.demo import DEMO_CONFIG, demo_config, eval_config, report_of, run_demo
-from raysft.pipeline.demo_report import loss_series, write_report
+from raysft.pipeline.demo import task as demo_task
+from raysft.pipeline.demo.run import DEMO_CONFIG, demo_config, eval_config, report_of, run_demo
+from raysft.pipeline.demo.report import loss_series, write_report
 
 
 def test_task_is_seeded_disjoint_and_checkable(tmp_path):

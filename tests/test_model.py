@@ -1,4 +1,4 @@
-"""pipeline/model.py: NF4 / plain loading, LoRA options, adapters as safetensors, model resolution errors, GGUF."""
+"""pipeline/models/load.py: NF4 / plain loading, LoRA options, adapters as safetensors, model resolution errors, GGUF."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from raysft.pipeline.config import load_config
 from raysft.pipeline.errors import ModelError
-from raysft.pipeline.model import (
+from raysft.pipeline.models.load import (
     build_model, load_base_model, load_tokenizer, materialize_gguf, resolve_model_source, save_adapter,
 )
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from raysft.pipeline.config import load_config
-from raysft.pipeline.model import build_model
+from raysft.pipeline.models.load import build_model
 from raysft.pipeline.training.step import (
     IGNORE, TorchEngine, collate, eval_loss_sum, loss_sum, make_optimizer, optimizer_step,
 )

@@ -9,8 +9,8 @@ import yaml
 
 from raysft.pipeline.config import load_config
 from raysft.pipeline.errors import ConfigError
-from raysft.pipeline.runtime_env import JOB_CONFIG_NAME, build_job_package, upload_files
-from raysft.pipeline.submit import entrypoint, job_command
+from raysft.pipeline.jobs.package import JOB_CONFIG_NAME, build_job_package, upload_files
+from raysft.pipeline.jobs.submit import entrypoint, job_command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def test_upload_list_excludes_secrets_envs_caches_and_outputs(tmp_path):
 
 def test_this_repository_ships_small_and_clean():
     files = upload_files(REPO)
-    assert "pipeline/submit.py" in files and "pyproject.toml" in files
+    assert "pipeline/jobs/submit.py" in files and "pyproject.toml" in files
     bad = [f for f in files if f.startswith((".venv/", ".git/", "runs/")) or "__pycache__" in f or f.endswith(".pyc")]
     assert not bad
     size = sum((REPO / f).stat().st_size for f in files)
@@ -87,7 +87,7 @@ def test_job_package_ships_code_config_and_only_named_secrets(tmp_path, monkeypa
 
 def test_submitting_from_this_checkout_ships_raysft_once(tmp_path):
     pkg = build_job_package(load_config(None), REPO, tmp_path / "stage")
-    assert "raysft/pipeline/submit.py" in pkg.files and "raysft/kernels/__init__.py" in pkg.files
+    assert "raysft/pipeline/jobs/submit.py" in pkg.files and "raysft/kernels/__init__.py" in pkg.files
     # no top-level kernels/ on the job's sys.path to shadow PyPI's `kernels` package
     assert not any(f.startswith(("kernels/", "pipeline/")) for f in pkg.files)
     assert "pyproject.toml" in pkg.files and not any(f.startswith(".venv/") for f in pkg.files)

@@ -205,7 +205,7 @@ def test_zero3_with_4bit_base_trains_and_shards_the_base(ray_session, tiny_model
     # reproduces the run's eval loss on a freshly loaded 4-bit base (bf16 tolerance).
     from peft import PeftModel
 
-    from raysft.pipeline.model import load_base_model
+    from raysft.pipeline.models.load import load_base_model
 
     weights = adapter(result.run_dir)
     b = next(v for k, v in weights.items() if "q_proj.lora_B" in k)

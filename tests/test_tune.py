@@ -17,11 +17,11 @@ import pytest
 
 from raysft.pipeline.config import load_config
 from raysft.pipeline.errors import ClusterError, ConfigError
-from raysft.pipeline.sweep_report import (
+from raysft.pipeline.sweep.report import (
     COMPLETED, EARLY_STOPPED, BestTrial, TrialRecord, pick_best, plot_curves, plot_loss_vs_lr, summary_line,
     table_row, write_csv,
 )
-from raysft.pipeline.sweep_space import REPORTED_METRICS, plan_sweep, trial_overrides
+from raysft.pipeline.sweep.space import REPORTED_METRICS, plan_sweep, trial_overrides
 
 EVAL = {"data.train": "train.jsonl", "data.eval_split": 0.2}
 
@@ -125,7 +125,7 @@ def test_bad_input_fails_before_anything_starts(tmp_path):
 # --- resources ------------------------------------------------------------------------------------
 
 def test_concurrency_never_oversubscribes_the_cluster():
-    from raysft.pipeline.sweep import max_concurrent_trials
+    from raysft.pipeline.sweep.run import max_concurrent_trials
 
     cpu = load_config(overrides={"scaling.num_workers": 1})
     assert max_concurrent_trials(cpu, {"CPU": 4}) == 2  # 1 driver + 1 worker each
@@ -144,7 +144,7 @@ def test_search_algorithms_carry_the_concurrency_limit_and_take_sparse_metrics()
     on the searcher. Optuna must accept results without the eval metric (it arrives at eval intervals)."""
     from ray.tune.search import ConcurrencyLimiter
 
-    from raysft.pipeline.sweep import SparseMetricOptuna, search_alg
+    from raysft.pipeline.sweep.run import SparseMetricOptuna, search_alg
 
     cfg = cfg_with({"train.lr": {"loguniform": [1e-5, 1e-3]}, "lora.r": {"choice": [4, 8]}})
     plan = plan_sweep(cfg)
@@ -164,7 +164,7 @@ def test_search_algorithms_carry_the_concurrency_limit_and_take_sparse_metrics()
 def test_sweep_examples_plan_and_fit_their_clusters():
     """examples/sweep_*.yaml pass every sweep check; the demo runs one trial at a time on 2 cores and the
     multi-GPU sweep four 4-GPU trials on 2 nodes x 8 GPUs."""
-    from raysft.pipeline.sweep import max_concurrent_trials
+    from raysft.pipeline.sweep.run import max_concurrent_trials
 
     examples = Path(__file__).resolve().parents[1] / "examples"
     demo = load_config(examples / "sweep_demo.yaml")
@@ -178,7 +178,7 @@ def test_sweep_examples_plan_and_fit_their_clusters():
 def test_asha_stops_diverged_trials_but_never_a_trial_at_its_last_step(tmp_path):
     from types import SimpleNamespace
 
-    from raysft.pipeline.sweep import ASHA_MAX_T, SweepASHA
+    from raysft.pipeline.sweep.run import ASHA_MAX_T, SweepASHA
 
     events = tmp_path / "events.jsonl"
     asha = SweepASHA(str(events), lambda config: 4, metric="eval_loss", mode="min", time_attr="step",
@@ -201,7 +201,7 @@ def test_history_keeps_diverged_values_and_the_last_report_of_a_repeated_step(tm
     """A resumed trial re-reports steps after its checkpoint; a diverged one reports NaN (not a missing value)."""
     from types import SimpleNamespace
 
-    from raysft.pipeline.sweep import _history
+    from raysft.pipeline.sweep.run import _history
 
     lines = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0, "eval_loss": 2.5}, {"step": 3, "loss": 9.0},
              {"step": 3, "loss": 1.5}, {"step": 4, "loss": float("nan"), "eval_loss": float("nan")}]

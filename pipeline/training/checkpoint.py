@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raysft.pipeline.model import ADAPTER_DIR, RESOLVED_CONFIG, save_adapter
+from raysft.pipeline.models.load import ADAPTER_DIR, RESOLVED_CONFIG, save_adapter
 from raysft.pipeline.training.ledger import LEDGER_FILE
 
 TAG = "ds"

@@ -150,7 +150,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import torch.distributed as dist
     from ray.train import Checkpoint
 
-    from raysft.pipeline.model import build_model
+    from raysft.pipeline.models.load import build_model
 
     # --- who am I, what do I train on ---------------------------------------------------------
     cfg = Config.from_dict(loop_config["config"])

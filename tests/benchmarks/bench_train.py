@@ -124,8 +124,8 @@ def run_trl(model_dir: str, data: Path, out: Path, args) -> dict:
 
 
 def cpu_main(args) -> None:
-    from raysft.pipeline.data.demo_task import write_task
-    from raysft.pipeline.fetch import fetch_model
+    from raysft.pipeline.demo.task import write_task
+    from raysft.pipeline.models.fetch import fetch_model
 
     model_dir = args.model or str(fetch_model("smollm2-135m-instruct"))
     out = Path(args.out or tempfile.mkdtemp(prefix="raysft-bench-train-")).resolve()
@@ -215,7 +215,7 @@ def gpu_main(args) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from raysft.pipeline.config import Config
-    from raysft.pipeline.model import build_model
+    from raysft.pipeline.models.load import build_model
     from raysft.pipeline.training.step import TorchEngine, collate, make_optimizer, optimizer_step
 
     dev = args.device

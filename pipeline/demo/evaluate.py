@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from raysft.pipeline.config import Config
-from raysft.pipeline.data import demo_task
+from raysft.pipeline.demo import task as demo_task
 
 
 @dataclass
@@ -41,7 +41,7 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
 
 def load_model(cfg: Config, adapter: str | os.PathLike | None = None):
     """The configured base (NF4 or plain, no gradient checkpointing) with the adapter when given, in eval mode."""
-    from raysft.pipeline.model import load_base_model, load_tokenizer
+    from raysft.pipeline.models.load import load_base_model, load_tokenizer
 
     model = load_base_model(cfg.model)
     if adapter is not None:

@@ -102,9 +102,9 @@ def materialize_gguf(directory: str, gguf_file: str, mcfg: ModelConfig, cache_ro
     """Dequantize a GGUF model once into a Hugging Face safetensors folder and return its path.
 
     bitsandbytes quantizes from float weights, so the GGUF is converted once (on the driver, through
-    `raysft.pipeline.fetch.convert_gguf`) and workers load the HF copy.
+    `raysft.pipeline.models.fetch.convert_gguf`) and workers load the HF copy.
     """
-    from raysft.pipeline.fetch import convert_gguf
+    from raysft.pipeline.models.fetch import convert_gguf
 
     src = Path(directory) / gguf_file
     stat = src.stat()

@@ -36,11 +36,11 @@ from ray.tune.search.optuna import OptunaSearch
 
 from raysft.pipeline.config import Config
 from raysft.pipeline.errors import ClusterError, ConfigError
-from raysft.pipeline.sweep_report import (
+from raysft.pipeline.sweep.report import (
     COMPLETED, EARLY_STOPPED, ERROR, INTERRUPTED, BestTrial, SweepResult, TrialRecord,
     pick_best, plot_curves, plot_loss_vs_lr, table_row, write_csv,
 )
-from raysft.pipeline.sweep_space import SweepPlan, data_overrides, plan_sweep, trial_overrides
+from raysft.pipeline.sweep.space import SweepPlan, data_overrides, plan_sweep, trial_overrides
 
 log = logging.getLogger("raysft.tune")
 

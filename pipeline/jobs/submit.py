@@ -129,7 +129,7 @@ def new_job_id(run_name: str) -> str:
 def submit(args: argparse.Namespace) -> int:
     """Validate the config here, ship project + config to the cluster, start the job; with --wait, follow it."""
     from raysft.pipeline.config import load_config
-    from raysft.pipeline.runtime_env import JOB_CONFIG_NAME, build_job_package
+    from raysft.pipeline.jobs.package import JOB_CONFIG_NAME, build_job_package
 
     cfg = load_config(args.config, overrides=args.overrides)  # a bad config fails here, before any upload
     command = job_command(cfg, getattr(args, "job_command", None))

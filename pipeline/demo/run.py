@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from importlib import resources
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +21,8 @@ from raysft.pipeline.config import Config, load_config
 from raysft.pipeline.errors import ConfigError
 
 DEMO_MODEL = "smollm2-135m-instruct"
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "demo.yaml"
+# Package data (importlib.resources), so `raysft demo` works from any install; examples/demo.yaml is the same file.
+DEMO_CONFIG = Path(str(resources.files("raysft.pipeline.demo") / "demo.yaml"))
 TASK = "ISO date -> 'day month-name year'"
 
 
@@ -28,7 +30,7 @@ def demo_config(model_path: str, data_dir: Path, output: Path, run_name: str, ov
                 config_path: Path = DEMO_CONFIG) -> Config:
     """examples/demo.yaml with the fetched model, the generated data and this output folder filled in."""
     if not config_path.is_file():
-        raise ConfigError(f"The demo config {config_path} is missing; run the demo from a raysft checkout.")
+        raise ConfigError(f"The demo config {config_path} is missing; reinstall raysft.")
     fill = {
         "model.name_or_path": model_path,
         "data.train": str(data_dir / "train.jsonl"),
@@ -49,10 +51,10 @@ def eval_config(cfg: Config) -> Config:
 def run_demo(output: str | os.PathLike = "runs/demo", overrides: list[str] | None = None,
              n_train: int | None = None, n_eval: int | None = None) -> int:
     """Run the demo; 0 when training lowered the held-out eval loss, 1 when it did not."""
-    from raysft.pipeline.data.demo_task import write_task
-    from raysft.pipeline.demo_eval import evaluate, read_rows
-    from raysft.pipeline.demo_report import summary_lines, write_report
-    from raysft.pipeline.fetch import fetch_model
+    from raysft.pipeline.demo.task import write_task
+    from raysft.pipeline.demo.evaluate import evaluate, read_rows
+    from raysft.pipeline.demo.report import summary_lines, write_report
+    from raysft.pipeline.models.fetch import fetch_model
     from raysft.pipeline.training.metrics import read_metrics
 
     t0 = time.perf_counter()
