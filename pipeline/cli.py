@@ -61,7 +61,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from raysft.pipeline.models.load import export_run
+    from raysft.pipeline.models.export import export_run
 
     path = export_run(args.run_dir, merge=args.merge, output=args.output)
     print(f"Exported to {path}")

@@ -160,10 +160,15 @@ class Config(_Section):
 
     def resolve_path(self, path: str | None) -> str | None:
         """Relative data/model paths are relative to the config file's folder when they exist there."""
-        if path is None or "://" in path or os.path.isabs(path) or self.source is None:
-            return path
-        candidate = Path(self.source).parent / path
-        return str(candidate) if candidate.exists() and not Path(path).exists() else path
+        return resolve_relative(path, self.source)
+
+
+def resolve_relative(path: str | None, source: str | None) -> str | None:
+    """`path` as written, or relative to the folder of config file `source` when it exists only there."""
+    if path is None or "://" in path or os.path.isabs(path) or source is None:
+        return path
+    candidate = Path(source).parent / path
+    return str(candidate) if candidate.exists() and not Path(path).exists() else path
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:

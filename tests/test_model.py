@@ -1,4 +1,4 @@
-"""pipeline/models/load.py: NF4 / plain loading, LoRA options, adapters as safetensors, model resolution errors, GGUF."""
+"""pipeline/models/{load,source,tokenizer}.py: NF4 / plain loading, LoRA options, adapters as safetensors, model resolution errors, GGUF."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 
 from raysft.pipeline.config import load_config
 from raysft.pipeline.errors import ModelError
-from raysft.pipeline.models.load import (
-    build_model, load_base_model, load_tokenizer, materialize_gguf, resolve_model_source, save_adapter,
-)
+from raysft.pipeline.models.load import build_model, load_base_model, save_adapter
+from raysft.pipeline.models.source import materialize_gguf, resolve_model_source
+from raysft.pipeline.models.tokenizer import load_tokenizer
 
 
 def cfg_for(model_dir, **over):
@@ -97,7 +97,7 @@ def test_tokenizer_without_chat_template_is_refused(tmp_path):
 
     d = save_tiny_model(tmp_path / "m", chat_template=False)
     with pytest.raises(ModelError, match="no chat template"):
-        load_tokenizer(cfg_for(d).model)
+        load_tokenizer(cfg_for(d))
 
 
 def test_trust_remote_code_is_off_by_default(tiny_model_dir, tmp_path):
@@ -127,7 +127,7 @@ def test_gguf_file_is_converted_once_and_loads(tmp_path):
     write_tiny_gguf(path)
     mcfg = cfg_for(path, **{"model.quantization": "none", "model.dtype": "float32"}).model
     assert resolve_model_source(mcfg) == (str(tmp_path.resolve()), "tiny.F32.gguf")
-    first = materialize_gguf(str(tmp_path), "tiny.F32.gguf", mcfg, cache_root=str(tmp_path / "cache"))
-    assert materialize_gguf(str(tmp_path), "tiny.F32.gguf", mcfg, cache_root=str(tmp_path / "cache")) == first
+    first = materialize_gguf(str(tmp_path), "tiny.F32.gguf", cache_root=str(tmp_path / "cache"))
+    assert materialize_gguf(str(tmp_path), "tiny.F32.gguf", cache_root=str(tmp_path / "cache")) == first
     model = load_base_model(mcfg.model_copy(update={"name_or_path": first}))
     assert model(input_ids=torch.tensor([[5, 6, 7]])).logits.shape[-1] > 0
