@@ -131,3 +131,46 @@ def test_gguf_file_is_converted_once_and_loads(tmp_path):
     assert materialize_gguf(str(tmp_path), "tiny.F32.gguf", cache_root=str(tmp_path / "cache")) == first
     model = load_base_model(mcfg.model_copy(update={"name_or_path": first}))
     assert model(input_ids=torch.tensor([[5, 6, 7]])).logits.shape[-1] > 0
+
+
+@pytest.mark.parametrize("dtype, rel_tol", [("bfloat16", 2e-2), ("float32", 1e-5)])
+def test_merge_reproduces_base_plus_adapter(tiny_model_dir, tmp_path, dtype, rel_tol):
+    """`export --merge` loads the base in bf16 (not fp32) and its logits match base + adapter within bf16 rounding."""
+    from transformers import AutoModelForCausalLM
+
+    from raysft.pipeline.models.export import export_run
+    from raysft.pipeline.models.load import ADAPTER_DIR, RESOLVED_CONFIG
+
+    cfg = cfg_for(tiny_model_dir, **{"model.quantization": "none", "model.dtype": "float32", "lora.r": 4})
+    model = build_model(cfg)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    run = tmp_path / "run"
+    save_adapter(model, run / ADAPTER_DIR)
+    (run / RESOLVED_CONFIG).write_text(cfg.dump_yaml())
+    out = export_run(run, merge=True, output=tmp_path / f"merged-{dtype}", dtype=dtype)
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert merged.dtype == getattr(torch, dtype) and (out / "tokenizer.json").is_file()
+    x = torch.randint(3, 400, (2, 16))
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+        base = model.get_base_model()
+        with model.disable_adapter():
+            plain = base(input_ids=x).logits
+        got = merged.float()(input_ids=x).logits
+    scale = want.abs().max()
+    assert (got - want).abs().max() <= rel_tol * scale
+    assert (plain - want).abs().max() > 10 * rel_tol * scale  # the adapter matters: an unmerged export would fail
+
+
+def test_merge_dtype_is_checked(tmp_path):
+    from raysft.pipeline.models.export import export_run
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ModelError, match="merge dtype must be one of bfloat16, float32, not float16"):
+        export_run(tmp_path, merge=True, dtype="float16")
