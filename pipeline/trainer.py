@@ -57,7 +57,8 @@ def preflight(cfg: Config) -> Config:
     if os.path.isdir(source):
         updates["model.name_or_path"] = source
         updates["model.gguf_file"] = None
-    load_tokenizer(cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": source, "gguf_file": None})}))
+    local_model = cfg.model.model_copy(update={"name_or_path": source, "gguf_file": None})
+    load_tokenizer(cfg.model_copy(update={"model": local_model}))
     storage = Path(cfg.run.storage_path).expanduser()  # outputs: relative to the working directory
     _check_writable(storage, "run.storage_path")
     updates["run.storage_path"] = str(storage.resolve())

@@ -1,4 +1,5 @@
-"""pipeline/models/{load,source,tokenizer}.py: NF4 / plain loading, LoRA options, adapters as safetensors, model resolution errors, GGUF."""
+"""pipeline/models/{load,source,tokenizer,export}.py: NF4 / plain loading, LoRA options, adapters as safetensors,
+model resolution errors, GGUF, the bf16 merge."""
 
 from __future__ import annotations
 

@@ -44,8 +44,8 @@ def test_a_name_that_exists_on_disk_is_a_path(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("env, offline", [
-    ({}, False), ({"HF_HUB_OFFLINE": "1"}, True), ({"HF_HUB_OFFLINE": "0"}, False), ({"HF_HUB_OFFLINE": "false"}, False),
-    ({"HF_HUB_OFFLINE": ""}, False), ({"TRANSFORMERS_OFFLINE": "1"}, True), ({"HF_HUB_OFFLINE": "True"}, True),
+    ({}, False), ({"HF_HUB_OFFLINE": "1"}, True), ({"HF_HUB_OFFLINE": "0"}, False),
+    ({"HF_HUB_OFFLINE": "false"}, False), ({"HF_HUB_OFFLINE": ""}, False), ({"TRANSFORMERS_OFFLINE": "1"}, True), ({"HF_HUB_OFFLINE": "True"}, True),
 ])
 def test_hub_offline_reads_both_variables(env, offline, monkeypatch):
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -59,8 +59,9 @@ def test_local_folder_gguf_file_and_gguf_folder(tiny_model_dir, tmp_path):
     assert resolve_model_source(mcfg(str(tiny_model_dir))) == (str(tiny_model_dir.resolve()), None)
     (tmp_path / "g").mkdir()
     (tmp_path / "g" / "m.Q4.gguf").write_bytes(b"GGUF")
-    assert resolve_model_source(mcfg(str(tmp_path / "g" / "m.Q4.gguf"))) == (str((tmp_path / "g").resolve()), "m.Q4.gguf")
-    assert resolve_model_source(mcfg(str(tmp_path / "g"))) == (str((tmp_path / "g").resolve()), "m.Q4.gguf")
+    folder = str((tmp_path / "g").resolve())
+    assert resolve_model_source(mcfg(str(tmp_path / "g" / "m.Q4.gguf"))) == (folder, "m.Q4.gguf")
+    assert resolve_model_source(mcfg(str(tmp_path / "g"))) == (folder, "m.Q4.gguf")
     (tmp_path / "g" / "other.gguf").write_bytes(b"GGUF")  # two files: which one must be said
     with pytest.raises(ModelError, match="has no config.json"):
         resolve_model_source(mcfg(str(tmp_path / "g")))
