@@ -139,7 +139,7 @@ def test_merge_reproduces_base_plus_adapter(tiny_model_dir, tmp_path, dtype, rel
     """`export --merge` loads the base in bf16 (not fp32) and its logits match base + adapter within bf16 rounding."""
     from transformers import AutoModelForCausalLM
 
-    from raysft.pipeline.models.export import export_run
+    from raysft.pipeline.models.export import export_run, merge_adapter
     from raysft.pipeline.models.load import ADAPTER_DIR, RESOLVED_CONFIG
 
     cfg = cfg_for(tiny_model_dir, **{"model.quantization": "none", "model.dtype": "float32", "lora.r": 4})
@@ -152,6 +152,8 @@ def test_merge_reproduces_base_plus_adapter(tiny_model_dir, tmp_path, dtype, rel
     run = tmp_path / "run"
     save_adapter(model, run / ADAPTER_DIR)
     (run / RESOLVED_CONFIG).write_text(cfg.dump_yaml())
+    # The base is loaded and merged in `dtype` itself (no fp32 copy of a bf16 merge): 2 bytes per parameter.
+    assert {p.dtype for p in merge_adapter(cfg, run / ADAPTER_DIR, dtype).parameters()} == {getattr(torch, dtype)}
     out = export_run(run, merge=True, output=tmp_path / f"merged-{dtype}", dtype=dtype)
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert merged.dtype == getattr(torch, dtype) and (out / "tokenizer.json").is_file()
