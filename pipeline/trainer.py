@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,7 +31,6 @@ class TrainResult:
     run_dir: Path
     adapter_path: Path
     checkpoint_path: Optional[str] = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return {

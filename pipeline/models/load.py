@@ -59,7 +59,7 @@ def load_base_model(mcfg: ModelConfig, device: str | None = None):
         model.to(device)
     if mcfg.quantization == "nf4":
         _keep_4bit_layout(model)
-    model.config.use_cache = False  # packed rows must never use a KV cache (DESIGN.md)
+    model.config.use_cache = False  # packed rows must never use a KV cache (pipeline/ARCHITECTURE.md)
     return model
 
 
