@@ -151,7 +151,7 @@ def test_missing_or_truncated_shard_is_one_sentence_naming_it(sharded):
         with pytest.raises(StorageError, match=r"shard-00002\.parquet"):
             reader.step(0)  # the background read's error reaches the step; no row is skipped
     shard.unlink()
-    with pytest.raises(StorageError, match=r"shard .*shard-00002\.parquet listed in .*index.json is missing"):
+    with pytest.raises(StorageError, match=r"shard .*shard-00002\.parquet listed in .*_index.json is missing"):
         load_index(str(root))
 
 

@@ -1,6 +1,6 @@
 """The sharded prepared artifact: packed rows as Parquet shards of bounded size, plus an index.
 
-A split folder (local or an object-store URI) holds `shard-NNNNN.parquet` files and `index.json`:
+A split folder (local or an object-store URI) holds `shard-NNNNN.parquet` files and `_index.json`:
 
     {"schema_version": 1, "cache_key": "...", "rows": R, "tokens": T,
      "shards": [{"file": "shard-00000.parquet", "rows": r, "tokens": t, "bytes": b}, ...]}
@@ -27,7 +27,7 @@ from raysft.pipeline import storage
 from raysft.pipeline.storage import StorageError, StorageOptions
 
 SCHEMA_VERSION = 1
-INDEX_FILE = "index.json"
+INDEX_FILE = "_index.json"  # "_": Parquet data-set readers skip it, so the folder stays a plain data set
 DEFAULT_SHARD_MB = 64
 SHARD_COLUMNS = ["input_ids", "labels", "position_ids", "seq_lengths", "source_ids"]
 REQUIRED_COLUMNS = ["input_ids", "labels", "position_ids", "source_ids"]
