@@ -103,50 +103,38 @@ def check_cluster(cfg: Config) -> None:
             )
 
 
-def read_rows(directory: str | os.PathLike | None, what: str):
-    """All Parquet files of a prepared split, in file-name order, as one pyarrow Table (or None)."""
-    import pyarrow.parquet as pq
-    import pyarrow as pa
+def read_index(directory: str | os.PathLike | None, what: str, cfg: Config):
+    """The shard index of a prepared split (None for absent eval data): the driver reads no rows.
 
-    if directory is None:
+    A missing or truncated shard fails here, naming it, before any worker starts.
+    """
+    from raysft.pipeline.data.shards import has_rows, load_index
+    from raysft.pipeline.storage import StorageOptions
+
+    options = StorageOptions.of(cfg)
+    if directory is None or (what == "eval" and not has_rows(str(directory), options)):
         return None
-    files = sorted(Path(directory).rglob("*.parquet"))
-    if not files:
-        return None if what == "eval" else _no_rows(directory)
-    table = pa.concat_tables([pq.read_table(f) for f in files]).combine_chunks()
-    missing = {"input_ids", "labels", "position_ids", "source_ids"} - set(table.column_names)
-    if missing:
-        raise DataError(f"Prepared {what} data in {directory} lacks column(s) {sorted(missing)}.")
-    return table
-
-
-def _no_rows(directory) -> None:
-    raise DataError(f"Prepared train data in {directory} has no Parquet files.")
+    return load_index(str(directory), options, what=what)
 
 
 def build_trainer(cfg: Config, prepared, *, callbacks: list | None = None):
     """A TorchTrainer for `cfg` on `prepared` (train_dir, eval_dir); the caller calls `.fit()`.
 
-    The packed rows travel as object refs of one Arrow table, so workers on other nodes need no
-    shared filesystem; the per-step order is computed identically on every rank (training/order.py).
+    The driver reads only the shard index; each worker streams its steps' rows from the shards
+    (training/reader.py), in an order that depends on (seed, epoch, index) only.
     """
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raysft.pipeline.training.loop import train_loop_per_worker
-    from raysft.pipeline.training.order import StepPlan
+    from raysft.pipeline.training.reader import StepLayout
 
     check_cluster(cfg)
-    train_table = read_rows(prepared.train_dir, "train")
-    eval_table = read_rows(getattr(prepared, "eval_dir", None), "eval")
+    train_index = read_index(prepared.train_dir, "train", cfg)
+    eval_index = read_index(getattr(prepared, "eval_dir", None), "eval", cfg)
     s, t = cfg.scaling, cfg.train
-    plan = StepPlan(train_table.num_rows, s.num_workers, t.grad_accum, t.micro_batch_size, t.seed, t.max_steps, t.epochs)
-    if plan.steps_per_epoch == 0:
-        raise DataError(
-            f"Prepared train data has {plan.n_rows} packed rows, fewer than one optimizer step needs "
-            f"(scaling.num_workers x train.grad_accum x train.micro_batch_size = {plan.rows_per_step})."
-        )
+    StepLayout(train_index.rows, s.num_workers * t.grad_accum * t.micro_batch_size, t.max_steps, t.epochs
+               ).require_a_step(s.num_workers, t.grad_accum, t.micro_batch_size)
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RESOLVED_CONFIG).write_text(cfg.dump_yaml())
@@ -158,8 +146,8 @@ def build_trainer(cfg: Config, prepared, *, callbacks: list | None = None):
             raise ConfigError(f"train.deepspeed.config {t.deepspeed.config} is not readable JSON ({exc}).") from None
     loop_config = {
         "config": cfg.to_dict(),
-        "train_table": ray.put(train_table),
-        "eval_table": ray.put(eval_table) if eval_table is not None and eval_table.num_rows else None,
+        "train_index": train_index.to_dict(),
+        "eval_index": eval_index.to_dict() if eval_index is not None and eval_index.rows else None,
         "run_dir": str(run_dir),
         "deepspeed_json": ds_json,
     }

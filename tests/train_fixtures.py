@@ -11,7 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import pyarrow as pa
+
 IGNORE = -100
+ROW_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+                        ("position_ids", pa.list_(pa.int32())), ("seq_lengths", pa.list_(pa.int32())),
+                        ("source_ids", pa.list_(pa.int64()))])
 ANSWER_TOKENS = [11, 12, 13, 14, 15, 16, 17, 18]  # responses use few tokens: a tiny model learns that fast
 
 
@@ -53,18 +58,32 @@ def write_rows(directory: Path, rows: list[dict]) -> Path:
     import pyarrow.parquet as pq
 
     directory.mkdir(parents=True, exist_ok=True)
-    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
-                        ("position_ids", pa.list_(pa.int32())), ("seq_lengths", pa.list_(pa.int32())),
-                        ("source_ids", pa.list_(pa.int64()))])
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), directory / "part-00000.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=ROW_SCHEMA), directory / "part-00000.parquet")
     return directory
 
 
-def make_prepared(root: Path, n_train: int = 48, n_eval: int = 8, per_row: int = 3, seed: int = 0) -> Prepared:
-    """`n_train` samples packed `per_row` to a row (source ids 0..n_train-1) and an eval split."""
+def write_shards(directory: Path | str, rows: list[dict], rows_per_shard: int) -> str:
+    """The rows as a sharded artifact (data/shards.py) with `rows_per_shard` rows per shard."""
+    import pyarrow as pa
+
+    from raysft.pipeline.data.shards import ShardWriter
+
+    writer = ShardWriter(str(directory), shard_mb=1024, cache_key="test", max_rows=rows_per_shard)
+    writer.write(pa.Table.from_pylist(rows, schema=ROW_SCHEMA))
+    writer.close()
+    return str(directory)
+
+
+def make_prepared(root: Path, n_train: int = 48, n_eval: int = 8, per_row: int = 3, seed: int = 0,
+                  rows_per_shard: int | None = None) -> Prepared:
+    """`n_train` samples packed `per_row` to a row (source ids 0..n_train-1) and an eval split; with
+    `rows_per_shard`, the train rows are a sharded artifact, else one plain Parquet file."""
     rng = random.Random(seed)
     train = [make_sample(rng, i) for i in range(n_train)]
     evals = [make_sample(rng, 10_000 + i) for i in range(n_eval)]
-    train_dir = write_rows(root / "train", pack_rows(train, per_row))
+    if rows_per_shard:
+        train_dir = Path(write_shards(root / "train", pack_rows(train, per_row), rows_per_shard))
+    else:
+        train_dir = write_rows(root / "train", pack_rows(train, per_row))
     eval_dir = write_rows(root / "eval", pack_rows(evals, per_row)) if n_eval else None
     return Prepared(train_dir, eval_dir, {"rows_used": n_train, "packed_rows": -(-n_train // per_row)})

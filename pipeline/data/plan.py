@@ -3,7 +3,7 @@
 chunk descriptors -> read + normalise + tokenize + mask (actor pool of `data.num_tokenizer_actors`,
 one tokenizer per actor, each reading its own chunks) -> pack (one long-lived actor; each batch of
 `data.pack_window` samples is one packing window, so memory stays bounded) -> the driver streams
-the packed rows into Parquet and accumulates stats.json. Every stage is a pure pyarrow function
+the packed rows into bounded Parquet shards with an index (data/shards.py) and accumulates stats.json. Every stage is a pure pyarrow function
 from sources.py / tokenize.py / pack.py, so the same result comes out of `prepare_local` (no Ray)
 for the same windows.
 
@@ -29,15 +29,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raysft.pipeline.data import cache
-from raysft.pipeline.data.pack import DATASET_COLUMNS, pack_batch
+from raysft.pipeline.data.pack import pack_batch
+from raysft.pipeline.data.shards import INDEX_FILE, ShardWriter
 from raysft.pipeline.data.sources import Chunk, expand, files_identity, plan_chunks, read_chunk, read_chunks_batch
 from raysft.pipeline.data.stats import StatsAccumulator
 from raysft.pipeline.data.light_tokenizer import TokenizerSpec
 from raysft.pipeline.data.tokenize import TokenizeStage, load_tokenizer_spec
 from raysft.pipeline.errors import ClusterError, ConfigError
-
-ROWS_PER_FILE = 4096  # packed rows per Parquet file
-
 
 @dataclass
 class Prepared:
@@ -77,39 +75,10 @@ def chunks_for(cfg, inputs: Inputs) -> list[Chunk]:
     return plan_chunks(inputs.train_files, rows, 0, fraction, cfg.data.seed) + plan_chunks(inputs.eval_files, rows, 1)
 
 
-class ParquetSink:
-    """Streams the dataset columns of packed rows into DIR/part-NNNNN.parquet files."""
-
-    def __init__(self, directory: Path, rows_per_file: int = ROWS_PER_FILE) -> None:
-        self.directory, self.rows_per_file = directory, rows_per_file
-        self.writer: Optional[pq.ParquetWriter] = None
-        self.files = self.rows_in_file = 0
-
-    def write(self, table: pa.Table) -> None:
-        table = table.select(DATASET_COLUMNS)
-        while table.num_rows:
-            if self.writer is None:
-                self.directory.mkdir(parents=True, exist_ok=True)
-                path = self.directory / f"part-{self.files:05d}.parquet"
-                self.writer = pq.ParquetWriter(path, table.schema)
-                self.files += 1
-            take = min(table.num_rows, self.rows_per_file - self.rows_in_file)
-            self.writer.write_table(table.slice(0, take))
-            self.rows_in_file += take
-            table = table.slice(take)
-            if self.rows_in_file >= self.rows_per_file:
-                self.close()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.writer, self.rows_in_file = None, 0
-
-
 def consume(cfg, inputs: Inputs, batches: Iterable[pa.Table], out_dir: Path) -> dict:
     """Packed batches -> Parquet under out_dir/{train,eval} + stats (checked for the bad-row policy)."""
     stats = StatsAccumulator(cfg.data.max_seq_len, [inputs.train_files, inputs.eval_files], cfg.data.on_bad_row)
-    sinks = [ParquetSink(out_dir / "train"), ParquetSink(out_dir / "eval")]
+    sinks = [ShardWriter(str(out_dir / split), cfg.data.shard_mb, inputs.key) for split in ("train", "eval")]
     start = last = time.monotonic()
     try:
         for batch in batches:
@@ -124,9 +93,12 @@ def consume(cfg, inputs: Inputs, batches: Iterable[pa.Table], out_dir: Path) -> 
                 st = stats.splits[0]
                 print(f"raysft prepare: {st.rows_read} rows, {st.tokens_total} tokens, "
                       f"{st.tokens_total / (last - start):.0f} tokens/s", file=sys.stderr, flush=True)
-    finally:
+    except BaseException:
         for sink in sinks:
-            sink.close()
+            sink.abort()  # no index: the folder is not a finished artifact
+        raise
+    for sink in sinks:
+        sink.close()
     stats.check(cfg.data.max_bad_fraction, cfg.data.format)
     result = stats.to_dict()
     seconds = time.monotonic() - start
@@ -272,6 +244,7 @@ def _clear(out_dir: Path) -> None:
     for sub in ("train", "eval"):
         for f in (out_dir / sub).glob("*.parquet"):
             f.unlink()
+        (out_dir / sub / INDEX_FILE).unlink(missing_ok=True)
     (out_dir / "stats.json").unlink(missing_ok=True)
 
 

@@ -92,8 +92,9 @@ class ShardWriter:
     """Streams packed rows into shards of about `shard_mb` MiB under a split folder; `close()` writes the index."""
 
     def __init__(self, root: str, shard_mb: float = DEFAULT_SHARD_MB, cache_key: str = "",
-                 options: StorageOptions | None = None) -> None:
+                 options: StorageOptions | None = None, max_rows: int | None = None) -> None:
         self.root, self.limit, self.cache_key = str(root), int(shard_mb * (1 << 20)), cache_key
+        self.max_rows = max_rows  # a second bound, rows per shard (tests use it for exact layouts)
         self.options = options or StorageOptions()
         self.fs, self.path = storage.resolve(self.root, self.options)
         self.shards: list[Shard] = []
@@ -115,13 +116,15 @@ class ShardWriter:
                 self._close_shard()
                 continue
             take = max(take, 1)  # a single row larger than the limit gets a shard of its own
+            if self.max_rows is not None:
+                take = min(take, self.max_rows - self.rows)
             part = table.slice(0, take)
             self.writer.write_table(part)
             self.rows += part.num_rows
             self.tokens += int(pc.sum(pc.list_value_length(part.column("input_ids"))).as_py() or 0)
             self.nbytes += int(cum[take - 1])
             table = table.slice(take)
-            if self.nbytes >= self.limit:
+            if self.nbytes >= self.limit or (self.max_rows is not None and self.rows >= self.max_rows):
                 self._close_shard()
 
     def _close_shard(self) -> None:
@@ -132,6 +135,12 @@ class ShardWriter:
         size = self.fs.get_file_info(f"{self.path}/{name}").size
         self.shards.append(Shard(name, self.rows, self.tokens, int(size)))
         self.writer, self.rows, self.tokens, self.nbytes = None, 0, 0, 0
+
+    def abort(self) -> None:
+        """Stop without an index (a failed prepare leaves no folder that looks finished)."""
+        if self.writer is not None:
+            self.writer.close()
+        self.writer = None
 
     def close(self) -> Optional[ShardIndex]:
         """Close the last shard and write index.json (only when rows were written); the index or None."""

@@ -2,7 +2,8 @@
 
 Everything comes from `loop_config` (built by `trainer.build_trainer`):
     config       Config.to_dict()
-    train_table  ObjectRef of the packed train rows (pyarrow.Table), eval_table likewise or None
+    train_index  the shard index of the packed train rows (ShardIndex.to_dict()); each worker streams
+                 its steps' rows through training/reader.py; eval_index likewise or None (read whole)
     run_dir      where rank 0 appends metrics.jsonl, samples.jsonl and TensorBoard events
 """
 
@@ -24,7 +25,8 @@ from raysft.pipeline.config import Config
 from raysft.pipeline.training import checkpoint as ckpt_io
 from raysft.pipeline.training.ledger import LEDGER_FILE, Ledger
 from raysft.pipeline.training.metrics import MetricsLog
-from raysft.pipeline.training.order import StepPlan
+from raysft.pipeline.data.shards import ShardIndex, read_all
+from raysft.pipeline.training.reader import reader_for
 from raysft.pipeline.training.step import MicroBatch, collate, eval_loss_sum, make_optimizer, optimizer_step
 
 ROW_COLUMNS = ["input_ids", "labels", "position_ids", "source_ids"]
@@ -158,11 +160,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     run_dir = Path(loop_config["run_dir"])
-    train_table = ray.get(loop_config["train_table"])
-    eval_table = ray.get(loop_config["eval_table"]) if loop_config.get("eval_table") is not None else None
     t = cfg.train
-    plan = StepPlan(train_table.num_rows, world, t.grad_accum, t.micro_batch_size, t.seed, t.max_steps, t.epochs)
+    reader = reader_for(ShardIndex.from_dict(loop_config["train_index"]), seed=t.seed, window=t.shuffle_window,
+                        rows_per_step=world * t.grad_accum * t.micro_batch_size, max_steps=t.max_steps,
+                        epochs=t.epochs, columns=ROW_COLUMNS)
+    eval_index = loop_config.get("eval_index")
+    eval_table = read_all(ShardIndex.from_dict(eval_index), ROW_COLUMNS) if eval_index is not None else None
+    plan = reader.layout
     total = plan.total_steps
+    step_split = np.arange(plan.rows_per_step).reshape(t.grad_accum, world, t.micro_batch_size)
 
     # --- model, optimizer, DeepSpeed ----------------------------------------------------------
     torch.manual_seed(t.seed)
@@ -200,15 +206,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0:
         _append_event(run_dir, {"event": "start", "step": start, "world_size": world, "total_steps": total,
                                 "rows_left_out_per_epoch": plan.left_out_per_epoch,
+                                "data_position": dict(zip(("epoch", "row"), plan.position(start))),
                                 "zero_stage": cfg.train.deepspeed.stage, **_base_weight_residency(engine.module)})
         print(f"[raysft] training {total} steps on {world} worker(s) from step {start} "
               f"({plan.n_rows} packed rows, {plan.left_out_per_epoch} left out per epoch to balance ranks)", flush=True)
 
     # --- the loop ----------------------------------------------------------------------------
     for step in range(start, total):
-        epoch, rows = plan.step_rows(step)  # rows[grad_accum, world, micro]
-        n_global, step_sources = _step_counts(train_table, rows)
-        mbs = _micro_batches(train_table, rows[:, rank, :])
+        epoch, step_table = reader.step(step)  # the step's rows, read from the shards of its window
+        rows = step_split  # rows[grad_accum, world, micro] of step_table
+        n_global, step_sources = _step_counts(step_table, rows)
+        mbs = _micro_batches(step_table, rows[:, rank, :])
         res = optimizer_step(stepper, mbs, n_global, grad_scale=float(world), kernels=t.kernels, device=device)
         sums = torch.tensor([res.loss_sum, float(res.tokens)], dtype=torch.float64)
         dist.all_reduce(sums)
@@ -232,14 +240,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if done % t.save_every == 0 or last:
             tmp = Path(tempfile.mkdtemp(prefix=f"raysft-ckpt-r{rank}-"))
             state = {"step": done, "epoch": epoch, "trained_tokens": trained_tokens,
-                     "steps_per_epoch": plan.steps_per_epoch, "total_steps": total}
+                     "steps_per_epoch": plan.steps_per_epoch, "total_steps": total,
+                     "data_position": dict(zip(("epoch", "row"), plan.position(done)))}
             ckpt_io.save(engine, tmp, rank=rank, state=state, ledger_path=ledger.path if rank == 0 else None,
                          config_yaml=config_yaml)
+            if rank == 0:
+                _append_event(run_dir, {"event": "reader", "step": done, "start": start, **reader.counters.to_dict()})
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(tmp)),
                              checkpoint_dir_name=f"checkpoint_{done:06d}")
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             ray.train.report(metrics)
 
+    reader.close()
     if metrics_log is not None:
         metrics_log.close()
