@@ -16,6 +16,7 @@ import os
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import pyarrow.fs as pafs
@@ -222,3 +223,70 @@ def list_files(uri: str, suffix: str = "", options: StorageOptions | None = None
         raise failure(uri, exc, "list") from None
     prefix = f"{scheme(uri)}://" if is_remote(uri) else ""
     return sorted((prefix + i.path, i.size) for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+
+
+class Uri(str):
+    """An object-store file named by its URI, with the few Path-like members the input readers use."""
+
+    size: int = -1
+    mtime_ns: int = 0
+    options: Optional[StorageOptions] = None
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(str(self))
+
+    @property
+    def suffix(self) -> str:
+        return posixpath.splitext(self.name)[1]
+
+    def resolve(self) -> "Uri":
+        return self
+
+    def is_file(self) -> bool:
+        return True
+
+    def stat(self) -> SimpleNamespace:
+        return SimpleNamespace(st_size=self.size, st_mtime_ns=self.mtime_ns)
+
+    def read_bytes(self) -> bytes:
+        return read_bytes(str(self), self.options)
+
+
+def remote_files(spec: str, suffixes: tuple[str, ...], options: StorageOptions | None = None) -> list[Uri]:
+    """The files a remote spec names: one object, or every object with one of `suffixes` under a prefix."""
+    fs, path = resolve(spec, options)
+    check_location(spec, options)
+    try:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            infos = [info]
+        elif info.type == pafs.FileType.Directory:
+            infos = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                     if i.type == pafs.FileType.File and posixpath.splitext(i.path)[1].lower() in suffixes]
+        else:
+            raise StorageError(f"The data path {spec} does not exist.")
+    except StorageError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise failure(spec, exc) from None
+    out = []
+    for i in sorted(infos, key=lambda i: i.path):
+        uri = Uri(f"{scheme(spec)}://{i.path}")
+        uri.size = int(i.size or 0)
+        uri.mtime_ns = int(i.mtime_ns or 0)
+        uri.options = options
+        out.append(uri)
+    return out
+
+
+def open_input(path: str | os.PathLike, options: StorageOptions | dict | None = None):
+    """A seekable binary file for a local path or a URI."""
+    if not is_remote(path):
+        return open(os.fspath(path), "rb")
+    opts = StorageOptions.of(options) if isinstance(options, dict) else (options or getattr(path, "options", None))
+    fs, inner = resolve(str(path), opts)
+    try:
+        return fs.open_input_file(inner)
+    except (OSError, ValueError) as exc:
+        raise failure(str(path), exc) from None

@@ -21,9 +21,17 @@ CACHE_VERSION = 2  # 2: the tokenizer part of the key is TokenizerSpec.fingerpri
 NOT_IN_KEY = ("cache_dir", "num_tokenizer_actors")  # cannot change the prepared rows
 
 
-def cache_root(cfg) -> Path:
+def cache_root(cfg) -> Path | str:
+    """The cache folder, or its URI when data.cache_dir is on an object store."""
     root = cfg.data.cache_dir or os.path.join("~", ".cache", "raysft", "prepared")
-    return Path(os.path.expanduser(root)).resolve()
+    if "://" in root and not root.startswith("file://"):
+        return root.rstrip("/")
+    return Path(os.path.expanduser(root.removeprefix("file://"))).resolve()
+
+
+def lock_root() -> Path:
+    """Where the locks of a remote cache live on this machine."""
+    return Path(os.path.expanduser(os.path.join("~", ".cache", "raysft", "locks")))
 
 
 def prepared_key(data_config: dict, train_identity: list, eval_identity: list, tokenizer_hash: str) -> str:

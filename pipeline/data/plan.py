@@ -13,6 +13,7 @@ input files, the tokenizer and the data config, or builds it once (lock + atomic
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,14 +29,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from raysft.pipeline import storage
 from raysft.pipeline.data import cache
 from raysft.pipeline.data.pack import pack_batch
-from raysft.pipeline.data.shards import INDEX_FILE, ShardWriter
+from raysft.pipeline.data.shards import INDEX_FILE, ShardWriter, has_rows
 from raysft.pipeline.data.sources import Chunk, expand, files_identity, plan_chunks, read_chunk, read_chunks_batch
 from raysft.pipeline.data.stats import StatsAccumulator
 from raysft.pipeline.data.light_tokenizer import TokenizerSpec
 from raysft.pipeline.data.tokenize import TokenizeStage, load_tokenizer_spec
 from raysft.pipeline.errors import ClusterError, ConfigError
+from raysft.pipeline.storage import StorageOptions
 
 @dataclass
 class Prepared:
@@ -60,8 +63,9 @@ class Inputs:
 def resolve_inputs(cfg) -> Inputs:
     if not cfg.data.train:
         raise ConfigError("data.train is not set; point it at a file, directory, glob or hf:// data set.")
-    train_files = expand(cfg.resolve_path(cfg.data.train))
-    eval_files = expand(cfg.resolve_path(cfg.data.eval)) if cfg.data.eval else []
+    options = StorageOptions.of(cfg)
+    train_files = expand(cfg.resolve_path(cfg.data.train), options)
+    eval_files = expand(cfg.resolve_path(cfg.data.eval), options) if cfg.data.eval else []
     spec = load_tokenizer_spec(cfg)
     key = cache.prepared_key(
         cfg.data.model_dump(mode="json"), files_identity(train_files), files_identity(eval_files), spec.fingerprint(),
@@ -72,13 +76,17 @@ def resolve_inputs(cfg) -> Inputs:
 def chunks_for(cfg, inputs: Inputs) -> list[Chunk]:
     rows = cfg.data.tokenize_batch_size
     fraction = 0.0 if inputs.eval_files else cfg.data.eval_split
-    return plan_chunks(inputs.train_files, rows, 0, fraction, cfg.data.seed) + plan_chunks(inputs.eval_files, rows, 1)
+    options = StorageOptions.of(cfg)
+    return (plan_chunks(inputs.train_files, rows, 0, fraction, cfg.data.seed, options)
+            + plan_chunks(inputs.eval_files, rows, 1, options=options))
 
 
-def consume(cfg, inputs: Inputs, batches: Iterable[pa.Table], out_dir: Path) -> dict:
-    """Packed batches -> Parquet under out_dir/{train,eval} + stats (checked for the bad-row policy)."""
+def consume(cfg, inputs: Inputs, batches: Iterable[pa.Table], out_dir: Path | str) -> dict:
+    """Packed batches -> shards under out_dir/{train,eval} (a folder or a URI) + stats.json, written last."""
     stats = StatsAccumulator(cfg.data.max_seq_len, [inputs.train_files, inputs.eval_files], cfg.data.on_bad_row)
-    sinks = [ShardWriter(str(out_dir / split), cfg.data.shard_mb, inputs.key) for split in ("train", "eval")]
+    options = StorageOptions.of(cfg)
+    sinks = [ShardWriter(storage.join(out_dir, split), cfg.data.shard_mb, inputs.key, options)
+             for split in ("train", "eval")]
     start = last = time.monotonic()
     try:
         for batch in batches:
@@ -107,7 +115,7 @@ def consume(cfg, inputs: Inputs, batches: Iterable[pa.Table], out_dir: Path) -> 
         sources=[str(f) for f in inputs.train_files], eval_sources=[str(f) for f in inputs.eval_files],
         cache_key=inputs.key, seconds=round(seconds, 3),
     )
-    (out_dir / "stats.json").write_text(json.dumps(result, indent=2) + "\n")
+    storage.write_bytes(storage.join(out_dir, "stats.json"), (json.dumps(result, indent=2) + "\n").encode(), options)
     return result
 
 
@@ -255,6 +263,8 @@ def prepare(cfg, output: str | Path | None = None, use_ray: bool = True) -> dict
     """
     if output is None:
         return ensure_prepared(cfg, use_ray=use_ray).stats
+    if storage.is_remote(output):
+        return _prepare_remote(cfg, str(output).rstrip("/"), use_ray)
     out_dir = Path(output).expanduser()
     if not use_ray:
         inputs, started = resolve_inputs(cfg), None
@@ -272,6 +282,15 @@ def prepare(cfg, output: str | Path | None = None, use_ray: bool = True) -> dict
     return _run(cfg, inputs, out_dir, use_ray, started)
 
 
+def _prepare_remote(cfg, output: str, use_ray: bool) -> dict:
+    """`prepare --output s3://...`: into an empty prefix only (raysft never deletes objects it did not write)."""
+    options = StorageOptions.of(cfg)
+    storage.check_location(output, options)
+    if storage.list_files(output, "", options):
+        raise ConfigError(f"--output {output} already holds objects; name an empty prefix.")
+    return _run(cfg, resolve_inputs(cfg), output, use_ray)
+
+
 def ensure_prepared(cfg, use_ray: bool = True) -> Prepared:
     """The prepared dataset for cfg from the cache, building it once when missing (safe concurrently).
 
@@ -280,6 +299,8 @@ def ensure_prepared(cfg, use_ray: bool = True) -> Prepared:
     """
     inputs = resolve_inputs(cfg)
     root = cache.cache_root(cfg)
+    if storage.is_remote(root):
+        return _ensure_remote(cfg, inputs, str(root), use_ray)
     final = root / inputs.key
     if not (final / "stats.json").exists():
         with cache.locked(root, inputs.key):
@@ -293,7 +314,31 @@ def ensure_prepared(cfg, use_ray: bool = True) -> Prepared:
     return load_prepared(final, inputs.key)
 
 
-def load_prepared(directory: Path, key: str = "") -> Prepared:
-    stats = json.loads((directory / "stats.json").read_text())
-    eval_dir = directory / "eval"
-    return Prepared(directory / "train", eval_dir if any(eval_dir.glob("*.parquet")) else None, stats, key)
+def _ensure_remote(cfg, inputs: Inputs, root: str, use_ray: bool) -> Prepared:
+    """The cache on an object store: shards and indexes are written under ROOT/KEY, stats.json last (the
+    marker of a finished entry). A local lock keeps this machine's callers to one writer; writers on two
+    machines write the same deterministic objects."""
+    options = StorageOptions.of(cfg)
+    storage.check_location(root, options)
+    final = storage.join(root, inputs.key)
+    marker = storage.join(final, "stats.json")
+    if not storage.exists(marker, options):
+        with cache.locked(cache.lock_root(), inputs.key):
+            if not storage.exists(marker, options):
+                try:
+                    _run(cfg, inputs, final, use_ray)
+                except BaseException:
+                    fs, path = storage.resolve(final, options)
+                    with contextlib.suppress(OSError):
+                        fs.delete_dir(path)  # this call's partial entry, never a finished one (no marker)
+                    raise
+    return load_prepared(final, inputs.key, options)
+
+
+def load_prepared(directory: Path | str, key: str = "", options: StorageOptions | None = None) -> Prepared:
+    """A prepared folder or URI: its stats.json and split folders (eval only when it holds rows)."""
+    stats = json.loads(storage.read_bytes(storage.join(directory, "stats.json"), options))
+    wrap = (lambda p: p) if storage.is_remote(directory) else Path
+    eval_dir = storage.join(directory, "eval")
+    return Prepared(wrap(storage.join(directory, "train")), wrap(eval_dir) if has_rows(eval_dir, options) else None,
+                    stats, key)

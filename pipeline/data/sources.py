@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from raysft.pipeline import storage
 from raysft.pipeline.errors import DataError
 
 FILE_SHIFT = 40  # source_id = (file_index << FILE_SHIFT) | row
@@ -44,6 +45,7 @@ class Chunk:
     row_groups: list[int] = field(default_factory=list)  # parquet
     eval_fraction: float = 0.0  # rows held out for eval (data.eval_split), chosen by a hash of (seed, source id)
     seed: int = 0
+    storage: dict = field(default_factory=dict)  # how to reach an s3:// / gs:// path (no credentials)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,7 +63,7 @@ def split_source_id(sid: int) -> tuple[int, int]:
 def _kind(path: Path) -> str | None:
     kind = SUFFIXES.get(path.suffix.lower())
     if kind == "json":  # a .json file may hold JSON lines: look at its first character
-        with open(path, "rb") as f:
+        with storage.open_input(path) as f:
             head = f.read(4096).lstrip()
         kind = "json" if head.startswith(b"[") else "jsonl"
     return kind
@@ -86,10 +88,18 @@ def resolve_hf(spec: str) -> list[Path]:
     return files
 
 
-def expand(spec: str) -> list[Path]:
-    """A file, directory, glob or hf:// spec -> the sorted list of readable, non-empty data files."""
+def expand(spec: str, options: storage.StorageOptions | None = None) -> list[Path]:
+    """A file, directory, glob, s3:// / gs:// URI (an object or a prefix) or hf:// spec -> the sorted list
+    of readable, non-empty data files (storage.Uri for objects)."""
     if spec.startswith("hf://"):
         return resolve_hf(spec)
+    if storage.is_remote(spec):  # s3://, gs://: objects read through pyarrow.fs (storage.py)
+        files = storage.remote_files(spec, tuple(SUFFIXES), options)
+        if not files:
+            raise DataError(f"The data location {spec} holds no .jsonl, .json, .parquet or .arrow files.")
+        if empty := [f for f in files if f.size == 0]:
+            raise DataError(f"The data file {empty[0]} is empty.")
+        return files
     path = Path(os.path.expanduser(spec))
     if any(ch in spec for ch in "*?["):
         files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
@@ -116,7 +126,7 @@ def expand(spec: str) -> list[Path]:
 def _jsonl_chunks(path: Path, file_index: int, split: int, rows_per_chunk: int) -> list[Chunk]:
     """Byte ranges of `rows_per_chunk` lines each, found with one buffered pass over the file."""
     chunks, start, line, offset, lines_in_chunk = [], 0, 0, 0, 0
-    with open(path, "rb") as f:
+    with storage.open_input(path) as f:
         while block := f.read(1 << 24):
             pos = 0
             while (nl := block.find(b"\n", pos)) != -1:
@@ -149,7 +159,8 @@ def _parquet_chunks(path: Path, file_index: int, split: int, rows_per_chunk: int
     import pyarrow.parquet as pq
 
     try:
-        meta = pq.ParquetFile(path).metadata
+        with storage.open_input(path) as f:
+            meta = pq.ParquetFile(f).metadata
     except Exception as exc:
         raise DataError(f"The data file {path} is not a readable Parquet file ({str(exc)[:80]}).") from None
     if meta.num_rows == 0:
@@ -177,11 +188,12 @@ def held_out(source_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
 
 
 def plan_chunks(files: list[Path], rows_per_chunk: int, split: int = 0, eval_fraction: float = 0.0,
-                seed: int = 0) -> list[Chunk]:
+                seed: int = 0, options: storage.StorageOptions | None = None) -> list[Chunk]:
     """Cut every file into chunks of about `rows_per_chunk` rows (JSON arrays: one per file)."""
     chunks = _plan_chunks(files, rows_per_chunk, split)
+    reach = asdict(options) if options is not None else {}
     for c in chunks:
-        c.eval_fraction, c.seed = eval_fraction, seed
+        c.eval_fraction, c.seed, c.storage = eval_fraction, seed, reach
     return chunks
 
 
@@ -209,7 +221,7 @@ def read_chunk(chunk: Chunk) -> pa.Table:
     rows: list[str | None]
     reasons: list[str | None]
     if chunk.kind == "jsonl":
-        with open(chunk.path, "rb") as f:
+        with storage.open_input(chunk.path, chunk.storage) as f:
             f.seek(chunk.byte_start)
             data = f.read() if chunk.byte_end < 0 else f.read(chunk.byte_end - chunk.byte_start)
         lines = data.split(b"\n")
@@ -225,16 +237,19 @@ def read_chunk(chunk: Chunk) -> pa.Table:
             rows.append(text or None)
             reasons.append(None if text else "blank_line")
     elif chunk.kind == "json":
-        data = json.loads(Path(chunk.path).read_bytes())
+        with storage.open_input(chunk.path, chunk.storage) as f:
+            data = json.loads(f.read())
         rows = [json.dumps(r) for r in data]
         reasons = [None] * len(rows)
     elif chunk.kind == "parquet":
         import pyarrow.parquet as pq
 
-        rows = _table_rows_as_json(pq.ParquetFile(chunk.path).read_row_groups(chunk.row_groups))
+        with storage.open_input(chunk.path, chunk.storage) as f:
+            rows = _table_rows_as_json(pq.ParquetFile(f).read_row_groups(chunk.row_groups))
         reasons = [None] * len(rows)
     else:
-        with pa.memory_map(chunk.path) as source:
+        with (storage.open_input(chunk.path, chunk.storage) if storage.is_remote(chunk.path)
+              else pa.memory_map(chunk.path)) as source:
             try:
                 table = pa.ipc.open_stream(source).read_all()
             except pa.ArrowInvalid:
@@ -264,7 +279,7 @@ def read_chunks_batch(table: pa.Table) -> pa.Table:
 
 
 def files_identity(files: list[Path]) -> list[tuple[str, int, int]]:
-    """(absolute path, size, mtime_ns) of each file: what the prepared-data cache is keyed by."""
+    """(absolute path or URI, size, mtime_ns) of each file: what the prepared-data cache is keyed by."""
     out = []
     for f in files:
         st = f.stat()

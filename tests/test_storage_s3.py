@@ -1,0 +1,142 @@
+"""Object storage against a real S3-compatible server (moto's standalone server on 127.0.0.1): shards and
+the index on s3://, prepare with its input and its cache on s3://, and one sentence naming the URI for an
+unreachable endpoint, a missing bucket, missing credentials, and a missing or truncated shard."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+from raysft.pipeline import storage
+from raysft.pipeline.data import plan
+from raysft.pipeline.data.shards import load_index, read_shard
+from raysft.pipeline.storage import StorageError, StorageOptions
+from raysft.pipeline.training.reader import reader_for
+from train_fixtures import make_sample, pack_rows, write_shards
+
+# Fake credentials for the local server, set at import (before any Ray instance starts, so Ray workers
+# inherit them the way they inherit a user's AWS_* variables). They are never written anywhere.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on 127.0.0.1 (port 0: any free port); yields (endpoint URL, filesystem); stopped after."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", region="us-east-1", allow_bucket_creation=True)
+    fs.create_dir("raysft")
+    yield endpoint, fs
+    server.stop()
+
+
+def opts(endpoint: str) -> StorageOptions:
+    return StorageOptions(endpoint_url=endpoint)
+
+
+def rows(n: int = 60, per_row: int = 3) -> list[dict]:
+    import random
+
+    rng = random.Random(0)
+    return pack_rows([make_sample(rng, i) for i in range(n)], per_row)
+
+
+def test_shards_on_s3_stream_like_local_ones(s3, tmp_path):
+    endpoint, fs = s3
+    from raysft.pipeline.data.shards import ShardWriter
+    import pyarrow as pa
+    from train_fixtures import ROW_SCHEMA
+
+    local = write_shards(tmp_path / "train", rows(), rows_per_shard=3)
+    writer = ShardWriter("s3://raysft/art/train", cache_key="test", options=opts(endpoint), max_rows=3)
+    writer.write(pa.Table.from_pylist(rows(), schema=ROW_SCHEMA))
+    writer.close()
+    remote = load_index("s3://raysft/art/train", opts(endpoint))
+    assert [s.rows for s in remote.shards] == [s.rows for s in load_index(local).shards]
+    kw = dict(seed=1, window=2, rows_per_step=4, max_steps=None, epochs=2)
+    with reader_for(remote, **kw) as r, reader_for(load_index(local), **kw) as q:
+        for s in range(r.layout.total_steps):
+            assert r.step(s)[1].to_pylist() == q.step(s)[1].to_pylist()
+    assert fs.get_file_info("raysft/art/train/_index.json").type == pafs.FileType.File
+
+
+def test_bad_storage_is_one_sentence_naming_the_uri(s3, monkeypatch):
+    endpoint, fs = s3
+    with pytest.raises(StorageError, match=r"^Cannot reach the object store for s3://raysft/x"):
+        storage.check_location("s3://raysft/x", StorageOptions(endpoint_url="http://127.0.0.1:9"))
+    with pytest.raises(StorageError, match=r"^The bucket of s3://no-such-bucket/x does not exist\.$"):
+        storage.check_location("s3://no-such-bucket/x", opts(endpoint))
+    with pytest.raises(StorageError, match=r"^Prepared train data in s3://raysft/nothing has no Parquet files\.$"):
+        load_index("s3://raysft/nothing", opts(endpoint))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+    with pytest.raises(StorageError, match=r"^No credentials for s3://raysft/x: set AWS_ACCESS_KEY_ID"):
+        storage.check_location("s3://raysft/x", opts(endpoint))
+
+
+def test_missing_or_truncated_shard_on_s3(s3):
+    endpoint, fs = s3
+    from raysft.pipeline.data.shards import ShardWriter
+    import pyarrow as pa
+    from train_fixtures import ROW_SCHEMA
+
+    writer = ShardWriter("s3://raysft/bad/train", options=opts(endpoint), max_rows=4)
+    writer.write(pa.Table.from_pylist(rows(), schema=ROW_SCHEMA))
+    writer.close()
+    with fs.open_input_stream("raysft/bad/train/shard-00001.parquet") as f:
+        data = f.read()
+    with fs.open_output_stream("raysft/bad/train/shard-00001.parquet") as f:
+        f.write(data[: len(data) - 100])
+    with pytest.raises(StorageError, match=r"^The prepared train shard s3://raysft/bad/train/shard-00001\.parquet is truncated"):
+        load_index("s3://raysft/bad/train", opts(endpoint))
+    index = load_index("s3://raysft/bad/train", opts(endpoint), check=False)
+    with pytest.raises(StorageError, match=r"^The prepared shard s3://raysft/bad/train/shard-00001\.parquet is truncated or corrupt"):
+        read_shard(index, 1)
+    fs.delete_file("raysft/bad/train/shard-00001.parquet")
+    with pytest.raises(StorageError, match=r"shard s3://raysft/bad/train/shard-00001\.parquet listed in .* is missing\.$"):
+        load_index("s3://raysft/bad/train", opts(endpoint))
+
+
+def test_prepare_with_input_and_cache_on_s3(s3, tmp_path, chatml_tokenizer, monkeypatch):
+    endpoint, fs = s3
+    from raysft.pipeline.config import load_config
+
+    tok = tmp_path / "tok"
+    chatml_tokenizer.save_pretrained(tok)
+    lines = [json.dumps({"instruction": "add", "input": f"{i} and {i + 1}", "output": str(2 * i + 1)}) for i in range(120)]
+    with fs.open_output_stream("raysft/inputs/train.jsonl") as f:
+        f.write(("\n".join(lines) + "\n").encode())
+    (tmp_path / "same.jsonl").write_text("\n".join(lines) + "\n")
+    monkeypatch.chdir(tmp_path)
+    over = {"model.name_or_path": str(tok), "data.train": "s3://raysft/inputs/train.jsonl", "data.max_seq_len": 256,
+            "data.cache_dir": "s3://raysft/cache", "data.tokenize_batch_size": 32, "data.shard_mb": 0.002,
+            "storage.endpoint_url": endpoint}
+    cfg = load_config(None, over)
+    prepared = plan.ensure_prepared(cfg, use_ray=False)
+    assert str(prepared.train_dir) == f"s3://raysft/cache/{prepared.key}/train" and prepared.eval_dir is None
+    index = load_index(prepared.train_dir, opts(endpoint))
+    assert len(index.shards) > 1 and index.cache_key == prepared.key and index.rows == prepared.stats["packed_rows"]
+    assert prepared.stats["rows_used"] == 120
+    assert not Path("s3:").exists()  # nothing went to a local folder named after the scheme
+    # Reused (same key, nothing rewritten), and equal to the same input prepared locally.
+    info = fs.get_file_info(f"raysft/cache/{prepared.key}/stats.json")
+    assert plan.ensure_prepared(cfg, use_ray=False).key == prepared.key
+    assert fs.get_file_info(f"raysft/cache/{prepared.key}/stats.json").mtime == info.mtime
+    local = plan.ensure_prepared(cfg.with_overrides({"data.train": str(tmp_path / "same.jsonl"),
+                                                     "data.cache_dir": str(tmp_path / "cache")}), use_ray=False)
+    import pyarrow.parquet as pq
+
+    remote_rows = pq.read_table(f"raysft/cache/{prepared.key}/train", filesystem=fs).to_pylist()
+    assert remote_rows == pq.read_table(local.train_dir).to_pylist()
