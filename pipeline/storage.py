@@ -290,3 +290,37 @@ def open_input(path: str | os.PathLike, options: StorageOptions | dict | None = 
         return fs.open_input_file(inner)
     except (OSError, ValueError) as exc:
         raise failure(str(path), exc) from None
+
+
+def download(uri: str, local: str | os.PathLike, options: StorageOptions | None = None) -> bool:
+    """Copy a remote file or folder to a local path; False when `uri` does not exist."""
+    fs, path = resolve(uri, options)
+    try:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            return False
+        Path(local).parent.mkdir(parents=True, exist_ok=True)
+        if info.type == pafs.FileType.Directory:
+            Path(local).mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    except (OSError, ValueError) as exc:
+        raise failure(uri, exc) from None
+    return True
+
+
+def upload(local: str | os.PathLike, uri: str, options: StorageOptions | None = None) -> None:
+    """Copy a local file or folder to a remote path (objects are replaced, not merged with stale ones)."""
+    fs, path = resolve(uri, options)
+    try:
+        pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    except (OSError, ValueError) as exc:
+        raise failure(uri, exc, "write") from None
+
+
+def ray_storage(uri: str, options: StorageOptions | None = None) -> tuple[str, Optional[pafs.FileSystem]]:
+    """(storage_path, storage_filesystem) for Ray Train's RunConfig: the bucket path and its filesystem for a
+    URI (the filesystem pickles without credentials: each process finds its own), (path, None) for a folder."""
+    if not is_remote(uri):
+        return local_path(uri), None
+    fs, path = resolve(uri, options)
+    return path, fs

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from raysft.pipeline import storage
 from raysft.pipeline.config import Config
 from raysft.pipeline.errors import ClusterError, ConfigError, DataError
 from raysft.pipeline.models.load import ADAPTER_DIR, RESOLVED_CONFIG
@@ -28,8 +29,8 @@ class TrainResult:
     """What a finished run gives back: final metrics (incl. eval_loss), the run folder, the adapter."""
 
     metrics: dict[str, Any]
-    run_dir: Path
-    adapter_path: Path
+    run_dir: Path | str  # a URI string when run.storage_path is on an object store
+    adapter_path: Path | str
     checkpoint_path: Optional[str] = None
 
     def summary(self) -> dict[str, Any]:
@@ -41,7 +42,10 @@ class TrainResult:
         }
 
 
-def run_dir_of(cfg: Config) -> Path:
+def run_dir_of(cfg: Config) -> Path | str:
+    """The run folder: a local Path, or a URI string when run.storage_path is on an object store."""
+    if storage.is_remote(cfg.run.storage_path):
+        return storage.join(cfg.run.storage_path, cfg.run.name)
     return Path(cfg.run.storage_path).expanduser().resolve() / cfg.run.name
 
 
@@ -58,9 +62,12 @@ def preflight(cfg: Config) -> Config:
         updates["model.gguf_file"] = None
     local_model = cfg.model.model_copy(update={"name_or_path": source, "gguf_file": None})
     load_tokenizer(cfg.model_copy(update={"model": local_model}))
-    storage = Path(cfg.run.storage_path).expanduser()  # outputs: relative to the working directory
-    _check_writable(storage, "run.storage_path")
-    updates["run.storage_path"] = str(storage.resolve())
+    if storage.is_remote(cfg.run.storage_path):  # s3:// / gs://: reachable, bucket exists, credentials found
+        storage.check_location(cfg.run.storage_path, storage.StorageOptions.of(cfg))
+    else:
+        local = Path(cfg.run.storage_path).expanduser()  # outputs: relative to the working directory
+        _check_writable(local, "run.storage_path")
+        updates["run.storage_path"] = str(local.resolve())
     ds = cfg.train.deepspeed.config
     if ds is not None:
         path = Path(cfg.resolve_path(ds) or ds)
@@ -136,8 +143,9 @@ def build_trainer(cfg: Config, prepared, *, callbacks: list | None = None):
     StepLayout(train_index.rows, s.num_workers * t.grad_accum * t.micro_batch_size, t.max_steps, t.epochs
                ).require_a_step(s.num_workers, t.grad_accum, t.micro_batch_size)
     run_dir = run_dir_of(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RESOLVED_CONFIG).write_text(cfg.dump_yaml())
+    options = storage.StorageOptions.of(cfg)
+    storage.write_bytes(storage.join(run_dir, RESOLVED_CONFIG), cfg.dump_yaml().encode(), options)
+    storage_path, storage_fs = storage.ray_storage(cfg.run.storage_path, options)
     ds_json = None
     if t.deepspeed.config:
         try:
@@ -163,7 +171,8 @@ def build_trainer(cfg: Config, prepared, *, callbacks: list | None = None):
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         run_config=RunConfig(
             name=cfg.run.name,
-            storage_path=str(Path(cfg.run.storage_path).expanduser().resolve()),
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,  # None for a folder; for s3:// / gs://, pyarrow's (no credentials in it)
             # A controller that cannot schedule workers fails after as many tries as a worker group may.
             failure_config=FailureConfig(max_failures=max_failures,
                                          controller_failure_limit=max_failures if max_failures >= 0 else -1),
@@ -176,16 +185,22 @@ def build_trainer(cfg: Config, prepared, *, callbacks: list | None = None):
 def finish_run(cfg: Config, result) -> TrainResult:
     """Copy the final adapter and ledger out of the last checkpoint into the run folder."""
     run_dir = run_dir_of(cfg)
-    adapter = run_dir / ADAPTER_DIR
+    adapter = storage.join(run_dir, ADAPTER_DIR) if isinstance(run_dir, str) else run_dir / ADAPTER_DIR
     ckpt = result.checkpoint
     if ckpt is None:
         raise DataError(f"Run {run_dir} finished without a checkpoint.")
-    with ckpt.as_directory() as d:
-        if adapter.exists():
-            shutil.rmtree(adapter)
-        shutil.copytree(Path(d) / ADAPTER_DIR, adapter)
-        if (Path(d) / LEDGER_FILE).is_file():
-            shutil.copyfile(Path(d) / LEDGER_FILE, run_dir / LEDGER_FILE)
+    if isinstance(run_dir, str):  # on an object store: copy store to store, nothing through a local folder
+        import pyarrow.fs as pafs
+
+        fs, path = storage.resolve(adapter, storage.StorageOptions.of(cfg))
+        pafs.copy_files(f"{ckpt.path}/{ADAPTER_DIR}", path, source_filesystem=ckpt.filesystem, destination_filesystem=fs)
+    else:
+        with ckpt.as_directory() as d:
+            if adapter.exists():
+                shutil.rmtree(adapter)
+            shutil.copytree(Path(d) / ADAPTER_DIR, adapter)
+            if (Path(d) / LEDGER_FILE).is_file():
+                shutil.copyfile(Path(d) / LEDGER_FILE, run_dir / LEDGER_FILE)
     metrics = {k: v for k, v in (result.metrics or {}).items()}
     return TrainResult(metrics=metrics, run_dir=run_dir, adapter_path=adapter, checkpoint_path=ckpt.path)
 

@@ -140,3 +140,48 @@ def test_prepare_with_input_and_cache_on_s3(s3, tmp_path, chatml_tokenizer, monk
 
     remote_rows = pq.read_table(f"raysft/cache/{prepared.key}/train", filesystem=fs).to_pylist()
     assert remote_rows == pq.read_table(local.train_dir).to_pylist()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_train_with_prepared_rows_and_run_storage_on_s3(s3, ray_session, tiny_model_dir, tmp_path, monkeypatch):
+    """The prepared shards and run.storage_path on s3://: workers stream from the bucket, checkpoints, metrics,
+    the ledger and the adapter land in the bucket, and nothing is written under a local `s3:` folder."""
+    from safetensors.torch import load as load_safetensors
+
+    from raysft.pipeline.config import load_config
+    from raysft.pipeline.trainer import build_trainer, finish_run, preflight
+    from train_fixtures import Prepared
+
+    endpoint, fs = s3
+    monkeypatch.chdir(tmp_path)
+    import random
+
+    rng = random.Random(0)
+    train = pack_rows([make_sample(rng, i) for i in range(24)], 3)
+    evals = pack_rows([make_sample(rng, 10_000 + i) for i in range(6)], 3)
+    from raysft.pipeline.data.shards import ShardWriter
+    import pyarrow as pa
+    from train_fixtures import ROW_SCHEMA
+
+    for split, data in (("train", train), ("eval", evals)):
+        w = ShardWriter(f"s3://raysft/prep/{split}", options=opts(endpoint), max_rows=2)
+        w.write(pa.Table.from_pylist(data, schema=ROW_SCHEMA))
+        w.close()
+    over = {"model.name_or_path": str(tiny_model_dir), "model.quantization": "none", "model.dtype": "float32",
+            "lora.r": 4, "lora.alpha": 8, "lora.dropout": 0.0, "train.max_steps": 4, "train.save_every": 2,
+            "train.eval_every": 4, "train.grad_accum": 1, "scaling.num_workers": 2, "run.name": "s3run",
+            "run.storage_path": "s3://raysft/runs", "run.max_failures": 0, "storage.endpoint_url": endpoint}
+    cfg = preflight(load_config(None, over))
+    prepared = Prepared("s3://raysft/prep/train", "s3://raysft/prep/eval", {})
+    result = finish_run(cfg, build_trainer(cfg, prepared).fit())
+    assert result.run_dir == "s3://raysft/runs/s3run" and "eval_loss" in result.metrics
+    listed = {i.path.removeprefix("raysft/runs/s3run/").split("/")[0]
+              for i in fs.get_file_info(pafs.FileSelector("raysft/runs/s3run", recursive=True))}
+    assert {"checkpoint_000002", "checkpoint_000004", "metrics.jsonl", "samples.jsonl", "events.jsonl", "adapter",
+            "config.yaml"} <= listed, listed
+    with fs.open_input_stream("raysft/runs/s3run/metrics.jsonl") as f:
+        assert [json.loads(x)["step"] for x in f.read().decode().splitlines()] == [1, 2, 3, 4]
+    with fs.open_input_stream("raysft/runs/s3run/adapter/adapter_model.safetensors") as f:
+        assert load_safetensors(f.read())
+    assert not Path("s3:").exists() and not (Path.home() / "s3:").exists()

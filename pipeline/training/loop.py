@@ -4,7 +4,8 @@ Everything comes from `loop_config` (built by `trainer.build_trainer`):
     config       Config.to_dict()
     train_index  the shard index of the packed train rows (ShardIndex.to_dict()); each worker streams
                  its steps' rows through training/reader.py; eval_index likewise or None (read whole)
-    run_dir      where rank 0 appends metrics.jsonl, samples.jsonl and TensorBoard events
+    run_dir      the run folder (a path or a URI) where rank 0 keeps metrics.jsonl, samples.jsonl, events.jsonl
+                 and TensorBoard events (training/run_files.py)
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import torch
 
 from raysft.pipeline.config import Config
 from raysft.pipeline.training import checkpoint as ckpt_io
+from raysft.pipeline.storage import StorageOptions
 from raysft.pipeline.training.ledger import LEDGER_FILE, Ledger
+from raysft.pipeline.training.run_files import RunFolder
 from raysft.pipeline.training.metrics import MetricsLog
 from raysft.pipeline.data.shards import ShardIndex, read_all
 from raysft.pipeline.training.reader import reader_for
@@ -159,7 +162,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    run_dir = Path(loop_config["run_dir"])
+    # Rank 0 writes the run's files into run_dir: the run folder, or a staging copy of one on an object store.
+    folder = RunFolder(loop_config["run_dir"], StorageOptions.of(cfg)) if rank == 0 else None
+    run_dir = folder.local if folder is not None else Path(tempfile.gettempdir())
     t = cfg.train
     reader = reader_for(ShardIndex.from_dict(loop_config["train_index"]), seed=t.seed, window=t.shuffle_window,
                         rows_per_step=world * t.grad_accum * t.micro_batch_size, max_steps=t.max_steps,
@@ -249,9 +254,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(tmp)),
                              checkpoint_dir_name=f"checkpoint_{done:06d}")
             shutil.rmtree(tmp, ignore_errors=True)
+            if folder is not None:
+                folder.push()
         else:
             ray.train.report(metrics)
 
     reader.close()
     if metrics_log is not None:
         metrics_log.close()
+    if folder is not None:
+        folder.close()
