@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
+import torch
 
 from raysft.pipeline import storage
 from raysft.pipeline.data import plan
@@ -142,11 +145,35 @@ def test_prepare_with_input_and_cache_on_s3(s3, tmp_path, chatml_tokenizer, monk
     assert remote_rows == pq.read_table(local.train_dir).to_pylist()
 
 
+def _kill_a_worker_after_checkpoint(fs, run_path: str, killed: dict, gcs_address: str) -> None:
+    """SIGKILL a Ray Train worker once the controller registered the step-2 checkpoint in the bucket."""
+    import signal
+
+    from ray.util.state import list_actors
+
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        try:
+            with fs.open_input_stream(f"{run_path}/checkpoint_manager_snapshot.json") as f:
+                name = json.loads(f.read())["latest_checkpoint_result"]["checkpoint_dir_name"]
+            if int(name.split("_")[1]) >= 2:
+                break
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            pass
+        time.sleep(0.1)
+    actors = list_actors(address=gcs_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    if actors:
+        pid = max(a.pid for a in actors)
+        os.kill(pid, signal.SIGKILL)
+        killed["pid"] = pid
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_train_with_prepared_rows_and_run_storage_on_s3(s3, ray_session, tiny_model_dir, tmp_path, monkeypatch):
-    """The prepared shards and run.storage_path on s3://: workers stream from the bucket, checkpoints, metrics,
-    the ledger and the adapter land in the bucket, and nothing is written under a local `s3:` folder."""
+    """The prepared shards and run.storage_path on s3://: workers stream from the bucket; a worker killed after
+    the first checkpoint resumes from the bucket (exactly-once ledger); checkpoints, metrics, the ledger and the
+    adapter land in the bucket; nothing is written under a local `s3:` folder; `raysft export` reads the run."""
     from safetensors.torch import load as load_safetensors
 
     from raysft.pipeline.config import load_config
@@ -171,11 +198,27 @@ def test_train_with_prepared_rows_and_run_storage_on_s3(s3, ray_session, tiny_mo
     over = {"model.name_or_path": str(tiny_model_dir), "model.quantization": "none", "model.dtype": "float32",
             "lora.r": 4, "lora.alpha": 8, "lora.dropout": 0.0, "train.max_steps": 4, "train.save_every": 2,
             "train.eval_every": 4, "train.grad_accum": 1, "scaling.num_workers": 2, "run.name": "s3run",
-            "run.storage_path": "s3://raysft/runs", "run.max_failures": 0, "storage.endpoint_url": endpoint}
+            "run.storage_path": "s3://raysft/runs", "run.max_failures": 1, "storage.endpoint_url": endpoint}
     cfg = preflight(load_config(None, over))
     prepared = Prepared("s3://raysft/prep/train", "s3://raysft/prep/eval", {})
+    killed: dict = {}
+    killer = threading.Thread(target=_kill_a_worker_after_checkpoint, daemon=True,
+                              args=(fs, "raysft/runs/s3run", killed, ray_session.get_runtime_context().gcs_address))
+    killer.start()
     result = finish_run(cfg, build_trainer(cfg, prepared).fit())
+    killer.join(timeout=5)
     assert result.run_dir == "s3://raysft/runs/s3run" and "eval_loss" in result.metrics
+    # Recovery from a killed worker with checkpoints on s3://: the group restarted from the bucket's checkpoint.
+    assert "pid" in killed, "no worker was killed"
+    with fs.open_input_stream("raysft/runs/s3run/events.jsonl") as f:
+        starts = [e for e in map(json.loads, f.read().decode().splitlines()) if e["event"] == "start"]
+    assert [e["step"] for e in starts][0] == 0 and len(starts) == 2 and starts[1]["step"] >= 2, starts
+    with fs.open_input_stream("raysft/runs/s3run/samples.jsonl") as f:
+        entries = [json.loads(x) for x in f.read().decode().splitlines()]
+    from raysft.pipeline.training.ledger import check_exactly_once
+
+    assert [e["step"] for e in entries] == [1, 2, 3, 4]
+    check_exactly_once(entries)
     listed = {i.path.removeprefix("raysft/runs/s3run/").split("/")[0]
               for i in fs.get_file_info(pafs.FileSelector("raysft/runs/s3run", recursive=True))}
     assert {"checkpoint_000002", "checkpoint_000004", "metrics.jsonl", "samples.jsonl", "events.jsonl", "adapter",
@@ -185,3 +228,15 @@ def test_train_with_prepared_rows_and_run_storage_on_s3(s3, ray_session, tiny_mo
     with fs.open_input_stream("raysft/runs/s3run/adapter/adapter_model.safetensors") as f:
         assert load_safetensors(f.read())
     assert not Path("s3:").exists() and not (Path.home() / "s3:").exists()
+
+    # `raysft export s3://... --merge --output DIR`: the endpoint from the standard AWS_ENDPOINT_URL.
+    from transformers import AutoModelForCausalLM
+
+    from raysft.pipeline.cli import main
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    assert main(["export", "s3://raysft/runs/s3run", "--merge", "--output", str(tmp_path / "merged")]) == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").dtype == torch.bfloat16
+    assert main(["export", "s3://raysft/runs/s3run", "--output", "s3://raysft/handout/adapter"]) == 0
+    assert fs.get_file_info("raysft/handout/adapter/adapter_config.json").type == pafs.FileType.File
+    assert not Path("s3:").exists()

@@ -251,11 +251,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                          config_yaml=config_yaml)
             if rank == 0:
                 _append_event(run_dir, {"event": "reader", "step": done, "start": start, **reader.counters.to_dict()})
+            if folder is not None:
+                folder.push()  # before the checkpoint registers: a restart finds these files (it rewinds them)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(tmp)),
                              checkpoint_dir_name=f"checkpoint_{done:06d}")
             shutil.rmtree(tmp, ignore_errors=True)
-            if folder is not None:
-                folder.push()
         else:
             ray.train.report(metrics)
 

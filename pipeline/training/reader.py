@@ -12,9 +12,8 @@ step's R rows into [grad_accum, workers, micro] differs. Shuffle quality vs memo
 meet rows of the same window in a step, so a larger window mixes more, and costs `window` shards of
 memory (twice that while the next window is prefetched).
 
-`ShardReader` serves a step's rows, holding at most the window(s) of the current step (two when a
-step straddles a window boundary) and the next window (loaded in a background thread while the
-current one trains). It starts at any step by computing the window
+`ShardReader` serves a step's rows, holding at most two windows: the current one and the next (loaded
+in a background thread while the current one trains), or the two a step straddles. It starts at any step by computing the window
 that holds the step's first position: nothing before it is read, so the time to the first step does
 not depend on where in the epoch a resumed run starts. Its counters (`reads`, `bytes_read`) say
 exactly which shards were read.
@@ -205,8 +204,8 @@ class ShardReader:
             table, perm = self._window(epoch, int(w))
             parts.append(table.take(pa.array(perm[within[windows == w]])))
         nxt = self._next_window(*needed[-1])
-        if nxt is not None:
-            self._future(*nxt)  # background prefetch of the next window
+        if nxt is not None and len(needed) == 1:
+            self._future(*nxt)  # background prefetch of the next window (not while a step straddles two)
         out = pa.concat_tables(parts).combine_chunks() if len(parts) > 1 else parts[0]
         self.counters.rows_served += out.num_rows
         return epoch, out
