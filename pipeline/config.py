@@ -48,8 +48,21 @@ class LoraConfig(_Section):
     bias: Literal["none", "all", "lora_only"] = "none"
 
 
+class DataSource(_Section):
+    """One training source of a weighted mix (`data.train` as a list)."""
+
+    path: str = Field(..., description="A file, directory, glob or hf://dataset[/split], as for a single data.train.")
+    format: Optional[Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]] = Field(
+        None, description="The row format of this source; default data.format.")
+    weight: float = Field(1.0, gt=0, description="Sampling ratio: each row appears floor(weight) times per epoch, plus "
+                                                 "once more with probability weight - floor(weight) (a seeded hash of the row).")
+    columns: dict[str, str] = Field(default_factory=dict, description="This source's field names, keyed by the standard "
+                                    "ones (messages, conversations, role, content, from, value, prompt, completion, "
+                                    "instruction, input, output, text, tools).")
+
+
 class DataConfig(_Section):
-    train: Optional[str] = None  # file, directory, glob, or hf://dataset[/split]
+    train: Union[None, str, list[DataSource]] = None  # file, directory, glob, or hf://dataset[/split]; or a list of sources
     eval: Optional[str] = None
     eval_split: float = Field(0.0, ge=0, lt=1)  # fraction of train held out when `eval` is not set
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = "auto"
@@ -65,6 +78,11 @@ class DataConfig(_Section):
     num_tokenizer_actors: int = Field(2, ge=1)
     cache_dir: Optional[str] = None  # default: ~/.cache/raysft/prepared
     seed: int = 0  # for eval_split
+    train_on_reasoning: bool = Field(True, description="Train assistant reasoning (reasoning_content or a leading "
+                                     "<think> block); false masks it and still trains the answer.")
+    chat_template: Optional[str] = Field(None, description="A Jinja chat template file that replaces the tokenizer's own.")
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra variables passed to the chat "
+                                                 "template, e.g. {enable_thinking: false}.")
 
 
 class DeepSpeedConfig(_Section):
