@@ -40,7 +40,7 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 
-from raysft.pipeline.data.fast_bpe import ByteLevelFastPath
+from raysft.pipeline.data.fast_bpe import ByteLevelFastPath, char_spans
 from raysft.pipeline.data.formats import BadRow, Normalised, parse_and_normalise
 from raysft.pipeline.data.light_tokenizer import TokenizerSpec, compile_chat_template
 from raysft.pipeline.errors import ModelError
@@ -291,7 +291,7 @@ class ChatEncoder:
         self.eos_id = spec.eos_id
         # Exact fast path for byte-level BPE on ASCII rows (see fast_bpe.py), checked on first use.
         self.fast = ByteLevelFastPath.build(self.backend, spec.backend_json) if fast_path else None
-        self.fast_checked = False
+        self.fast_checked = {True: False, False: False}  # per kind of text: ASCII (True) or not
         self.mask_checks = 0  # turns self-checked (for benchmarks and tests)
 
     def render(self, messages: list[dict[str, Any]], generation_prompt: bool = False, tools: Optional[list] = None) -> str:
@@ -449,8 +449,9 @@ class ChatEncoder:
         token_ids: list[Any] = [()] * len(samples)
         trained: list[list[tuple[int, int, int]]] = [[] for _ in samples]
         fast = [i for i in chat if self.fast.safe(texts[i])] if self.fast is not None else []
-        if fast and not self.fast_checked:
-            fast = self._check_fast_path(fast, texts)
+        for kind in (True, False):
+            if fast and not self.fast_checked[kind]:
+                fast = self._check_fast_path(fast, texts, kind)
         if fast:
             self._encode_fast(fast, samples, token_ids, trained)
         taken = set(fast)
@@ -524,21 +525,24 @@ class ChatEncoder:
                 bad_item[owner[i]] = BadRow("mask_check_failed", f"assistant turn {turn.index}'s trained tokens decode to "
                                                                   f"{(body + (close or ''))[:60]!r}, not its content and closing token")
 
-    def _check_fast_path(self, rows: list[int], texts) -> list[int]:
-        """Compare the fast path with `tokenizers` (ids and offsets) on the first rows it would take;
-        on any difference, log it and use `tokenizers` for everything from then on."""
-        self.fast_checked = True
-        sample = rows[:FAST_PATH_CHECK_ROWS]
+    def _check_fast_path(self, rows: list[int], texts, ascii_kind: bool) -> list[int]:
+        """Compare the fast path with `tokenizers` (ids and offsets) on the first rows of one kind (ASCII
+        or not) it would take; on any difference, log it and use `tokenizers` for everything from then on."""
+        sample = [j for j in rows if texts[j].isascii() == ascii_kind][:FAST_PATH_CHECK_ROWS]
+        if not sample:
+            return rows
+        self.fast_checked[ascii_kind] = True
         for j, enc in zip(sample, self.backend.encode_batch([texts[j] for j in sample], add_special_tokens=False)):
             ids = self.fast.encode(texts[j])
-            if ids != enc.ids or self.fast.offsets(ids) != enc.offsets:
+            if ids != enc.ids or self.fast.offsets(ids, texts[j]) != enc.offsets:
                 log.warning("The byte-level fast path differs from tokenizers on a row; using tokenizers for all rows.")
                 self.fast = None
                 return []
         return rows
 
     def _encode_fast(self, rows: list[int], samples: list[Sample], token_ids, trained) -> None:
-        """Fast-path rows: ids from ByteLevelFastPath; offsets are cumulative byte lengths (ASCII: characters)."""
+        """Fast-path rows: ids from ByteLevelFastPath; offsets are cumulative byte lengths (ASCII: characters;
+        otherwise mapped to characters)."""
         encoded = [self.fast.encode(samples[j].text) for j in rows]
         for j, ids in zip(rows, encoded):
             token_ids[j] = ids
@@ -553,6 +557,9 @@ class ChatEncoder:
             if samples[j].turns is not None:
                 base = int(starts[o]) if n else 0  # the row's first character
                 row_starts, row_ends = starts[o:o + n], ends[o:o + n]
+                if not samples[j].text.isascii():  # byte spans -> character spans
+                    row_starts, row_ends = char_spans(samples[j].text, row_starts - base, row_ends - base)
+                    base = 0
                 trained[j] = _trained_ranges(ids, samples[j].turns, self.special_ids,
                                              lambda a: int(np.searchsorted(row_ends, base + a, side="right")),
                                              lambda b: int(np.searchsorted(row_starts, base + b, side="left")),
