@@ -39,7 +39,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from raysft.pipeline.data.plan import ensure_prepared, prepare, summary
+    from raysft.pipeline.data.plan import ensure_prepared, prepare, resolve_inputs, summary
 
     cfg = _load(args)
     if args.output is not None:
@@ -51,7 +51,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     print(summary(stats), file=sys.stderr, flush=True)
     if args.preview:
         from raysft.pipeline.data.preview import HTML_NAME, preview
-        from raysft.pipeline.data.plan import resolve_inputs
 
         print(preview(directory, resolve_inputs(cfg).tokenizer, args.preview, sys.stdout.isatty()))
         print(f"raysft prepare: mask preview written to {directory / HTML_NAME}", file=sys.stderr)

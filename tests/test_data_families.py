@@ -14,7 +14,6 @@ import json
 
 import numpy as np
 import pytest
-
 from raysft.pipeline.data.formats import normalise_row
 from raysft.pipeline.data.tokenize import IGNORE, ChatEncoder
 

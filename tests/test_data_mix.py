@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from raysft.pipeline.config import load_config
 from raysft.pipeline.data import plan, preview, tokenize
 from raysft.pipeline.data.sources import FILE_SHIFT

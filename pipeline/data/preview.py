@@ -12,7 +12,6 @@ import html
 from pathlib import Path
 
 import pyarrow.parquet as pq
-
 from raysft.pipeline.data.light_tokenizer import TokenizerSpec
 from raysft.pipeline.data.tokenize import IGNORE
 
