@@ -54,7 +54,7 @@ class DataSource(_Section):
     path: str = Field(..., description="A file, directory, glob or hf://dataset[/split], as for a single data.train.")
     format: Optional[Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]] = Field(
         None, description="The row format of this source; default data.format.")
-    weight: float = Field(1.0, gt=0, description="Sampling ratio: each row appears floor(weight) times per epoch, plus "
+    weight: float = Field(1.0, gt=0, lt=32, description="Sampling ratio: each row appears floor(weight) times per epoch, plus "
                                                  "once more with probability weight - floor(weight) (a seeded hash of the row).")
     columns: dict[str, str] = Field(default_factory=dict, description="This source's field names, keyed by the standard "
                                     "ones (messages, conversations, role, content, from, value, prompt, completion, "

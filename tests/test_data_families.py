@@ -199,6 +199,29 @@ def test_masks_exact_against_reference(family, shared_tokenizers):
     assert views == (multi_with_system if family.startswith("mistral") else 0)
 
 
+def test_views_have_ids_of_their_own_and_are_counted(shared_tokenizers, tmp_path):
+    """Mistral with a system message: each earlier turn is a view with its own sample id (no id repeats
+    in the epoch, as the data ledger requires) and stats.json counts the extra views."""
+    import pyarrow.parquet as pq
+
+    from raysft.pipeline.config import load_config
+    from raysft.pipeline.data import plan
+    from raysft.pipeline.data.sources import VIEW_SHIFT, split_source_id
+
+    rows = [r for r in chat_rows() if r["messages"][0]["role"] == "system"]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(None, {"model.name_or_path": str(shared_tokenizers / "mistral-7b-instruct-v0.3"),
+                             "data.train": str(tmp_path / "t.jsonl"), "data.cache_dir": str(tmp_path / "cache")})
+    stats = plan.prepare(cfg, tmp_path / "o", use_ray=False)
+    extra = sum(sum(m["role"] == "assistant" for m in r["messages"]) - 1 for r in rows)
+    assert extra > 0 and stats["extra_views"] == extra == stats["per_source"][0]["extra_views"]
+    assert stats["rows_used"] == len(rows) and stats["rows_dropped"] == {}
+    ids = [s for r in pq.read_table(tmp_path / "o" / "train").column("source_ids").to_pylist() for s in r]
+    assert len(ids) == len(set(ids)) == len(rows) + extra
+    assert sorted({split_source_id(s)[1] for s in ids}) == list(range(len(rows)))
+    assert sum(1 for s in ids if s >> VIEW_SHIFT) == extra
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_masks_exact_on_shared_data(family, shared_tokenizers, shared_data):
     tok = load(shared_tokenizers, family)

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from raysft.pipeline.config import load_config
 from raysft.pipeline.data import plan, preview, tokenize
-from raysft.pipeline.data.sources import FILE_SHIFT
+from raysft.pipeline.data.sources import split_source_id
 from raysft.pipeline.errors import ConfigError
 
 LLAMA = "llama-3.1-instruct"
@@ -65,9 +65,10 @@ def test_weighted_sources_give_the_expected_epoch_and_per_source_stats(shared_to
         out = tmp_path / f"mix_{weight}"
         stats = plan.prepare(config(tmp_path, shared_tokenizers / LLAMA, sources), out, use_ray=False)
         counts = [0, 0]
-        for ids in pq.read_table(out / "train").column("source_ids").to_pylist():
-            for sid in ids:
-                counts[sid >> FILE_SHIFT] += 1
+        ids = [sid for row in pq.read_table(out / "train").column("source_ids").to_pylist() for sid in row]
+        assert len(ids) == len(set(ids))  # repeats have ids of their own: none repeats within the epoch
+        for sid in ids:
+            counts[split_source_id(sid)[0]] += 1
         share, gsm_stats = stats["per_source"]
         assert [share["source"], gsm_stats["source"]] == [sources[0]["path"], str(gsm)]
         assert gsm_stats["rows_read"] == 2000 and gsm_stats["rows_used"] == 2000 and share["rows_read"] == n_share

@@ -30,11 +30,12 @@ import pyarrow.parquet as pq
 
 from raysft.pipeline.data import cache
 from raysft.pipeline.data.pack import DATASET_COLUMNS, pack_batch
-from raysft.pipeline.data.sources import Chunk, expand, files_identity, plan_chunks, read_chunk, read_chunks_batch
+from raysft.pipeline.data.sources import (MAX_FILES, Chunk, expand, files_identity, plan_chunks, read_chunk,
+                                          read_chunks_batch)
 from raysft.pipeline.data.stats import StatsAccumulator
 from raysft.pipeline.data.light_tokenizer import TokenizerSpec, compile_chat_template
 from raysft.pipeline.data.tokenize import TokenizeStage, load_tokenizer_spec
-from raysft.pipeline.errors import ClusterError, ConfigError
+from raysft.pipeline.errors import ClusterError, ConfigError, DataError
 
 ROWS_PER_FILE = 4096  # packed rows per Parquet file
 
@@ -84,6 +85,9 @@ def resolve_sources(cfg) -> list[Source]:
 def resolve_inputs(cfg) -> Inputs:
     sources = resolve_sources(cfg)
     train_files = [f for s in sources for f in s.files]
+    if len(train_files) >= MAX_FILES:
+        raise DataError(f"data.train matches {len(train_files)} files; at most {MAX_FILES - 1} are supported "
+                        "(source ids number files in 12 bits): merge some files.")
     eval_files = expand(cfg.resolve_path(cfg.data.eval)) if cfg.data.eval else []
     spec = load_tokenizer_spec(cfg)
     if cfg.data.chat_template:

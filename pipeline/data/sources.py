@@ -9,6 +9,8 @@ Source ids: a file's 0-based row number (line for JSON lines, element for a JSON
 Parquet/Arrow) plus `file_index << 40`, where file_index is the file's position in the sorted
 list of matched files (so a single file's ids are plain row numbers). With several weighted
 sources (`data.train` as a list) the file index runs on across sources, in the listed order.
+A row's extra samples get ids of their own, so no id repeats within an epoch: a turn's own view k
+adds `k << 52`, a weighted repeat c adds `c << 58` (hence at most 4095 files, 63 views, 32 copies).
 
 Weights: a train row of a source with weight w appears `copies` = floor(w) times in the epoch,
 plus once more when a seeded hash of its source id falls under w - floor(w) (rows with 0 copies
@@ -29,6 +31,8 @@ import pyarrow as pa
 from raysft.pipeline.errors import DataError
 
 FILE_SHIFT = 40  # source_id = (file_index << FILE_SHIFT) | row
+VIEW_SHIFT, COPY_SHIFT = 52, 58  # extra samples of a row: | view << VIEW_SHIFT | copy << COPY_SHIFT
+MAX_FILES, MAX_VIEWS, MAX_COPIES = 1 << (VIEW_SHIFT - FILE_SHIFT), 1 << (COPY_SHIFT - VIEW_SHIFT), 1 << (63 - COPY_SHIFT)
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 READ_SCHEMA = pa.schema(
     [("source_id", pa.int64()), ("split", pa.int8()), ("row", pa.string()), ("read_reason", pa.string()),
@@ -63,8 +67,13 @@ def source_id(file_index: int, row: int) -> int:
 
 
 def split_source_id(sid: int) -> tuple[int, int]:
-    """(file_index, row) of a source id."""
-    return sid >> FILE_SHIFT, sid & ((1 << FILE_SHIFT) - 1)
+    """(file_index, row) of a source id (of any of the row's samples)."""
+    return (sid >> FILE_SHIFT) & (MAX_FILES - 1), sid & ((1 << FILE_SHIFT) - 1)
+
+
+def sample_ids(sids: np.ndarray, views: np.ndarray, copies: np.ndarray) -> np.ndarray:
+    """The ids of a row's samples: its source id, plus its view and copy numbers in the high bits."""
+    return (sids.astype(np.int64) | (views.astype(np.int64) << VIEW_SHIFT) | (copies.astype(np.int64) << COPY_SHIFT))
 
 
 def _kind(path: Path) -> str | None:

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raysft.pipeline.data.formats import BAD_INPUT_REASONS
-from raysft.pipeline.data.sources import FILE_SHIFT, split_source_id
+from raysft.pipeline.data.sources import FILE_SHIFT, MAX_FILES, split_source_id
 from raysft.pipeline.errors import DataError
 
 log = logging.getLogger("raysft.data")
@@ -117,7 +117,7 @@ class StatsAccumulator:
         self.file_source = np.repeat(np.arange(len(sources)), [max(n, 0) for _, _, n in sources]) if sources else np.zeros(0, int)
 
     def _source_of(self, sids: np.ndarray) -> np.ndarray:
-        index = sids >> FILE_SHIFT
+        index = (sids >> FILE_SHIFT) & (MAX_FILES - 1)
         return self.file_source[np.minimum(index, len(self.file_source) - 1)] if len(self.file_source) else np.zeros_like(index)
 
     def where(self, split: int, sid: int) -> str:

@@ -43,6 +43,7 @@ import pyarrow as pa
 from raysft.pipeline.data.fast_bpe import ByteLevelFastPath, char_spans
 from raysft.pipeline.data.formats import BadRow, Normalised, parse_and_normalise
 from raysft.pipeline.data.light_tokenizer import TokenizerSpec, compile_chat_template
+from raysft.pipeline.data.sources import MAX_COPIES, MAX_VIEWS, sample_ids
 from raysft.pipeline.errors import ModelError
 
 IGNORE = -100
@@ -398,6 +399,8 @@ class ChatEncoder:
                 turn = self._turn(k, messages, tools, text, spans, own=k == last)
                 (turns.append(turn) if turn is not None else views.append(k))
         out = [Sample(text, turns)] if turns else []
+        if len(out) + len(views) > MAX_VIEWS:  # sample ids number a row's views in 6 bits
+            raise BadRow("too_many_views", f"{len(views)} assistant turns need their own view (at most {MAX_VIEWS - 1})")
         for k in views:
             view = messages[:k + 1]
             view_text, view_spans = self._locate(view, tools)
@@ -588,17 +591,17 @@ class ChatEncoder:
         ids, labels, offsets, bad, owner, view = self.encode_flat(items)
         sids = np.asarray(source_ids, dtype=np.int64)[owner]
         spl = np.asarray(splits, dtype=np.int8)[owner]
-        table = _tokenized_table(sids, spl, ids, labels, offsets, bad, view)
-        if copies is None:
-            return table
-        n = np.asarray(copies, dtype=np.int64)[owner]
+        n = np.ones(len(owner), np.int64) if copies is None else np.asarray(copies, dtype=np.int64)[owner]
         n[np.fromiter((b is not None for b in bad), dtype=bool, count=len(bad))] = 1
-        if (n == 1).all():
-            return table
+        n = np.minimum(n, MAX_COPIES)
         take = np.repeat(np.arange(len(n)), n)
-        copy = np.arange(len(take)) - np.repeat(np.cumsum(n) - n, n)
+        copy = (np.arange(len(take)) - np.repeat(np.cumsum(n) - n, n)).astype(np.int32)
+        table = _tokenized_table(sample_ids(sids, view, np.zeros_like(view)), spl, ids, labels, offsets, bad, view)
+        if len(take) == len(n):
+            return table
         table = table.take(pa.array(take))
-        return table.set_column(table.schema.get_field_index("copy"), "copy", pa.array(copy.astype(np.int32), pa.int32()))
+        table = table.set_column(table.schema.get_field_index("copy"), "copy", pa.array(copy, pa.int32()))
+        return table.set_column(0, "source_id", pa.array(sample_ids(sids[take], view[take], copy), pa.int64()))
 
 
 def _piece(message: dict[str, Any], key: str) -> str:
