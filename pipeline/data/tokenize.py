@@ -247,6 +247,7 @@ class ChatEncoder:
         self.fast = ByteLevelFastPath.build(self.backend, spec.backend_json) if fast_path else None
         self.fast_checked = {True: False, False: False}  # per kind of text: ASCII (True) or not
         self.mask_checks = 0  # turns self-checked (for benchmarks and tests)
+        self._special_text: dict[int, str] = {}
 
     def render(self, messages: list[dict[str, Any]], generation_prompt: bool = False, tools: Optional[list] = None) -> str:
         # The same variables apply_chat_template passes (templates test `tools is not none`).
@@ -468,18 +469,24 @@ class ChatEncoder:
                 continue
             ids = token_ids[i]
             for turn, (lo, hi, close) in zip(s.turns, trained[i]):
-                segments.append(list(ids[lo:close if close >= 0 else hi]))
-                segments.append([ids[close]] if close >= 0 else [])
-                where.append((i, turn, close >= 0))
+                segments.append(ids[lo:hi])
+                where.append((i, turn, ids[close] if close >= 0 else None))
         if not where:
             return
         decoded = self.backend.decode_batch(segments, skip_special_tokens=False)
         self.mask_checks += len(where)
-        for n, (i, turn, closed) in enumerate(where):
-            body, close = decoded[2 * n], decoded[2 * n + 1] if closed else None
-            if bad_item[owner[i]] is None and not mask_check(body + (close or ""), turn.pieces, close, turn.from_content):
+        for text, (i, turn, close_id) in zip(decoded, where):
+            close = None if close_id is None else self._token_text(close_id)
+            if bad_item[owner[i]] is None and not mask_check(text, turn.pieces, close, turn.from_content):
                 bad_item[owner[i]] = BadRow("mask_check_failed", f"assistant turn {turn.index}'s trained tokens decode to "
-                                                                  f"{(body + (close or ''))[:60]!r}, not its content and closing token")
+                                                                  f"{text[:60]!r}, not its content and closing token")
+
+    def _token_text(self, token_id: int) -> str:
+        """A closing (special) token's text, decoded once."""
+        text = self._special_text.get(token_id)
+        if text is None:
+            text = self._special_text[token_id] = self.backend.decode([token_id], skip_special_tokens=False)
+        return text
 
     def _check_fast_path(self, rows: list[int], texts, ascii_kind: bool) -> list[int]:
         """Compare the fast path with `tokenizers` (ids and offsets) on the first rows of one kind (ASCII

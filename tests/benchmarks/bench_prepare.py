@@ -140,7 +140,8 @@ def self_check_cost(tokenizer: str, runs: int, work: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer", required=True, help="tokenizer directory (Hugging Face format, with a chat template)")
-    ap.add_argument("--repeat", type=int, nargs="+", default=[1, 10], help="copies of gsm8k train (several: one run each)")
+    ap.add_argument("--repeat", type=int, nargs="*", default=[1, 10],
+                    help="copies of gsm8k train (several: one run each; none: only the self-check timing)")
     ap.add_argument("--runs", type=int, default=3, help="runs per side; medians are reported")
     ap.add_argument("--max-seq-len", type=int, default=1024)
     ap.add_argument("--baselines", nargs="+", default=["trl_sft", "trl_min"])
