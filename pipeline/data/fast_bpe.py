@@ -154,8 +154,8 @@ class ByteLevelFastPath:
 def char_spans(text: str, byte_starts: np.ndarray, byte_ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Byte spans of tokens in `text` -> character spans (start: the character holding the first byte;
     end: one past the character holding the last byte)."""
-    widths = np.fromiter((len(c.encode()) for c in text), dtype=np.int64, count=len(text))
-    char_of = np.repeat(np.arange(len(text), dtype=np.int64), widths)
+    raw = np.frombuffer(text.encode(), dtype=np.uint8)
+    char_of = np.cumsum((raw & 0xC0) != 0x80, dtype=np.int64) - 1  # UTF-8: continuation bytes are 10xxxxxx
     nonempty = byte_ends > byte_starts
     starts = np.where(nonempty, char_of[np.minimum(byte_starts, len(char_of) - 1)], 0)
     ends = np.where(nonempty, char_of[np.maximum(byte_ends - 1, 0)] + 1, 0)
