@@ -114,6 +114,12 @@ class RunConfig(_Section):
     storage_path: str = "runs"
     max_failures: int = Field(2, ge=-1)
     address: Optional[str] = None  # Ray address to connect to; default starts or joins a local one
+    resume: Literal["auto", "never", "must"] = Field(
+        "auto",
+        description="rerunning an existing run.name: auto resumes it when its identity (data, base model, LoRA, "
+        "optimizer and schedule, seed, global batch) matches and refuses otherwise; never refuses to reuse the "
+        "name; must refuses unless there is a complete checkpoint to resume from",
+    )
 
 
 class TuneConfig(_Section):
