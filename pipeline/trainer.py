@@ -216,9 +216,7 @@ def _init_ray(cfg: Config) -> None:
 
 def train(cfg: Config) -> TrainResult:
     """Prepare (or reuse the cache), then train with Ray Train; returns metrics, run dir and adapter path."""
-    from raysft.pipeline.data.plan import ensure_prepared
-
-    from raysft.pipeline.data.plan import resolve_inputs
+    from raysft.pipeline.data.plan import ensure_prepared, resolve_inputs
 
     cfg = preflight(cfg)
     run_identity.decide(cfg, resolve_inputs(cfg).key, run_dir_of(cfg))  # refuse a mismatched rerun before any work
