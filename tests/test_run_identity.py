@@ -117,3 +117,32 @@ def test_truncated_snapshot_and_incomplete_newest_checkpoint_are_set_aside(run_d
     # A snapshot that names the chosen checkpoint is left for Ray to use.
     (run_dir / ri.RAY_SNAPSHOT).write_text(json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_000002"}}))
     assert ri.decide(cfg(), "data-key-1", run_dir).set_aside == []
+
+
+def test_cli_refuses_a_changed_rerun_before_ray_starts(tiny_model_dir, tmp_path):
+    """`raysft train` with another lora.r on an existing run: exit 2, one sentence, folder untouched, no Ray."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from raysft.pipeline.data.plan import resolve_inputs
+    from raysft.pipeline.trainer import preflight, run_dir_of
+
+    (tmp_path / "d.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                               {"role": "assistant", "content": "hello"}]}) + "\n")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"model": {"name_or_path": str(tiny_model_dir), "quantization": "none"},
+                                      "lora": {"r": 4}, "data": {"train": str(tmp_path / "d.jsonl")},
+                                      "run": {"name": "cli", "storage_path": str(tmp_path / "runs")}}))
+    first = preflight(load_config(config))
+    run = run_dir_of(first)
+    ri.apply(ri.decide(first, resolve_inputs(first).key, run), first.dump_yaml())
+    checkpoint(run, 2)
+    before = folder_state(run)
+    proc = subprocess.run([sys.executable, "-m", "raysft.pipeline.cli", "train", str(config), "--set", "lora.r=8",
+                           "--set", "run.address=127.0.0.1:1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "lora.r 4 -> 8" in lines[0] and "choose a new run.name" in lines[0], proc.stderr
+    assert folder_state(run) == before
