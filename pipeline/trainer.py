@@ -238,6 +238,7 @@ def fit(trainer):
         for failure in (getattr(exc, "worker_failures", None) or {}).values():
             original = getattr(failure, "cause", None) or failure  # Ray wraps it in a RayTaskError
             if isinstance(original, RaysftError):
-                kind = next(c for c in type(original).__mro__ if issubclass(c, RaysftError) and c.__module__.startswith("raysft."))
+                kind = next(c for c in type(original).__mro__
+                            if issubclass(c, RaysftError) and c.__module__.startswith("raysft."))
                 raise kind(str(original.args[0]) if original.args else str(original)) from None
         raise

@@ -34,11 +34,22 @@ from raysft.pipeline.training import checkpoint as ck  # noqa: E402
 from raysft.pipeline.training.loop import DeepSpeedStepEngine, deepspeed_config  # noqa: E402
 from raysft.pipeline.training.step import collate, make_optimizer, optimizer_step  # noqa: E402
 
-cfg = load_config(None, overrides={
-    "model.name_or_path": model_dir, "model.quantization": "none", "model.dtype": dtype, "lora.r": 4, "lora.alpha": 8,
-    "lora.dropout": 0.0, "train.lr": 1e-2, "train.warmup_steps": 1, "train.deepspeed.stage": stage,
-    "scaling.num_workers": 1, "train.max_steps": 6,
-})
+cfg = load_config(
+    None,
+    overrides={
+        "model.name_or_path": model_dir,
+        "model.quantization": "none",
+        "model.dtype": dtype,
+        "lora.r": 4,
+        "lora.alpha": 8,
+        "lora.dropout": 0.0,
+        "train.lr": 1e-2,
+        "train.warmup_steps": 1,
+        "train.deepspeed.stage": stage,
+        "scaling.num_workers": 1,
+        "train.max_steps": 6,
+    },
+)
 rng = random.Random(0)
 rows = F.pack_rows([F.make_sample(rng, i) for i in range(24)], 3)
 
@@ -46,8 +57,9 @@ rows = F.pack_rows([F.make_sample(rng, i) for i in range(24)], 3)
 def engine():
     model = build_model(cfg, "cpu")
     opt, sched = make_optimizer(model, cfg.train, 6)
-    e, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, 1),
-                                 dist_init_required=False)
+    e, *_ = deepspeed.initialize(
+        model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, 1), dist_init_required=False
+    )
     return e
 
 
@@ -75,5 +87,17 @@ wb, lrb = ck.trainable_state_dict(b.module), b.optimizer.param_groups[0]["lr"]
 diff = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
 changed = max(float((wa[k].float() - saved[k].float()).abs().max()) for k in wa)
 files = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs)
-print("RESULT " + json.dumps({"diff": diff, "changed": changed, "lr": [lra, lrb], "problem": problem, "state": state, "files": files,
-                              "n": len(wa)}))
+print(
+    "RESULT "
+    + json.dumps(
+        {
+            "diff": diff,
+            "changed": changed,
+            "lr": [lra, lrb],
+            "problem": problem,
+            "state": state,
+            "files": files,
+            "n": len(wa),
+        }
+    )
+)

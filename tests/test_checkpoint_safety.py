@@ -26,11 +26,23 @@ TESTS = Path(__file__).resolve().parent
 def test_resume_from_safetensors_state_is_exact(tiny_model_dir, tmp_path, stage, dtype):
     """DeepSpeed engine state saved by raysft (no torch.save) restores weights, fp32 master, AdamW, schedule."""
     out = tmp_path / "ckpt"
-    proc = subprocess.run([sys.executable, str(TESTS / "checkpoint_roundtrip.py"), str(TESTS), str(tiny_model_dir),
-                           str(stage), dtype, str(out)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(TESTS / "checkpoint_roundtrip.py"),
+            str(TESTS),
+            str(tiny_model_dir),
+            str(stage),
+            dtype,
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert line, proc.stdout[-2000:] + proc.stderr[-4000:]
-    res = json.loads(line[len("RESULT "):])
+    res = json.loads(line[len("RESULT ") :])
     assert res["problem"] is None and res["state"]["world_size"] == 1
     assert res["changed"] > 1e-4  # the two steps after the checkpoint really moved the weights
     assert res["diff"] <= 1e-7 and res["lr"][0] == res["lr"][1], res
@@ -53,8 +65,14 @@ def _plant(path: Path, marker: Path) -> None:
 
 def _tiny_checkpoint(directory: Path) -> Path:
     """A complete single-rank checkpoint folder without DeepSpeed: engine-like state, state.json, manifest."""
-    files = save_tree({"optimizer": {"state": {0: {"exp_avg": torch.ones(3)}}, "param_groups": [{"betas": (0.9, 0.99)}]},
-                       "lr_scheduler": None, "global_steps": 2}, directory / "optim" / "rank0")
+    files = save_tree(
+        {
+            "optimizer": {"state": {0: {"exp_avg": torch.ones(3)}}, "param_groups": [{"betas": (0.9, 0.99)}]},
+            "lr_scheduler": None,
+            "global_steps": 2,
+        },
+        directory / "optim" / "rank0",
+    )
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(2)}, str(directory / ck.MODULE_FILE))

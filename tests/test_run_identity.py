@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from raysft.pipeline.config import load_config
 from raysft.pipeline.errors import CheckpointError
 from raysft.pipeline.training import checkpoint as ck
@@ -21,7 +20,9 @@ def cfg(**over):
 
 
 def folder_state(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() if p.is_file() else b"<dir>" for p in sorted(root.rglob("*"))}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes() if p.is_file() else b"<dir>" for p in sorted(root.rglob("*"))
+    }
 
 
 def checkpoint(run_dir: Path, step: int) -> Path:
@@ -51,19 +52,22 @@ def test_same_identity_resumes_from_newest_complete_checkpoint(run_dir):
     assert ri.decide(other, "data-key-1", run_dir, steps_per_epoch=4).mode == "resume"
 
 
-@pytest.mark.parametrize("over,data_key,named", [
-    ({}, "data-key-2", "data.prepared_key"),
-    ({"model__name_or_path": "/models/other"}, "data-key-1", "model.name_or_path"),
-    ({"model__quantization": "none"}, "data-key-1", "model.quantization"),
-    ({"lora__r": 8}, "data-key-1", "lora.r"),
-    ({"lora__target_modules": ["q_proj"]}, "data-key-1", "lora.target_modules"),
-    ({"train__lr": 1e-3}, "data-key-1", "train.lr"),
-    ({"train__scheduler": "linear"}, "data-key-1", "train.scheduler"),
-    ({"train__seed": 1}, "data-key-1", "train.seed"),
-    ({"train__grad_accum": 2}, "data-key-1", "train.global_batch"),
-    ({"scaling__num_workers": 1, "train__grad_accum": 2}, "data-key-1", "scaling.num_workers"),
-    ({"train__deepspeed__stage": 3}, "data-key-1", "train.deepspeed.stage"),
-])
+@pytest.mark.parametrize(
+    "over,data_key,named",
+    [
+        ({}, "data-key-2", "data.prepared_key"),
+        ({"model__name_or_path": "/models/other"}, "data-key-1", "model.name_or_path"),
+        ({"model__quantization": "none"}, "data-key-1", "model.quantization"),
+        ({"lora__r": 8}, "data-key-1", "lora.r"),
+        ({"lora__target_modules": ["q_proj"]}, "data-key-1", "lora.target_modules"),
+        ({"train__lr": 1e-3}, "data-key-1", "train.lr"),
+        ({"train__scheduler": "linear"}, "data-key-1", "train.scheduler"),
+        ({"train__seed": 1}, "data-key-1", "train.seed"),
+        ({"train__grad_accum": 2}, "data-key-1", "train.global_batch"),
+        ({"scaling__num_workers": 1, "train__grad_accum": 2}, "data-key-1", "scaling.num_workers"),
+        ({"train__deepspeed__stage": 3}, "data-key-1", "train.deepspeed.stage"),
+    ],
+)
 def test_each_differing_key_is_refused_and_nothing_changes(run_dir, over, data_key, named):
     before = folder_state(run_dir)
     with pytest.raises(CheckpointError) as err:
@@ -115,7 +119,9 @@ def test_truncated_snapshot_and_incomplete_newest_checkpoint_are_set_aside(run_d
     assert not bad.exists() and not (run_dir / ri.RAY_SNAPSHOT).exists()
     assert len(list(run_dir.glob("checkpoint_000004.set-aside-*"))) == 1  # moved, never deleted
     # A snapshot that names the chosen checkpoint is left for Ray to use.
-    (run_dir / ri.RAY_SNAPSHOT).write_text(json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_000002"}}))
+    (run_dir / ri.RAY_SNAPSHOT).write_text(
+        json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_000002"}})
+    )
     assert ri.decide(cfg(), "data-key-1", run_dir).set_aside == []
 
 
@@ -125,23 +131,44 @@ def test_cli_refuses_a_changed_rerun_before_ray_starts(tiny_model_dir, tmp_path)
     import sys
 
     import yaml
-
     from raysft.pipeline.data.plan import resolve_inputs
     from raysft.pipeline.trainer import preflight, run_dir_of
 
-    (tmp_path / "d.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
-                                                               {"role": "assistant", "content": "hello"}]}) + "\n")
+    (tmp_path / "d.jsonl").write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n"
+    )
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"model": {"name_or_path": str(tiny_model_dir), "quantization": "none"},
-                                      "lora": {"r": 4}, "data": {"train": str(tmp_path / "d.jsonl")},
-                                      "run": {"name": "cli", "storage_path": str(tmp_path / "runs")}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name_or_path": str(tiny_model_dir), "quantization": "none"},
+                "lora": {"r": 4},
+                "data": {"train": str(tmp_path / "d.jsonl")},
+                "run": {"name": "cli", "storage_path": str(tmp_path / "runs")},
+            }
+        )
+    )
     first = preflight(load_config(config))
     run = run_dir_of(first)
     ri.apply(ri.decide(first, resolve_inputs(first).key, run), first.dump_yaml())
     checkpoint(run, 2)
     before = folder_state(run)
-    proc = subprocess.run([sys.executable, "-m", "raysft.pipeline.cli", "train", str(config), "--set", "lora.r=8",
-                           "--set", "run.address=127.0.0.1:1"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raysft.pipeline.cli",
+            "train",
+            str(config),
+            "--set",
+            "lora.r=8",
+            "--set",
+            "run.address=127.0.0.1:1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "lora.r 4 -> 8" in lines[0] and "choose a new run.name" in lines[0], proc.stderr

@@ -10,30 +10,74 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from raysft.pipeline.config import load_config
 from raysft.pipeline.errors import ConfigError
-from raysft.pipeline.jobs.package import JOB_CONFIG_NAME, build_job_package, upload_files
+from raysft.pipeline.jobs.package import (
+    JOB_CONFIG_NAME,
+    build_job_package,
+    upload_files,
+)
 from raysft.pipeline.jobs.submit import entrypoint, job_command, local_token
 
 REPO = Path(__file__).resolve().parents[1]
 
 KEEP = ["README.md", "train.yaml", "data/train.jsonl", "src/helper.py", "examples/sweep.yaml"]
 DROP = [
-    ".env", ".env.production", "conf/prod.env", ".envrc", ".netrc", "credentials.json", "gcp-service-account.json",
-    ".aws/credentials", ".ssh/id_rsa", "keys/server.pem", "keys/tls.key", "id_ed25519", ".git/config",
-    ".venv/lib/python3.11/site-packages/x.py", "venv/bin/python", "src/__pycache__/helper.cpython-311.pyc",
-    ".pytest_cache/v/cache", ".cache/huggingface/hub/model.bin", "runs/tiny/checkpoint_000001/state.pt",
-    "prepared/train/part-0.parquet", "wandb/run-1/files.txt", "mlruns/0/meta.yaml", "models/base.safetensors",
-    "raysft.egg-info/PKG-INFO", "dist/raysft-0.1.0-py3-none-any.whl", ".ray/auth_token", "my_secrets.yaml",
-    "notebooks/big.ckpt", "ignored_by_rayignore/data.txt", "ignored_by_gitignore.log",
+    ".env",
+    ".env.production",
+    "conf/prod.env",
+    ".envrc",
+    ".netrc",
+    "credentials.json",
+    "gcp-service-account.json",
+    ".aws/credentials",
+    ".ssh/id_rsa",
+    "keys/server.pem",
+    "keys/tls.key",
+    "id_ed25519",
+    ".git/config",
+    ".venv/lib/python3.11/site-packages/x.py",
+    "venv/bin/python",
+    "src/__pycache__/helper.cpython-311.pyc",
+    ".pytest_cache/v/cache",
+    ".cache/huggingface/hub/model.bin",
+    "runs/tiny/checkpoint_000001/state.pt",
+    "prepared/train/part-0.parquet",
+    "wandb/run-1/files.txt",
+    "mlruns/0/meta.yaml",
+    "models/base.safetensors",
+    "raysft.egg-info/PKG-INFO",
+    "dist/raysft-0.1.0-py3-none-any.whl",
+    ".ray/auth_token",
+    "my_secrets.yaml",
+    "notebooks/big.ckpt",
+    "ignored_by_rayignore/data.txt",
+    "ignored_by_gitignore.log",
 ]
 # Every credential file the probe found in a staged package (issue 13), plus a few relatives.
 CREDENTIAL_ZOO = [
-    ".npmrc", ".pgpass", ".s3cfg", ".boto", ".vault-token", ".databrickscfg", ".kaggle/kaggle.json",
-    ".config/gh/hosts.yml", ".huggingface/token", "hf_token.txt", "token.txt", "terraform.tfstate",
-    ".bash_history", ".zsh_history", ".gnupg/pubring.kbx", ".gnupg/private-keys-v1.d/k.key", ".ENV",
-    "keys/deploy_key", "putty.ppk", "release.jks", "conf/.pypirc", "deploy/prod.tfstate.backup",
+    ".npmrc",
+    ".pgpass",
+    ".s3cfg",
+    ".boto",
+    ".vault-token",
+    ".databrickscfg",
+    ".kaggle/kaggle.json",
+    ".config/gh/hosts.yml",
+    ".huggingface/token",
+    "hf_token.txt",
+    "token.txt",
+    "terraform.tfstate",
+    ".bash_history",
+    ".zsh_history",
+    ".gnupg/pubring.kbx",
+    ".gnupg/private-keys-v1.d/k.key",
+    ".ENV",
+    "keys/deploy_key",
+    "putty.ppk",
+    "release.jks",
+    "conf/.pypirc",
+    "deploy/prod.tfstate.backup",
 ]
 
 
@@ -77,8 +121,14 @@ def test_dry_run_lists_exactly_what_ships_and_no_credential(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.environ.get("PYTHONPATH", ""))
     env.pop("RAY_ADDRESS", None)
     for extra in ([], ["--working-dir", str(root)]):
-        proc = subprocess.run([sys.executable, "-m", "raysft.pipeline.cli", "submit", str(root / "train.yaml"),
-                               "--dry-run", *extra], capture_output=True, text=True, cwd=root, env=env, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "raysft.pipeline.cli", "submit", str(root / "train.yaml"), "--dry-run", *extra],
+            capture_output=True,
+            text=True,
+            cwd=root,
+            env=env,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stderr
         lines = proc.stdout.strip().splitlines()
         listed = {line.split(None, 1)[1]: int(line.split(None, 1)[0]) for line in lines[:-1]}
@@ -86,11 +136,19 @@ def test_dry_run_lists_exactly_what_ships_and_no_credential(tmp_path):
         lowered = {f.lower() for f in listed}
         for cred in [*CREDENTIAL_ZOO, *DROP]:
             assert cred.lower() not in lowered, cred
-        assert not any(f.startswith((".gnupg/", ".kaggle/", ".config/", ".huggingface/", "keys/", ".ssh/", ".aws/"))
-                       for f in lowered)
+        assert not any(
+            f.startswith((".gnupg/", ".kaggle/", ".config/", ".huggingface/", "keys/", ".ssh/", ".aws/"))
+            for f in lowered
+        )
         assert "link.txt" not in listed
-        assert {"train.yaml", "data/train.jsonl", JOB_CONFIG_NAME, "raysft/requirements.txt",
-                "raysft/pipeline/cli.py", "raysft/kernels/__init__.py"} <= set(listed)
+        assert {
+            "train.yaml",
+            "data/train.jsonl",
+            JOB_CONFIG_NAME,
+            "raysft/requirements.txt",
+            "raysft/pipeline/cli.py",
+            "raysft/kernels/__init__.py",
+        } <= set(listed)
         if not extra:  # without --working-dir, the user's other files stay home
             assert "README.md" not in listed and "src/helper.py" not in listed
         else:
@@ -104,12 +162,16 @@ def test_job_package_ships_code_config_and_only_named_secrets(tmp_path, monkeypa
     ds = tmp_path / "shared" / "ds.json"
     ds.parent.mkdir()
     ds.write_text("{}")
-    (root / "train.yaml").write_text(yaml.safe_dump({
-        "model": {"name_or_path": str(outside)},
-        "data": {"train": "data/train.jsonl"},
-        "train": {"deepspeed": {"config": str(ds)}},
-        "run": {"name": "r", "storage_path": "s3://bucket/runs"},
-    }))
+    (root / "train.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name_or_path": str(outside)},
+                "data": {"train": "data/train.jsonl"},
+                "train": {"deepspeed": {"config": str(ds)}},
+                "run": {"name": "r", "storage_path": "s3://bucket/runs"},
+            }
+        )
+    )
     cfg = load_config(root / "train.yaml", overrides=["train.lr=3e-4"])
     monkeypatch.setenv("WANDB_API_KEY", "wandb-secret-value")
     monkeypatch.setenv("UNRELATED_SECRET", "must-not-travel")
@@ -117,8 +179,12 @@ def test_job_package_ships_code_config_and_only_named_secrets(tmp_path, monkeypa
     pkg = build_job_package(cfg, tmp_path / "stage", env_names=["WANDB_API_KEY"], includes=[root / "src"])
 
     user_files = [f for f in pkg.files if not f.startswith("raysft/") and f != JOB_CONFIG_NAME]
-    assert sorted(user_files) == ["data/train.jsonl", "inputs/train.deepspeed.config/ds.json", "src/helper.py",
-                                  "train.yaml"]
+    assert sorted(user_files) == [
+        "data/train.jsonl",
+        "inputs/train.deepspeed.config/ds.json",
+        "src/helper.py",
+        "train.yaml",
+    ]
     assert "raysft/__init__.py" in pkg.files and "raysft/pipeline/trainer.py" in pkg.files
     assert "raysft/kernels/__init__.py" in pkg.files and not any("__pycache__" in f for f in pkg.files)
     assert "pathspec>=0.11" in (pkg.directory / "raysft" / "requirements.txt").read_text().split()

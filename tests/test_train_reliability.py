@@ -9,13 +9,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from raysft.pipeline.config import load_config
 from raysft.pipeline.errors import CheckpointError
+from raysft.pipeline.trainer import build_trainer, finish_run, fit, preflight
 from raysft.pipeline.training import checkpoint as ck
 from raysft.pipeline.training.ledger import check_exactly_once
 from raysft.pipeline.training.metrics import read_metrics
-from raysft.pipeline.trainer import build_trainer, finish_run, fit, preflight
 from train_fixtures import make_prepared
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -37,10 +36,22 @@ def _resize(mnt: Path, size_bytes: int) -> None:
 
 def _cfg(model_dir, storage, max_steps, **more):
     over = {
-        "model.name_or_path": str(model_dir), "model.quantization": "none", "model.dtype": "float32",
-        "lora.dropout": 0.0, "lora.r": 4, "lora.alpha": 8, "train.max_steps": max_steps, "train.lr": 5e-3,
-        "train.warmup_steps": 1, "train.save_every": 2, "train.eval_every": 100, "train.micro_batch_size": 1,
-        "train.grad_accum": 2, "scaling.num_workers": 2, "run.storage_path": str(storage), "run.name": "disk",
+        "model.name_or_path": str(model_dir),
+        "model.quantization": "none",
+        "model.dtype": "float32",
+        "lora.dropout": 0.0,
+        "lora.r": 4,
+        "lora.alpha": 8,
+        "train.max_steps": max_steps,
+        "train.lr": 5e-3,
+        "train.warmup_steps": 1,
+        "train.save_every": 2,
+        "train.eval_every": 100,
+        "train.micro_batch_size": 1,
+        "train.grad_accum": 2,
+        "scaling.num_workers": 2,
+        "run.storage_path": str(storage),
+        "run.name": "disk",
         "run.max_failures": 0,
     }
     over.update(more)

@@ -28,26 +28,117 @@ MAX_UPLOAD_BYTES = 100 * 1024 * 1024  # Ray keeps packages in the GCS: big files
 # gitignore syntax, lower case (paths are lower-cased before matching); a trailing "/" matches folders.
 CREDENTIAL_PATTERNS: tuple[str, ...] = (
     # dotenv files and shell state
-    ".env", ".env.*", "*.env", ".envrc", ".*_history", ".netrc", "_netrc",
+    ".env",
+    ".env.*",
+    "*.env",
+    ".envrc",
+    ".*_history",
+    ".netrc",
+    "_netrc",
     # package-manager, database, cloud and tool credentials
-    ".npmrc", ".yarnrc", ".pypirc", ".pgpass", ".my.cnf", ".s3cfg", ".boto", ".vault-token", ".databrickscfg",
-    ".git-credentials", ".dockercfg", "credentials", "credentials.*", "*credentials*.json", "*service-account*.json",
-    "*secret*", ".aws/", ".azure/", ".gcloud/", ".config/gcloud/", ".config/gh/", ".kaggle/", ".huggingface/",
-    ".cache/huggingface/token", ".ssh/", ".gnupg/", ".kube/", ".docker/", ".ray/", ".terraform/",
-    "*.tfstate", "*.tfstate.*", "*.tfvars",
+    ".npmrc",
+    ".yarnrc",
+    ".pypirc",
+    ".pgpass",
+    ".my.cnf",
+    ".s3cfg",
+    ".boto",
+    ".vault-token",
+    ".databrickscfg",
+    ".git-credentials",
+    ".dockercfg",
+    "credentials",
+    "credentials.*",
+    "*credentials*.json",
+    "*service-account*.json",
+    "*secret*",
+    ".aws/",
+    ".azure/",
+    ".gcloud/",
+    ".config/gcloud/",
+    ".config/gh/",
+    ".kaggle/",
+    ".huggingface/",
+    ".cache/huggingface/token",
+    ".ssh/",
+    ".gnupg/",
+    ".kube/",
+    ".docker/",
+    ".ray/",
+    ".terraform/",
+    "*.tfstate",
+    "*.tfstate.*",
+    "*.tfvars",
     # tokens
-    "token", "token.txt", "*_token", "*_token.txt", "*-token", "*-token.txt", "*.token", "hf_token*", "auth_token",
+    "token",
+    "token.txt",
+    "*_token",
+    "*_token.txt",
+    "*-token",
+    "*-token.txt",
+    "*.token",
+    "hf_token*",
+    "auth_token",
     # keys and keystores
-    "*.pem", "*.key", "*.p12", "*.pfx", "*.ppk", "*.jks", "*.keystore", "*.asc", "*.gpg", "id_rsa*", "id_dsa*",
-    "id_ecdsa*", "id_ed25519*", "*_key", "deploy_key*", "keys/", "secrets/",
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
+    "*.ppk",
+    "*.jks",
+    "*.keystore",
+    "*.asc",
+    "*.gpg",
+    "id_rsa*",
+    "id_dsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
+    "*_key",
+    "deploy_key*",
+    "keys/",
+    "secrets/",
 )
 BULKY_PATTERNS: tuple[str, ...] = (
-    ".git/", ".hg/", ".svn/", ".venv/", "venv/", "virtualenv/", ".conda/", "site-packages/",
-    "__pycache__/", "*.pyc", "*.pyo", ".pytest_cache/", ".mypy_cache/", ".ruff_cache/", ".cache/",
-    ".ipynb_checkpoints/", ".tox/", ".nox/", "*.egg-info/", "build/", "dist/", ".whl/", "node_modules/",
-    ".raysft_cache/", ".DS_Store",
-    "runs/", "prepared/", "outputs/", "checkpoints/", "wandb/", "mlruns/", "lightning_logs/",
-    "ray_results/", ".models/", "*.safetensors", "*.bin", "*.gguf", "*.pt", "*.pth", "*.ckpt",
+    ".git/",
+    ".hg/",
+    ".svn/",
+    ".venv/",
+    "venv/",
+    "virtualenv/",
+    ".conda/",
+    "site-packages/",
+    "__pycache__/",
+    "*.pyc",
+    "*.pyo",
+    ".pytest_cache/",
+    ".mypy_cache/",
+    ".ruff_cache/",
+    ".cache/",
+    ".ipynb_checkpoints/",
+    ".tox/",
+    ".nox/",
+    "*.egg-info/",
+    "build/",
+    "dist/",
+    ".whl/",
+    "node_modules/",
+    ".raysft_cache/",
+    ".DS_Store",
+    "runs/",
+    "prepared/",
+    "outputs/",
+    "checkpoints/",
+    "wandb/",
+    "mlruns/",
+    "lightning_logs/",
+    "ray_results/",
+    ".models/",
+    "*.safetensors",
+    "*.bin",
+    "*.gguf",
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
 )
 _CREDENTIALS = PathSpec.from_lines("gitwildmatch", CREDENTIAL_PATTERNS)
 
@@ -96,8 +187,13 @@ def walk(root: str | os.PathLike, extra_excludes: Iterable[str] = (), ignore_fil
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         rel_dir = Path(dirpath).relative_to(root).as_posix()
         prefix = "" if rel_dir == "." else rel_dir + "/"
-        dirnames[:] = sorted(d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))
-                             and not spec.match_file(prefix + d + "/") and not is_credential(prefix + d, is_dir=True))
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if not os.path.islink(os.path.join(dirpath, d))
+            and not spec.match_file(prefix + d + "/")
+            and not is_credential(prefix + d, is_dir=True)
+        )
         for name in sorted(filenames):
             rel, full = prefix + name, Path(dirpath) / name
             if spec.match_file(rel) or is_credential(rel) or not full.is_file():
@@ -149,8 +245,10 @@ class _Stage:
             return
         self.total += src.stat().st_size
         if self.total > MAX_UPLOAD_BYTES:
-            raise ClusterError(f"The job package would be over {MAX_UPLOAD_BYTES >> 20} MiB (at {src}); put large files "
-                               "on shared storage and point the config at them.")
+            raise ClusterError(
+                f"The job package would be over {MAX_UPLOAD_BYTES >> 20} MiB (at {src}); put large files "
+                "on shared storage and point the config at them."
+            )
         (self.dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, self.dest / rel)
         self.files[rel] = src
@@ -158,7 +256,9 @@ class _Stage:
     def add_path(self, path: Path, rel: str, what: str) -> None:
         """A file or folder the user or the config named explicitly: folders are walked without following links."""
         if is_credential(path.name, is_dir=path.is_dir()) or is_credential(rel, is_dir=path.is_dir()):
-            raise ConfigError(f"Refusing to ship {path} ({what}): it looks like a credential file; pass secrets with --env.")
+            raise ConfigError(
+                f"Refusing to ship {path} ({what}): it looks like a credential file; pass secrets with --env."
+            )
         if path.is_dir():
             for sub in walk(path, ignore_files=False):
                 self.add(path / sub, f"{rel}/{sub}")
@@ -187,18 +287,24 @@ def _ship_config_paths(cfg: Config, root: Path, stage: _Stage, notes: list[str])
             continue  # a hub id, or a path that only exists on the cluster
         if key == _MODEL_FIELD:
             set_dotted(data, key, str(local))
-            notes.append(f"{key} is {local}, which is not shipped (model weights): it must exist at that path on "
-                         "the cluster's nodes.")
+            notes.append(
+                f"{key} is {local}, which is not shipped (model weights): it must exist at that path on "
+                "the cluster's nodes."
+            )
             continue
         if is_glob:
             rel_pattern = _relative_to(Path(os.path.abspath(spec)), root)
             if rel_pattern is None:
                 set_dotted(data, key, os.path.abspath(spec))
-                notes.append(f"{key} is the glob {spec} outside {root}, which is not shipped: it must exist on the cluster.")
+                notes.append(
+                    f"{key} is the glob {spec} outside {root}, which is not shipped: it must exist on the cluster."
+                )
                 continue
             for match in sorted(glob.glob(spec, recursive=True)):
                 if Path(match).is_file():
-                    stage.add_path(Path(match).resolve(), Path(os.path.abspath(match)).relative_to(root).as_posix(), key)
+                    stage.add_path(
+                        Path(match).resolve(), Path(os.path.abspath(match)).relative_to(root).as_posix(), key
+                    )
             set_dotted(data, key, rel_pattern)
             continue
         rel = _relative_to(local, root) or f"inputs/{key}/{local.name}"
@@ -206,14 +312,22 @@ def _ship_config_paths(cfg: Config, root: Path, stage: _Stage, notes: list[str])
         set_dotted(data, key, rel)
     storage = data["run"]["storage_path"]
     if "://" not in storage and not os.path.isabs(storage):
-        notes.append(f"run.storage_path '{storage}' is relative, so runs land in the job's temporary working "
-                     "directory on the cluster; use a shared filesystem path or s3://, gs:// for results to keep.")
+        notes.append(
+            f"run.storage_path '{storage}' is relative, so runs land in the job's temporary working "
+            "directory on the cluster; use a shared filesystem path or s3://, gs:// for results to keep."
+        )
     return data
 
 
-def build_job_package(cfg: Config, staging: str | os.PathLike, *, working_dir: str | os.PathLike | None = None,
-                      includes: Iterable[str | os.PathLike] = (), env_names: Iterable[str] = (),
-                      extra_excludes: Iterable[str] = ()) -> JobPackage:
+def build_job_package(
+    cfg: Config,
+    staging: str | os.PathLike,
+    *,
+    working_dir: str | os.PathLike | None = None,
+    includes: Iterable[str | os.PathLike] = (),
+    env_names: Iterable[str] = (),
+    extra_excludes: Iterable[str] = (),
+) -> JobPackage:
     """Stage the job's files in `staging` and return the runtime_env that ships them.
 
     The job's folder mirrors `working_dir` when given, else the config file's folder: files keep their
@@ -245,7 +359,9 @@ def build_job_package(cfg: Config, staging: str | os.PathLike, *, working_dir: s
         if not path.exists():
             raise ConfigError(f"--include {inc} does not exist.")
         if rel is None or rel == ".":
-            raise ConfigError(f"--include {inc} is not inside {root}, the job's folder; move it there or use shared storage.")
+            raise ConfigError(
+                f"--include {inc} is not inside {root}, the job's folder; move it there or use shared storage."
+            )
         stage.add_path(path, rel, "--include")
     notes: list[str] = []
     data = _ship_config_paths(cfg, root, stage, notes)
@@ -253,7 +369,9 @@ def build_job_package(cfg: Config, staging: str | os.PathLike, *, working_dir: s
 
     # raysft itself, as a regular package that wins over any install on the cluster's nodes, and its requirements.
     if (dest / "raysft").exists():
-        raise ConfigError(f"The job's folder {root} has its own 'raysft' entry, which would shadow the shipped package.")
+        raise ConfigError(
+            f"The job's folder {root} has its own 'raysft' entry, which would shadow the shipped package."
+        )
     (dest / "raysft").mkdir()
     (dest / "raysft" / "__init__.py").write_text('"""raysft, shipped with a Ray job by `raysft submit`."""\n')
     (dest / "raysft" / "requirements.txt").write_text("".join(r + "\n" for r in raysft_requirements()))

@@ -2,8 +2,9 @@
 
 Talks to the cluster's dashboard (Ray Jobs REST API, `JobSubmissionClient`). Works with clusters
 that require Ray's token authentication (token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
-~/.ray/auth_token, read here in Ray's order; no private Ray API) and with those that do not. Each command returns its exit code: 0 success,
-1 the job failed or was stopped, 2 (a `ClusterError`/`ConfigError`) the request itself failed.
+~/.ray/auth_token, read here in Ray's order; no private Ray API) and with those that do not. Each
+command returns its exit code: 0 success, 1 the job failed or was stopped, 2 (a `ClusterError`/
+`ConfigError`) the request itself failed.
 """
 
 from __future__ import annotations

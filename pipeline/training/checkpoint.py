@@ -84,7 +84,8 @@ def engine_state(engine) -> dict[str, Any]:
     return {
         "optimizer": engine.optimizer.state_dict(),
         "lr_scheduler": sched.state_dict() if sched is not None else None,
-        "global_steps": int(engine.global_steps), "global_samples": int(engine.global_samples),
+        "global_steps": int(engine.global_steps),
+        "global_samples": int(engine.global_samples),
         "skipped_steps": int(engine.skipped_steps),
     }
 
@@ -98,13 +99,17 @@ def load_engine_state(engine, directory: Path, rank: int) -> None:
     params = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
     missing = [n for n, _ in params if n not in weights]
     if missing or len(weights) != len(params):
-        raise CheckpointError(f"Checkpoint {directory} holds weights for {len(weights)} trainable parameters, this model "
-                              f"has {len(params)} (first missing: {missing[0] if missing else 'none'}); it belongs to another LoRA shape.")
+        raise CheckpointError(
+            f"Checkpoint {directory} holds weights for {len(weights)} trainable parameters, this model "
+            f"has {len(params)} (first missing: {missing[0] if missing else 'none'}); it belongs to another LoRA shape."
+        )
     with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
         for n, p in params:
             w = weights[n]
             if tuple(w.shape) != tuple(p.shape):
-                raise CheckpointError(f"Checkpoint {directory}: {n} has shape {tuple(w.shape)}, the model {tuple(p.shape)}.")
+                raise CheckpointError(
+                    f"Checkpoint {directory}: {n} has shape {tuple(w.shape)}, the model {tuple(p.shape)}."
+                )
             p.data.copy_(w.to(p.dtype))
 
     tree = load_tree(directory / "optim" / f"rank{rank}")
@@ -115,8 +120,11 @@ def load_engine_state(engine, directory: Path, rank: int) -> None:
         group = engine.optimizer.dp_process_group
         sd_list: list[Any] = [None] * dist.get_world_size(group=group)
         sd_list[dist.get_rank(group=group)] = opt
-        engine.optimizer.load_state_dict(state_dict_list=sd_list, load_optimizer_states=True,
-                                         load_from_fp32_weights=engine.zero_load_from_fp32_weights())
+        engine.optimizer.load_state_dict(
+            state_dict_list=sd_list,
+            load_optimizer_states=True,
+            load_from_fp32_weights=engine.zero_load_from_fp32_weights(),
+        )
     elif engine.bfloat16_enabled() or engine.fp16_enabled():
         engine.optimizer.load_state_dict(opt, load_optimizer_states=True)
     else:
@@ -134,15 +142,25 @@ def _load_module_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError):
-        raise CheckpointError(f"{path} is not a readable safetensors file; raysft never unpickles checkpoint files, "
-                              "so it refuses this one.") from None
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file; raysft never unpickles checkpoint files, "
+            "so it refuses this one."
+        ) from None
 
 
 # ---------------------------------------------------------------- save, verify, load
 
 
-def save(engine, directory: str | Path, *, rank: int, state: dict[str, Any], ledger_path: Path | None,
-         config_yaml: str, storage: str | Path | None = None) -> Path:
+def save(
+    engine,
+    directory: str | Path,
+    *,
+    rank: int,
+    state: dict[str, Any],
+    ledger_path: Path | None,
+    config_yaml: str,
+    storage: str | Path | None = None,
+) -> Path:
     """Write, seal (manifest) and verify this rank's part of a checkpoint in `directory`; every rank calls it.
 
     With `storage` (a local folder the checkpoint is uploaded to), fail in one sentence on every rank
@@ -175,11 +193,16 @@ def save(engine, directory: str | Path, *, rank: int, state: dict[str, Any], led
             written += [directory / RESOLVED_CONFIG, directory / STATE_FILE]
         manifest = write_manifest(directory, rank, written)
     except OSError as exc:
-        raise CheckpointError(f"Could not write checkpoint step {state['step']} to {directory} ({exc.strerror or exc}).") from None
+        raise CheckpointError(
+            f"Could not write checkpoint step {state['step']} to {directory} ({exc.strerror or exc})."
+        ) from None
     bad = _check_files(directory, manifest["files"])
     if bad:
         raise CheckpointError(f"Checkpoint step {state['step']} failed verification right after writing: {bad}.")
-    need = sum(f["size"] for f in manifest["files"].values()) + (directory / MANIFEST_DIR / f"rank{rank}.json").stat().st_size
+    need = (
+        sum(f["size"] for f in manifest["files"].values())
+        + (directory / MANIFEST_DIR / f"rank{rank}.json").stat().st_size
+    )
     _check_space(storage, need, state["step"], dist.is_initialized())
     return directory
 
@@ -202,8 +225,9 @@ def _check_space(storage: str | Path | None, need: int, step: int, distributed: 
     if short.item() > 0:
         raise CheckpointError(
             f"Not enough space in {storage} for checkpoint step {step}: {worst.item() / 2**20:.1f} MiB free, "
-            f"{(total.item() + SPACE_MARGIN_BYTES) / 2**20:.1f} MiB needed; free space and rerun the same command to resume "
-            "from the last complete checkpoint.")
+            f"{(total.item() + SPACE_MARGIN_BYTES) / 2**20:.1f} MiB needed; free space and rerun the same command "
+            "to resume from the last complete checkpoint."
+        )
 
 
 def _sha256(path: Path) -> str:
@@ -255,8 +279,11 @@ def problem(directory: str | Path) -> str | None:
         if bad:
             return bad
         listed |= set(files) | {f"{MANIFEST_DIR}/rank{r}.json"}
-    extra = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
-                   if (p.is_file() or p.is_symlink()) and p.relative_to(directory).as_posix() not in listed | RAY_FILES)
+    extra = sorted(
+        p.relative_to(directory).as_posix()
+        for p in directory.rglob("*")
+        if (p.is_file() or p.is_symlink()) and p.relative_to(directory).as_posix() not in listed | RAY_FILES
+    )
     if extra:
         return f"it holds {extra[0]}, a file no rank wrote"
     return None

@@ -28,13 +28,26 @@ RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of registe
 
 # Config keys that define a run, by family: the prepared data and the global batch are added as values.
 IDENTITY_KEYS: tuple[str, ...] = (
-    "model.name_or_path", "model.gguf_file", "model.quantization", "model.dtype",  # base model
-    "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "lora.use_rslora", "lora.use_dora",
+    "model.name_or_path",
+    "model.gguf_file",
+    "model.quantization",
+    "model.dtype",  # base model
+    "lora.r",
+    "lora.alpha",
+    "lora.dropout",
+    "lora.target_modules",
+    "lora.use_rslora",
+    "lora.use_dora",
     "lora.bias",  # LoRA shape and targets
-    "train.lr", "train.weight_decay", "train.scheduler", "train.warmup_ratio", "train.warmup_steps",
+    "train.lr",
+    "train.weight_decay",
+    "train.scheduler",
+    "train.warmup_ratio",
+    "train.warmup_steps",
     "train.max_grad_norm",  # optimizer and schedule
     "train.seed",
-    "train.deepspeed.stage", "scaling.num_workers",  # how optimizer state is partitioned in checkpoints
+    "train.deepspeed.stage",
+    "scaling.num_workers",  # how optimizer state is partitioned in checkpoints
 )
 
 
@@ -78,22 +91,35 @@ def decide(cfg: Config, data_key: str, run_dir: Path, steps_per_epoch: int | Non
     """Check `run_dir` against `cfg` and run.resume; raise CheckpointError (one sentence) or say what happens."""
     ident = identity(cfg, data_key)
     t = cfg.train
-    record = {"fingerprint": fingerprint(ident), "identity": ident, "max_steps": t.max_steps, "epochs": t.epochs,
-              "steps_per_epoch": steps_per_epoch, "total_steps": _total(t.max_steps, t.epochs, steps_per_epoch)}
+    record = {
+        "fingerprint": fingerprint(ident),
+        "identity": ident,
+        "max_steps": t.max_steps,
+        "epochs": t.epochs,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": _total(t.max_steps, t.epochs, steps_per_epoch),
+    }
     name, mode = cfg.run.name, cfg.run.resume
     path = run_dir / IDENTITY_FILE
-    checkpoints = sorted((p for p in run_dir.glob("checkpoint_*") if p.is_dir() and ckpt_io.step_of(p) >= 0),
-                         key=ckpt_io.step_of, reverse=True)
+    checkpoints = sorted(
+        (p for p in run_dir.glob("checkpoint_*") if p.is_dir() and ckpt_io.step_of(p) >= 0),
+        key=ckpt_io.step_of,
+        reverse=True,
+    )
     if not path.exists() and not checkpoints:
         if mode == "must":
             raise CheckpointError(f"run.resume is 'must' but {run_dir} holds no run named {name} to resume.")
         return Decision(run_dir, "new", record)
     if mode == "never":
-        raise CheckpointError(f"{run_dir} already holds a run named {name} and run.resume is 'never'; "
-                              "choose a new run.name, or set run.resume to auto to continue it.")
+        raise CheckpointError(
+            f"{run_dir} already holds a run named {name} and run.resume is 'never'; "
+            "choose a new run.name, or set run.resume to auto to continue it."
+        )
     if not path.exists():
-        raise CheckpointError(f"{run_dir} holds checkpoints but no {IDENTITY_FILE}, so raysft cannot tell which run "
-                              "they belong to; choose a new run.name.")
+        raise CheckpointError(
+            f"{run_dir} holds checkpoints but no {IDENTITY_FILE}, so raysft cannot tell which run "
+            "they belong to; choose a new run.name."
+        )
     try:
         old = json.loads(path.read_text())
         old_ident, old_spe = dict(old["identity"]), old.get("steps_per_epoch")
@@ -103,19 +129,25 @@ def decide(cfg: Config, data_key: str, run_dir: Path, steps_per_epoch: int | Non
     if differ:
         shown = ", ".join(f"{k} {_show(old_ident.get(k))} -> {_show(ident.get(k))}" for k in differ[:4])
         more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
-        raise CheckpointError(f"Run {name} in {run_dir} was started with other settings ({shown}{more}); "
-                              "rerun it with the same settings to resume, or choose a new run.name.")
+        raise CheckpointError(
+            f"Run {name} in {run_dir} was started with other settings ({shown}{more}); "
+            "rerun it with the same settings to resume, or choose a new run.name."
+        )
     spe = steps_per_epoch if steps_per_epoch is not None else old_spe
     new_total, old_total = _total(t.max_steps, t.epochs, spe), old.get("total_steps")
     record["steps_per_epoch"], record["total_steps"] = spe, new_total
     decision = Decision(run_dir, "resume", record)
     if new_total is not None and old_total is not None and new_total != old_total:
         if new_total < old_total:
-            raise CheckpointError(f"Run {name} was planned for {old_total} steps; train.max_steps/train.epochs now give "
-                                  f"{new_total}, and a run can only be extended: use the old length or a new run.name.")
+            raise CheckpointError(
+                f"Run {name} was planned for {old_total} steps; train.max_steps/train.epochs now give "
+                f"{new_total}, and a run can only be extended: use the old length or a new run.name."
+            )
         decision.mode = "extend"
-        decision.notes.append(f"extending run {name} from {old_total} to {new_total} steps; the learning-rate "
-                              f"schedule is re-planned over {new_total} steps from the resumed step.")
+        decision.notes.append(
+            f"extending run {name} from {old_total} to {new_total} steps; the learning-rate "
+            f"schedule is re-planned over {new_total} steps from the resumed step."
+        )
     for ckpt in checkpoints:
         why = ckpt_io.problem(ckpt)
         if why is None:
@@ -128,8 +160,10 @@ def decide(cfg: Config, data_key: str, run_dir: Path, steps_per_epoch: int | Non
     snapshot = run_dir / RAY_SNAPSHOT
     if snapshot.exists() and not _snapshot_usable(snapshot, decision.resume_from):
         decision.set_aside.append(snapshot)
-        decision.notes.append(f"Ray Train's {RAY_SNAPSHOT} is truncated or names an incomplete checkpoint; "
-                              f"resuming from {Path(decision.resume_from).name if decision.resume_from else 'the start'} instead.")
+        decision.notes.append(
+            f"Ray Train's {RAY_SNAPSHOT} is truncated or names an incomplete checkpoint; "
+            f"resuming from {Path(decision.resume_from).name if decision.resume_from else 'the start'} instead."
+        )
     return decision
 
 

@@ -31,7 +31,11 @@ def _encode(node: Any, path: str, tensors: dict[str, torch.Tensor], drop: frozen
         return {"tensor": key}
     if node is None or isinstance(node, (bool, int, float, str)):
         # An IntEnum (DeepSpeed's ZeroStageEnum) is stored as its plain int.
-        plain = node if node is None or isinstance(node, bool) else next(t for t in (int, float, str) if isinstance(node, t))(node)
+        plain = (
+            node
+            if node is None or isinstance(node, bool)
+            else next(t for t in (int, float, str) if isinstance(node, t))(node)
+        )
         return {"v": plain}
     if isinstance(node, (list, tuple)):
         items = [_encode(v, f"{path}/{i}", tensors, drop) for i, v in enumerate(node)]
@@ -51,7 +55,7 @@ def _encode(node: Any, path: str, tensors: dict[str, torch.Tensor], drop: frozen
 def _decode(node: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
     if not isinstance(node, dict) or len(node) != 1:
         raise CheckpointError(f"{where} is not a raysft state file (bad node {str(node)[:60]}).")
-    (kind, value), = node.items()
+    ((kind, value),) = node.items()
     if kind == "v":
         if value is not None and not isinstance(value, (bool, int, float, str)):
             raise CheckpointError(f"{where} holds a value raysft does not store ({type(value).__name__}).")
@@ -92,12 +96,16 @@ def load_tree(stem: str | os.PathLike) -> Any:
     try:
         tensors = load_file(str(st))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{st} is not a readable safetensors file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-                              "raysft never unpickles checkpoint files, so it refuses this one.") from None
+        raise CheckpointError(
+            f"{st} is not a readable safetensors file ({(str(exc).splitlines() or [type(exc).__name__])[0]}); "
+            "raysft never unpickles checkpoint files, so it refuses this one."
+        ) from None
     try:
         doc = json.loads(js.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{js} is not readable JSON; raysft never unpickles checkpoint files, so it refuses this one.") from None
+        raise CheckpointError(
+            f"{js} is not readable JSON; raysft never unpickles checkpoint files, so it refuses this one."
+        ) from None
     if not isinstance(doc, dict) or doc.get("format") != "raysft-state-1":
         raise CheckpointError(f"{js} is not a raysft state file (no 'format': 'raysft-state-1').")
     return _decode(doc["tree"], tensors, str(js))
