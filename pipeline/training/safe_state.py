@@ -8,7 +8,7 @@ a run folder (a pickle, say) is refused with one sentence and never executed.
 
 >>> import tempfile, torch
 >>> d = tempfile.mkdtemp()
->>> save_tree({"state": {0: {"step": torch.tensor(3.0)}}, "groups": [{"betas": (0.9, 0.99)}]}, d + "/opt")
+>>> files = save_tree({"state": {0: {"step": torch.tensor(3.0)}}, "groups": [{"betas": (0.9, 0.99)}]}, d + "/opt")
 >>> load_tree(d + "/opt")["groups"][0]["betas"]
 (0.9, 0.99)
 """
