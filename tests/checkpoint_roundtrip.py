@@ -15,24 +15,34 @@ sock = socket.socket()
 sock.bind(("127.0.0.1", 0))
 port = sock.getsockname()[1]
 sock.close()
-os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+os.environ.update(
+    RANK="0",
+    LOCAL_RANK="0",
+    WORLD_SIZE="1",
+    MASTER_ADDR="127.0.0.1",
+    MASTER_PORT=str(port),
+)
 
-import deepspeed  # noqa: E402
-import deepspeed.ops  # noqa: E402
-import torch  # noqa: E402
+import deepspeed
+import deepspeed.ops
 
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 deepspeed.init_distributed(dist_backend="gloo")
-tests_dir, model_dir, stage, dtype, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+tests_dir, model_dir, stage, dtype, out = (
+    sys.argv[1],
+    sys.argv[2],
+    int(sys.argv[3]),
+    sys.argv[4],
+    sys.argv[5],
+)
 sys.path.insert(0, tests_dir)
 
-import train_fixtures as F  # noqa: E402
-
-from raysft.pipeline.config import load_config  # noqa: E402
-from raysft.pipeline.models.load import build_model  # noqa: E402
-from raysft.pipeline.training import checkpoint as ck  # noqa: E402
-from raysft.pipeline.training.loop import DeepSpeedStepEngine, deepspeed_config  # noqa: E402
-from raysft.pipeline.training.step import collate, make_optimizer, optimizer_step  # noqa: E402
+import train_fixtures as F
+from raysft.pipeline.config import load_config
+from raysft.pipeline.models.load import build_model
+from raysft.pipeline.training import checkpoint as ck
+from raysft.pipeline.training.loop import DeepSpeedStepEngine, deepspeed_config
+from raysft.pipeline.training.step import collate, make_optimizer, optimizer_step
 
 cfg = load_config(
     None,
@@ -58,7 +68,11 @@ def engine():
     model = build_model(cfg, "cpu")
     opt, sched = make_optimizer(model, cfg.train, 6)
     e, *_ = deepspeed.initialize(
-        model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, 1), dist_init_required=False
+        model=model,
+        optimizer=opt,
+        lr_scheduler=sched,
+        config=deepspeed_config(cfg, 1),
+        dist_init_required=False,
     )
     return e
 
@@ -71,7 +85,15 @@ def step(e, k):
 a = engine()
 step(a, 0)
 step(a, 1)
-ck.save(a, out, rank=0, state={"step": 2}, ledger_path=None, config_yaml="x: 1\n", storage=out)
+ck.save(
+    a,
+    out,
+    rank=0,
+    state={"step": 2},
+    ledger_path=None,
+    config_yaml="x: 1\n",
+    storage=out,
+)
 problem = ck.problem(out)
 saved = ck.trainable_state_dict(a.module)
 step(a, 2)
@@ -86,7 +108,9 @@ step(b, 3)
 wb, lrb = ck.trainable_state_dict(b.module), b.optimizer.param_groups[0]["lr"]
 diff = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
 changed = max(float((wa[k].float() - saved[k].float()).abs().max()) for k in wa)
-files = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs)
+files = sorted(
+    os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs
+)
 print(
     "RESULT "
     + json.dumps(

@@ -13,17 +13,19 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from pathspec import PathSpec
-
 from raysft.pipeline.config import Config, get_dotted, set_dotted
 from raysft.pipeline.errors import ClusterError, ConfigError
 
 JOB_CONFIG_NAME = "raysft_job.yaml"
-MAX_UPLOAD_BYTES = 100 * 1024 * 1024  # Ray keeps packages in the GCS: big files belong on shared storage
+MAX_UPLOAD_BYTES = (
+    100 * 1024 * 1024
+)  # Ray keeps packages in the GCS: big files belong on shared storage
 
 # gitignore syntax, lower case (paths are lower-cased before matching); a trailing "/" matches folders.
 CREDENTIAL_PATTERNS: tuple[str, ...] = (
@@ -143,7 +145,12 @@ BULKY_PATTERNS: tuple[str, ...] = (
 _CREDENTIALS = PathSpec.from_lines("gitwildmatch", CREDENTIAL_PATTERNS)
 
 # Config fields naming local files or folders that the job reads and that are shipped with it.
-_SHIPPED_FIELDS = ("data.train", "data.eval", "model.tokenizer", "train.deepspeed.config")
+_SHIPPED_FIELDS = (
+    "data.train",
+    "data.eval",
+    "model.tokenizer",
+    "train.deepspeed.config",
+)
 # Base model folders hold weights (too big for a job package): they must exist on the cluster's nodes.
 _MODEL_FIELD = "model.name_or_path"
 
@@ -178,7 +185,11 @@ def _ignore_spec(root: Path, extra: Iterable[str], ignore_files: bool) -> PathSp
     return PathSpec.from_lines("gitwildmatch", [*lines, *extra])
 
 
-def walk(root: str | os.PathLike, extra_excludes: Iterable[str] = (), ignore_files: bool = True) -> list[str]:
+def walk(
+    root: str | os.PathLike,
+    extra_excludes: Iterable[str] = (),
+    ignore_files: bool = True,
+) -> list[str]:
     """Relative POSIX paths of the files under `root` that may ship, sorted: no credentials, nothing bulky, no
     symlink that leaves `root`, no symlinked folder; with `ignore_files`, also not what .gitignore/.rayignore name."""
     root = Path(root).resolve()
@@ -204,7 +215,9 @@ def walk(root: str | os.PathLike, extra_excludes: Iterable[str] = (), ignore_fil
     return sorted(kept)
 
 
-def upload_files(root: str | os.PathLike, extra_excludes: Iterable[str] = ()) -> list[str]:
+def upload_files(
+    root: str | os.PathLike, extra_excludes: Iterable[str] = ()
+) -> list[str]:
     """The files of a working folder a job would ship (see `walk`)."""
     return walk(root, extra_excludes)
 
@@ -214,7 +227,10 @@ def _raysft_sources() -> dict[str, Path]:
     import raysft.kernels
     import raysft.pipeline
 
-    return {"pipeline": Path(raysft.pipeline.__file__).parent, "kernels": Path(raysft.kernels.__file__).parent}
+    return {
+        "pipeline": Path(raysft.pipeline.__file__).parent,
+        "kernels": Path(raysft.kernels.__file__).parent,
+    }
 
 
 def raysft_requirements() -> list[str]:
@@ -255,7 +271,9 @@ class _Stage:
 
     def add_path(self, path: Path, rel: str, what: str) -> None:
         """A file or folder the user or the config named explicitly: folders are walked without following links."""
-        if is_credential(path.name, is_dir=path.is_dir()) or is_credential(rel, is_dir=path.is_dir()):
+        if is_credential(path.name, is_dir=path.is_dir()) or is_credential(
+            rel, is_dir=path.is_dir()
+        ):
             raise ConfigError(
                 f"Refusing to ship {path} ({what}): it looks like a credential file; pass secrets with --env."
             )
@@ -273,7 +291,9 @@ def _relative_to(path: Path, root: Path) -> str | None:
         return None
 
 
-def _ship_config_paths(cfg: Config, root: Path, stage: _Stage, notes: list[str]) -> dict[str, Any]:
+def _ship_config_paths(
+    cfg: Config, root: Path, stage: _Stage, notes: list[str]
+) -> dict[str, Any]:
     """Ship every local file or folder the config names; return the config with paths valid in the job's folder."""
     data = cfg.to_dict()
     for key in (*_SHIPPED_FIELDS, _MODEL_FIELD):
@@ -283,7 +303,9 @@ def _ship_config_paths(cfg: Config, root: Path, stage: _Stage, notes: list[str])
         spec = os.path.expanduser(cfg.resolve_path(value) or value)
         is_glob = any(ch in spec for ch in "*?[")
         local = Path(spec).resolve() if not is_glob else None
-        if (local is None and not glob.glob(spec, recursive=True)) or (local is not None and not local.exists()):
+        if (local is None and not glob.glob(spec, recursive=True)) or (
+            local is not None and not local.exists()
+        ):
             continue  # a hub id, or a path that only exists on the cluster
         if key == _MODEL_FIELD:
             set_dotted(data, key, str(local))
@@ -303,7 +325,9 @@ def _ship_config_paths(cfg: Config, root: Path, stage: _Stage, notes: list[str])
             for match in sorted(glob.glob(spec, recursive=True)):
                 if Path(match).is_file():
                     stage.add_path(
-                        Path(match).resolve(), Path(os.path.abspath(match)).relative_to(root).as_posix(), key
+                        Path(match).resolve(),
+                        Path(os.path.abspath(match)).relative_to(root).as_posix(),
+                        key,
                     )
             set_dotted(data, key, rel_pattern)
             continue
@@ -348,11 +372,17 @@ def build_job_package(
     if working_dir is not None:
         # Submitting from a raysft checkout: its pipeline/ and kernels/ travel as raysft/ below; shipped
         # again at the top they would shadow PyPI's `kernels` (which transformers probes) on the job's path.
-        own = [f"/{name}/" for name, src in sources.items() if src.resolve().parent == root]
+        own = [
+            f"/{name}/" for name, src in sources.items() if src.resolve().parent == root
+        ]
         for rel in walk(root, [*extra_excludes, *own, "/raysft/"]):
             stage.add(root / rel, rel)
     if cfg.source and _relative_to(Path(cfg.source).resolve(), root) is not None:
-        stage.add_path(Path(cfg.source).resolve(), _relative_to(Path(cfg.source).resolve(), root), "the config file")
+        stage.add_path(
+            Path(cfg.source).resolve(),
+            _relative_to(Path(cfg.source).resolve(), root),
+            "the config file",
+        )
     for inc in includes:
         path = Path(inc).expanduser().resolve()
         rel = _relative_to(path, root)
@@ -373,8 +403,12 @@ def build_job_package(
             f"The job's folder {root} has its own 'raysft' entry, which would shadow the shipped package."
         )
     (dest / "raysft").mkdir()
-    (dest / "raysft" / "__init__.py").write_text('"""raysft, shipped with a Ray job by `raysft submit`."""\n')
-    (dest / "raysft" / "requirements.txt").write_text("".join(r + "\n" for r in raysft_requirements()))
+    (dest / "raysft" / "__init__.py").write_text(
+        '"""raysft, shipped with a Ray job by `raysft submit`."""\n'
+    )
+    (dest / "raysft" / "requirements.txt").write_text(
+        "".join(r + "\n" for r in raysft_requirements())
+    )
     for name, src in sources.items():
         for rel in walk(src):
             stage.add(src / rel, f"raysft/{name}/{rel}")
@@ -382,10 +416,16 @@ def build_job_package(
     env_vars = {}
     for name in env_names:
         if name not in os.environ:
-            raise ConfigError(f"Environment variable {name} named by --env is not set here.")
+            raise ConfigError(
+                f"Environment variable {name} named by --env is not set here."
+            )
         env_vars[name] = os.environ[name]
     runtime_env: dict[str, Any] = {"working_dir": str(dest)}
     if env_vars:
         runtime_env["env_vars"] = env_vars
-    shipped = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
-    return JobPackage(directory=dest, files=shipped, runtime_env=runtime_env, notes=notes)
+    shipped = sorted(
+        p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()
+    )
+    return JobPackage(
+        directory=dest, files=shipped, runtime_env=runtime_env, notes=notes
+    )

@@ -18,7 +18,8 @@ import sys
 import tempfile
 import time
 import uuid
-from typing import Any, Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from raysft.pipeline.errors import ClusterError
@@ -32,12 +33,20 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 def dashboard_address(address: str | None) -> str:
     """--address, else $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS, as an http(s) URL of the dashboard."""
-    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    address = (
+        address
+        or os.environ.get("RAY_API_SERVER_ADDRESS")
+        or os.environ.get("RAY_ADDRESS")
+    )
     if not address or address in ("auto", "local"):
-        raise ClusterError("No cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS to the dashboard URL.")
+        raise ClusterError(
+            "No cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS to the dashboard URL."
+        )
     if address.startswith("ray://"):
-        raise ClusterError(f"Address {address} is a Ray Client address; raysft submits through the dashboard, "
-                           "e.g. http://HEAD:8265.")
+        raise ClusterError(
+            f"Address {address} is a Ray Client address; raysft submits through the dashboard, "
+            "e.g. http://HEAD:8265."
+        )
     if "://" not in address:
         address = "http://" + address
     return address.rstrip("/")
@@ -52,8 +61,10 @@ def _check_reachable(url: str, timeout_s: float = 10.0) -> None:
             pass
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        raise ClusterError(f"Cannot reach the Ray dashboard at {url} ({reason}); is the cluster running "
-                           "and its dashboard port open?") from None
+        raise ClusterError(
+            f"Cannot reach the Ray dashboard at {url} ({reason}); is the cluster running "
+            "and its dashboard port open?"
+        ) from None
 
 
 def local_token() -> str | None:
@@ -62,7 +73,9 @@ def local_token() -> str | None:
     token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
     if token:
         return token
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(
+        os.path.expanduser("~"), ".ray", "auth_token"
+    )
     try:
         return open(path).read().strip() or None
     except OSError:
@@ -85,17 +98,23 @@ def connect(address: str | None):
         return JobSubmissionClient(url)
     except AuthenticationError:
         # Ray adds the token itself only when RAY_AUTH_MODE=token; retry with the local token otherwise.
-        headers = {} if os.environ.get("RAY_AUTH_MODE") == "token" else _local_token_header()
+        headers = (
+            {} if os.environ.get("RAY_AUTH_MODE") == "token" else _local_token_header()
+        )
         if headers:
             try:
                 return JobSubmissionClient(url, headers=headers)
             except AuthenticationError:
                 pass
-        raise ClusterError(f"The Ray cluster at {url} requires token authentication and no valid token was found: "
-                           "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or write ~/.ray/auth_token) "
-                           "to the cluster's token.") from None
+        raise ClusterError(
+            f"The Ray cluster at {url} requires token authentication and no valid token was found: "
+            "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or write ~/.ray/auth_token) "
+            "to the cluster's token."
+        ) from None
     except (ConnectionError, RuntimeError) as exc:
-        raise ClusterError(f"Cannot talk to the Ray Jobs API at {url}: {_first_line(exc)}") from None
+        raise ClusterError(
+            f"Cannot talk to the Ray Jobs API at {url}: {_first_line(exc)}"
+        ) from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -111,10 +130,16 @@ def _call(what: str, job_id: str, url: str, fn: Callable[[], T]) -> T:
         return fn()
     except RuntimeError as exc:
         if "404" in str(exc) or "does not exist" in str(exc):
-            raise ClusterError(f"No job {job_id} on the Ray cluster at {url}.") from None
-        raise ClusterError(f"Could not {what} job {job_id} at {url}: {_first_line(exc)}") from None
+            raise ClusterError(
+                f"No job {job_id} on the Ray cluster at {url}."
+            ) from None
+        raise ClusterError(
+            f"Could not {what} job {job_id} at {url}: {_first_line(exc)}"
+        ) from None
     except (ConnectionError, requests.RequestException):
-        raise ClusterError(f"Lost the connection to the Ray cluster at {url} while trying to {what} job {job_id}.") from None
+        raise ClusterError(
+            f"Lost the connection to the Ray cluster at {url} while trying to {what} job {job_id}."
+        ) from None
 
 
 # ---------------------------------------------------------------- submitting
@@ -135,9 +160,19 @@ def new_job_id(run_name: str) -> str:
     return f"raysft-{safe}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
 
 
-def submit(config: str, overrides: Sequence[str] = (), *, address: str | None = None, wait: bool = False,
-           job_command_name: str | None = None, env: Sequence[str] = (), working_dir: str | None = None,
-           includes: Sequence[str] = (), excludes: Sequence[str] = (), dry_run: bool = False) -> int:
+def submit(
+    config: str,
+    overrides: Sequence[str] = (),
+    *,
+    address: str | None = None,
+    wait: bool = False,
+    job_command_name: str | None = None,
+    env: Sequence[str] = (),
+    working_dir: str | None = None,
+    includes: Sequence[str] = (),
+    excludes: Sequence[str] = (),
+    dry_run: bool = False,
+) -> int:
     """Validate the config here, ship its job package to the cluster and start the job; with `wait`, follow it.
 
     With `dry_run`, print the exact files and total size that would be uploaded, and contact no cluster.
@@ -145,15 +180,23 @@ def submit(config: str, overrides: Sequence[str] = (), *, address: str | None = 
     from raysft.pipeline.config import load_config
     from raysft.pipeline.jobs.package import JOB_CONFIG_NAME, build_job_package
 
-    cfg = load_config(config, overrides=list(overrides))  # a bad config fails here, before any upload
+    cfg = load_config(
+        config, overrides=list(overrides)
+    )  # a bad config fails here, before any upload
     command = job_command(cfg, job_command_name)
     client = url = None
     if not dry_run:
         client = connect(address)
         url = client.get_address()
     with tempfile.TemporaryDirectory(prefix="raysft-job-") as staging:
-        package = build_job_package(cfg, staging, working_dir=working_dir, includes=includes, env_names=env,
-                                    extra_excludes=excludes)
+        package = build_job_package(
+            cfg,
+            staging,
+            working_dir=working_dir,
+            includes=includes,
+            env_names=env,
+            extra_excludes=excludes,
+        )
         for note in package.notes:
             print(f"raysft: note: {note}", file=sys.stderr)
         if dry_run:
@@ -161,16 +204,26 @@ def submit(config: str, overrides: Sequence[str] = (), *, address: str | None = 
             for rel, size in sizes:
                 print(f"{size:>12}  {rel}")
             total = sum(size for _, size in sizes)
-            print(f"{len(sizes)} files, {total} bytes ({total / 2**20:.2f} MiB) would be uploaded for `{command}`.")
+            print(
+                f"{len(sizes)} files, {total} bytes ({total / 2**20:.2f} MiB) would be uploaded for `{command}`."
+            )
             return 0
         job_id = new_job_id(cfg.run.name)
         # The upload happens inside submit_job, while the staging folder still exists.
-        _call("submit", job_id, url, lambda: client.submit_job(
-            entrypoint=entrypoint(command, JOB_CONFIG_NAME),
-            submission_id=job_id,
-            runtime_env=package.runtime_env,
-            metadata={"raysft_command": command, "raysft_config": os.path.basename(str(config))},
-        ))
+        _call(
+            "submit",
+            job_id,
+            url,
+            lambda: client.submit_job(
+                entrypoint=entrypoint(command, JOB_CONFIG_NAME),
+                submission_id=job_id,
+                runtime_env=package.runtime_env,
+                metadata={
+                    "raysft_command": command,
+                    "raysft_config": os.path.basename(str(config)),
+                },
+            ),
+        )
     print(f"Submitted job {job_id} ({command}, {len(package.files)} files) to {url}")
     print(f"Dashboard: {url}/#/jobs/{job_id}")
     if not wait:
@@ -181,6 +234,7 @@ def submit(config: str, overrides: Sequence[str] = (), *, address: str | None = 
 
 def _follow(client, job_id: str, url: str) -> int:
     """Stream the job's logs until it ends; 0 when it succeeded, 1 when it failed or was stopped."""
+
     async def stream() -> None:
         async for chunk in client.tail_job_logs(job_id):
             sys.stdout.write(chunk)
@@ -191,13 +245,21 @@ def _follow(client, job_id: str, url: str) -> int:
     try:
         try:
             asyncio.run(stream())
-        except (RuntimeError, aiohttp.ClientError, OSError) as exc:  # the log socket dropped: poll the status
-            print(f"raysft: note: log stream ended early ({_first_line(exc).rstrip('.')}); waiting for the job to finish.",
-                  file=sys.stderr)
+        except (
+            RuntimeError,
+            aiohttp.ClientError,
+            OSError,
+        ) as exc:  # the log socket dropped: poll the status
+            print(
+                f"raysft: note: log stream ended early ({_first_line(exc).rstrip('.')}); waiting for the job to finish.",
+                file=sys.stderr,
+            )
         info = _wait_terminal(client, job_id, url)
     except KeyboardInterrupt:
-        print(f"\nraysft: stopped following; the job keeps running (raysft stop {job_id} --address {url}).",
-              file=sys.stderr)
+        print(
+            f"\nraysft: stopped following; the job keeps running (raysft stop {job_id} --address {url}).",
+            file=sys.stderr,
+        )
         raise
     return _report_end(job_id, info)
 
@@ -215,7 +277,10 @@ def _report_end(job_id: str, info: Any) -> int:
     if status == "SUCCEEDED":
         print(f"Job {job_id} succeeded.")
         return 0
-    print(f"raysft: error: job {job_id} {status.lower()}{_why(info.message)}", file=sys.stderr)
+    print(
+        f"raysft: error: job {job_id} {status.lower()}{_why(info.message)}",
+        file=sys.stderr,
+    )
     return 1
 
 

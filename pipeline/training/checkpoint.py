@@ -39,16 +39,30 @@ MANIFEST_DIR = "manifest"
 RAY_FILES = frozenset({".metadata.json"})
 # Optimizer-state entries that are objects, not data; restored from the live optimizer (DeepSpeed's
 # static loss scaler with bf16/fp32, and the slice maps only universal checkpoints use).
-_LIVE_ONLY = frozenset({"loss_scaler", "param_slice_mappings", "universal_checkpoint_info"})
-SPACE_MARGIN_BYTES = 4 << 20  # leave this much free after a checkpoint (metadata, Ray's snapshot)
+_LIVE_ONLY = frozenset(
+    {"loss_scaler", "param_slice_mappings", "universal_checkpoint_info"}
+)
+SPACE_MARGIN_BYTES = (
+    4 << 20
+)  # leave this much free after a checkpoint (metadata, Ray's snapshot)
 
 
 def rng_state() -> dict[str, Any]:
     """All RNG states as JSON-safe values (no pickle)."""
     np_state = np.random.get_state()
     state = {
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [
+            random.getstate()[0],
+            list(random.getstate()[1]),
+            random.getstate()[2],
+        ],
+        "numpy": [
+            np_state[0],
+            np_state[1].tolist(),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
         "torch": torch.get_rng_state().tolist(),
     }
     if torch.cuda.is_available():
@@ -63,7 +77,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+        torch.cuda.set_rng_state_all(
+            [torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]]
+        )
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -131,7 +147,10 @@ def load_engine_state(engine, directory: Path, rank: int) -> None:
         engine.optimizer.load_state_dict(opt)
     if engine.lr_scheduler is not None and tree["lr_scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(tree["lr_scheduler"])
-    engine.global_steps, engine.global_samples = tree["global_steps"], tree["global_samples"]
+    engine.global_steps, engine.global_samples = (
+        tree["global_steps"],
+        tree["global_samples"],
+    )
     engine.skipped_steps = tree["skipped_steps"]
 
 
@@ -169,11 +188,16 @@ def save(
     import torch.distributed as dist
 
     directory = Path(directory)
-    state = {**state, "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+    state = {
+        **state,
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+    }
     written: list[Path] = []
     weights = trainable_state_dict(engine.module)
     try:
-        written += save_tree(engine_state(engine), directory / "optim" / f"rank{rank}", drop=_LIVE_ONLY)
+        written += save_tree(
+            engine_state(engine), directory / "optim" / f"rank{rank}", drop=_LIVE_ONLY
+        )
         rng = directory / "rng" / f"rank{rank}.json"
         rng.parent.mkdir(parents=True, exist_ok=True)
         rng.write_text(json.dumps(rng_state()))
@@ -198,7 +222,9 @@ def save(
         ) from None
     bad = _check_files(directory, manifest["files"])
     if bad:
-        raise CheckpointError(f"Checkpoint step {state['step']} failed verification right after writing: {bad}.")
+        raise CheckpointError(
+            f"Checkpoint step {state['step']} failed verification right after writing: {bad}."
+        )
     need = (
         sum(f["size"] for f in manifest["files"].values())
         + (directory / MANIFEST_DIR / f"rank{rank}.json").stat().st_size
@@ -207,7 +233,9 @@ def save(
     return directory
 
 
-def _check_space(storage: str | Path | None, need: int, step: int, distributed: bool) -> None:
+def _check_space(
+    storage: str | Path | None, need: int, step: int, distributed: bool
+) -> None:
     """Every rank raises the same sentence when the storage cannot take the whole checkpoint."""
     import torch.distributed as dist
 
@@ -217,7 +245,10 @@ def _check_space(storage: str | Path | None, need: int, step: int, distributed: 
     free = -1.0
     if storage is not None and Path(storage).exists():
         free = float(shutil.disk_usage(storage).free)
-    short = torch.tensor([1.0 if 0 <= free < total.item() + SPACE_MARGIN_BYTES else 0.0], dtype=torch.float64)
+    short = torch.tensor(
+        [1.0 if 0 <= free < total.item() + SPACE_MARGIN_BYTES else 0.0],
+        dtype=torch.float64,
+    )
     worst = torch.tensor([free if free >= 0 else float("inf")], dtype=torch.float64)
     if distributed:
         dist.all_reduce(short, op=dist.ReduceOp.MAX)
@@ -240,7 +271,13 @@ def _sha256(path: Path) -> str:
 
 def write_manifest(directory: Path, rank: int, files: list[Path]) -> dict[str, Any]:
     """manifest/rank{R}.json: {"rank", "files": {relative path: {"size", "sha256"}}}; written after every file."""
-    entries = {p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    entries = {
+        p.relative_to(directory).as_posix(): {
+            "size": p.stat().st_size,
+            "sha256": _sha256(p),
+        }
+        for p in files
+    }
     manifest = {"rank": rank, "files": entries}
     path = directory / MANIFEST_DIR / f"rank{rank}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -254,7 +291,9 @@ def _check_files(directory: Path, files: dict[str, dict]) -> str | None:
         if not p.is_file():
             return f"{rel} is missing"
         if p.stat().st_size != want["size"]:
-            return f"{rel} has {p.stat().st_size} bytes, its manifest says {want['size']}"
+            return (
+                f"{rel} has {p.stat().st_size} bytes, its manifest says {want['size']}"
+            )
         if _sha256(p) != want["sha256"]:
             return f"{rel} does not match its checksum"
     return None
@@ -282,7 +321,8 @@ def problem(directory: str | Path) -> str | None:
     extra = sorted(
         p.relative_to(directory).as_posix()
         for p in directory.rglob("*")
-        if (p.is_file() or p.is_symlink()) and p.relative_to(directory).as_posix() not in listed | RAY_FILES
+        if (p.is_file() or p.is_symlink())
+        and p.relative_to(directory).as_posix() not in listed | RAY_FILES
     )
     if extra:
         return f"it holds {extra[0]}, a file no rank wrote"
@@ -294,7 +334,9 @@ def load(engine, directory: str | Path, *, rank: int) -> dict[str, Any]:
     directory = Path(directory)
     why = problem(directory)
     if why is not None:
-        raise CheckpointError(f"Checkpoint {directory} is not complete ({why}); refusing to resume from it.")
+        raise CheckpointError(
+            f"Checkpoint {directory} is not complete ({why}); refusing to resume from it."
+        )
     load_engine_state(engine, directory, rank)
     rng = directory / "rng" / f"rank{rank}.json"
     if rng.is_file():
@@ -316,7 +358,9 @@ def resume_checkpoint(registered, verified: str | None, rank: int):
 
     if registered is not None:
         local = Path(registered.path)
-        why = problem(local) if local.is_dir() else None  # remote storage: `load` verifies after download
+        why = (
+            problem(local) if local.is_dir() else None
+        )  # remote storage: `load` verifies after download
         if why is None and step_of(local) >= step_of(verified or ""):
             return registered
         if why is not None and rank == 0:
