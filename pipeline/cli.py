@@ -108,25 +108,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from raysft.pipeline.jobs.submit import submit
 
-    return submit(args)
+    return submit(args.config, args.overrides, address=args.address, wait=args.wait, job_command_name=args.job_command,
+                  env=args.env, working_dir=args.working_dir, includes=args.include, excludes=args.exclude,
+                  dry_run=args.dry_run)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from raysft.pipeline.jobs.submit import status
 
-    return status(args)
+    return status(args.job, args.address)
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
     from raysft.pipeline.jobs.submit import logs
 
-    return logs(args)
+    return logs(args.job, args.address, follow=args.follow)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
     from raysft.pipeline.jobs.submit import stop
 
-    return stop(args)
+    return stop(args.job, args.address)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,10 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the job runs (default: tune when the config has a search space, else train)")
     p.add_argument("--env", action="append", default=[], metavar="NAME",
                    help="pass this environment variable from here to the job (repeatable; for secrets)")
+    p.add_argument("--include", action="append", default=[], metavar="PATH",
+                   help="also ship this file or folder (inside the job's folder; repeatable); the config, the files "
+                   "it references and raysft itself always ship")
     p.add_argument("--working-dir", default=None,
-                   help="folder shipped as the job's working directory, minus secrets, caches and outputs (default: .)")
+                   help="also ship this whole folder as the job's working directory, minus .gitignore'd files, "
+                   "credentials, caches, outputs and links that leave it (default: ship only what the job needs)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                   help="also leave out files matching this gitignore-style pattern (repeatable)")
+                   help="with --working-dir, also leave out files matching this gitignore-style pattern (repeatable)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the exact files and total size that would be uploaded, and submit nothing")
 
     for name, fn, help in [
         ("status", cmd_status, "show a Ray Job's status"),
@@ -201,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = add(name, fn, help)
         p.add_argument("job", help="the job id printed by `raysft submit`")
         p.add_argument("--address", default=None, help="Ray dashboard address (default: $RAY_ADDRESS)")
+        p.set_defaults(follow=False)
         if name == "logs":
             p.add_argument("--follow", action="store_true", help="keep streaming until the job ends")
     return parser

@@ -174,6 +174,10 @@ class RunConfig(_Section):
         2, ge=-1, description="Worker-group restarts from the last checkpoint before the run fails (-1: no limit).")
     address: Optional[str] = Field(
         None, description="Ray cluster to join; default: an initialised or running one, else a new local one.")
+    resume: Literal["auto", "never", "must"] = Field(
+        "auto", description="Rerunning an existing run.name: auto resumes when its identity (run.json: data, base "
+        "model, LoRA, optimizer and schedule, seed, global batch) matches and refuses otherwise; never refuses to "
+        "reuse the name; must refuses unless there is a complete checkpoint to resume from.")
 
 
 class TuneConfig(_Section):

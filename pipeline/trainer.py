@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from raysft.pipeline.config import Config
-from raysft.pipeline.errors import ClusterError, ConfigError, DataError
-from raysft.pipeline.models.load import ADAPTER_DIR, RESOLVED_CONFIG
+from raysft.pipeline.errors import ClusterError, ConfigError, DataError, RaysftError
+from raysft.pipeline.models.load import ADAPTER_DIR
 from raysft.pipeline.models.source import base_model_path
 from raysft.pipeline.models.tokenizer import load_tokenizer
+from raysft.pipeline.training import identity as run_identity
 from raysft.pipeline.training.ledger import LEDGER_FILE
 
 
@@ -147,16 +148,18 @@ def build_trainer(cfg: Config, prepared, *, callbacks: list | None = None):
             f"Prepared train data has {plan.n_rows} packed rows, fewer than one optimizer step needs "
             f"(scaling.num_workers x train.grad_accum x train.micro_batch_size = {plan.rows_per_step})."
         )
-    run_dir = run_dir_of(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RESOLVED_CONFIG).write_text(cfg.dump_yaml())
+    # Identity check before anything is written or any worker starts; a refusal leaves the folder as it was.
+    decision = run_identity.decide(cfg, prepared.key, run_dir_of(cfg), steps_per_epoch=plan.steps_per_epoch)
     ds_json = None
     if t.deepspeed.config:
         try:
             ds_json = json.loads(Path(t.deepspeed.config).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError(f"train.deepspeed.config {t.deepspeed.config} is not readable JSON ({exc}).") from None
+    run_identity.apply(decision, cfg.dump_yaml())
+    run_dir = decision.run_dir
     loop_config = {
+        "resume_from": decision.resume_from,
         "config": cfg.to_dict(),
         "train_table": ray.put(train_table),
         "eval_table": ray.put(eval_table) if eval_table is not None and eval_table.num_rows else None,
@@ -213,11 +216,29 @@ def _init_ray(cfg: Config) -> None:
 
 def train(cfg: Config) -> TrainResult:
     """Prepare (or reuse the cache), then train with Ray Train; returns metrics, run dir and adapter path."""
-    from raysft.pipeline.data.plan import ensure_prepared
+    from raysft.pipeline.data.plan import ensure_prepared, resolve_inputs
 
     cfg = preflight(cfg)
+    run_identity.decide(cfg, resolve_inputs(cfg).key, run_dir_of(cfg))  # refuse a mismatched rerun before any work
     _init_ray(cfg)
     check_cluster(cfg)
     prepared = ensure_prepared(cfg)
     trainer = build_trainer(cfg, prepared)
-    return finish_run(cfg, trainer.fit())
+    return finish_run(cfg, fit(trainer))
+
+
+def fit(trainer):
+    """`trainer.fit()`, with an error a worker raised for the user to fix (e.g. no space for a checkpoint)
+    re-raised here as that one sentence instead of Ray's traceback."""
+    from ray.train import TrainingFailedError
+
+    try:
+        return trainer.fit()
+    except TrainingFailedError as exc:
+        for failure in (getattr(exc, "worker_failures", None) or {}).values():
+            original = getattr(failure, "cause", None) or failure  # Ray wraps it in a RayTaskError
+            if isinstance(original, RaysftError):
+                kind = next(c for c in type(original).__mro__
+                            if issubclass(c, RaysftError) and c.__module__.startswith("raysft."))
+                raise kind(str(original.args[0]) if original.args else str(original)) from None
+        raise
