@@ -68,6 +68,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    from raysft.pipeline.runs import format_table, list_runs, rows_json
+
+    rows = list_runs(args.storage)
+    print(rows_json(rows) if args.json else format_table(rows))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from raysft.pipeline.runs import write_report
+
+    for path in write_report(args.run, output=args.output):
+        print(path)
+    return 0
+
+
 def cmd_models_fetch(args: argparse.Namespace) -> int:
     from raysft.pipeline.models.fetch import fetch_model
 
@@ -136,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="the run directory written by `raysft train`")
     p.add_argument("--merge", action="store_true", help="merge the adapter into the base and save a bf16 model")
     p.add_argument("--output", default=None, help="output folder (default: RUN_DIR/merged or RUN_DIR/adapter)")
+
+    p = add("runs", cmd_runs, "list the runs in a storage path: status, steps, eval loss, tokens/s, adapter, sweep")
+    p.add_argument("storage", nargs="?", default="runs", help="the run.storage_path to list (default: runs)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+
+    p = add("report", cmd_report, "write PNG plots of a run's metrics.jsonl (loss, eval loss, lr, tokens/s, grad norm)")
+    p.add_argument("run", help="a run folder (run.storage_path/run.name, or a sweep's trials/ID)")
+    p.add_argument("--output", default=None, help="where the PNGs go (default: RUN/report)")
 
     models = sub.add_parser("models", help="manage base models", description="manage base models")
     msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")

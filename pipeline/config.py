@@ -79,6 +79,8 @@ class LoggingConfig(_Section):
     mlflow: bool = False
     wandb: bool = False
     project: Optional[str] = None  # experiment / project name for MLflow or W&B
+    mlflow_tracking_uri: Optional[str] = Field(
+        None, description="MLflow tracking server URI; default: $MLFLOW_TRACKING_URI, else mlflow's ./mlruns")
 
 
 class TrainConfig(_Section):

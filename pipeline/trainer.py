@@ -18,6 +18,7 @@ from typing import Any, Optional
 from raysft.pipeline.config import Config
 from raysft.pipeline.errors import ClusterError, ConfigError, DataError
 from raysft.pipeline.models.load import ADAPTER_DIR, RESOLVED_CONFIG, load_tokenizer, materialize_gguf, resolve_model_source
+from raysft.pipeline.tracking import finish_tracking, start_tracking
 from raysft.pipeline.training.ledger import LEDGER_FILE
 
 
@@ -124,7 +125,7 @@ def _no_rows(directory) -> None:
     raise DataError(f"Prepared train data in {directory} has no Parquet files.")
 
 
-def build_trainer(cfg: Config, prepared, *, callbacks: list | None = None):
+def build_trainer(cfg: Config, prepared, *, callbacks: list | None = None, tracking_parent: dict | None = None):
     """A TorchTrainer for `cfg` on `prepared` (train_dir, eval_dir); the caller calls `.fit()`.
 
     The packed rows travel as object refs of one Arrow table, so workers on other nodes need no
@@ -150,6 +151,7 @@ def build_trainer(cfg: Config, prepared, *, callbacks: list | None = None):
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RESOLVED_CONFIG).write_text(cfg.dump_yaml())
+    start_tracking(cfg, run_dir, tracking_parent)  # MLflow / W&B runs; rank 0 logs into them
     ds_json = None
     if t.deepspeed.config:
         try:
@@ -199,6 +201,7 @@ def finish_run(cfg: Config, result) -> TrainResult:
         if (Path(d) / LEDGER_FILE).is_file():
             shutil.copyfile(Path(d) / LEDGER_FILE, run_dir / LEDGER_FILE)
     metrics = {k: v for k, v in (result.metrics or {}).items()}
+    finish_tracking(run_dir, adapter)
     return TrainResult(metrics=metrics, run_dir=run_dir, adapter_path=adapter, checkpoint_path=ckpt.path)
 
 
@@ -220,4 +223,9 @@ def train(cfg: Config) -> TrainResult:
     check_cluster(cfg)
     prepared = ensure_prepared(cfg)
     trainer = build_trainer(cfg, prepared)
-    return finish_run(cfg, trainer.fit())
+    try:
+        result = trainer.fit()
+    except BaseException:
+        finish_tracking(run_dir_of(cfg), None, status="FAILED")
+        raise
+    return finish_run(cfg, result)
