@@ -112,8 +112,7 @@ def start_tracking(cfg, run_dir: str | os.PathLike, parent: dict[str, Any] | Non
     return handles
 
 
-def _create_mlflow_run(cfg, parent: dict[str, Any] | None, extra_params: dict[str, Any] | None = None,
-                       kind: str = "train") -> dict[str, Any]:
+def _create_mlflow_run(cfg, parent: dict[str, Any] | None, kind: str = "train") -> dict[str, Any]:
     from mlflow.entities import Param
 
     lg = cfg.train.logging
@@ -129,7 +128,7 @@ def _create_mlflow_run(cfg, parent: dict[str, Any] | None, extra_params: dict[st
     if parent:
         tags["mlflow.parentRunId"] = parent["run_id"]  # how MLflow nests a child run under its parent
     run = client.create_run(experiment_id, run_name=cfg.run.name, tags=tags)
-    params = {**flat_params(cfg.to_dict()), **flat_params(extra_params or {})}
+    params = flat_params(cfg.to_dict())
     items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
     for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run.info.run_id, params=items[i:i + 100])
@@ -196,13 +195,13 @@ def _wandb_init_args(h: dict[str, Any], config: dict[str, Any] | None = None) ->
 # --- sweep: one parent run ---------------------------------------------------------------------------
 
 def start_sweep_tracking(cfg, sweep_dir: str | os.PathLike) -> dict[str, Any]:
-    """The sweep's parent MLflow run (its params: the base config and the search space); W&B groups by sweep name."""
+    """The sweep's parent MLflow run (its params: the base config with tune.search_space); W&B groups by sweep name."""
     lg = cfg.train.logging
     sweep_dir = Path(sweep_dir)
     handles = read_handles(sweep_dir)
     if lg.mlflow and "mlflow" not in handles:
         try:
-            handles["mlflow"] = _create_mlflow_run(cfg, None, {"tune": cfg.tune.model_dump(mode="json")}, kind="sweep")
+            handles["mlflow"] = _create_mlflow_run(cfg, None, kind="sweep")
         except Exception as exc:  # noqa: BLE001
             warn_once(sweep_dir, "mlflow", exc)
     if lg.wandb and "wandb" not in handles:
@@ -223,9 +222,9 @@ def finish_sweep_tracking(sweep_dir: str | os.PathLike, sweep) -> None:
 
         client = _client(h["uri"])
         if sweep.best is not None:
-            value = sweep.best.metrics.get(sweep.metric)
+            value = sweep.best.metrics.get(f"final_{sweep.metric}")  # what the best trial was picked by
             if isinstance(value, (int, float)) and math.isfinite(value):
-                client.log_batch(h["run_id"], metrics=[Metric(f"best_{sweep.metric}", float(value), _ms(), 0)])
+                client.log_batch(h["run_id"], metrics=[Metric(f"best_trial_{sweep.metric}", float(value), _ms(), 0)])
             client.set_tag(h["run_id"], "raysft.best_trial", sweep.best.trial_id)
         for path in [sweep_dir / "results.csv", *map(Path, sweep.plots)]:
             if path.is_file():
