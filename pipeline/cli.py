@@ -45,9 +45,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from raysft.pipeline.trainer import train
+    from raysft.pipeline.console import LOG_FILE, console_session, log_plan, run_with_console
+    from raysft.pipeline.trainer import run_dir_of, train
 
-    result = train(_load(args))
+    cfg = _load(args)
+    log_file = run_dir_of(cfg) / LOG_FILE
+    with console_session(log_file, verbose=args.verbose) as console:
+        log_plan(console, cfg)
+        result = run_with_console(cfg, lambda: train(cfg), console=console, log_file=log_file)
     print(json.dumps(result.summary(), indent=2))
     return 0
 
@@ -95,7 +100,7 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from raysft.pipeline.demo.run import run_demo
 
-    return run_demo(output=args.output, overrides=args.overrides)
+    return run_demo(output=args.output, overrides=args.overrides, verbose=args.verbose)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -143,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("train", cmd_train, "prepare (or reuse the cache) and run QLoRA SFT with Ray Train")
     _add_config_args(p)
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray, Ray Train, Ray Data and DeepSpeed logs (always in RUN_DIR/raysft.log)")
 
     p = add("tune", cmd_tune, "run a Ray Tune sweep over the config's tune.search_space")
     _add_config_args(p)
@@ -172,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/demo", help="where the run, report and plot go")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the demo config")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray, Ray Train, Ray Data and DeepSpeed logs (always in the run folder's raysft.log)")
 
     p = add("submit", cmd_submit, "submit `raysft train` (or `tune`) as a Ray Job to a running cluster")
     _add_config_args(p)

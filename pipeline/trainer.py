@@ -135,6 +135,7 @@ def build_trainer(cfg: Config, prepared, *, callbacks: list | None = None, track
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from raysft.pipeline.console import WorkerFailures
     from raysft.pipeline.training.loop import train_loop_per_worker
     from raysft.pipeline.training.order import StepPlan
 
@@ -182,7 +183,7 @@ def build_trainer(cfg: Config, prepared, *, callbacks: list | None = None, track
             failure_config=FailureConfig(max_failures=max_failures,
                                          controller_failure_limit=max_failures if max_failures >= 0 else -1),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            callbacks=callbacks,
+            callbacks=[*(callbacks or []), WorkerFailures(str(run_dir))],  # recoveries, for the console
         ),
     )
 
