@@ -26,8 +26,6 @@ from typing import Any, TextIO
 
 from ray.train import UserCallback
 
-from raysft.pipeline.errors import ConfigError
-
 LOG_FILE = "raysft.log"
 EVENTS_FILE = "events.jsonl"  # written by the training loop (start events) and WorkerFailures
 METRICS_FILE = "metrics.jsonl"
@@ -199,30 +197,37 @@ def follow_run(run_dir: str | os.PathLike, console: Console, interval_s: float =
 def console_session(log_path: str | os.PathLike, verbose: bool = False) -> Iterator[Console]:
     """Send fd 1 and fd 2 to `log_path` (and, with `verbose`, on to the terminal); yield a Console on the terminal.
 
-    A pump thread copies the pipe to the log; it outlives the session because Ray's child processes
-    may still hold the pipe, and it must keep draining it for them."""
+    A pump thread copies the pipe to the log; if a child process (one Ray started) still holds the
+    pipe when the session ends, the thread lives on to keep draining it for that child."""
     log_path = Path(log_path)
-    try:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        raise ConfigError(f"Cannot create the run folder {log_path.parent} for its log (check run.storage_path).") from None
     sys.stdout.flush()
     sys.stderr.flush()
     saved_out, saved_err = os.dup(1), os.dup(2)
     term = open(os.dup(saved_out), "w", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
     read_fd, write_fd = os.pipe()
-    log = open(log_path, "ab")  # noqa: SIM115 - closed by the pump at end of input
-    echo = os.dup(saved_err) if verbose else None
+    echo = os.dup(saved_err)
 
     def pump() -> None:
+        # The log (and the run folder) is created by the first byte, so a run refused before it
+        # prints anything leaves its folder untouched; if it cannot be written, output stays visible.
+        log = None
         while chunk := os.read(read_fd, 1 << 16):
-            log.write(chunk)
-            log.flush()
-            if echo is not None:
+            if log is None:
+                try:
+                    log_path.parent.mkdir(parents=True, exist_ok=True)
+                    log = open(log_path, "ab")  # noqa: SIM115 - closed at end of input
+                except OSError:
+                    log = False
+            if log:
+                log.write(chunk)
+                log.flush()
+            if verbose or not log:
                 os.write(echo, chunk)
-        log.close()
+        if log:
+            log.close()
 
-    threading.Thread(target=pump, name="raysft-log", daemon=True).start()
+    pumping = threading.Thread(target=pump, name="raysft-log", daemon=True)
+    pumping.start()
     os.dup2(write_fd, 1)
     os.dup2(write_fd, 2)
     os.close(write_fd)
@@ -238,6 +243,7 @@ def console_session(log_path: str | os.PathLike, verbose: bool = False) -> Itera
         os.close(saved_out)
         os.close(saved_err)
         term.close()
+        pumping.join(timeout=2.0)  # drains the rest unless a child process still holds the pipe open
 
 
 def log_plan(console: Console, cfg) -> None:

@@ -91,13 +91,14 @@ def warn_once(run_dir: Path, sink: str, exc: BaseException, step: int | None = N
 
 # --- driver: create and close runs ---------------------------------------------------------------
 
-def start_tracking(cfg, run_dir: str | os.PathLike, parent: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Create (or, for a run that already has tracking.json, reuse) the MLflow / W&B runs of `cfg`."""
+def start_tracking(cfg, run_dir: str | os.PathLike, parent: dict[str, Any] | None = None,
+                   fresh: bool = False) -> dict[str, Any]:
+    """Create the MLflow / W&B runs of `cfg`, or reuse those in RUN_DIR/tracking.json when resuming (not `fresh`)."""
     lg = cfg.train.logging
     run_dir = Path(run_dir)
     if not (lg.mlflow or lg.wandb):
         return {}
-    handles = read_handles(run_dir)
+    handles = {} if fresh else read_handles(run_dir)
     parent = parent or {}
     if lg.mlflow and "mlflow" not in handles:
         try:
