@@ -40,7 +40,7 @@ from raysft.pipeline.sweep.report import (
     COMPLETED, EARLY_STOPPED, ERROR, INTERRUPTED, BestTrial, SweepResult, TrialRecord,
     pick_best, plot_curves, plot_loss_vs_lr, table_row, write_csv,
 )
-from raysft.pipeline.tracking import finish_sweep_tracking, start_sweep_tracking
+from raysft.pipeline.tracking import finish_sweep_tracking, finish_tracking, start_sweep_tracking
 from raysft.pipeline.sweep.space import SweepPlan, data_overrides, plan_sweep, trial_overrides
 
 log = logging.getLogger("raysft.tune")
@@ -123,7 +123,11 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], source: Optional[
     _append_json(run_dir / ATTEMPTS_FILE, {"started": time.time(), "pid": os.getpid()})
     data = prepared[_variant_key(data_overrides(plan, config))]
     trainer = build_trainer(cfg, data, callbacks=[TuneReportCallback()], tracking_parent=tracking_parent)
-    result = trainer.fit()  # a resumed trial's trainer continues from its latest checkpoint (same storage/name)
+    try:
+        result = trainer.fit()  # a resumed trial's trainer continues from its latest checkpoint (same storage/name)
+    except BaseException:
+        finish_tracking(run_dir, None, status="FAILED")  # the trial's MLflow child run, if any
+        raise
     finished = finish_run(cfg, result)  # the final adapter into run_dir/adapter
     (run_dir / TRIAL_FILE).write_text(json.dumps({
         "trial_id": trial_id, "status": COMPLETED, "finished": time.time(),
