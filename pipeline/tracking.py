@@ -230,7 +230,8 @@ def finish_sweep_tracking(sweep_dir: str | os.PathLike, sweep) -> None:
         for row in sweep.table:  # children that did not finish (ASHA stop, error, interrupt) are closed too
             child = read_handles(sweep_dir / "trials" / row["trial_id"]).get("mlflow")
             if child and row["stop_reason"] != "completed" and client.get_run(child["run_id"]).info.status == "RUNNING":
-                client.set_terminated(child["run_id"], status="KILLED" if row["stop_reason"].startswith("early") else "FAILED")
+                stopped = row["stop_reason"].startswith("early")
+                client.set_terminated(child["run_id"], status="KILLED" if stopped else "FAILED")
         for path in [sweep_dir / "results.csv", *map(Path, sweep.plots)]:
             if path.is_file():
                 client.log_artifact(h["run_id"], str(path))
