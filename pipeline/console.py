@@ -27,7 +27,9 @@ from typing import Any, TextIO
 from ray.train import UserCallback
 
 LOG_FILE = "raysft.log"
-EVENTS_FILE = "events.jsonl"  # written by the training loop (start events) and WorkerFailures
+EVENTS_FILE = (
+    "events.jsonl"  # written by the training loop (start events) and WorkerFailures
+)
 METRICS_FILE = "metrics.jsonl"
 _CKPT = re.compile(r"checkpoint_(\d+)$")
 
@@ -47,7 +49,13 @@ class Console:
             self.stream.write(text + "\n")
             self.stream.flush()
 
-    def progress(self, m: dict[str, Any], total: int | None, eta_s: float | None, last_eval: tuple[int, float] | None) -> None:
+    def progress(
+        self,
+        m: dict[str, Any],
+        total: int | None,
+        eta_s: float | None,
+        last_eval: tuple[int, float] | None,
+    ) -> None:
         """One optimizer step: step/total, loss, lr, tokens/s, ETA and the last eval loss."""
         fields = f"loss {m['loss']:.4f}  lr {m['lr']:.2e}  {m.get('tokens_per_s', 0):.0f} tok/s"
         evals = f"  eval_loss {last_eval[1]:.4f} @{last_eval[0]}" if last_eval else ""
@@ -55,8 +63,14 @@ class Console:
             if self._bar is None:
                 from tqdm import tqdm
 
-                self._bar = tqdm(total=total, initial=int(m["step"]) - 1, file=self.stream, unit="step",
-                                 dynamic_ncols=True, bar_format="{l_bar}{bar}| {n}/{total} [{elapsed}<{remaining}]{postfix}")
+                self._bar = tqdm(
+                    total=total,
+                    initial=int(m["step"]) - 1,
+                    file=self.stream,
+                    unit="step",
+                    dynamic_ncols=True,
+                    bar_format="{l_bar}{bar}| {n}/{total} [{elapsed}<{remaining}]{postfix}",
+                )
             self._bar.set_postfix_str(fields + evals, refresh=False)
             self._bar.update(int(m["step"]) - self._bar.n)
             return
@@ -72,9 +86,13 @@ class Console:
 def format_eta(seconds: float | None) -> str:
     if seconds is None:
         return "--:--"
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     h, rest = divmod(seconds, 3600)
-    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60:02d}:{rest % 60:02d}"
+    return (
+        f"{h}:{rest // 60:02d}:{rest % 60:02d}"
+        if h
+        else f"{rest // 60:02d}:{rest % 60:02d}"
+    )
 
 
 class RunFollower:
@@ -84,7 +102,9 @@ class RunFollower:
         self.run_dir = Path(run_dir)
         self.console = console
         self._offsets: dict[str, int] = {}
-        self._seen_ckpts: set[str] = {p.name for p in self.run_dir.glob("checkpoint_*")}  # a resumed run's old ones
+        self._seen_ckpts: set[str] = {
+            p.name for p in self.run_dir.glob("checkpoint_*")
+        }  # a resumed run's old ones
         self.total: int | None = None
         self.last_step = 0
         self.last_eval: tuple[int, float] | None = None
@@ -101,7 +121,9 @@ class RunFollower:
         with path.open("rb") as f:
             f.seek(self._offsets.get(name, 0))
             data = f.read()
-        end = data.rfind(b"\n") + 1  # a line still being written waits for the next poll
+        end = (
+            data.rfind(b"\n") + 1
+        )  # a line still being written waits for the next poll
         self._offsets[name] = self._offsets.get(name, 0) + end
         return [json.loads(x) for x in data[:end].decode().splitlines() if x.strip()]
 
@@ -113,7 +135,9 @@ class RunFollower:
         for p in sorted(self.run_dir.glob("checkpoint_*")):
             if p.name not in self._seen_ckpts and _CKPT.search(p.name):
                 self._seen_ckpts.add(p.name)
-                self.console.line(f"  checkpoint saved: step {int(_CKPT.search(p.name).group(1))} -> {p}")
+                self.console.line(
+                    f"  checkpoint saved: step {int(_CKPT.search(p.name).group(1))} -> {p}"
+                )
 
     def _event(self, e: dict[str, Any]) -> None:
         kind = e.get("event")
@@ -125,24 +149,35 @@ class RunFollower:
             step = int(e.get("step", 0))
             if self.starts == 1:
                 where = f" from step {step}" if step else ""
-                self.console.line(f"  training {self.total} steps on {e.get('world_size')} worker(s){where} "
-                                  f"(ZeRO-{e.get('zero_stage')}); progress below, full log in {self.run_dir / LOG_FILE}")
+                self.console.line(
+                    f"  training {self.total} steps on {e.get('world_size')} worker(s){where} "
+                    f"(ZeRO-{e.get('zero_stage')}); progress below, full log in {self.run_dir / LOG_FILE}"
+                )
             else:
                 what = self._failure or "the worker group stopped"
-                self.console.line(f"  recovered: {what} at step {self.last_step}; resumed from step {step} "
-                                  f"on {e.get('world_size')} worker(s).")
+                self.console.line(
+                    f"  recovered: {what} at step {self.last_step}; resumed from step {step} "
+                    f"on {e.get('world_size')} worker(s)."
+                )
                 self._failure = None
-            self._t0, self._step0 = float(e.get("time", time.time())), step  # the loop starts timing here
+            self._t0, self._step0 = (
+                float(e.get("time", time.time())),
+                step,
+            )  # the loop starts timing here
         elif kind == "tracking_lost":
-            self.console.line(f"  warning: {e.get('sink')} tracking stopped at step {e.get('step')} "
-                              f"({e.get('error')}); training goes on.")
+            self.console.line(
+                f"  warning: {e.get('sink')} tracking stopped at step {e.get('step')} "
+                f"({e.get('error')}); training goes on."
+            )
 
     def _metrics(self, m: dict[str, Any]) -> None:
         if "loss" not in m or "step" not in m:
             return
         step = int(m["step"])
         now = time.time()
-        if self._t0 is None:  # no start event seen (an older run folder): time from this step on
+        if (
+            self._t0 is None
+        ):  # no start event seen (an older run folder): time from this step on
             self._t0, self._step0 = now, step
         rate = (now - self._t0) / (step - self._step0) if step > self._step0 else None
         eta = rate * (self.total - step) if rate is not None and self.total else None
@@ -160,25 +195,43 @@ class WorkerFailures(UserCallback):
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
 
-    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+    def after_exception(
+        self, run_context, worker_exceptions: dict[int, Exception]
+    ) -> None:
         parts = []
         for rank, exc in sorted(worker_exceptions.items()):
             ip = re.search(r"\bip:? ?(\d+\.\d+\.\d+\.\d+)", str(exc))
             where = f" on node {ip.group(1)}" if ip else ""
             parts.append(f"worker rank {rank}{where} lost ({type(exc).__name__})")
-        with contextlib.suppress(OSError), (Path(self.run_dir) / EVENTS_FILE).open("a") as f:
-            f.write(json.dumps({"time": time.time(), "event": "worker_failure", "what": "; ".join(parts)}) + "\n")
+        with (
+            contextlib.suppress(OSError),
+            (Path(self.run_dir) / EVENTS_FILE).open("a") as f,
+        ):
+            f.write(
+                json.dumps(
+                    {
+                        "time": time.time(),
+                        "event": "worker_failure",
+                        "what": "; ".join(parts),
+                    }
+                )
+                + "\n"
+            )
 
 
 @contextlib.contextmanager
-def follow_run(run_dir: str | os.PathLike, console: Console, interval_s: float = 0.5) -> Iterator[RunFollower]:
+def follow_run(
+    run_dir: str | os.PathLike, console: Console, interval_s: float = 0.5
+) -> Iterator[RunFollower]:
     """Follow `run_dir` from a background thread while the body runs (e.g. trainer.fit())."""
     follower = RunFollower(run_dir, console)
     stop = threading.Event()
 
     def loop() -> None:
         while not stop.wait(interval_s):
-            with contextlib.suppress(Exception):  # a half-written file is read again next time
+            with contextlib.suppress(
+                Exception
+            ):  # a half-written file is read again next time
                 follower.poll()
 
     thread = threading.Thread(target=loop, name="raysft-console", daemon=True)
@@ -194,7 +247,9 @@ def follow_run(run_dir: str | os.PathLike, console: Console, interval_s: float =
 
 
 @contextlib.contextmanager
-def console_session(log_path: str | os.PathLike, verbose: bool = False) -> Iterator[Console]:
+def console_session(
+    log_path: str | os.PathLike, verbose: bool = False
+) -> Iterator[Console]:
     """Send fd 1 and fd 2 to `log_path` (and, with `verbose`, on to the terminal); yield a Console on the terminal.
 
     A pump thread copies the pipe to the log; if a child process (one Ray started) still holds the
@@ -243,14 +298,22 @@ def console_session(log_path: str | os.PathLike, verbose: bool = False) -> Itera
         os.close(saved_out)
         os.close(saved_err)
         term.close()
-        pumping.join(timeout=2.0)  # drains the rest unless a child process still holds the pipe open
+        pumping.join(
+            timeout=2.0
+        )  # drains the rest unless a child process still holds the pipe open
 
 
 def log_plan(console: Console, cfg) -> None:
     """The plan line: model, data, workers, steps."""
-    steps = cfg.train.max_steps if cfg.train.max_steps is not None else f"{cfg.train.epochs} epoch(s)"
-    console.line(f"raysft: {cfg.run.name}: model {cfg.model.name_or_path} ({cfg.model.quantization}), "
-                 f"data {cfg.data.train}, {cfg.scaling.num_workers} worker(s), {steps} steps")
+    steps = (
+        cfg.train.max_steps
+        if cfg.train.max_steps is not None
+        else f"{cfg.train.epochs} epoch(s)"
+    )
+    console.line(
+        f"raysft: {cfg.run.name}: model {cfg.model.name_or_path} ({cfg.model.quantization}), "
+        f"data {cfg.data.train}, {cfg.scaling.num_workers} worker(s), {steps} steps"
+    )
 
 
 def summary_lines(result, seconds: float) -> list[str]:
@@ -259,7 +322,11 @@ def summary_lines(result, seconds: float) -> list[str]:
     for key in ("loss", "eval_loss"):
         if isinstance(m.get(key), (int, float)):
             parts.append(f"{key} {m[key]:.4f}")
-    return [f"done: {', '.join(parts)}", f"  adapter  {result.adapter_path}", f"  run      {result.run_dir}"]
+    return [
+        f"done: {', '.join(parts)}",
+        f"  adapter  {result.adapter_path}",
+        f"  run      {result.run_dir}",
+    ]
 
 
 def run_with_console(cfg, fn, *, console: Console, log_file: Path) -> Any:

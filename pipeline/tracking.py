@@ -28,8 +28,11 @@ EVENTS_FILE = "events.jsonl"  # the run's event log (training/loop.py writes its
 log = logging.getLogger("raysft.tracking")
 
 # mlflow's defaults retry a dead server for minutes per call; a training step must not wait that long.
-_MLFLOW_FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+_MLFLOW_FAIL_FAST = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
 
 
 def tracking_uri(logging_cfg) -> str | None:
@@ -73,26 +76,52 @@ def _warned(run_dir: Path, sink: str) -> bool:
     path = run_dir / EVENTS_FILE
     if not path.is_file():
         return False
-    return any(json.loads(x).get("event") == "tracking_lost" and json.loads(x).get("sink") == sink
-               for x in path.read_text().splitlines() if x.strip())
+    return any(
+        json.loads(x).get("event") == "tracking_lost"
+        and json.loads(x).get("sink") == sink
+        for x in path.read_text().splitlines()
+        if x.strip()
+    )
 
 
-def warn_once(run_dir: Path, sink: str, exc: BaseException, step: int | None = None) -> None:
+def warn_once(
+    run_dir: Path, sink: str, exc: BaseException, step: int | None = None
+) -> None:
     """The single warning a run gets when a tracking sink fails; recorded in events.jsonl."""
     if _warned(run_dir, sink):
         return
     where = f" at step {step}" if step is not None else ""
-    log.warning("%s tracking failed%s (%s: %s); training goes on without it.", sink, where, type(exc).__name__,
-                str(exc).splitlines()[0][:200] if str(exc) else "")
+    log.warning(
+        "%s tracking failed%s (%s: %s); training goes on without it.",
+        sink,
+        where,
+        type(exc).__name__,
+        str(exc).splitlines()[0][:200] if str(exc) else "",
+    )
     with (run_dir / EVENTS_FILE).open("a") as f:
-        f.write(json.dumps({"time": time.time(), "event": "tracking_lost", "sink": sink, "step": step,
-                            "error": type(exc).__name__}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "time": time.time(),
+                    "event": "tracking_lost",
+                    "sink": sink,
+                    "step": step,
+                    "error": type(exc).__name__,
+                }
+            )
+            + "\n"
+        )
 
 
 # --- driver: create and close runs ---------------------------------------------------------------
 
-def start_tracking(cfg, run_dir: str | os.PathLike, parent: dict[str, Any] | None = None,
-                   fresh: bool = False) -> dict[str, Any]:
+
+def start_tracking(
+    cfg,
+    run_dir: str | os.PathLike,
+    parent: dict[str, Any] | None = None,
+    fresh: bool = False,
+) -> dict[str, Any]:
     """Create the MLflow / W&B runs of `cfg`, or reuse those in RUN_DIR/tracking.json when resuming (not `fresh`)."""
     lg = cfg.train.logging
     run_dir = Path(run_dir)
@@ -106,14 +135,21 @@ def start_tracking(cfg, run_dir: str | os.PathLike, parent: dict[str, Any] | Non
         except Exception as exc:  # noqa: BLE001 - an unreachable server must not stop the run
             warn_once(run_dir, "mlflow", exc)
     if lg.wandb and "wandb" not in handles:
-        handles["wandb"] = {"id": uuid.uuid4().hex[:12], "project": lg.project or "raysft", "name": cfg.run.name,
-                            "group": (parent.get("wandb") or {}).get("group"), "mode": os.environ.get("WANDB_MODE"),
-                            "dir": str(run_dir)}
+        handles["wandb"] = {
+            "id": uuid.uuid4().hex[:12],
+            "project": lg.project or "raysft",
+            "name": cfg.run.name,
+            "group": (parent.get("wandb") or {}).get("group"),
+            "mode": os.environ.get("WANDB_MODE"),
+            "dir": str(run_dir),
+        }
     _write_handles(run_dir, handles)
     return handles
 
 
-def _create_mlflow_run(cfg, parent: dict[str, Any] | None, kind: str = "train") -> dict[str, Any]:
+def _create_mlflow_run(
+    cfg, parent: dict[str, Any] | None, kind: str = "train"
+) -> dict[str, Any]:
     from mlflow.entities import Param
 
     lg = cfg.train.logging
@@ -124,19 +160,27 @@ def _create_mlflow_run(cfg, parent: dict[str, Any] | None, kind: str = "train") 
     else:
         name = lg.project or "raysft"
         exp = client.get_experiment_by_name(name)
-        experiment_id = exp.experiment_id if exp is not None else client.create_experiment(name)
+        experiment_id = (
+            exp.experiment_id if exp is not None else client.create_experiment(name)
+        )
     tags = {"raysft.kind": kind}
     if parent:
-        tags["mlflow.parentRunId"] = parent["run_id"]  # how MLflow nests a child run under its parent
+        tags["mlflow.parentRunId"] = parent[
+            "run_id"
+        ]  # how MLflow nests a child run under its parent
     run = client.create_run(experiment_id, run_name=cfg.run.name, tags=tags)
     params = flat_params(cfg.to_dict())
     items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
     for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-        client.log_batch(run.info.run_id, params=items[i:i + 100])
+        client.log_batch(run.info.run_id, params=items[i : i + 100])
     return {"uri": uri, "run_id": run.info.run_id, "experiment_id": experiment_id}
 
 
-def finish_tracking(run_dir: str | os.PathLike, adapter: str | os.PathLike | None, status: str = "FINISHED") -> None:
+def finish_tracking(
+    run_dir: str | os.PathLike,
+    adapter: str | os.PathLike | None,
+    status: str = "FINISHED",
+) -> None:
     """Upload the adapter and the report PNGs (loss curve and the rest) and close the runs."""
     run_dir = Path(run_dir)
     handles = read_handles(run_dir)
@@ -181,11 +225,20 @@ def _finish_wandb(h: dict[str, Any], adapter, plots: list[Path]) -> None:
     run.finish()
 
 
-def _wandb_init_args(h: dict[str, Any], config: dict[str, Any] | None = None) -> dict[str, Any]:
+def _wandb_init_args(
+    h: dict[str, Any], config: dict[str, Any] | None = None
+) -> dict[str, Any]:
     import wandb
 
-    args = {"id": h["id"], "project": h["project"], "name": h["name"], "group": h.get("group"), "dir": h["dir"],
-            "resume": "allow", "settings": wandb.Settings(console="off", silent=True)}
+    args = {
+        "id": h["id"],
+        "project": h["project"],
+        "name": h["name"],
+        "group": h.get("group"),
+        "dir": h["dir"],
+        "resume": "allow",
+        "settings": wandb.Settings(console="off", silent=True),
+    }
     if h.get("mode"):
         args["mode"] = h["mode"]
     if config is not None:
@@ -194,6 +247,7 @@ def _wandb_init_args(h: dict[str, Any], config: dict[str, Any] | None = None) ->
 
 
 # --- sweep: one parent run ---------------------------------------------------------------------------
+
 
 def start_sweep_tracking(cfg, sweep_dir: str | os.PathLike) -> dict[str, Any]:
     """The sweep's parent MLflow run (its params: the base config with tune.search_space); W&B groups by sweep name."""
@@ -223,15 +277,30 @@ def finish_sweep_tracking(sweep_dir: str | os.PathLike, sweep) -> None:
 
         client = _client(h["uri"])
         if sweep.best is not None:
-            value = sweep.best.metrics.get(f"final_{sweep.metric}")  # what the best trial was picked by
+            value = sweep.best.metrics.get(
+                f"final_{sweep.metric}"
+            )  # what the best trial was picked by
             if isinstance(value, (int, float)) and math.isfinite(value):
-                client.log_batch(h["run_id"], metrics=[Metric(f"best_trial_{sweep.metric}", float(value), _ms(), 0)])
+                client.log_batch(
+                    h["run_id"],
+                    metrics=[
+                        Metric(f"best_trial_{sweep.metric}", float(value), _ms(), 0)
+                    ],
+                )
             client.set_tag(h["run_id"], "raysft.best_trial", sweep.best.trial_id)
-        for row in sweep.table:  # children that did not finish (ASHA stop, error, interrupt) are closed too
+        for row in (
+            sweep.table
+        ):  # children that did not finish (ASHA stop, error, interrupt) are closed too
             child = read_handles(sweep_dir / "trials" / row["trial_id"]).get("mlflow")
-            if child and row["stop_reason"] != "completed" and client.get_run(child["run_id"]).info.status == "RUNNING":
+            if (
+                child
+                and row["stop_reason"] != "completed"
+                and client.get_run(child["run_id"]).info.status == "RUNNING"
+            ):
                 stopped = row["stop_reason"].startswith("early")
-                client.set_terminated(child["run_id"], status="KILLED" if stopped else "FAILED")
+                client.set_terminated(
+                    child["run_id"], status="KILLED" if stopped else "FAILED"
+                )
         for path in [sweep_dir / "results.csv", *map(Path, sweep.plots)]:
             if path.is_file():
                 client.log_artifact(h["run_id"], str(path))
@@ -246,10 +315,13 @@ def _ms() -> int:
 
 # --- rank 0: per-step metrics ----------------------------------------------------------------------------
 
+
 class StepSinks:
     """MLflow / W&B metric logging on rank 0, into the runs the driver created (RUN_DIR/tracking.json)."""
 
-    def __init__(self, run_dir: str | os.PathLike, config_dict: dict[str, Any] | None = None):
+    def __init__(
+        self, run_dir: str | os.PathLike, config_dict: dict[str, Any] | None = None
+    ):
         self.run_dir = Path(run_dir)
         handles = read_handles(self.run_dir)
         self.mlflow = None
@@ -262,19 +334,26 @@ class StepSinks:
             try:
                 import wandb
 
-                self.wandb = wandb.init(**_wandb_init_args(handles["wandb"], config_dict))
+                self.wandb = wandb.init(
+                    **_wandb_init_args(handles["wandb"], config_dict)
+                )
             except Exception as exc:  # noqa: BLE001 - includes wandb not installed
                 warn_once(self.run_dir, "wandb", exc)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        numbers = {k: float(v) for k, v in metrics.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        numbers = {
+            k: float(v)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"
+        }
         if self.mlflow is not None:
             from mlflow.entities import Metric
 
             ts = _ms()
             # MLflow rejects NaN/inf in some stores; metrics.jsonl keeps every value.
-            batch = [Metric(k, v, ts, step) for k, v in numbers.items() if math.isfinite(v)]
+            batch = [
+                Metric(k, v, ts, step) for k, v in numbers.items() if math.isfinite(v)
+            ]
             try:
                 self.mlflow.log_batch(self.mlflow_run, metrics=batch)
             except Exception as exc:  # noqa: BLE001 - a server that went away must not stop training

@@ -26,18 +26,33 @@ class MlflowServer:
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 90.0) -> "MlflowServer":
+    def start(self, timeout: float = 90.0) -> MlflowServer:
         mlflow = Path(sys.executable).with_name("mlflow")
         self.proc = subprocess.Popen(
-            [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1"],
-            stdout=open(self.root / "server.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(mlflow),
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{self.root / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(self.root / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+            ],
+            stdout=open(self.root / "server.log", "ab"),  # noqa: SIM115 - the server holds it
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}"
+                )
             try:
                 with urllib.request.urlopen(self.uri + "/health", timeout=2) as r:
                     if r.status == 200:
@@ -73,23 +88,32 @@ def wandb_history(run_dir: Path, run_id: str) -> list[dict]:
     from wandb.proto import wandb_internal_pb2 as pb
 
     rows = []
-    for path in sorted(glob.glob(str(run_dir / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb"))):
+    for path in sorted(
+        glob.glob(
+            str(run_dir / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb")
+        )
+    ):
         data = Path(path).read_bytes()
         pos, block, buf = 7, 32768, b""
         while pos + 7 <= len(data):
             if block - pos % block < 7:
                 pos += block - pos % block
                 continue
-            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
             pos += 7
             if length == 0 and kind == 0:
                 break
-            buf += data[pos:pos + length]
+            buf += data[pos : pos + length]
             pos += length
             if kind in (1, 4):
                 rec = pb.Record()
                 rec.ParseFromString(buf)
                 buf = b""
                 if rec.WhichOneof("record_type") == "history":
-                    rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
+                    rows.append(
+                        {
+                            (i.key or "/".join(i.nested_key)): json.loads(i.value_json)
+                            for i in rec.history.item
+                        }
+                    )
     return rows
