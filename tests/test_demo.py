@@ -116,6 +116,7 @@ def test_demo_cli_console_is_short_with_progress_and_eta_and_the_full_log_in_the
         cmd += ["--set", s]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_DEDUP_LOGS": "1"})
     out = proc.stdout + proc.stderr
+    (tmp_path / "console.txt").write_text(out)  # what the user saw, kept for inspection
     assert proc.returncode == 0, out[-4000:]
     lines = out.splitlines()
     assert len(lines) <= 60, out
