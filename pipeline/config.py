@@ -127,6 +127,8 @@ class LoggingConfig(_Section):
     mlflow: bool = Field(False, description="Log to MLflow (when mlflow is installed).")
     wandb: bool = Field(False, description="Log to Weights & Biases (when wandb is installed).")
     project: Optional[str] = Field(None, description="Experiment / project name for MLflow or W&B (default: raysft).")
+    mlflow_tracking_uri: Optional[str] = Field(
+        None, description="MLflow tracking server URI (default: $MLFLOW_TRACKING_URI, else mlflow's ./mlruns).")
 
 
 class TrainConfig(_Section):
