@@ -17,10 +17,12 @@ from typing import Any, Optional
 
 from raysft.pipeline import storage
 from raysft.pipeline.config import Config
-from raysft.pipeline.errors import ClusterError, ConfigError, DataError
-from raysft.pipeline.models.load import ADAPTER_DIR, RESOLVED_CONFIG
+from raysft.pipeline.errors import ClusterError, ConfigError, DataError, RaysftError
+from raysft.pipeline.models.load import ADAPTER_DIR
 from raysft.pipeline.models.source import base_model_path
 from raysft.pipeline.models.tokenizer import load_tokenizer
+from raysft.pipeline.tracking import finish_tracking, start_tracking
+from raysft.pipeline.training import identity as run_identity
 from raysft.pipeline.training.ledger import LEDGER_FILE
 
 
@@ -47,6 +49,13 @@ def run_dir_of(cfg: Config) -> Path | str:
     if storage.is_remote(cfg.run.storage_path):
         return storage.join(cfg.run.storage_path, cfg.run.name)
     return Path(cfg.run.storage_path).expanduser().resolve() / cfg.run.name
+
+
+def local_dir_of(cfg: Config) -> Path:
+    """Where this machine keeps the run's console log: the run folder, or ~/.cache/raysft/runs/NAME for a run
+    folder on an object store."""
+    run_dir = run_dir_of(cfg)
+    return run_dir if isinstance(run_dir, Path) else Path.home() / ".cache" / "raysft" / "runs" / cfg.run.name
 
 
 def preflight(cfg: Config) -> Config:
@@ -124,7 +133,40 @@ def read_index(directory: str | os.PathLike | None, what: str, cfg: Config):
     return load_index(str(directory), options, what=what)
 
 
-def build_trainer(cfg: Config, prepared, *, callbacks: list | None = None):
+def remote_identity(cfg: Config, data_key: str, steps_per_epoch: int):
+    """run.json on an object store: the same identity rule as a local run folder (a rerun with other settings,
+    or with run.resume never, is refused in one sentence), then run.json and config.yaml are written. Ray Train
+    resumes from its own snapshot in the bucket; checkpoint completeness is checked by `load` after download."""
+    from raysft.pipeline.errors import CheckpointError
+    from raysft.pipeline.models.load import RESOLVED_CONFIG
+
+    options = storage.StorageOptions.of(cfg)
+    run_dir = run_dir_of(cfg)
+    ident = run_identity.identity(cfg, data_key)
+    record = {"fingerprint": run_identity.fingerprint(ident), "identity": ident, "max_steps": cfg.train.max_steps,
+              "epochs": cfg.train.epochs, "steps_per_epoch": steps_per_epoch,
+              "total_steps": cfg.train.max_steps or cfg.train.epochs * steps_per_epoch}
+    path = storage.join(run_dir, run_identity.IDENTITY_FILE)
+    exists = storage.exists(path, options)
+    if exists and cfg.run.resume == "never":
+        raise CheckpointError(f"{run_dir} already holds a run named {cfg.run.name} and run.resume is 'never'; "
+                              "choose a new run.name, or set run.resume to auto to continue it.")
+    if not exists and cfg.run.resume == "must":
+        raise CheckpointError(f"run.resume is 'must' but {run_dir} holds no run named {cfg.run.name} to resume.")
+    if exists:
+        try:
+            old = json.loads(storage.read_bytes(path, options))["fingerprint"]
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointError(f"{path} is not readable JSON with a 'fingerprint'; choose a new run.name.") from None
+        if old != record["fingerprint"]:
+            raise CheckpointError(f"Run {cfg.run.name} in {run_dir} was started with other settings; rerun it with "
+                                  "the same settings to resume, or choose a new run.name.")
+    storage.write_bytes(path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode(), options)
+    storage.write_bytes(storage.join(run_dir, RESOLVED_CONFIG), cfg.dump_yaml().encode(), options)
+    return run_identity.Decision(run_dir, "resume" if exists else "new", record)
+
+
+def build_trainer(cfg: Config, prepared, *, callbacks: list | None = None, tracking_parent: dict | None = None):
     """A TorchTrainer for `cfg` on `prepared` (train_dir, eval_dir); the caller calls `.fit()`.
 
     The driver reads only the shard index; each worker streams its steps' rows from the shards
@@ -133,6 +175,7 @@ def build_trainer(cfg: Config, prepared, *, callbacks: list | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from raysft.pipeline.console import WorkerFailures
     from raysft.pipeline.training.loop import train_loop_per_worker
     from raysft.pipeline.training.reader import StepLayout
 
@@ -140,19 +183,30 @@ def build_trainer(cfg: Config, prepared, *, callbacks: list | None = None):
     train_index = read_index(prepared.train_dir, "train", cfg)
     eval_index = read_index(getattr(prepared, "eval_dir", None), "eval", cfg)
     s, t = cfg.scaling, cfg.train
-    StepLayout(train_index.rows, s.num_workers * t.grad_accum * t.micro_batch_size, t.max_steps, t.epochs
-               ).require_a_step(s.num_workers, t.grad_accum, t.micro_batch_size)
-    run_dir = run_dir_of(cfg)
-    options = storage.StorageOptions.of(cfg)
-    storage.write_bytes(storage.join(run_dir, RESOLVED_CONFIG), cfg.dump_yaml().encode(), options)
-    storage_path, storage_fs = storage.ray_storage(cfg.run.storage_path, options)
+    layout = StepLayout(train_index.rows, s.num_workers * t.grad_accum * t.micro_batch_size, t.max_steps, t.epochs
+                        ).require_a_step(s.num_workers, t.grad_accum, t.micro_batch_size)
+    # Identity check before anything is written or any worker starts; a refusal leaves the folder as it was.
+    if storage.is_remote(cfg.run.storage_path):
+        decision = remote_identity(cfg, prepared.key, layout.steps_per_epoch)
+    else:
+        decision = run_identity.decide(cfg, prepared.key, run_dir_of(cfg), steps_per_epoch=layout.steps_per_epoch)
     ds_json = None
     if t.deepspeed.config:
         try:
             ds_json = json.loads(Path(t.deepspeed.config).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError(f"train.deepspeed.config {t.deepspeed.config} is not readable JSON ({exc}).") from None
+    if not storage.is_remote(cfg.run.storage_path):
+        run_identity.apply(decision, cfg.dump_yaml())
+    run_dir = decision.run_dir
+    storage_path, storage_fs = storage.ray_storage(cfg.run.storage_path, storage.StorageOptions.of(cfg))
+    # MLflow / W&B runs (rank 0 logs into them); a resumed run keeps its runs, a fresh start makes new ones.
+    if storage.is_remote(run_dir) and (t.logging.mlflow or t.logging.wandb):
+        raise ConfigError("train.logging.mlflow / wandb keep their handles in the run folder, which must be local; "
+                          "turn them off or use a local run.storage_path.")
+    start_tracking(cfg, run_dir, tracking_parent, fresh=decision.resume_from is None)
     loop_config = {
+        "resume_from": decision.resume_from,
         "config": cfg.to_dict(),
         "train_index": train_index.to_dict(),
         "eval_index": eval_index.to_dict() if eval_index is not None and eval_index.rows else None,
@@ -177,7 +231,8 @@ def build_trainer(cfg: Config, prepared, *, callbacks: list | None = None):
             failure_config=FailureConfig(max_failures=max_failures,
                                          controller_failure_limit=max_failures if max_failures >= 0 else -1),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            callbacks=callbacks,
+            # recoveries, for the console (which follows a local run folder only)
+            callbacks=[*(callbacks or []), *([] if storage.is_remote(run_dir) else [WorkerFailures(str(run_dir))])],
         ),
     )
 
@@ -202,6 +257,7 @@ def finish_run(cfg: Config, result) -> TrainResult:
             if (Path(d) / LEDGER_FILE).is_file():
                 shutil.copyfile(Path(d) / LEDGER_FILE, run_dir / LEDGER_FILE)
     metrics = {k: v for k, v in (result.metrics or {}).items()}
+    finish_tracking(run_dir, adapter)
     return TrainResult(metrics=metrics, run_dir=run_dir, adapter_path=adapter, checkpoint_path=ckpt.path)
 
 
@@ -216,11 +272,35 @@ def _init_ray(cfg: Config) -> None:
 
 def train(cfg: Config) -> TrainResult:
     """Prepare (or reuse the cache), then train with Ray Train; returns metrics, run dir and adapter path."""
-    from raysft.pipeline.data.plan import ensure_prepared
+    from raysft.pipeline.data.plan import ensure_prepared, resolve_inputs
 
     cfg = preflight(cfg)
+    if not storage.is_remote(cfg.run.storage_path):  # (on an object store, build_trainer checks run.json)
+        run_identity.decide(cfg, resolve_inputs(cfg).key, run_dir_of(cfg))  # refuse a mismatched rerun before any work
     _init_ray(cfg)
     check_cluster(cfg)
     prepared = ensure_prepared(cfg)
     trainer = build_trainer(cfg, prepared)
-    return finish_run(cfg, trainer.fit())
+    try:
+        result = fit(trainer)
+    except BaseException:
+        finish_tracking(run_dir_of(cfg), None, status="FAILED")
+        raise
+    return finish_run(cfg, result)
+
+
+def fit(trainer):
+    """`trainer.fit()`, with an error a worker raised for the user to fix (e.g. no space for a checkpoint)
+    re-raised here as that one sentence instead of Ray's traceback."""
+    from ray.train import TrainingFailedError
+
+    try:
+        return trainer.fit()
+    except TrainingFailedError as exc:
+        for failure in (getattr(exc, "worker_failures", None) or {}).values():
+            original = getattr(failure, "cause", None) or failure  # Ray wraps it in a RayTaskError
+            if isinstance(original, RaysftError):
+                kind = next(c for c in type(original).__mro__
+                            if issubclass(c, RaysftError) and c.__module__.startswith("raysft."))
+                raise kind(str(original.args[0]) if original.args else str(original)) from None
+        raise
