@@ -240,3 +240,20 @@ def test_train_with_prepared_rows_and_run_storage_on_s3(s3, ray_session, tiny_mo
     assert main(["export", "s3://raysft/runs/s3run", "--output", "s3://raysft/handout/adapter"]) == 0
     assert fs.get_file_info("raysft/handout/adapter/adapter_config.json").type == pafs.FileType.File
     assert not Path("s3:").exists()
+
+
+def test_run_identity_on_s3_refuses_a_changed_rerun(s3):
+    endpoint, fs = s3
+    from raysft.pipeline.config import load_config
+    from raysft.pipeline.errors import CheckpointError
+    from raysft.pipeline.trainer import remote_identity
+
+    cfg = load_config(None, {"run.storage_path": "s3://raysft/ident", "run.name": "r", "storage.endpoint_url": endpoint})
+    assert remote_identity(cfg, "k", steps_per_epoch=4).mode == "new"
+    assert fs.get_file_info("raysft/ident/r/run.json").type == pafs.FileType.File
+    assert fs.get_file_info("raysft/ident/r/config.yaml").type == pafs.FileType.File
+    assert remote_identity(cfg, "k", steps_per_epoch=4).mode == "resume"
+    with pytest.raises(CheckpointError, match=r"^Run r in s3://raysft/ident/r was started with other settings"):
+        remote_identity(cfg.with_overrides({"train.lr": 1e-3}), "k", steps_per_epoch=4)
+    with pytest.raises(CheckpointError, match=r"run\.resume is 'never'"):
+        remote_identity(cfg.with_overrides({"run.resume": "never"}), "k", steps_per_epoch=4)
