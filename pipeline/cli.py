@@ -47,10 +47,23 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from raysft.pipeline.data.plan import prepare
+    from pathlib import Path
 
-    stats = prepare(_load(args), output=args.output)
+    from raysft.pipeline.data.plan import ensure_prepared, prepare, resolve_inputs, summary
+
+    cfg = _load(args)
+    if args.output is not None:
+        stats, directory = prepare(cfg, output=args.output), Path(args.output).expanduser()
+    else:
+        prepared = ensure_prepared(cfg)
+        stats, directory = prepared.stats, prepared.train_dir.parent
     print(json.dumps(stats, indent=2))
+    print(summary(stats), file=sys.stderr, flush=True)
+    if args.preview:
+        from raysft.pipeline.data.preview import HTML_NAME, preview
+
+        print(preview(directory, resolve_inputs(cfg).tokenizer, args.preview, sys.stdout.isatty()))
+        print(f"raysft prepare: mask preview written to {directory / HTML_NAME}", file=sys.stderr)
     return 0
 
 
@@ -162,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("prepare", cmd_prepare, "run only the data plan and write the processed dataset and stats.json")
     _add_config_args(p)
     p.add_argument("--output", default=None, help="output folder (default: the prepared-data cache)")
+    p.add_argument("--preview", type=int, default=0, metavar="N",
+                   help="print N prepared samples with trained tokens marked (colour on a terminal, [[brackets]] "
+                        "otherwise) and write preview.html next to stats.json")
 
     p = add("train", cmd_train, "prepare (or reuse the cache) and run QLoRA SFT with Ray Train")
     _add_config_args(p)
