@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from raysft.pipeline.errors import ConfigError
 
@@ -113,7 +113,18 @@ class RunConfig(_Section):
     name: str = "raysft"
     storage_path: str = "runs"
     max_failures: int = Field(2, ge=-1)
-    address: Optional[str] = None  # Ray address to connect to; default starts or joins a local one
+    address: Optional[str] = Field(None, description=(
+        "Where Ray runs. Unset (or local): raysft starts its own local Ray instance and shuts it down at the end, "
+        "never joining another one (inside a Ray Job: the job's cluster). auto: join the cluster `ray start` made "
+        "on this machine, on purpose. HOST:PORT or ray://HOST:PORT: join that cluster. An address nobody answers "
+        "at is an error within 30 s."))
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder(cls, value: str) -> str:
+        if not value.strip() or value.strip() in (".", ".."):
+            raise ValueError("run.name must name a folder under run.storage_path (not empty, not . or ..)")
+        return value
 
 
 class TuneConfig(_Section):
@@ -249,4 +260,5 @@ def _one_sentence(exc: ValidationError, source: str | None) -> str:
     if err["type"] == "extra_forbidden":
         return f"Unknown config key '{path}'{where}{more}."
     given = err.get("input")
-    return f"Config key '{path}'{where} has a bad value {given!r}: {err['msg'].rstrip('.')}{more}."
+    message = err["msg"].removeprefix("Value error, ").rstrip(".")
+    return f"Config key '{path}'{where} has a bad value {given!r}: {message}{more}."

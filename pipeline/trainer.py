@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from raysft.pipeline import ray_runtime
 from raysft.pipeline.config import Config
 from raysft.pipeline.errors import ClusterError, ConfigError, DataError
 from raysft.pipeline.models.load import ADAPTER_DIR, RESOLVED_CONFIG, load_tokenizer, materialize_gguf, resolve_model_source
@@ -202,22 +203,13 @@ def finish_run(cfg: Config, result) -> TrainResult:
     return TrainResult(metrics=metrics, run_dir=run_dir, adapter_path=adapter, checkpoint_path=ckpt.path)
 
 
-def _init_ray(cfg: Config) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        # Ray Train's print patch would echo every worker line twice on the driver.
-        ray.init(address=cfg.run.address, log_to_driver=True,
-                 runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TOKENIZERS_PARALLELISM": "false"}})
-
-
 def train(cfg: Config) -> TrainResult:
     """Prepare (or reuse the cache), then train with Ray Train; returns metrics, run dir and adapter path."""
     from raysft.pipeline.data.plan import ensure_prepared
 
     cfg = preflight(cfg)
-    _init_ray(cfg)
-    check_cluster(cfg)
-    prepared = ensure_prepared(cfg)
-    trainer = build_trainer(cfg, prepared)
-    return finish_run(cfg, trainer.fit())
+    with ray_runtime.session(cfg.run.address, ray_runtime.TRAIN):
+        check_cluster(cfg)
+        prepared = ensure_prepared(cfg)
+        trainer = build_trainer(cfg, prepared)
+        return finish_run(cfg, trainer.fit())

@@ -13,7 +13,6 @@ input files, the tokenizer and the data config, or builds it once (lock + atomic
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -27,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from raysft.pipeline import ray_runtime
 from raysft.pipeline.data import cache
 from raysft.pipeline.data.pack import DATASET_COLUMNS, pack_batch
 from raysft.pipeline.data.sources import Chunk, expand, files_identity, plan_chunks, read_chunk, read_chunks_batch
@@ -63,6 +63,7 @@ def resolve_inputs(cfg) -> Inputs:
         raise ConfigError("data.train is not set; point it at a file, directory, glob or hf:// data set.")
     train_files = expand(cfg.resolve_path(cfg.data.train))
     eval_files = expand(cfg.resolve_path(cfg.data.eval)) if cfg.data.eval else []
+    cache.remove_stale_temps(cache.cache_root(cfg))  # what a killed run left, once it is a day old
     spec = load_tokenizer_spec(cfg)
     key = cache.prepared_key(
         cfg.data.model_dump(mode="json"), files_identity(train_files), files_identity(eval_files), spec.fingerprint(),
@@ -126,6 +127,11 @@ def consume(cfg, inputs: Inputs, batches: Iterable[pa.Table], out_dir: Path) -> 
     finally:
         for sink in sinks:
             sink.close()
+        # Close the stream while Ray is still up: left to the garbage collector after ray.shutdown(),
+        # Ray Data's iterator prints a traceback below the error that stopped it (e.g. on_bad_row: error).
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
     stats.check(cfg.data.max_bad_fraction, cfg.data.format)
     result = stats.to_dict()
     seconds = time.monotonic() - start
@@ -204,39 +210,14 @@ def packed_batches_ray(cfg, inputs: Inputs) -> Iterable[pa.Table]:
 
 
 def _start_ray(cfg) -> bool:
-    """ray.init unless Ray is already up; True when this call started it (and so must shut it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    # Ray Data records usage stats from its executor thread after the last batch; if that races
-    # with our ray.shutdown(), the core worker quick-exits the process with an error status
-    # (seen under heavy load). We own this Ray instance, so skip that bookkeeping.
-    os.environ.setdefault("RAY_DATA_USAGE_DISABLED", "1")
-    # One tokenizer per actor, no rayon threads competing for the actors' CPUs. A local node inherits
-    # this process's environment; a job-level runtime_env there would also make the raylet's
-    # prestarted workers (started without one) unusable for our actors and tasks.
-    env = {"TOKENIZERS_PARALLELISM": "false"}
-    remote = bool(cfg.run.address or os.environ.get("RAY_ADDRESS"))
-    runtime_env = {"env_vars": env} if remote else None
-    if not remote:
-        for name, value in env.items():
-            os.environ.setdefault(name, value)
-    try:
-        ray.init(address=cfg.run.address, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
-    except Exception as exc:  # a head that cannot be reached, or a local node that failed to start
-        where = f"the Ray cluster at {cfg.run.address} (run.address)" if cfg.run.address else "a local Ray instance"
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise ClusterError(f"Could not start or reach {where}: {first}") from None
-    return True
+    """Start Ray for the plan (ray_runtime: the one way raysft starts Ray); True when this call started it."""
+    return ray_runtime.start(cfg.run.address, ray_runtime.PREPARE)
 
 
 def _resolve_while_ray_starts(cfg) -> tuple[Inputs, bool]:
     """resolve_inputs (file listing, and the tokenizer: from the spec cache, else a transformers import
     + load of ~3 s of one core) in a thread while the main thread runs ray.init, which mostly waits for GCS and raylet to come up. A config or data
     error wins over a Ray error, and Ray is shut down again when the inputs fail."""
-    import ray
-
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(resolve_inputs, cfg)
         try:
@@ -248,7 +229,7 @@ def _resolve_while_ray_starts(cfg) -> tuple[Inputs, bool]:
             return future.result(), started
         except BaseException:
             if started:
-                ray.shutdown()
+                ray_runtime.stop()
             raise
 
 
@@ -256,15 +237,13 @@ def _run(cfg, inputs: Inputs, out_dir: Path, use_ray: bool = True, started: Opti
     """Run the plan into out_dir; `started` says Ray was already started for this run (by us: True)."""
     if not use_ray:
         return consume(cfg, inputs, packed_batches_local(cfg, inputs), out_dir)
-    import ray
-
     if started is None:
         started = _start_ray(cfg)
     try:
         return consume(cfg, inputs, packed_batches_ray(cfg, inputs), out_dir)
     finally:
         if started:
-            ray.shutdown()
+            ray_runtime.stop()
 
 
 def _clear(out_dir: Path) -> None:
@@ -291,9 +270,7 @@ def prepare(cfg, output: str | Path | None = None, use_ray: bool = True) -> dict
         _clear(out_dir)
     except BaseException:
         if started:
-            import ray
-
-            ray.shutdown()
+            ray_runtime.stop()
         raise
     return _run(cfg, inputs, out_dir, use_ray, started)
 
@@ -310,7 +287,7 @@ def ensure_prepared(cfg, use_ray: bool = True) -> Prepared:
     if not (final / "stats.json").exists():
         with cache.locked(root, inputs.key):
             if not (final / "stats.json").exists():
-                tmp = root / f".tmp-{inputs.key}-{uuid.uuid4().hex[:8]}"
+                tmp = root / f"{cache.TMP_PREFIX}{inputs.key}-{uuid.uuid4().hex[:8]}"
                 try:
                     _run(cfg, inputs, tmp, use_ray)
                     cache.publish(tmp, final)
