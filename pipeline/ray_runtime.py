@@ -185,8 +185,8 @@ def _probe(address: str, where: str) -> None:
     except ValueError:
         raise ClusterError(f"Could not reach {where}: it is not a HOST:PORT address.") from None
     except OSError as exc:
-        raise ClusterError(f"Could not reach {where}: nothing answers there ({exc.strerror or exc}); "
-                           "is the cluster running (a stale address is left when a head stops without `ray stop`)?") from None
+        raise ClusterError(f"Could not reach {where}: nothing answers there ({exc.strerror or exc}); is the cluster "
+                           "running (a head stopped without `ray stop` leaves a stale address)?") from None
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ input files, the tokenizer and the data config, or builds it once (lock + atomic
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -26,13 +27,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raysft.pipeline import ray_runtime
+from raysft.pipeline import outputs, ray_runtime
 from raysft.pipeline.data import cache
 from raysft.pipeline.data.pack import DATASET_COLUMNS, pack_batch
 from raysft.pipeline.data.sources import Chunk, expand, files_identity, plan_chunks, read_chunk, read_chunks_batch
 from raysft.pipeline.data.stats import StatsAccumulator
 from raysft.pipeline.data.light_tokenizer import TokenizerSpec
-from raysft.pipeline.data.tokenize import TokenizeStage, load_tokenizer_spec
+from raysft.pipeline.data.tokenize import TokenizeStage, load_tokenizer_spec, tokenizer_source
 from raysft.pipeline.errors import ClusterError, ConfigError
 
 ROWS_PER_FILE = 4096  # packed rows per Parquet file
@@ -246,11 +247,14 @@ def _run(cfg, inputs: Inputs, out_dir: Path, use_ray: bool = True, started: Opti
             ray_runtime.stop()
 
 
-def _clear(out_dir: Path) -> None:
-    for sub in ("train", "eval"):
-        for f in (out_dir / sub).glob("*.parquet"):
-            f.unlink()
-    (out_dir / "stats.json").unlink(missing_ok=True)
+def input_paths(cfg, inputs: Inputs) -> list[Path]:
+    """What an output folder must not overlap: the data files, the data folders named, the tokenizer folder."""
+    paths = [*inputs.train_files, *inputs.eval_files]
+    for spec in (cfg.data.train, cfg.data.eval, tokenizer_source(cfg)[0]):
+        local = cfg.resolve_path(spec) if spec and "://" not in spec else None
+        if local and Path(local).expanduser().exists():
+            paths.append(Path(local).expanduser())
+    return paths
 
 
 def prepare(cfg, output: str | Path | None = None, use_ray: bool = True) -> dict:
@@ -265,14 +269,12 @@ def prepare(cfg, output: str | Path | None = None, use_ray: bool = True) -> dict
         inputs, started = resolve_inputs(cfg), None
     else:
         inputs, started = _resolve_while_ray_starts(cfg)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _clear(out_dir)
-    except BaseException:
+    with contextlib.ExitStack() as stack:
         if started:
-            ray_runtime.stop()
-        raise
-    return _run(cfg, inputs, out_dir, use_ray, started)
+            stack.callback(ray_runtime.stop)  # also when the output folder is refused
+        # Written into a temporary sibling, swapped in only on success: a failed run keeps the old output.
+        tmp = stack.enter_context(outputs.atomic_output(out_dir, "prepare", input_paths(cfg, inputs)))
+        return _run(cfg, inputs, tmp, use_ray, started=False)
 
 
 def ensure_prepared(cfg, use_ray: bool = True) -> Prepared:

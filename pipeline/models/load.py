@@ -16,6 +16,7 @@ from typing import Any
 
 from raysft.pipeline.config import Config, ModelConfig
 from raysft.pipeline.errors import ModelError
+from raysft.pipeline.outputs import atomic_output
 
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
@@ -223,10 +224,6 @@ def save_adapter(model, directory: str | os.PathLike, state_dict: dict | None = 
 
 def export_run(run_dir: str | os.PathLike, merge: bool = False, output: str | os.PathLike | None = None) -> Path:
     """`raysft export RUN [--merge]`: copy the adapter, or merge it into the base and save a bf16 model."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     run = Path(run_dir)
     adapter = run / ADAPTER_DIR
     if not (adapter / "adapter_config.json").is_file():
@@ -234,13 +231,24 @@ def export_run(run_dir: str | os.PathLike, merge: bool = False, output: str | os
     if not merge:
         if output is None:
             return adapter
-        shutil.copytree(adapter, output, dirs_exist_ok=True)
+        with atomic_output(output, "export", [adapter]) as tmp:  # never onto the user's files, swapped in on success
+            shutil.copytree(adapter, tmp, dirs_exist_ok=True)
         return Path(output)
     cfg = _run_config(run)
     out = Path(output) if output else run / MERGED_DIR
     source, gguf = resolve_model_source(cfg.model)
     if gguf:
         source = materialize_gguf(source, gguf, cfg.model)
+    with atomic_output(out, "export", [adapter, run / RESOLVED_CONFIG, source]) as tmp:
+        _save_merged(cfg, source, adapter, tmp)
+    return out
+
+
+def _save_merged(cfg: Config, source: str, adapter: Path, out: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
     # Merge into full-precision weights (not the 4-bit ones): the merged model is a plain bf16 model.
     base = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True,
                                                 trust_remote_code=cfg.model.trust_remote_code)
@@ -253,7 +261,6 @@ def export_run(run_dir: str | os.PathLike, merge: bool = False, output: str | os
         load_tokenizer(cfg.model, require_chat_template=False).save_pretrained(out)
     except ModelError:
         pass  # the merged weights are still usable with the base's tokenizer
-    return out
 
 
 def _run_config(run: Path) -> Config:
