@@ -23,3 +23,18 @@ class ModelError(RaysftError):
 
 class ClusterError(RaysftError):
     """The Ray cluster cannot be reached or cannot fit the requested resources."""
+
+
+def user_error(exc: BaseException) -> RaysftError | None:
+    """The RaysftError that `exc` wraps (a Ray task error carries its cause), or None when there is none."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, RaysftError) and type(e).__module__.startswith("raysft."):  # not Ray's dual-class copy
+            return e
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None

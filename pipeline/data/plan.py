@@ -21,7 +21,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -30,11 +30,11 @@ import pyarrow.parquet as pq
 from raysft.pipeline import outputs, ray_runtime
 from raysft.pipeline.data import cache
 from raysft.pipeline.data.pack import DATASET_COLUMNS, pack_batch
-from raysft.pipeline.data.sources import Chunk, expand, files_identity, plan_chunks, read_chunk, read_chunks_batch
+from raysft.pipeline.data.sources import Chunk, expand, files_identity, plan_chunks, read_chunk
 from raysft.pipeline.data.stats import StatsAccumulator
 from raysft.pipeline.data.light_tokenizer import TokenizerSpec
 from raysft.pipeline.data.tokenize import TokenizeStage, load_tokenizer_spec, tokenizer_source
-from raysft.pipeline.errors import ClusterError, ConfigError
+from raysft.pipeline.errors import ClusterError, ConfigError, DataError, RaysftError, user_error
 
 ROWS_PER_FILE = 4096  # packed rows per Parquet file
 
@@ -148,10 +148,29 @@ def consume(cfg, inputs: Inputs, batches: Iterable[pa.Table], out_dir: Path) -> 
 def packed_batches_local(cfg, inputs: Inputs) -> Iterable[pa.Table]:
     """The same stages without Ray, one window after another (for tests and tiny inputs)."""
     stage = TokenizeStage(inputs.tokenizer, cfg.data.format, cfg.data.system_prompt, cfg.data.train_on)
-    tokenized = [stage(read_chunk(c)) for c in chunks_for(cfg, inputs)]
+    tokenized = [read_and_tokenize(stage, c) for c in chunks_for(cfg, inputs)]
     table = pa.concat_tables(tokenized)
     for start in range(0, table.num_rows, cfg.data.pack_window):
         yield pack_batch(table.slice(start, cfg.data.pack_window), cfg.data.max_seq_len, cfg.data.packing, cfg.data.too_long)
+
+
+def read_and_tokenize(tokenize: Callable[[pa.Table], pa.Table], chunk: Chunk) -> pa.Table:
+    """One chunk read and tokenized. Bad rows are counted drops; anything else that fails names the file and
+    row (found by retrying the rows one at a time, only after a failure), never a bare traceback."""
+    table = read_chunk(chunk)
+    try:
+        return tokenize(table)
+    except RaysftError:
+        raise
+    except Exception as exc:
+        where, error = f"rows {chunk.first_row}-{chunk.first_row + table.num_rows - 1}", exc
+        for i in range(table.num_rows):
+            try:
+                tokenize(table.slice(i, 1))
+            except Exception as row_error:
+                where, error = f"row {chunk.first_row + i}", row_error
+                break
+        raise DataError(f"Parsing {chunk.path} {where} failed ({type(error).__name__}: {str(error)[:120]}).") from None
 
 
 class ReadAndTokenize(TokenizeStage):
@@ -159,7 +178,7 @@ class ReadAndTokenize(TokenizeStage):
     a read op into the actor op with the tokenizer's batch size (which would hand one actor every chunk)."""
 
     def __call__(self, chunks: pa.Table) -> pa.Table:
-        return super().__call__(read_chunks_batch(chunks))
+        return pa.concat_tables([read_and_tokenize(super().__call__, Chunk(**c)) for c in chunks.to_pylist()])
 
 
 class PackStage:
@@ -205,7 +224,13 @@ def packed_batches_ray(cfg, inputs: Inputs) -> Iterable[pa.Table]:
             num_cpus=0,
             compute=ActorPoolStrategy(size=1),
         )
-        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+        try:
+            yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+        except Exception as exc:  # a task's one-sentence error arrives wrapped in Ray's traceback: unwrap it
+            user = user_error(exc)
+            if user is None:
+                raise
+            raise user from None
     finally:
         ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
 
