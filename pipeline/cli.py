@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raysft: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("raysft: interrupted", file=sys.stderr)
+        print("raysft: interrupted; resume with the same command.", file=sys.stderr)
         return 130
     return int(code or 0)
 

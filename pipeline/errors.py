@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 
 class RaysftError(Exception):
     """Base for every error that is the user's to fix; the message is one clear sentence."""
@@ -25,8 +27,8 @@ class ClusterError(RaysftError):
     """The Ray cluster cannot be reached or cannot fit the requested resources."""
 
 
-def user_error(exc: BaseException) -> RaysftError | None:
-    """The RaysftError that `exc` wraps (a Ray task error carries its cause), or None when there is none."""
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and every exception it wraps (`__cause__`, `__context__`, and the `cause` a Ray task error carries)."""
     seen: set[int] = set()
     stack: list[BaseException | None] = [exc]
     while stack:
@@ -34,7 +36,13 @@ def user_error(exc: BaseException) -> RaysftError | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
+        yield e
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+
+
+def user_error(exc: BaseException) -> RaysftError | None:
+    """The RaysftError that `exc` wraps (a Ray task error carries its cause), or None when there is none."""
+    for e in causes(exc):
         if isinstance(e, RaysftError) and type(e).__module__.startswith("raysft."):  # not Ray's dual-class copy
             return e
-        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
     return None

@@ -28,12 +28,13 @@ PROC = Path("/proc")
 
 
 def start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), or None when gone."""
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat); None when it is gone
+    or has ended and waits to be reaped (a zombie)."""
     try:
-        stat = (PROC / str(pid) / "stat").read_text()
+        fields = (PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    return None if fields[0] in ("Z", "X") else fields[19]
 
 
 def owner_token(pid: int | None = None) -> str:

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from raysft.pipeline import ray_runtime
 from raysft.pipeline.config import Config
-from raysft.pipeline.errors import ClusterError, ConfigError, DataError
+from raysft.pipeline.errors import ClusterError, ConfigError, DataError, causes
 from raysft.pipeline.models.load import ADAPTER_DIR, RESOLVED_CONFIG, load_tokenizer, materialize_gguf, resolve_model_source
 from raysft.pipeline.training.ledger import LEDGER_FILE
 
@@ -61,16 +61,31 @@ def preflight(cfg: Config) -> Config:
     load_tokenizer(cfg.model.model_copy(update={"name_or_path": source, "gguf_file": None}))
     storage = Path(cfg.run.storage_path).expanduser()  # outputs: relative to the working directory
     _check_writable(storage, "run.storage_path")
+    if (storage / cfg.run.name).exists():  # a run to resume: its folder must take checkpoints too
+        _check_writable(storage / cfg.run.name, "The run folder (run.storage_path/run.name)")
     updates["run.storage_path"] = str(storage.resolve())
     ds = cfg.train.deepspeed.config
     if ds is not None:
         path = Path(cfg.resolve_path(ds) or ds)
         if not path.is_file():
             raise ConfigError(f"train.deepspeed.config {ds} does not exist.")
+        read_deepspeed_json(path)
         updates["train.deepspeed.config"] = str(path.resolve())
     out = cfg.with_overrides(updates)
     object.__setattr__(out, "source", cfg.source)
     return out
+
+
+def read_deepspeed_json(path: str | os.PathLike) -> dict:
+    """The user's DeepSpeed config (train.deepspeed.config): readable JSON holding an object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"train.deepspeed.config {path} is not readable JSON ({exc}).") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"train.deepspeed.config {path} holds a JSON {type(data).__name__}, not an object of "
+                          "DeepSpeed settings.")
+    return data
 
 
 def _check_writable(path: Path, key: str) -> None:
@@ -151,12 +166,7 @@ def build_trainer(cfg: Config, prepared, *, callbacks: list | None = None):
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RESOLVED_CONFIG).write_text(cfg.dump_yaml())
-    ds_json = None
-    if t.deepspeed.config:
-        try:
-            ds_json = json.loads(Path(t.deepspeed.config).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"train.deepspeed.config {t.deepspeed.config} is not readable JSON ({exc}).") from None
+    ds_json = read_deepspeed_json(t.deepspeed.config) if t.deepspeed.config else None
     loop_config = {
         "config": cfg.to_dict(),
         "train_table": ray.put(train_table),
@@ -212,4 +222,48 @@ def train(cfg: Config) -> TrainResult:
         check_cluster(cfg)
         prepared = ensure_prepared(cfg)
         trainer = build_trainer(cfg, prepared)
-        return finish_run(cfg, trainer.fit())
+        return finish_run(cfg, fit_or_explain(trainer, cfg))
+
+
+def fit_or_explain(trainer, cfg: Config):
+    """trainer.fit(); Ctrl-C becomes KeyboardInterrupt (the CLI: exit 130) and a run folder whose checkpoint
+    list names a deleted checkpoint becomes one sentence, instead of Ray's tracebacks.
+
+    Ray Train answers SIGINT with its own handler (abort the run, then SystemExit or a Ray error from
+    wherever the driver waited) and leaves that handler installed; a signal wake-up fd sees the SIGINT
+    whichever Python handler ran, and the previous handler is put back.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return _fit(trainer, cfg)
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    os.set_blocking(write, False)
+    handler, wakeup = signal.getsignal(signal.SIGINT), signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    try:
+        return _fit(trainer, cfg)
+    except BaseException:
+        try:
+            seen = os.read(read, 4096)
+        except BlockingIOError:
+            seen = b""
+        if signal.SIGINT in seen:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        signal.set_wakeup_fd(wakeup)
+        signal.signal(signal.SIGINT, handler)
+        os.close(read)
+        os.close(write)
+
+
+def _fit(trainer, cfg: Config):
+    try:
+        return trainer.fit()
+    except Exception as exc:
+        if any(type(e).__name__ == "CheckpointManagerInitializationError" for e in causes(exc)):
+            raise DataError(f"The run folder {run_dir_of(cfg)} lists a checkpoint that no longer exists (in "
+                            "checkpoint_manager_snapshot.json); restore it, or train under a new run.name.") from None
+        raise

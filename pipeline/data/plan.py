@@ -178,7 +178,8 @@ class ReadAndTokenize(TokenizeStage):
     a read op into the actor op with the tokenizer's batch size (which would hand one actor every chunk)."""
 
     def __call__(self, chunks: pa.Table) -> pa.Table:
-        return pa.concat_tables([read_and_tokenize(super().__call__, Chunk(**c)) for c in chunks.to_pylist()])
+        tokenize = super().__call__
+        return pa.concat_tables([read_and_tokenize(tokenize, Chunk(**c)) for c in chunks.to_pylist()])
 
 
 class PackStage:
