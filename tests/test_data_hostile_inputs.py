@@ -47,7 +47,7 @@ def test_deep_nesting_and_huge_lines_are_counted_with_their_row(tok_dir, tmp_pat
         stats = plan.prepare(cfg_for(tok_dir, path, tmp_path), output=tmp_path / "out", use_ray=False)
     assert stats["rows_read"] == 6 and stats["rows_used"] == 3 and stats["rows_dropped"] == {"malformed_json": 3}
     assert "hostile.jsonl row 1: malformed_json (nested too deeply to parse)" in caplog.text
-    assert f"hostile.jsonl row 3: malformed_json (a line of {len(huge) + 1} bytes, over the 64 MiB limit)" in caplog.text
+    assert f"row 3: malformed_json (a line of {len(huge) + 1} bytes, over the 64 MiB limit)" in caplog.text
 
 
 def test_a_deep_json_array_file_is_one_sentence(tmp_path):
@@ -77,8 +77,9 @@ def test_a_failing_parse_names_the_file_and_row(tok_dir, tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join([GOOD, GOOD, GOOD, json.dumps({"question": "poison", "answer": "x"}), GOOD]) + "\n")
     cfg = cfg_for(tok_dir, path, tmp_path)
-    stage = FailsOnRow(load_tokenizer_spec(cfg), "auto", None, "responses")
+    spec = load_tokenizer_spec(cfg)
+    stage = FailsOnRow(spec, "auto", None, "responses")
     chunk = Chunk(str(path), "jsonl", 0, first_row=0)
-    assert plan.read_and_tokenize(TokenizeStage(load_tokenizer_spec(cfg), "auto", None, "responses"), chunk).num_rows == 5
+    assert plan.read_and_tokenize(TokenizeStage(spec, "auto", None, "responses"), chunk).num_rows == 5
     with pytest.raises(DataError, match=r"Parsing .*rows.jsonl row 3 failed \(IndexError: list index out of range\)"):
         plan.read_and_tokenize(stage, chunk)

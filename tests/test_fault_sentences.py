@@ -85,7 +85,8 @@ def test_read_only_run_folder(tiny_model_dir, tmp_path, capsys):
         run.chmod(0o555)
     try:
         assert cli.main(["train", str(cfg)]) == 2
-        assert one_sentence(capsys) == f"raysft: error: The run folder (run.storage_path/run.name) {run} is not writable."
+        expected = f"raysft: error: The run folder (run.storage_path/run.name) {run} is not writable."
+        assert one_sentence(capsys) == expected
     finally:
         if mounted:
             subprocess.run(["umount", str(run)], check=True)
@@ -144,7 +145,8 @@ def test_bad_rows_and_unreadable_files_through_ray_are_one_sentence(tiny_model_d
     broken = tmp_path / "broken.arrow"
     broken.write_bytes(b"not an Arrow stream")
     cases = [(["--set", f"data.train={bad}", "--set", "data.on_bad_row=error"],
-              rf"raysft: error: Bad row in {bad} row 40: malformed_json \(not valid JSON .*\); data.on_bad_row is error."),
+              rf"raysft: error: Bad row in {bad} row 40: malformed_json \(not valid JSON .*\); "
+              "data.on_bad_row is error."),
              (["--set", f"data.train={broken}"],
               rf"raysft: error: Could not read {broken} \(from row 0\): ArrowInvalid: .*")]
     for overrides, sentence in cases:
