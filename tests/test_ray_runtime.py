@@ -180,3 +180,25 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+@pytest.mark.ray
+def test_auto_joins_the_cluster_ray_start_recorded(ray_tmp):
+    """run.address: auto joins, on purpose, the head `ray start` recorded in ray_current_cluster (here a real
+    head of its own, with token authentication, on free ports)."""
+    from test_submit import start_head
+
+    root, _ = ray_tmp
+    head = start_head(num_cpus=1)
+    try:
+        gcs = head.env["RAY_ADDRESS"]
+        (root / "ray" / "ray_current_cluster").write_text(gcs)
+        code = ("import ray; from raysft.pipeline import ray_runtime; "
+                "assert ray_runtime.start('auto', ray_runtime.PREPARE); "
+                "print(ray.get_runtime_context().gcs_address); ray_runtime.stop()")
+        env = {**head.client_env(), "RAY_TMPDIR": str(root)}
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip().splitlines()[-1] == gcs
+    finally:
+        head.stop()
