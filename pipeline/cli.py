@@ -10,11 +10,11 @@ import json
 import sys
 from typing import Callable
 
-from raysft.pipeline.errors import RaysftError
+from raysft.pipeline.errors import ConfigError, RaysftError
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML config file (see examples/)")
+def _add_config_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    p.add_argument("config", nargs="?" if optional else None, help="YAML config file (see examples/)")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -32,7 +32,17 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    print(_load(args).dump_yaml(), end="")
+    from raysft.pipeline.config import explain_markdown, explain_text, load_config
+
+    if args.markdown and (not args.explain or args.config or args.overrides):
+        raise ConfigError("raysft config --markdown goes with --explain alone (it renders the schema, not a config).")
+    if args.explain:
+        given = args.config is not None or bool(args.overrides)
+        print(explain_markdown() if args.markdown else explain_text(_load(args) if given else None), end="")
+        return 0
+    if args.config is None:
+        raise ConfigError("raysft config needs a CONFIG file to resolve (or --explain for the reference of every key).")
+    print(load_config(args.config, overrides=args.overrides).dump_yaml(), end="")
     return 0
 
 
@@ -61,7 +71,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from raysft.pipeline.models.load import export_run
+    from raysft.pipeline.models.export import export_run
 
     path = export_run(args.run_dir, merge=args.merge, output=args.output)
     print(f"Exported to {path}")
@@ -85,25 +95,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from raysft.pipeline.jobs.submit import submit
 
-    return submit(args)
+    return submit(args.config, args.overrides, address=args.address, wait=args.wait, job_command_name=args.job_command,
+                  env=args.env, working_dir=args.working_dir, includes=args.include, excludes=args.exclude,
+                  dry_run=args.dry_run)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from raysft.pipeline.jobs.submit import status
 
-    return status(args)
+    return status(args.job, args.address)
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
     from raysft.pipeline.jobs.submit import logs
 
-    return logs(args)
+    return logs(args.job, args.address, follow=args.follow)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
     from raysft.pipeline.jobs.submit import stop
 
-    return stop(args)
+    return stop(args.job, args.address)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,8 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=fn)
         return p
 
-    p = add("config", cmd_config, "print the resolved config (defaults + file + overrides)")
-    _add_config_args(p)
+    p = add("config", cmd_config, "print the resolved config (defaults + file + overrides), or explain every key")
+    _add_config_args(p, optional=True)
+    p.add_argument("--explain", action="store_true",
+                   help="print every key (dotted path) with its type, default and description; with CONFIG, "
+                        "also the values it sets")
+    p.add_argument("--markdown", action="store_true",
+                   help="with --explain: the reference as the README's markdown tables")
 
     p = add("prepare", cmd_prepare, "run only the data plan and write the processed dataset and stats.json")
     _add_config_args(p)
@@ -157,10 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the job runs (default: tune when the config has a search space, else train)")
     p.add_argument("--env", action="append", default=[], metavar="NAME",
                    help="pass this environment variable from here to the job (repeatable; for secrets)")
+    p.add_argument("--include", action="append", default=[], metavar="PATH",
+                   help="also ship this file or folder (inside the job's folder; repeatable); the config, the files "
+                   "it references and raysft itself always ship")
     p.add_argument("--working-dir", default=None,
-                   help="folder shipped as the job's working directory, minus secrets, caches and outputs (default: .)")
+                   help="also ship this whole folder as the job's working directory, minus .gitignore'd files, "
+                   "credentials, caches, outputs and links that leave it (default: ship only what the job needs)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                   help="also leave out files matching this gitignore-style pattern (repeatable)")
+                   help="with --working-dir, also leave out files matching this gitignore-style pattern (repeatable)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the exact files and total size that would be uploaded, and submit nothing")
 
     for name, fn, help in [
         ("status", cmd_status, "show a Ray Job's status"),
@@ -170,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = add(name, fn, help)
         p.add_argument("job", help="the job id printed by `raysft submit`")
         p.add_argument("--address", default=None, help="Ray dashboard address (default: $RAY_ADDRESS)")
+        p.set_defaults(follow=False)
         if name == "logs":
             p.add_argument("--follow", action="store_true", help="keep streaming until the job ends")
     return parser

@@ -27,6 +27,10 @@ class ClusterError(RaysftError):
     """The Ray cluster cannot be reached or cannot fit the requested resources."""
 
 
+class CheckpointError(RaysftError):
+    """A run folder or checkpoint cannot be used: another run's identity, incomplete files, no space to save."""
+
+
 def causes(exc: BaseException) -> Iterator[BaseException]:
     """`exc` and every exception it wraps (`__cause__`, `__context__`, and the `cause` a Ray task error carries)."""
     seen: set[int] = set()

@@ -11,14 +11,17 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from raysft.pipeline import ray_runtime
 from raysft.pipeline.config import Config
-from raysft.pipeline.errors import ClusterError, ConfigError, DataError, causes
-from raysft.pipeline.models.load import ADAPTER_DIR, RESOLVED_CONFIG, load_tokenizer, materialize_gguf, resolve_model_source
+from raysft.pipeline.errors import ClusterError, ConfigError, DataError, RaysftError, causes
+from raysft.pipeline.models.load import ADAPTER_DIR
+from raysft.pipeline.models.source import base_model_path
+from raysft.pipeline.models.tokenizer import load_tokenizer
+from raysft.pipeline.training import identity as run_identity
 from raysft.pipeline.training.ledger import LEDGER_FILE
 
 
@@ -30,7 +33,6 @@ class TrainResult:
     run_dir: Path
     adapter_path: Path
     checkpoint_path: Optional[str] = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -51,14 +53,13 @@ def preflight(cfg: Config) -> Config:
         raise ConfigError("scaling.num_workers must be at least 1 for training.")
     if cfg.model.dtype == "float16" or (cfg.model.quantization == "nf4" and cfg.model.compute_dtype == "float16"):
         raise ConfigError("model.dtype / model.compute_dtype float16 is not supported with DeepSpeed and a 4-bit base; use bfloat16.")
-    source, gguf = resolve_model_source(cfg.model, cfg.source)
+    source = base_model_path(cfg.model, cfg.source)  # a GGUF is converted once here; workers read the HF folder
     updates: dict[str, Any] = {}
-    if gguf:  # converted once here; workers and the data plan then read a Hugging Face folder
-        source = materialize_gguf(source, gguf, cfg.model)
     if os.path.isdir(source):
         updates["model.name_or_path"] = source
         updates["model.gguf_file"] = None
-    load_tokenizer(cfg.model.model_copy(update={"name_or_path": source, "gguf_file": None}))
+    local_model = cfg.model.model_copy(update={"name_or_path": source, "gguf_file": None})
+    load_tokenizer(cfg.model_copy(update={"model": local_model}))
     storage = Path(cfg.run.storage_path).expanduser()  # outputs: relative to the working directory
     _check_writable(storage, "run.storage_path")
     if (storage / cfg.run.name).exists():  # a run to resume: its folder must take checkpoints too
@@ -163,11 +164,13 @@ def build_trainer(cfg: Config, prepared, *, callbacks: list | None = None):
             f"Prepared train data has {plan.n_rows} packed rows, fewer than one optimizer step needs "
             f"(scaling.num_workers x train.grad_accum x train.micro_batch_size = {plan.rows_per_step})."
         )
-    run_dir = run_dir_of(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RESOLVED_CONFIG).write_text(cfg.dump_yaml())
+    # Identity check before anything is written or any worker starts; a refusal leaves the folder as it was.
+    decision = run_identity.decide(cfg, prepared.key, run_dir_of(cfg), steps_per_epoch=plan.steps_per_epoch)
     ds_json = read_deepspeed_json(t.deepspeed.config) if t.deepspeed.config else None
+    run_identity.apply(decision, cfg.dump_yaml())
+    run_dir = decision.run_dir
     loop_config = {
+        "resume_from": decision.resume_from,
         "config": cfg.to_dict(),
         "train_table": ray.put(train_table),
         "eval_table": ray.put(eval_table) if eval_table is not None and eval_table.num_rows else None,
@@ -215,19 +218,22 @@ def finish_run(cfg: Config, result) -> TrainResult:
 
 def train(cfg: Config) -> TrainResult:
     """Prepare (or reuse the cache), then train with Ray Train; returns metrics, run dir and adapter path."""
-    from raysft.pipeline.data.plan import ensure_prepared
+    from raysft.pipeline.data.plan import ensure_prepared, resolve_inputs
 
     cfg = preflight(cfg)
+    run_identity.decide(cfg, resolve_inputs(cfg).key, run_dir_of(cfg))  # refuse a mismatched rerun before any work
     with ray_runtime.session(cfg.run.address, ray_runtime.TRAIN):
         check_cluster(cfg)
         prepared = ensure_prepared(cfg)
         trainer = build_trainer(cfg, prepared)
-        return finish_run(cfg, fit_or_explain(trainer, cfg))
+        return finish_run(cfg, fit(trainer, run_dir_of(cfg)))
 
 
-def fit_or_explain(trainer, cfg: Config):
-    """trainer.fit(); Ctrl-C becomes KeyboardInterrupt (the CLI: exit 130) and a run folder whose checkpoint
-    list names a deleted checkpoint becomes one sentence, instead of Ray's tracebacks.
+def fit(trainer, run_dir: Path):
+    """`trainer.fit()`, its failures said as a user can act on them instead of Ray's tracebacks: Ctrl-C as
+    KeyboardInterrupt (the CLI: exit 130, "resume with the same command"), an error a worker raised for the
+    user to fix (e.g. no space for a checkpoint) as that one sentence, and a checkpoint list naming a deleted
+    checkpoint as one sentence.
 
     Ray Train answers SIGINT with its own handler (abort the run, then SystemExit or a Ray error from
     wherever the driver waited) and leaves that handler installed; a signal wake-up fd sees the SIGINT
@@ -237,13 +243,13 @@ def fit_or_explain(trainer, cfg: Config):
     import threading
 
     if threading.current_thread() is not threading.main_thread():
-        return _fit(trainer, cfg)
+        return _fit(trainer, run_dir)
     read, write = os.pipe()
     os.set_blocking(read, False)
     os.set_blocking(write, False)
     handler, wakeup = signal.getsignal(signal.SIGINT), signal.set_wakeup_fd(write, warn_on_full_buffer=False)
     try:
-        return _fit(trainer, cfg)
+        return _fit(trainer, run_dir)
     except BaseException:
         try:
             seen = os.read(read, 4096)
@@ -259,11 +265,21 @@ def fit_or_explain(trainer, cfg: Config):
         os.close(write)
 
 
-def _fit(trainer, cfg: Config):
+def _fit(trainer, run_dir: Path):
+    from ray.train import TrainingFailedError
+
     try:
         return trainer.fit()
     except Exception as exc:
         if any(type(e).__name__ == "CheckpointManagerInitializationError" for e in causes(exc)):
-            raise DataError(f"The run folder {run_dir_of(cfg)} lists a checkpoint that no longer exists (in "
+            raise DataError(f"The run folder {run_dir} lists a checkpoint that no longer exists (in "
                             "checkpoint_manager_snapshot.json); restore it, or train under a new run.name.") from None
+        if not isinstance(exc, TrainingFailedError):
+            raise
+        for failure in (getattr(exc, "worker_failures", None) or {}).values():
+            original = getattr(failure, "cause", None) or failure  # Ray wraps it in a RayTaskError
+            if isinstance(original, RaysftError):
+                kind = next(c for c in type(original).__mro__
+                            if issubclass(c, RaysftError) and c.__module__.startswith("raysft."))
+                raise kind(str(original.args[0]) if original.args else str(original)) from None
         raise

@@ -13,7 +13,7 @@ from raysft.pipeline import outputs
 from raysft.pipeline.config import load_config
 from raysft.pipeline.data import plan
 from raysft.pipeline.errors import ConfigError, DataError
-from raysft.pipeline.models.load import export_run
+from raysft.pipeline.models.export import export_run
 
 
 @pytest.fixture(scope="module")

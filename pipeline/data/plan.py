@@ -1,10 +1,11 @@
 """The data plan on Ray Data (the only module that touches Ray Data).
 
-read chunks (tasks) -> normalise + tokenize + mask (actor pool, one tokenizer per actor) -> pack
-(tasks; each batch of `data.pack_window` samples is one packing window, so memory stays bounded)
--> the driver streams the packed rows into Parquet and accumulates stats.json. Every stage is a
-pure pyarrow function from sources.py / tokenize.py / pack.py, so the same result comes out of
-`prepare_local` (no Ray) for the same windows.
+chunk descriptors -> read + normalise + tokenize + mask (actor pool of `data.num_tokenizer_actors`,
+one tokenizer per actor, each reading its own chunks) -> pack (one long-lived actor; each batch of
+`data.pack_window` samples is one packing window, so memory stays bounded) -> the driver streams
+the packed rows into Parquet and accumulates stats.json. Every stage is a pure pyarrow function
+from sources.py / tokenize.py / pack.py, so the same result comes out of `prepare_local` (no Ray)
+for the same windows.
 
 `ensure_prepared(cfg)` is what training and tuning call: it reuses the cache entry keyed by the
 input files, the tokenizer and the data config, or builds it once (lock + atomic rename).
@@ -33,7 +34,8 @@ from raysft.pipeline.data.pack import DATASET_COLUMNS, pack_batch
 from raysft.pipeline.data.sources import Chunk, expand, files_identity, plan_chunks, read_chunk
 from raysft.pipeline.data.stats import StatsAccumulator
 from raysft.pipeline.data.light_tokenizer import TokenizerSpec
-from raysft.pipeline.data.tokenize import TokenizeStage, load_tokenizer_spec, tokenizer_source
+from raysft.pipeline.data.tokenize import TokenizeStage, load_tokenizer_spec
+from raysft.pipeline.models.source import tokenizer_source
 from raysft.pipeline.errors import ClusterError, ConfigError, DataError, RaysftError, user_error
 
 ROWS_PER_FILE = 4096  # packed rows per Parquet file
@@ -276,11 +278,12 @@ def _run(cfg, inputs: Inputs, out_dir: Path, use_ray: bool = True, started: Opti
 def input_paths(cfg, inputs: Inputs) -> list[Path]:
     """What an output folder must not overlap: the data files, the data folders named, the tokenizer folder."""
     paths = [*inputs.train_files, *inputs.eval_files]
-    for spec in (cfg.data.train, cfg.data.eval, tokenizer_source(cfg)[0]):
+    for spec in (cfg.data.train, cfg.data.eval):
         local = cfg.resolve_path(spec) if spec and "://" not in spec else None
         if local and Path(local).expanduser().exists():
             paths.append(Path(local).expanduser())
-    return paths
+    tokenizer = tokenizer_source(cfg)
+    return paths + [Path(tokenizer.location)] if tokenizer.local else paths
 
 
 def prepare(cfg, output: str | Path | None = None, use_ray: bool = True) -> dict:

@@ -186,7 +186,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # --- resume: weights, optimizer, scheduler, RNG, data position, ledger ------------------------
     start, trained_tokens = 0, 0
     ledger = Ledger(run_dir / LEDGER_FILE)
-    resume = ray.train.get_checkpoint()
+    resume = ckpt_io.resume_checkpoint(ray.train.get_checkpoint(), loop_config.get("resume_from"), rank)
     if resume is not None:
         with resume.as_directory() as d:
             state = ckpt_io.load(engine, d, rank=rank)
@@ -233,11 +233,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             tmp = Path(tempfile.mkdtemp(prefix=f"raysft-ckpt-r{rank}-"))
             state = {"step": done, "epoch": epoch, "trained_tokens": trained_tokens,
                      "steps_per_epoch": plan.steps_per_epoch, "total_steps": total}
-            ckpt_io.save(engine, tmp, rank=rank, state=state, ledger_path=ledger.path if rank == 0 else None,
-                         config_yaml=config_yaml)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(tmp)),
-                             checkpoint_dir_name=f"checkpoint_{done:06d}")
-            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                ckpt_io.save(engine, tmp, rank=rank, state=state, ledger_path=ledger.path if rank == 0 else None,
+                             config_yaml=config_yaml, storage=run_dir)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(tmp)),
+                                 checkpoint_dir_name=f"checkpoint_{done:06d}")
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         else:
             ray.train.report(metrics)
 

@@ -2,7 +2,7 @@
 
 The Ray loop drives it through a DeepSpeed engine; a GPU benchmark drives it with `TorchEngine`.
 
-Correctness by construction (DESIGN.md):
+Correctness by construction (pipeline/ARCHITECTURE.md):
 - a micro-batch is its packed rows flattened into ONE [1, T] sequence, no padding; the forward gets
   `attention_mask=None`, the rows' `position_ids` (restarts at 0 keep samples apart) and
   `use_cache=False` (with a cache, packed samples attend to each other);
