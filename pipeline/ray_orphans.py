@@ -67,16 +67,21 @@ def marked_processes() -> dict[int, str]:
     return found
 
 
+def orphans() -> dict[int, str]:
+    """pid -> marker of the marked processes whose raysft process is gone."""
+    return {pid: token for pid, token in marked_processes().items() if not is_alive(token)}
+
+
 def kill_marked(tokens: set[str] | None = None) -> list[int]:
-    """SIGKILL the processes carrying one of `tokens` (None: every token whose raysft process is gone)."""
+    """SIGKILL the processes carrying one of `tokens` (None: every orphan); returns their pids."""
     killed = []
-    for pid, token in marked_processes().items():
-        if (token in tokens) if tokens is not None else not is_alive(token):
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-            except OSError:
-                pass
+    found = orphans() if tokens is None else {p: t for p, t in marked_processes().items() if t in tokens}
+    for pid in found:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        except OSError:
+            pass
     return killed
 
 

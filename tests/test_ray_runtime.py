@@ -94,18 +94,22 @@ def test_the_watchdog_kills_what_carries_a_finished_owners_marker():
     token = ray_orphans.owner_token(owner.pid)
     child = subprocess.Popen(["sleep", "60"], env={**os.environ, ray_orphans.MARKER: token})
     mine = subprocess.Popen(["sleep", "60"], env={**os.environ, ray_orphans.MARKER: ray_orphans.owner_token()})
+    orphan = mine
     try:
         assert ray_orphans.marked_processes()[child.pid] == token
         ray_orphans.watch(token, poll_s=0.1, settle_s=0.5)  # returns once the owner ended and its processes are gone
         assert child.wait(timeout=5) == -signal.SIGKILL
         assert owner.wait() == 0
-        # The next run's sweep: a gone owner's processes are killed, a live owner's (this test) are not.
+        # The next run's sweep takes a gone owner's processes, not a live owner's (this test's). Only this
+        # test's orphan is killed here: other sessions on this machine may have orphans of their own.
         orphan = subprocess.Popen(["sleep", "60"], env={**os.environ, ray_orphans.MARKER: token})
         time.sleep(0.2)
-        assert ray_orphans.kill_marked() == [orphan.pid]
+        found = ray_orphans.orphans()
+        assert found[orphan.pid] == token and mine.pid not in found
+        assert ray_orphans.kill_marked({token}) == [orphan.pid]
         assert orphan.wait(timeout=5) == -signal.SIGKILL and mine.poll() is None
     finally:
-        for p in (owner, child, mine):
+        for p in (owner, child, mine, orphan):
             if p.poll() is None:
                 p.kill()
                 p.wait()
@@ -166,13 +170,20 @@ def test_sigkill_during_prepare_leaves_no_orphans_after_the_next_run(config, ray
     os.utime(left, (two_days_ago, two_days_ago))
     small = tmp_path / "small.jsonl"
     small.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(20)))
-    nxt = subprocess.run([*RAYSFT, "prepare", str(config), "--set", f"data.train={small}",
-                          "--set", f"data.cache_dir={cache_dir}"], env=env_with(root), capture_output=True,
-                         text=True, timeout=180)
-    assert nxt.returncode == 0, nxt.stderr
+    nxt = subprocess.Popen([*RAYSFT, "prepare", str(config), "--set", f"data.train={small}",
+                            "--set", f"data.cache_dir={cache_dir}"], env=env_with(root), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    _, err = nxt.communicate(timeout=180)
+    assert nxt.returncode == 0, err
     assert not left.exists() and not list(cache_dir.glob(".tmp-*"))
-    time.sleep(1)
-    assert not [t for t in ray_orphans.marked_processes().values() if not ray_orphans.is_alive(t)]
+    deadline = time.monotonic() + 10  # the next run's own Ray processes end with it too
+    while time.monotonic() < deadline and _marked_by(nxt.pid):
+        time.sleep(0.5)
+    assert not _marked_by(nxt.pid) and not _marked_by(proc.pid)
+
+
+def _marked_by(pid: int) -> list[int]:
+    return [p for p, t in ray_orphans.marked_processes().items() if t.startswith(f"{pid}:")]
 
 
 def _cmdline(pid: int) -> str:
