@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("prepare", cmd_prepare, "run only the data plan and write the processed dataset and stats.json")
     _add_config_args(p)
-    p.add_argument("--output", default=None, help="output folder (default: the prepared-data cache)")
+    p.add_argument("--output", default=None, help="output folder (default: the prepared-data cache); new, empty or an "
+                   "earlier raysft output, replaced only when the run succeeds")
 
     p = add("train", cmd_train, "prepare (or reuse the cache) and run QLoRA SFT with Ray Train")
     _add_config_args(p)
@@ -152,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("export", cmd_export, "export a finished run's adapter, optionally merged into the base model")
     p.add_argument("run_dir", help="the run directory written by `raysft train`")
     p.add_argument("--merge", action="store_true", help="merge the adapter into the base and save a bf16 model")
-    p.add_argument("--output", default=None, help="output folder (default: RUN_DIR/merged or RUN_DIR/adapter)")
+    p.add_argument("--output", default=None, help="output folder (default: RUN_DIR/merged or RUN_DIR/adapter); new, "
+                   "empty or an earlier raysft export, replaced only when the export succeeds")
 
     models = sub.add_parser("models", help="manage base models", description="manage base models")
     msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
