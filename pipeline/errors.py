@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Iterator
 
 
@@ -45,8 +46,21 @@ def causes(exc: BaseException) -> Iterator[BaseException]:
 
 
 def user_error(exc: BaseException) -> RaysftError | None:
-    """The RaysftError that `exc` wraps (a Ray task error carries its cause), or None when there is none."""
+    """The RaysftError that `exc` wraps, or None when there is none.
+
+    A Ray task error carries its cause, but Ray Data wraps a UDF's exception in its own, and the chain
+    does not survive the trip to the driver: then the error is read back from the worker's traceback text.
+    """
     for e in causes(exc):
         if isinstance(e, RaysftError) and type(e).__module__.startswith("raysft."):  # not Ray's dual-class copy
             return e
+    for e in causes(exc):
+        found = _RAISED.findall(str(e))
+        kind = _KINDS.get(found[-1][0]) if found else None
+        if kind is not None:
+            return kind(found[-1][1].strip())
     return None
+
+
+_RAISED = re.compile(r"raysft\.pipeline\.errors\.(\w+): (.+)")
+_KINDS = {k.__name__: k for k in (RaysftError, ConfigError, DataError, ModelError, ClusterError, CheckpointError)}

@@ -271,7 +271,8 @@ def _fit(trainer, run_dir: Path):
     try:
         return trainer.fit()
     except Exception as exc:
-        if any(type(e).__name__ == "CheckpointManagerInitializationError" for e in causes(exc)):
+        # Raised in the Train controller's constructor, it reaches the driver as text inside an ActorDiedError.
+        if any("CheckpointManagerInitializationError" in f"{type(e).__name__}: {e}" for e in causes(exc)):
             raise DataError(f"The run folder {run_dir} lists a checkpoint that no longer exists (in "
                             "checkpoint_manager_snapshot.json); restore it, or train under a new run.name.") from None
         if not isinstance(exc, TrainingFailedError):

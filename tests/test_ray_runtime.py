@@ -138,7 +138,7 @@ def test_sigkill_during_prepare_leaves_no_orphans_after_the_next_run(config, ray
     root, _ = ray_tmp
     big = tmp_path / "big.jsonl"
     with open(big, "w") as f:
-        for i in range(40_000):
+        for i in range(300_000):
             f.write(json.dumps({"question": f"what is {i} + {i} " * 5, "answer": f"it is {2 * i} " * 5}) + "\n")
     cache_dir = tmp_path / "cache"
     over = ["--set", f"data.train={big}", "--set", f"data.cache_dir={cache_dir}"]
@@ -150,8 +150,7 @@ def test_sigkill_during_prepare_leaves_no_orphans_after_the_next_run(config, ray
         while time.monotonic() < deadline and proc.poll() is None:
             token = token or next((t for t in ray_orphans.marked_processes().values() if t.startswith(f"{proc.pid}:")),
                                   None)
-            cmdlines = [_cmdline(pid) for pid, t in ray_orphans.marked_processes().items() if t == token]
-            if any("DashboardAgent" in c for c in cmdlines) and list(cache_dir.glob(".tmp-*")):
+            if token and list(cache_dir.glob(".tmp-*")):  # Ray is up and the plan is writing
                 break
             time.sleep(0.2)
         assert proc.poll() is None and token, proc.stderr.read() if proc.poll() is not None else "no Ray processes"
@@ -186,13 +185,6 @@ def _marked_by(pid: int) -> list[int]:
     return [p for p, t in ray_orphans.marked_processes().items() if t.startswith(f"{pid}:")]
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 @pytest.mark.ray
 def test_auto_joins_the_cluster_ray_start_recorded(ray_tmp):
     """run.address: auto joins, on purpose, the head `ray start` recorded in ray_current_cluster (here a real
@@ -207,9 +199,9 @@ def test_auto_joins_the_cluster_ray_start_recorded(ray_tmp):
         code = ("import ray; from raysft.pipeline import ray_runtime; "
                 "assert ray_runtime.start('auto', ray_runtime.PREPARE); "
                 "print(ray.get_runtime_context().gcs_address); ray_runtime.stop()")
-        env = {**head.client_env(), "RAY_TMPDIR": str(root)}
+        env = {**head.client_env(mode="token"), "RAY_TMPDIR": str(root)}
         proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.strip().splitlines()[-1] == gcs
+        assert proc.stdout.strip().splitlines()[-1].rsplit(":", 1)[1] == gcs.rsplit(":", 1)[1]  # its GCS port
     finally:
         head.stop()
