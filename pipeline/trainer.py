@@ -21,6 +21,7 @@ from raysft.pipeline.errors import ClusterError, ConfigError, DataError, RaysftE
 from raysft.pipeline.models.load import ADAPTER_DIR
 from raysft.pipeline.models.source import base_model_path
 from raysft.pipeline.models.tokenizer import load_tokenizer
+from raysft.pipeline.tracking import finish_tracking, start_tracking
 from raysft.pipeline.training import identity as run_identity
 from raysft.pipeline.training.ledger import LEDGER_FILE
 
@@ -141,7 +142,7 @@ def _no_rows(directory) -> None:
     raise DataError(f"Prepared train data in {directory} has no Parquet files.")
 
 
-def build_trainer(cfg: Config, prepared, *, callbacks: list | None = None):
+def build_trainer(cfg: Config, prepared, *, callbacks: list | None = None, tracking_parent: dict | None = None):
     """A TorchTrainer for `cfg` on `prepared` (train_dir, eval_dir); the caller calls `.fit()`.
 
     The packed rows travel as object refs of one Arrow table, so workers on other nodes need no
@@ -151,6 +152,7 @@ def build_trainer(cfg: Config, prepared, *, callbacks: list | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from raysft.pipeline.console import WorkerFailures
     from raysft.pipeline.training.loop import train_loop_per_worker
     from raysft.pipeline.training.order import StepPlan
 
@@ -169,6 +171,8 @@ def build_trainer(cfg: Config, prepared, *, callbacks: list | None = None):
     ds_json = read_deepspeed_json(t.deepspeed.config) if t.deepspeed.config else None
     run_identity.apply(decision, cfg.dump_yaml())
     run_dir = decision.run_dir
+    # MLflow / W&B runs (rank 0 logs into them); a resumed run keeps its runs, a fresh start makes new ones.
+    start_tracking(cfg, run_dir, tracking_parent, fresh=decision.resume_from is None)
     loop_config = {
         "resume_from": decision.resume_from,
         "config": cfg.to_dict(),
@@ -194,7 +198,7 @@ def build_trainer(cfg: Config, prepared, *, callbacks: list | None = None):
             failure_config=FailureConfig(max_failures=max_failures,
                                          controller_failure_limit=max_failures if max_failures >= 0 else -1),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            callbacks=callbacks,
+            callbacks=[*(callbacks or []), WorkerFailures(str(run_dir))],  # recoveries, for the console
         ),
     )
 
@@ -213,6 +217,7 @@ def finish_run(cfg: Config, result) -> TrainResult:
         if (Path(d) / LEDGER_FILE).is_file():
             shutil.copyfile(Path(d) / LEDGER_FILE, run_dir / LEDGER_FILE)
     metrics = {k: v for k, v in (result.metrics or {}).items()}
+    finish_tracking(run_dir, adapter)
     return TrainResult(metrics=metrics, run_dir=run_dir, adapter_path=adapter, checkpoint_path=ckpt.path)
 
 
@@ -226,7 +231,12 @@ def train(cfg: Config) -> TrainResult:
         check_cluster(cfg)
         prepared = ensure_prepared(cfg)
         trainer = build_trainer(cfg, prepared)
-        return finish_run(cfg, fit(trainer, run_dir_of(cfg)))
+        try:
+            result = fit(trainer, run_dir_of(cfg))
+        except BaseException:
+            finish_tracking(run_dir_of(cfg), None, status="FAILED")
+            raise
+        return finish_run(cfg, result)
 
 
 def fit(trainer, run_dir: Path):
