@@ -12,6 +12,7 @@ object) become one `StorageError` sentence naming the URI.
 
 from __future__ import annotations
 
+import io
 import os
 import posixpath
 from dataclasses import dataclass
@@ -287,7 +288,7 @@ def open_input(path: str | os.PathLike, options: StorageOptions | dict | None = 
     opts = StorageOptions.of(options) if isinstance(options, dict) else (options or getattr(path, "options", None))
     fs, inner = resolve(str(path), opts)
     try:
-        return fs.open_input_file(inner)
+        return io.BufferedReader(fs.open_input_file(inner), buffer_size=1 << 20)  # readline(), buffered reads
     except (OSError, ValueError) as exc:
         raise failure(str(path), exc) from None
 

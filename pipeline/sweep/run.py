@@ -34,6 +34,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
+from raysft.pipeline import ray_runtime
 from raysft.pipeline.config import Config
 from raysft.pipeline.errors import ClusterError, ConfigError
 from raysft.pipeline.sweep.report import (
@@ -65,12 +66,16 @@ def tune(cfg: Config, resume: bool = False) -> SweepResult:
     data_cfg = cfg  # data paths as written, so the data cache key matches `raysft train`'s
     cfg = preflight(cfg)  # model, tokenizer, storage: checked, and local paths made absolute for the trials
     sweep_dir = Path(cfg.run.storage_path).expanduser().resolve() / cfg.run.name
-    tune_path = sweep_dir / TUNE_DIR
     _check_sweep_folder(cfg, sweep_dir, resume)
 
+    with ray_runtime.session(cfg.run.address, ray_runtime.TRAIN):
+        return _run_sweep(cfg, data_cfg, plan, sweep_dir, resume)
+
+
+def _run_sweep(cfg: Config, data_cfg: Config, plan: SweepPlan, sweep_dir: Path, resume: bool) -> SweepResult:
     import ray
 
-    _connect(cfg)
+    tune_path = sweep_dir / TUNE_DIR
     tracking_parent = start_sweep_tracking(cfg, sweep_dir)  # one MLflow parent run; trials are its children
     concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
     prepared = _prepare_all(data_cfg, plan)  # tokenizes at most once per distinct data config
@@ -181,32 +186,6 @@ def max_concurrent_trials(cfg: Config, cluster: dict[str, float]) -> int:
     if wanted is not None and wanted > fits:
         log.warning("tune.max_concurrent_trials %d does not fit the cluster; running %d at a time", wanted, fits)
     return min(fits, wanted) if wanted is not None else fits
-
-
-def _connect(cfg: Config) -> None:
-    """Join the configured cluster, or start a local one (run.address: local, or none running)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    env = {"TOKENIZERS_PARALLELISM": "false"}
-    kwargs: dict[str, Any] = {}
-    if cfg.run.address == "local":
-        # Ray Train's placement-group cleaner (what frees an ASHA-stopped trial's workers) finds the
-        # dashboard by scanning for running clusters, which fails when a machine runs several: tell
-        # it where this one's is.
-        port = _free_port()
-        kwargs = {"include_dashboard": True, "dashboard_port": port}
-        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(address=cfg.run.address, log_to_driver=True, runtime_env={"env_vars": env}, **kwargs)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- data: prepared once, before the trials -----------------------------------------------------
