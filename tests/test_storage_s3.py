@@ -257,3 +257,51 @@ def test_run_identity_on_s3_refuses_a_changed_rerun(s3):
         remote_identity(cfg.with_overrides({"train.lr": 1e-3}), "k", steps_per_epoch=4)
     with pytest.raises(CheckpointError, match=r"run\.resume is 'never'"):
         remote_identity(cfg.with_overrides({"run.resume": "never"}), "k", steps_per_epoch=4)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_tune_grid_shares_one_prepared_artifact_on_s3(s3, ray_session, tiny_model_dir, tmp_path, monkeypatch):
+    """A 2-trial grid whose input and prepared cache are on s3://: prepared once (Ray Data's tokenizer actors
+    read the object), and both trials stream the same shards from the bucket."""
+    import csv
+    import random
+
+    from raysft.pipeline import tune
+    from raysft.pipeline.config import load_config
+
+    endpoint, fs = s3
+    monkeypatch.chdir(tmp_path)
+    rng = random.Random(0)
+    lines = []
+    for _ in range(60):
+        a, b = rng.randint(0, 50), rng.randint(0, 50)
+        lines.append(json.dumps({"messages": [{"role": "user", "content": f"what is {a} plus {b}?"},
+                                              {"role": "assistant", "content": f"{a} plus {b} equals {a + b}"}]}))
+    with fs.open_output_stream("raysft/tune-in/train.jsonl") as f:
+        f.write(("\n".join(lines) + "\n").encode())
+    cfg = load_config(None, {
+        "model.name_or_path": str(tiny_model_dir), "model.quantization": "none", "model.dtype": "float32",
+        "model.gradient_checkpointing": False, "lora.dropout": 0.0, "data.train": "s3://raysft/tune-in/train.jsonl",
+        "data.eval_split": 0.2, "data.max_seq_len": 128, "data.cache_dir": "s3://raysft/tune-cache",
+        "data.num_tokenizer_actors": 1, "data.shard_mb": 0.002, "train.max_steps": 2, "train.eval_every": 2,
+        "train.save_every": 2, "train.logging.tensorboard": False, "scaling.num_workers": 1,
+        "run.storage_path": str(tmp_path / "runs"), "run.max_failures": 0, "run.name": "grid",
+        "storage.endpoint_url": endpoint,
+        "tune": {"search_space": {"lora.r": [4, 8]}, "search_alg": "grid", "scheduler": "none"}})
+    sweep = tune(cfg)
+    with open(Path(sweep.sweep_dir) / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(int(r["lora.r"]) for r in rows) == [4, 8]
+    keys = {i.path.split("/")[2] for i in fs.get_file_info(pafs.FileSelector("raysft/tune-cache", recursive=True))}
+    assert len(keys) == 1  # one prepared artifact for both trials
+    key = keys.pop()
+    assert len(load_index(f"s3://raysft/tune-cache/{key}/train", opts(endpoint)).shards) > 1
+    ledgers = []
+    for row in rows:
+        run_dir = Path(sweep.sweep_dir) / "trials" / row["trial_id"]
+        ledgers.append((run_dir / "samples.jsonl").read_text())
+        reads = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+        assert any(e.get("event") == "reader" and e["reads"] for e in reads)
+    assert ledgers[0] == ledgers[1]  # same artifact, same seed: the same rows per step
+    assert not Path("s3:").exists()
