@@ -226,7 +226,8 @@ def train(cfg: Config) -> TrainResult:
     from raysft.pipeline.data.plan import ensure_prepared, resolve_inputs
 
     cfg = preflight(cfg)
-    run_identity.decide(cfg, resolve_inputs(cfg).key, run_dir_of(cfg))  # refuse a mismatched rerun before any work
+    if run_dir_of(cfg).exists() or cfg.run.resume == "must":  # a rerun: refuse a mismatch before any work
+        run_identity.decide(cfg, resolve_inputs(cfg).key, run_dir_of(cfg))
     with ray_runtime.session(cfg.run.address, ray_runtime.TRAIN):
         check_cluster(cfg)
         prepared = ensure_prepared(cfg)
