@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from raysft.pipeline.cluster_checks import check_shared_storage, check_workers_fit, worker_bundle
 from raysft.pipeline.config import Config
-from raysft.pipeline.errors import ClusterError, ConfigError, DataError
+from raysft.pipeline.data.schema import Prepared, read_split
+from raysft.pipeline.errors import ConfigError, DataError
 from raysft.pipeline.models.load import ADAPTER_DIR, RESOLVED_CONFIG, load_tokenizer, materialize_gguf, resolve_model_source
 from raysft.pipeline.training.ledger import LEDGER_FILE
 
@@ -83,48 +85,13 @@ def _check_writable(path: Path, key: str) -> None:
 
 
 def check_cluster(cfg: Config) -> None:
-    """More workers than the cluster's CPUs/GPUs would wait forever: say so instead."""
-    import ray
-
-    res = ray.cluster_resources()
-    s = cfg.scaling
-    need_cpu = s.num_workers * s.cpus_per_worker
-    if need_cpu > res.get("CPU", 0) + 1e-9:
-        raise ClusterError(
-            f"scaling.num_workers={s.num_workers} x scaling.cpus_per_worker={s.cpus_per_worker} needs {need_cpu:g} CPUs "
-            f"but the Ray cluster has {res.get('CPU', 0):g}."
-        )
-    if s.use_gpu:
-        need_gpu = s.num_workers * s.gpus_per_worker
-        if need_gpu > res.get("GPU", 0) + 1e-9:
-            raise ClusterError(
-                f"scaling.num_workers={s.num_workers} x scaling.gpus_per_worker={s.gpus_per_worker} needs {need_gpu:g} GPUs "
-                f"but the Ray cluster has {res.get('GPU', 0):g}."
-            )
+    """Workers the cluster can never hold would wait forever, and storage a worker node cannot see would
+    fail at the first checkpoint: say so instead, before anything starts (cluster_checks.py)."""
+    check_workers_fit(cfg.scaling)
+    check_shared_storage(run_dir_of(cfg).parent, cfg.scaling)
 
 
-def read_rows(directory: str | os.PathLike | None, what: str):
-    """All Parquet files of a prepared split, in file-name order, as one pyarrow Table (or None)."""
-    import pyarrow.parquet as pq
-    import pyarrow as pa
-
-    if directory is None:
-        return None
-    files = sorted(Path(directory).rglob("*.parquet"))
-    if not files:
-        return None if what == "eval" else _no_rows(directory)
-    table = pa.concat_tables([pq.read_table(f) for f in files]).combine_chunks()
-    missing = {"input_ids", "labels", "position_ids", "source_ids"} - set(table.column_names)
-    if missing:
-        raise DataError(f"Prepared {what} data in {directory} lacks column(s) {sorted(missing)}.")
-    return table
-
-
-def _no_rows(directory) -> None:
-    raise DataError(f"Prepared train data in {directory} has no Parquet files.")
-
-
-def build_trainer(cfg: Config, prepared, *, callbacks: list | None = None):
+def build_trainer(cfg: Config, prepared: Prepared, *, callbacks: list | None = None):
     """A TorchTrainer for `cfg` on `prepared` (train_dir, eval_dir); the caller calls `.fit()`.
 
     The packed rows travel as object refs of one Arrow table, so workers on other nodes need no
@@ -138,15 +105,10 @@ def build_trainer(cfg: Config, prepared, *, callbacks: list | None = None):
     from raysft.pipeline.training.order import StepPlan
 
     check_cluster(cfg)
-    train_table = read_rows(prepared.train_dir, "train")
-    eval_table = read_rows(getattr(prepared, "eval_dir", None), "eval")
+    train_table = read_split(prepared.train_dir, "train")
+    eval_table = read_split(prepared.eval_dir, "eval")
     s, t = cfg.scaling, cfg.train
-    plan = StepPlan(train_table.num_rows, s.num_workers, t.grad_accum, t.micro_batch_size, t.seed, t.max_steps, t.epochs)
-    if plan.steps_per_epoch == 0:
-        raise DataError(
-            f"Prepared train data has {plan.n_rows} packed rows, fewer than one optimizer step needs "
-            f"(scaling.num_workers x train.grad_accum x train.micro_batch_size = {plan.rows_per_step})."
-        )
+    StepPlan.from_config(cfg, train_table.num_rows).require_a_step()
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RESOLVED_CONFIG).write_text(cfg.dump_yaml())
@@ -163,9 +125,7 @@ def build_trainer(cfg: Config, prepared, *, callbacks: list | None = None):
         "run_dir": str(run_dir),
         "deepspeed_json": ds_json,
     }
-    resources = {"CPU": s.cpus_per_worker}
-    if s.use_gpu:
-        resources["GPU"] = s.gpus_per_worker
+    resources = worker_bundle(s)
     max_failures = cfg.run.max_failures
     return TorchTrainer(
         train_loop_per_worker,

@@ -9,8 +9,9 @@ import torch
 
 from raysft.pipeline.config import load_config
 from raysft.pipeline.models.load import build_model
+from raysft.pipeline.data.schema import IGNORE_INDEX as IGNORE
 from raysft.pipeline.training.step import (
-    IGNORE, TorchEngine, collate, eval_loss_sum, loss_sum, make_optimizer, optimizer_step,
+    TorchEngine, collate, eval_loss_sum, loss_sum, make_optimizer, optimizer_step,
 )
 
 

@@ -28,7 +28,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raysft.pipeline.data import cache
-from raysft.pipeline.data.pack import DATASET_COLUMNS, pack_batch
+from raysft.pipeline.data.pack import pack_batch
+from raysft.pipeline.data.schema import PACKED_COLUMNS, Prepared
 from raysft.pipeline.data.sources import Chunk, expand, files_identity, plan_chunks, read_chunk, read_chunks_batch
 from raysft.pipeline.data.stats import StatsAccumulator
 from raysft.pipeline.data.light_tokenizer import TokenizerSpec
@@ -36,16 +37,6 @@ from raysft.pipeline.data.tokenize import TokenizeStage, load_tokenizer_spec
 from raysft.pipeline.errors import ClusterError, ConfigError
 
 ROWS_PER_FILE = 4096  # packed rows per Parquet file
-
-
-@dataclass
-class Prepared:
-    """A prepared dataset on disk: Parquet folders and the stats.json content."""
-
-    train_dir: Path
-    eval_dir: Optional[Path]
-    stats: dict
-    key: str
 
 
 @dataclass
@@ -85,7 +76,7 @@ class ParquetSink:
         self.files = self.rows_in_file = 0
 
     def write(self, table: pa.Table) -> None:
-        table = table.select(DATASET_COLUMNS)
+        table = table.select(PACKED_COLUMNS)
         while table.num_rows:
             if self.writer is None:
                 self.directory.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raysft.pipeline.data.formats import BAD_INPUT_REASONS
+from raysft.pipeline.data.schema import IGNORE_INDEX
 from raysft.pipeline.data.sources import split_source_id
 from raysft.pipeline.errors import DataError
 
@@ -124,7 +125,7 @@ class StatsAccumulator:
             st.tokens_truncated += int(pc.sum(small.column("tokens_truncated")).as_py())
             st.tokens_total += int(pc.sum(pc.list_value_length(part.column("input_ids"))).as_py() or 0)
             labels = pc.list_flatten(part.column("labels"))
-            st.tokens_trainable += int(pc.sum(pc.not_equal(labels, -100)).as_py() or 0)
+            st.tokens_trainable += int(pc.sum(pc.not_equal(labels, IGNORE_INDEX)).as_py() or 0)
 
     def check(self, max_bad_fraction: float, fmt: str) -> None:
         """Stop with one sentence when too many rows are bad or nothing at all is usable."""

@@ -28,10 +28,10 @@ import pyarrow as pa
 
 from raysft.pipeline.data.fast_bpe import ByteLevelFastPath
 from raysft.pipeline.data.formats import BadRow, Normalised, parse_and_normalise
+from raysft.pipeline.data.schema import IGNORE_INDEX
 from raysft.pipeline.data.light_tokenizer import TokenizerSpec, compile_chat_template
 from raysft.pipeline.errors import ModelError
 
-IGNORE = -100
 FAST_PATH_CHECK_ROWS = 32  # rows compared with tokenizers before an encoder trusts its fast path
 log = logging.getLogger(__name__)
 _START, _END = itemgetter(0), itemgetter(1)
@@ -291,7 +291,7 @@ class ChatEncoder:
         row_offsets = np.zeros(len(items) + 1, dtype=np.int64)
         np.cumsum(lengths, out=row_offsets[1:])
         flat_ids = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int32, count=int(row_offsets[-1]))
-        flat_labels = np.full(len(flat_ids), IGNORE, dtype=np.int32)
+        flat_labels = np.full(len(flat_ids), IGNORE_INDEX, dtype=np.int32)
         for j, ranges in enumerate(trained):
             base = int(row_offsets[j])
             for lo, hi in ranges:

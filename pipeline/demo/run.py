@@ -52,7 +52,8 @@ def run_demo(output: str | os.PathLike = "runs/demo", overrides: list[str] | Non
              n_train: int | None = None, n_eval: int | None = None) -> int:
     """Run the demo; 0 when training lowered the held-out eval loss, 1 when it did not."""
     from raysft.pipeline.demo.task import write_task
-    from raysft.pipeline.demo.evaluate import evaluate, read_rows
+    from raysft.pipeline.demo.evaluate import evaluate
+    from raysft.pipeline.jsonl import read as read_rows
     from raysft.pipeline.demo.report import summary_lines, write_report
     from raysft.pipeline.models.fetch import fetch_model
     from raysft.pipeline.training.metrics import read_metrics

@@ -8,7 +8,6 @@ Everything comes from `loop_config` (built by `trainer.build_trainer`):
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import shutil
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from raysft.pipeline import jsonl
 from raysft.pipeline.config import Config
 from raysft.pipeline.training import checkpoint as ckpt_io
 from raysft.pipeline.training.ledger import LEDGER_FILE, Ledger
@@ -121,8 +121,7 @@ EVENTS_FILE = "events.jsonl"
 
 def _append_event(run_dir: Path, event: dict[str, Any]) -> None:
     """events.jsonl: one line per (re)start of the worker group, so restarts are visible afterwards."""
-    with (run_dir / EVENTS_FILE).open("a") as f:
-        f.write(json.dumps({"time": time.time(), **event}) + "\n")
+    jsonl.append(run_dir / EVENTS_FILE, {"time": time.time(), **event})
 
 
 def _base_weight_residency(model: torch.nn.Module) -> dict[str, int]:

@@ -20,7 +20,8 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from raysft.pipeline.data.schema import IGNORE_INDEX
+
 
 
 @dataclass
@@ -44,7 +45,7 @@ class MicroBatch:
 
 def trained_tokens(labels: Sequence[int]) -> int:
     """Tokens of one packed row that carry loss; position 0 has nothing before it to predict from."""
-    return sum(1 for x in labels[1:] if x != IGNORE)
+    return sum(1 for x in labels[1:] if x != IGNORE_INDEX)
 
 
 def collate(rows: Sequence[Mapping[str, Any]]) -> MicroBatch:
@@ -60,7 +61,7 @@ def collate(rows: Sequence[Mapping[str, Any]]) -> MicroBatch:
         labels = list(row["labels"])
         # The first token of a row starts a sample: nothing in this row predicts it.
         if labels:
-            labels[0] = IGNORE
+            labels[0] = IGNORE_INDEX
         lab.extend(labels)
         n += trained_tokens(labels)
         src.extend(row.get("source_ids") or [])
@@ -73,7 +74,7 @@ def reference_loss_sum(model, input_ids: torch.Tensor, position_ids: torch.Tenso
     out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False)
     logits = out.logits[:, :-1, :].float()  # [1, T-1, V]
     target = labels[:, 1:]  # [1, T-1]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def loss_sum(model, mb: MicroBatch, kernels: bool = False) -> torch.Tensor:
