@@ -31,7 +31,9 @@ class ModelConfig(_Section):
     quantization: Literal["nf4", "none"] = "nf4"
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     double_quant: bool = True  # bitsandbytes nested quantization of the NF4 absmax
-    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "bfloat16"  # ZeRO-3 needs a float dtype
+    # Container dtype of the packed 4-bit weights: uint8, or model.dtype (None: model.dtype), which lets
+    # ZeRO-3 partition them; any other float dtype is recast by DeepSpeed and corrupts them.
+    quant_storage: Optional[Literal["uint8", "bfloat16", "float16", "float32"]] = None
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # dtype of the non-quantized weights
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     gradient_checkpointing: bool = True
@@ -105,7 +107,7 @@ class ScalingConfig(_Section):
     num_workers: int = Field(2, ge=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(1.0, ge=0)
+    gpus_per_worker: float = Field(1.0, ge=0)  # must be 1 with use_gpu (one rank per GPU)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 

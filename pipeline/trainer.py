@@ -52,6 +52,7 @@ def preflight(cfg: Config) -> Config:
         raise ConfigError("scaling.num_workers must be at least 1 for training.")
     if cfg.model.dtype == "float16" or (cfg.model.quantization == "nf4" and cfg.model.compute_dtype == "float16"):
         raise ConfigError("model.dtype / model.compute_dtype float16 is not supported with DeepSpeed and a 4-bit base; use bfloat16.")
+    check_gpu_settings(cfg)
     source, gguf = resolve_model_source(cfg.model, cfg.source)
     updates: dict[str, Any] = {}
     if gguf:  # converted once here; workers and the data plan then read a Hugging Face folder
@@ -72,6 +73,22 @@ def preflight(cfg: Config) -> Config:
     out = cfg.with_overrides(updates)
     object.__setattr__(out, "source", cfg.source)
     return out
+
+
+def check_gpu_settings(cfg: Config) -> None:
+    """Settings that would silently break a GPU run: several GPUs per worker, and a 4-bit storage dtype
+    DeepSpeed recasts."""
+    s, m = cfg.scaling, cfg.model
+    if s.use_gpu and s.gpus_per_worker != 1:
+        raise ConfigError(
+            f"scaling.gpus_per_worker must be 1 with scaling.use_gpu (got {s.gpus_per_worker:g}): each worker is one "
+            "rank on one GPU; use more scaling.num_workers instead."
+        )
+    if m.quantization == "nf4" and m.quant_storage not in (None, "uint8", m.dtype):
+        raise ConfigError(
+            f"model.quant_storage {m.quant_storage} must be uint8 or equal to model.dtype ({m.dtype}): DeepSpeed "
+            "recasts the packed 4-bit weights to model.dtype, which corrupts them in any other float dtype."
+        )
 
 
 def _check_writable(path: Path, key: str) -> None:
@@ -145,6 +162,17 @@ def build_trainer(cfg: Config, prepared: Prepared, *, callbacks: list | None = N
     )
 
 
+def publish_adapter(run_dir: Path, checkpoint_dir: Path) -> Path:
+    """The final adapter and ledger of a checkpoint folder, copied into the run folder (Ray or torchrun run)."""
+    adapter = run_dir / ADAPTER_DIR
+    if adapter.exists():
+        shutil.rmtree(adapter)
+    shutil.copytree(checkpoint_dir / ADAPTER_DIR, adapter)
+    if (checkpoint_dir / LEDGER_FILE).is_file():
+        shutil.copyfile(checkpoint_dir / LEDGER_FILE, run_dir / LEDGER_FILE)
+    return adapter
+
+
 def finish_run(cfg: Config, result) -> TrainResult:
     """Copy the final adapter and ledger out of the last checkpoint into the run folder."""
     run_dir = run_dir_of(cfg)
@@ -153,11 +181,7 @@ def finish_run(cfg: Config, result) -> TrainResult:
     if ckpt is None:
         raise DataError(f"Run {run_dir} finished without a checkpoint.")
     with ckpt.as_directory() as d:
-        if adapter.exists():
-            shutil.rmtree(adapter)
-        shutil.copytree(Path(d) / ADAPTER_DIR, adapter)
-        if (Path(d) / LEDGER_FILE).is_file():
-            shutil.copyfile(Path(d) / LEDGER_FILE, run_dir / LEDGER_FILE)
+        publish_adapter(run_dir, Path(d))
     metrics = {k: v for k, v in (result.metrics or {}).items()}
     return TrainResult(metrics=metrics, run_dir=run_dir, adapter_path=adapter, checkpoint_path=ckpt.path)
 

@@ -29,27 +29,40 @@ TAG = "ds"
 STATE_FILE = "state.json"
 
 
-def rng_state() -> dict[str, Any]:
-    """All RNG states as JSON-safe values (no pickle)."""
+def rng_state(device: torch.device | str | None = None) -> dict[str, Any]:
+    """This rank's RNG states as JSON-safe values (no pickle): Python, NumPy, torch CPU, and its own device.
+
+    Only the generator of the rank's own accelerator is saved (not every visible GPU by index), so a
+    restart on a node with fewer GPUs, or on another GPU index, restores this rank's stream exactly.
+    """
     np_state = np.random.get_state()
     state = {
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "torch": torch.get_rng_state().tolist(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type != "cpu":
+        state["device"] = {"type": dev.type, "state": _device_module(dev).get_rng_state(dev).tolist()}
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | str | None = None) -> None:
+    """Restore `rng_state`; the saved device stream goes to this rank's device, whatever its index."""
     v, inner, gauss = state["python"]
     random.setstate((v, tuple(inner), gauss))
     n = state["numpy"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+    dev = torch.device(device) if device is not None else None
+    saved = state.get("device")
+    if saved is not None and dev is not None and dev.type == saved["type"]:
+        _device_module(dev).set_rng_state(torch.tensor(saved["state"], dtype=torch.uint8), dev)
+
+
+def _device_module(dev: torch.device):
+    """torch.cuda (or the module of another accelerator type): get_rng_state / set_rng_state per device."""
+    return getattr(torch, dev.type)
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -80,14 +93,14 @@ def _trainable_module_state(engine) -> None:
 
 
 def save(engine, directory: str | Path, *, rank: int, state: dict[str, Any], ledger_path: Path | None,
-         config_yaml: str) -> Path:
+         config_yaml: str, device: torch.device | str | None = None) -> Path:
     """Write this rank's part of a checkpoint into `directory` (every rank calls it)."""
     directory = Path(directory)
     _trainable_module_state(engine)
     engine.save_checkpoint(str(directory), tag=TAG, exclude_frozen_parameters=True)
     adapter = trainable_state_dict(engine.module)
     (directory / "rng").mkdir(parents=True, exist_ok=True)
-    (directory / "rng" / f"rank{rank}.json").write_text(json.dumps(rng_state()))
+    (directory / "rng" / f"rank{rank}.json").write_text(json.dumps(rng_state(device)))
     if rank == 0:
         save_adapter(engine.module, directory / ADAPTER_DIR, state_dict=adapter)
         if ledger_path is not None and ledger_path.is_file():
@@ -97,12 +110,12 @@ def save(engine, directory: str | Path, *, rank: int, state: dict[str, Any], led
     return directory
 
 
-def load(engine, directory: str | Path, *, rank: int) -> dict[str, Any]:
+def load(engine, directory: str | Path, *, rank: int, device: torch.device | str | None = None) -> dict[str, Any]:
     """Restore engine (LoRA weights, optimizer, scheduler) and this rank's RNG; return the data position."""
     directory = Path(directory)
     engine.load_checkpoint(str(directory), tag=TAG, load_module_strict=False,
                            load_optimizer_states=True, load_lr_scheduler_states=True)
     rng = directory / "rng" / f"rank{rank}.json"
     if rng.is_file():
-        set_rng_state(json.loads(rng.read_text()))
+        set_rng_state(json.loads(rng.read_text()), device)
     return json.loads((directory / STATE_FILE).read_text())
