@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -55,7 +55,10 @@ class Capacity:
 
     now: dict[str, float]
     most: Optional[dict[str, float]] = None
-    notes: list[str] = field(default_factory=list)
+    autoscaling: bool = False  # an autoscaler runs (true whenever `most` is known)
+
+    def __post_init__(self) -> None:
+        self.autoscaling = self.autoscaling or self.most is not None
 
     def limit(self, key: str) -> float:
         """The amount of `key` a job may count on: the autoscaler's maximum, else what is up now."""
@@ -86,7 +89,20 @@ def read_capacity() -> Capacity:
     import ray
 
     now = {k: float(v) for k, v in ray.cluster_resources().items()}
-    return Capacity(now, _autoscaler_groups_max())
+    most = _autoscaler_groups_max()
+    return Capacity(now, most, autoscaling=most is not None or _autoscaler_reports_status())
+
+
+def _autoscaler_reports_status() -> bool:
+    """Whether an autoscaler runs that did not report its node groups (the cluster launcher's and KubeRay's
+    v1 monitor): it writes the status `ray status` prints into the GCS key-value store."""
+    try:
+        import ray.experimental.internal_kv as kv
+
+        return bool(kv._internal_kv_initialized() and kv._internal_kv_get("__autoscaling_status"))
+    except Exception as exc:  # noqa: BLE001 - unknown means no autoscaler known: judge by the nodes up
+        log.debug("no autoscaler status: %s", exc)
+        return False
 
 
 def _autoscaler_groups_max() -> Optional[dict[str, float]]:
@@ -115,6 +131,10 @@ def check_fits(need: dict[str, float], capacity: Capacity, what: str, knobs: str
         if amount <= EPS:
             continue
         limit = capacity.limit(key)
+        if capacity.autoscaling and capacity.most is None and amount > limit + EPS:
+            log.warning("%s needs %g %ss; the cluster has %g now and an autoscaler whose maximum is unknown: "
+                        "the run waits until it has added the nodes (or forever, if it cannot)", what, amount, key, limit)
+            continue
         if amount > limit + EPS:
             where = "can grow to" if capacity.most is not None else "has"
             raise ClusterError(f"{what} needs {amount:g} {key}s ({knobs}) but the Ray cluster {where} {limit:g}.")

@@ -72,6 +72,11 @@ def test_resource_check_counts_what_the_autoscaler_can_add(caplog):
     # A fixed cluster (no autoscaler config) is judged by what is up.
     with pytest.raises(ClusterError, match=r"needs 3 GPUs .* has 2"):
         check_workers_fit(gpu_scaling(3), Capacity(UP_NOW))
+    # An autoscaler that runs but did not report its node groups (v1 monitor): warn, do not refuse.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="raysft.cluster"):
+        check_workers_fit(gpu_scaling(4), Capacity(UP_NOW, autoscaling=True))
+    assert "an autoscaler whose maximum is unknown" in caplog.text
     # Unlimited node groups and the cluster-wide cap.
     assert autoscaler_maximum([NodeGroup({"GPU": 1}, -1)])["GPU"] == float("inf")
     assert autoscaler_maximum(RECIPE, head={"CPU": 4}, limits={"GPU": 3})["GPU"] == 3
