@@ -15,7 +15,7 @@ from pathlib import Path
 from raysft.pipeline import load_config, prepare, train
 from raysft.pipeline.demo.task import write_task
 from raysft.pipeline.models.fetch import fetch_model
-from raysft.pipeline.models.load import export_run
+from raysft.pipeline.models.export import export_run
 
 
 def main() -> None:

@@ -19,6 +19,8 @@ CPU runs keep the memory saving.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,15 +31,14 @@ _REDUCTIONS = ("mean", "sum")
 
 
 def linear_cross_entropy_reference(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    lora_hidden: torch.Tensor | None = None,
-    lora_weight: torch.Tensor | None = None,
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, **options: Any
 ) -> torch.Tensor:
-    """Logits + torch cross_entropy in fp32, the ground truth; "mean" over zero kept tokens is 0."""
+    """The ground truth: `fused_linear_cross_entropy(..., reference=True)`, same arguments and checks."""
+    return fused_linear_cross_entropy(hidden, weight, labels, **options, reference=True)
+
+
+def _reference_loss(hidden, weight, labels, ignore_index, reduction, lora_hidden, lora_weight) -> torch.Tensor:
+    """Logits + torch cross_entropy in fp32; "mean" over zero kept tokens is 0."""
     logits = hidden @ weight.T
     if lora_hidden is not None:
         logits = logits + lora_hidden @ lora_weight.T
@@ -201,11 +202,13 @@ def fused_linear_cross_entropy(
     *,
     lora_hidden: torch.Tensor | None = None,
     lora_weight: torch.Tensor | None = None,
+    reference: bool = False,
 ) -> torch.Tensor:
     """Cross-entropy of hidden[N, H] @ weight[V, H].T against labels[N] without the full logits.
 
     reduction "sum" or "mean" (over tokens whose label != ignore_index; 0 when there are none).
-    Returns an fp32 scalar. Triton kernel on GPU or under TRITON_INTERPRET=1, PyTorch chunks otherwise.
+    Returns an fp32 scalar. Triton kernel on GPU or under TRITON_INTERPRET=1, PyTorch chunks otherwise;
+    `reference=True` computes the full logits + torch cross_entropy instead (the ground truth of the tests).
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -215,6 +218,8 @@ def fused_linear_cross_entropy(
         raise ValueError(f"labels must be [N] = [{hidden.shape[0]}], got {tuple(labels.shape)}")
     if (lora_hidden is None) != (lora_weight is None):
         raise ValueError("pass both lora_hidden and lora_weight, or neither")
+    if reference:
+        return _reference_loss(hidden, weight, labels, ignore_index, reduction, lora_hidden, lora_weight)
     dtype = weight.dtype
     if torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)

@@ -10,11 +10,11 @@ import json
 import sys
 from typing import Callable
 
-from raysft.pipeline.errors import RaysftError
+from raysft.pipeline.errors import ConfigError, RaysftError
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML config file (see examples/)")
+def _add_config_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    p.add_argument("config", nargs="?" if optional else None, help="YAML config file (see examples/)")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -32,7 +32,17 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    print(_load(args).dump_yaml(), end="")
+    from raysft.pipeline.config import explain_markdown, explain_text, load_config
+
+    if args.markdown and (not args.explain or args.config or args.overrides):
+        raise ConfigError("raysft config --markdown goes with --explain alone (it renders the schema, not a config).")
+    if args.explain:
+        given = args.config is not None or bool(args.overrides)
+        print(explain_markdown() if args.markdown else explain_text(_load(args) if given else None), end="")
+        return 0
+    if args.config is None:
+        raise ConfigError("raysft config needs a CONFIG file to resolve (or --explain for the reference of every key).")
+    print(load_config(args.config, overrides=args.overrides).dump_yaml(), end="")
     return 0
 
 
@@ -61,7 +71,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from raysft.pipeline.models.load import export_run
+    from raysft.pipeline.models.export import export_run
 
     path = export_run(args.run_dir, merge=args.merge, output=args.output)
     print(f"Exported to {path}")
@@ -118,8 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=fn)
         return p
 
-    p = add("config", cmd_config, "print the resolved config (defaults + file + overrides)")
-    _add_config_args(p)
+    p = add("config", cmd_config, "print the resolved config (defaults + file + overrides), or explain every key")
+    _add_config_args(p, optional=True)
+    p.add_argument("--explain", action="store_true",
+                   help="print every key (dotted path) with its type, default and description; with CONFIG, "
+                        "also the values it sets")
+    p.add_argument("--markdown", action="store_true",
+                   help="with --explain: the reference as the README's markdown tables")
 
     p = add("prepare", cmd_prepare, "run only the data plan and write the processed dataset and stats.json")
     _add_config_args(p)

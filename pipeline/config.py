@@ -8,9 +8,12 @@ fields by dotted path). Unknown keys and wrong types fail naming the dotted path
 from __future__ import annotations
 
 import copy
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from types import UnionType
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -25,121 +28,167 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    name_or_path: str = "HuggingFaceTB/SmolLM2-135M-Instruct"  # hub id, local directory, or .gguf file
-    tokenizer: Optional[str] = None  # tokenizer source when it differs from name_or_path
-    gguf_file: Optional[str] = None  # file name inside name_or_path when it is a GGUF directory
-    quantization: Literal["nf4", "none"] = "nf4"
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    double_quant: bool = True  # bitsandbytes nested quantization of the NF4 absmax
-    # Container dtype of the packed 4-bit weights: uint8, or model.dtype (None: model.dtype), which lets
-    # ZeRO-3 partition them; any other float dtype is recast by DeepSpeed and corrupts them.
-    quant_storage: Optional[Literal["uint8", "bfloat16", "float16", "float32"]] = None
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # dtype of the non-quantized weights
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    gradient_checkpointing: bool = True
-    trust_remote_code: bool = False  # off unless the user turns it on
+    """The base model and how it is loaded."""
+
+    name_or_path: str = Field("HuggingFaceTB/SmolLM2-135M-Instruct",
+                              description="Base model: a hub id, a local Hugging Face folder, or a .gguf file.")
+    tokenizer: Optional[str] = Field(None, description="Tokenizer source when it differs from name_or_path.")
+    gguf_file: Optional[str] = Field(None, description="The .gguf file inside name_or_path when that is a folder.")
+    quantization: Literal["nf4", "none"] = Field(
+        "nf4", description="nf4: a bitsandbytes 4-bit base (QLoRA); none: the base in model.dtype (LoRA).")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="dtype the 4-bit layers compute in (float16 is refused with DeepSpeed).")
+    double_quant: bool = Field(True, description="bitsandbytes nested quantization of the NF4 absmax constants.")
+    quant_storage: Optional[Literal["uint8", "bfloat16", "float16", "float32"]] = Field(
+        None, description="Storage dtype of the packed 4-bit weights: uint8, or model.dtype (null: model.dtype), "
+        "which lets ZeRO-3 shard them; DeepSpeed recasts any other float dtype and corrupts them.")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="dtype of the weights that are not quantized (and of DeepSpeed: bf16 or fp32).")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention implementation passed to transformers.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass to save memory.")
+    trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint.")
 
 
 class LoraConfig(_Section):
-    r: int = Field(16, ge=1)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: Union[str, list[str]] = "all-linear"
-    use_rslora: bool = False
-    use_dora: bool = False
-    bias: Literal["none", "all", "lora_only"] = "none"
+    """The PEFT LoRA adapter that is trained."""
+
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scale numerator: alpha / r (alpha / sqrt(r) with rsLoRA).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: Union[str, list[str]] = Field(
+        "all-linear", description="Modules that get an adapter: all-linear, or a list of module names.")
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases are trained (PEFT's option).")
 
 
 class DataConfig(_Section):
-    train: Optional[str] = None  # file, directory, glob, or hf://dataset[/split]
-    eval: Optional[str] = None
-    eval_split: float = Field(0.0, ge=0, lt=1)  # fraction of train held out when `eval` is not set
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = "auto"
-    max_seq_len: int = Field(1024, ge=8)
-    packing: Literal["bfd", "none"] = "bfd"
-    train_on: Literal["responses", "all"] = "responses"
-    too_long: Literal["truncate", "drop"] = "truncate"  # samples longer than max_seq_len
-    system_prompt: Optional[str] = None  # prepended as a system turn when a row has none
-    on_bad_row: Literal["skip", "error"] = "skip"
-    max_bad_fraction: float = Field(0.1, ge=0, le=1)  # stop when more than this share of rows is bad
-    pack_window: int = Field(4096, ge=1)  # samples per packing window (bounds memory)
-    tokenize_batch_size: int = Field(1024, ge=1)
-    num_tokenizer_actors: int = Field(2, ge=1)
-    cache_dir: Optional[str] = None  # default: ~/.cache/raysft/prepared
-    seed: int = 0  # for eval_split
+    """The data plan: sources, format, masks, packing, bad rows and the prepared-data cache."""
+
+    train: Optional[str] = Field(None, description="Training data: a file, a directory, a glob, or hf://NAME[/SPLIT].")
+    eval: Optional[str] = Field(None, description="Eval data, in the same forms as data.train.")
+    eval_split: float = Field(
+        0.0, ge=0, lt=1, description="Fraction of the train rows held out for eval when data.eval is not set.")
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
+        "auto", description="Row format; auto detects it per row.")
+    max_seq_len: int = Field(1024, ge=8, description="Tokens per packed row (and the longest sample kept whole).")
+    packing: Literal["bfd", "none"] = Field(
+        "bfd", description="bfd: best-fit-decreasing packing of samples into rows; none: one sample per row.")
+    train_on: Literal["responses", "all"] = Field(
+        "responses", description="responses: loss on assistant turns only; all: on every token.")
+    too_long: Literal["truncate", "drop"] = Field(
+        "truncate", description="What happens to samples longer than data.max_seq_len (counted in stats.json).")
+    system_prompt: Optional[str] = Field(None, description="Prepended as a system turn to rows that have none.")
+    on_bad_row: Literal["skip", "error"] = Field(
+        "skip", description="skip: count a malformed row in stats.json and go on; error: stop at the first.")
+    max_bad_fraction: float = Field(0.1, ge=0, le=1, description="Stop when more than this share of rows is bad.")
+    pack_window: int = Field(4096, ge=1, description="Samples per packing window (bounds the packer's memory).")
+    tokenize_batch_size: int = Field(1024, ge=1, description="Rows per chunk a tokenizer actor reads and tokenizes.")
+    num_tokenizer_actors: int = Field(2, ge=1, description="Ray Data actors that tokenize in parallel.")
+    cache_dir: Optional[str] = Field(None, description="Prepared-data cache (default: ~/.cache/raysft/prepared).")
+    seed: int = Field(0, description="Seed of the data.eval_split hash.")
 
 
 class DeepSpeedConfig(_Section):
-    stage: Literal[0, 1, 2, 3] = 2
-    offload_optimizer: bool = False
-    offload_params: bool = False
-    config: Optional[str] = None  # a user's DeepSpeed JSON; overrides the generated one
+    """DeepSpeed ZeRO settings."""
+
+    stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage (3 also shards the parameters).")
+    offload_optimizer: bool = Field(False, description="Keep the optimizer state in CPU memory.")
+    offload_params: bool = Field(False, description="Keep the parameters in CPU memory (ZeRO-3 only).")
+    config: Optional[str] = Field(
+        None, description="A DeepSpeed JSON file used instead of the generated one (raysft still sets its batch, "
+                          "precision and optimizer keys).")
 
 
 class LoggingConfig(_Section):
-    tensorboard: bool = True
-    mlflow: bool = False
-    wandb: bool = False
-    project: Optional[str] = None  # experiment / project name for MLflow or W&B
+    """Where metrics go besides metrics.jsonl."""
+
+    tensorboard: bool = Field(True, description="Write TensorBoard event files into the run folder.")
+    mlflow: bool = Field(False, description="Log to MLflow (when mlflow is installed).")
+    wandb: bool = Field(False, description="Log to Weights & Biases (when wandb is installed).")
+    project: Optional[str] = Field(None, description="Experiment / project name for MLflow or W&B (default: raysft).")
 
 
 class TrainConfig(_Section):
-    max_steps: Optional[int] = Field(None, ge=1)
-    epochs: int = Field(1, ge=1)
-    lr: float = Field(2.0e-4, gt=0)
-    seed: int = 0
-    micro_batch_size: int = Field(1, ge=1)  # packed rows per micro-batch per worker
-    grad_accum: int = Field(1, ge=1)
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    warmup_steps: Optional[int] = Field(None, ge=0)  # overrides warmup_ratio when set
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
-    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
-    save_every: int = Field(100, ge=1)
-    eval_every: int = Field(100, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    kernels: bool = False  # opt-in Triton kernels (raysft.kernels); PyTorch references without a GPU
-    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    """The optimisation: steps, batch, schedule, checkpoints, DeepSpeed and logging."""
+
+    max_steps: Optional[int] = Field(None, ge=1, description="Optimizer steps to run; overrides train.epochs when set.")
+    epochs: int = Field(1, ge=1, description="Passes over the prepared rows (when train.max_steps is not set).")
+    lr: float = Field(2.0e-4, gt=0, description="Peak learning rate (AdamW).")
+    seed: int = Field(0, description="Seed of the LoRA init and the data order.")
+    micro_batch_size: int = Field(1, ge=1, description="Packed rows per micro-batch per worker.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate schedule after warmup.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Warmup as a fraction of the total steps.")
+    warmup_steps: Optional[int] = Field(None, ge=0, description="Warmup in steps; overrides train.warmup_ratio.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient-norm clipping threshold; 0 disables clipping.")
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="DeepSpeed ZeRO settings.")
+    save_every: int = Field(100, ge=1, description="Checkpoint every this many steps (and at the end).")
+    eval_every: int = Field(100, ge=1, description="Evaluate every this many steps (and at the end), given eval data.")
+    keep_checkpoints: int = Field(2, ge=1, description="How many of the latest checkpoints to keep.")
+    kernels: bool = Field(
+        False, description="Opt-in Triton kernels (raysft.kernels); their PyTorch references without a GPU.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Where metrics go besides metrics.jsonl.")
 
 
 class ScalingConfig(_Section):
-    num_workers: int = Field(2, ge=0)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(1.0, ge=0)  # must be 1 with use_gpu (one rank per GPU)
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray Train workers and their resources."""
+
+    num_workers: int = Field(2, ge=0, description="Training workers (processes, one per GPU with use_gpu).")
+    use_gpu: bool = Field(False, description="Give each worker GPUs (NCCL); otherwise CPU workers over gloo.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker holds.")
+    gpus_per_worker: float = Field(1.0, ge=0, description="GPUs each worker holds when scaling.use_gpu is on; must be 1 "
+                                 "(one rank per GPU).")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How Ray places the workers on nodes (placement-group strategy).")
 
 
 class RunConfig(_Section):
-    name: str = "raysft"
-    storage_path: str = "runs"
-    max_failures: int = Field(2, ge=-1)
-    address: Optional[str] = None  # Ray address to connect to; default starts or joins a local one
+    """Where a run lives and how it recovers."""
+
+    name: str = Field("raysft", description="Run name: the run folder is run.storage_path/run.name.")
+    storage_path: str = Field(
+        "runs", description="Folder of run folders; on several nodes, a path every node mounts.")
+    max_failures: int = Field(
+        2, ge=-1, description="Worker-group restarts from the last checkpoint before the run fails (-1: no limit).")
+    address: Optional[str] = Field(
+        None, description="Ray cluster to join; default: an initialised or running one, else a new local one.")
 
 
 class TuneConfig(_Section):
-    search_space: dict[str, Any] = Field(default_factory=dict)
-    num_samples: int = Field(1, ge=1)
-    max_concurrent_trials: Optional[int] = Field(None, ge=1)
-    scheduler: Literal["asha", "none"] = "asha"
-    grace_period: int = Field(1, ge=1)  # in reported steps, for ASHA
-    reduction_factor: float = Field(2, gt=1)
-    search_alg: Literal["random", "grid", "optuna"] = "random"
-    metric: str = "eval_loss"
-    mode: Literal["min", "max"] = "min"
-    alpha_rule: Optional[Literal["2r", "r"]] = None  # derive lora.alpha from the sampled lora.r
+    """The Ray Tune sweep of `raysft tune`."""
+
+    search_space: dict[str, Any] = Field(
+        default_factory=dict, description="Dotted config key -> a list (grid), {choice: [...]}, "
+                                          "{loguniform: [lo, hi]}, {uniform: [lo, hi]}, or a constant.")
+    num_samples: int = Field(1, ge=1, description="Samples of the sampled keys; a grid is repeated this many times.")
+    max_concurrent_trials: Optional[int] = Field(
+        None, ge=1, description="Most trials at once (default: as many as the cluster fits).")
+    scheduler: Literal["asha", "none"] = Field("asha", description="Trial scheduler: ASHA early stopping, or none.")
+    grace_period: int = Field(1, ge=1, description="ASHA: reported steps before a trial can be stopped.")
+    reduction_factor: float = Field(2, gt=1, description="ASHA: rungs at grace_period x reduction_factor^k.")
+    search_alg: Literal["random", "grid", "optuna"] = Field(
+        "random", description="random or grid (Ray Tune's variant generator), or optuna (TPE).")
+    metric: str = Field("eval_loss", description="The reported metric trials are judged on.")
+    mode: Literal["min", "max"] = Field("min", description="Whether tune.metric is minimised or maximised.")
+    alpha_rule: Optional[Literal["2r", "r"]] = Field(
+        None, description="Derive lora.alpha from the sampled lora.r (2r: alpha = 2 x r); unset: as configured.")
 
 
 class Config(_Section):
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
-    run: RunConfig = Field(default_factory=RunConfig)
-    tune: TuneConfig = Field(default_factory=TuneConfig)
-    source: Optional[str] = Field(None, exclude=True)  # the file it was loaded from, for messages
+    """The whole config: one section per part of the pipeline."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description=ModelConfig.__doc__)
+    lora: LoraConfig = Field(default_factory=LoraConfig, description=LoraConfig.__doc__)
+    data: DataConfig = Field(default_factory=DataConfig, description=DataConfig.__doc__)
+    train: TrainConfig = Field(default_factory=TrainConfig, description=TrainConfig.__doc__)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig, description=ScalingConfig.__doc__)
+    run: RunConfig = Field(default_factory=RunConfig, description=RunConfig.__doc__)
+    tune: TuneConfig = Field(default_factory=TuneConfig, description=TuneConfig.__doc__)
+    source: Optional[str] = Field(None, exclude=True, description="The file the config was loaded from (for messages).")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-safe dict (what travels to Ray workers and is saved next to checkpoints)."""
@@ -162,10 +211,15 @@ class Config(_Section):
 
     def resolve_path(self, path: str | None) -> str | None:
         """Relative data/model paths are relative to the config file's folder when they exist there."""
-        if path is None or "://" in path or os.path.isabs(path) or self.source is None:
-            return path
-        candidate = Path(self.source).parent / path
-        return str(candidate) if candidate.exists() and not Path(path).exists() else path
+        return resolve_relative(path, self.source)
+
+
+def resolve_relative(path: str | None, source: str | None) -> str | None:
+    """`path` as written, or relative to the folder of config file `source` when it exists only there."""
+    if path is None or "://" in path or os.path.isabs(path) or source is None:
+        return path
+    candidate = Path(source).parent / path
+    return str(candidate) if candidate.exists() and not Path(path).exists() else path
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
@@ -252,3 +306,85 @@ def _one_sentence(exc: ValidationError, source: str | None) -> str:
         return f"Unknown config key '{path}'{where}{more}."
     given = err.get("input")
     return f"Config key '{path}'{where} has a bad value {given!r}: {err['msg'].rstrip('.')}{more}."
+
+
+# ---------------------------------------------------------------- the reference (`raysft config --explain`)
+
+_BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+@dataclass(frozen=True)
+class KeyDoc:
+    """One config key as the reference shows it: dotted path, type, default and description."""
+
+    key: str
+    type: str
+    default: Any
+    description: str
+
+
+def config_reference(model: type[BaseModel] = Config, prefix: str = "") -> list[KeyDoc]:
+    """Every key of the schema in file order, nested sections flattened to dotted paths (from the fields)."""
+    out: list[KeyDoc] = []
+    for name, field in model.model_fields.items():
+        if field.exclude:
+            continue
+        key = f"{prefix}{name}"
+        if isinstance(field.annotation, type) and issubclass(field.annotation, _Section):
+            out += config_reference(field.annotation, key + ".")
+            continue
+        bounds = [f"{_BOUNDS[k]} {getattr(m, k)}" for m in field.metadata for k in _BOUNDS if hasattr(m, k)]
+        kind = _type_name(field.annotation) + (f" ({', '.join(bounds)})" if bounds else "")
+        out.append(KeyDoc(key, kind, field.get_default(call_default_factory=True), field.description or ""))
+    return out
+
+
+def explain_text(cfg: Config | None = None) -> str:
+    """The reference for a terminal; with `cfg`, each key it sets to another value than the default shows it."""
+    lines = []
+    values = cfg.to_dict() if cfg is not None else None
+    for doc in config_reference():
+        lines.append(f"{doc.key}: {doc.type} = {show_value(doc.default)}")
+        lines.append(f"    {doc.description}")
+        if values is not None:
+            value = get_dotted(values, doc.key)
+            if value != doc.default:
+                lines.append(f"    in {cfg.source or 'this config'}: {show_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def explain_markdown() -> str:
+    """The reference as the README shows it: one table per section (`raysft config --explain --markdown`)."""
+    docs = config_reference()
+    parts = []
+    for name, field in Config.model_fields.items():
+        if field.exclude:
+            continue
+        parts.append(f"**`{name}`**: {(field.description or '').strip()}\n")
+        parts.append("| key | type | default | description |\n| --- | --- | --- | --- |")
+        for d in docs:
+            if d.key.startswith(name + "."):
+                cells = [f"`{d.key}`", f"`{d.type}`", f"`{show_value(d.default)}`", d.description]
+                parts.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def show_value(value: Any) -> str:
+    """A value as it is written in YAML: null, true, 0.0002, all-linear, {}."""
+    if isinstance(value, str):
+        return value if value else '""'
+    return json.dumps(value)
+
+
+def _type_name(annotation: Any) -> str:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return " | ".join(str(a) for a in args)
+    if origin is Union or origin is UnionType:
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is dict:
+        return "mapping"
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    return getattr(annotation, "__name__", str(annotation))

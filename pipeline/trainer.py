@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,7 +19,9 @@ from raysft.pipeline.cluster_checks import check_shared_storage, check_workers_f
 from raysft.pipeline.config import Config
 from raysft.pipeline.data.schema import Prepared, read_split
 from raysft.pipeline.errors import ConfigError, DataError
-from raysft.pipeline.models.load import ADAPTER_DIR, RESOLVED_CONFIG, load_tokenizer, materialize_gguf, resolve_model_source
+from raysft.pipeline.models.load import ADAPTER_DIR, RESOLVED_CONFIG
+from raysft.pipeline.models.source import base_model_path
+from raysft.pipeline.models.tokenizer import load_tokenizer
 from raysft.pipeline.training.ledger import LEDGER_FILE
 
 
@@ -31,7 +33,6 @@ class TrainResult:
     run_dir: Path
     adapter_path: Path
     checkpoint_path: Optional[str] = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -53,14 +54,13 @@ def preflight(cfg: Config) -> Config:
     if cfg.model.dtype == "float16" or (cfg.model.quantization == "nf4" and cfg.model.compute_dtype == "float16"):
         raise ConfigError("model.dtype / model.compute_dtype float16 is not supported with DeepSpeed and a 4-bit base; use bfloat16.")
     check_gpu_settings(cfg)
-    source, gguf = resolve_model_source(cfg.model, cfg.source)
+    source = base_model_path(cfg.model, cfg.source)  # a GGUF is converted once here; workers read the HF folder
     updates: dict[str, Any] = {}
-    if gguf:  # converted once here; workers and the data plan then read a Hugging Face folder
-        source = materialize_gguf(source, gguf, cfg.model)
     if os.path.isdir(source):
         updates["model.name_or_path"] = source
         updates["model.gguf_file"] = None
-    load_tokenizer(cfg.model.model_copy(update={"name_or_path": source, "gguf_file": None}))
+    local_model = cfg.model.model_copy(update={"name_or_path": source, "gguf_file": None})
+    load_tokenizer(cfg.model_copy(update={"model": local_model}))
     storage = Path(cfg.run.storage_path).expanduser()  # outputs: relative to the working directory
     _check_writable(storage, "run.storage_path")
     updates["run.storage_path"] = str(storage.resolve())

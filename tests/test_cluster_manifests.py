@@ -113,9 +113,20 @@ def test_rayjob_runs_raysft_on_a_valid_config():
         cfg = Config.from_dict(yaml.safe_load(text), source=f"{path.name}:{config_path.name}")
         assert cfg.run.storage_path.startswith(("/mnt/shared/", "s3://", "gs://")), cfg.run.storage_path
         assert cfg.scaling.use_gpu and cfg.run.max_failures >= 1
+        assert not cfg.train.kernels, f"{path.name}: train.kernels stays off until a recorded GPU run verifies them"
         gpus = sum(g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
                    for g in spec["rayClusterSpec"]["workerGroupSpecs"])
         assert cfg.scaling.num_workers * cfg.scaling.gpus_per_worker <= gpus, "the job cannot fit the cluster"
+
+
+def test_example_files_named_in_cluster_recipes_and_docs_exist():
+    named = {}
+    for path in [*sorted(p for p in CLUSTER.rglob("*") if p.is_file()), REPO / "README.md"]:
+        for name in re.findall(r"examples/[\w.-]+\.(?:yaml|py)", path.read_text(errors="replace")):
+            named.setdefault(name, path.relative_to(REPO).as_posix())
+    assert named, "no example named in cluster/ or README.md"
+    missing = {name: where for name, where in named.items() if not (REPO / name).is_file()}
+    assert not missing, f"files named but not in the repository (name: where): {missing}"
 
 
 # ---------------------------------------------------------------- cluster launcher

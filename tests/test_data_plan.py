@@ -17,7 +17,8 @@ from raysft.pipeline import cli
 from raysft.pipeline.config import load_config
 from raysft.pipeline.data import plan
 from raysft.pipeline.data.light_tokenizer import TokenizerSpec
-from raysft.pipeline.data.tokenize import load_tokenizer, load_tokenizer_spec
+from raysft.pipeline.data.tokenize import load_tokenizer_spec
+from raysft.pipeline.models.tokenizer import load_tokenizer
 from raysft.pipeline.errors import DataError, ModelError
 
 STATS_KEYS = {"rows_read", "rows_used", "rows_dropped", "rows_truncated", "tokens_total", "tokens_trainable",

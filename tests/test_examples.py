@@ -44,6 +44,7 @@ def test_yaml_starts_with_its_command_and_validates(path):
     assert cfg.source == str(path)
     if cfg.scaling.use_gpu:
         assert cfg.model.quantization == "none" or cfg.model.compute_dtype == "bfloat16"
+    assert not cfg.train.kernels, f"{path.name}: train.kernels stays off until a recorded GPU run verifies them"
     if cfg.train.deepspeed.stage == 3 and cfg.model.quantization == "nf4":
         assert cfg.model.quant_storage != "uint8", "ZeRO-3 shards 4-bit weights only with a float quant_storage"
 

@@ -1,4 +1,5 @@
-"""pipeline/models/load.py: NF4 / plain loading, LoRA options, adapters as safetensors, model resolution errors, GGUF."""
+"""pipeline/models/{load,source,tokenizer,export}.py: NF4 / plain loading, LoRA options, adapters as safetensors,
+model resolution errors, GGUF, the bf16 merge."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import torch
 
 from raysft.pipeline.config import load_config
 from raysft.pipeline.errors import ModelError
-from raysft.pipeline.models.load import (
-    build_model, load_base_model, load_tokenizer, materialize_gguf, resolve_model_source, save_adapter,
-)
+from raysft.pipeline.models.load import build_model, load_base_model, save_adapter
+from raysft.pipeline.models.source import materialize_gguf, resolve_model_source
+from raysft.pipeline.models.tokenizer import load_tokenizer
 
 
 def cfg_for(model_dir, **over):
@@ -97,7 +98,7 @@ def test_tokenizer_without_chat_template_is_refused(tmp_path):
 
     d = save_tiny_model(tmp_path / "m", chat_template=False)
     with pytest.raises(ModelError, match="no chat template"):
-        load_tokenizer(cfg_for(d).model)
+        load_tokenizer(cfg_for(d))
 
 
 def test_trust_remote_code_is_off_by_default(tiny_model_dir, tmp_path):
@@ -127,7 +128,52 @@ def test_gguf_file_is_converted_once_and_loads(tmp_path):
     write_tiny_gguf(path)
     mcfg = cfg_for(path, **{"model.quantization": "none", "model.dtype": "float32"}).model
     assert resolve_model_source(mcfg) == (str(tmp_path.resolve()), "tiny.F32.gguf")
-    first = materialize_gguf(str(tmp_path), "tiny.F32.gguf", mcfg, cache_root=str(tmp_path / "cache"))
-    assert materialize_gguf(str(tmp_path), "tiny.F32.gguf", mcfg, cache_root=str(tmp_path / "cache")) == first
+    first = materialize_gguf(str(tmp_path), "tiny.F32.gguf", cache_root=str(tmp_path / "cache"))
+    assert materialize_gguf(str(tmp_path), "tiny.F32.gguf", cache_root=str(tmp_path / "cache")) == first
     model = load_base_model(mcfg.model_copy(update={"name_or_path": first}))
     assert model(input_ids=torch.tensor([[5, 6, 7]])).logits.shape[-1] > 0
+
+
+@pytest.mark.parametrize("dtype, rel_tol", [("bfloat16", 2e-2), ("float32", 1e-5)])
+def test_merge_reproduces_base_plus_adapter(tiny_model_dir, tmp_path, dtype, rel_tol):
+    """`export --merge` loads the base in bf16 (not fp32) and its logits match base + adapter within bf16 rounding."""
+    from transformers import AutoModelForCausalLM
+
+    from raysft.pipeline.models.export import export_run, merge_adapter
+    from raysft.pipeline.models.load import ADAPTER_DIR, RESOLVED_CONFIG
+
+    cfg = cfg_for(tiny_model_dir, **{"model.quantization": "none", "model.dtype": "float32", "lora.r": 4})
+    model = build_model(cfg)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    run = tmp_path / "run"
+    save_adapter(model, run / ADAPTER_DIR)
+    (run / RESOLVED_CONFIG).write_text(cfg.dump_yaml())
+    # The base is loaded and merged in `dtype` itself (no fp32 copy of a bf16 merge): 2 bytes per parameter.
+    assert {p.dtype for p in merge_adapter(cfg, run / ADAPTER_DIR, dtype).parameters()} == {getattr(torch, dtype)}
+    out = export_run(run, merge=True, output=tmp_path / f"merged-{dtype}", dtype=dtype)
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert merged.dtype == getattr(torch, dtype) and (out / "tokenizer.json").is_file()
+    x = torch.randint(3, 400, (2, 16))
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+        base = model.get_base_model()
+        with model.disable_adapter():
+            plain = base(input_ids=x).logits
+        got = merged.float()(input_ids=x).logits
+    scale = want.abs().max()
+    assert (got - want).abs().max() <= rel_tol * scale
+    assert (plain - want).abs().max() > 10 * rel_tol * scale  # the adapter matters: an unmerged export would fail
+
+
+def test_merge_dtype_is_checked(tmp_path):
+    from raysft.pipeline.models.export import export_run
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ModelError, match="merge dtype must be one of bfloat16, float32, not float16"):
+        export_run(tmp_path, merge=True, dtype="float16")

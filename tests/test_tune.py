@@ -251,14 +251,6 @@ def test_table_best_trial_plots_and_summary(tmp_path):
     assert "no trial completed" in summary_line(table[1:2], None, "eval_loss", "/s")
 
 
-def test_metric_names_match_what_the_training_reports():
-    """tune.metric is checked against REPORTED_METRICS; keep it in step with the training loop's report."""
-    loop = Path(__file__).resolve().parents[1] / "pipeline" / "training" / "loop.py"
-    source = loop.read_text()
-    for name in REPORTED_METRICS:
-        assert f'"{name}"' in source, f"the training loop no longer reports {name}"
-
-
 # --- real sweeps on the tiny model ------------------------------------------------------------------
 
 GOOD_LR, BAD_LR = 0.01, 1.0e30  # BAD_LR makes the loss NaN at the first step: ASHA must stop it
@@ -311,20 +303,26 @@ def test_sweep_folder_mistakes_are_caught_before_ray(sweep_base, tmp_path):
         tune(cfg)
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_grid_of_ranks_and_learning_rates(ray_session, sweep_base, tiny_model_dir):
-    """2 ranks x 2 learning rates, 2 trials at a time on the 4-CPU test cluster; table, plots, best adapter."""
-    import yaml
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
+@pytest.fixture(scope="module")
+def grid_sweep(ray_session, sweep_base):
+    """2 ranks x 2 learning rates, 2 trials at a time on the 4-CPU test cluster (run once for the tests below)."""
     from raysft.pipeline import tune
 
     cfg = load_config(overrides={**_flat(sweep_base), "run.name": "grid", "tune": {
         "search_space": {"lora.r": [4, 8], "train.lr": [GOOD_LR, 0.003]}, "search_alg": "grid",
         "scheduler": "none", "alpha_rule": "2r"}})
-    sweep = tune(cfg)
+    return tune(cfg)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_grid_of_ranks_and_learning_rates(grid_sweep, sweep_base, tiny_model_dir):
+    """The grid sweep's table, plots, best adapter and best config; trials never exceed the cluster."""
+    import yaml
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    sweep = grid_sweep
     sweep_dir = Path(sweep.sweep_dir)
 
     rows = _csv(sweep_dir / "results.csv")
@@ -364,6 +362,29 @@ def test_grid_of_ranks_and_learning_rates(ray_session, sweep_base, tiny_model_di
     # The data was prepared once, by the driver: one cache entry.
     cache = Path(sweep_base["data"]["cache_dir"])
     assert len([d for d in cache.iterdir() if (d / "stats.json").is_file()]) == 1
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_tune_metric_names_are_what_a_real_run_reported(grid_sweep):
+    """tune.metric is checked against REPORTED_METRICS before Ray starts, so they must be exactly the metrics the
+    trials' training reported (each line of a trial's metrics.jsonl is one ray.train.report): every step metric
+    at every step, the eval metrics together at eval steps, and nothing else."""
+    from raysft.pipeline.sweep.space import EVAL_METRICS, STEP_METRICS
+
+    trials = [row["trial_id"] for row in grid_sweep.table]
+    assert len(trials) == 4
+    for trial in trials:
+        history = _metrics(Path(grid_sweep.sweep_dir) / "trials" / trial)
+        assert [m["step"] for m in history] == [1, 2, 3, 4], trial
+        reported = set().union(*history)
+        assert reported == set(REPORTED_METRICS), (
+            f"trial {trial} reported {sorted(reported)}; sweep/space.py REPORTED_METRICS says "
+            f"{sorted(REPORTED_METRICS)}")
+        for m in history:
+            assert set(STEP_METRICS) <= set(m), (trial, m)
+            assert (set(EVAL_METRICS) & set(m)) in (set(), set(EVAL_METRICS)), (trial, m)
+        assert [m["step"] for m in history if "eval_loss" in m] == [2, 4]  # train.eval_every 2, and the end
 
 
 @pytest.mark.ray

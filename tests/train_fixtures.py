@@ -1,4 +1,4 @@
-"""Packed Parquet rows in the processed-dataset schema (DESIGN.md), written without the data plan.
+"""Packed Parquet rows in the processed-dataset schema (pipeline/ARCHITECTURE.md), written without the data plan.
 
 Training tests use them so they exercise only the training side; samples have a learnable pattern
 (responses draw on a few tokens) and unequal trained-token counts.

@@ -14,8 +14,6 @@ from typing import Any, Optional
 
 import pyarrow as pa
 
-FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
-
 # Drop reasons that mean the input itself is malformed (they count towards data.max_bad_fraction).
 BAD_INPUT_REASONS = frozenset(
     {"malformed_json", "not_an_object", "missing_field", "empty_content", "unknown_role",

@@ -177,12 +177,3 @@ def pack_batch(table: pa.Table, max_seq_len: int, packing: str = "bfd", too_long
         cols[name] = pa.array(out[name], PACKED_SCHEMA.field(name).type)
     return pa.table(cols, schema=PACKED_SCHEMA)
 
-
-class PackStage:
-    """Callable for Ray Data's map_batches: one batch is one packing window."""
-
-    def __init__(self, max_seq_len: int, packing: str, too_long: str) -> None:
-        self.args = (max_seq_len, packing, too_long)
-
-    def __call__(self, table: pa.Table) -> pa.Table:
-        return pack_batch(table, *self.args)

@@ -1,10 +1,11 @@
 """The data plan on Ray Data (the only module that touches Ray Data).
 
-read chunks (tasks) -> normalise + tokenize + mask (actor pool, one tokenizer per actor) -> pack
-(tasks; each batch of `data.pack_window` samples is one packing window, so memory stays bounded)
--> the driver streams the packed rows into Parquet and accumulates stats.json. Every stage is a
-pure pyarrow function from sources.py / tokenize.py / pack.py, so the same result comes out of
-`prepare_local` (no Ray) for the same windows.
+chunk descriptors -> read + normalise + tokenize + mask (actor pool of `data.num_tokenizer_actors`,
+one tokenizer per actor, each reading its own chunks) -> pack (one long-lived actor; each batch of
+`data.pack_window` samples is one packing window, so memory stays bounded) -> the driver streams
+the packed rows into Parquet and accumulates stats.json. Every stage is a pure pyarrow function
+from sources.py / tokenize.py / pack.py, so the same result comes out of `prepare_local` (no Ray)
+for the same windows.
 
 `ensure_prepared(cfg)` is what training and tuning call: it reuses the cache entry keyed by the
 input files, the tokenizer and the data config, or builds it once (lock + atomic rename).

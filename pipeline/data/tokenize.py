@@ -30,7 +30,8 @@ from raysft.pipeline.data.fast_bpe import ByteLevelFastPath
 from raysft.pipeline.data.formats import BadRow, Normalised, parse_and_normalise
 from raysft.pipeline.data.schema import IGNORE_INDEX
 from raysft.pipeline.data.light_tokenizer import TokenizerSpec, compile_chat_template
-from raysft.pipeline.errors import ModelError
+from raysft.pipeline.models.source import tokenizer_source
+from raysft.pipeline.models.tokenizer import load_tokenizer, no_chat_template
 
 FAST_PATH_CHECK_ROWS = 32  # rows compared with tokenizers before an encoder trusts its fast path
 log = logging.getLogger(__name__)
@@ -39,54 +40,6 @@ TOKENIZED_SCHEMA = pa.schema(
     [("source_id", pa.int64()), ("split", pa.int8()), ("input_ids", pa.list_(pa.int32())),
      ("labels", pa.list_(pa.int32())), ("drop_reason", pa.string()), ("detail", pa.string())]
 )
-
-
-def tokenizer_source(cfg) -> tuple[str, Optional[str]]:
-    """(path or hub id, gguf file name or None) of the tokenizer a config asks for."""
-    src = cfg.resolve_path(cfg.model.tokenizer or cfg.model.name_or_path)
-    gguf = cfg.model.gguf_file
-    if src.lower().endswith(".gguf") and Path(src).is_file():
-        gguf, src = Path(src).name, str(Path(src).parent)
-    return os.path.expanduser(src), gguf
-
-
-def _tokenizer_field(cfg) -> str:
-    return "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path"
-
-
-def _no_chat_template(src: str, field: str) -> ModelError:
-    return ModelError(f"The tokenizer {src} ({field}) has no chat template; use an instruct model's tokenizer or set "
-                      "data.format=text.")
-
-
-def load_tokenizer(cfg, need_chat_template: bool | None = None):
-    """The tokenizer of `cfg.model.tokenizer` (else `cfg.model.name_or_path`), fast and with offsets.
-
-    Raises ModelError (one sentence) when it is missing, not a tokenizer, not a fast tokenizer, or
-    has no chat template while the data format needs one (every format but `text`).
-    """
-    from transformers import AutoTokenizer
-
-    src, gguf = tokenizer_source(cfg)
-    field = _tokenizer_field(cfg)
-    local = Path(src)
-    looks_local = src.startswith((".", "/", "~")) or local.exists() or src.count("/") > 1
-    if looks_local and not local.exists():
-        raise ModelError(f"The tokenizer path {src} ({field}) does not exist.")
-    if gguf and not (local / gguf).is_file():
-        raise ModelError(f"The GGUF file {gguf} (model.gguf_file) is not in {src}.")
-    try:
-        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.model.trust_remote_code, gguf_file=gguf)
-    except Exception as exc:
-        what = "does not hold a tokenizer" if looks_local else "could not be loaded (offline, or not a hub id?)"
-        raise ModelError(f"The tokenizer {src} ({field}) {what}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}.") from None
-    if not getattr(tok, "is_fast", False):
-        raise ModelError(f"The tokenizer {src} ({field}) is not a fast tokenizer, which exact loss masks need (offsets).")
-    if need_chat_template is None:
-        need_chat_template = cfg.data.format != "text"
-    if need_chat_template and not tok.chat_template:
-        raise _no_chat_template(src, field)
-    return tok
 
 
 def _spec_cache_path(cfg, src: str, gguf: Optional[str]) -> Optional[Path]:
@@ -118,8 +71,8 @@ def load_tokenizer_spec(cfg, need_chat_template: bool | None = None) -> Tokenize
     """
     if need_chat_template is None:
         need_chat_template = cfg.data.format != "text"
-    src, gguf = tokenizer_source(cfg)
-    path = _spec_cache_path(cfg, src, gguf)
+    src = tokenizer_source(cfg)
+    path = _spec_cache_path(cfg, src.location, src.gguf_file)
     if path is not None and path.is_file():
         try:
             spec = TokenizerSpec.from_json(path.read_text())
@@ -127,7 +80,7 @@ def load_tokenizer_spec(cfg, need_chat_template: bool | None = None) -> Tokenize
             spec = None  # unreadable or from an older layout: rebuild below
         if spec is not None:
             if need_chat_template and not spec.chat_template:
-                raise _no_chat_template(src, _tokenizer_field(cfg))
+                raise no_chat_template(src.location, src.field)
             return spec
     spec = TokenizerSpec.from_hf(load_tokenizer(cfg, need_chat_template))
     if path is not None:

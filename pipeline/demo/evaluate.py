@@ -35,7 +35,8 @@ class EvalResult:
 
 def load_model(cfg: Config, adapter: str | os.PathLike | None = None):
     """The configured base (NF4 or plain, no gradient checkpointing) with the adapter when given, in eval mode."""
-    from raysft.pipeline.models.load import load_base_model, load_tokenizer
+    from raysft.pipeline.models.load import load_base_model
+    from raysft.pipeline.models.tokenizer import load_tokenizer
 
     model = load_base_model(cfg.model)
     if adapter is not None:
@@ -43,7 +44,7 @@ def load_model(cfg: Config, adapter: str | os.PathLike | None = None):
 
         model = PeftModel.from_pretrained(model, str(adapter))
     model.eval()
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg)
     return model, tokenizer
 
 

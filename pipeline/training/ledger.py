@@ -1,7 +1,7 @@
 """samples.jsonl, the data ledger: one line per optimizer step with every source id it trained (all ranks).
 
 Saved with every checkpoint and rewound to the checkpoint's step on resume, so after any number of
-restarts each step appears once and no source id appears twice within an epoch (DESIGN.md).
+restarts each step appears once and no source id appears twice within an epoch (pipeline/ARCHITECTURE.md).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The worker loop drives it through a DeepSpeed engine; a GPU benchmark drives it with `TorchEngine`.
 
-Correctness by construction (docs/architecture: the objective):
+Correctness by construction (pipeline/ARCHITECTURE.md):
 - a micro-batch keeps its packed rows as separate sequences, no padding between samples; the
   forward gets `attention_mask=None`, the rows' `position_ids` (restarts at 0 keep samples apart)
   and `use_cache=False` (with a cache, packed samples attend to each other). Layout "rows" stacks the
