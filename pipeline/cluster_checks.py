@@ -13,7 +13,6 @@ import math
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from raysft.pipeline.errors import ClusterError
 
@@ -54,7 +53,7 @@ class Capacity:
     """What the cluster has now and, with an autoscaler, the most it may grow to (None: no autoscaler known)."""
 
     now: dict[str, float]
-    most: Optional[dict[str, float]] = None
+    most: dict[str, float] | None = None
     autoscaling: bool = False  # an autoscaler runs (true whenever `most` is known)
 
     def __post_init__(self) -> None:
@@ -105,7 +104,7 @@ def _autoscaler_reports_status() -> bool:
         return False
 
 
-def _autoscaler_groups_max() -> Optional[dict[str, float]]:
+def _autoscaler_groups_max() -> dict[str, float] | None:
     """Max resources from the cluster config the autoscaler reports to the GCS (None when there is none).
 
     Ray exposes this only through its state accessor (the same call Ray Train V2's worker group makes

@@ -29,14 +29,16 @@ def zero3_trace_worker(rank: int, world: int, port: int, model_dir: str, prepare
     _env(rank, world, port)
     import deepspeed
     import deepspeed.ops
-    import torch
     import torch.distributed as dist
-
     from raysft.pipeline.config import load_config
     from raysft.pipeline.data.schema import read_split
     from raysft.pipeline.models.load import build_model
     from raysft.pipeline.training.loop import DeepSpeedStepEngine, deepspeed_config
-    from raysft.pipeline.training.step import collate_table, make_optimizer, optimizer_step
+    from raysft.pipeline.training.step import (
+        collate_table,
+        make_optimizer,
+        optimizer_step,
+    )
 
     dist.init_process_group("gloo")
     cfg = load_config(None, overrides={

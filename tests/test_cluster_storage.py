@@ -32,7 +32,6 @@ def run_scenario(work: Path) -> dict:
     import ray
     from ray._private.services import get_node_ip_address
     from ray.cluster_utils import Cluster
-
     from raysft.pipeline.cluster_checks import check_shared_storage
     from raysft.pipeline.config import load_config
     from raysft.pipeline.errors import ClusterError
@@ -77,7 +76,7 @@ def run_scenario(work: Path) -> dict:
     return out
 
 
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.mark.ray

@@ -11,12 +11,16 @@ import random
 import numpy as np
 import pytest
 import torch
-
-from raysft.pipeline.cluster_checks import Capacity, NodeGroup, autoscaler_maximum, check_workers_fit
+from local_processes import free_port
+from raysft.pipeline.cluster_checks import (
+    Capacity,
+    NodeGroup,
+    autoscaler_maximum,
+    check_workers_fit,
+)
 from raysft.pipeline.config import load_config
 from raysft.pipeline.errors import ClusterError, ConfigError
 from raysft.pipeline.trainer import check_gpu_settings
-from local_processes import free_port
 from train_fixtures import make_prepared
 
 

@@ -10,10 +10,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import pyarrow as pa
-
 from raysft.pipeline.errors import DataError
 
 IGNORE_INDEX = -100  # label of a token that carries no loss (the value torch's cross_entropy skips)
@@ -36,12 +34,12 @@ class Prepared:
     """A prepared dataset on disk: Parquet folders of packed rows and the stats.json content."""
 
     train_dir: Path
-    eval_dir: Optional[Path]
+    eval_dir: Path | None
     stats: dict
     key: str = ""
 
 
-def read_split(directory: str | os.PathLike | None, what: str) -> Optional[pa.Table]:
+def read_split(directory: str | os.PathLike | None, what: str) -> pa.Table | None:
     """All Parquet files of a prepared split, in file-name order, as one pyarrow Table (None: no eval data)."""
     import pyarrow.parquet as pq
 

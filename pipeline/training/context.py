@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, ContextManager, Optional, Protocol
+from typing import Any, ContextManager, Protocol
 
 import torch
 
@@ -21,12 +21,12 @@ class WorkerContext(Protocol):
     world_size: int
     device: torch.device
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path] = None, step: int = 0) -> None:
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, step: int = 0) -> None:
         """Called by every rank the same number of times; with `checkpoint_dir`, this rank's part of the
         checkpoint of `step` (the context persists it; the caller deletes the folder afterwards)."""
         ...
 
-    def latest_checkpoint(self) -> ContextManager[Optional[Path]]:
+    def latest_checkpoint(self) -> ContextManager[Path | None]:
         """The folder of the latest complete checkpoint (every rank's part), or None on a fresh start."""
         ...
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch
 
@@ -20,7 +21,7 @@ class RayTrainContext:
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device: torch.device = ray.train.torch.get_device()
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path] = None, step: int = 0) -> None:
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, step: int = 0) -> None:
         import ray.train
         from ray.train import Checkpoint
 
@@ -31,7 +32,7 @@ class RayTrainContext:
                              checkpoint_dir_name=f"checkpoint_{step:06d}")
 
     @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[Optional[Path]]:
+    def latest_checkpoint(self) -> Iterator[Path | None]:
         import ray.train
 
         resume = ray.train.get_checkpoint()

@@ -17,9 +17,10 @@ import contextlib
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch
 
@@ -37,7 +38,7 @@ class TorchrunContext:
         self.run_dir = run_dir
         self.keep = keep
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path] = None, step: int = 0) -> None:
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, step: int = 0) -> None:
         import torch.distributed as dist
 
         if checkpoint_dir is None:
@@ -52,7 +53,7 @@ class TorchrunContext:
         dist.barrier()
 
     @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[Optional[Path]]:
+    def latest_checkpoint(self) -> Iterator[Path | None]:
         found = complete_checkpoints(self.run_dir)
         yield found[-1] if found else None
 
@@ -74,7 +75,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(config: str, prepared: str, overrides: list[str]) -> Path:
     """Initialise the process group, run the worker loop, publish the adapter (rank 0); returns the run folder."""
     import torch.distributed as dist
-
     from raysft.pipeline.config import load_config
     from raysft.pipeline.data.schema import read_split
     from raysft.pipeline.trainer import preflight, publish_adapter, run_dir_of

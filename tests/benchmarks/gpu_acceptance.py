@@ -113,7 +113,7 @@ def wheels(wheel_dir: Path) -> dict:
     wanted = [line.split()[0] for line in (REPO / "tests/benchmarks/gpu_wheels.txt").read_text().splitlines()
               if line.strip() and not line.startswith("#")]
     files = sorted(p for p in wheel_dir.iterdir() if p.is_file())
-    norm = lambda s: s.lower().replace("-", "_")  # noqa: E731
+    norm = lambda s: s.lower().replace("-", "_")
     missing = [w for w in wanted if not any(norm(f.name).startswith(norm(w.replace("==", "-")) + "") for f in files)]
     extra = [f.name for f in files if not any(norm(f.name).startswith(norm(w.replace("==", "-"))) for w in wanted)]
     total = sum(f.stat().st_size for f in files)
@@ -202,7 +202,7 @@ def main() -> int:
     work.mkdir(parents=True)
     report = Report(args.out / "gpu_acceptance.md", "raysft GPU acceptance" + (" (dry run on CPU)" if args.dry_run else ""))
     deadline = time.monotonic() + BUDGET_S
-    left = lambda: max(10.0, deadline - time.monotonic())  # noqa: E731
+    left = lambda: max(10.0, deadline - time.monotonic())
     try:
         t = time.monotonic()
         report.add("environment", None, time.monotonic() - t, environment(gpu))
