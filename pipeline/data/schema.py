@@ -24,8 +24,7 @@ PACKED_ROW_SCHEMA = pa.schema([
     ("source_ids", pa.list_(pa.int64())),
 ])
 PACKED_COLUMNS: list[str] = PACKED_ROW_SCHEMA.names
-# What training needs of a row (seq_lengths is derivable from position_ids, but cheaper to read).
-TRAIN_COLUMNS: list[str] = ["input_ids", "labels", "position_ids", "seq_lengths", "source_ids"]
+# What training reads of a row (seq_lengths follows from position_ids).
 REQUIRED_COLUMNS: list[str] = ["input_ids", "labels", "position_ids", "source_ids"]
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raysft.pipeline.data.schema import IGNORE_INDEX
+from raysft.pipeline.data.schema import IGNORE_INDEX, REQUIRED_COLUMNS
 
 LAYOUTS = ("rows", "flat")
 
@@ -113,7 +113,7 @@ def collate(rows: Sequence[Mapping[str, Any]], layout: str = "rows") -> MicroBat
 
 def collate_table(table, indices: Sequence[int], layout: str = "rows") -> MicroBatch:
     """`collate` of rows `indices` of a packed-row pyarrow Table."""
-    cols = ["input_ids", "labels", "position_ids", "source_ids"]
+    cols = REQUIRED_COLUMNS
     part = table.take(list(indices)).select(cols)
     rows: list[dict[str, np.ndarray]] = [{} for _ in range(part.num_rows)]
     for c in cols:
