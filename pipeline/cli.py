@@ -47,17 +47,35 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from raysft.pipeline.data.plan import prepare
+    from pathlib import Path
 
-    stats = prepare(_load(args), output=args.output)
+    from raysft.pipeline.data.plan import ensure_prepared, prepare, resolve_inputs, summary
+
+    cfg = _load(args)
+    if args.output is not None:
+        stats, directory = prepare(cfg, output=args.output), Path(args.output).expanduser()
+    else:
+        prepared = ensure_prepared(cfg)
+        stats, directory = prepared.stats, prepared.train_dir.parent
     print(json.dumps(stats, indent=2))
+    print(summary(stats), file=sys.stderr, flush=True)
+    if args.preview:
+        from raysft.pipeline.data.preview import HTML_NAME, preview
+
+        print(preview(directory, resolve_inputs(cfg).tokenizer, args.preview, sys.stdout.isatty()))
+        print(f"raysft prepare: mask preview written to {directory / HTML_NAME}", file=sys.stderr)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from raysft.pipeline.trainer import train
+    from raysft.pipeline.console import LOG_FILE, console_session, log_plan, run_with_console
+    from raysft.pipeline.trainer import run_dir_of, train
 
-    result = train(_load(args))
+    cfg = _load(args)
+    log_file = run_dir_of(cfg) / LOG_FILE
+    with console_session(log_file, verbose=args.verbose) as console:
+        log_plan(console, cfg)
+        result = run_with_console(cfg, lambda: train(cfg), console=console, log_file=log_file)
     print(json.dumps(result.summary(), indent=2))
     return 0
 
@@ -78,6 +96,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    from raysft.pipeline.runs import format_table, list_runs, rows_json
+
+    rows = list_runs(args.storage)
+    print(rows_json(rows) if args.json else format_table(rows))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from raysft.pipeline.runs import write_report
+
+    for path in write_report(args.run, output=args.output):
+        print(path)
+    return 0
+
+
 def cmd_models_fetch(args: argparse.Namespace) -> int:
     from raysft.pipeline.models.fetch import fetch_model
 
@@ -89,31 +123,33 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from raysft.pipeline.demo.run import run_demo
 
-    return run_demo(output=args.output, overrides=args.overrides)
+    return run_demo(output=args.output, overrides=args.overrides, verbose=args.verbose)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from raysft.pipeline.jobs.submit import submit
 
-    return submit(args)
+    return submit(args.config, args.overrides, address=args.address, wait=args.wait, job_command_name=args.job_command,
+                  env=args.env, working_dir=args.working_dir, includes=args.include, excludes=args.exclude,
+                  dry_run=args.dry_run)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from raysft.pipeline.jobs.submit import status
 
-    return status(args)
+    return status(args.job, args.address)
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
     from raysft.pipeline.jobs.submit import logs
 
-    return logs(args)
+    return logs(args.job, args.address, follow=args.follow)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
     from raysft.pipeline.jobs.submit import stop
 
-    return stop(args)
+    return stop(args.job, args.address)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,9 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("prepare", cmd_prepare, "run only the data plan and write the processed dataset and stats.json")
     _add_config_args(p)
     p.add_argument("--output", default=None, help="output folder (default: the prepared-data cache)")
+    p.add_argument("--preview", type=int, default=0, metavar="N",
+                   help="print N prepared samples with trained tokens marked (colour on a terminal, [[brackets]] "
+                        "otherwise) and write preview.html next to stats.json")
 
     p = add("train", cmd_train, "prepare (or reuse the cache) and run QLoRA SFT with Ray Train")
     _add_config_args(p)
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray, Ray Train, Ray Data and DeepSpeed logs (always in RUN_DIR/raysft.log)")
 
     p = add("tune", cmd_tune, "run a Ray Tune sweep over the config's tune.search_space")
     _add_config_args(p)
@@ -151,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="the run directory written by `raysft train`")
     p.add_argument("--merge", action="store_true", help="merge the adapter into the base and save a bf16 model")
     p.add_argument("--output", default=None, help="output folder (default: RUN_DIR/merged or RUN_DIR/adapter)")
+
+    p = add("runs", cmd_runs, "list the runs in a storage path: status, steps, eval loss, tokens/s, adapter, sweep")
+    p.add_argument("storage", nargs="?", default="runs", help="the run.storage_path to list (default: runs)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+
+    p = add("report", cmd_report, "write PNG plots of a run's metrics.jsonl (loss, eval loss, lr, tokens/s, grad norm)")
+    p.add_argument("run", help="a run folder (run.storage_path/run.name, or a sweep's trials/ID)")
+    p.add_argument("--output", default=None, help="where the PNGs go (default: RUN/report)")
 
     models = sub.add_parser("models", help="manage base models", description="manage base models")
     msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
@@ -163,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/demo", help="where the run, report and plot go")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the demo config")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray, Ray Train, Ray Data and DeepSpeed logs (always in the run folder's raysft.log)")
 
     p = add("submit", cmd_submit, "submit `raysft train` (or `tune`) as a Ray Job to a running cluster")
     _add_config_args(p)
@@ -172,10 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the job runs (default: tune when the config has a search space, else train)")
     p.add_argument("--env", action="append", default=[], metavar="NAME",
                    help="pass this environment variable from here to the job (repeatable; for secrets)")
+    p.add_argument("--include", action="append", default=[], metavar="PATH",
+                   help="also ship this file or folder (inside the job's folder; repeatable); the config, the files "
+                   "it references and raysft itself always ship")
     p.add_argument("--working-dir", default=None,
-                   help="folder shipped as the job's working directory, minus secrets, caches and outputs (default: .)")
+                   help="also ship this whole folder as the job's working directory, minus .gitignore'd files, "
+                   "credentials, caches, outputs and links that leave it (default: ship only what the job needs)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                   help="also leave out files matching this gitignore-style pattern (repeatable)")
+                   help="with --working-dir, also leave out files matching this gitignore-style pattern (repeatable)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the exact files and total size that would be uploaded, and submit nothing")
 
     for name, fn, help in [
         ("status", cmd_status, "show a Ray Job's status"),
@@ -185,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = add(name, fn, help)
         p.add_argument("job", help="the job id printed by `raysft submit`")
         p.add_argument("--address", default=None, help="Ray dashboard address (default: $RAY_ADDRESS)")
+        p.set_defaults(follow=False)
         if name == "logs":
             p.add_argument("--follow", action="store_true", help="keep streaming until the job ends")
     return parser

@@ -63,10 +63,25 @@ class LoraConfig(_Section):
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases are trained (PEFT's option).")
 
 
+class DataSource(_Section):
+    """One training source of a weighted mix (`data.train` as a list)."""
+
+    path: str = Field(..., description="A file, directory, glob or hf://dataset[/split], as for a single data.train.")
+    format: Optional[Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]] = Field(
+        None, description="The row format of this source; default data.format.")
+    weight: float = Field(1.0, gt=0, lt=32, description="Sampling ratio: each row appears floor(weight) times per epoch, plus "
+                                                 "once more with probability weight - floor(weight) (a seeded hash of the row).")
+    columns: dict[str, str] = Field(default_factory=dict, description="This source's field names, keyed by the standard "
+                                    "ones (messages, conversations, role, content, from, value, prompt, completion, "
+                                    "instruction, input, output, text, tools).")
+
+
 class DataConfig(_Section):
     """The data plan: sources, format, masks, packing, bad rows and the prepared-data cache."""
 
-    train: Optional[str] = Field(None, description="Training data: a file, a directory, a glob, or hf://NAME[/SPLIT].")
+    train: Union[None, str, list[DataSource]] = Field(
+        None, description="Training data: a file, a directory, a glob, or hf://NAME[/SPLIT]; or a list of weighted "
+                          "sources (path, format, weight, columns).")
     eval: Optional[str] = Field(None, description="Eval data, in the same forms as data.train.")
     eval_split: float = Field(
         0.0, ge=0, lt=1, description="Fraction of the train rows held out for eval when data.eval is not set.")
@@ -87,7 +102,12 @@ class DataConfig(_Section):
     tokenize_batch_size: int = Field(1024, ge=1, description="Rows per chunk a tokenizer actor reads and tokenizes.")
     num_tokenizer_actors: int = Field(2, ge=1, description="Ray Data actors that tokenize in parallel.")
     cache_dir: Optional[str] = Field(None, description="Prepared-data cache (default: ~/.cache/raysft/prepared).")
-    seed: int = Field(0, description="Seed of the data.eval_split hash.")
+    seed: int = Field(0, description="Seed of the data.eval_split hash and of the weighted sources' fractional draw.")
+    train_on_reasoning: bool = Field(True, description="Train assistant reasoning (reasoning_content or a leading "
+                                     "<think> block); false masks it and still trains the answer.")
+    chat_template: Optional[str] = Field(None, description="A Jinja chat template file that replaces the tokenizer's own.")
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra variables passed to the chat "
+                                                 "template, e.g. {enable_thinking: false}.")
 
 
 class DeepSpeedConfig(_Section):
@@ -108,6 +128,8 @@ class LoggingConfig(_Section):
     mlflow: bool = Field(False, description="Log to MLflow (when mlflow is installed).")
     wandb: bool = Field(False, description="Log to Weights & Biases (when wandb is installed).")
     project: Optional[str] = Field(None, description="Experiment / project name for MLflow or W&B (default: raysft).")
+    mlflow_tracking_uri: Optional[str] = Field(
+        None, description="MLflow tracking server URI (default: $MLFLOW_TRACKING_URI, else mlflow's ./mlruns).")
 
 
 class TrainConfig(_Section):
@@ -156,6 +178,10 @@ class RunConfig(_Section):
         2, ge=-1, description="Worker-group restarts from the last checkpoint before the run fails (-1: no limit).")
     address: Optional[str] = Field(
         None, description="Ray cluster to join; default: an initialised or running one, else a new local one.")
+    resume: Literal["auto", "never", "must"] = Field(
+        "auto", description="Rerunning an existing run.name: auto resumes when its identity (run.json: data, base "
+        "model, LoRA, optimizer and schedule, seed, global batch) matches and refuses otherwise; never refuses to "
+        "reuse the name; must refuses unless there is a complete checkpoint to resume from.")
 
 
 class TuneConfig(_Section):

@@ -23,3 +23,7 @@ class ModelError(RaysftError):
 
 class ClusterError(RaysftError):
     """The Ray cluster cannot be reached or cannot fit the requested resources."""
+
+
+class CheckpointError(RaysftError):
+    """A run folder or checkpoint cannot be used: another run's identity, incomplete files, no space to save."""

@@ -18,10 +18,12 @@ from typing import Any, Optional
 from raysft.pipeline.cluster_checks import check_shared_storage, check_workers_fit, worker_bundle
 from raysft.pipeline.config import Config
 from raysft.pipeline.data.schema import Prepared, read_split
-from raysft.pipeline.errors import ConfigError, DataError
-from raysft.pipeline.models.load import ADAPTER_DIR, RESOLVED_CONFIG
+from raysft.pipeline.errors import ConfigError, DataError, RaysftError
+from raysft.pipeline.models.load import ADAPTER_DIR
 from raysft.pipeline.models.source import base_model_path
 from raysft.pipeline.models.tokenizer import load_tokenizer
+from raysft.pipeline.tracking import finish_tracking, start_tracking
+from raysft.pipeline.training import identity as run_identity
 from raysft.pipeline.training.ledger import LEDGER_FILE
 
 
@@ -108,7 +110,8 @@ def check_cluster(cfg: Config) -> None:
     check_shared_storage(run_dir_of(cfg).parent, cfg.scaling)
 
 
-def build_trainer(cfg: Config, prepared: Prepared, *, callbacks: list | None = None):
+def build_trainer(cfg: Config, prepared: Prepared, *, callbacks: list | None = None,
+                  tracking_parent: dict | None = None):
     """A TorchTrainer for `cfg` on `prepared` (train_dir, eval_dir); the caller calls `.fit()`.
 
     The packed rows travel as object refs of one Arrow table, so workers on other nodes need no
@@ -118,6 +121,7 @@ def build_trainer(cfg: Config, prepared: Prepared, *, callbacks: list | None = N
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from raysft.pipeline.console import WorkerFailures
     from raysft.pipeline.training.loop import train_loop_per_worker
     from raysft.pipeline.training.order import StepPlan
 
@@ -125,17 +129,21 @@ def build_trainer(cfg: Config, prepared: Prepared, *, callbacks: list | None = N
     train_table = read_split(prepared.train_dir, "train")
     eval_table = read_split(prepared.eval_dir, "eval")
     s, t = cfg.scaling, cfg.train
-    StepPlan.from_config(cfg, train_table.num_rows).require_a_step()
-    run_dir = run_dir_of(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RESOLVED_CONFIG).write_text(cfg.dump_yaml())
+    plan = StepPlan.from_config(cfg, train_table.num_rows).require_a_step()
+    # Identity check before anything is written or any worker starts; a refusal leaves the folder as it was.
+    decision = run_identity.decide(cfg, prepared.key, run_dir_of(cfg), steps_per_epoch=plan.steps_per_epoch)
     ds_json = None
     if t.deepspeed.config:
         try:
             ds_json = json.loads(Path(t.deepspeed.config).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError(f"train.deepspeed.config {t.deepspeed.config} is not readable JSON ({exc}).") from None
+    run_identity.apply(decision, cfg.dump_yaml())
+    run_dir = decision.run_dir
+    # MLflow / W&B runs (rank 0 logs into them); a resumed run keeps its runs, a fresh start makes new ones.
+    start_tracking(cfg, run_dir, tracking_parent, fresh=decision.resume_from is None)
     loop_config = {
+        "resume_from": decision.resume_from,
         "config": cfg.to_dict(),
         "train_table": ray.put(train_table),
         "eval_table": ray.put(eval_table) if eval_table is not None and eval_table.num_rows else None,
@@ -157,7 +165,7 @@ def build_trainer(cfg: Config, prepared: Prepared, *, callbacks: list | None = N
             failure_config=FailureConfig(max_failures=max_failures,
                                          controller_failure_limit=max_failures if max_failures >= 0 else -1),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            callbacks=callbacks,
+            callbacks=[*(callbacks or []), WorkerFailures(str(run_dir))],  # recoveries, for the console
         ),
     )
 
@@ -183,6 +191,7 @@ def finish_run(cfg: Config, result) -> TrainResult:
     with ckpt.as_directory() as d:
         publish_adapter(run_dir, Path(d))
     metrics = {k: v for k, v in (result.metrics or {}).items()}
+    finish_tracking(run_dir, adapter)
     return TrainResult(metrics=metrics, run_dir=run_dir, adapter_path=adapter, checkpoint_path=ckpt.path)
 
 
@@ -197,11 +206,34 @@ def _init_ray(cfg: Config) -> None:
 
 def train(cfg: Config) -> TrainResult:
     """Prepare (or reuse the cache), then train with Ray Train; returns metrics, run dir and adapter path."""
-    from raysft.pipeline.data.plan import ensure_prepared
+    from raysft.pipeline.data.plan import ensure_prepared, resolve_inputs
 
     cfg = preflight(cfg)
+    run_identity.decide(cfg, resolve_inputs(cfg).key, run_dir_of(cfg))  # refuse a mismatched rerun before any work
     _init_ray(cfg)
     check_cluster(cfg)
     prepared = ensure_prepared(cfg)
     trainer = build_trainer(cfg, prepared)
-    return finish_run(cfg, trainer.fit())
+    try:
+        result = fit(trainer)
+    except BaseException:
+        finish_tracking(run_dir_of(cfg), None, status="FAILED")
+        raise
+    return finish_run(cfg, result)
+
+
+def fit(trainer):
+    """`trainer.fit()`, with an error a worker raised for the user to fix (e.g. no space for a checkpoint)
+    re-raised here as that one sentence instead of Ray's traceback."""
+    from ray.train import TrainingFailedError
+
+    try:
+        return trainer.fit()
+    except TrainingFailedError as exc:
+        for failure in (getattr(exc, "worker_failures", None) or {}).values():
+            original = getattr(failure, "cause", None) or failure  # Ray wraps it in a RayTaskError
+            if isinstance(original, RaysftError):
+                kind = next(c for c in type(original).__mro__
+                            if issubclass(c, RaysftError) and c.__module__.startswith("raysft."))
+                raise kind(str(original.args[0]) if original.args else str(original)) from None
+        raise

@@ -17,6 +17,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_TOKENIZERS = Path(__file__).resolve().parents[1].parent / "shared" / "tokenizers"
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +26,14 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data sets not present at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def shared_tokenizers() -> Path:
+    """../shared/tokenizers (real Llama-3.1, Qwen2.5, Qwen3, Mistral v0.3 tokenizers), or skip when absent."""
+    if not SHARED_TOKENIZERS.is_dir():
+        pytest.skip(f"real tokenizers not present at {SHARED_TOKENIZERS}")
+    return SHARED_TOKENIZERS
 
 
 @pytest.fixture(scope="session")

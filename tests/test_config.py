@@ -102,7 +102,7 @@ def test_every_command_documents_its_flags():
 def _leaf_keys(data: dict, prefix: str = "") -> list[str]:
     keys = []
     for key, value in data.items():
-        if isinstance(value, dict) and key != "search_space":
+        if isinstance(value, dict) and key not in ("search_space", "chat_template_kwargs"):  # dict-valued keys
             keys += _leaf_keys(value, f"{prefix}{key}.")
         else:
             keys.append(f"{prefix}{key}")

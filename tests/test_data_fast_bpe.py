@@ -3,8 +3,11 @@
 Each encoder is compared with the same encoder built with `fast_path=False` (every row through
 `tokenizers`) on real data (gsm8k, sharegpt), the synthetic rows of every format, and ASCII text
 chosen to stress the GPT-2 regex (contractions, whitespace runs, punctuation, digits, special-token
-text inside contents). Tokenizers outside the fast path's pipeline, non-ASCII rows and a fast path
-that disagrees with `tokenizers` all fall back to `tokenizers`.
+text inside contents), plus non-ASCII text (accents, CJK, Cyrillic, Arabic, emoji split inside a
+character). The real Llama-3.1, Qwen2.5 and Qwen3 tokenizers (a `Split` regex + `ByteLevel(use_regex=False)`,
+Qwen with NFC) take the same path. Tokenizers outside the fast path's pipeline, text it does not
+trust (not NFC, control or format characters) and a fast path that disagrees with `tokenizers` all
+fall back to `tokenizers`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from raysft.pipeline.data.formats import normalise_row
 from raysft.pipeline.data.light_tokenizer import TokenizerSpec
 from raysft.pipeline.data.tokenize import ChatEncoder
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, SHARED_TOKENIZERS
 from test_data_masks import SYNTHETIC
 
 TRICKY = [
@@ -39,6 +42,11 @@ TRICKY = [
     "a\n \n b",
     "CamelCaseWords andALLCAPS and snake_case_names and kebab-case-names",
 ]
+UNICODE = [
+    "Ja, grüße — 東京 ✓ 😀 and 12345 numbers", "naïve café résumé 𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "Привет мир, как дела?",
+    "عربي ١٢٣ text", "emoji 👍🏽 skin tone, CJK 中文字符 and ｆｕｌｌｗｉｄｔｈ", "It’s “quoted” – dashes … ellipsis",
+    "not NFC: e\u0301 (decomposed)", "zero\u200bwidth and zwj 👩\u200d💻", "nbsp\u00a0and\u3000ideographic space",
+]
 
 
 def _smollm2():
@@ -50,8 +58,18 @@ def _smollm2():
     pytest.skip("no SmolLM2 tokenizer here (run `raysft models fetch smollm2-135m-instruct`)")
 
 
+def _shared(family):
+    if not SHARED_TOKENIZERS.is_dir():
+        pytest.skip(f"real tokenizers not present at {SHARED_TOKENIZERS}")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(SHARED_TOKENIZERS / family)
+
+
 def _tokenizer(name, chatml_tokenizer, llama3_tokenizer):
-    return {"chatml": lambda: chatml_tokenizer, "llama3": lambda: llama3_tokenizer, "smollm2": _smollm2}[name]()
+    return {"chatml": lambda: chatml_tokenizer, "llama3": lambda: llama3_tokenizer, "smollm2": _smollm2,
+            "llama-3.1": lambda: _shared("llama-3.1-instruct"), "qwen2.5": lambda: _shared("qwen2.5-instruct"),
+            "qwen3": lambda: _shared("qwen3")}[name]()
 
 
 def _rows(shared_data: Path) -> list:
@@ -61,6 +79,8 @@ def _rows(shared_data: Path) -> list:
                            {"role": "assistant", "content": TRICKY[5]}, {"role": "user", "content": "again"},
                            {"role": "assistant", "content": TRICKY[6]}]}]
     rows += [{"text": t} for t in TRICKY]
+    rows += [{"prompt": t, "completion": u} for t in UNICODE for u in UNICODE[:5]]
+    rows += [{"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": t}]} for t in TRICKY for u in UNICODE]
     if shared_data is not None:
         with open(shared_data / "gsm8k" / "train.jsonl") as f:
             rows += [json.loads(next(f)) for _ in range(600)]
@@ -82,7 +102,7 @@ def shared_or_none():
     return SHARED_DATA if SHARED_DATA.is_dir() else None
 
 
-@pytest.mark.parametrize("name", ["chatml", "llama3", "smollm2"])
+@pytest.mark.parametrize("name", ["chatml", "llama3", "smollm2", "llama-3.1", "qwen2.5", "qwen3"])
 @pytest.mark.parametrize("train_on", ["responses", "all"])
 def test_fast_path_equals_tokenizers(name, train_on, chatml_tokenizer, llama3_tokenizer, shared_or_none):
     tok = _tokenizer(name, chatml_tokenizer, llama3_tokenizer)
@@ -93,15 +113,20 @@ def test_fast_path_equals_tokenizers(name, train_on, chatml_tokenizer, llama3_to
     got, want = fast.encode(items), reference.encode(items)
     assert fast.fast is not None, "the first-rows check must pass for an eligible tokenizer"
     assert all(_same(a, b) for a, b in zip(got, want))
-    # Most rows really took the fast path; the non-ASCII ones (e.g. "grüße — 東京") did not.
+    # Most rows really took the fast path, non-ASCII ones included; text it does not trust did not.
     texts = [fast.render(i.messages) for i in items if i.messages is not None and i.drop_reason is None]
-    safe = [ByteLevelFastPath.safe(t) for t in texts]
+    safe = [fast.fast.safe(t) for t in texts]
     assert sum(safe) > 0.8 * len(texts) and not all(safe)
-    # Offsets are cumulative byte lengths: token i covers exactly its characters of the text.
-    for text in [t for t, ok in zip(texts, safe) if ok][:50]:
+    assert any(ok and not t.isascii() for t, ok in zip(texts, safe))
+    assert not any(ok and ("\u200b" in t or (fast.fast.nfc and "e\u0301" in t)) for t, ok in zip(texts, safe))
+    # Offsets are cumulative byte lengths (mapped to characters): token i covers exactly its characters.
+    for text in [t for t, ok in zip(texts, safe) if ok and t.isascii()][:30] + [t for t, ok in zip(texts, safe) if ok and not t.isascii()][:30]:
         ids = fast.fast.encode(text)
-        ends = np.cumsum(fast.fast.byte_lengths[ids]).tolist()
-        assert list(zip([0] + ends[:-1], ends)) == fast.backend.encode(text, add_special_tokens=False).offsets
+        assert ids == fast.backend.encode(text, add_special_tokens=False).ids
+        assert fast.fast.offsets(ids, text) == fast.backend.encode(text, add_special_tokens=False).offsets
+        if text.isascii():
+            ends = np.cumsum(fast.fast.byte_lengths[ids]).tolist()
+            assert list(zip([0] + ends[:-1], ends)) == fast.backend.encode(text, add_special_tokens=False).offsets
 
 
 def test_only_byte_level_pipelines_take_the_fast_path(chatml_tokenizer):
@@ -122,8 +147,10 @@ def test_only_byte_level_pipelines_take_the_fast_path(chatml_tokenizer):
                     variant(pre_tokenizer={**config["pre_tokenizer"], "add_prefix_space": True}),
                     variant(added_tokens=[{**t, "lstrip": True} for t in config["added_tokens"]])):
         assert ByteLevelFastPath.build(backend, changed) is None
-    assert not ByteLevelFastPath.safe("grüße") and not ByteLevelFastPath.safe("form\x0cfeed")
-    assert not ByteLevelFastPath.safe("unit\x1fseparator") and ByteLevelFastPath.safe("tab\tnew\nline\r")
+    path = ByteLevelFastPath.build(backend, spec.backend_json)
+    assert path.safe("grüße") and not path.safe("form\x0cfeed") and not path.safe("grüße\x0c")
+    assert not path.safe("unit\x1fseparator") and path.safe("tab\tnew\nline\r") and not path.safe("zero\u200bwidth")
+    assert not path.safe("line\u2028separator") and not path.safe("private\ue000use")
 
 
 def test_a_disagreeing_fast_path_is_caught_and_dropped(chatml_tokenizer, caplog):

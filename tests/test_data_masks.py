@@ -138,8 +138,11 @@ def test_generation_prompt_the_history_lacks_and_echoed_content(chatml_tokenizer
     encoder.template = _compile_jinja_template(THINK_TEMPLATE)
     row = {"messages": [{"role": "user", "content": "say 4"}, {"role": "assistant", "content": "4"},
                         {"role": "user", "content": "4"}, {"role": "assistant", "content": "say"}]}
-    ids, labels = encoder.encode([normalise_row(row)])[0]
-    assert [chatml_tokenizer.decode(s) for s in trained_segments(ids, labels)] == ["4<|im_end|>", "say<|im_end|>"]
+    # The first turn's generation prompt (with the think block) is not in the history: that turn is
+    # trained in its own view (the conversation up to it), the last one in the full conversation.
+    (full, view), = encoder.encode_views([normalise_row(row)])
+    assert [chatml_tokenizer.decode(s) for s in trained_segments(*full)] == ["say<|im_end|>"]
+    assert [chatml_tokenizer.decode(s) for s in trained_segments(*view)] == ["4<|im_end|>"]
 
 
 def test_template_refusing_a_row_is_a_counted_drop(chatml_tokenizer):

@@ -179,8 +179,14 @@ def test_ray_plan_equals_pure_functions_and_cli(ray_session, tok_dir, tmp_path, 
     local = plan.prepare(cfg, tmp_path / "local", use_ray=False)
     config_file = tmp_path / "cfg.yaml"
     config_file.write_text(cfg.dump_yaml())
-    assert cli.main(["prepare", str(config_file), "--output", str(tmp_path / "ray")]) == 0
-    printed = json.loads(capsys.readouterr().out)
+    assert cli.main(["prepare", str(config_file), "--output", str(tmp_path / "ray"), "--preview", "2"]) == 0
+    captured = capsys.readouterr()
+    stats_text, _, shown = captured.out.partition("\n--- sample")
+    printed = json.loads(stats_text)
+    # --preview: two samples with [[trained]] text (not a terminal), and preview.html next to stats.json.
+    assert shown.count("--- sample") == 1 and "[[" in shown and "<|im_end|>]]" in shown
+    assert (tmp_path / "ray" / "preview.html").read_text().count("<h3>") == 2
+    assert f"{data} (weight 1): {printed['rows_read']} rows read, {printed['rows_used']} kept" in captured.err
     strip = lambda s: {k: v for k, v in s.items() if k != "seconds"}  # noqa: E731
     assert strip(printed) == strip(local)
     for split in ("train", "eval"):

@@ -97,3 +97,38 @@ def test_demo_end_to_end_on_tiny_model(ray_session, tiny_model_dir, tmp_path, ca
     assert any("eval_loss" in m for m in metrics)
     for stage in ("1/5", "2/5", "3/5", "4/5", "5/5", "eval loss"):
         assert stage in out  # progress is shown
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_demo_cli_console_is_short_with_progress_and_eta_and_the_full_log_in_the_run_folder(tiny_model_dir, tmp_path):
+    """`raysft demo` as a user runs it (not a terminal: plain lines): at most 60 lines, one progress line per
+    step with an ETA, none of Ray's chatter; everything else complete in the run folder's raysft.log."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    sets = [f"model.name_or_path={tiny_model_dir}", "train.max_steps=6", "train.eval_every=3", "train.lr=1e-2",
+            "data.max_seq_len=256", "train.logging.tensorboard=false", "demo.n_train=120", "demo.n_eval=12"]
+    cmd = [sys.executable, "-m", "raysft.pipeline.cli", "demo", "--output", str(tmp_path / "demo")]
+    for s in sets:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_DEDUP_LOGS": "1"})
+    out = proc.stdout + proc.stderr
+    (tmp_path / "console.txt").write_text(out)  # what the user saw, kept for inspection
+    assert proc.returncode == 0, out[-4000:]
+    lines = out.splitlines()
+    assert len(lines) <= 60, out
+    for step in range(1, 7):
+        assert any(re.search(rf"step {step}/6 .*ETA \d\d:\d\d", x) for x in lines), (step, out)
+    assert any("eval_loss" in x and "step 6/6" in x for x in lines)
+    assert any(x.strip().startswith("checkpoint saved: step 6") for x in lines)
+    for chatter in ("Reporting training result", "core_worker", "INFO", "[raysft] step"):
+        assert chatter not in out, chatter
+    report = report_of(tmp_path / "demo")
+    log = Path(report["run_dir"], "raysft.log")
+    assert str(log) in out
+    text = log.read_text()
+    assert "[raysft] step 6/6" in text  # rank 0's own lines, forwarded from the worker
+    assert "INFO" in text  # Ray's chatter, kept in the log

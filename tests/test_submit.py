@@ -257,8 +257,10 @@ def test_submit_tiny_training_succeeds(head, tmp_path, tiny_model_dir):
 
     info = JobSubmissionClient(head.url, headers={"Authorization": f"Bearer {head.token}"}).get_job_info(job)
     assert info.runtime_env["env_vars"] == {"RAYSFT_TEST_SECRET": "s3cr3t-value"}
+    # This job's package (other tests' jobs ship other packages: only what each config references).
+    package = info.runtime_env["working_dir"].rsplit("/", 1)[-1].removesuffix(".zip")
     unpacked = [p for p in head.temp_dir.glob("session_*/runtime_resources/working_dir_files/*")
-                if (p / "tiny.yaml").is_file()]
+                if p.name == package and (p / "tiny.yaml").is_file()]
     assert unpacked, "the job's working directory was not found on the head"
     for d in unpacked:
         names = {p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()}

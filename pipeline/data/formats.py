@@ -4,6 +4,12 @@ Formats: OpenAI `messages`, ShareGPT `conversations` (from/value), Alpaca (instr
 output), prompt/completion (strings or message lists; `question`/`answer` read as its alias) and
 plain `text`. A row that cannot be normalised is not an exception: it comes back with a drop
 reason (counted in stats.json), so one bad line never stops a run unless the config says so.
+
+Tool calling: assistant `tool_calls` (OpenAI form; `arguments` a JSON string or an object, always
+handed to templates as an object), `tool` messages (`tool_call_id`, `name`), a row-level `tools`
+list of JSON schemas (or a JSON string of one), and ShareGPT's `function_call` / `observation`
+turns. Reasoning: an assistant `reasoning_content` field, or `<think>...</think>` leading the
+content, becomes the message's `reasoning_content` (the content keeps only the answer).
 """
 
 from __future__ import annotations
@@ -17,14 +23,16 @@ import pyarrow as pa
 # Drop reasons that mean the input itself is malformed (they count towards data.max_bad_fraction).
 BAD_INPUT_REASONS = frozenset(
     {"malformed_json", "not_an_object", "missing_field", "empty_content", "unknown_role",
-     "non_string_content", "unknown_format", "no_assistant_turn"}
+     "non_string_content", "unknown_format", "no_assistant_turn", "bad_tool_call"}
 )
 
 _SHAREGPT_ROLES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
     "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system",
+    "function_call": "function_call", "observation": "tool", "tool": "tool", "function": "tool",
 }
-_CHAT_ROLES = {"system", "user", "assistant"}
+_CHAT_ROLES = {"system", "user", "assistant", "tool"}
+_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 
 MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 NORMALISED_SCHEMA = pa.schema(
@@ -44,12 +52,15 @@ class BadRow(Exception):
 
 @dataclass
 class Normalised:
-    """One row in chat form (`messages`) or plain text (`text`), or its drop reason."""
+    """One row in chat form (`messages`, with `tools` when the row declares any) or plain text
+    (`text`), or its drop reason. Messages hold `role` and `content`, and where the row has them
+    `reasoning_content`, `tool_calls` (assistant), `tool_call_id` and `name` (tool)."""
 
-    messages: Optional[list[dict[str, str]]] = None
+    messages: Optional[list[dict[str, Any]]] = None
     text: Optional[str] = None
     drop_reason: Optional[str] = None
     detail: Optional[str] = None
+    tools: Optional[list[Any]] = None
 
 
 def detect_format(row: dict[str, Any]) -> str:
@@ -83,22 +94,128 @@ def _get(row: dict[str, Any], field: str) -> Any:
     return row[field]
 
 
-def _chat_list(value: Any, field: str, key_role: str, key_content: str, roles: dict[str, str] | None) -> list[dict[str, str]]:
+def _split_reasoning(content: str) -> tuple[Optional[str], str]:
+    """(reasoning, answer) of a content that opens with `<think>...</think>`; (None, content) otherwise."""
+    head = content.lstrip()
+    if not head.startswith(_THINK_OPEN) or _THINK_CLOSE not in head:
+        return None, content
+    reasoning, answer = head[len(_THINK_OPEN):].split(_THINK_CLOSE, 1)
+    return reasoning.strip("\n"), answer.lstrip("\n")
+
+
+def _arguments(value: Any, where: str) -> Any:
+    """A tool call's arguments as an object (a JSON string is parsed; templates expect objects)."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise BadRow("bad_tool_call", f"{where}.arguments is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise BadRow("bad_tool_call", f"{where}.arguments is a {type(value).__name__}, not an object")
+    return value
+
+
+def _tool_calls(value: Any, where: str, first_id: int) -> list[dict[str, Any]]:
+    """OpenAI-form tool calls; also accepts bare {name, arguments} objects (ShareGPT function_call).
+    A call without an id gets `call_NNNN` (9 characters, the length Mistral's template requires)."""
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise BadRow("bad_tool_call", f"{where} is not a non-empty list of tool calls")
+    out = []
+    for j, call in enumerate(value):
+        at = f"{where}[{j}]"
+        if not isinstance(call, dict):
+            raise BadRow("bad_tool_call", f"{at} is not an object")
+        fn = call.get("function", call)
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise BadRow("bad_tool_call", f"{at} has no function name")
+        call_id = call.get("id")
+        if not isinstance(call_id, str) or not call_id:
+            call_id = f"call_{first_id + j:04d}"
+        args = fn.get("arguments", fn.get("parameters"))
+        out.append({"id": call_id, "type": "function", "function": {"name": fn["name"], "arguments": _arguments(args, at)}})
+    return out
+
+
+def _chat_list(value: Any, field: str, key_role: str, key_content: str, roles: dict[str, str] | None) -> list[dict[str, Any]]:
     if not isinstance(value, list):
         raise BadRow("missing_field" if value is None else "non_string_content", f"'{field}' is not a list of messages")
-    out = []
+    out: list[dict[str, Any]] = []
+    calls = 0  # tool calls so far (ids for calls without one; ShareGPT observations answer the last call)
     for i, msg in enumerate(value):
+        at = f"{field}[{i}]"
         if not isinstance(msg, dict):
-            raise BadRow("non_string_content", f"{field}[{i}] is not an object")
+            raise BadRow("non_string_content", f"{at} is not an object")
         role = msg.get(key_role)
         if not isinstance(role, str):
-            raise BadRow("missing_field", f"{field}[{i}].{key_role} is missing")
+            raise BadRow("missing_field", f"{at}.{key_role} is missing")
         mapped = roles.get(role.lower()) if roles is not None else (role if role in _CHAT_ROLES else None)
         if mapped is None:
-            raise BadRow("unknown_role", f"{field}[{i}] has unknown role '{role}'")
-        content = _string(msg.get(key_content), f"{field}[{i}].{key_content}", allow_empty=mapped != "assistant")
-        out.append({"role": mapped, "content": content})
+            raise BadRow("unknown_role", f"{at} has unknown role '{role}'")
+        raw = msg.get(key_content)
+        if mapped == "function_call":  # ShareGPT: the value is the call(s) as JSON
+            try:
+                parsed = json.loads(raw) if isinstance(raw, str) else raw
+            except ValueError:
+                raise BadRow("bad_tool_call", f"{at}.{key_content} is not a JSON function call") from None
+            new = _tool_calls(parsed, f"{at}.{key_content}", calls)
+            calls += len(new)
+            if out and out[-1]["role"] == "assistant" and "tool_calls" not in out[-1]:
+                out[-1]["tool_calls"] = new  # a gpt turn followed by its call is one assistant message
+            else:
+                out.append({"role": "assistant", "content": "", "tool_calls": new})
+            continue
+        has_calls = mapped == "assistant" and msg.get("tool_calls") is not None
+        if has_calls and raw is None:
+            raw = ""
+        content = _string(raw, f"{at}.{key_content}", allow_empty=mapped != "assistant" or has_calls)
+        item: dict[str, Any] = {"role": mapped, "content": content}
+        if mapped == "assistant":
+            reasoning = msg.get("reasoning_content", msg.get("reasoning"))
+            if reasoning is None:
+                reasoning, item["content"] = _split_reasoning(content)
+            elif not isinstance(reasoning, str):
+                raise BadRow("non_string_content", f"{at}.reasoning_content is a {type(reasoning).__name__}, not a string")
+            if reasoning is not None and reasoning.strip():
+                item["reasoning_content"] = reasoning
+            if has_calls:
+                item["tool_calls"] = _tool_calls(msg["tool_calls"], f"{at}.tool_calls", calls)
+                calls += len(item["tool_calls"])
+            if not item["content"].strip() and "tool_calls" not in item:
+                raise BadRow("empty_content", f"'{at}.{key_content}' is empty")
+        elif mapped == "tool":
+            at_call = next((j for j in range(len(out) - 1, -1, -1) if out[j].get("tool_calls")), None)
+            last = out[at_call]["tool_calls"] if at_call is not None else None
+            call_id, name = msg.get("tool_call_id"), msg.get("name")
+            if call_id is None and last is not None:  # ShareGPT observation: answers the calls in order
+                answered = sum(1 for m in out[at_call + 1:] if m["role"] == "tool")
+                call_id = last[min(answered, len(last) - 1)]["id"]
+            if name is None and last is not None:
+                name = next((c["function"]["name"] for c in last if c["id"] == call_id), None)
+            if call_id is not None:
+                item["tool_call_id"] = str(call_id)
+            if name is not None:
+                item["name"] = str(name)
+        out.append(item)
     return out
+
+
+def _tools(row: dict[str, Any]) -> Optional[list[Any]]:
+    """The row's `tools` column (a list of JSON schemas, or a JSON string of one); None when absent."""
+    tools = row.get("tools")
+    if tools is None or tools == "" or tools == []:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except ValueError:
+            raise BadRow("bad_tool_call", "'tools' is not valid JSON") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise BadRow("bad_tool_call", "'tools' is not a list of JSON schemas")
+    return tools or None
 
 
 def _prompt_completion(row: dict[str, Any]) -> list[dict[str, str]]:
@@ -118,11 +235,36 @@ def _prompt_completion(row: dict[str, Any]) -> list[dict[str, str]]:
     return messages
 
 
-def normalise_row(row: Any, fmt: str = "auto", system_prompt: str | None = None) -> Normalised:
+def rename_columns(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
+    """A row with a source's own field names (`columns`: standard name -> the row's name) renamed to
+    the standard ones, at the top level and inside message lists (role/content/from/value)."""
+    if not columns:
+        return row
+    out = dict(row)
+    for standard, own in columns.items():
+        if own in row and standard not in _MESSAGE_KEYS:
+            out[standard] = out.pop(own) if own in out else row[own]
+    inner = {standard: own for standard, own in columns.items() if standard in _MESSAGE_KEYS}
+    if inner:
+        for key in ("messages", "conversations", "prompt", "completion"):
+            value = out.get(key)
+            if isinstance(value, list):
+                out[key] = [{**{s: m[o] for s, o in inner.items() if isinstance(m, dict) and o in m},
+                             **{k: v for k, v in m.items() if k not in inner.values()}} if isinstance(m, dict) else m
+                            for m in value]
+    return out
+
+
+_MESSAGE_KEYS = frozenset({"role", "content", "from", "value"})
+
+
+def normalise_row(row: Any, fmt: str = "auto", system_prompt: str | None = None,
+                  columns: dict[str, str] | None = None) -> Normalised:
     """One parsed row (a dict) -> `Normalised`; never raises for bad data."""
     try:
         if not isinstance(row, dict):
             raise BadRow("not_an_object", f"row is a {type(row).__name__}, not an object")
+        row = rename_columns(row, columns or {})
         kind = detect_format(row) if fmt == "auto" else fmt
         if kind == "text":
             return Normalised(text=_string(_get(row, "text"), "text"))
@@ -146,13 +288,13 @@ def normalise_row(row: Any, fmt: str = "auto", system_prompt: str | None = None)
             raise BadRow("no_assistant_turn", "the conversation has no assistant turn")
         if system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": system_prompt})
-        return Normalised(messages=messages)
+        return Normalised(messages=messages, tools=_tools(row))
     except BadRow as bad:
         return Normalised(drop_reason=bad.reason, detail=bad.detail)
 
 
 def parse_and_normalise(raw: str | None, fmt: str = "auto", system_prompt: str | None = None,
-                        read_reason: str | None = None) -> Normalised:
+                        read_reason: str | None = None, columns: dict[str, str] | None = None) -> Normalised:
     """A raw JSON text (one line / one element) -> `Normalised`; `read_reason` is a reader's drop."""
     if read_reason is not None:
         return Normalised(drop_reason=read_reason, detail=read_reason)
@@ -160,7 +302,7 @@ def parse_and_normalise(raw: str | None, fmt: str = "auto", system_prompt: str |
         row = json.loads(raw)
     except (TypeError, ValueError) as exc:
         return Normalised(drop_reason="malformed_json", detail=f"not valid JSON ({str(exc)[:60]})")
-    return normalise_row(row, fmt, system_prompt)
+    return normalise_row(row, fmt, system_prompt, columns)
 
 
 def normalise_batch(table: pa.Table, fmt: str = "auto", system_prompt: str | None = None) -> pa.Table:
@@ -172,7 +314,8 @@ def normalise_batch(table: pa.Table, fmt: str = "auto", system_prompt: str | Non
         {
             "source_id": table.column("source_id"),
             "split": table.column("split"),
-            "messages": pa.array([n.messages for n in out], MESSAGE_TYPE),
+            "messages": pa.array([None if n.messages is None else [{"role": m["role"], "content": m["content"]} for m in n.messages]
+                                  for n in out], MESSAGE_TYPE),
             "text": pa.array([n.text for n in out], pa.string()),
             "drop_reason": pa.array([n.drop_reason for n in out], pa.string()),
         },

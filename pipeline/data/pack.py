@@ -7,7 +7,10 @@ there, in well under a second. Plain BFD is also run and kept when it needs fewe
 
 The output keeps every source row accountable: each packed row lists its `source_ids`; a dropped
 sample comes out as a row with empty token lists and its `drop_reason`, and truncated tokens are
-counted, so tokens in == tokens out + tokens truncated + tokens dropped.
+counted, so tokens in == tokens out + tokens truncated + tokens dropped. Per sample, packed rows also
+carry its `sample_views` (0: the row's full conversation, k: its k-th extra turn view),
+`sample_copies` (0: first copy of the row in the epoch) and `sample_truncated` (tokens cut) for
+stats; only schema.PACKED_COLUMNS are written.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from raysft.pipeline.data.tokenize import _list_array
 PACKED_SCHEMA = pa.schema(
     list(PACKED_ROW_SCHEMA)
     + [("split", pa.int8()), ("drop_reason", pa.string()), ("detail", pa.string()), ("rows_truncated", pa.int32()),
-       ("tokens_truncated", pa.int64()), ("tokens_dropped", pa.int64())]
+       ("tokens_truncated", pa.int64()), ("tokens_dropped", pa.int64()), ("sample_views", pa.list_(pa.int32())),
+       ("sample_copies", pa.list_(pa.int32())), ("sample_truncated", pa.list_(pa.int32()))]
 )
 
 
@@ -121,13 +125,17 @@ def pack_batch(table: pa.Table, max_seq_len: int, packing: str = "bfd", too_long
     splits = table.column("split").to_numpy()
     reasons = table.column("drop_reason").to_pylist()
     details = table.column("detail").to_pylist()
+    names = table.column_names
+    views = table.column("view").to_numpy() if "view" in names else np.zeros(table.num_rows, np.int32)
+    copies = table.column("copy").to_numpy() if "copy" in names else np.zeros(table.num_rows, np.int32)
 
     out: dict[str, list] = {k: [] for k in PACKED_SCHEMA.names}
 
     def emit_drop(j: int, reason: str, detail: str | None, tokens: int) -> None:
         for k, v in (("input_ids", []), ("labels", []), ("position_ids", []), ("seq_lengths", []),
                      ("source_ids", [int(sids[j])]), ("split", int(splits[j])), ("drop_reason", reason),
-                     ("detail", detail), ("rows_truncated", 0), ("tokens_truncated", 0), ("tokens_dropped", tokens)):
+                     ("detail", detail), ("rows_truncated", 0), ("tokens_truncated", 0), ("tokens_dropped", tokens),
+                     ("sample_views", [int(views[j])]), ("sample_copies", [int(copies[j])]), ("sample_truncated", [0])):
             out[k].append(v)
 
     samples: dict[int, list[tuple[int, np.ndarray, np.ndarray, int]]] = defaultdict(list)  # split -> kept
@@ -149,7 +157,7 @@ def pack_batch(table: pa.Table, max_seq_len: int, packing: str = "bfd", too_long
         samples[int(splits[j])].append((j, ids, labels, cut))
 
     for split in sorted(samples):
-        kept = sorted(samples[split], key=lambda s: int(sids[s[0]]))  # same rows whatever the batch order
+        kept = sorted(samples[split], key=lambda s: (int(sids[s[0]]), int(views[s[0]]), int(copies[s[0]])))  # any batch order
         if packing == "bfd":
             bins = plan_bins([len(s[1]) for s in kept], max_seq_len)
         else:
@@ -168,12 +176,15 @@ def pack_batch(table: pa.Table, max_seq_len: int, packing: str = "bfd", too_long
             out["rows_truncated"].append(sum(1 for p in parts if p[3]))
             out["tokens_truncated"].append(sum(p[3] for p in parts))
             out["tokens_dropped"].append(0)
+            out["sample_views"].append([int(views[p[0]]) for p in parts])
+            out["sample_copies"].append([int(copies[p[0]]) for p in parts])
+            out["sample_truncated"].append([p[3] for p in parts])
 
     cols = {}
-    for name in ("input_ids", "labels", "position_ids", "seq_lengths"):
+    for name in ("input_ids", "labels", "position_ids", "seq_lengths", "sample_views", "sample_copies", "sample_truncated"):
         cols[name] = _list_array([np.asarray(v, dtype=np.int32) for v in out[name]])
     cols["source_ids"] = pa.array(out["source_ids"], pa.list_(pa.int64()))
     for name in ("split", "drop_reason", "detail", "rows_truncated", "tokens_truncated", "tokens_dropped"):
         cols[name] = pa.array(out[name], PACKED_SCHEMA.field(name).type)
-    return pa.table(cols, schema=PACKED_SCHEMA)
+    return pa.table({name: cols[name] for name in PACKED_SCHEMA.names}, schema=PACKED_SCHEMA)
 

@@ -13,6 +13,7 @@ input files, the tokenizer and the data config, or builds it once (lock + atomic
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -31,13 +32,25 @@ import pyarrow.parquet as pq
 from raysft.pipeline.data import cache
 from raysft.pipeline.data.pack import pack_batch
 from raysft.pipeline.data.schema import PACKED_COLUMNS, Prepared
-from raysft.pipeline.data.sources import Chunk, expand, files_identity, plan_chunks, read_chunk, read_chunks_batch
+from raysft.pipeline.data.sources import (MAX_FILES, Chunk, expand, files_identity, plan_chunks, read_chunk,
+                                          read_chunks_batch)
 from raysft.pipeline.data.stats import StatsAccumulator
-from raysft.pipeline.data.light_tokenizer import TokenizerSpec
+from raysft.pipeline.data.light_tokenizer import TokenizerSpec, compile_chat_template
 from raysft.pipeline.data.tokenize import TokenizeStage, load_tokenizer_spec
-from raysft.pipeline.errors import ClusterError, ConfigError
+from raysft.pipeline.errors import ClusterError, ConfigError, DataError
 
 ROWS_PER_FILE = 4096  # packed rows per Parquet file
+
+
+@dataclass
+class Source:
+    """One data.train source, resolved: its files (consecutive in Inputs.train_files), format, columns, weight."""
+
+    name: str
+    files: list[Path]
+    format: str
+    columns: dict[str, str] = field(default_factory=dict)
+    weight: float = 1.0
 
 
 @dataclass
@@ -48,24 +61,65 @@ class Inputs:
     eval_files: list[Path]
     tokenizer: TokenizerSpec
     key: str
+    sources: list[Source] = field(default_factory=list)
+
+
+def resolve_sources(cfg) -> list[Source]:
+    """data.train as a list of sources (a single path is one source of weight 1 in data.format)."""
+    if not cfg.data.train:
+        raise ConfigError("data.train is not set; point it at a file, directory, glob or hf:// data set.")
+    if isinstance(cfg.data.train, str):
+        return [Source(cfg.data.train, expand(cfg.resolve_path(cfg.data.train)), cfg.data.format)]
+    return [Source(s.path, expand(cfg.resolve_path(s.path)), s.format or cfg.data.format, dict(s.columns), s.weight)
+            for s in cfg.data.train]
 
 
 def resolve_inputs(cfg) -> Inputs:
-    if not cfg.data.train:
-        raise ConfigError("data.train is not set; point it at a file, directory, glob or hf:// data set.")
-    train_files = expand(cfg.resolve_path(cfg.data.train))
+    sources = resolve_sources(cfg)
+    train_files = [f for s in sources for f in s.files]
+    if len(train_files) >= MAX_FILES:
+        raise DataError(f"data.train matches {len(train_files)} files; at most {MAX_FILES - 1} are supported "
+                        "(source ids number files in 12 bits): merge some files.")
     eval_files = expand(cfg.resolve_path(cfg.data.eval)) if cfg.data.eval else []
     spec = load_tokenizer_spec(cfg)
+    if cfg.data.chat_template:
+        spec = dataclasses.replace(spec, chat_template=read_chat_template(cfg))
     key = cache.prepared_key(
         cfg.data.model_dump(mode="json"), files_identity(train_files), files_identity(eval_files), spec.fingerprint(),
     )
-    return Inputs(train_files, eval_files, spec, key)
+    return Inputs(train_files, eval_files, spec, key, sources)
+
+
+def read_chat_template(cfg) -> str:
+    """The text of data.chat_template (a Jinja file), checked to compile."""
+    path = Path(os.path.expanduser(cfg.resolve_path(cfg.data.chat_template)))
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"The chat template file {path} (data.chat_template) cannot be read: {exc.strerror or exc}.") from None
+    try:
+        compile_chat_template(text)
+    except Exception as exc:
+        raise ConfigError(f"The chat template file {path} (data.chat_template) is not a valid Jinja template: "
+                          f"{str(exc).splitlines()[0][:120]}.") from None
+    return text
 
 
 def chunks_for(cfg, inputs: Inputs) -> list[Chunk]:
     rows = cfg.data.tokenize_batch_size
     fraction = 0.0 if inputs.eval_files else cfg.data.eval_split
-    return plan_chunks(inputs.train_files, rows, 0, fraction, cfg.data.seed) + plan_chunks(inputs.eval_files, rows, 1)
+    chunks, first = [], 0
+    for k, source in enumerate(inputs.sources):
+        chunks += plan_chunks(source.files, rows, 0, fraction, cfg.data.seed, first, k, source.weight)
+        first += len(source.files)
+    return chunks + plan_chunks(inputs.eval_files, rows, 1)
+
+
+def stage_kwargs(cfg, inputs: Inputs) -> dict:
+    """What every tokenize stage (local or actor) is built with."""
+    return dict(tokenizer=inputs.tokenizer, fmt=cfg.data.format, system_prompt=cfg.data.system_prompt,
+                train_on=cfg.data.train_on, sources=[(s.format, s.columns) for s in inputs.sources],
+                train_on_reasoning=cfg.data.train_on_reasoning, template_kwargs=dict(cfg.data.chat_template_kwargs))
 
 
 class ParquetSink:
@@ -99,7 +153,8 @@ class ParquetSink:
 
 def consume(cfg, inputs: Inputs, batches: Iterable[pa.Table], out_dir: Path) -> dict:
     """Packed batches -> Parquet under out_dir/{train,eval} + stats (checked for the bad-row policy)."""
-    stats = StatsAccumulator(cfg.data.max_seq_len, [inputs.train_files, inputs.eval_files], cfg.data.on_bad_row)
+    stats = StatsAccumulator(cfg.data.max_seq_len, [inputs.train_files, inputs.eval_files], cfg.data.on_bad_row,
+                             [(s.name, s.weight, len(s.files)) for s in inputs.sources])
     sinks = [ParquetSink(out_dir / "train"), ParquetSink(out_dir / "eval")]
     start = last = time.monotonic()
     try:
@@ -130,9 +185,23 @@ def consume(cfg, inputs: Inputs, batches: Iterable[pa.Table], out_dir: Path) -> 
     return result
 
 
+def summary(stats: dict) -> str:
+    """The per-source lines every prepare prints: rows read, kept, dropped by reason, truncated; tokens; trained share."""
+    lines = ["raysft prepare: per source (train split)"]
+    for s in stats.get("per_source") or []:
+        dropped = ", ".join(f"{r} {n}" for r, n in s["rows_dropped"].items()) or "none"
+        lines.append(f"  {s['source']} (weight {s['weight']:g}): {s['rows_read']} rows read, {s['rows_used']} kept, "
+                     f"dropped: {dropped}; {s['rows_truncated']} truncated; {s['samples']} samples "
+                     f"({s['extra_views']} extra views); {s['tokens']} tokens, {100 * s['trained_share']:.1f}% trained")
+    if stats.get("eval"):
+        e = stats["eval"]
+        lines.append(f"  eval: {e['rows_read']} rows read, {e['rows_used']} kept, {e['tokens_total']} tokens")
+    return "\n".join(lines)
+
+
 def packed_batches_local(cfg, inputs: Inputs) -> Iterable[pa.Table]:
     """The same stages without Ray, one window after another (for tests and tiny inputs)."""
-    stage = TokenizeStage(inputs.tokenizer, cfg.data.format, cfg.data.system_prompt, cfg.data.train_on)
+    stage = TokenizeStage(**stage_kwargs(cfg, inputs))
     tokenized = [stage(read_chunk(c)) for c in chunks_for(cfg, inputs)]
     table = pa.concat_tables(tokenized)
     for start in range(0, table.num_rows, cfg.data.pack_window):
@@ -172,8 +241,7 @@ def packed_batches_ray(cfg, inputs: Inputs) -> Iterable[pa.Table]:
         ds = ray.data.from_items([c.to_dict() for c in chunks], override_num_blocks=len(chunks))
         ds = ds.map_batches(
             ReadAndTokenize,  # one chunk (<= data.tokenize_batch_size rows) per call
-            fn_constructor_kwargs=dict(tokenizer=inputs.tokenizer, fmt=cfg.data.format,
-                                       system_prompt=cfg.data.system_prompt, train_on=cfg.data.train_on),
+            fn_constructor_kwargs=stage_kwargs(cfg, inputs),
             batch_size=1,
             compute=ActorPoolStrategy(size=cfg.data.num_tokenizer_actors),
             batch_format="pyarrow",

@@ -7,7 +7,14 @@ its line number instead of failing the whole file.
 
 Source ids: a file's 0-based row number (line for JSON lines, element for a JSON array, row for
 Parquet/Arrow) plus `file_index << 40`, where file_index is the file's position in the sorted
-list of matched files (so a single file's ids are plain row numbers).
+list of matched files (so a single file's ids are plain row numbers). With several weighted
+sources (`data.train` as a list) the file index runs on across sources, in the listed order.
+A row's extra samples get ids of their own, so no id repeats within an epoch: a turn's own view k
+adds `k << 52`, a weighted repeat c adds `c << 58` (hence at most 4095 files, 63 views, 32 copies).
+
+Weights: a train row of a source with weight w appears `copies` = floor(w) times in the epoch,
+plus once more when a seeded hash of its source id falls under w - floor(w) (rows with 0 copies
+are counted as `not_sampled`). Eval rows always have one copy.
 """
 
 from __future__ import annotations
@@ -24,10 +31,14 @@ import pyarrow as pa
 from raysft.pipeline.errors import DataError
 
 FILE_SHIFT = 40  # source_id = (file_index << FILE_SHIFT) | row
+VIEW_SHIFT, COPY_SHIFT = 52, 58  # extra samples of a row: | view << VIEW_SHIFT | copy << COPY_SHIFT
+MAX_FILES, MAX_VIEWS, MAX_COPIES = 1 << (VIEW_SHIFT - FILE_SHIFT), 1 << (COPY_SHIFT - VIEW_SHIFT), 1 << (63 - COPY_SHIFT)
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 READ_SCHEMA = pa.schema(
-    [("source_id", pa.int64()), ("split", pa.int8()), ("row", pa.string()), ("read_reason", pa.string())]
+    [("source_id", pa.int64()), ("split", pa.int8()), ("row", pa.string()), ("read_reason", pa.string()),
+     ("source", pa.int32()), ("copies", pa.int32())]
 )
+_COPY_SALT = 0x5BD1E995  # hash seed offset for the fractional copy (independent of the eval split's hash)
 
 
 @dataclass
@@ -44,6 +55,8 @@ class Chunk:
     row_groups: list[int] = field(default_factory=list)  # parquet
     eval_fraction: float = 0.0  # rows held out for eval (data.eval_split), chosen by a hash of (seed, source id)
     seed: int = 0
+    source: int = 0  # index of the data.train source the file belongs to
+    weight: float = 1.0  # that source's weight (train rows' copies per epoch)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,8 +67,13 @@ def source_id(file_index: int, row: int) -> int:
 
 
 def split_source_id(sid: int) -> tuple[int, int]:
-    """(file_index, row) of a source id."""
-    return sid >> FILE_SHIFT, sid & ((1 << FILE_SHIFT) - 1)
+    """(file_index, row) of a source id (of any of the row's samples)."""
+    return (sid >> FILE_SHIFT) & (MAX_FILES - 1), sid & ((1 << FILE_SHIFT) - 1)
+
+
+def sample_ids(sids: np.ndarray, views: np.ndarray, copies: np.ndarray) -> np.ndarray:
+    """The ids of a row's samples: its source id, plus its view and copy numbers in the high bits."""
+    return (sids.astype(np.int64) | (views.astype(np.int64) << VIEW_SHIFT) | (copies.astype(np.int64) << COPY_SHIFT))
 
 
 def _kind(path: Path) -> str | None:
@@ -168,26 +186,42 @@ def _parquet_chunks(path: Path, file_index: int, split: int, rows_per_chunk: int
 
 def held_out(source_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Deterministic eval membership: splitmix64(seed, source id) / 2**64 < fraction."""
+    return _unit(source_ids, seed) < fraction
+
+
+def copies(source_ids: np.ndarray, weight: float, seed: int) -> np.ndarray:
+    """Copies of each row in one epoch for a source weight: floor(weight), plus one where a seeded
+    hash of the source id falls under the fractional part."""
+    whole, frac = int(weight), weight - int(weight)
+    out = np.full(len(source_ids), whole, dtype=np.int32)
+    if frac > 0:
+        out += (_unit(source_ids, seed + _COPY_SALT) < frac).astype(np.int32)
+    return out
+
+
+def _unit(source_ids: np.ndarray, seed: int) -> np.ndarray:
+    """splitmix64(seed, source id) / 2**64: a deterministic uniform number per row."""
     with np.errstate(over="ignore"):
         z = source_ids.astype(np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15 + 0x9E3779B97F4A7C15) % (1 << 64))
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
 def plan_chunks(files: list[Path], rows_per_chunk: int, split: int = 0, eval_fraction: float = 0.0,
-                seed: int = 0) -> list[Chunk]:
-    """Cut every file into chunks of about `rows_per_chunk` rows (JSON arrays: one per file)."""
-    chunks = _plan_chunks(files, rows_per_chunk, split)
+                seed: int = 0, first_file: int = 0, source: int = 0, weight: float = 1.0) -> list[Chunk]:
+    """Cut every file into chunks of about `rows_per_chunk` rows (JSON arrays: one per file); file
+    indexes (in source ids) start at `first_file`."""
+    chunks = _plan_chunks(files, rows_per_chunk, split, first_file)
     for c in chunks:
-        c.eval_fraction, c.seed = eval_fraction, seed
+        c.eval_fraction, c.seed, c.source, c.weight = eval_fraction, seed, source, weight
     return chunks
 
 
-def _plan_chunks(files: list[Path], rows_per_chunk: int, split: int) -> list[Chunk]:
+def _plan_chunks(files: list[Path], rows_per_chunk: int, split: int, first_file: int = 0) -> list[Chunk]:
     chunks: list[Chunk] = []
-    for i, path in enumerate(files):
+    for i, path in enumerate(files, start=first_file):
         kind = _kind(path)
         if kind == "jsonl":
             chunks += _jsonl_chunks(path, i, split, rows_per_chunk)
@@ -246,12 +280,18 @@ def read_chunk(chunk: Chunk) -> pa.Table:
     split = np.full(len(rows), chunk.split, dtype=np.int8)
     if chunk.eval_fraction > 0:
         split[held_out(ids, chunk.eval_fraction, chunk.seed)] = 1
+    n_copies = np.ones(len(rows), dtype=np.int32)
+    if chunk.weight != 1.0 and chunk.split == 0:
+        n_copies = np.where(split == 0, copies(ids, chunk.weight, chunk.seed), 1).astype(np.int32)
+        reasons = [r if r is not None or c else "not_sampled" for r, c in zip(reasons, n_copies.tolist())]
     return pa.table(
         {
             "source_id": pa.array(ids, pa.int64()),
             "split": pa.array(split, pa.int8()),
             "row": pa.array(rows, pa.string()),
             "read_reason": pa.array(reasons, pa.string()),
+            "source": pa.array(np.full(len(rows), chunk.source, dtype=np.int32), pa.int32()),
+            "copies": pa.array(np.maximum(n_copies, 1), pa.int32()),
         },
         schema=READ_SCHEMA,
     )

@@ -49,48 +49,68 @@ def eval_config(cfg: Config) -> Config:
 
 
 def run_demo(output: str | os.PathLike = "runs/demo", overrides: list[str] | None = None,
-             n_train: int | None = None, n_eval: int | None = None) -> int:
-    """Run the demo; 0 when training lowered the held-out eval loss, 1 when it did not."""
+             n_train: int | None = None, n_eval: int | None = None, verbose: bool | None = None) -> int:
+    """Run the demo; 0 when training lowered the held-out eval loss, 1 when it did not.
+
+    `verbose` None (the Python API) prints to stdout as it goes; True/False (the CLI) sends all of
+    the process's output to the run folder's raysft.log and shows the console (and, if True, the logs)."""
+    from raysft.pipeline.console import LOG_FILE, Console, console_session
+
+    output = Path(output).expanduser().resolve()
+    run_name = "run-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    if verbose is None:
+        return _demo(output, overrides, n_train, n_eval, run_name, Console())
+    log_file = output / run_name / LOG_FILE
+    with console_session(log_file, verbose) as console:
+        code = _demo(output, overrides, n_train, n_eval, run_name, console)
+        console.line(f"  full log    {log_file}")
+    return code
+
+
+def _demo(output: Path, overrides: list[str] | None, n_train: int | None, n_eval: int | None, run_name: str,
+          console) -> int:
     from raysft.pipeline.demo.task import write_task
     from raysft.pipeline.demo.evaluate import evaluate
     from raysft.pipeline.jsonl import read as read_rows
     from raysft.pipeline.demo.report import summary_lines, write_report
+    from raysft.pipeline.console import follow_run
     from raysft.pipeline.models.fetch import fetch_model
+    from raysft.pipeline.trainer import run_dir_of
     from raysft.pipeline.training.metrics import read_metrics
 
     t0 = time.perf_counter()
-    output = Path(output).expanduser().resolve()
     output.mkdir(parents=True, exist_ok=True)
     overrides = list(overrides or [])
     user_model = _override_value(overrides, "model.name_or_path")
     n_train = n_train or int(_override_value(overrides, "demo.n_train") or 0) or None
+    n_eval = n_eval or int(_override_value(overrides, "demo.n_eval") or 0) or None
     overrides = [o for o in overrides if not o.startswith("demo.")]
 
-    _stage(1, "model", t0)
+    _stage(console, 1, "model", t0)
     model_path = user_model or str(fetch_model(DEMO_MODEL))
     probe = demo_config(model_path, output / "data", output, "probe", overrides)
     n_train = n_train or _rows_for(probe)
     n_eval = n_eval or 32
 
-    _stage(2, f"data: {n_train} train + {n_eval} held-out rows of the task {TASK}", t0)
+    _stage(console, 2, f"data: {n_train} train + {n_eval} held-out rows of the task {TASK}", t0)
     train_path, eval_path = write_task(output / "data", n_train=n_train, n_eval=n_eval, seed=probe.data.seed)
     eval_rows = read_rows(eval_path)
-    run_name = "run-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     cfg = demo_config(model_path, output / "data", output, run_name, overrides)
 
-    _stage(3, "evaluating the base model (eval loss, exact-match accuracy)", t0)
+    _stage(console, 3, "evaluating the base model (eval loss, exact-match accuracy)", t0)
     before = evaluate(eval_config(cfg), eval_rows)
-    print(f"  before: eval loss {before.eval_loss:.4f}, accuracy {before.accuracy:.1%} ({before.seconds:.0f} s)", flush=True)
+    console.line(f"  before: eval loss {before.eval_loss:.4f}, accuracy {before.accuracy:.1%} ({before.seconds:.0f} s)")
 
-    _stage(4, f"QLoRA SFT on a local Ray cluster: {cfg.scaling.num_workers} CPU workers, "
+    _stage(console, 4, f"QLoRA SFT on a local Ray cluster: {cfg.scaling.num_workers} CPU workers, "
               f"ZeRO-{cfg.train.deepspeed.stage}, {cfg.train.max_steps} steps", t0)
     t_train = time.perf_counter()
-    result = _train_on_local_ray(cfg)
+    with follow_run(run_dir_of(cfg), console):
+        result = _train_on_local_ray(cfg)
     train_seconds = time.perf_counter() - t_train
 
-    _stage(5, "evaluating base + adapter", t0)
+    _stage(console, 5, "evaluating base + adapter", t0)
     after = evaluate(eval_config(cfg), eval_rows, adapter=result.adapter_path)
-    print(f"  after: eval loss {after.eval_loss:.4f}, accuracy {after.accuracy:.1%} ({after.seconds:.0f} s)", flush=True)
+    console.line(f"  after: eval loss {after.eval_loss:.4f}, accuracy {after.accuracy:.1%} ({after.seconds:.0f} s)")
 
     metrics = read_metrics(result.run_dir)
     steps = [m for m in metrics if "loss" in m]
@@ -117,12 +137,13 @@ def run_demo(output: str | os.PathLike = "runs/demo", overrides: list[str] | Non
         "wall_seconds": time.perf_counter() - t0,
     }
     paths = write_report(output, report, metrics)
-    print("\nraysft demo report", flush=True)
+    console.line()
+    console.line("raysft demo report")
     for line in summary_lines(report):
-        print("  " + line)
-    print(f"  report      {paths['md']} (and {paths['json'].name})\n  loss curve  {paths['png']}", flush=True)
+        console.line("  " + line)
+    console.line(f"  report      {paths['md']} (and {paths['json'].name})\n  loss curve  {paths['png']}")
     if after.eval_loss >= before.eval_loss:
-        print("raysft demo: training did not lower the held-out eval loss.", flush=True)
+        console.line("raysft demo: training did not lower the held-out eval loss.")
         return 1
     return 0
 
@@ -166,8 +187,8 @@ def _override_value(overrides: list[str], key: str) -> str | None:
     return None
 
 
-def _stage(n: int, text: str, t0: float) -> None:
-    print(f"[demo {time.perf_counter() - t0:5.0f}s] {n}/5 {text}", flush=True)
+def _stage(console, n: int, text: str, t0: float) -> None:
+    console.line(f"[demo {time.perf_counter() - t0:5.0f}s] {n}/5 {text}")
 
 
 def report_of(output: str | os.PathLike) -> dict[str, Any]:

@@ -1,49 +1,158 @@
-"""What a submitted job ships: a staged working_dir (project files, raysft, resolved config) + env vars.
+"""What a submitted job ships, by allow-list: the config, the files it references, raysft and its requirements,
+what the user names with --include, and the user's working folder only when asked for (--working-dir).
 
-The job's working directory on the cluster is a staged copy of the user's working directory with
-everything secret or bulky left out (`.env` files, credentials, keys, virtualenvs, caches, run
-outputs, model weights), plus the `raysft` package itself (so the cluster runs the code the user
-has here) and the resolved config. Secrets reach the job only as environment variables the user
-names with `--env`; nothing is read from `.env` files.
+Never shipped, wherever they are: files matching the credential deny-list (`CREDENTIAL_PATTERNS`,
+matched case-insensitively; naming one explicitly is an error), and symlinks whose target leaves
+the folder being shipped. A working folder is also filtered by its .gitignore / .rayignore and by
+`BULKY_PATTERNS` (virtualenvs, caches, run outputs, model weights). Secrets reach the job only as
+environment variables the user names with --env. `raysft submit --dry-run` prints the exact list.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
+from pathspec import PathSpec
 from raysft.pipeline.config import Config, get_dotted, set_dotted
-from raysft.pipeline.errors import ConfigError, ClusterError
-
-# Same gitignore-style matcher Ray applies to runtime_env "excludes" (ray is pinned to 2.60.0).
-from ray._private.thirdparty.pathspec import PathSpec
+from raysft.pipeline.errors import ClusterError, ConfigError
 
 JOB_CONFIG_NAME = "raysft_job.yaml"
-MAX_UPLOAD_BYTES = 100 * 1024 * 1024  # Ray keeps packages in the GCS: big files belong on shared storage
+MAX_UPLOAD_BYTES = (
+    100 * 1024 * 1024
+)  # Ray keeps packages in the GCS: big files belong on shared storage
 
-# gitignore syntax; a trailing "/" matches directories only.
-DEFAULT_EXCLUDES: tuple[str, ...] = (
-    # secrets: dotenv files, cloud credentials, keys, tokens
-    ".env", ".env.*", "*.env", ".envrc", ".netrc", ".pypirc", ".git-credentials",
-    "credentials", "credentials.*", "*credentials*.json", "*service-account*.json", "*secret*",
-    ".aws/", ".azure/", ".gcloud/", ".config/gcloud/", ".ssh/", ".kube/", ".docker/", ".ray/",
-    "*.pem", "*.key", "*.p12", "*.pfx", "id_rsa*", "id_ed25519*", "id_ecdsa*", "*.token", "auth_token",
-    # version control and virtualenvs
-    ".git/", ".hg/", ".svn/", ".venv/", "venv/", "virtualenv/", ".conda/", "site-packages/",
-    # caches and build products
-    "__pycache__/", "*.pyc", "*.pyo", ".pytest_cache/", ".mypy_cache/", ".ruff_cache/", ".cache/",
-    ".ipynb_checkpoints/", ".tox/", ".nox/", "*.egg-info/", "build/", "dist/", ".whl/", "node_modules/",
-    ".raysft_cache/", ".DS_Store",
-    # run outputs, experiment trackers, model weights
-    "runs/", "prepared/", "outputs/", "checkpoints/", "wandb/", "mlruns/", "lightning_logs/",
-    "ray_results/", ".models/", "*.safetensors", "*.bin", "*.gguf", "*.pt", "*.pth", "*.ckpt",
+# gitignore syntax, lower case (paths are lower-cased before matching); a trailing "/" matches folders.
+CREDENTIAL_PATTERNS: tuple[str, ...] = (
+    # dotenv files and shell state
+    ".env",
+    ".env.*",
+    "*.env",
+    ".envrc",
+    ".*_history",
+    ".netrc",
+    "_netrc",
+    # package-manager, database, cloud and tool credentials
+    ".npmrc",
+    ".yarnrc",
+    ".pypirc",
+    ".pgpass",
+    ".my.cnf",
+    ".s3cfg",
+    ".boto",
+    ".vault-token",
+    ".databrickscfg",
+    ".git-credentials",
+    ".dockercfg",
+    "credentials",
+    "credentials.*",
+    "*credentials*.json",
+    "*service-account*.json",
+    "*secret*",
+    ".aws/",
+    ".azure/",
+    ".gcloud/",
+    ".config/gcloud/",
+    ".config/gh/",
+    ".kaggle/",
+    ".huggingface/",
+    ".cache/huggingface/token",
+    ".ssh/",
+    ".gnupg/",
+    ".kube/",
+    ".docker/",
+    ".ray/",
+    ".terraform/",
+    "*.tfstate",
+    "*.tfstate.*",
+    "*.tfvars",
+    # tokens
+    "token",
+    "token.txt",
+    "*_token",
+    "*_token.txt",
+    "*-token",
+    "*-token.txt",
+    "*.token",
+    "hf_token*",
+    "auth_token",
+    # keys and keystores
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
+    "*.ppk",
+    "*.jks",
+    "*.keystore",
+    "*.asc",
+    "*.gpg",
+    "id_rsa*",
+    "id_dsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
+    "*_key",
+    "deploy_key*",
+    "keys/",
+    "secrets/",
 )
+BULKY_PATTERNS: tuple[str, ...] = (
+    ".git/",
+    ".hg/",
+    ".svn/",
+    ".venv/",
+    "venv/",
+    "virtualenv/",
+    ".conda/",
+    "site-packages/",
+    "__pycache__/",
+    "*.pyc",
+    "*.pyo",
+    ".pytest_cache/",
+    ".mypy_cache/",
+    ".ruff_cache/",
+    ".cache/",
+    ".ipynb_checkpoints/",
+    ".tox/",
+    ".nox/",
+    "*.egg-info/",
+    "build/",
+    "dist/",
+    ".whl/",
+    "node_modules/",
+    ".raysft_cache/",
+    ".DS_Store",
+    "runs/",
+    "prepared/",
+    "outputs/",
+    "checkpoints/",
+    "wandb/",
+    "mlruns/",
+    "lightning_logs/",
+    "ray_results/",
+    ".models/",
+    "*.safetensors",
+    "*.bin",
+    "*.gguf",
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
+)
+_CREDENTIALS = PathSpec.from_lines("gitwildmatch", CREDENTIAL_PATTERNS)
 
-# Config fields that may name local files or folders (rewritten so they resolve on the cluster).
-_PATH_FIELDS = ("model.name_or_path", "model.tokenizer", "data.train", "data.eval", "train.deepspeed.config")
+# Config fields naming local files or folders that the job reads and that are shipped with it.
+_SHIPPED_FIELDS = (
+    "data.train",
+    "data.eval",
+    "model.tokenizer",
+    "train.deepspeed.config",
+)
+# Base model folders hold weights (too big for a job package): they must exist on the cluster's nodes.
+_MODEL_FIELD = "model.name_or_path"
 
 
 @dataclass
@@ -51,37 +160,66 @@ class JobPackage:
     """A staged job directory and the runtime_env that ships it."""
 
     directory: Path
-    files: list[str]  # paths relative to `directory` that Ray will upload
+    files: list[str]  # paths relative to `directory` that Ray will upload, sorted
     runtime_env: dict[str, Any]
     notes: list[str] = field(default_factory=list)  # one-line warnings for the user
 
+    def sizes(self) -> list[tuple[str, int]]:
+        return [(f, (self.directory / f).stat().st_size) for f in self.files]
 
-def exclude_spec(root: Path, extra: Iterable[str] = ()) -> PathSpec:
-    """Default excludes + the root's .gitignore and .rayignore + the user's own patterns."""
-    lines = list(DEFAULT_EXCLUDES)
-    for name in (".gitignore", ".rayignore"):
-        f = root / name
-        if f.is_file():
-            lines += f.read_text().splitlines()
-    lines += list(extra)
-    return PathSpec.from_lines("gitwildmatch", lines)
+    def total_bytes(self) -> int:
+        return sum(size for _, size in self.sizes())
 
 
-def upload_files(root: str | os.PathLike, extra_excludes: Iterable[str] = ()) -> list[str]:
-    """Relative POSIX paths of the files under `root` a job would ship, sorted; excluded folders are pruned."""
+def is_credential(rel: str, is_dir: bool = False) -> bool:
+    """Whether a path (relative, POSIX) matches the credential deny-list, case-insensitively."""
+    rel = rel.lower()
+    return _CREDENTIALS.match_file(rel + "/" if is_dir else rel)
+
+
+def _ignore_spec(root: Path, extra: Iterable[str], ignore_files: bool) -> PathSpec:
+    lines = list(BULKY_PATTERNS)
+    for name in (".gitignore", ".rayignore") if ignore_files else ():
+        if (root / name).is_file():
+            lines += (root / name).read_text().splitlines()
+    return PathSpec.from_lines("gitwildmatch", [*lines, *extra])
+
+
+def walk(
+    root: str | os.PathLike,
+    extra_excludes: Iterable[str] = (),
+    ignore_files: bool = True,
+) -> list[str]:
+    """Relative POSIX paths of the files under `root` that may ship, sorted: no credentials, nothing bulky, no
+    symlink that leaves `root`, no symlinked folder; with `ignore_files`, also not what .gitignore/.rayignore name."""
     root = Path(root).resolve()
-    spec = exclude_spec(root, extra_excludes)
+    spec = _ignore_spec(root, extra_excludes, ignore_files)
     kept: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         rel_dir = Path(dirpath).relative_to(root).as_posix()
         prefix = "" if rel_dir == "." else rel_dir + "/"
-        dirnames[:] = sorted(d for d in dirnames if not spec.match_file(prefix + d + "/")
-                             and not os.path.islink(os.path.join(dirpath, d)))
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if not os.path.islink(os.path.join(dirpath, d))
+            and not spec.match_file(prefix + d + "/")
+            and not is_credential(prefix + d, is_dir=True)
+        )
         for name in sorted(filenames):
-            rel = prefix + name
-            if not spec.match_file(rel) and os.path.isfile(os.path.join(dirpath, name)):
-                kept.append(rel)
+            rel, full = prefix + name, Path(dirpath) / name
+            if spec.match_file(rel) or is_credential(rel) or not full.is_file():
+                continue
+            if full.is_symlink() and not full.resolve().is_relative_to(root):
+                continue  # never ship what a link outside the folder points at
+            kept.append(rel)
     return sorted(kept)
+
+
+def upload_files(
+    root: str | os.PathLike, extra_excludes: Iterable[str] = ()
+) -> list[str]:
+    """The files of a working folder a job would ship (see `walk`)."""
+    return walk(root, extra_excludes)
 
 
 def _raysft_sources() -> dict[str, Path]:
@@ -89,84 +227,205 @@ def _raysft_sources() -> dict[str, Path]:
     import raysft.kernels
     import raysft.pipeline
 
-    return {"pipeline": Path(raysft.pipeline.__file__).parent, "kernels": Path(raysft.kernels.__file__).parent}
+    return {
+        "pipeline": Path(raysft.pipeline.__file__).parent,
+        "kernels": Path(raysft.kernels.__file__).parent,
+    }
 
 
-def _ship_paths(cfg: Config, root: Path, shipped: set[str], notes: list[str]) -> dict[str, Any]:
-    """The config as a dict with local paths made valid in the job's working directory."""
+def raysft_requirements() -> list[str]:
+    """raysft's own requirements: the checkout's pyproject.toml when running from one, else the installed metadata."""
+    pyproject = _raysft_sources()["pipeline"].resolve().parent / "pyproject.toml"
+    if pyproject.is_file():
+        import tomllib
+
+        project = tomllib.loads(pyproject.read_text()).get("project", {})
+        if project.get("name") == "raysft":
+            return list(project.get("dependencies", []))
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        return [r for r in requires("raysft") or [] if "extra ==" not in r]
+    except PackageNotFoundError:
+        return []
+
+
+class _Stage:
+    """Files placed into the staging folder, with the upload size limit and the credential rule enforced."""
+
+    def __init__(self, dest: Path):
+        self.dest, self.files, self.total = dest, {}, 0
+
+    def add(self, src: Path, rel: str) -> None:
+        if rel in self.files:
+            return
+        self.total += src.stat().st_size
+        if self.total > MAX_UPLOAD_BYTES:
+            raise ClusterError(
+                f"The job package would be over {MAX_UPLOAD_BYTES >> 20} MiB (at {src}); put large files "
+                "on shared storage and point the config at them."
+            )
+        (self.dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, self.dest / rel)
+        self.files[rel] = src
+
+    def add_path(self, path: Path, rel: str, what: str) -> None:
+        """A file or folder the user or the config named explicitly: folders are walked without following links."""
+        if is_credential(path.name, is_dir=path.is_dir()) or is_credential(
+            rel, is_dir=path.is_dir()
+        ):
+            raise ConfigError(
+                f"Refusing to ship {path} ({what}): it looks like a credential file; pass secrets with --env."
+            )
+        if path.is_dir():
+            for sub in walk(path, ignore_files=False):
+                self.add(path / sub, f"{rel}/{sub}")
+        else:
+            self.add(path, rel)
+
+
+def _relative_to(path: Path, root: Path) -> str | None:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return None
+
+
+def _ship_config_paths(
+    cfg: Config, root: Path, stage: _Stage, notes: list[str]
+) -> dict[str, Any]:
+    """Ship every local file or folder the config names; return the config with paths valid in the job's folder."""
     data = cfg.to_dict()
-    for key in _PATH_FIELDS:
+    for key in (*_SHIPPED_FIELDS, _MODEL_FIELD):
         value = get_dotted(data, key)
         if not isinstance(value, str) or "://" in value:
             continue
-        local = Path(cfg.resolve_path(value)).expanduser()
-        if not local.exists():
-            continue  # a hub id or a path that only exists on the cluster
-        local = local.resolve()
-        try:
-            rel = local.relative_to(root).as_posix()
-        except ValueError:
-            rel = None
-        inside = rel is not None and (rel in shipped or any(f.startswith(rel + "/") for f in shipped))
-        if inside:
-            set_dotted(data, key, rel)
-        else:
+        spec = os.path.expanduser(cfg.resolve_path(value) or value)
+        is_glob = any(ch in spec for ch in "*?[")
+        local = Path(spec).resolve() if not is_glob else None
+        if (local is None and not glob.glob(spec, recursive=True)) or (
+            local is not None and not local.exists()
+        ):
+            continue  # a hub id, or a path that only exists on the cluster
+        if key == _MODEL_FIELD:
             set_dotted(data, key, str(local))
-            notes.append(f"{key} is {local}, which is not shipped: it must exist at that path on the cluster's nodes.")
+            notes.append(
+                f"{key} is {local}, which is not shipped (model weights): it must exist at that path on "
+                "the cluster's nodes."
+            )
+            continue
+        if is_glob:
+            rel_pattern = _relative_to(Path(os.path.abspath(spec)), root)
+            if rel_pattern is None:
+                set_dotted(data, key, os.path.abspath(spec))
+                notes.append(
+                    f"{key} is the glob {spec} outside {root}, which is not shipped: it must exist on the cluster."
+                )
+                continue
+            for match in sorted(glob.glob(spec, recursive=True)):
+                if Path(match).is_file():
+                    stage.add_path(
+                        Path(match).resolve(),
+                        Path(os.path.abspath(match)).relative_to(root).as_posix(),
+                        key,
+                    )
+            set_dotted(data, key, rel_pattern)
+            continue
+        rel = _relative_to(local, root) or f"inputs/{key}/{local.name}"
+        stage.add_path(local, rel, key)
+        set_dotted(data, key, rel)
     storage = data["run"]["storage_path"]
     if "://" not in storage and not os.path.isabs(storage):
-        notes.append(f"run.storage_path '{storage}' is relative, so runs land in the job's temporary working "
-                     "directory on the cluster; use a shared filesystem path or s3://, gs:// for results to keep.")
+        notes.append(
+            f"run.storage_path '{storage}' is relative, so runs land in the job's temporary working "
+            "directory on the cluster; use a shared filesystem path or s3://, gs:// for results to keep."
+        )
     return data
 
 
-def build_job_package(cfg: Config, working_dir: str | os.PathLike, staging: str | os.PathLike,
-                      env_names: Iterable[str] = (), extra_excludes: Iterable[str] = ()) -> JobPackage:
-    """Stage `working_dir` (filtered), raysft and the resolved config in `staging`; return the runtime_env."""
+def build_job_package(
+    cfg: Config,
+    staging: str | os.PathLike,
+    *,
+    working_dir: str | os.PathLike | None = None,
+    includes: Iterable[str | os.PathLike] = (),
+    env_names: Iterable[str] = (),
+    extra_excludes: Iterable[str] = (),
+) -> JobPackage:
+    """Stage the job's files in `staging` and return the runtime_env that ships them.
+
+    The job's folder mirrors `working_dir` when given, else the config file's folder: files keep their
+    paths relative to it; referenced files from elsewhere go to inputs/<config key>/.
+    """
     import yaml
 
-    root = Path(working_dir).resolve()
-    if not root.is_dir():
-        raise ConfigError(f"Working directory {root} does not exist.")
+    if working_dir is not None:
+        root = Path(working_dir).resolve()
+        if not root.is_dir():
+            raise ConfigError(f"Working directory {root} does not exist.")
+    else:
+        root = Path(cfg.source).resolve().parent if cfg.source else Path.cwd().resolve()
     dest = Path(staging)
     dest.mkdir(parents=True, exist_ok=True)
+    stage = _Stage(dest)
     sources = _raysft_sources()
-    # Submitting from a raysft checkout: its pipeline/ and kernels/ travel as raysft/ below; shipped
-    # again at the top they would shadow PyPI's `kernels` (which transformers probes) on the job's path.
-    own = [f"/{name}/" for name, src in sources.items() if src.resolve().parent == root]
-    files = upload_files(root, [*extra_excludes, *own])
-    total = 0
-    for rel in files:
-        total += (root / rel).stat().st_size
-        if total > MAX_UPLOAD_BYTES:
-            biggest = max(files, key=lambda r: (root / r).stat().st_size)
-            raise ClusterError(f"The job's working directory {root} holds over {MAX_UPLOAD_BYTES >> 20} MiB to upload "
-                               f"(largest: {biggest}); exclude it with --exclude or put it on shared storage.")
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(root / rel, dest / rel)
-
-    # raysft itself, as a regular package that wins over any install on the cluster's nodes.
-    pkg = dest / "raysft"
-    if pkg.exists():
-        raise ConfigError(f"Working directory {root} has its own 'raysft' folder, which would shadow the shipped package.")
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text('"""raysft, shipped with a Ray job by `raysft submit`."""\n')
-    for name, src in sources.items():
-        for rel in upload_files(src):
-            (pkg / name / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src / rel, pkg / name / rel)
-
+    if working_dir is not None:
+        # Submitting from a raysft checkout: its pipeline/ and kernels/ travel as raysft/ below; shipped
+        # again at the top they would shadow PyPI's `kernels` (which transformers probes) on the job's path.
+        own = [
+            f"/{name}/" for name, src in sources.items() if src.resolve().parent == root
+        ]
+        for rel in walk(root, [*extra_excludes, *own, "/raysft/"]):
+            stage.add(root / rel, rel)
+    if cfg.source and _relative_to(Path(cfg.source).resolve(), root) is not None:
+        stage.add_path(
+            Path(cfg.source).resolve(),
+            _relative_to(Path(cfg.source).resolve(), root),
+            "the config file",
+        )
+    for inc in includes:
+        path = Path(inc).expanduser().resolve()
+        rel = _relative_to(path, root)
+        if not path.exists():
+            raise ConfigError(f"--include {inc} does not exist.")
+        if rel is None or rel == ".":
+            raise ConfigError(
+                f"--include {inc} is not inside {root}, the job's folder; move it there or use shared storage."
+            )
+        stage.add_path(path, rel, "--include")
     notes: list[str] = []
-    data = _ship_paths(cfg, root, set(files), notes)
+    data = _ship_config_paths(cfg, root, stage, notes)
     (dest / JOB_CONFIG_NAME).write_text(yaml.safe_dump(data, sort_keys=False))
+
+    # raysft itself, as a regular package that wins over any install on the cluster's nodes, and its requirements.
+    if (dest / "raysft").exists():
+        raise ConfigError(
+            f"The job's folder {root} has its own 'raysft' entry, which would shadow the shipped package."
+        )
+    (dest / "raysft").mkdir()
+    (dest / "raysft" / "__init__.py").write_text(
+        '"""raysft, shipped with a Ray job by `raysft submit`."""\n'
+    )
+    (dest / "raysft" / "requirements.txt").write_text(
+        "".join(r + "\n" for r in raysft_requirements())
+    )
+    for name, src in sources.items():
+        for rel in walk(src):
+            stage.add(src / rel, f"raysft/{name}/{rel}")
 
     env_vars = {}
     for name in env_names:
         if name not in os.environ:
-            raise ConfigError(f"Environment variable {name} named by --env is not set here.")
+            raise ConfigError(
+                f"Environment variable {name} named by --env is not set here."
+            )
         env_vars[name] = os.environ[name]
     runtime_env: dict[str, Any] = {"working_dir": str(dest)}
     if env_vars:
         runtime_env["env_vars"] = env_vars
-    shipped = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
-    return JobPackage(directory=dest, files=shipped, runtime_env=runtime_env, notes=notes)
+    shipped = sorted(
+        p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()
+    )
+    return JobPackage(
+        directory=dest, files=shipped, runtime_env=runtime_env, notes=notes
+    )

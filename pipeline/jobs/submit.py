@@ -2,13 +2,13 @@
 
 Talks to the cluster's dashboard (Ray Jobs REST API, `JobSubmissionClient`). Works with clusters
 that require Ray's token authentication (token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
-~/.ray/auth_token) and with those that do not. Each command returns its exit code: 0 success,
-1 the job failed or was stopped, 2 (a `ClusterError`/`ConfigError`) the request itself failed.
+~/.ray/auth_token, read here in Ray's order; no private Ray API) and with those that do not. Each
+command returns its exit code: 0 success, 1 the job failed or was stopped, 2 (a `ClusterError`/
+`ConfigError`) the request itself failed.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import re
@@ -18,7 +18,8 @@ import sys
 import tempfile
 import time
 import uuid
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from raysft.pipeline.errors import ClusterError
@@ -32,12 +33,20 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 def dashboard_address(address: str | None) -> str:
     """--address, else $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS, as an http(s) URL of the dashboard."""
-    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    address = (
+        address
+        or os.environ.get("RAY_API_SERVER_ADDRESS")
+        or os.environ.get("RAY_ADDRESS")
+    )
     if not address or address in ("auto", "local"):
-        raise ClusterError("No cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS to the dashboard URL.")
+        raise ClusterError(
+            "No cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS to the dashboard URL."
+        )
     if address.startswith("ray://"):
-        raise ClusterError(f"Address {address} is a Ray Client address; raysft submits through the dashboard, "
-                           "e.g. http://HEAD:8265.")
+        raise ClusterError(
+            f"Address {address} is a Ray Client address; raysft submits through the dashboard, "
+            "e.g. http://HEAD:8265."
+        )
     if "://" not in address:
         address = "http://" + address
     return address.rstrip("/")
@@ -52,17 +61,30 @@ def _check_reachable(url: str, timeout_s: float = 10.0) -> None:
             pass
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        raise ClusterError(f"Cannot reach the Ray dashboard at {url} ({reason}); is the cluster running "
-                           "and its dashboard port open?") from None
+        raise ClusterError(
+            f"Cannot reach the Ray dashboard at {url} ({reason}); is the cluster running "
+            "and its dashboard port open?"
+        ) from None
+
+
+def local_token() -> str | None:
+    """The cluster token the way Ray looks it up: $RAY_AUTH_TOKEN, else the file $RAY_AUTH_TOKEN_PATH, else
+    ~/.ray/auth_token (whatever RAY_AUTH_MODE says); None when there is none."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if token:
+        return token
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(
+        os.path.expanduser("~"), ".ray", "auth_token"
+    )
+    try:
+        return open(path).read().strip() or None
+    except OSError:
+        return None
 
 
 def _local_token_header() -> dict[str, str]:
-    """Ray's own token lookup (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token), whatever RAY_AUTH_MODE says."""
-    from ray._raylet import AuthenticationTokenLoader
-
-    loader = AuthenticationTokenLoader.instance()
-    loader.reset_cache()
-    return dict(loader.get_token_for_http_header(ignore_auth_mode=True) or {})
+    token = local_token()
+    return {"authorization": f"Bearer {token}"} if token else {}
 
 
 def connect(address: str | None):
@@ -76,17 +98,23 @@ def connect(address: str | None):
         return JobSubmissionClient(url)
     except AuthenticationError:
         # Ray adds the token itself only when RAY_AUTH_MODE=token; retry with the local token otherwise.
-        headers = {} if os.environ.get("RAY_AUTH_MODE") == "token" else _local_token_header()
+        headers = (
+            {} if os.environ.get("RAY_AUTH_MODE") == "token" else _local_token_header()
+        )
         if headers:
             try:
                 return JobSubmissionClient(url, headers=headers)
             except AuthenticationError:
                 pass
-        raise ClusterError(f"The Ray cluster at {url} requires token authentication and no valid token was found: "
-                           "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or write ~/.ray/auth_token) "
-                           "to the cluster's token.") from None
+        raise ClusterError(
+            f"The Ray cluster at {url} requires token authentication and no valid token was found: "
+            "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or write ~/.ray/auth_token) "
+            "to the cluster's token."
+        ) from None
     except (ConnectionError, RuntimeError) as exc:
-        raise ClusterError(f"Cannot talk to the Ray Jobs API at {url}: {_first_line(exc)}") from None
+        raise ClusterError(
+            f"Cannot talk to the Ray Jobs API at {url}: {_first_line(exc)}"
+        ) from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -102,10 +130,16 @@ def _call(what: str, job_id: str, url: str, fn: Callable[[], T]) -> T:
         return fn()
     except RuntimeError as exc:
         if "404" in str(exc) or "does not exist" in str(exc):
-            raise ClusterError(f"No job {job_id} on the Ray cluster at {url}.") from None
-        raise ClusterError(f"Could not {what} job {job_id} at {url}: {_first_line(exc)}") from None
+            raise ClusterError(
+                f"No job {job_id} on the Ray cluster at {url}."
+            ) from None
+        raise ClusterError(
+            f"Could not {what} job {job_id} at {url}: {_first_line(exc)}"
+        ) from None
     except (ConnectionError, requests.RequestException):
-        raise ClusterError(f"Lost the connection to the Ray cluster at {url} while trying to {what} job {job_id}.") from None
+        raise ClusterError(
+            f"Lost the connection to the Ray cluster at {url} while trying to {what} job {job_id}."
+        ) from None
 
 
 # ---------------------------------------------------------------- submitting
@@ -126,32 +160,73 @@ def new_job_id(run_name: str) -> str:
     return f"raysft-{safe}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
 
 
-def submit(args: argparse.Namespace) -> int:
-    """Validate the config here, ship project + config to the cluster, start the job; with --wait, follow it."""
+def submit(
+    config: str,
+    overrides: Sequence[str] = (),
+    *,
+    address: str | None = None,
+    wait: bool = False,
+    job_command_name: str | None = None,
+    env: Sequence[str] = (),
+    working_dir: str | None = None,
+    includes: Sequence[str] = (),
+    excludes: Sequence[str] = (),
+    dry_run: bool = False,
+) -> int:
+    """Validate the config here, ship its job package to the cluster and start the job; with `wait`, follow it.
+
+    With `dry_run`, print the exact files and total size that would be uploaded, and contact no cluster.
+    """
     from raysft.pipeline.config import load_config
     from raysft.pipeline.jobs.package import JOB_CONFIG_NAME, build_job_package
 
-    cfg = load_config(args.config, overrides=args.overrides)  # a bad config fails here, before any upload
-    command = job_command(cfg, getattr(args, "job_command", None))
-    client = connect(args.address)
-    url = client.get_address()
+    cfg = load_config(
+        config, overrides=list(overrides)
+    )  # a bad config fails here, before any upload
+    command = job_command(cfg, job_command_name)
+    client = url = None
+    if not dry_run:
+        client = connect(address)
+        url = client.get_address()
     with tempfile.TemporaryDirectory(prefix="raysft-job-") as staging:
-        package = build_job_package(cfg, getattr(args, "working_dir", None) or os.getcwd(), staging,
-                                    env_names=getattr(args, "env", []) or [],
-                                    extra_excludes=getattr(args, "exclude", []) or [])
+        package = build_job_package(
+            cfg,
+            staging,
+            working_dir=working_dir,
+            includes=includes,
+            env_names=env,
+            extra_excludes=excludes,
+        )
         for note in package.notes:
             print(f"raysft: note: {note}", file=sys.stderr)
+        if dry_run:
+            sizes = package.sizes()
+            for rel, size in sizes:
+                print(f"{size:>12}  {rel}")
+            total = sum(size for _, size in sizes)
+            print(
+                f"{len(sizes)} files, {total} bytes ({total / 2**20:.2f} MiB) would be uploaded for `{command}`."
+            )
+            return 0
         job_id = new_job_id(cfg.run.name)
         # The upload happens inside submit_job, while the staging folder still exists.
-        _call("submit", job_id, url, lambda: client.submit_job(
-            entrypoint=entrypoint(command, JOB_CONFIG_NAME),
-            submission_id=job_id,
-            runtime_env=package.runtime_env,
-            metadata={"raysft_command": command, "raysft_config": os.path.basename(str(args.config))},
-        ))
+        _call(
+            "submit",
+            job_id,
+            url,
+            lambda: client.submit_job(
+                entrypoint=entrypoint(command, JOB_CONFIG_NAME),
+                submission_id=job_id,
+                runtime_env=package.runtime_env,
+                metadata={
+                    "raysft_command": command,
+                    "raysft_config": os.path.basename(str(config)),
+                },
+            ),
+        )
     print(f"Submitted job {job_id} ({command}, {len(package.files)} files) to {url}")
     print(f"Dashboard: {url}/#/jobs/{job_id}")
-    if not args.wait:
+    if not wait:
         print(f"Follow it with: raysft logs {job_id} --follow --address {url}")
         return 0
     return _follow(client, job_id, url)
@@ -159,6 +234,7 @@ def submit(args: argparse.Namespace) -> int:
 
 def _follow(client, job_id: str, url: str) -> int:
     """Stream the job's logs until it ends; 0 when it succeeded, 1 when it failed or was stopped."""
+
     async def stream() -> None:
         async for chunk in client.tail_job_logs(job_id):
             sys.stdout.write(chunk)
@@ -169,13 +245,21 @@ def _follow(client, job_id: str, url: str) -> int:
     try:
         try:
             asyncio.run(stream())
-        except (RuntimeError, aiohttp.ClientError, OSError) as exc:  # the log socket dropped: poll the status
-            print(f"raysft: note: log stream ended early ({_first_line(exc).rstrip('.')}); waiting for the job to finish.",
-                  file=sys.stderr)
+        except (
+            RuntimeError,
+            aiohttp.ClientError,
+            OSError,
+        ) as exc:  # the log socket dropped: poll the status
+            print(
+                f"raysft: note: log stream ended early ({_first_line(exc).rstrip('.')}); waiting for the job to finish.",
+                file=sys.stderr,
+            )
         info = _wait_terminal(client, job_id, url)
     except KeyboardInterrupt:
-        print(f"\nraysft: stopped following; the job keeps running (raysft stop {job_id} --address {url}).",
-              file=sys.stderr)
+        print(
+            f"\nraysft: stopped following; the job keeps running (raysft stop {job_id} --address {url}).",
+            file=sys.stderr,
+        )
         raise
     return _report_end(job_id, info)
 
@@ -193,7 +277,10 @@ def _report_end(job_id: str, info: Any) -> int:
     if status == "SUCCEEDED":
         print(f"Job {job_id} succeeded.")
         return 0
-    print(f"raysft: error: job {job_id} {status.lower()}{_why(info.message)}", file=sys.stderr)
+    print(
+        f"raysft: error: job {job_id} {status.lower()}{_why(info.message)}",
+        file=sys.stderr,
+    )
     return 1
 
 
@@ -211,43 +298,43 @@ def _why(message: str | None) -> str:
 # ---------------------------------------------------------------- status, logs, stop
 
 
-def status(args: argparse.Namespace) -> int:
+def status(job: str, address: str | None = None) -> int:
     """Print the job's status (and message); exit 0 when the cluster answered."""
-    client = connect(args.address)
+    client = connect(address)
     url = client.get_address()
-    info = _call("query", args.job, url, lambda: client.get_job_info(args.job))
+    info = _call("query", job, url, lambda: client.get_job_info(job))
     detail = _why(info.message) if str(info.status) == "FAILED" else ""
-    print(f"{args.job}: {info.status}{detail}")
+    print(f"{job}: {info.status}{detail}")
     return 0
 
 
-def logs(args: argparse.Namespace) -> int:
-    """Print the job's logs so far; with --follow, stream them and exit with the job's outcome."""
-    client = connect(args.address)
+def logs(job: str, address: str | None = None, follow: bool = False) -> int:
+    """Print the job's logs so far; with `follow`, stream them and exit with the job's outcome."""
+    client = connect(address)
     url = client.get_address()
-    if getattr(args, "follow", False):
-        _call("query", args.job, url, lambda: client.get_job_info(args.job))
-        return _follow(client, args.job, url)
-    text = _call("read the logs of", args.job, url, lambda: client.get_job_logs(args.job))
+    if follow:
+        _call("query", job, url, lambda: client.get_job_info(job))
+        return _follow(client, job, url)
+    text = _call("read the logs of", job, url, lambda: client.get_job_logs(job))
     sys.stdout.write(text)
     return 0
 
 
-def stop(args: argparse.Namespace) -> int:
+def stop(job: str, address: str | None = None) -> int:
     """Ask the cluster to stop the job; waits briefly so the printed status is the final one."""
-    client = connect(args.address)
+    client = connect(address)
     url = client.get_address()
-    stopped = _call("stop", args.job, url, lambda: client.stop_job(args.job))
+    stopped = _call("stop", job, url, lambda: client.stop_job(job))
     if not stopped:
-        info = _call("query", args.job, url, lambda: client.get_job_info(args.job))
-        print(f"Job {args.job} had already ended: {info.status}.")
+        info = _call("query", job, url, lambda: client.get_job_info(job))
+        print(f"Job {job} had already ended: {info.status}.")
         return 0
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        info = _call("query", args.job, url, lambda: client.get_job_info(args.job))
+        info = _call("query", job, url, lambda: client.get_job_info(job))
         if str(info.status) in TERMINAL:
-            print(f"Job {args.job} stopped: {info.status}.")
+            print(f"Job {job} stopped: {info.status}.")
             return 0
         time.sleep(0.5)
-    print(f"Job {args.job}: stop requested, still {info.status}.")
+    print(f"Job {job}: stop requested, still {info.status}.")
     return 0

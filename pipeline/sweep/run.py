@@ -44,6 +44,7 @@ from raysft.pipeline.sweep.report import (
     COMPLETED, EARLY_STOPPED, ERROR, INTERRUPTED, BestTrial, SweepResult, TrialRecord,
     pick_best, plot_curves, plot_loss_vs_lr, table_row, write_csv,
 )
+from raysft.pipeline.tracking import finish_sweep_tracking, finish_tracking, start_sweep_tracking
 from raysft.pipeline.sweep.space import SweepPlan, data_overrides, plan_sweep, trial_overrides
 
 log = logging.getLogger("raysft.tune")
@@ -72,13 +73,14 @@ def tune(cfg: Config, resume: bool = False) -> SweepResult:
     _check_sweep_folder(cfg, sweep_dir, resume)
 
     _connect(cfg)
+    tracking_parent = start_sweep_tracking(cfg, sweep_dir)  # one MLflow parent run; trials are its children
     capacity = read_capacity()
     concurrency = max_concurrent_trials(cfg, capacity)
     check_shared_storage(sweep_dir, cfg.scaling)
     prepared = _prepare_all(data_cfg, plan)  # tokenizes at most once per distinct data config
     trainable = rt.with_resources(
         rt.with_parameters(run_trial, base=cfg.to_dict(), source=cfg.source, plan=plan, prepared=prepared,
-                           trials_dir=str(sweep_dir / TRIALS_DIR)),
+                           trials_dir=str(sweep_dir / TRIALS_DIR), tracking_parent=tracking_parent),
         trial_resources(cfg),
     )
     with _sparse_metrics():
@@ -104,13 +106,15 @@ def tune(cfg: Config, resume: bool = False) -> SweepResult:
                 ),
             )
         grid = tuner.fit()
-    return _collect(cfg, plan, sweep_dir, grid)
+    sweep = _collect(cfg, plan, sweep_dir, grid)
+    finish_sweep_tracking(sweep_dir, sweep)
+    return sweep
 
 
 # --- the trial ----------------------------------------------------------------------------------
 
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], source: Optional[str], plan: SweepPlan,
-              prepared: dict[str, Any], trials_dir: str) -> None:
+              prepared: dict[str, Any], trials_dir: str, tracking_parent: Optional[dict[str, Any]] = None) -> None:
     """One Tune trial: the config with the sampled values, trained by its own TorchTrainer."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -122,8 +126,12 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], source: Optional[
     run_dir.mkdir(parents=True, exist_ok=True)
     jsonl.append(run_dir / ATTEMPTS_FILE, {"started": time.time(), "pid": os.getpid()})
     data = prepared[_variant_key(data_overrides(plan, config))]
-    trainer = build_trainer(cfg, data, callbacks=[TuneReportCallback()])
-    result = trainer.fit()  # a resumed trial's trainer continues from its latest checkpoint (same storage/name)
+    trainer = build_trainer(cfg, data, callbacks=[TuneReportCallback()], tracking_parent=tracking_parent)
+    try:
+        result = trainer.fit()  # a resumed trial's trainer continues from its latest checkpoint (same storage/name)
+    except BaseException:
+        finish_tracking(run_dir, None, status="FAILED")  # the trial's MLflow child run, if any
+        raise
     finished = finish_run(cfg, result)  # the final adapter into run_dir/adapter
     (run_dir / TRIAL_FILE).write_text(json.dumps({
         "trial_id": trial_id, "status": COMPLETED, "finished": time.time(),

@@ -1,18 +1,24 @@
-"""Checkpoints: DeepSpeed engine state (LoRA weights, optimizer, scheduler) + RNG + data position + ledger.
+"""Checkpoints: trainable weights, optimizer, scheduler, RNG, data position and ledger; safetensors, JSON, text only.
 
 Layout of one checkpoint folder (every rank writes its part; Ray merges them into one folder):
-    ds/                      DeepSpeed `save_checkpoint` (trainable params only: frozen base excluded)
+    module.safetensors       the trainable (LoRA) parameters, full (gathered under ZeRO-3), by parameter name
+    optim/rank{R}.safetensors + optim/rank{R}.json
+                             rank R's optimizer state (its ZeRO partition), LR scheduler and engine counters
+                             (training/safe_state.py: tensors in safetensors, the rest in JSON)
     adapter/                 the PEFT adapter (safetensors), loadable on its own
     rng/rank{R}.json         Python, NumPy and torch RNG states of rank R
     samples.jsonl            the ledger up to this step
     config.yaml              the resolved config
-    state.json               data position (written last: a folder without it is incomplete)
-DeepSpeed writes its optimizer / module states with torch.save (pickle); raysft reads them back only
-from its own run storage. Model tensors a user gets (adapter/, merged/) are safetensors.
+    state.json               data position, world size
+    manifest/rank{R}.json    size and SHA-256 of every file rank R wrote (written last)
+A checkpoint counts only when the manifests of all ranks are present and every file matches them
+(`problem`); anything else in the folder makes it invalid too. DeepSpeed's own save_checkpoint /
+load_checkpoint are not used: they pickle (torch.load(weights_only=False)). Nothing here unpickles.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -21,12 +27,24 @@ from typing import Any
 
 import numpy as np
 import torch
-
+from raysft.pipeline.errors import CheckpointError
 from raysft.pipeline.models.load import ADAPTER_DIR, RESOLVED_CONFIG, save_adapter
 from raysft.pipeline.training.ledger import LEDGER_FILE
+from raysft.pipeline.training.safe_state import load_tree, save_tree
 
-TAG = "ds"
 STATE_FILE = "state.json"
+MODULE_FILE = "module.safetensors"
+MANIFEST_DIR = "manifest"
+# Written by Ray itself next to a checkpoint's files (Checkpoint.set_metadata); JSON, never read by raysft.
+RAY_FILES = frozenset({".metadata.json"})
+# Optimizer-state entries that are objects, not data; restored from the live optimizer (DeepSpeed's
+# static loss scaler with bf16/fp32, and the slice maps only universal checkpoints use).
+_LIVE_ONLY = frozenset(
+    {"loss_scaler", "param_slice_mappings", "universal_checkpoint_info"}
+)
+SPACE_MARGIN_BYTES = (
+    4 << 20
+)  # leave this much free after a checkpoint (metadata, Ray's snapshot)
 
 
 def rng_state(device: torch.device | str | None = None) -> dict[str, Any]:
@@ -37,8 +55,18 @@ def rng_state(device: torch.device | str | None = None) -> dict[str, Any]:
     """
     np_state = np.random.get_state()
     state = {
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [
+            random.getstate()[0],
+            list(random.getstate()[1]),
+            random.getstate()[2],
+        ],
+        "numpy": [
+            np_state[0],
+            np_state[1].tolist(),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
         "torch": torch.get_rng_state().tolist(),
     }
     dev = torch.device(device) if device is not None else None
@@ -74,48 +102,279 @@ def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {n: p.detach().cpu().clone() for n, p in params}
 
 
-def _trainable_module_state(engine) -> None:
-    """Make DeepSpeed's module state the trainable parameters only (on this engine instance).
+# ---------------------------------------------------------------- engine state as tensors
 
-    DeepSpeed builds `module.state_dict()` of the whole model and drops frozen entries afterwards:
-    that serialises the entire 4-bit base each time, and under ZeRO-3 bitsandbytes cannot even
-    repack its partitioned (empty) weights. The LoRA tensors are all a checkpoint needs; under
-    ZeRO-3 their values live in DeepSpeed's partitioned optimizer files.
+
+def engine_state(engine) -> dict[str, Any]:
+    """What DeepSpeed's save_checkpoint would keep for resuming, as a plain tree (this rank's partition)."""
+    sched = engine.lr_scheduler
+    return {
+        "optimizer": engine.optimizer.state_dict(),
+        "lr_scheduler": sched.state_dict() if sched is not None else None,
+        "global_steps": int(engine.global_steps),
+        "global_samples": int(engine.global_samples),
+        "skipped_steps": int(engine.skipped_steps),
+    }
+
+
+def load_engine_state(engine, directory: Path, rank: int) -> None:
+    """Restore trainable weights, optimizer (incl. fp32 master partitions), scheduler and counters."""
+    import deepspeed
+    import torch.distributed as dist
+
+    weights = _load_module_file(directory / MODULE_FILE)
+    params = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    missing = [n for n, _ in params if n not in weights]
+    if missing or len(weights) != len(params):
+        raise CheckpointError(
+            f"Checkpoint {directory} holds weights for {len(weights)} trainable parameters, this model "
+            f"has {len(params)} (first missing: {missing[0] if missing else 'none'}); it belongs to another LoRA shape."
+        )
+    with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
+        for n, p in params:
+            w = weights[n]
+            if tuple(w.shape) != tuple(p.shape):
+                raise CheckpointError(
+                    f"Checkpoint {directory}: {n} has shape {tuple(w.shape)}, the model {tuple(p.shape)}."
+                )
+            p.data.copy_(w.to(p.dtype))
+
+    tree = load_tree(directory / "optim" / f"rank{rank}")
+    opt = tree["optimizer"]
+    if hasattr(engine.optimizer, "loss_scaler"):
+        opt["loss_scaler"] = engine.optimizer.loss_scaler
+    if engine.zero_optimization():
+        group = engine.optimizer.dp_process_group
+        sd_list: list[Any] = [None] * dist.get_world_size(group=group)
+        sd_list[dist.get_rank(group=group)] = opt
+        engine.optimizer.load_state_dict(
+            state_dict_list=sd_list,
+            load_optimizer_states=True,
+            load_from_fp32_weights=engine.zero_load_from_fp32_weights(),
+        )
+    elif engine.bfloat16_enabled() or engine.fp16_enabled():
+        engine.optimizer.load_state_dict(opt, load_optimizer_states=True)
+    else:
+        engine.optimizer.load_state_dict(opt)
+    if engine.lr_scheduler is not None and tree["lr_scheduler"] is not None:
+        engine.lr_scheduler.load_state_dict(tree["lr_scheduler"])
+    engine.global_steps, engine.global_samples = (
+        tree["global_steps"],
+        tree["global_samples"],
+    )
+    engine.skipped_steps = tree["skipped_steps"]
+
+
+def _load_module_file(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError):
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file; raysft never unpickles checkpoint files, "
+            "so it refuses this one."
+        ) from None
+
+
+# ---------------------------------------------------------------- save, verify, load
+
+
+def save(
+    engine,
+    directory: str | Path,
+    *,
+    rank: int,
+    state: dict[str, Any],
+    ledger_path: Path | None,
+    config_yaml: str,
+    storage: str | Path | None = None,
+    device: torch.device | str | None = None,
+) -> Path:
+    """Write, seal (manifest) and verify this rank's part of a checkpoint in `directory`; every rank calls it.
+
+    With `storage` (a local folder the checkpoint is uploaded to), fail in one sentence on every rank
+    when it has less free space than the whole checkpoint (all ranks) needs, before anything is uploaded.
     """
-    if getattr(engine, "_raysft_trainable_state", False):
-        return
+    import torch.distributed as dist
 
-    def module_state_dict(destination=None, prefix="", keep_vars=False, exclude_frozen_parameters=False):
-        return {prefix + n: (p if keep_vars else p.detach()) for n, p in engine.module.named_parameters() if p.requires_grad}
-
-    engine.module_state_dict = module_state_dict
-    engine._raysft_trainable_state = True
-
-
-def save(engine, directory: str | Path, *, rank: int, state: dict[str, Any], ledger_path: Path | None,
-         config_yaml: str, device: torch.device | str | None = None) -> Path:
-    """Write this rank's part of a checkpoint into `directory` (every rank calls it)."""
     directory = Path(directory)
-    _trainable_module_state(engine)
-    engine.save_checkpoint(str(directory), tag=TAG, exclude_frozen_parameters=True)
-    adapter = trainable_state_dict(engine.module)
-    (directory / "rng").mkdir(parents=True, exist_ok=True)
-    (directory / "rng" / f"rank{rank}.json").write_text(json.dumps(rng_state(device)))
-    if rank == 0:
-        save_adapter(engine.module, directory / ADAPTER_DIR, state_dict=adapter)
-        if ledger_path is not None and ledger_path.is_file():
-            shutil.copyfile(ledger_path, directory / LEDGER_FILE)
-        (directory / RESOLVED_CONFIG).write_text(config_yaml)
-        (directory / STATE_FILE).write_text(json.dumps(state))
+    state = {
+        **state,
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+    }
+    written: list[Path] = []
+    weights = trainable_state_dict(engine.module)
+    try:
+        written += save_tree(
+            engine_state(engine), directory / "optim" / f"rank{rank}", drop=_LIVE_ONLY
+        )
+        rng = directory / "rng" / f"rank{rank}.json"
+        rng.parent.mkdir(parents=True, exist_ok=True)
+        rng.write_text(json.dumps(rng_state(device)))
+        written.append(rng)
+        if rank == 0:
+            from safetensors.torch import save_file
+
+            save_file(weights, str(directory / MODULE_FILE))
+            written.append(directory / MODULE_FILE)
+            save_adapter(engine.module, directory / ADAPTER_DIR, state_dict=weights)
+            written += [p for p in (directory / ADAPTER_DIR).rglob("*") if p.is_file()]
+            if ledger_path is not None and ledger_path.is_file():
+                shutil.copyfile(ledger_path, directory / LEDGER_FILE)
+                written.append(directory / LEDGER_FILE)
+            (directory / RESOLVED_CONFIG).write_text(config_yaml)
+            (directory / STATE_FILE).write_text(json.dumps(state))
+            written += [directory / RESOLVED_CONFIG, directory / STATE_FILE]
+        manifest = write_manifest(directory, rank, written)
+    except OSError as exc:
+        raise CheckpointError(
+            f"Could not write checkpoint step {state['step']} to {directory} ({exc.strerror or exc})."
+        ) from None
+    bad = _check_files(directory, manifest["files"])
+    if bad:
+        raise CheckpointError(
+            f"Checkpoint step {state['step']} failed verification right after writing: {bad}."
+        )
+    need = (
+        sum(f["size"] for f in manifest["files"].values())
+        + (directory / MANIFEST_DIR / f"rank{rank}.json").stat().st_size
+    )
+    _check_space(storage, need, state["step"], dist.is_initialized())
     return directory
 
 
-def load(engine, directory: str | Path, *, rank: int, device: torch.device | str | None = None) -> dict[str, Any]:
-    """Restore engine (LoRA weights, optimizer, scheduler) and this rank's RNG; return the data position."""
+def _check_space(
+    storage: str | Path | None, need: int, step: int, distributed: bool
+) -> None:
+    """Every rank raises the same sentence when the storage cannot take the whole checkpoint."""
+    import torch.distributed as dist
+
+    total = torch.tensor([float(need)], dtype=torch.float64)
+    if distributed:
+        dist.all_reduce(total)
+    free = -1.0
+    if storage is not None and Path(storage).exists():
+        free = float(shutil.disk_usage(storage).free)
+    short = torch.tensor(
+        [1.0 if 0 <= free < total.item() + SPACE_MARGIN_BYTES else 0.0],
+        dtype=torch.float64,
+    )
+    worst = torch.tensor([free if free >= 0 else float("inf")], dtype=torch.float64)
+    if distributed:
+        dist.all_reduce(short, op=dist.ReduceOp.MAX)
+        dist.all_reduce(worst, op=dist.ReduceOp.MIN)
+    if short.item() > 0:
+        raise CheckpointError(
+            f"Not enough space in {storage} for checkpoint step {step}: {worst.item() / 2**20:.1f} MiB free, "
+            f"{(total.item() + SPACE_MARGIN_BYTES) / 2**20:.1f} MiB needed; free space and rerun the same command "
+            "to resume from the last complete checkpoint."
+        )
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path, rank: int, files: list[Path]) -> dict[str, Any]:
+    """manifest/rank{R}.json: {"rank", "files": {relative path: {"size", "sha256"}}}; written after every file."""
+    entries = {
+        p.relative_to(directory).as_posix(): {
+            "size": p.stat().st_size,
+            "sha256": _sha256(p),
+        }
+        for p in files
+    }
+    manifest = {"rank": rank, "files": entries}
+    path = directory / MANIFEST_DIR / f"rank{rank}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(manifest, sort_keys=True))
+    return manifest
+
+
+def _check_files(directory: Path, files: dict[str, dict]) -> str | None:
+    for rel, want in files.items():
+        p = directory / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        if p.stat().st_size != want["size"]:
+            return (
+                f"{rel} has {p.stat().st_size} bytes, its manifest says {want['size']}"
+            )
+        if _sha256(p) != want["sha256"]:
+            return f"{rel} does not match its checksum"
+    return None
+
+
+def problem(directory: str | Path) -> str | None:
+    """None when `directory` is a complete checkpoint; else what is wrong with it, as a short phrase."""
     directory = Path(directory)
-    engine.load_checkpoint(str(directory), tag=TAG, load_module_strict=False,
-                           load_optimizer_states=True, load_lr_scheduler_states=True)
+    try:
+        state = json.loads((directory / STATE_FILE).read_text())
+        world = int(state["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{STATE_FILE} is missing or unreadable"
+    listed: set[str] = set()
+    for r in range(world):
+        mpath = directory / MANIFEST_DIR / f"rank{r}.json"
+        try:
+            files = json.loads(mpath.read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"the manifest of rank {r} is missing or unreadable"
+        bad = _check_files(directory, files)
+        if bad:
+            return bad
+        listed |= set(files) | {f"{MANIFEST_DIR}/rank{r}.json"}
+    extra = sorted(
+        p.relative_to(directory).as_posix()
+        for p in directory.rglob("*")
+        if (p.is_file() or p.is_symlink())
+        and p.relative_to(directory).as_posix() not in listed | RAY_FILES
+    )
+    if extra:
+        return f"it holds {extra[0]}, a file no rank wrote"
+    return None
+
+
+def load(engine, directory: str | Path, *, rank: int, device: torch.device | str | None = None) -> dict[str, Any]:
+    """Restore engine state and this rank's RNG from a verified checkpoint; return the data position."""
+    directory = Path(directory)
+    why = problem(directory)
+    if why is not None:
+        raise CheckpointError(
+            f"Checkpoint {directory} is not complete ({why}); refusing to resume from it."
+        )
+    load_engine_state(engine, directory, rank)
     rng = directory / "rng" / f"rank{rank}.json"
     if rng.is_file():
         set_rng_state(json.loads(rng.read_text()), device)
     return json.loads((directory / STATE_FILE).read_text())
+
+
+def step_of(directory: str | Path) -> int:
+    """The step a checkpoint folder was written at, from its name (checkpoint_000004 -> 4); -1 when not one."""
+    name = Path(str(directory).rstrip("/")).name
+    prefix, _, digits = name.partition("_")
+    return int(digits) if prefix == "checkpoint" and digits.isdigit() else -1
+
+
+def resume_checkpoint(registered, verified: str | None, rank: int):
+    """The checkpoint to resume from: Ray Train's latest registered one when it is complete and not older
+    than `verified` (the newest complete one the driver found in storage before the run), else `verified`."""
+    from ray.train import Checkpoint
+
+    if registered is not None:
+        local = Path(registered.path)
+        why = (
+            problem(local) if local.is_dir() else None
+        )  # remote storage: `load` verifies after download
+        if why is None and step_of(local) >= step_of(verified or ""):
+            return registered
+        if why is not None and rank == 0:
+            print(f"[raysft] skipping checkpoint {local.name}: {why}.", flush=True)
+    return Checkpoint(verified) if verified else None

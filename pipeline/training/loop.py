@@ -6,6 +6,7 @@ It takes its distributed context (rank, world size, device, report/checkpoint, r
 torch.distributed (`training/torchrun_entry.py`). `loop_config` holds:
     config       Config.to_dict()
     train_table  ObjectRef of the packed train rows (pyarrow.Table), eval_table likewise or None
+    resume_from  the newest complete checkpoint the driver found in storage (trainer's run identity), or None
     run_dir      where rank 0 appends metrics.jsonl, samples.jsonl and TensorBoard events
 """
 
@@ -166,7 +167,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from raysft.pipeline.training.ray_context import RayTrainContext
 
     eval_ref = loop_config.get("eval_table")
-    run_worker(Config.from_dict(loop_config["config"]), RayTrainContext(), ray.get(loop_config["train_table"]),
+    ctx = RayTrainContext(resume_from=loop_config.get("resume_from"))
+    run_worker(Config.from_dict(loop_config["config"]), ctx, ray.get(loop_config["train_table"]),
                ray.get(eval_ref) if eval_ref is not None else None, Path(loop_config["run_dir"]),
                loop_config.get("deepspeed_json"))
 
@@ -259,10 +261,12 @@ def run_worker(cfg: Config, ctx: WorkerContext, train_table, eval_table, run_dir
             tmp = Path(tempfile.mkdtemp(prefix=f"raysft-ckpt-r{rank}-"))
             state = {"step": done, "epoch": epoch, "trained_tokens": trained_tokens,
                      "steps_per_epoch": plan.steps_per_epoch, "total_steps": total}
-            ckpt_io.save(engine, tmp, rank=rank, state=state, ledger_path=ledger.path if rank == 0 else None,
-                         config_yaml=config_yaml, device=device)
-            ctx.report(metrics, checkpoint_dir=tmp, step=done)
-            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                ckpt_io.save(engine, tmp, rank=rank, state=state, ledger_path=ledger.path if rank == 0 else None,
+                             config_yaml=config_yaml, storage=run_dir, device=device)
+                ctx.report(metrics, checkpoint_dir=tmp, step=done)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         else:
             ctx.report(metrics)
 

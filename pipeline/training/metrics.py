@@ -27,8 +27,6 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._rewind(resume_step)
         self.tb = None
-        self.mlflow = None
-        self.wandb = None
         if logging_cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -36,24 +34,13 @@ class MetricsLog:
                 self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
             except ImportError:
                 log.warning("tensorboard is not installed: no event files are written")
-        if logging_cfg.mlflow:
-            try:
-                import mlflow
+        if logging_cfg.mlflow or logging_cfg.wandb:
+            from raysft.pipeline.tracking import StepSinks
 
-                mlflow.set_experiment(logging_cfg.project or "raysft")
-                mlflow.start_run(run_name=run_name)
-                mlflow.log_params(_flat(config_dict or {}))
-                self.mlflow = mlflow
-            except ImportError:
-                log.warning("train.logging.mlflow is on but mlflow is not installed")
-        if logging_cfg.wandb:
-            try:
-                import wandb
-
-                self.wandb = wandb.init(project=logging_cfg.project or "raysft", name=run_name, config=config_dict,
-                                        resume="allow")
-            except ImportError:
-                log.warning("train.logging.wandb is on but wandb is not installed")
+            # Into the runs the driver created (RUN_DIR/tracking.json); rank 0 only.
+            self.sinks = StepSinks(run_dir, config_dict)
+        else:
+            self.sinks = None
 
     def _rewind(self, step: int) -> None:
         """Drop lines past `step` (a restart from a checkpoint repeats them)."""
@@ -67,29 +54,14 @@ class MetricsLog:
             for k, v in numbers.items():
                 self.tb.add_scalar(("eval/" if k.startswith("eval_") else "train/") + k, v, step)
             self.tb.flush()
-        if self.mlflow is not None:
-            self.mlflow.log_metrics(numbers, step=step)
-        if self.wandb is not None:
-            self.wandb.log(numbers, step=step)
+        if self.sinks is not None:
+            self.sinks.log(metrics, step)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
-        if self.mlflow is not None:
-            self.mlflow.end_run()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v)
-    return out
+        if self.sinks is not None:
+            self.sinks.close()
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:

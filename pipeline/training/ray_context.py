@@ -13,10 +13,11 @@ import torch
 class RayTrainContext:
     """Rank and device from `ray.train`; `ray.train.report` (a barrier) carries metrics and checkpoints."""
 
-    def __init__(self) -> None:
+    def __init__(self, resume_from: str | None = None) -> None:
         import ray.train
         import ray.train.torch
 
+        self.resume_from = resume_from  # the driver's verified checkpoint, used when Ray registered none newer
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device: torch.device = ray.train.torch.get_device()
@@ -35,7 +36,9 @@ class RayTrainContext:
     def latest_checkpoint(self) -> Iterator[Path | None]:
         import ray.train
 
-        resume = ray.train.get_checkpoint()
+        from raysft.pipeline.training.checkpoint import resume_checkpoint
+
+        resume = resume_checkpoint(ray.train.get_checkpoint(), self.resume_from, self.rank)
         if resume is None:
             yield None
             return

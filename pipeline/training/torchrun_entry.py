@@ -59,8 +59,10 @@ class TorchrunContext:
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint folders every rank finished, oldest first."""
-    return sorted(p for p in run_dir.glob("checkpoint_*") if (p / COMPLETE).is_file())
+    """Checkpoint folders every rank finished and whose manifests verify, oldest first."""
+    from raysft.pipeline.training.checkpoint import problem
+
+    return sorted(p for p in run_dir.glob("checkpoint_*") if (p / COMPLETE).is_file() and problem(p) is None)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,6 +1,7 @@
 """Throughput and peak memory of `raysft prepare` vs a TRL-style baseline, in the same run.
 
     python tests/benchmarks/bench_prepare.py --tokenizer /tmp/smollm2_tok --repeat 10 --runs 3
+    python tests/benchmarks/bench_prepare.py --tokenizer ../shared/tokenizers/llama-3.1-instruct --repeat 10 --runs 3 --self-check-runs 5
 
 Input: ../shared/data/gsm8k/train.jsonl repeated `--repeat` times (7,473 rows each). Each side runs
 in a fresh subprocess (imports, and for us Ray start-up, included in the wall time) while this
@@ -13,6 +14,10 @@ Baselines (both end with `trl.pack_dataset(strategy="bfd")` at the same max_seq_
             completion mask is where they diverge (this is how TRL gets response-only masks).
   trl_min   one `apply_chat_template(messages, tokenize=True)` per row, no mask at all (a floor).
 Both use `datasets.map` in one process with caching disabled (keep_in_memory).
+
+--self-check-runs N also times, in this process, ChatEncoder.encode_flat over gsm8k train (x1, in
+batches of 1024 rows, as one tokenizer actor runs it) with the run-time mask self-check on and off,
+N rounds interleaved, in CPU seconds of this process, and reports the medians and the check's share.
 """
 
 from __future__ import annotations
@@ -108,20 +113,49 @@ def run(cmd: list[str], env: dict | None = None) -> tuple[float, int, int, float
     return wall, peak_tree, peak_main, sum(cpu.values())
 
 
+def self_check_cost(tokenizer: str, runs: int, work: Path) -> dict:
+    """Median seconds of encode_flat over gsm8k x1 with the mask self-check on and off (interleaved)."""
+    from raysft.pipeline.config import load_config
+    from raysft.pipeline.data.formats import normalise_row
+    from raysft.pipeline.data.tokenize import ChatEncoder, load_tokenizer_spec
+
+    spec = load_tokenizer_spec(load_config(None, {"model.name_or_path": tokenizer, "data.cache_dir": str(work / "cache")}))
+    items = [normalise_row(json.loads(line)) for line in GSM8K.read_text().splitlines()]
+    times: dict[bool, list[float]] = {True: [], False: []}
+    checked = 0
+    for _ in range(runs):
+        for check in (True, False):
+            encoder = ChatEncoder(spec, mask_check=check)
+            start = time.process_time()  # CPU seconds of this process: less exposed to the box's other load
+            for i in range(0, len(items), 1024):
+                encoder.encode_flat(items[i:i + 1024])
+            times[check].append(time.process_time() - start)
+            checked = max(checked, encoder.mask_checks)
+    on, off = statistics.median(times[True]), statistics.median(times[False])
+    return {"rows": len(items), "turns_checked": checked, "median_s_with_check": round(on, 3),
+            "median_s_without_check": round(off, 3), "check_share": round((on - off) / on, 3),
+            "runs_with": [round(t, 3) for t in times[True]], "runs_without": [round(t, 3) for t in times[False]]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokenizer", required=True, help="SmolLM2 tokenizer directory (Hugging Face format)")
-    ap.add_argument("--repeat", type=int, nargs="+", default=[1, 10], help="copies of gsm8k train (several: one run each)")
+    ap.add_argument("--tokenizer", required=True, help="tokenizer directory (Hugging Face format, with a chat template)")
+    ap.add_argument("--repeat", type=int, nargs="*", default=[1, 10],
+                    help="copies of gsm8k train (several: one run each; none: only the self-check timing)")
     ap.add_argument("--runs", type=int, default=3, help="runs per side; medians are reported")
     ap.add_argument("--max-seq-len", type=int, default=1024)
     ap.add_argument("--baselines", nargs="+", default=["trl_sft", "trl_min"])
     ap.add_argument("--actors", type=int, default=2)
+    ap.add_argument("--self-check-runs", type=int, default=0, help="also time the mask self-check (rounds; 0: skip)")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
+    report = {}
+    if args.self_check_runs:
+        report["self_check"] = self_check_cost(args.tokenizer, args.self_check_runs, work)
+        print(json.dumps({"self_check": report["self_check"]}, indent=2), flush=True)
     (work / "baseline.py").write_text(BASELINE)
     lines = GSM8K.read_text()
-    report = {}
     for repeat in args.repeat:
         data = work / f"gsm8k_x{repeat}.jsonl"
         data.write_text(lines * repeat)

@@ -1,0 +1,342 @@
+"""What the driver shows while a run trains, and where everything else goes.
+
+`console_session(log_path, verbose)` routes the process's stdout and stderr at the file-descriptor
+level (Python, C++ and subprocess output alike: Ray, Ray Train, Ray Data, DeepSpeed, forwarded
+worker logs) into `log_path` in the run folder, complete; with `verbose` it also goes to the
+terminal. The `Console` it yields writes to the real terminal: the plan, one progress line (or a
+tqdm bar on a TTY) per optimizer step with loss, lr, tokens/s, ETA and the last eval, checkpoints
+as they are saved, one sentence per recovery, and the final summary.
+
+`RunFollower` produces those lines by following the run folder the workers write (metrics.jsonl,
+events.jsonl, checkpoint_* folders) from a driver thread, so the training loop needs no console code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+from ray.train import UserCallback
+
+LOG_FILE = "raysft.log"
+EVENTS_FILE = (
+    "events.jsonl"  # written by the training loop (start events) and WorkerFailures
+)
+METRICS_FILE = "metrics.jsonl"
+_CKPT = re.compile(r"checkpoint_(\d+)$")
+
+
+class Console:
+    """Human-facing lines; a tqdm bar per run on a terminal, plain lines elsewhere (CI, Ray Jobs logs)."""
+
+    def __init__(self, stream: TextIO | None = None, bar: bool | None = None):
+        self.stream = stream if stream is not None else sys.stdout
+        self.bar_enabled = self.stream.isatty() if bar is None else bar
+        self._bar = None
+
+    def line(self, text: str = "") -> None:
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)
+        else:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def progress(
+        self,
+        m: dict[str, Any],
+        total: int | None,
+        eta_s: float | None,
+        last_eval: tuple[int, float] | None,
+    ) -> None:
+        """One optimizer step: step/total, loss, lr, tokens/s, ETA and the last eval loss."""
+        fields = f"loss {m['loss']:.4f}  lr {m['lr']:.2e}  {m.get('tokens_per_s', 0):.0f} tok/s"
+        evals = f"  eval_loss {last_eval[1]:.4f} @{last_eval[0]}" if last_eval else ""
+        if self.bar_enabled:
+            if self._bar is None:
+                from tqdm import tqdm
+
+                self._bar = tqdm(
+                    total=total,
+                    initial=int(m["step"]) - 1,
+                    file=self.stream,
+                    unit="step",
+                    dynamic_ncols=True,
+                    bar_format="{l_bar}{bar}| {n}/{total} [{elapsed}<{remaining}]{postfix}",
+                )
+            self._bar.set_postfix_str(fields + evals, refresh=False)
+            self._bar.update(int(m["step"]) - self._bar.n)
+            return
+        of = f"/{total}" if total else ""
+        self.line(f"  step {m['step']}{of}  {fields}  ETA {format_eta(eta_s)}{evals}")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def format_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "--:--"
+    seconds = round(seconds)
+    h, rest = divmod(seconds, 3600)
+    return (
+        f"{h}:{rest // 60:02d}:{rest % 60:02d}"
+        if h
+        else f"{rest // 60:02d}:{rest % 60:02d}"
+    )
+
+
+class RunFollower:
+    """Turns what a run writes into its folder into console lines; `poll()` handles what is new."""
+
+    def __init__(self, run_dir: str | os.PathLike, console: Console):
+        self.run_dir = Path(run_dir)
+        self.console = console
+        self._offsets: dict[str, int] = {}
+        self._seen_ckpts: set[str] = {
+            p.name for p in self.run_dir.glob("checkpoint_*")
+        }  # a resumed run's old ones
+        self.total: int | None = None
+        self.last_step = 0
+        self.last_eval: tuple[int, float] | None = None
+        self.starts = 0
+        self._failure: str | None = None
+        self._t0: float | None = None
+        self._step0 = 0
+        self.final: dict[str, Any] = {}
+
+    def _new_lines(self, name: str) -> list[dict[str, Any]]:
+        path = self.run_dir / name
+        if not path.is_file():
+            return []
+        with path.open("rb") as f:
+            f.seek(self._offsets.get(name, 0))
+            data = f.read()
+        end = (
+            data.rfind(b"\n") + 1
+        )  # a line still being written waits for the next poll
+        self._offsets[name] = self._offsets.get(name, 0) + end
+        return [json.loads(x) for x in data[:end].decode().splitlines() if x.strip()]
+
+    def poll(self) -> None:
+        for e in self._new_lines(EVENTS_FILE):
+            self._event(e)
+        for m in self._new_lines(METRICS_FILE):
+            self._metrics(m)
+        for p in sorted(self.run_dir.glob("checkpoint_*")):
+            if p.name not in self._seen_ckpts and _CKPT.search(p.name):
+                self._seen_ckpts.add(p.name)
+                self.console.line(
+                    f"  checkpoint saved: step {int(_CKPT.search(p.name).group(1))} -> {p}"
+                )
+
+    def _event(self, e: dict[str, Any]) -> None:
+        kind = e.get("event")
+        if kind == "worker_failure":
+            self._failure = e.get("what") or "a worker failed"
+        elif kind == "start":
+            self.total = e.get("total_steps", self.total)
+            self.starts += 1
+            step = int(e.get("step", 0))
+            if self.starts == 1:
+                where = f" from step {step}" if step else ""
+                self.console.line(
+                    f"  training {self.total} steps on {e.get('world_size')} worker(s){where} "
+                    f"(ZeRO-{e.get('zero_stage')}); progress below, full log in {self.run_dir / LOG_FILE}"
+                )
+            else:
+                what = self._failure or "the worker group stopped"
+                self.console.line(
+                    f"  recovered: {what} at step {self.last_step}; resumed from step {step} "
+                    f"on {e.get('world_size')} worker(s)."
+                )
+                self._failure = None
+            self._t0, self._step0 = (
+                float(e.get("time", time.time())),
+                step,
+            )  # the loop starts timing here
+        elif kind == "tracking_lost":
+            self.console.line(
+                f"  warning: {e.get('sink')} tracking stopped at step {e.get('step')} "
+                f"({e.get('error')}); training goes on."
+            )
+
+    def _metrics(self, m: dict[str, Any]) -> None:
+        if "loss" not in m or "step" not in m:
+            return
+        step = int(m["step"])
+        now = time.time()
+        if (
+            self._t0 is None
+        ):  # no start event seen (an older run folder): time from this step on
+            self._t0, self._step0 = now, step
+        rate = (now - self._t0) / (step - self._step0) if step > self._step0 else None
+        eta = rate * (self.total - step) if rate is not None and self.total else None
+        if isinstance(m.get("eval_loss"), (int, float)):
+            self.last_eval = (step, float(m["eval_loss"]))
+        self.last_step = step
+        self.final = m
+        self.console.progress(m, self.total, eta, self.last_eval)
+
+
+class WorkerFailures(UserCallback):
+    """Ray Train callback (it runs in the controller, on the driver's node): one events.jsonl line per
+    worker-group failure, naming the rank, its node and the error, for the console's recovery sentence."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+
+    def after_exception(
+        self, run_context, worker_exceptions: dict[int, Exception]
+    ) -> None:
+        parts = []
+        for rank, exc in sorted(worker_exceptions.items()):
+            ip = re.search(r"\bip:? ?(\d+\.\d+\.\d+\.\d+)", str(exc))
+            where = f" on node {ip.group(1)}" if ip else ""
+            parts.append(f"worker rank {rank}{where} lost ({type(exc).__name__})")
+        with (
+            contextlib.suppress(OSError),
+            (Path(self.run_dir) / EVENTS_FILE).open("a") as f,
+        ):
+            f.write(
+                json.dumps(
+                    {
+                        "time": time.time(),
+                        "event": "worker_failure",
+                        "what": "; ".join(parts),
+                    }
+                )
+                + "\n"
+            )
+
+
+@contextlib.contextmanager
+def follow_run(
+    run_dir: str | os.PathLike, console: Console, interval_s: float = 0.5
+) -> Iterator[RunFollower]:
+    """Follow `run_dir` from a background thread while the body runs (e.g. trainer.fit())."""
+    follower = RunFollower(run_dir, console)
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(interval_s):
+            with contextlib.suppress(
+                Exception
+            ):  # a half-written file is read again next time
+                follower.poll()
+
+    thread = threading.Thread(target=loop, name="raysft-console", daemon=True)
+    thread.start()
+    try:
+        yield follower
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        with contextlib.suppress(Exception):
+            follower.poll()
+        console.close()
+
+
+@contextlib.contextmanager
+def console_session(
+    log_path: str | os.PathLike, verbose: bool = False
+) -> Iterator[Console]:
+    """Send fd 1 and fd 2 to `log_path` (and, with `verbose`, on to the terminal); yield a Console on the terminal.
+
+    A pump thread copies the pipe to the log; if a child process (one Ray started) still holds the
+    pipe when the session ends, the thread lives on to keep draining it for that child."""
+    log_path = Path(log_path)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved_out, saved_err = os.dup(1), os.dup(2)
+    term = open(os.dup(saved_out), "w", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
+    read_fd, write_fd = os.pipe()
+    echo = os.dup(saved_err)
+
+    def pump() -> None:
+        # The log (and the run folder) is created by the first byte, so a run refused before it
+        # prints anything leaves its folder untouched; if it cannot be written, output stays visible.
+        log = None
+        while chunk := os.read(read_fd, 1 << 16):
+            if log is None:
+                try:
+                    log_path.parent.mkdir(parents=True, exist_ok=True)
+                    log = open(log_path, "ab")  # noqa: SIM115 - closed at end of input
+                except OSError:
+                    log = False
+            if log:
+                log.write(chunk)
+                log.flush()
+            if verbose or not log:
+                os.write(echo, chunk)
+        if log:
+            log.close()
+
+    pumping = threading.Thread(target=pump, name="raysft-log", daemon=True)
+    pumping.start()
+    os.dup2(write_fd, 1)
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+    console = Console(term)
+    try:
+        yield console
+    finally:
+        console.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved_out, 1)
+        os.dup2(saved_err, 2)
+        os.close(saved_out)
+        os.close(saved_err)
+        term.close()
+        pumping.join(
+            timeout=2.0
+        )  # drains the rest unless a child process still holds the pipe open
+
+
+def log_plan(console: Console, cfg) -> None:
+    """The plan line: model, data, workers, steps."""
+    steps = (
+        cfg.train.max_steps
+        if cfg.train.max_steps is not None
+        else f"{cfg.train.epochs} epoch(s)"
+    )
+    console.line(
+        f"raysft: {cfg.run.name}: model {cfg.model.name_or_path} ({cfg.model.quantization}), "
+        f"data {cfg.data.train}, {cfg.scaling.num_workers} worker(s), {steps} steps"
+    )
+
+
+def summary_lines(result, seconds: float) -> list[str]:
+    m = result.metrics or {}
+    parts = [f"{m.get('step', '?')} steps in {seconds:.0f} s"]
+    for key in ("loss", "eval_loss"):
+        if isinstance(m.get(key), (int, float)):
+            parts.append(f"{key} {m[key]:.4f}")
+    return [
+        f"done: {', '.join(parts)}",
+        f"  adapter  {result.adapter_path}",
+        f"  run      {result.run_dir}",
+    ]
+
+
+def run_with_console(cfg, fn, *, console: Console, log_file: Path) -> Any:
+    """Run `fn()` (a training call for `cfg`) while following its run folder on `console`."""
+    from raysft.pipeline.trainer import run_dir_of
+
+    t0 = time.perf_counter()
+    with follow_run(run_dir_of(cfg), console):
+        result = fn()
+    for line in summary_lines(result, time.perf_counter() - t0):
+        console.line(line)
+    console.line(f"  log      {log_file}")
+    return result

@@ -1,0 +1,127 @@
+"""Run by tests/test_checkpoint_safety.py in a fresh process (DeepSpeed and torch.distributed stay out of pytest's).
+
+argv: TESTS_DIR MODEL_DIR STAGE DTYPE OUT_DIR. Trains 2 steps, saves a checkpoint, trains 2 more (A); a second
+engine, perturbed by one step on other data, loads the checkpoint and trains the same 2 steps (B). Prints JSON:
+the largest difference between A's and B's trainable weights and learning rates, and the checkpoint's files.
+"""
+
+import json
+import os
+import random
+import socket
+import sys
+
+sock = socket.socket()
+sock.bind(("127.0.0.1", 0))
+port = sock.getsockname()[1]
+sock.close()
+os.environ.update(
+    RANK="0",
+    LOCAL_RANK="0",
+    WORLD_SIZE="1",
+    MASTER_ADDR="127.0.0.1",
+    MASTER_PORT=str(port),
+)
+
+import deepspeed
+import deepspeed.ops
+
+deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+deepspeed.init_distributed(dist_backend="gloo")
+tests_dir, model_dir, stage, dtype, out = (
+    sys.argv[1],
+    sys.argv[2],
+    int(sys.argv[3]),
+    sys.argv[4],
+    sys.argv[5],
+)
+sys.path.insert(0, tests_dir)
+
+import train_fixtures as F
+from raysft.pipeline.config import load_config
+from raysft.pipeline.models.load import build_model
+from raysft.pipeline.training import checkpoint as ck
+from raysft.pipeline.training.loop import DeepSpeedStepEngine, deepspeed_config
+from raysft.pipeline.training.step import collate, make_optimizer, optimizer_step
+
+cfg = load_config(
+    None,
+    overrides={
+        "model.name_or_path": model_dir,
+        "model.quantization": "none",
+        "model.dtype": dtype,
+        "lora.r": 4,
+        "lora.alpha": 8,
+        "lora.dropout": 0.0,
+        "train.lr": 1e-2,
+        "train.warmup_steps": 1,
+        "train.deepspeed.stage": stage,
+        "scaling.num_workers": 1,
+        "train.max_steps": 6,
+    },
+)
+rng = random.Random(0)
+rows = F.pack_rows([F.make_sample(rng, i) for i in range(24)], 3)
+
+
+def engine():
+    model = build_model(cfg, "cpu")
+    opt, sched = make_optimizer(model, cfg.train, 6)
+    e, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=opt,
+        lr_scheduler=sched,
+        config=deepspeed_config(cfg, 1),
+        dist_init_required=False,
+    )
+    return e
+
+
+def step(e, k):
+    mb = collate([rows[k]])
+    optimizer_step(DeepSpeedStepEngine(e), [mb], mb.n_trained)
+
+
+a = engine()
+step(a, 0)
+step(a, 1)
+ck.save(
+    a,
+    out,
+    rank=0,
+    state={"step": 2},
+    ledger_path=None,
+    config_yaml="x: 1\n",
+    storage=out,
+)
+problem = ck.problem(out)
+saved = ck.trainable_state_dict(a.module)
+step(a, 2)
+step(a, 3)
+wa, lra = ck.trainable_state_dict(a.module), a.optimizer.param_groups[0]["lr"]
+
+b = engine()
+step(b, 5)  # other state that loading must replace
+state = ck.load(b, out, rank=0)
+step(b, 2)
+step(b, 3)
+wb, lrb = ck.trainable_state_dict(b.module), b.optimizer.param_groups[0]["lr"]
+diff = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
+changed = max(float((wa[k].float() - saved[k].float()).abs().max()) for k in wa)
+files = sorted(
+    os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs
+)
+print(
+    "RESULT "
+    + json.dumps(
+        {
+            "diff": diff,
+            "changed": changed,
+            "lr": [lra, lrb],
+            "problem": problem,
+            "state": state,
+            "files": files,
+            "n": len(wa),
+        }
+    )
+)
