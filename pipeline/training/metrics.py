@@ -6,7 +6,6 @@ plain numbers; nothing from the environment (tokens, keys) is ever written.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
