@@ -24,9 +24,6 @@ from typing import Any
 
 import torch
 
-COMPLETE = ".complete"  # written by rank 0 once every rank's part of a checkpoint is in place
-
-
 class TorchrunContext:
     """WorkerContext over torch.distributed: checkpoints land in run_dir/checkpoint_NNNNNN."""
 
@@ -45,9 +42,8 @@ class TorchrunContext:
             return  # metrics.jsonl (rank 0) is the record; nothing to synchronise
         dest = self.run_dir / f"checkpoint_{step:06d}"
         shutil.copytree(checkpoint_dir, dest, dirs_exist_ok=True)
-        dist.barrier()  # every rank's part is in place
+        dist.barrier()  # every rank's part (sealed by its manifest) is in place
         if self.rank == 0:
-            (dest / COMPLETE).write_text(str(step))
             for old in complete_checkpoints(self.run_dir)[:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
@@ -59,10 +55,10 @@ class TorchrunContext:
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint folders every rank finished and whose manifests verify, oldest first."""
+    """Checkpoint folders whose every rank's manifest verifies (checkpoint.problem), oldest first."""
     from raysft.pipeline.training.checkpoint import problem
 
-    return sorted(p for p in run_dir.glob("checkpoint_*") if (p / COMPLETE).is_file() and problem(p) is None)
+    return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir() and problem(p) is None)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
