@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("prepare", cmd_prepare, "run only the data plan and write the processed dataset and stats.json")
     _add_config_args(p)
-    p.add_argument("--output", default=None, help="output folder (default: the prepared-data cache)")
+    p.add_argument("--output", default=None, help="output folder (default: the prepared-data cache); new, empty or an "
+                   "earlier raysft output, replaced only when the run succeeds")
     p.add_argument("--preview", type=int, default=0, metavar="N",
                    help="print N prepared samples with trained tokens marked (colour on a terminal, [[brackets]] "
                         "otherwise) and write preview.html next to stats.json")
@@ -191,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("export", cmd_export, "export a finished run's adapter, optionally merged into the base model")
     p.add_argument("run_dir", help="the run directory written by `raysft train`")
     p.add_argument("--merge", action="store_true", help="merge the adapter into the base and save a bf16 model")
-    p.add_argument("--output", default=None, help="output folder (default: RUN_DIR/merged or RUN_DIR/adapter)")
+    p.add_argument("--output", default=None, help="output folder (default: RUN_DIR/merged or RUN_DIR/adapter); new, "
+                   "empty or an earlier raysft export, replaced only when the export succeeds")
 
     p = add("runs", cmd_runs, "list the runs in a storage path: status, steps, eval loss, tokens/s, adapter, sweep")
     p.add_argument("storage", nargs="?", default="runs", help="the run.storage_path to list (default: runs)")
@@ -257,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raysft: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("raysft: interrupted", file=sys.stderr)
+        print("raysft: interrupted; resume with the same command.", file=sys.stderr)
         return 130
     return int(code or 0)
 

@@ -16,7 +16,7 @@ from types import UnionType
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from raysft.pipeline.errors import ConfigError
 
@@ -176,12 +176,22 @@ class RunConfig(_Section):
         "runs", description="Folder of run folders; on several nodes, a path every node mounts.")
     max_failures: int = Field(
         2, ge=-1, description="Worker-group restarts from the last checkpoint before the run fails (-1: no limit).")
-    address: Optional[str] = Field(
-        None, description="Ray cluster to join; default: an initialised or running one, else a new local one.")
+    address: Optional[str] = Field(None, description=(
+        "Where Ray runs. Unset (or local): raysft starts its own local Ray instance and shuts it down at the end, "
+        "never joining another one (inside a Ray Job: the job's cluster). auto: join the cluster `ray start` made "
+        "on this machine, on purpose. HOST:PORT or ray://HOST:PORT: join that cluster. An address nobody answers "
+        "at is an error within 30 s."))
     resume: Literal["auto", "never", "must"] = Field(
         "auto", description="Rerunning an existing run.name: auto resumes when its identity (run.json: data, base "
         "model, LoRA, optimizer and schedule, seed, global batch) matches and refuses otherwise; never refuses to "
         "reuse the name; must refuses unless there is a complete checkpoint to resume from.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder(cls, value: str) -> str:
+        if not value.strip() or value.strip() in (".", ".."):
+            raise ValueError("run.name must name a folder under run.storage_path (not empty, not . or ..)")
+        return value
 
 
 class TuneConfig(_Section):
@@ -331,7 +341,8 @@ def _one_sentence(exc: ValidationError, source: str | None) -> str:
     if err["type"] == "extra_forbidden":
         return f"Unknown config key '{path}'{where}{more}."
     given = err.get("input")
-    return f"Config key '{path}'{where} has a bad value {given!r}: {err['msg'].rstrip('.')}{more}."
+    message = err["msg"].removeprefix("Value error, ").rstrip(".")
+    return f"Config key '{path}'{where} has a bad value {given!r}: {message}{more}."
 
 
 # ---------------------------------------------------------------- the reference (`raysft config --explain`)

@@ -8,7 +8,7 @@ tqdm bar on a TTY) per optimizer step with loss, lr, tokens/s, ETA and the last 
 as they are saved, one sentence per recovery, and the final summary.
 
 `RunFollower` produces those lines by following the run folder the workers write (metrics.jsonl,
-events.jsonl, checkpoint_* folders) from a driver thread, so the training loop needs no console code.
+events.jsonl, failures.jsonl, checkpoint_* folders) from a driver thread, so the training loop needs no console code.
 """
 
 from __future__ import annotations
@@ -25,12 +25,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ray.train import UserCallback
+from raysft.pipeline.tracking import FAILURES_FILE
+from raysft.pipeline.training.loop import EVENTS_FILE
+from raysft.pipeline.training.metrics import METRICS_FILE
 
 LOG_FILE = "raysft.log"
-EVENTS_FILE = (
-    "events.jsonl"  # written by the training loop (start events) and WorkerFailures
-)
-METRICS_FILE = "metrics.jsonl"
 _CKPT = re.compile(r"checkpoint_(\d+)$")
 
 
@@ -128,7 +127,9 @@ class RunFollower:
         return [json.loads(x) for x in data[:end].decode().splitlines() if x.strip()]
 
     def poll(self) -> None:
-        for e in self._new_lines(EVENTS_FILE):
+        for e in self._new_lines(FAILURES_FILE) + self._new_lines(
+            EVENTS_FILE
+        ):  # a failure precedes its restart
             self._event(e)
         for m in self._new_lines(METRICS_FILE):
             self._metrics(m)
@@ -189,7 +190,7 @@ class RunFollower:
 
 
 class WorkerFailures(UserCallback):
-    """Ray Train callback (it runs in the controller, on the driver's node): one events.jsonl line per
+    """Ray Train callback (it runs in the controller, on the driver's node): one failures.jsonl line per
     worker-group failure, naming the rank, its node and the error, for the console's recovery sentence."""
 
     def __init__(self, run_dir: str):
@@ -205,7 +206,7 @@ class WorkerFailures(UserCallback):
             parts.append(f"worker rank {rank}{where} lost ({type(exc).__name__})")
         with (
             contextlib.suppress(OSError),
-            (Path(self.run_dir) / EVENTS_FILE).open("a") as f,
+            (Path(self.run_dir) / FAILURES_FILE).open("a") as f,
         ):
             f.write(
                 json.dumps(

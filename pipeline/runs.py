@@ -21,7 +21,7 @@ from raysft.pipeline.errors import ConfigError
 from raysft.pipeline.models.load import ADAPTER_DIR, RESOLVED_CONFIG
 from raysft.pipeline.training.metrics import METRICS_FILE, read_metrics
 
-EVENTS_FILE = "events.jsonl"
+EVENTS_FILE = "events.jsonl"  # training/loop.py's name for it (not imported: `raysft runs` should not load torch)
 SWEEP_FILE = "sweep.yaml"
 TRIALS_DIR = "trials"
 REPORT_DIR = "report"

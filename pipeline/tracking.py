@@ -8,7 +8,7 @@ Who does what:
 A sweep's driver makes one parent run (`start_sweep_tracking`); each trial's run is its child.
 
 Tracking never stops training: the first error talking to a sink logs one warning (and one
-`tracking_lost` line in events.jsonl), and that sink is off for the rest of the process. API keys
+`tracking_lost` line in failures.jsonl), and that sink is off for the rest of the process. API keys
 and tokens stay in the environment; tracking.json holds only ids, names and the tracking URI.
 """
 
@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 TRACKING_FILE = "tracking.json"
-EVENTS_FILE = "events.jsonl"  # the run's event log (training/loop.py writes its start events there too)
+# One line per incident that did not stop the run: a lost tracking sink here, worker failures (console.py).
+# events.jsonl stays what training/loop.py makes it: one line per (re)start of the worker group.
+FAILURES_FILE = "failures.jsonl"
 log = logging.getLogger("raysft.tracking")
 
 # mlflow's defaults retry a dead server for minutes per call; a training step must not wait that long.
@@ -73,7 +75,7 @@ def _client(uri: str | None):
 
 
 def _warned(run_dir: Path, sink: str) -> bool:
-    path = run_dir / EVENTS_FILE
+    path = run_dir / FAILURES_FILE
     if not path.is_file():
         return False
     return any(
@@ -87,7 +89,7 @@ def _warned(run_dir: Path, sink: str) -> bool:
 def warn_once(
     run_dir: Path, sink: str, exc: BaseException, step: int | None = None
 ) -> None:
-    """The single warning a run gets when a tracking sink fails; recorded in events.jsonl."""
+    """The single warning a run gets when a tracking sink fails; recorded in failures.jsonl."""
     if _warned(run_dir, sink):
         return
     where = f" at step {step}" if step is not None else ""
@@ -98,7 +100,7 @@ def warn_once(
         type(exc).__name__,
         str(exc).splitlines()[0][:200] if str(exc) else "",
     )
-    with (run_dir / EVENTS_FILE).open("a") as f:
+    with (run_dir / FAILURES_FILE).open("a") as f:
         f.write(
             json.dumps(
                 {

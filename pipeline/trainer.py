@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from raysft.pipeline import ray_runtime
 from raysft.pipeline.cluster_checks import check_shared_storage, check_workers_fit, worker_bundle
 from raysft.pipeline.config import Config
 from raysft.pipeline.data.schema import Prepared, read_split
-from raysft.pipeline.errors import ConfigError, DataError, RaysftError
+from raysft.pipeline.errors import ConfigError, DataError, RaysftError, causes
 from raysft.pipeline.models.load import ADAPTER_DIR
 from raysft.pipeline.models.source import base_model_path
 from raysft.pipeline.models.tokenizer import load_tokenizer
@@ -65,12 +66,15 @@ def preflight(cfg: Config) -> Config:
     load_tokenizer(cfg.model_copy(update={"model": local_model}))
     storage = Path(cfg.run.storage_path).expanduser()  # outputs: relative to the working directory
     _check_writable(storage, "run.storage_path")
+    if (storage / cfg.run.name).exists():  # a run to resume: its folder must take checkpoints too
+        _check_writable(storage / cfg.run.name, "The run folder (run.storage_path/run.name)")
     updates["run.storage_path"] = str(storage.resolve())
     ds = cfg.train.deepspeed.config
     if ds is not None:
         path = Path(cfg.resolve_path(ds) or ds)
         if not path.is_file():
             raise ConfigError(f"train.deepspeed.config {ds} does not exist.")
+        read_deepspeed_json(path)
         updates["train.deepspeed.config"] = str(path.resolve())
     out = cfg.with_overrides(updates)
     object.__setattr__(out, "source", cfg.source)
@@ -91,6 +95,18 @@ def check_gpu_settings(cfg: Config) -> None:
             f"model.quant_storage {m.quant_storage} must be uint8 or equal to model.dtype ({m.dtype}): DeepSpeed "
             "recasts the packed 4-bit weights to model.dtype, which corrupts them in any other float dtype."
         )
+
+
+def read_deepspeed_json(path: str | os.PathLike) -> dict:
+    """The user's DeepSpeed config (train.deepspeed.config): readable JSON holding an object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"train.deepspeed.config {path} is not readable JSON ({exc}).") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"train.deepspeed.config {path} holds a JSON {type(data).__name__}, not an object of "
+                          "DeepSpeed settings.")
+    return data
 
 
 def _check_writable(path: Path, key: str) -> None:
@@ -132,12 +148,7 @@ def build_trainer(cfg: Config, prepared: Prepared, *, callbacks: list | None = N
     plan = StepPlan.from_config(cfg, train_table.num_rows).require_a_step()
     # Identity check before anything is written or any worker starts; a refusal leaves the folder as it was.
     decision = run_identity.decide(cfg, prepared.key, run_dir_of(cfg), steps_per_epoch=plan.steps_per_epoch)
-    ds_json = None
-    if t.deepspeed.config:
-        try:
-            ds_json = json.loads(Path(t.deepspeed.config).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"train.deepspeed.config {t.deepspeed.config} is not readable JSON ({exc}).") from None
+    ds_json = read_deepspeed_json(t.deepspeed.config) if t.deepspeed.config else None
     run_identity.apply(decision, cfg.dump_yaml())
     run_dir = decision.run_dir
     # MLflow / W&B runs (rank 0 logs into them); a resumed run keeps its runs, a fresh start makes new ones.
@@ -195,41 +206,72 @@ def finish_run(cfg: Config, result) -> TrainResult:
     return TrainResult(metrics=metrics, run_dir=run_dir, adapter_path=adapter, checkpoint_path=ckpt.path)
 
 
-def _init_ray(cfg: Config) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        # Ray Train's print patch would echo every worker line twice on the driver.
-        ray.init(address=cfg.run.address, log_to_driver=True,
-                 runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TOKENIZERS_PARALLELISM": "false"}})
-
-
 def train(cfg: Config) -> TrainResult:
     """Prepare (or reuse the cache), then train with Ray Train; returns metrics, run dir and adapter path."""
     from raysft.pipeline.data.plan import ensure_prepared, resolve_inputs
 
     cfg = preflight(cfg)
     run_identity.decide(cfg, resolve_inputs(cfg).key, run_dir_of(cfg))  # refuse a mismatched rerun before any work
-    _init_ray(cfg)
-    check_cluster(cfg)
-    prepared = ensure_prepared(cfg)
-    trainer = build_trainer(cfg, prepared)
+    with ray_runtime.session(cfg.run.address, ray_runtime.TRAIN):
+        check_cluster(cfg)
+        prepared = ensure_prepared(cfg)
+        trainer = build_trainer(cfg, prepared)
+        try:
+            result = fit(trainer, run_dir_of(cfg))
+        except BaseException:
+            finish_tracking(run_dir_of(cfg), None, status="FAILED")
+            raise
+        return finish_run(cfg, result)
+
+
+def fit(trainer, run_dir: Path):
+    """`trainer.fit()`, its failures said as a user can act on them instead of Ray's tracebacks: Ctrl-C as
+    KeyboardInterrupt (the CLI: exit 130, "resume with the same command"), an error a worker raised for the
+    user to fix (e.g. no space for a checkpoint) as that one sentence, and a checkpoint list naming a deleted
+    checkpoint as one sentence.
+
+    Ray Train answers SIGINT with its own handler (abort the run, then SystemExit or a Ray error from
+    wherever the driver waited) and leaves that handler installed; a signal wake-up fd sees the SIGINT
+    whichever Python handler ran, and the previous handler is put back.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return _fit(trainer, run_dir)
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    os.set_blocking(write, False)
+    handler, wakeup = signal.getsignal(signal.SIGINT), signal.set_wakeup_fd(write, warn_on_full_buffer=False)
     try:
-        result = fit(trainer)
+        return _fit(trainer, run_dir)
     except BaseException:
-        finish_tracking(run_dir_of(cfg), None, status="FAILED")
+        try:
+            seen = os.read(read, 4096)
+        except BlockingIOError:
+            seen = b""
+        if signal.SIGINT in seen:
+            raise KeyboardInterrupt from None
         raise
-    return finish_run(cfg, result)
+    finally:
+        signal.set_wakeup_fd(wakeup)
+        signal.signal(signal.SIGINT, handler)
+        os.close(read)
+        os.close(write)
 
 
-def fit(trainer):
-    """`trainer.fit()`, with an error a worker raised for the user to fix (e.g. no space for a checkpoint)
-    re-raised here as that one sentence instead of Ray's traceback."""
+def _fit(trainer, run_dir: Path):
     from ray.train import TrainingFailedError
 
     try:
         return trainer.fit()
-    except TrainingFailedError as exc:
+    except Exception as exc:
+        # Raised in the Train controller's constructor, it reaches the driver as text inside an ActorDiedError.
+        if any("CheckpointManagerInitializationError" in f"{type(e).__name__}: {e}" for e in causes(exc)):
+            raise DataError(f"The run folder {run_dir} lists a checkpoint that no longer exists (in "
+                            "checkpoint_manager_snapshot.json); restore it, or train under a new run.name.") from None
+        if not isinstance(exc, TrainingFailedError):
+            raise
         for failure in (getattr(exc, "worker_failures", None) or {}).values():
             original = getattr(failure, "cause", None) or failure  # Ray wraps it in a RayTaskError
             if isinstance(original, RaysftError):

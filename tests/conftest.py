@@ -70,8 +70,9 @@ def ray_session():
     """One local Ray instance for the whole test session (logical oversubscription, as Ray's tests do)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
+    from raysft.pipeline import ray_runtime
+
+    ray_runtime.start("local", ray_runtime.Needs(dashboard=True, log_to_driver=False), num_cpus=4,
+                      env={"HF_HUB_OFFLINE": "1"})
     yield ray
-    ray.shutdown()
+    ray_runtime.stop()

@@ -46,7 +46,7 @@ def test_follower_shows_plan_steps_eta_checkpoints_and_one_sentence_per_recovery
     _append(tmp_path / "metrics.jsonl", _step(3, eval_loss=1.5))
     (tmp_path / "checkpoint_000003").mkdir()
     _append(
-        tmp_path / "events.jsonl",
+        tmp_path / "failures.jsonl",
         {
             "time": t0,
             "event": "worker_failure",

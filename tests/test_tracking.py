@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from raysft.pipeline.cli import main as cli_main
 from raysft.pipeline.config import load_config
-from raysft.pipeline.tracking import EVENTS_FILE, StepSinks, flat_params, read_handles
+from raysft.pipeline.tracking import FAILURES_FILE, StepSinks, flat_params, read_handles
 from tracking_fixtures import MlflowServer, free_port, wandb_history
 from train_fixtures import make_prepared
 
@@ -58,7 +58,9 @@ def test_unreachable_server_gives_one_warning_and_logging_goes_on(
         if "mlflow tracking failed at step 1" in r.getMessage()
     ]
     assert len(warnings) == 1 and len(caplog.records) == 1
-    events = [json.loads(x) for x in (tmp_path / EVENTS_FILE).read_text().splitlines()]
+    events = [
+        json.loads(x) for x in (tmp_path / FAILURES_FILE).read_text().splitlines()
+    ]
     assert [(e["event"], e["sink"], e["step"]) for e in events] == [
         ("tracking_lost", "mlflow", 1)
     ]
@@ -249,7 +251,7 @@ def test_server_stopped_mid_run_leaves_training_finished_with_one_warning(
     assert (result.adapter_path / "adapter_model.safetensors").is_file()
     lost = [
         json.loads(x)
-        for x in (result.run_dir / EVENTS_FILE).read_text().splitlines()
+        for x in (result.run_dir / FAILURES_FILE).read_text().splitlines()
         if json.loads(x)["event"] == "tracking_lost"
     ]
     assert len(lost) == 1 and lost[0]["sink"] == "mlflow"

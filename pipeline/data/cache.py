@@ -2,23 +2,28 @@
 
 Key = sha256 of (cache format version, every input file's path/size/mtime, the tokenizer's
 serialized content + chat template + special tokens, the data config minus fields that cannot
-change the result). Entries are written to a temp folder and renamed into place, and an flock
+change the result). Entries are written to a temp folder and renamed into place, and a file lock
 on `<key>.lock` makes concurrent callers (Tune trials, workers) wait for one writer, then reuse.
+Temp folders a killed run left behind are removed by a later run once they are a day old.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Iterator
 
+from filelock import FileLock
+
 CACHE_VERSION = 2  # 2: the tokenizer part of the key is TokenizerSpec.fingerprint()
 NOT_IN_KEY = ("cache_dir", "num_tokenizer_actors")  # cannot change the prepared rows
+TMP_PREFIX = ".tmp-"  # a prepared entry being written
+STALE_TMP_S = 24 * 3600  # no live run writes one for a day: a killed run left it
 
 
 def cache_root(cfg) -> Path:
@@ -39,12 +44,26 @@ def prepared_key(data_config: dict, train_identity: list, eval_identity: list, t
 def locked(root: Path, key: str) -> Iterator[None]:
     """Exclusive lock on one cache key (blocks until the current holder finishes)."""
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / f"{key}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    with FileLock(root / f"{key}.lock"):
+        yield
+
+
+def remove_stale_temps(root: Path, older_than_s: float = STALE_TMP_S) -> list[Path]:
+    """Remove temp folders and files (`.tmp-*` entries, `tokenizers/*.tmp`) older than a day; returns them."""
+    cutoff = time.time() - older_than_s
+    removed = []
+    for path in [*root.glob(TMP_PREFIX + "*"), *root.glob("tokenizers/*.tmp")]:
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            if path.lstat().st_mtime >= cutoff:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+        except OSError:  # another run removed it first, or it is not ours to remove
+            pass
+    return removed
 
 
 def publish(tmp: Path, final: Path) -> None:

@@ -296,12 +296,14 @@ def normalise_row(row: Any, fmt: str = "auto", system_prompt: str | None = None,
 def parse_and_normalise(raw: str | None, fmt: str = "auto", system_prompt: str | None = None,
                         read_reason: str | None = None, columns: dict[str, str] | None = None) -> Normalised:
     """A raw JSON text (one line / one element) -> `Normalised`; `read_reason` is a reader's drop."""
-    if read_reason is not None:
-        return Normalised(drop_reason=read_reason, detail=read_reason)
+    if read_reason is not None:  # the reader puts its detail where the row text would be
+        return Normalised(drop_reason=read_reason, detail=raw or read_reason)
     try:
         row = json.loads(raw)
     except (TypeError, ValueError) as exc:
         return Normalised(drop_reason="malformed_json", detail=f"not valid JSON ({str(exc)[:60]})")
+    except RecursionError:
+        return Normalised(drop_reason="malformed_json", detail="nested too deeply to parse")
     return normalise_row(row, fmt, system_prompt, columns)
 
 

@@ -13,6 +13,7 @@ input files, the tokenizer and the data config, or builds it once (lock + atomic
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -23,21 +24,22 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from raysft.pipeline import outputs, ray_runtime
 from raysft.pipeline.data import cache
 from raysft.pipeline.data.pack import pack_batch
 from raysft.pipeline.data.schema import PACKED_COLUMNS, Prepared
-from raysft.pipeline.data.sources import (MAX_FILES, Chunk, expand, files_identity, plan_chunks, read_chunk,
-                                          read_chunks_batch)
+from raysft.pipeline.data.sources import MAX_FILES, Chunk, expand, files_identity, plan_chunks, read_chunk
 from raysft.pipeline.data.stats import StatsAccumulator
 from raysft.pipeline.data.light_tokenizer import TokenizerSpec, compile_chat_template
 from raysft.pipeline.data.tokenize import TokenizeStage, load_tokenizer_spec
-from raysft.pipeline.errors import ClusterError, ConfigError, DataError
+from raysft.pipeline.models.source import tokenizer_source
+from raysft.pipeline.errors import ClusterError, ConfigError, DataError, RaysftError, user_error
 
 ROWS_PER_FILE = 4096  # packed rows per Parquet file
 
@@ -81,6 +83,7 @@ def resolve_inputs(cfg) -> Inputs:
         raise DataError(f"data.train matches {len(train_files)} files; at most {MAX_FILES - 1} are supported "
                         "(source ids number files in 12 bits): merge some files.")
     eval_files = expand(cfg.resolve_path(cfg.data.eval)) if cfg.data.eval else []
+    cache.remove_stale_temps(cache.cache_root(cfg))  # what a killed run left, once it is a day old
     spec = load_tokenizer_spec(cfg)
     if cfg.data.chat_template:
         spec = dataclasses.replace(spec, chat_template=read_chat_template(cfg))
@@ -173,6 +176,11 @@ def consume(cfg, inputs: Inputs, batches: Iterable[pa.Table], out_dir: Path) -> 
     finally:
         for sink in sinks:
             sink.close()
+        # Close the stream while Ray is still up: left to the garbage collector after ray.shutdown(),
+        # Ray Data's iterator prints a traceback below the error that stopped it (e.g. on_bad_row: error).
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
     stats.check(cfg.data.max_bad_fraction, cfg.data.format)
     result = stats.to_dict()
     seconds = time.monotonic() - start
@@ -202,10 +210,29 @@ def summary(stats: dict) -> str:
 def packed_batches_local(cfg, inputs: Inputs) -> Iterable[pa.Table]:
     """The same stages without Ray, one window after another (for tests and tiny inputs)."""
     stage = TokenizeStage(**stage_kwargs(cfg, inputs))
-    tokenized = [stage(read_chunk(c)) for c in chunks_for(cfg, inputs)]
+    tokenized = [read_and_tokenize(stage, c) for c in chunks_for(cfg, inputs)]
     table = pa.concat_tables(tokenized)
     for start in range(0, table.num_rows, cfg.data.pack_window):
         yield pack_batch(table.slice(start, cfg.data.pack_window), cfg.data.max_seq_len, cfg.data.packing, cfg.data.too_long)
+
+
+def read_and_tokenize(tokenize: Callable[[pa.Table], pa.Table], chunk: Chunk) -> pa.Table:
+    """One chunk read and tokenized. Bad rows are counted drops; anything else that fails names the file and
+    row (found by retrying the rows one at a time, only after a failure), never a bare traceback."""
+    table = read_chunk(chunk)
+    try:
+        return tokenize(table)
+    except RaysftError:
+        raise
+    except Exception as exc:
+        where, error = f"rows {chunk.first_row}-{chunk.first_row + table.num_rows - 1}", exc
+        for i in range(table.num_rows):
+            try:
+                tokenize(table.slice(i, 1))
+            except Exception as row_error:
+                where, error = f"row {chunk.first_row + i}", row_error
+                break
+        raise DataError(f"Parsing {chunk.path} {where} failed ({type(error).__name__}: {str(error)[:120]}).") from None
 
 
 class ReadAndTokenize(TokenizeStage):
@@ -213,7 +240,8 @@ class ReadAndTokenize(TokenizeStage):
     a read op into the actor op with the tokenizer's batch size (which would hand one actor every chunk)."""
 
     def __call__(self, chunks: pa.Table) -> pa.Table:
-        return super().__call__(read_chunks_batch(chunks))
+        tokenize = super().__call__
+        return pa.concat_tables([read_and_tokenize(tokenize, Chunk(**c)) for c in chunks.to_pylist()])
 
 
 class PackStage:
@@ -258,45 +286,26 @@ def packed_batches_ray(cfg, inputs: Inputs) -> Iterable[pa.Table]:
             num_cpus=0,
             compute=ActorPoolStrategy(size=1),
         )
-        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+        try:
+            yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+        except Exception as exc:  # a task's one-sentence error arrives wrapped in Ray's traceback: unwrap it
+            user = user_error(exc)
+            if user is None:
+                raise
+            raise user from None
     finally:
         ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
 
 
 def _start_ray(cfg) -> bool:
-    """ray.init unless Ray is already up; True when this call started it (and so must shut it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    # Ray Data records usage stats from its executor thread after the last batch; if that races
-    # with our ray.shutdown(), the core worker quick-exits the process with an error status
-    # (seen under heavy load). We own this Ray instance, so skip that bookkeeping.
-    os.environ.setdefault("RAY_DATA_USAGE_DISABLED", "1")
-    # One tokenizer per actor, no rayon threads competing for the actors' CPUs. A local node inherits
-    # this process's environment; a job-level runtime_env there would also make the raylet's
-    # prestarted workers (started without one) unusable for our actors and tasks.
-    env = {"TOKENIZERS_PARALLELISM": "false"}
-    remote = bool(cfg.run.address or os.environ.get("RAY_ADDRESS"))
-    runtime_env = {"env_vars": env} if remote else None
-    if not remote:
-        for name, value in env.items():
-            os.environ.setdefault(name, value)
-    try:
-        ray.init(address=cfg.run.address, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
-    except Exception as exc:  # a head that cannot be reached, or a local node that failed to start
-        where = f"the Ray cluster at {cfg.run.address} (run.address)" if cfg.run.address else "a local Ray instance"
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise ClusterError(f"Could not start or reach {where}: {first}") from None
-    return True
+    """Start Ray for the plan (ray_runtime: the one way raysft starts Ray); True when this call started it."""
+    return ray_runtime.start(cfg.run.address, ray_runtime.PREPARE)
 
 
 def _resolve_while_ray_starts(cfg) -> tuple[Inputs, bool]:
     """resolve_inputs (file listing, and the tokenizer: from the spec cache, else a transformers import
     + load of ~3 s of one core) in a thread while the main thread runs ray.init, which mostly waits for GCS and raylet to come up. A config or data
     error wins over a Ray error, and Ray is shut down again when the inputs fail."""
-    import ray
-
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(resolve_inputs, cfg)
         try:
@@ -308,7 +317,7 @@ def _resolve_while_ray_starts(cfg) -> tuple[Inputs, bool]:
             return future.result(), started
         except BaseException:
             if started:
-                ray.shutdown()
+                ray_runtime.stop()
             raise
 
 
@@ -316,22 +325,25 @@ def _run(cfg, inputs: Inputs, out_dir: Path, use_ray: bool = True, started: Opti
     """Run the plan into out_dir; `started` says Ray was already started for this run (by us: True)."""
     if not use_ray:
         return consume(cfg, inputs, packed_batches_local(cfg, inputs), out_dir)
-    import ray
-
     if started is None:
         started = _start_ray(cfg)
     try:
         return consume(cfg, inputs, packed_batches_ray(cfg, inputs), out_dir)
     finally:
         if started:
-            ray.shutdown()
+            ray_runtime.stop()
 
 
-def _clear(out_dir: Path) -> None:
-    for sub in ("train", "eval"):
-        for f in (out_dir / sub).glob("*.parquet"):
-            f.unlink()
-    (out_dir / "stats.json").unlink(missing_ok=True)
+def input_paths(cfg, inputs: Inputs) -> list[Path]:
+    """What an output folder must not overlap: the data files, the data folders named, the tokenizer folder."""
+    paths = [*inputs.train_files, *inputs.eval_files]
+    train = cfg.data.train if isinstance(cfg.data.train, list) else [cfg.data.train]
+    for spec in [s.path if hasattr(s, "path") else s for s in train] + [cfg.data.eval]:
+        local = cfg.resolve_path(spec) if spec and "://" not in spec else None
+        if local and Path(local).expanduser().exists():
+            paths.append(Path(local).expanduser())
+    tokenizer = tokenizer_source(cfg)
+    return paths + [Path(tokenizer.location)] if tokenizer.local else paths
 
 
 def prepare(cfg, output: str | Path | None = None, use_ray: bool = True) -> dict:
@@ -346,16 +358,12 @@ def prepare(cfg, output: str | Path | None = None, use_ray: bool = True) -> dict
         inputs, started = resolve_inputs(cfg), None
     else:
         inputs, started = _resolve_while_ray_starts(cfg)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _clear(out_dir)
-    except BaseException:
+    with contextlib.ExitStack() as stack:
         if started:
-            import ray
-
-            ray.shutdown()
-        raise
-    return _run(cfg, inputs, out_dir, use_ray, started)
+            stack.callback(ray_runtime.stop)  # also when the output folder is refused
+        # Written into a temporary sibling, swapped in only on success: a failed run keeps the old output.
+        tmp = stack.enter_context(outputs.atomic_output(out_dir, "prepare", input_paths(cfg, inputs)))
+        return _run(cfg, inputs, tmp, use_ray, started=False)
 
 
 def ensure_prepared(cfg, use_ray: bool = True) -> Prepared:
@@ -370,7 +378,7 @@ def ensure_prepared(cfg, use_ray: bool = True) -> Prepared:
     if not (final / "stats.json").exists():
         with cache.locked(root, inputs.key):
             if not (final / "stats.json").exists():
-                tmp = root / f".tmp-{inputs.key}-{uuid.uuid4().hex[:8]}"
+                tmp = root / f"{cache.TMP_PREFIX}{inputs.key}-{uuid.uuid4().hex[:8]}"
                 try:
                     _run(cfg, inputs, tmp, use_ray)
                     cache.publish(tmp, final)

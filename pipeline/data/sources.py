@@ -31,6 +31,7 @@ import pyarrow as pa
 from raysft.pipeline.errors import DataError
 
 FILE_SHIFT = 40  # source_id = (file_index << FILE_SHIFT) | row
+MAX_ROW_BYTES = 64 << 20  # a longer JSON line is counted as malformed_json without being held in memory
 VIEW_SHIFT, COPY_SHIFT = 52, 58  # extra samples of a row: | view << VIEW_SHIFT | copy << COPY_SHIFT
 MAX_FILES, MAX_VIEWS, MAX_COPIES = 1 << (VIEW_SHIFT - FILE_SHIFT), 1 << (COPY_SHIFT - VIEW_SHIFT), 1 << (63 - COPY_SHIFT)
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
@@ -156,6 +157,9 @@ def _json_array_chunks(path: Path, file_index: int, split: int) -> list[Chunk]:
         data = json.loads(path.read_bytes())
     except ValueError as exc:
         raise DataError(f"The data file {path} is not valid JSON ({str(exc)[:80]}).") from None
+    except RecursionError:
+        raise DataError(f"The data file {path} is nested too deeply to parse as a JSON array; "
+                        "split it into JSON lines to have the deep rows counted.") from None
     if not isinstance(data, list):
         raise DataError(f"The data file {path} holds a JSON {type(data).__name__}, not an array of rows.")
     if not data:
@@ -240,41 +244,13 @@ def _table_rows_as_json(table: pa.Table) -> list[str]:
 
 def read_chunk(chunk: Chunk) -> pa.Table:
     """Pure stage: one chunk -> READ_SCHEMA table (one row per source row, raw JSON text)."""
-    rows: list[str | None]
-    reasons: list[str | None]
-    if chunk.kind == "jsonl":
-        with open(chunk.path, "rb") as f:
-            f.seek(chunk.byte_start)
-            data = f.read() if chunk.byte_end < 0 else f.read(chunk.byte_end - chunk.byte_start)
-        lines = data.split(b"\n")
-        if lines and lines[-1] == b"":
-            lines.pop()  # the newline that ends the last line
-        rows, reasons = [], []
-        for raw in lines:
-            try:
-                text = raw.decode("utf-8").strip()
-            except UnicodeDecodeError:
-                rows.append(None), reasons.append("malformed_json")
-                continue
-            rows.append(text or None)
-            reasons.append(None if text else "blank_line")
-    elif chunk.kind == "json":
-        data = json.loads(Path(chunk.path).read_bytes())
-        rows = [json.dumps(r) for r in data]
-        reasons = [None] * len(rows)
-    elif chunk.kind == "parquet":
-        import pyarrow.parquet as pq
-
-        rows = _table_rows_as_json(pq.ParquetFile(chunk.path).read_row_groups(chunk.row_groups))
-        reasons = [None] * len(rows)
-    else:
-        with pa.memory_map(chunk.path) as source:
-            try:
-                table = pa.ipc.open_stream(source).read_all()
-            except pa.ArrowInvalid:
-                table = pa.ipc.open_file(source).read_all()
-        rows = _table_rows_as_json(table)
-        reasons = [None] * len(rows)
+    try:
+        rows, reasons = _read_rows(chunk)
+    except DataError:
+        raise
+    except Exception as exc:  # never a bare traceback from a read task: say which file and rows
+        raise DataError(f"Could not read {chunk.path} (from row {chunk.first_row}): "
+                        f"{type(exc).__name__}: {str(exc)[:120]}.") from None
     base = source_id(chunk.file_index, chunk.first_row)
     ids = np.arange(base, base + len(rows), dtype=np.int64)
     split = np.full(len(rows), chunk.split, dtype=np.int8)
@@ -297,10 +273,62 @@ def read_chunk(chunk: Chunk) -> pa.Table:
     )
 
 
-def read_chunks_batch(table: pa.Table) -> pa.Table:
-    """Pure stage for Ray Data: a table of chunk descriptors -> their rows, concatenated."""
-    tables = [read_chunk(Chunk(**row)) for row in table.to_pylist()]
-    return pa.concat_tables(tables) if tables else READ_SCHEMA.empty_table()
+def _read_jsonl(chunk: Chunk) -> tuple[list[str | None], list[str | None]]:
+    """Lines of a JSON lines chunk; a line over MAX_ROW_BYTES is skipped unread and counted (malformed_json)."""
+    rows: list[str | None] = []
+    reasons: list[str | None] = []
+    with open(chunk.path, "rb") as f:
+        f.seek(chunk.byte_start)
+        left = float("inf") if chunk.byte_end < 0 else chunk.byte_end - chunk.byte_start
+        while left > 0 and (raw := f.readline(int(min(MAX_ROW_BYTES + 1, left)))):
+            left -= len(raw)
+            if len(raw) > MAX_ROW_BYTES and not raw.endswith(b"\n"):
+                size = len(raw)
+                while left > 0 and (rest := f.readline(int(min(1 << 20, left)))):
+                    left, size = left - len(rest), size + len(rest)
+                    if rest.endswith(b"\n"):
+                        break
+                rows.append(f"a line of {size} bytes, over the {MAX_ROW_BYTES >> 20} MiB limit")
+                reasons.append("malformed_json")
+                continue
+            try:
+                text = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                rows.append("not UTF-8"), reasons.append("malformed_json")
+                continue
+            rows.append(text or None)
+            reasons.append(None if text else "blank_line")
+    return rows, reasons
+
+
+def _read_rows(chunk: Chunk) -> tuple[list[str | None], list[str | None]]:
+    """(raw JSON text or a drop's detail, drop reason or None) per row of the chunk."""
+    rows: list[str | None]
+    reasons: list[str | None]
+    if chunk.kind == "jsonl":
+        return _read_jsonl(chunk)
+    if chunk.kind == "json":
+        data = json.loads(Path(chunk.path).read_bytes())
+        rows, reasons = [], []
+        for r in data:
+            try:
+                rows.append(json.dumps(r)), reasons.append(None)
+            except RecursionError:
+                rows.append("nested too deeply to parse"), reasons.append("malformed_json")
+    elif chunk.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        rows = _table_rows_as_json(pq.ParquetFile(chunk.path).read_row_groups(chunk.row_groups))
+        reasons = [None] * len(rows)
+    else:
+        with pa.memory_map(chunk.path) as source:
+            try:
+                table = pa.ipc.open_stream(source).read_all()
+            except pa.ArrowInvalid:
+                table = pa.ipc.open_file(source).read_all()
+        rows = _table_rows_as_json(table)
+        reasons = [None] * len(rows)
+    return rows, reasons
 
 
 def files_identity(files: list[Path]) -> list[tuple[str, int, int]]:

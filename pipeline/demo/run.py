@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from raysft.pipeline import ray_runtime
 from raysft.pipeline.config import Config, load_config
 from raysft.pipeline.errors import ConfigError
 
@@ -150,26 +151,12 @@ def _demo(output: Path, overrides: list[str] | None, n_train: int | None, n_eval
 
 def _train_on_local_ray(cfg: Config):
     """Start (or join) Ray, train through the public API, and shut down what we started."""
-    import ray
-
     from raysft.pipeline.trainer import train
 
-    started = False
-    if not ray.is_initialized():
-        # Logical CPUs: at least one per worker plus one for the data plan's tokenizer actors.
-        cpus = max(os.cpu_count() or 1, int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker) + 1)
-        ray.init(address=cfg.run.address or "local", num_cpus=None if cfg.run.address else cpus,
-                 # The dashboard serves the State API, which Ray Train's placement-group cleaner polls:
-                 # without it the cleaner can take the run for dead and remove its workers.
-                 log_to_driver=True, include_dashboard=True, configure_logging=False,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-                                           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})  # worker prints once, not twice
-        started = True
-    try:
+    # Logical CPUs: at least one per worker plus one for the data plan's tokenizer actors.
+    cpus = max(os.cpu_count() or 1, int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker) + 1)
+    with ray_runtime.session(cfg.run.address, ray_runtime.TRAIN, num_cpus=cpus, env={"HF_HUB_OFFLINE": "1"}):
         return train(cfg)
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def _rows_for(cfg: Config) -> int:

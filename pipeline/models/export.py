@@ -17,6 +17,7 @@ from raysft.pipeline.errors import ModelError
 from raysft.pipeline.models.load import ADAPTER_DIR, RESOLVED_CONFIG, torch_dtype
 from raysft.pipeline.models.source import base_model_path
 from raysft.pipeline.models.tokenizer import load_tokenizer
+from raysft.pipeline.outputs import atomic_output, check_output
 
 MERGED_DIR = "merged"
 MERGE_DTYPES = ("bfloat16", "float32")
@@ -36,19 +37,22 @@ def export_run(
     if not merge:
         if output is None:
             return adapter
-        shutil.copytree(adapter, output, dirs_exist_ok=True)
+        with atomic_output(output, "export", [adapter]) as tmp:  # never onto others' files; swapped in on success
+            shutil.copytree(adapter, tmp, dirs_exist_ok=True)
         return Path(output)
     if dtype not in MERGE_DTYPES:
         raise ModelError(f"The merge dtype must be one of {', '.join(MERGE_DTYPES)}, not {dtype}.")
     cfg = _run_config(run)
     out = Path(output) if output else run / MERGED_DIR
+    inputs = [adapter, run / RESOLVED_CONFIG, cfg.model.name_or_path]
+    check_output(out, "export", inputs)  # before the merge, which takes long
     merged = merge_adapter(cfg, adapter, dtype)
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out, safe_serialization=True)
-    try:
-        load_tokenizer(cfg, need_chat_template=False).save_pretrained(out)
-    except ModelError:
-        pass  # the merged weights are still usable with the base's tokenizer
+    with atomic_output(out, "export", inputs) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        try:
+            load_tokenizer(cfg, need_chat_template=False).save_pretrained(tmp)
+        except ModelError:
+            pass  # the merged weights are still usable with the base's tokenizer
     return out
 
 

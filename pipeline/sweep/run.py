@@ -34,7 +34,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from raysft.pipeline import jsonl
+from raysft.pipeline import jsonl, ray_runtime
 from raysft.pipeline.cluster_checks import (
     TRIAL_DRIVER_CPUS, Capacity, check_shared_storage, read_capacity, trials_that_fit,
 )
@@ -69,10 +69,14 @@ def tune(cfg: Config, resume: bool = False) -> SweepResult:
     data_cfg = cfg  # data paths as written, so the data cache key matches `raysft train`'s
     cfg = preflight(cfg)  # model, tokenizer, storage: checked, and local paths made absolute for the trials
     sweep_dir = Path(cfg.run.storage_path).expanduser().resolve() / cfg.run.name
-    tune_path = sweep_dir / TUNE_DIR
     _check_sweep_folder(cfg, sweep_dir, resume)
 
-    _connect(cfg)
+    with ray_runtime.session(cfg.run.address, ray_runtime.TRAIN):
+        return _run_sweep(cfg, data_cfg, plan, sweep_dir, resume)
+
+
+def _run_sweep(cfg: Config, data_cfg: Config, plan: SweepPlan, sweep_dir: Path, resume: bool) -> SweepResult:
+    tune_path = sweep_dir / TUNE_DIR
     tracking_parent = start_sweep_tracking(cfg, sweep_dir)  # one MLflow parent run; trials are its children
     capacity = read_capacity()
     concurrency = max_concurrent_trials(cfg, capacity)
@@ -173,32 +177,6 @@ def max_concurrent_trials(cfg: Config, cluster: Capacity | dict[str, float]) -> 
     if wanted is not None and wanted > fits:
         log.warning("tune.max_concurrent_trials %d does not fit the cluster; running %d at a time", wanted, fits)
     return min(fits, wanted) if wanted is not None else fits
-
-
-def _connect(cfg: Config) -> None:
-    """Join the configured cluster, or start a local one (run.address: local, or none running)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    env = {"TOKENIZERS_PARALLELISM": "false"}
-    kwargs: dict[str, Any] = {}
-    if cfg.run.address == "local":
-        # Ray Train's placement-group cleaner (what frees an ASHA-stopped trial's workers) finds the
-        # dashboard by scanning for running clusters, which fails when a machine runs several: tell
-        # it where this one's is.
-        port = _free_port()
-        kwargs = {"include_dashboard": True, "dashboard_port": port}
-        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(address=cfg.run.address, log_to_driver=True, runtime_env={"env_vars": env}, **kwargs)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- data: prepared once, before the trials -----------------------------------------------------

@@ -75,7 +75,7 @@ def run(config: str, prepared: str, overrides: list[str]) -> Path:
     import torch.distributed as dist
     from raysft.pipeline.config import load_config
     from raysft.pipeline.data.schema import read_split
-    from raysft.pipeline.trainer import preflight, publish_adapter, run_dir_of
+    from raysft.pipeline.trainer import preflight, publish_adapter, read_deepspeed_json, run_dir_of
     from raysft.pipeline.training.loop import run_worker
     from raysft.pipeline.training.order import StepPlan
 
@@ -101,11 +101,7 @@ def run(config: str, prepared: str, overrides: list[str]) -> Path:
         run_dir = run_dir_of(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         ctx = TorchrunContext(run_dir, device, keep=cfg.train.keep_checkpoints)
-        ds_json = None
-        if cfg.train.deepspeed.config:
-            import json
-
-            ds_json = json.loads(Path(cfg.train.deepspeed.config).read_text())
+        ds_json = read_deepspeed_json(cfg.train.deepspeed.config) if cfg.train.deepspeed.config else None
         run_worker(cfg, ctx, train_table, eval_table, run_dir, ds_json)
         dist.barrier()
         if ctx.rank == 0:
