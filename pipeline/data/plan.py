@@ -28,11 +28,11 @@ from typing import Callable, Iterable, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from raysft.pipeline import outputs, ray_runtime, storage
 from raysft.pipeline.data import cache
 from raysft.pipeline.data.pack import pack_batch
+from raysft.pipeline.data.schema import Prepared
 from raysft.pipeline.data.shards import ShardWriter, has_rows
 from raysft.pipeline.data.sources import MAX_FILES, Chunk, expand, files_identity, plan_chunks, read_chunk
 from raysft.pipeline.data.stats import StatsAccumulator
@@ -41,16 +41,6 @@ from raysft.pipeline.data.tokenize import TokenizeStage, load_tokenizer_spec
 from raysft.pipeline.models.source import tokenizer_source
 from raysft.pipeline.errors import ClusterError, ConfigError, DataError, RaysftError, user_error
 from raysft.pipeline.storage import StorageOptions
-
-@dataclass
-class Prepared:
-    """A prepared dataset on disk: Parquet folders and the stats.json content."""
-
-    train_dir: Path
-    eval_dir: Optional[Path]
-    stats: dict
-    key: str
-
 
 @dataclass
 class Source:
@@ -326,7 +316,8 @@ def _run(cfg, inputs: Inputs, out_dir: Path, use_ray: bool = True, started: Opti
 def input_paths(cfg, inputs: Inputs) -> list[Path]:
     """What an output folder must not overlap: the data files, the data folders named, the tokenizer folder."""
     paths = [*inputs.train_files, *inputs.eval_files]
-    for spec in (cfg.data.train, cfg.data.eval):
+    train = cfg.data.train if isinstance(cfg.data.train, list) else [cfg.data.train]
+    for spec in [s.path if hasattr(s, "path") else s for s in train] + [cfg.data.eval]:
         local = cfg.resolve_path(spec) if spec and "://" not in spec else None
         if local and Path(local).expanduser().exists():
             paths.append(Path(local).expanduser())

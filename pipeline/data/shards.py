@@ -24,13 +24,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raysft.pipeline import storage
+from raysft.pipeline.data.schema import PACKED_COLUMNS, REQUIRED_COLUMNS
 from raysft.pipeline.storage import StorageError, StorageOptions
 
 SCHEMA_VERSION = 1
 INDEX_FILE = "_index.json"  # "_": Parquet data-set readers skip it, so the folder stays a plain data set
 DEFAULT_SHARD_MB = 64
-SHARD_COLUMNS = ["input_ids", "labels", "position_ids", "seq_lengths", "source_ids"]
-REQUIRED_COLUMNS = ["input_ids", "labels", "position_ids", "source_ids"]
 
 
 @dataclass(frozen=True)
@@ -105,7 +104,7 @@ class ShardWriter:
         return f"shard-{len(self.shards):05d}.parquet"
 
     def write(self, table: pa.Table) -> None:
-        table = table.select(SHARD_COLUMNS)
+        table = table.select(PACKED_COLUMNS)
         while table.num_rows:
             if self.writer is None:
                 self.fs.create_dir(self.path, recursive=True)

@@ -1,16 +1,19 @@
-"""The Ray Train per-worker function: QLoRA with DeepSpeed on packed rows. Reads top to bottom.
+"""The per-worker training loop: QLoRA with DeepSpeed on packed rows. `run_worker` reads top to bottom.
 
-Everything comes from `loop_config` (built by `trainer.build_trainer`):
+It takes its distributed context (rank, world size, device, report/checkpoint, resume) from a
+`WorkerContext` (training/context.py), so the same code runs under Ray Train
+(`train_loop_per_worker`, whose `loop_config` comes from `trainer.build_trainer`) and under plain
+torch.distributed (`training/torchrun_entry.py`). `loop_config` holds:
     config       Config.to_dict()
-    train_index  the shard index of the packed train rows (ShardIndex.to_dict()); each worker streams
-                 its steps' rows through training/reader.py; eval_index likewise or None (read whole)
+    train_index  the shard index of the packed train rows (ShardIndex.to_dict()): each worker streams its
+                 steps' rows from the shards (training/reader.py); eval_index likewise or None (read whole)
+    resume_from  the newest complete checkpoint the driver found in storage (trainer's run identity), or None
     run_dir      the run folder (a path or a URI) where rank 0 keeps metrics.jsonl, samples.jsonl, events.jsonl
                  and TensorBoard events (training/run_files.py)
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import shutil
@@ -22,18 +25,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from raysft.pipeline import jsonl, storage
 from raysft.pipeline.config import Config
 from raysft.pipeline.training import checkpoint as ckpt_io
 from raysft.pipeline.storage import StorageOptions
 from raysft.pipeline.training.ledger import LEDGER_FILE, Ledger
-from raysft.pipeline.training.run_files import RunFolder
+from raysft.pipeline.training.run_files import RunFolder, SyncedContext
 from raysft.pipeline.training.metrics import MetricsLog
+from raysft.pipeline.data.schema import REQUIRED_COLUMNS
 from raysft.pipeline.data.shards import ShardIndex, read_all
+from raysft.pipeline.training.context import WorkerContext
 from raysft.pipeline.training.reader import reader_for
-from raysft.pipeline.training.step import MicroBatch, collate, eval_loss_sum, make_optimizer, optimizer_step
-
-ROW_COLUMNS = ["input_ids", "labels", "position_ids", "source_ids"]
-
+from raysft.pipeline.training.step import (
+    MicroBatch, collate_table, eval_loss_sum, make_optimizer, optimizer_step, trained_counts,
+)
 
 def deepspeed_config(cfg: Config, world_size: int, user_json: dict[str, Any] | None = None) -> dict[str, Any]:
     """The DeepSpeed JSON: from the config, or the user's JSON with raysft's batch/precision keys enforced."""
@@ -58,6 +63,10 @@ def deepspeed_config(cfg: Config, world_size: int, user_json: dict[str, Any] | N
     ds.setdefault("steps_per_print", 1 << 30)
     ds.setdefault("wall_clock_breakdown", False)
     ds["bf16"] = {"enabled": cfg.model.dtype == "bfloat16"}  # bf16, never fp16, with a 4-bit base
+    if zero.get("stage", 0) >= 1:
+        # Accumulate the micro-batches' gradients in fp32, not in the bf16 of the model (DeepSpeed's
+        # ZeRO optimizers take the dtype from here; stage 0 only supports the model's own dtype).
+        ds["data_types"] = {**ds.get("data_types", {}), "grad_accum_dtype": "fp32"}
     ds.pop("fp16", None)
     ds.pop("optimizer", None)  # the optimizer and schedule come from train.* (so resume restores them)
     ds.pop("scheduler", None)
@@ -87,24 +96,36 @@ class DeepSpeedStepEngine:
         return float(self.engine.optimizer.param_groups[0]["lr"])
 
 
-def _micro_batches(table, rows: np.ndarray) -> list[MicroBatch]:
-    """rows[k, m]: k micro-batches of m packed rows, each flattened to one [1, T] sequence."""
-    out = []
-    for k in range(rows.shape[0]):
-        out.append(collate(table.take(rows[k].tolist()).select(ROW_COLUMNS).to_pylist()))
-    return out
+def layout_for(cfg: Config) -> str:
+    """Flash attention takes one flat sequence with its sample boundaries; other attention, rows stacked."""
+    return "flat" if cfg.model.attn_implementation.startswith("flash_attention") else "rows"
 
 
-def _step_counts(table, rows: np.ndarray) -> tuple[int, list[int]]:
-    """Trained tokens and source ids of ALL rows of a step (every rank computes the same)."""
-    mb = collate(table.take(rows.reshape(-1).tolist()).select(ROW_COLUMNS).to_pylist())
-    return mb.n_trained, mb.source_ids
+def _micro_batches(table, rows: np.ndarray, layout: str) -> list[MicroBatch]:
+    """rows[k, m]: k micro-batches of m packed rows each."""
+    return [collate_table(table, rows[k].tolist(), layout) for k in range(rows.shape[0])]
 
 
-def _evaluate(engine, eval_table, rank: int, world: int, micro: int, kernels: bool, device) -> dict[str, float]:
-    """Loss and perplexity over the whole eval set: sum CE / trained tokens, summed over ranks."""
+def _step_sources(table, rows: np.ndarray) -> list[int]:
+    """Source ids of ALL rows of a step, in step order (for the ledger, on rank 0 only): Arrow, no Python rows."""
+    import pyarrow.compute as pc
+
+    taken = table.column("source_ids").take(rows.reshape(-1))
+    return pc.list_flatten(taken).to_numpy(zero_copy_only=False).tolist()
+
+
+def _all_reduce(values: list[float], device: torch.device) -> torch.Tensor:
+    """Sum over ranks, on the training device (an NCCL group has no CPU backend)."""
     import torch.distributed as dist
 
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():  # world size 1 too: the GPU acceptance run exercises the NCCL path
+        dist.all_reduce(t)
+    return t.cpu()
+
+
+def _evaluate(engine, eval_table, rank: int, world: int, micro: int, kernels: bool, device, layout: str) -> dict[str, float]:
+    """Loss and perplexity over the whole eval set: sum CE / trained tokens, summed over ranks."""
     n = eval_table.num_rows
     chunks = [list(range(i, min(i + micro, n))) for i in range(0, n, micro)]
     per_rank = math.ceil(len(chunks) / world)
@@ -112,12 +133,10 @@ def _evaluate(engine, eval_table, rank: int, world: int, micro: int, kernels: bo
     # Every rank runs the same number of forwards (ZeRO-3 gathers weights collectively); padding counts 0.
     weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
     mine = mine + [chunks[0]] * (per_rank - len(mine))
-    mbs = [collate(eval_table.take(c).select(ROW_COLUMNS).to_pylist()) for c in mine]
+    mbs = [collate_table(eval_table, c, layout) for c in mine]
     s, cnt = eval_loss_sum(engine.module, mbs, weights, kernels=kernels, device=device)
-    t = torch.tensor([s, float(cnt)], dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    loss = float(t[0] / max(t[1], 1.0))
+    t = _all_reduce([s, float(cnt)], device)
+    loss = float(t[0] / max(float(t[1]), 1.0))
     return {"eval_loss": loss, "eval_ppl": float(math.exp(min(loss, 50.0)))}
 
 
@@ -126,8 +145,7 @@ EVENTS_FILE = "events.jsonl"
 
 def _append_event(run_dir: Path, event: dict[str, Any]) -> None:
     """events.jsonl: one line per (re)start of the worker group, so restarts are visible afterwards."""
-    with (run_dir / EVENTS_FILE).open("a") as f:
-        f.write(json.dumps({"time": time.time(), **event}) + "\n")
+    jsonl.append(run_dir / EVENTS_FILE, {"time": time.time(), **event})
 
 
 def _base_weight_residency(model: torch.nn.Module) -> dict[str, int]:
@@ -149,30 +167,45 @@ def _base_weight_residency(model: torch.nn.Module) -> dict[str, int]:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train's entry: the shard indexes from the driver, the context from ray.train."""
+    from raysft.pipeline.training.ray_context import RayTrainContext
+
+    cfg = Config.from_dict(loop_config["config"])
+    ctx = RayTrainContext(resume_from=loop_config.get("resume_from"))
+    # Rank 0 writes the run's files into the run folder, or into a staging copy of one on an object store
+    # (published before each checkpoint registers, so a restarted group continues them).
+    folder = RunFolder(loop_config["run_dir"], StorageOptions.of(cfg)) if ctx.rank == 0 else None
+    remote = storage.is_remote(loop_config["run_dir"])
+    run_dir = folder.local if folder is not None else Path(tempfile.gettempdir() if remote else loop_config["run_dir"])
+    eval_index = loop_config.get("eval_index")
+    try:
+        run_worker(cfg, SyncedContext(ctx, folder) if remote else ctx, ShardIndex.from_dict(loop_config["train_index"]),
+                   ShardIndex.from_dict(eval_index) if eval_index is not None else None, run_dir,
+                   loop_config.get("deepspeed_json"))
+    finally:
+        if folder is not None:
+            folder.close()
+
+
+def run_worker(cfg: Config, ctx: WorkerContext, train_index: ShardIndex, eval_index: ShardIndex | None,
+               run_dir: Path, deepspeed_json: dict[str, Any] | None = None) -> None:
+    """Train `cfg` on the packed rows of `train_index`'s shards as rank ctx.rank of ctx.world_size."""
     import deepspeed
-    import ray
-    import ray.train
-    import torch.distributed as dist
-    from ray.train import Checkpoint
 
     from raysft.pipeline.models.load import build_model
 
     # --- who am I, what do I train on ---------------------------------------------------------
-    cfg = Config.from_dict(loop_config["config"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    # Rank 0 writes the run's files into run_dir: the run folder, or a staging copy of one on an object store.
-    folder = RunFolder(loop_config["run_dir"], StorageOptions.of(cfg)) if rank == 0 else None
-    run_dir = folder.local if folder is not None else Path(tempfile.gettempdir())
+    rank, world, device = ctx.rank, ctx.world_size, ctx.device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # DeepSpeed and NCCL use the current device
     t = cfg.train
-    reader = reader_for(ShardIndex.from_dict(loop_config["train_index"]), seed=t.seed, window=t.shuffle_window,
+    reader = reader_for(train_index, seed=t.seed, window=t.shuffle_window,
                         rows_per_step=world * t.grad_accum * t.micro_batch_size, max_steps=t.max_steps,
-                        epochs=t.epochs, columns=ROW_COLUMNS)
-    eval_index = loop_config.get("eval_index")
-    eval_table = read_all(ShardIndex.from_dict(eval_index), ROW_COLUMNS) if eval_index is not None else None
+                        epochs=t.epochs, columns=REQUIRED_COLUMNS)
+    eval_table = read_all(eval_index, REQUIRED_COLUMNS) if eval_index is not None else None
     plan = reader.layout
     total = plan.total_steps
+    layout = layout_for(cfg)
     step_split = np.arange(plan.rows_per_step).reshape(t.grad_accum, world, t.micro_batch_size)
 
     # --- model, optimizer, DeepSpeed ----------------------------------------------------------
@@ -187,25 +220,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world, loop_config.get("deepspeed_json")), dist_init_required=False,
+        config=deepspeed_config(cfg, world, deepspeed_json), dist_init_required=False,
     )
     stepper = DeepSpeedStepEngine(engine)
     random.seed(t.seed + rank)
     np.random.seed(t.seed + rank)
     torch.manual_seed(t.seed + rank)  # per-rank dropout masks
+    if device.type == "cuda":
+        torch.cuda.manual_seed(t.seed + rank)
 
     # --- resume: weights, optimizer, scheduler, RNG, data position, ledger ------------------------
     start, trained_tokens = 0, 0
     ledger = Ledger(run_dir / LEDGER_FILE)
-    resume = ckpt_io.resume_checkpoint(ray.train.get_checkpoint(), loop_config.get("resume_from"), rank)
-    if resume is not None:
-        with resume.as_directory() as d:
-            state = ckpt_io.load(engine, d, rank=rank)
+    with ctx.latest_checkpoint() as d:
+        if d is not None:
+            state = ckpt_io.load(engine, d, rank=rank, device=device)
             if rank == 0:
                 ledger.rewind(state["step"], source=Path(d) / LEDGER_FILE)
-        start, trained_tokens = state["step"], state["trained_tokens"]
-    elif rank == 0 and ledger.path.exists():
-        ledger.path.unlink()  # a fresh run of this name starts a fresh ledger
+            start, trained_tokens = state["step"], state["trained_tokens"]
+        elif rank == 0 and ledger.path.exists():
+            ledger.path.unlink()  # a fresh run of this name starts a fresh ledger
     metrics_log = MetricsLog(run_dir, t.logging, cfg.to_dict(), cfg.run.name, resume_step=start) if rank == 0 else None
     config_yaml = cfg.dump_yaml()
     if rank == 0:
@@ -218,13 +252,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # --- the loop ----------------------------------------------------------------------------
     for step in range(start, total):
-        epoch, step_table = reader.step(step)  # the step's rows, read from the shards of its window
-        rows = step_split  # rows[grad_accum, world, micro] of step_table
-        n_global, step_sources = _step_counts(step_table, rows)
-        mbs = _micro_batches(step_table, rows[:, rank, :])
+        epoch, step_table = reader.step(step)  # the step's rows, streamed from the shards of its window
+        rows = step_split  # rows[grad_accum, world, micro]: indices into step_table
+        mine = rows[:, rank, :]
+        # The step's trained tokens (all ranks) normalise the loss: each rank counts its own rows, one all-reduce.
+        row_trained = trained_counts(step_table.column("labels"))  # vectorised
+        n_global = int(_all_reduce([float(row_trained[mine.reshape(-1)].sum())], device)[0])
+        mbs = _micro_batches(step_table, mine, layout)
         res = optimizer_step(stepper, mbs, n_global, grad_scale=float(world), kernels=t.kernels, device=device)
-        sums = torch.tensor([res.loss_sum, float(res.tokens)], dtype=torch.float64)
-        dist.all_reduce(sums)
+        sums = _all_reduce([res.loss_sum, float(res.tokens)], device)
         trained_tokens += n_global
         done = step + 1
         metrics: dict[str, Any] = {
@@ -234,9 +270,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         }
         last = done == total
         if eval_table is not None and eval_table.num_rows > 0 and (done % t.eval_every == 0 or last):
-            metrics.update(_evaluate(engine, eval_table, rank, world, t.micro_batch_size, t.kernels, device))
+            metrics.update(_evaluate(engine, eval_table, rank, world, t.micro_batch_size, t.kernels, device, layout))
         if rank == 0:
-            ledger.append(done, epoch, step_sources)
+            ledger.append(done, epoch, _step_sources(step_table, rows))
             metrics_log.log(metrics)
             extra = f" eval_loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""
             print(f"[raysft] step {done}/{total} loss {metrics['loss']:.4f} lr {res.lr:.2e} "
@@ -249,21 +285,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                      "data_position": dict(zip(("epoch", "row"), plan.position(done)))}
             try:
                 ckpt_io.save(engine, tmp, rank=rank, state=state, ledger_path=ledger.path if rank == 0 else None,
-                             config_yaml=config_yaml, storage=loop_config["run_dir"])
+                             config_yaml=config_yaml, storage=run_dir, device=device)
                 if rank == 0:
                     _append_event(run_dir, {"event": "reader", "step": done, "start": start,
                                             **reader.counters.to_dict()})
-                if folder is not None:
-                    folder.push()  # before the checkpoint registers: a restart finds these files (it rewinds them)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(tmp)),
-                                 checkpoint_dir_name=f"checkpoint_{done:06d}")
+                ctx.report(metrics, checkpoint_dir=tmp, step=done)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         else:
-            ray.train.report(metrics)
+            ctx.report(metrics)
 
     reader.close()
     if metrics_log is not None:
         metrics_log.close()
-    if folder is not None:
-        folder.close()

@@ -43,3 +43,20 @@ class RunFolder:
         self.push()
         if self.remote:
             shutil.rmtree(self.local, ignore_errors=True)
+
+
+class SyncedContext:
+    """A WorkerContext whose checkpoint reports first publish rank 0's staged run files (`RunFolder.push`),
+    so the files a restarted group downloads are never older than the checkpoint it resumes from."""
+
+    def __init__(self, ctx, folder: RunFolder | None) -> None:
+        self.ctx, self.folder = ctx, folder
+        self.rank, self.world_size, self.device = ctx.rank, ctx.world_size, ctx.device
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None = None, step: int = 0) -> None:
+        if checkpoint_dir is not None and self.folder is not None:
+            self.folder.push()
+        self.ctx.report(metrics, checkpoint_dir=checkpoint_dir, step=step)
+
+    def latest_checkpoint(self):
+        return self.ctx.latest_checkpoint()

@@ -193,7 +193,7 @@ def main() -> None:
         results_file.write_text(json.dumps(results, indent=1))
         print(cell, results[cell], flush=True)
     mib = lambda b: f"{b / (1 << 20):.0f}"  # noqa: E731
-    print(f"\n| code | data | packed rows | driver peak RSS (MiB) | worker peak RSS (MiB) | seconds |")
+    print("\n| code | data | packed rows | driver peak RSS (MiB) | worker peak RSS (MiB) | seconds |")
     print("| --- | --- | --- | --- | --- | --- |")
     for cell, r in sorted(results.items()):
         tree, size = cell.split("-")
