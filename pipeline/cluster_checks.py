@@ -9,6 +9,7 @@ multi-node run whose storage path some worker node cannot see is refused before 
 from __future__ import annotations
 
 import logging
+import json
 import math
 import uuid
 from dataclasses import dataclass
@@ -98,10 +99,18 @@ def _autoscaler_reports_status() -> bool:
     try:
         import ray.experimental.internal_kv as kv
 
-        return bool(kv._internal_kv_initialized() and kv._internal_kv_get("__autoscaling_status"))
+        raw = kv._internal_kv_initialized() and kv._internal_kv_get("__autoscaling_status")
+        return bool(raw) and autoscaler_has_node_types(json.loads(raw))
     except Exception as exc:  # noqa: BLE001 - unknown means no autoscaler known: judge by the nodes up
         log.debug("no autoscaler status: %s", exc)
         return False
+
+
+def autoscaler_has_node_types(status: dict) -> bool:
+    """Whether the monitor's status names configured node types (a launcher or KubeRay cluster that can add
+    nodes). A plain `ray start` or local instance runs the monitor too, but maps each node to `node_<id>` only."""
+    mapping = (status.get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    return any(name != f"node_{node_id}" for node_id, name in mapping.items())
 
 
 def _autoscaler_groups_max() -> dict[str, float] | None:

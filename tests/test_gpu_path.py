@@ -161,3 +161,12 @@ def test_zero3_trace_completes_with_and_without_the_fused_loss(tmp_path, tiny_mo
     result = json.loads(out.read_text())
     assert result["complete"] == [False, True, True], result
     assert all(np.isfinite(result["losses"]))
+
+
+def test_a_local_instance_is_no_autoscaler_but_a_launcher_cluster_is():
+    from raysft.pipeline.cluster_checks import autoscaler_has_node_types
+
+    local = {"autoscaler_report": {"node_type_mapping": {"c907": "node_c907"}, "legacy": True}}
+    launcher = {"autoscaler_report": {"node_type_mapping": {"c907": "ray.head.default", "a1b2": "gpu-workers"}}}
+    assert not autoscaler_has_node_types(local) and not autoscaler_has_node_types({})
+    assert autoscaler_has_node_types(launcher)

@@ -174,6 +174,7 @@ def torchrun(config: Path, prepared: Path, sets: list[str], timeout: float) -> t
 def run_summary(run_dir: Path) -> dict:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines() if x.strip()]
+    events = [e for e in events if e.get("event") == "start"]  # events.jsonl also holds the reader counters
     return {"steps": [r["step"] for r in rows], "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"],
             "eval_loss": [r.get("eval_loss") for r in rows if "eval_loss" in r],
             "tokens_per_s_median": sorted(r["tokens_per_s"] for r in rows)[len(rows) // 2],
