@@ -22,6 +22,7 @@ import torch
 
 from raysft.pipeline.config import Config
 from raysft.pipeline.training import checkpoint as ckpt_io
+from raysft.pipeline.training import generate_eval
 from raysft.pipeline.training.ledger import LEDGER_FILE, Ledger
 from raysft.pipeline.training.metrics import MetricsLog
 from raysft.pipeline.training.order import StepPlan
@@ -229,7 +230,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             print(f"[raysft] step {done}/{total} loss {metrics['loss']:.4f} lr {res.lr:.2e} "
                   f"{metrics['tokens_per_s']:.0f} tok/s{extra}", flush=True)
 
-        if done % t.save_every == 0 or last:
+        gen_eval = generate_eval.due(cfg, done, last)  # runs on this step's checkpoint, off the workers
+        if done % t.save_every == 0 or last or gen_eval:
             tmp = Path(tempfile.mkdtemp(prefix=f"raysft-ckpt-r{rank}-"))
             state = {"step": done, "epoch": epoch, "trained_tokens": trained_tokens,
                      "steps_per_epoch": plan.steps_per_epoch, "total_steps": total}
@@ -237,7 +239,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 ckpt_io.save(engine, tmp, rank=rank, state=state, ledger_path=ledger.path if rank == 0 else None,
                              config_yaml=config_yaml, storage=run_dir)
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(tmp)),
-                                 checkpoint_dir_name=f"checkpoint_{done:06d}")
+                                 checkpoint_dir_name=f"checkpoint_{done:06d}", validation=gen_eval)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         else:
