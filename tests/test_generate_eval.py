@@ -160,7 +160,7 @@ def test_exact_match_on_held_out_prompts_at_its_interval(ray_session, tiny_model
         assert [x["reference"] for x in s] == [" 8 ", "2", "7", "9"]
         assert m["gen_exact_match"] == ge.exact_match([x["reply"] for x in s], [x["reference"] for x in s])
     # Only the generation steps and the end were checkpointed (save_every 100).
-    assert sorted(p.name for p in run_dir.glob("checkpoint_*")) == ["checkpoint_000002", "checkpoint_000004"]
+    assert sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()) == ["checkpoint_000002", "checkpoint_000004"]
     # The eval used the checkpoint's adapter: regenerate from the run's final adapter (= step 4's).
     model, tok = ge.load_with_adapter(cfg, result.adapter_path)
     replies = ge.generate(model, tok, ge.read_prompts(cfg), max_new_tokens=6, batch_size=3)
