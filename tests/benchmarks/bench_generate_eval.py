@@ -110,7 +110,7 @@ def one_run(args, model_dir: Path, prepared, prompts: Path, out: Path, eval_on: 
         over["train.eval_generate"] = {"prompts": str(prompts), "every": args.every, "max_new_tokens": args.new_tokens,
                                        "batch_size": 4, "num_cpus": 1}
     cfg = preflight(load_config(overrides=over))
-    ray_runtime.start("local", ray_runtime.Needs(dashboard=False, log_to_driver=False), num_cpus=2,
+    ray_runtime.start("local", ray_runtime.Needs(dashboard=True, log_to_driver=False), num_cpus=2,
                       env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     clock = LineClock(out / over["run.name"] / "metrics.jsonl")
     clock.start()
