@@ -343,3 +343,19 @@ def test_entrypoint_runs_train_or_tune():
         entrypoint("tune", "raysft_job.yaml")
         == "python -m raysft.pipeline.cli tune raysft_job.yaml"
     )
+
+
+def test_weighted_sources_are_each_shipped(tmp_path):
+    root = make_tree(tmp_path / "proj")
+    other = tmp_path / "elsewhere" / "extra.jsonl"
+    other.parent.mkdir()
+    other.write_text('{"prompt": "a", "completion": "b"}\n')
+    (root / "mix.yaml").write_text(yaml.safe_dump({
+        "data": {"train": [{"path": "data/train.jsonl", "weight": 1}, {"path": str(other), "weight": 3}]},
+        "run": {"name": "r", "storage_path": "s3://bucket/runs"},
+    }))
+    pkg = build_job_package(load_config(root / "mix.yaml"), tmp_path / "stage")
+    assert "data/train.jsonl" in pkg.files and "inputs/data.train.1/extra.jsonl" in pkg.files
+    shipped = yaml.safe_load((pkg.directory / JOB_CONFIG_NAME).read_text())
+    assert [s["path"] for s in shipped["data"]["train"]] == ["data/train.jsonl", "inputs/data.train.1/extra.jsonl"]
+    assert [s["weight"] for s in shipped["data"]["train"]] == [1, 3]

@@ -346,7 +346,8 @@ def _run(cfg, inputs: Inputs, out_dir: Path, use_ray: bool = True, started: Opti
 def input_paths(cfg, inputs: Inputs) -> list[Path]:
     """What an output folder must not overlap: the data files, the data folders named, the tokenizer folder."""
     paths = [*inputs.train_files, *inputs.eval_files]
-    for spec in (cfg.data.train, cfg.data.eval):
+    train = cfg.data.train if isinstance(cfg.data.train, list) else [cfg.data.train]
+    for spec in [s.path if hasattr(s, "path") else s for s in train] + [cfg.data.eval]:
         local = cfg.resolve_path(spec) if spec and "://" not in spec else None
         if local and Path(local).expanduser().exists():
             paths.append(Path(local).expanduser())

@@ -291,49 +291,44 @@ def _relative_to(path: Path, root: Path) -> str | None:
         return None
 
 
-def _ship_config_paths(
-    cfg: Config, root: Path, stage: _Stage, notes: list[str]
-) -> dict[str, Any]:
+def _ship_path(cfg: Config, key: str, value: Any, root: Path, stage: _Stage, notes: list[str]) -> Any:
+    """Ship the local file, folder or glob `value` of config key `key`; return the value valid in the job's folder."""
+    if not isinstance(value, str) or "://" in value:
+        return value
+    spec = os.path.expanduser(cfg.resolve_path(value) or value)
+    is_glob = any(ch in spec for ch in "*?[")
+    local = Path(spec).resolve() if not is_glob else None
+    if (local is None and not glob.glob(spec, recursive=True)) or (local is not None and not local.exists()):
+        return value  # a hub id, or a path that only exists on the cluster
+    if key == _MODEL_FIELD:
+        notes.append(
+            f"{key} is {local}, which is not shipped (model weights): it must exist at that path on the cluster's nodes."
+        )
+        return str(local)
+    if is_glob:
+        rel_pattern = _relative_to(Path(os.path.abspath(spec)), root)
+        if rel_pattern is None:
+            notes.append(f"{key} is the glob {spec} outside {root}, which is not shipped: it must exist on the cluster.")
+            return os.path.abspath(spec)
+        for match in sorted(glob.glob(spec, recursive=True)):
+            if Path(match).is_file():
+                stage.add_path(Path(match).resolve(), Path(os.path.abspath(match)).relative_to(root).as_posix(), key)
+        return rel_pattern
+    rel = _relative_to(local, root) or f"inputs/{key}/{local.name}"
+    stage.add_path(local, rel, key)
+    return rel
+
+
+def _ship_config_paths(cfg: Config, root: Path, stage: _Stage, notes: list[str]) -> dict[str, Any]:
     """Ship every local file or folder the config names; return the config with paths valid in the job's folder."""
     data = cfg.to_dict()
     for key in (*_SHIPPED_FIELDS, _MODEL_FIELD):
         value = get_dotted(data, key)
-        if not isinstance(value, str) or "://" in value:
+        if key == "data.train" and isinstance(value, list):  # weighted sources: each one's path
+            for i, source in enumerate(value):
+                source["path"] = _ship_path(cfg, f"data.train.{i}", source["path"], root, stage, notes)
             continue
-        spec = os.path.expanduser(cfg.resolve_path(value) or value)
-        is_glob = any(ch in spec for ch in "*?[")
-        local = Path(spec).resolve() if not is_glob else None
-        if (local is None and not glob.glob(spec, recursive=True)) or (
-            local is not None and not local.exists()
-        ):
-            continue  # a hub id, or a path that only exists on the cluster
-        if key == _MODEL_FIELD:
-            set_dotted(data, key, str(local))
-            notes.append(
-                f"{key} is {local}, which is not shipped (model weights): it must exist at that path on "
-                "the cluster's nodes."
-            )
-            continue
-        if is_glob:
-            rel_pattern = _relative_to(Path(os.path.abspath(spec)), root)
-            if rel_pattern is None:
-                set_dotted(data, key, os.path.abspath(spec))
-                notes.append(
-                    f"{key} is the glob {spec} outside {root}, which is not shipped: it must exist on the cluster."
-                )
-                continue
-            for match in sorted(glob.glob(spec, recursive=True)):
-                if Path(match).is_file():
-                    stage.add_path(
-                        Path(match).resolve(),
-                        Path(os.path.abspath(match)).relative_to(root).as_posix(),
-                        key,
-                    )
-            set_dotted(data, key, rel_pattern)
-            continue
-        rel = _relative_to(local, root) or f"inputs/{key}/{local.name}"
-        stage.add_path(local, rel, key)
-        set_dotted(data, key, rel)
+        set_dotted(data, key, _ship_path(cfg, key, value, root, stage, notes))
     storage = data["run"]["storage_path"]
     if "://" not in storage and not os.path.isabs(storage):
         notes.append(
