@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from raysft.pipeline.config import load_config
 from raysft.pipeline.errors import ConfigError, DataError
 from raysft.pipeline.training import generate_eval as ge
@@ -103,7 +102,7 @@ def test_off_by_default_and_checked_before_any_worker_starts(tmp_path, tiny_mode
     with pytest.raises(DataError, match="The data path .*nowhere.jsonl does not exist"):
         preflight(cfg.with_overrides({"train.eval_generate.prompts": str(tmp_path / "nowhere.jsonl")}))
     (tmp_path / "m.py").write_text(CUSTOM_METRIC)
-    (tmp_path / "c.yaml").write_text(f"train: {{eval_generate: {{prompts: prompts, metric: m.py:char_code, every: 3}}}}\n")
+    (tmp_path / "c.yaml").write_text("train: {eval_generate: {prompts: prompts, metric: m.py:char_code, every: 3}}\n")
     ok = preflight(load_config(tmp_path / "c.yaml", overrides={"model.name_or_path": str(tiny_model_dir),
                                                                 "run.storage_path": str(tmp_path)}))
     assert ok.train.eval_generate.prompts == str(prompts) and ok.train.eval_generate.metric == f"{tmp_path / 'm.py'}:char_code"

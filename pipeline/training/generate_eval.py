@@ -21,9 +21,10 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from raysft.pipeline import jsonl
 from raysft.pipeline.config import Config
@@ -192,14 +193,26 @@ def validation_config(cfg: Config, run_dir: str | os.PathLike):
 
 def validate_checkpoint(checkpoint, *, config: dict[str, Any], run_dir: str) -> dict[str, Any]:
     """Ray Train's validation fn: generate on the checkpoint's adapter, score, write the results; returns
-    {"step": S, "gen_<metric>": value}."""
-    from raysft.pipeline.models.load import ADAPTER_DIR
+    {"step": S, "gen_<metric>": value}. A failure is one failures.jsonl line (Ray Train only logs it)."""
+    from raysft.pipeline.tracking import FAILURES_FILE
     from raysft.pipeline.training.checkpoint import step_of
+
+    step = step_of(checkpoint.path)
+    try:
+        return _validate(checkpoint, Config.from_dict(config), Path(run_dir), step)
+    except Exception as exc:
+        jsonl.append(Path(run_dir) / FAILURES_FILE, {"time": time.time(), "event": "generation_eval_failed",
+                                                     "step": step, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+        print(f"[raysft] generation eval of step {step} failed ({type(exc).__name__}: {str(exc)[:200]}); "
+              "training goes on.", flush=True)
+        raise
+
+
+def _validate(checkpoint, cfg: Config, run_dir: Path, step: int) -> dict[str, Any]:
+    from raysft.pipeline.models.load import ADAPTER_DIR
     from raysft.pipeline.training.metrics import METRICS_FILE
 
-    cfg = Config.from_dict(config)
     g = cfg.train.eval_generate
-    step = step_of(checkpoint.path)
     start = time.perf_counter()
     prompts = read_prompts(cfg)
     name, fn = load_metric(g.metric)
@@ -210,7 +223,6 @@ def validate_checkpoint(checkpoint, *, config: dict[str, Any], run_dir: str) -> 
     references = [p.reference for p in prompts]
     value = score(fn, name, replies, references)
     key = GEN_PREFIX + name
-    run_dir = Path(run_dir)
     jsonl.append(run_dir / SAMPLES_FILE, {
         "step": step, "metric": key, "value": value, "seconds": round(time.perf_counter() - start, 3),
         "samples": [{"prompt": p.messages[-1]["content"], "reply": r, "reference": p.reference}
@@ -240,7 +252,6 @@ def load_with_adapter(cfg: Config, adapter: str | os.PathLike):
     """The configured base (NF4 or plain) with the PEFT adapter at `adapter`, in eval mode, and its tokenizer."""
     import torch
     from peft import PeftModel
-
     from raysft.pipeline.models.load import load_base_model
     from raysft.pipeline.models.tokenizer import load_tokenizer
 

@@ -36,9 +36,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 def write_model(directory: Path, hidden: int, layers: int) -> Path:
     import torch
-    from transformers import LlamaForCausalLM
-
     from tiny import build_tokenizer, tiny_llama_config
+    from transformers import LlamaForCausalLM
 
     tok = build_tokenizer("chatml")
     torch.manual_seed(0)
@@ -94,7 +93,6 @@ class LineClock(threading.Thread):
 
 def one_run(args, model_dir: Path, prepared, prompts: Path, out: Path, eval_on: bool) -> dict:
     import ray
-
     from raysft.pipeline import ray_runtime
     from raysft.pipeline.config import load_config
     from raysft.pipeline.trainer import build_trainer, finish_run, preflight
