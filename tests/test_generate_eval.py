@@ -181,7 +181,7 @@ def test_tune_grid_picks_its_best_trial_by_a_user_generation_metric(ray_session,
     rows = []
     for _ in range(40):
         a, b = rng.randint(0, 50), rng.randint(0, 50)
-        rows.append({"messages": [{"role": "user", "content": f"what is {a} plus {b}?"},
+        rows.append({"messages": [{"role": "system", "content": "add"}, {"role": "user", "content": f"what is {a} plus {b}?"},
                                   {"role": "assistant", "content": f"{a + b}"}]})
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "held.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
@@ -190,7 +190,7 @@ def test_tune_grid_picks_its_best_trial_by_a_user_generation_metric(ray_session,
         "model": {"name_or_path": str(tiny_model_dir), "quantization": "none", "dtype": "float32",
                   "gradient_checkpointing": False},
         "lora": {"r": 4, "dropout": 0.0},
-        "data": {"train": str(tmp_path / "train.jsonl"), "max_seq_len": 64, "cache_dir": str(tmp_path / "cache"),
+        "data": {"train": str(tmp_path / "train.jsonl"), "max_seq_len": 128, "cache_dir": str(tmp_path / "cache"),
                  "num_tokenizer_actors": 1},
         "train": {"max_steps": 2, "save_every": 100, "logging": {"tensorboard": False},
                   "eval_generate": {"prompts": str(tmp_path / "held.jsonl"), "every": 2, "max_new_tokens": 8,
