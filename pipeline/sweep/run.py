@@ -166,9 +166,12 @@ def trial_resources(cfg: Config) -> dict[str, float]:
 
 
 def resources_per_trial(cfg: Config) -> dict[str, float]:
-    """Everything one trial holds while it trains: driver + workers (Train's controller takes none)."""
-    s = cfg.scaling
-    return {"CPU": 1.0 + s.num_workers * s.cpus_per_worker, "GPU": s.num_workers * s.gpus_per_worker if s.use_gpu else 0.0}
+    """Everything one trial holds while it trains: driver + workers (Train's controller takes none), and its
+    generation-eval task when train.eval_generate is on."""
+    s, g = cfg.scaling, cfg.train.eval_generate
+    evals = g.prompts is not None  # train.eval_generate: one eval task per trial at a time, beside its workers
+    return {"CPU": 1.0 + s.num_workers * s.cpus_per_worker + (g.num_cpus if evals else 0.0),
+            "GPU": (s.num_workers * s.gpus_per_worker if s.use_gpu else 0.0) + (g.num_gpus if evals else 0.0)}
 
 
 def max_concurrent_trials(cfg: Config, cluster: dict[str, float]) -> int:

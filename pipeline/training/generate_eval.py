@@ -184,7 +184,10 @@ def validation_config(cfg: Config, run_dir: str | os.PathLike):
         validate_checkpoint,
         task_config=ValidationTaskConfig(fn_kwargs={"config": cfg.to_dict(), "run_dir": str(run_dir)},
                                          timeout_s=g.timeout_s),
-        ray_remote_kwargs={"num_cpus": g.num_cpus, "num_gpus": g.num_gpus, "max_retries": 0},
+        # "DEFAULT": never inside the caller's placement group. A Tune trial's controller runs in the trial's
+        # 1-CPU bundle, which captures child tasks; there the eval would wait for a CPU its own driver holds.
+        ray_remote_kwargs={"num_cpus": g.num_cpus, "num_gpus": g.num_gpus, "max_retries": 0,
+                           "scheduling_strategy": "DEFAULT"},
     )
 
 
