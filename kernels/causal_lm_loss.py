@@ -1,7 +1,7 @@
 """The packed-row training loss of a causal LM without materialising logits.
 
-`causal_lm_loss_sum` runs the model body on a flattened packed micro-batch ([1, T]; samples kept
-apart by position_ids alone, hence attention_mask=None and use_cache=False), keeps the positions
+`causal_lm_loss_sum` runs the model on packed rows ([B, T]; samples kept apart by position_ids
+alone, hence attention_mask=None and use_cache=False), keeps the positions
 whose shifted label is trained, and sums their cross-entropy with `fused_linear_cross_entropy` on
 the lm_head weight. A LoRA adapter on lm_head is included exactly (its low-rank term is an extra
 input of the fused loss); anything this cannot represent is refused with a ModelError rather than
@@ -94,22 +94,38 @@ def lm_head_parts(model: nn.Module) -> LMHead:
 
 
 def causal_lm_loss_sum(
-    model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor
+    model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor, **attn_kwargs
 ) -> torch.Tensor:
-    """Sum of next-token cross-entropy over the trained tokens of one packed row [1, T] (labels unshifted)."""
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or labels.shape != input_ids.shape or position_ids.shape != input_ids.shape:
+    """Sum of next-token cross-entropy over the trained tokens of packed rows [B, T] (labels unshifted).
+
+    The model runs through its top-level forward (so DeepSpeed ZeRO-3's per-step trace, which resets
+    in the top module's forward hook, completes and prefetching works) with `logits_to_keep=1`; the
+    body's last hidden state is taken from a forward hook. `attn_kwargs` (cu_seq_lens_q/k,
+    max_length_q/k for flash attention) go to attention unchanged.
+    """
+    if input_ids.dim() != 2 or labels.shape != input_ids.shape or position_ids.shape != input_ids.shape:
         raise ValueError(
-            f"expected input_ids, position_ids and labels of shape [1, T], got {tuple(input_ids.shape)}, "
+            f"expected input_ids, position_ids and labels of one shape [B, T], got {tuple(input_ids.shape)}, "
             f"{tuple(position_ids.shape)}, {tuple(labels.shape)}"
         )
     head = lm_head_parts(model)
     base = _base_causal_lm(model)
     body = getattr(base, base.base_model_prefix)
-    out = body(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # [1, T, H]
-    targets = labels[0, 1:]
+    captured: list[torch.Tensor] = []
+
+    def grab(_module, _args, out) -> None:
+        captured.append(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
+
+    handle = body.register_forward_hook(grab)
+    try:
+        model(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False, logits_to_keep=1,
+              **attn_kwargs)
+    finally:
+        handle.remove()
+    hidden = captured[-1]  # [B, T, H]
+    targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    h, y = hidden[0, :-1][keep], targets[keep]  # only trained positions enter the loss
+    h, y = hidden[:, :-1][keep], targets[keep]  # only trained positions enter the loss
     lora_hidden, lora_weight = head.lora_inputs(h)
     with _gathered([head.weight, *(b.weight for _, _, b, _ in head.adapters)]):
         return fused_linear_cross_entropy(

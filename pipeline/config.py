@@ -39,8 +39,9 @@ class ModelConfig(_Section):
     compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="dtype the 4-bit layers compute in (float16 is refused with DeepSpeed).")
     double_quant: bool = Field(True, description="bitsandbytes nested quantization of the NF4 absmax constants.")
-    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="Storage dtype of the packed 4-bit weights; ZeRO-3 needs a float dtype to shard them.")
+    quant_storage: Optional[Literal["uint8", "bfloat16", "float16", "float32"]] = Field(
+        None, description="Storage dtype of the packed 4-bit weights: uint8, or model.dtype (null: model.dtype), "
+        "which lets ZeRO-3 shard them; DeepSpeed recasts any other float dtype and corrupts them.")
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="dtype of the weights that are not quantized (and of DeepSpeed: bf16 or fp32).")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
@@ -182,7 +183,8 @@ class ScalingConfig(_Section):
     num_workers: int = Field(2, ge=0, description="Training workers (processes, one per GPU with use_gpu).")
     use_gpu: bool = Field(False, description="Give each worker GPUs (NCCL); otherwise CPU workers over gloo.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker holds.")
-    gpus_per_worker: float = Field(1.0, ge=0, description="GPUs each worker holds when scaling.use_gpu is on.")
+    gpus_per_worker: float = Field(1.0, ge=0, description="GPUs each worker holds when scaling.use_gpu is on; must be 1 "
+                                 "(one rank per GPU).")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="How Ray places the workers on nodes (placement-group strategy).")
 

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from raysft.pipeline import ray_runtime
+from raysft.pipeline.cluster_checks import check_shared_storage, check_workers_fit, worker_bundle
 from raysft.pipeline.config import Config
-from raysft.pipeline.errors import ClusterError, ConfigError, DataError, RaysftError, causes
+from raysft.pipeline.data.schema import Prepared, read_split
+from raysft.pipeline.errors import ConfigError, DataError, RaysftError, causes
 from raysft.pipeline.models.load import ADAPTER_DIR
 from raysft.pipeline.models.source import base_model_path
 from raysft.pipeline.models.tokenizer import load_tokenizer
@@ -55,6 +57,7 @@ def preflight(cfg: Config) -> Config:
         raise ConfigError("scaling.num_workers must be at least 1 for training.")
     if cfg.model.dtype == "float16" or (cfg.model.quantization == "nf4" and cfg.model.compute_dtype == "float16"):
         raise ConfigError("model.dtype / model.compute_dtype float16 is not supported with DeepSpeed and a 4-bit base; use bfloat16.")
+    check_gpu_settings(cfg)
     source = base_model_path(cfg.model, cfg.source)  # a GGUF is converted once here; workers read the HF folder
     updates: dict[str, Any] = {}
     if os.path.isdir(source):
@@ -80,6 +83,22 @@ def preflight(cfg: Config) -> Config:
     return out
 
 
+def check_gpu_settings(cfg: Config) -> None:
+    """Settings that would silently break a GPU run: several GPUs per worker, and a 4-bit storage dtype
+    DeepSpeed recasts."""
+    s, m = cfg.scaling, cfg.model
+    if s.use_gpu and s.gpus_per_worker != 1:
+        raise ConfigError(
+            f"scaling.gpus_per_worker must be 1 with scaling.use_gpu (got {s.gpus_per_worker:g}): each worker is one "
+            "rank on one GPU; use more scaling.num_workers instead."
+        )
+    if m.quantization == "nf4" and m.quant_storage not in (None, "uint8", m.dtype):
+        raise ConfigError(
+            f"model.quant_storage {m.quant_storage} must be uint8 or equal to model.dtype ({m.dtype}): DeepSpeed "
+            "recasts the packed 4-bit weights to model.dtype, which corrupts them in any other float dtype."
+        )
+
+
 def read_deepspeed_json(path: str | os.PathLike) -> dict:
     """The user's DeepSpeed config (train.deepspeed.config): readable JSON holding an object."""
     try:
@@ -103,48 +122,14 @@ def _check_writable(path: Path, key: str) -> None:
 
 
 def check_cluster(cfg: Config) -> None:
-    """More workers than the cluster's CPUs/GPUs would wait forever: say so instead."""
-    import ray
-
-    res = ray.cluster_resources()
-    s = cfg.scaling
-    need_cpu = s.num_workers * s.cpus_per_worker
-    if need_cpu > res.get("CPU", 0) + 1e-9:
-        raise ClusterError(
-            f"scaling.num_workers={s.num_workers} x scaling.cpus_per_worker={s.cpus_per_worker} needs {need_cpu:g} CPUs "
-            f"but the Ray cluster has {res.get('CPU', 0):g}."
-        )
-    if s.use_gpu:
-        need_gpu = s.num_workers * s.gpus_per_worker
-        if need_gpu > res.get("GPU", 0) + 1e-9:
-            raise ClusterError(
-                f"scaling.num_workers={s.num_workers} x scaling.gpus_per_worker={s.gpus_per_worker} needs {need_gpu:g} GPUs "
-                f"but the Ray cluster has {res.get('GPU', 0):g}."
-            )
+    """Workers the cluster can never hold would wait forever, and storage a worker node cannot see would
+    fail at the first checkpoint: say so instead, before anything starts (cluster_checks.py)."""
+    check_workers_fit(cfg.scaling)
+    check_shared_storage(run_dir_of(cfg).parent, cfg.scaling)
 
 
-def read_rows(directory: str | os.PathLike | None, what: str):
-    """All Parquet files of a prepared split, in file-name order, as one pyarrow Table (or None)."""
-    import pyarrow.parquet as pq
-    import pyarrow as pa
-
-    if directory is None:
-        return None
-    files = sorted(Path(directory).rglob("*.parquet"))
-    if not files:
-        return None if what == "eval" else _no_rows(directory)
-    table = pa.concat_tables([pq.read_table(f) for f in files]).combine_chunks()
-    missing = {"input_ids", "labels", "position_ids", "source_ids"} - set(table.column_names)
-    if missing:
-        raise DataError(f"Prepared {what} data in {directory} lacks column(s) {sorted(missing)}.")
-    return table
-
-
-def _no_rows(directory) -> None:
-    raise DataError(f"Prepared train data in {directory} has no Parquet files.")
-
-
-def build_trainer(cfg: Config, prepared, *, callbacks: list | None = None, tracking_parent: dict | None = None):
+def build_trainer(cfg: Config, prepared: Prepared, *, callbacks: list | None = None,
+                  tracking_parent: dict | None = None):
     """A TorchTrainer for `cfg` on `prepared` (train_dir, eval_dir); the caller calls `.fit()`.
 
     The packed rows travel as object refs of one Arrow table, so workers on other nodes need no
@@ -159,15 +144,10 @@ def build_trainer(cfg: Config, prepared, *, callbacks: list | None = None, track
     from raysft.pipeline.training.order import StepPlan
 
     check_cluster(cfg)
-    train_table = read_rows(prepared.train_dir, "train")
-    eval_table = read_rows(getattr(prepared, "eval_dir", None), "eval")
+    train_table = read_split(prepared.train_dir, "train")
+    eval_table = read_split(prepared.eval_dir, "eval")
     s, t = cfg.scaling, cfg.train
-    plan = StepPlan(train_table.num_rows, s.num_workers, t.grad_accum, t.micro_batch_size, t.seed, t.max_steps, t.epochs)
-    if plan.steps_per_epoch == 0:
-        raise DataError(
-            f"Prepared train data has {plan.n_rows} packed rows, fewer than one optimizer step needs "
-            f"(scaling.num_workers x train.grad_accum x train.micro_batch_size = {plan.rows_per_step})."
-        )
+    plan = StepPlan.from_config(cfg, train_table.num_rows).require_a_step()
     # Identity check before anything is written or any worker starts; a refusal leaves the folder as it was.
     decision = run_identity.decide(cfg, prepared.key, run_dir_of(cfg), steps_per_epoch=plan.steps_per_epoch)
     ds_json = read_deepspeed_json(t.deepspeed.config) if t.deepspeed.config else None
@@ -183,9 +163,7 @@ def build_trainer(cfg: Config, prepared, *, callbacks: list | None = None, track
         "run_dir": str(run_dir),
         "deepspeed_json": ds_json,
     }
-    resources = {"CPU": s.cpus_per_worker}
-    if s.use_gpu:
-        resources["GPU"] = s.gpus_per_worker
+    resources = worker_bundle(s)
     max_failures = cfg.run.max_failures
     return TorchTrainer(
         train_loop_per_worker,
@@ -206,6 +184,17 @@ def build_trainer(cfg: Config, prepared, *, callbacks: list | None = None, track
     )
 
 
+def publish_adapter(run_dir: Path, checkpoint_dir: Path) -> Path:
+    """The final adapter and ledger of a checkpoint folder, copied into the run folder (Ray or torchrun run)."""
+    adapter = run_dir / ADAPTER_DIR
+    if adapter.exists():
+        shutil.rmtree(adapter)
+    shutil.copytree(checkpoint_dir / ADAPTER_DIR, adapter)
+    if (checkpoint_dir / LEDGER_FILE).is_file():
+        shutil.copyfile(checkpoint_dir / LEDGER_FILE, run_dir / LEDGER_FILE)
+    return adapter
+
+
 def finish_run(cfg: Config, result) -> TrainResult:
     """Copy the final adapter and ledger out of the last checkpoint into the run folder."""
     run_dir = run_dir_of(cfg)
@@ -214,11 +203,7 @@ def finish_run(cfg: Config, result) -> TrainResult:
     if ckpt is None:
         raise DataError(f"Run {run_dir} finished without a checkpoint.")
     with ckpt.as_directory() as d:
-        if adapter.exists():
-            shutil.rmtree(adapter)
-        shutil.copytree(Path(d) / ADAPTER_DIR, adapter)
-        if (Path(d) / LEDGER_FILE).is_file():
-            shutil.copyfile(Path(d) / LEDGER_FILE, run_dir / LEDGER_FILE)
+        publish_adapter(run_dir, Path(d))
     metrics = {k: v for k, v in (result.metrics or {}).items()}
     finish_tracking(run_dir, adapter)
     return TrainResult(metrics=metrics, run_dir=run_dir, adapter_path=adapter, checkpoint_path=ckpt.path)
@@ -229,7 +214,8 @@ def train(cfg: Config) -> TrainResult:
     from raysft.pipeline.data.plan import ensure_prepared, resolve_inputs
 
     cfg = preflight(cfg)
-    run_identity.decide(cfg, resolve_inputs(cfg).key, run_dir_of(cfg))  # refuse a mismatched rerun before any work
+    if run_dir_of(cfg).exists() or cfg.run.resume == "must":  # a rerun: refuse a mismatch before any work
+        run_identity.decide(cfg, resolve_inputs(cfg).key, run_dir_of(cfg))
     with ray_runtime.session(cfg.run.address, ray_runtime.TRAIN):
         check_cluster(cfg)
         prepared = ensure_prepared(cfg)

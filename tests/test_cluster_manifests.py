@@ -198,3 +198,13 @@ def test_dockerfile_builds_on_ray_gpu_image_with_pinned_deps_and_raysft():
     for src in ("pipeline/", "kernels/", "pyproject.toml"):
         assert re.search(rf"^COPY .*{re.escape(src)}", text, re.M), src
     assert re.search(r"pip install --no-deps \.", text) and "raysft --help" in text
+
+
+def test_recipes_name_examples_that_exist():
+    """Every examples/*.yaml a cluster recipe or its README tells users to run is in the repository."""
+    named = set()
+    for path in [*CLUSTER.rglob("*.yaml"), CLUSTER / "README.md"]:
+        named |= set(re.findall(r"examples/[\w.-]+\.yaml", path.read_text()))
+    assert named, "the recipes name no example"
+    missing = sorted(n for n in named if not (REPO / n).is_file())
+    assert not missing, missing

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from raysft.pipeline.data.formats import normalise_row
-from raysft.pipeline.data.tokenize import IGNORE, ChatEncoder
+from raysft.pipeline.data.schema import IGNORE_INDEX as IGNORE
+from raysft.pipeline.data.tokenize import ChatEncoder
 
 EOT = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}
 

@@ -9,8 +9,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from raysft.pipeline.data.pack import DATASET_COLUMNS, bfd_bins, pack_batch, plan_bins, subset_fill_bins
-from raysft.pipeline.data.tokenize import IGNORE, encoded_table
+from raysft.pipeline.data.pack import bfd_bins, pack_batch, plan_bins, subset_fill_bins
+from raysft.pipeline.data.schema import IGNORE_INDEX as IGNORE
+from raysft.pipeline.data.schema import PACKED_COLUMNS as DATASET_COLUMNS
+from raysft.pipeline.data.tokenize import encoded_table
 from raysft.pipeline.data.formats import BadRow
 
 

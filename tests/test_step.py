@@ -9,8 +9,9 @@ import torch
 
 from raysft.pipeline.config import load_config
 from raysft.pipeline.models.load import build_model
+from raysft.pipeline.data.schema import IGNORE_INDEX as IGNORE
 from raysft.pipeline.training.step import (
-    IGNORE, TorchEngine, collate, eval_loss_sum, loss_sum, make_optimizer, optimizer_step,
+    TorchEngine, collate, eval_loss_sum, loss_sum, make_optimizer, optimizer_step,
 )
 
 
@@ -77,16 +78,50 @@ def test_packed_equals_per_sample_loss_and_grads(model):
         assert torch.allclose(g_packed[name], g_sep[name], atol=1e-5, rtol=0), name
 
 
-def test_rows_flattened_into_one_micro_batch_equal_separate_rows(model):
+@pytest.mark.parametrize("layout", ["rows", "flat"])
+def test_multi_row_micro_batch_equals_one_row_at_a_time(model, layout):
+    """A micro-batch of 3 packed rows (kept as separate sequences) gives the loss and LoRA gradients of
+    3 one-row micro-batches within 1e-5; "rows" stacks them [3, T_max], "flat" carries cu_seq_lens."""
     rng = random.Random(1)
     rows = [pack([random_sample(rng, 500, 2 * i), random_sample(rng, 500, 2 * i + 1)]) for i in range(3)]
-    flat = collate(rows)
-    assert flat.input_ids.shape[0] == 1 and flat.n_trained == sum(collate([r]).n_trained for r in rows)
-    assert flat.source_ids == [0, 1, 2, 3, 4, 5]
-    with torch.no_grad():
-        a = float(loss_sum(model, flat))
-        b = sum(float(loss_sum(model, collate([r]))) for r in rows)
-    assert abs(a - b) < 1e-4
+    mb = collate(rows, layout)
+    lengths = [len(r["input_ids"]) for r in rows]
+    assert mb.n_trained == sum(collate([r]).n_trained for r in rows) and mb.n_tokens == sum(lengths)
+    assert mb.source_ids == [0, 1, 2, 3, 4, 5]
+    if layout == "rows":
+        assert tuple(mb.input_ids.shape) == (3, max(lengths)) and not mb.attn_kwargs
+    else:
+        assert mb.input_ids.shape[0] == 1 and mb.attn_kwargs["cu_seq_lens_q"].tolist()[-1] == sum(lengths)
+        assert len(mb.attn_kwargs["cu_seq_lens_q"]) == 6 + 1  # one segment per packed sample
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    a = loss_sum(model, mb)
+    a.backward()
+    grads_a = [p.grad.clone() for p in params]
+    model.zero_grad()
+    b = sum(loss_sum(model, collate([r], layout)) for r in rows)
+    b.backward()
+    assert abs(float(a) - float(b)) < 1e-5 * max(1.0, abs(float(b)))
+    for ga, p in zip(grads_a, params):
+        assert torch.allclose(ga, p.grad, atol=1e-5, rtol=1e-5)
+    model.zero_grad()
+
+
+def test_trained_counts_match_collate():
+    import pyarrow as pa
+
+    rng = random.Random(3)
+    rows = [pack([random_sample(rng, 500, 2 * i), random_sample(rng, 500, 2 * i + 1)]) for i in range(5)]
+    rows.append({"input_ids": [], "labels": [], "position_ids": [], "source_ids": []})
+    table = pa.Table.from_pylist(rows)
+    from raysft.pipeline.training.step import collate_table, trained_counts
+
+    assert trained_counts(table.column("labels")).tolist() == [collate([r]).n_trained for r in rows]
+    for layout in ("rows", "flat"):
+        mb = collate_table(table, [3, 0, 1], layout)
+        ref = collate([rows[3], rows[0], rows[1]], layout)
+        assert torch.equal(mb.input_ids, ref.input_ids) and torch.equal(mb.labels, ref.labels)
+        assert mb.source_ids == ref.source_ids and mb.n_trained == ref.n_trained
 
 
 def test_kv_cache_regression_packed_forward_needs_use_cache_false(model):

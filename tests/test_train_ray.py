@@ -90,6 +90,43 @@ def test_step_split_invariance(run_1w, run_2w, prepared):
     assert abs(run_1w.metrics["eval_loss"] - run_2w.metrics["eval_loss"]) < 1e-5
 
 
+def _torchrun(config: Path, prepared, overrides: list[str], world: int = 2) -> None:
+    import torch.multiprocessing as mp
+    from dist_workers import torchrun_worker
+    from local_processes import free_port
+
+    mp.start_processes(torchrun_worker, args=(world, free_port(), str(config), str(prepared.train_dir.parent), overrides),
+                       nprocs=world, start_method="spawn")
+
+
+def test_torchrun_path_gives_the_ray_adapter(run_2w, tiny_model_dir, runs_root, prepared, tmp_path):
+    """The same loop without Ray (torch.distributed, gloo, 2 real processes, the same Parquet): the same
+    ledger, losses and adapter as the Ray Train run (1e-5); then a lost last checkpoint resumes exactly."""
+    cfg = fp32_cfg(tiny_model_dir, runs_root, "torch-w2", workers=2, micro=1, accum=2)
+    config = tmp_path / "torch.yaml"
+    config.write_text(cfg.dump_yaml())
+    _torchrun(config, prepared, [])
+    run_dir = runs_root / "torch-w2"
+    assert ledger(run_dir) == ledger(run_2w.run_dir)
+    ray_rows, torch_rows = read_metrics(run_2w.run_dir), read_metrics(run_dir)
+    assert [r["step"] for r in torch_rows] == list(range(1, 9))
+    for a, b in zip(ray_rows, torch_rows):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and a["trained_tokens"] == b["trained_tokens"]
+    assert abs(torch_rows[-1]["eval_loss"] - run_2w.metrics["eval_loss"]) < 1e-5
+    assert_same_adapter(adapter(run_dir), adapter(run_2w.run_dir))
+    assert sorted(p.name for p in run_dir.glob("checkpoint_*")) == ["checkpoint_000006", "checkpoint_000008"]
+
+    # A crash after step 6's checkpoint: the next start resumes from it and ends where the full run did.
+    import shutil
+
+    shutil.rmtree(run_dir / "checkpoint_000008")
+    shutil.rmtree(run_dir / "adapter")
+    _torchrun(config, prepared, [])
+    assert [e["step"] for e in ledger(run_dir)] == list(range(1, 9))
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 9))
+    assert_same_adapter(adapter(run_dir), adapter(run_2w.run_dir))
+
+
 def test_metrics_ledger_and_checkpoints(run_2w):
     rows = read_metrics(run_2w.run_dir)
     assert [r["step"] for r in rows] == list(range(1, 9))
@@ -140,7 +177,8 @@ def test_recovery_from_killed_worker_is_exact(ray_session, tiny_model_dir, runs_
     result = fit(cfg, prepared)
     killer.join(timeout=5)
     assert "pid" in killed, "no worker was killed"
-    starts = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    starts = [e for e in events if e["event"] == "start"]  # the console also logs the lost worker there
     assert len(starts) == 2 and starts[0]["step"] == 0 and starts[1]["step"] >= 2, starts
     check_exactly_once(ledger(run_dir), {0: set(range(N_SAMPLES)), 1: set(range(N_SAMPLES))})
     assert [e["step"] for e in ledger(run_dir)] == list(range(1, 9))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from raysft.pipeline.config import load_config
 from raysft.pipeline.errors import CheckpointError
-from raysft.pipeline.trainer import build_trainer, finish_run, fit, preflight
+from raysft.pipeline.trainer import build_trainer, finish_run, fit, preflight, run_dir_of
 from raysft.pipeline.training import checkpoint as ck
 from raysft.pipeline.training.ledger import check_exactly_once
 from raysft.pipeline.training.metrics import read_metrics
@@ -70,7 +70,7 @@ def test_full_disk_then_resume_from_last_good_checkpoint(
     )  # 8 rows: 2 steps per epoch
     run_dir = tmpfs / "disk"
     first = _cfg(tiny_model_dir, tmpfs, 2)
-    finish_run(first, fit(build_trainer(first, prepared)))
+    finish_run(first, fit(build_trainer(first, prepared), run_dir_of(first)))
     good = run_dir / "checkpoint_000002"
     assert ck.problem(good) is None
 
@@ -93,7 +93,7 @@ def test_full_disk_then_resume_from_last_good_checkpoint(
     longer = _cfg(tiny_model_dir, tmpfs, 4)
     _resize(tmpfs, shutil.disk_usage(tmpfs).used + (1 << 20))
     with pytest.raises(CheckpointError) as err:
-        fit(build_trainer(longer, prepared))
+        fit(build_trainer(longer, prepared), run_dir_of(longer))
     msg = str(err.value)
     assert (
         "Not enough space" in msg
@@ -111,7 +111,7 @@ def test_full_disk_then_resume_from_last_good_checkpoint(
     (partial / ck.STATE_FILE).write_text(json.dumps({"step": 4, "world_size": 2}))
     (partial / "adapter" / "adapter_model.safetensors").write_bytes(b"")
     capsys.readouterr()
-    result = finish_run(longer, fit(build_trainer(longer, prepared)))
+    result = finish_run(longer, fit(build_trainer(longer, prepared), run_dir_of(longer)))
     out = capsys.readouterr().out
     assert (
         "skipping checkpoint checkpoint_000004" in out

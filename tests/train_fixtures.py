@@ -7,20 +7,12 @@ Training tests use them so they exercise only the training side; samples have a 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
-IGNORE = -100
+from raysft.pipeline.data.schema import IGNORE_INDEX as IGNORE
+from raysft.pipeline.data.schema import PACKED_ROW_SCHEMA, Prepared
+
 ANSWER_TOKENS = [11, 12, 13, 14, 15, 16, 17, 18]  # responses use few tokens: a tiny model learns that fast
-
-
-@dataclass
-class Prepared:
-    train_dir: Path
-    eval_dir: Optional[Path]
-    stats: dict
-    key: str = "test"
 
 
 def make_sample(rng: random.Random, sid: int, vocab: int = 400) -> dict:
@@ -53,10 +45,7 @@ def write_rows(directory: Path, rows: list[dict]) -> Path:
     import pyarrow.parquet as pq
 
     directory.mkdir(parents=True, exist_ok=True)
-    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
-                        ("position_ids", pa.list_(pa.int32())), ("seq_lengths", pa.list_(pa.int32())),
-                        ("source_ids", pa.list_(pa.int64()))])
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), directory / "part-00000.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=PACKED_ROW_SCHEMA), directory / "part-00000.parquet")
     return directory
 
 
@@ -67,4 +56,4 @@ def make_prepared(root: Path, n_train: int = 48, n_eval: int = 8, per_row: int =
     evals = [make_sample(rng, 10_000 + i) for i in range(n_eval)]
     train_dir = write_rows(root / "train", pack_rows(train, per_row))
     eval_dir = write_rows(root / "eval", pack_rows(evals, per_row)) if n_eval else None
-    return Prepared(train_dir, eval_dir, {"rows_used": n_train, "packed_rows": -(-n_train // per_row)})
+    return Prepared(train_dir, eval_dir, {"rows_used": n_train, "packed_rows": -(-n_train // per_row)}, "test")

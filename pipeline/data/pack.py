@@ -10,7 +10,7 @@ sample comes out as a row with empty token lists and its `drop_reason`, and trun
 counted, so tokens in == tokens out + tokens truncated + tokens dropped. Per sample, packed rows also
 carry its `sample_views` (0: the row's full conversation, k: its k-th extra turn view),
 `sample_copies` (0: first copy of the row in the epoch) and `sample_truncated` (tokens cut) for
-stats; only DATASET_COLUMNS are written.
+stats; only schema.PACKED_COLUMNS are written.
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ from collections import defaultdict
 import numpy as np
 import pyarrow as pa
 
-from raysft.pipeline.data.tokenize import IGNORE, _list_array
+from raysft.pipeline.data.schema import IGNORE_INDEX, PACKED_ROW_SCHEMA
+from raysft.pipeline.data.tokenize import _list_array
 
+# The packed rows plus the drop rows and counters the stats need (the dataset keeps PACKED_COLUMNS).
 PACKED_SCHEMA = pa.schema(
-    [("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("position_ids", pa.list_(pa.int32())),
-     ("seq_lengths", pa.list_(pa.int32())), ("source_ids", pa.list_(pa.int64())), ("split", pa.int8()),
-     ("drop_reason", pa.string()), ("detail", pa.string()), ("rows_truncated", pa.int32()),
-     ("tokens_truncated", pa.int64()), ("tokens_dropped", pa.int64()), ("sample_views", pa.list_(pa.int32())),
-     ("sample_copies", pa.list_(pa.int32())), ("sample_truncated", pa.list_(pa.int32()))]
+    list(PACKED_ROW_SCHEMA)
+    + [("split", pa.int8()), ("drop_reason", pa.string()), ("detail", pa.string()), ("rows_truncated", pa.int32()),
+       ("tokens_truncated", pa.int64()), ("tokens_dropped", pa.int64()), ("sample_views", pa.list_(pa.int32())),
+       ("sample_copies", pa.list_(pa.int32())), ("sample_truncated", pa.list_(pa.int32()))]
 )
-DATASET_COLUMNS = ["input_ids", "labels", "position_ids", "seq_lengths", "source_ids"]
 
 
 def _subset_fill(counts: dict[int, int], room: int, lengths_desc: list[int]) -> list[int]:
@@ -149,8 +149,8 @@ def pack_batch(table: pa.Table, max_seq_len: int, packing: str = "bfd", too_long
             emit_drop(j, "too_long", f"{len(ids)} tokens > data.max_seq_len {max_seq_len}", len(ids))
             continue
         ids, labels = ids[:max_seq_len], labels[:max_seq_len].copy()
-        labels[0] = IGNORE  # never train across a sample boundary (labels are shifted by the model)
-        if not (labels != IGNORE).any():
+        labels[0] = IGNORE_INDEX  # never train across a sample boundary (labels are shifted by the model)
+        if not (labels != IGNORE_INDEX).any():
             emit_drop(j, "no_trainable_tokens_after_truncation",
                       f"nothing trainable in the first {max_seq_len} tokens", len(ids) + cut)
             continue

@@ -32,7 +32,8 @@ import pyarrow.parquet as pq
 
 from raysft.pipeline import outputs, ray_runtime
 from raysft.pipeline.data import cache
-from raysft.pipeline.data.pack import DATASET_COLUMNS, pack_batch
+from raysft.pipeline.data.pack import pack_batch
+from raysft.pipeline.data.schema import PACKED_COLUMNS, Prepared
 from raysft.pipeline.data.sources import MAX_FILES, Chunk, expand, files_identity, plan_chunks, read_chunk
 from raysft.pipeline.data.stats import StatsAccumulator
 from raysft.pipeline.data.light_tokenizer import TokenizerSpec, compile_chat_template
@@ -41,16 +42,6 @@ from raysft.pipeline.models.source import tokenizer_source
 from raysft.pipeline.errors import ClusterError, ConfigError, DataError, RaysftError, user_error
 
 ROWS_PER_FILE = 4096  # packed rows per Parquet file
-
-
-@dataclass
-class Prepared:
-    """A prepared dataset on disk: Parquet folders and the stats.json content."""
-
-    train_dir: Path
-    eval_dir: Optional[Path]
-    stats: dict
-    key: str
 
 
 @dataclass
@@ -143,7 +134,7 @@ class ParquetSink:
         self.files = self.rows_in_file = 0
 
     def write(self, table: pa.Table) -> None:
-        table = table.select(DATASET_COLUMNS)
+        table = table.select(PACKED_COLUMNS)
         while table.num_rows:
             if self.writer is None:
                 self.directory.mkdir(parents=True, exist_ok=True)

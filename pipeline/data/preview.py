@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 from raysft.pipeline.data.light_tokenizer import TokenizerSpec
-from raysft.pipeline.data.tokenize import IGNORE
+from raysft.pipeline.data.schema import IGNORE_INDEX as IGNORE
 
 _ON, _OFF = "\x1b[1;32m", "\x1b[0m"  # bold green
 HTML_NAME = "preview.html"

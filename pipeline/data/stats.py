@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raysft.pipeline.data.formats import BAD_INPUT_REASONS
+from raysft.pipeline.data.schema import IGNORE_INDEX
 from raysft.pipeline.data.sources import FILE_SHIFT, MAX_FILES, split_source_id
 from raysft.pipeline.errors import DataError
 
@@ -174,7 +175,7 @@ class StatsAccumulator:
             st.rows_truncated += int((first & (flat["sample_truncated"] > 0)).sum())
             st.tokens_truncated += int(pc.sum(small.column("tokens_truncated")).as_py())
             st.tokens_total += int(pc.sum(pc.list_value_length(part.column("input_ids"))).as_py() or 0)
-            trained = pc.not_equal(pc.list_flatten(part.column("labels")), -100).to_numpy(zero_copy_only=False)
+            trained = pc.not_equal(pc.list_flatten(part.column("labels")), IGNORE_INDEX).to_numpy(zero_copy_only=False)
             st.tokens_trainable += int(trained.sum())
             if split == 0:
                 self._add_sources(flat, first, trained)

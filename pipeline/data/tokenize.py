@@ -42,12 +42,12 @@ import pyarrow as pa
 
 from raysft.pipeline.data.fast_bpe import ByteLevelFastPath, char_spans
 from raysft.pipeline.data.formats import BadRow, Normalised, parse_and_normalise
+from raysft.pipeline.data.schema import IGNORE_INDEX
 from raysft.pipeline.data.light_tokenizer import TokenizerSpec, compile_chat_template
 from raysft.pipeline.data.sources import MAX_COPIES, MAX_VIEWS, sample_ids
 from raysft.pipeline.models.source import tokenizer_source
 from raysft.pipeline.models.tokenizer import load_tokenizer, no_chat_template
 
-IGNORE = -100
 FAST_PATH_CHECK_ROWS = 32  # rows compared with tokenizers before an encoder trusts its fast path
 log = logging.getLogger(__name__)
 _START, _END = itemgetter(0), itemgetter(1)
@@ -453,7 +453,7 @@ class ChatEncoder:
         row_offsets = np.zeros(len(out_ids) + 1, dtype=np.int64)
         np.cumsum(lengths, out=row_offsets[1:])
         flat_ids = np.fromiter(itertools.chain.from_iterable(out_ids), dtype=np.int32, count=int(row_offsets[-1]))
-        flat_labels = np.full(len(flat_ids), IGNORE, dtype=np.int32)
+        flat_labels = np.full(len(flat_ids), IGNORE_INDEX, dtype=np.int32)
         for i, ranges in enumerate(out_ranges):
             base = int(row_offsets[i])
             for lo, hi, _ in ranges:

@@ -8,11 +8,9 @@ accuracy uses greedy decoding of held-out prompts and `demo_task.is_correct`.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,10 +31,6 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def read_rows(path: str | os.PathLike) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def load_model(cfg: Config, adapter: str | os.PathLike | None = None):

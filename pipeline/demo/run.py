@@ -71,7 +71,8 @@ def run_demo(output: str | os.PathLike = "runs/demo", overrides: list[str] | Non
 def _demo(output: Path, overrides: list[str] | None, n_train: int | None, n_eval: int | None, run_name: str,
           console) -> int:
     from raysft.pipeline.demo.task import write_task
-    from raysft.pipeline.demo.evaluate import evaluate, read_rows
+    from raysft.pipeline.demo.evaluate import evaluate
+    from raysft.pipeline.jsonl import read as read_rows
     from raysft.pipeline.demo.report import summary_lines, write_report
     from raysft.pipeline.console import follow_run
     from raysft.pipeline.models.fetch import fetch_model

@@ -48,7 +48,7 @@ def load_base_model(mcfg: ModelConfig, device: str | None = None):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=mcfg.double_quant,
             bnb_4bit_compute_dtype=torch_dtype(mcfg.compute_dtype),
-            bnb_4bit_quant_storage=torch_dtype(mcfg.quant_storage),
+            bnb_4bit_quant_storage=torch_dtype(mcfg.quant_storage or mcfg.dtype),
         )
         kwargs["device_map"] = {"": device or ("cuda" if torch.cuda.is_available() else "cpu")}
     try:

@@ -34,9 +34,12 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from raysft.pipeline import ray_runtime
+from raysft.pipeline import jsonl, ray_runtime
+from raysft.pipeline.cluster_checks import (
+    TRIAL_DRIVER_CPUS, Capacity, check_shared_storage, read_capacity, trials_that_fit,
+)
 from raysft.pipeline.config import Config
-from raysft.pipeline.errors import ClusterError, ConfigError
+from raysft.pipeline.errors import ConfigError
 from raysft.pipeline.sweep.report import (
     COMPLETED, EARLY_STOPPED, ERROR, INTERRUPTED, BestTrial, SweepResult, TrialRecord,
     pick_best, plot_curves, plot_loss_vs_lr, table_row, write_csv,
@@ -73,11 +76,11 @@ def tune(cfg: Config, resume: bool = False) -> SweepResult:
 
 
 def _run_sweep(cfg: Config, data_cfg: Config, plan: SweepPlan, sweep_dir: Path, resume: bool) -> SweepResult:
-    import ray
-
     tune_path = sweep_dir / TUNE_DIR
     tracking_parent = start_sweep_tracking(cfg, sweep_dir)  # one MLflow parent run; trials are its children
-    concurrency = max_concurrent_trials(cfg, ray.cluster_resources())
+    capacity = read_capacity()
+    concurrency = max_concurrent_trials(cfg, capacity)
+    check_shared_storage(sweep_dir, cfg.scaling)
     prepared = _prepare_all(data_cfg, plan)  # tokenizes at most once per distinct data config
     trainable = rt.with_resources(
         rt.with_parameters(run_trial, base=cfg.to_dict(), source=cfg.source, plan=plan, prepared=prepared,
@@ -125,7 +128,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], source: Optional[
     cfg = trial_config(Config.from_dict(base, source), plan, config, trial_id, trials_dir)
     run_dir = Path(trials_dir) / trial_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    _append_json(run_dir / ATTEMPTS_FILE, {"started": time.time(), "pid": os.getpid()})
+    jsonl.append(run_dir / ATTEMPTS_FILE, {"started": time.time(), "pid": os.getpid()})
     data = prepared[_variant_key(data_overrides(plan, config))]
     trainer = build_trainer(cfg, data, callbacks=[TuneReportCallback()], tracking_parent=tracking_parent)
     try:
@@ -162,29 +165,14 @@ def _trial_dirname(trial) -> str:
 
 def trial_resources(cfg: Config) -> dict[str, float]:
     """What Tune reserves for a trial: its driver (1 CPU). Its Ray Train workers reserve their own."""
-    return {"CPU": 1.0}
+    return {"CPU": TRIAL_DRIVER_CPUS}
 
 
-def resources_per_trial(cfg: Config) -> dict[str, float]:
-    """Everything one trial holds while it trains: driver + workers (Train's controller takes none), and its
-    generation-eval task when train.eval_generate is on."""
-    s, g = cfg.scaling, cfg.train.eval_generate
-    evals = g.prompts is not None  # train.eval_generate: one eval task per trial at a time, beside its workers
-    return {"CPU": 1.0 + s.num_workers * s.cpus_per_worker + (g.num_cpus if evals else 0.0),
-            "GPU": (s.num_workers * s.gpus_per_worker if s.use_gpu else 0.0) + (g.num_gpus if evals else 0.0)}
-
-
-def max_concurrent_trials(cfg: Config, cluster: dict[str, float]) -> int:
-    """How many trials fit the cluster at once (never more than tune.max_concurrent_trials)."""
-    need = resources_per_trial(cfg)
-    fits = min(math.floor(cluster.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0)
-    if fits < 1:
-        s = cfg.scaling
-        raise ClusterError(
-            f"One trial needs {need['CPU']:g} CPUs and {need['GPU']:g} GPUs (1 CPU for the trial driver plus "
-            f"{s.num_workers} workers x scaling.cpus_per_worker {s.cpus_per_worker:g}) but the cluster has "
-            f"{cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs; lower scaling.num_workers or the per-worker resources."
-        )
+def max_concurrent_trials(cfg: Config, cluster: Capacity | dict[str, float]) -> int:
+    """How many trials fit the cluster at once, grown to its autoscaler's maximum (never more than
+    tune.max_concurrent_trials)."""
+    capacity = cluster if isinstance(cluster, Capacity) else Capacity(dict(cluster))
+    fits = trials_that_fit(cfg.scaling, capacity)
     wanted = cfg.tune.max_concurrent_trials
     if wanted is not None and wanted > fits:
         log.warning("tune.max_concurrent_trials %d does not fit the cluster; running %d at a time", wanted, fits)
@@ -263,9 +251,7 @@ class PlannedSteps:
 
         base = Config.from_dict(self.base, self.source)
         cfg = base.with_overrides(trial_overrides(self.plan, sampled, base))
-        s, t = cfg.scaling, cfg.train
-        n_rows = self.rows[_variant_key(data_overrides(self.plan, sampled))]
-        return StepPlan(n_rows, s.num_workers, t.grad_accum, t.micro_batch_size, t.seed, t.max_steps, t.epochs).total_steps
+        return StepPlan.from_config(cfg, self.rows[_variant_key(data_overrides(self.plan, sampled))]).total_steps
 
 
 def _rows(prepared: dict[str, Any]) -> dict[str, int]:
@@ -303,7 +289,7 @@ class SweepASHA(ASHAScheduler):
         if action == self.STOP and result.get("step", 0) >= self._final_step(trial):
             return self.CONTINUE  # at its last step the trial is done anyway: let it save its adapter
         if action == self.STOP:
-            _append_json(Path(self._events_path), {"time": time.time(), "trial_id": trial.trial_id, "event": "early_stopped",
+            jsonl.append(Path(self._events_path), {"time": time.time(), "trial_id": trial.trial_id, "event": "early_stopped",
                                                    "step": result.get("step"), self._metric: value})
             print(f"[raysft] ASHA stopped trial {trial.trial_id} at step {result.get('step')} ({self._metric} {value})", flush=True)
         return action
@@ -336,7 +322,7 @@ class SweepEvents(Callback):
         self.path = path
 
     def _event(self, trial, event: str, **extra) -> None:
-        _append_json(Path(self.path), {"time": time.time(), "trial_id": trial.trial_id, "event": event, **extra})
+        jsonl.append(Path(self.path), {"time": time.time(), "trial_id": trial.trial_id, "event": event, **extra})
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._event(trial, "started", params={k: _jsonable(v) for k, v in trial.config.items()})
@@ -368,7 +354,7 @@ def _sparse_metrics() -> Iterator[None]:
 
 def _collect(cfg: Config, plan: SweepPlan, sweep_dir: Path, grid) -> SweepResult:
     """Results table, plots, the best adapter and config, from Tune's results and the trial folders."""
-    stopped = {e["trial_id"] for e in _read_events(sweep_dir) if e.get("event") == "early_stopped"}
+    stopped = {e["trial_id"] for e in jsonl.read(sweep_dir / EVENTS_FILE) if e.get("event") == "early_stopped"}
     # A trial that never reported (pending when a sweep was interrupted) has no Result.config.
     configs = {t.trial_id: t.config for t in getattr(getattr(grid, "_experiment_analysis", None), "trials", [])}
     records = []
@@ -450,11 +436,6 @@ def _append_json(path: Path, record: dict[str, Any]) -> None:
 
 def _read_json(path: Path) -> Optional[dict[str, Any]]:
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _read_events(sweep_dir: Path) -> list[dict[str, Any]]:
-    path = sweep_dir / EVENTS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def _jsonable(v: Any) -> Any:

@@ -47,8 +47,12 @@ SPACE_MARGIN_BYTES = (
 )  # leave this much free after a checkpoint (metadata, Ray's snapshot)
 
 
-def rng_state() -> dict[str, Any]:
-    """All RNG states as JSON-safe values (no pickle)."""
+def rng_state(device: torch.device | str | None = None) -> dict[str, Any]:
+    """This rank's RNG states as JSON-safe values (no pickle): Python, NumPy, torch CPU, and its own device.
+
+    Only the generator of the rank's own accelerator is saved (not every visible GPU by index), so a
+    restart on a node with fewer GPUs, or on another GPU index, restores this rank's stream exactly.
+    """
     np_state = np.random.get_state()
     state = {
         "python": [
@@ -65,21 +69,28 @@ def rng_state() -> dict[str, Any]:
         ],
         "torch": torch.get_rng_state().tolist(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type != "cpu":
+        state["device"] = {"type": dev.type, "state": _device_module(dev).get_rng_state(dev).tolist()}
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | str | None = None) -> None:
+    """Restore `rng_state`; the saved device stream goes to this rank's device, whatever its index."""
     v, inner, gauss = state["python"]
     random.setstate((v, tuple(inner), gauss))
     n = state["numpy"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(
-            [torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]]
-        )
+    dev = torch.device(device) if device is not None else None
+    saved = state.get("device")
+    if saved is not None and dev is not None and dev.type == saved["type"]:
+        _device_module(dev).set_rng_state(torch.tensor(saved["state"], dtype=torch.uint8), dev)
+
+
+def _device_module(dev: torch.device):
+    """torch.cuda (or the module of another accelerator type): get_rng_state / set_rng_state per device."""
+    return getattr(torch, dev.type)
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -179,6 +190,7 @@ def save(
     ledger_path: Path | None,
     config_yaml: str,
     storage: str | Path | None = None,
+    device: torch.device | str | None = None,
 ) -> Path:
     """Write, seal (manifest) and verify this rank's part of a checkpoint in `directory`; every rank calls it.
 
@@ -200,7 +212,7 @@ def save(
         )
         rng = directory / "rng" / f"rank{rank}.json"
         rng.parent.mkdir(parents=True, exist_ok=True)
-        rng.write_text(json.dumps(rng_state()))
+        rng.write_text(json.dumps(rng_state(device)))
         written.append(rng)
         if rank == 0:
             from safetensors.torch import save_file
@@ -329,7 +341,7 @@ def problem(directory: str | Path) -> str | None:
     return None
 
 
-def load(engine, directory: str | Path, *, rank: int) -> dict[str, Any]:
+def load(engine, directory: str | Path, *, rank: int, device: torch.device | str | None = None) -> dict[str, Any]:
     """Restore engine state and this rank's RNG from a verified checkpoint; return the data position."""
     directory = Path(directory)
     why = problem(directory)
@@ -340,7 +352,7 @@ def load(engine, directory: str | Path, *, rank: int) -> dict[str, Any]:
     load_engine_state(engine, directory, rank)
     rng = directory / "rng" / f"rank{rank}.json"
     if rng.is_file():
-        set_rng_state(json.loads(rng.read_text()))
+        set_rng_state(json.loads(rng.read_text()), device)
     return json.loads((directory / STATE_FILE).read_text())
 
 

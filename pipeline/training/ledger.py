@@ -6,10 +6,11 @@ restarts each step appears once and no source id appears twice within an epoch (
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Iterable
+
+from raysft.pipeline import jsonl
 
 LEDGER_FILE = "samples.jsonl"
 
@@ -21,22 +22,14 @@ class Ledger:
         self.path = Path(path)
 
     def append(self, step: int, epoch: int, source_ids: Iterable[int]) -> None:
-        line = json.dumps({"step": int(step), "epoch": int(epoch), "source_ids": [int(s) for s in source_ids]})
-        with self.path.open("a") as f:
-            f.write(line + "\n")
+        jsonl.append(self.path, {"step": int(step), "epoch": int(epoch), "source_ids": [int(s) for s in source_ids]})
 
     def entries(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return jsonl.read(self.path)
 
     def rewind(self, step: int, source: str | os.PathLike | None = None) -> None:
         """Keep only steps <= `step`; take them from `source` (a checkpoint's copy) when given."""
-        src = Ledger(source) if source is not None else self
-        kept = [e for e in src.entries() if e["step"] <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
-        os.replace(tmp, self.path)
+        jsonl.rewind(self.path, step, source=source if source is not None else self.path)
 
 
 def check_exactly_once(entries: list[dict], kept_per_epoch: dict[int, set[int]] | None = None) -> None:

@@ -1,14 +1,17 @@
-"""The Ray Train per-worker function: QLoRA with DeepSpeed on packed rows. Reads top to bottom.
+"""The per-worker training loop: QLoRA with DeepSpeed on packed rows. `run_worker` reads top to bottom.
 
-Everything comes from `loop_config` (built by `trainer.build_trainer`):
+It takes its distributed context (rank, world size, device, report/checkpoint, resume) from a
+`WorkerContext` (training/context.py), so the same code runs under Ray Train
+(`train_loop_per_worker`, whose `loop_config` comes from `trainer.build_trainer`) and under plain
+torch.distributed (`training/torchrun_entry.py`). `loop_config` holds:
     config       Config.to_dict()
     train_table  ObjectRef of the packed train rows (pyarrow.Table), eval_table likewise or None
+    resume_from  the newest complete checkpoint the driver found in storage (trainer's run identity), or None
     run_dir      where rank 0 appends metrics.jsonl, samples.jsonl and TensorBoard events
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import shutil
@@ -20,16 +23,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from raysft.pipeline import jsonl
 from raysft.pipeline.config import Config
 from raysft.pipeline.training import checkpoint as ckpt_io
 from raysft.pipeline.training import generate_eval
 from raysft.pipeline.training.ledger import LEDGER_FILE, Ledger
 from raysft.pipeline.training.metrics import MetricsLog
 from raysft.pipeline.training.order import StepPlan
-from raysft.pipeline.training.step import MicroBatch, collate, eval_loss_sum, make_optimizer, optimizer_step
-
-ROW_COLUMNS = ["input_ids", "labels", "position_ids", "source_ids"]
-
+from raysft.pipeline.training.context import WorkerContext
+from raysft.pipeline.training.step import (
+    MicroBatch, collate_table, eval_loss_sum, make_optimizer, optimizer_step, trained_counts,
+)
 
 def deepspeed_config(cfg: Config, world_size: int, user_json: dict[str, Any] | None = None) -> dict[str, Any]:
     """The DeepSpeed JSON: from the config, or the user's JSON with raysft's batch/precision keys enforced."""
@@ -54,6 +58,10 @@ def deepspeed_config(cfg: Config, world_size: int, user_json: dict[str, Any] | N
     ds.setdefault("steps_per_print", 1 << 30)
     ds.setdefault("wall_clock_breakdown", False)
     ds["bf16"] = {"enabled": cfg.model.dtype == "bfloat16"}  # bf16, never fp16, with a 4-bit base
+    if zero.get("stage", 0) >= 1:
+        # Accumulate the micro-batches' gradients in fp32, not in the bf16 of the model (DeepSpeed's
+        # ZeRO optimizers take the dtype from here; stage 0 only supports the model's own dtype).
+        ds["data_types"] = {**ds.get("data_types", {}), "grad_accum_dtype": "fp32"}
     ds.pop("fp16", None)
     ds.pop("optimizer", None)  # the optimizer and schedule come from train.* (so resume restores them)
     ds.pop("scheduler", None)
@@ -83,24 +91,36 @@ class DeepSpeedStepEngine:
         return float(self.engine.optimizer.param_groups[0]["lr"])
 
 
-def _micro_batches(table, rows: np.ndarray) -> list[MicroBatch]:
-    """rows[k, m]: k micro-batches of m packed rows, each flattened to one [1, T] sequence."""
-    out = []
-    for k in range(rows.shape[0]):
-        out.append(collate(table.take(rows[k].tolist()).select(ROW_COLUMNS).to_pylist()))
-    return out
+def layout_for(cfg: Config) -> str:
+    """Flash attention takes one flat sequence with its sample boundaries; other attention, rows stacked."""
+    return "flat" if cfg.model.attn_implementation.startswith("flash_attention") else "rows"
 
 
-def _step_counts(table, rows: np.ndarray) -> tuple[int, list[int]]:
-    """Trained tokens and source ids of ALL rows of a step (every rank computes the same)."""
-    mb = collate(table.take(rows.reshape(-1).tolist()).select(ROW_COLUMNS).to_pylist())
-    return mb.n_trained, mb.source_ids
+def _micro_batches(table, rows: np.ndarray, layout: str) -> list[MicroBatch]:
+    """rows[k, m]: k micro-batches of m packed rows each."""
+    return [collate_table(table, rows[k].tolist(), layout) for k in range(rows.shape[0])]
 
 
-def _evaluate(engine, eval_table, rank: int, world: int, micro: int, kernels: bool, device) -> dict[str, float]:
-    """Loss and perplexity over the whole eval set: sum CE / trained tokens, summed over ranks."""
+def _step_sources(table, rows: np.ndarray) -> list[int]:
+    """Source ids of ALL rows of a step, in step order (for the ledger, on rank 0 only): Arrow, no Python rows."""
+    import pyarrow.compute as pc
+
+    taken = table.column("source_ids").take(rows.reshape(-1))
+    return pc.list_flatten(taken).to_numpy(zero_copy_only=False).tolist()
+
+
+def _all_reduce(values: list[float], device: torch.device) -> torch.Tensor:
+    """Sum over ranks, on the training device (an NCCL group has no CPU backend)."""
     import torch.distributed as dist
 
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():  # world size 1 too: the GPU acceptance run exercises the NCCL path
+        dist.all_reduce(t)
+    return t.cpu()
+
+
+def _evaluate(engine, eval_table, rank: int, world: int, micro: int, kernels: bool, device, layout: str) -> dict[str, float]:
+    """Loss and perplexity over the whole eval set: sum CE / trained tokens, summed over ranks."""
     n = eval_table.num_rows
     chunks = [list(range(i, min(i + micro, n))) for i in range(0, n, micro)]
     per_rank = math.ceil(len(chunks) / world)
@@ -108,12 +128,10 @@ def _evaluate(engine, eval_table, rank: int, world: int, micro: int, kernels: bo
     # Every rank runs the same number of forwards (ZeRO-3 gathers weights collectively); padding counts 0.
     weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
     mine = mine + [chunks[0]] * (per_rank - len(mine))
-    mbs = [collate(eval_table.take(c).select(ROW_COLUMNS).to_pylist()) for c in mine]
+    mbs = [collate_table(eval_table, c, layout) for c in mine]
     s, cnt = eval_loss_sum(engine.module, mbs, weights, kernels=kernels, device=device)
-    t = torch.tensor([s, float(cnt)], dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    loss = float(t[0] / max(t[1], 1.0))
+    t = _all_reduce([s, float(cnt)], device)
+    loss = float(t[0] / max(float(t[1]), 1.0))
     return {"eval_loss": loss, "eval_ppl": float(math.exp(min(loss, 50.0)))}
 
 
@@ -122,8 +140,7 @@ EVENTS_FILE = "events.jsonl"
 
 def _append_event(run_dir: Path, event: dict[str, Any]) -> None:
     """events.jsonl: one line per (re)start of the worker group, so restarts are visible afterwards."""
-    with (run_dir / EVENTS_FILE).open("a") as f:
-        f.write(json.dumps({"time": time.time(), **event}) + "\n")
+    jsonl.append(run_dir / EVENTS_FILE, {"time": time.time(), **event})
 
 
 def _base_weight_residency(model: torch.nn.Module) -> dict[str, int]:
@@ -145,25 +162,34 @@ def _base_weight_residency(model: torch.nn.Module) -> dict[str, int]:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    import deepspeed
+    """Ray Train's entry: the tables come as object refs, the context from ray.train."""
     import ray
-    import ray.train
-    import torch.distributed as dist
-    from ray.train import Checkpoint
+
+    from raysft.pipeline.training.ray_context import RayTrainContext
+
+    eval_ref = loop_config.get("eval_table")
+    ctx = RayTrainContext(resume_from=loop_config.get("resume_from"))
+    run_worker(Config.from_dict(loop_config["config"]), ctx, ray.get(loop_config["train_table"]),
+               ray.get(eval_ref) if eval_ref is not None else None, Path(loop_config["run_dir"]),
+               loop_config.get("deepspeed_json"))
+
+
+def run_worker(cfg: Config, ctx: WorkerContext, train_table, eval_table, run_dir: Path,
+               deepspeed_json: dict[str, Any] | None = None) -> None:
+    """Train `cfg` on the packed rows of `train_table` as rank ctx.rank of ctx.world_size."""
+    import deepspeed
 
     from raysft.pipeline.models.load import build_model
 
     # --- who am I, what do I train on ---------------------------------------------------------
-    cfg = Config.from_dict(loop_config["config"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    run_dir = Path(loop_config["run_dir"])
-    train_table = ray.get(loop_config["train_table"])
-    eval_table = ray.get(loop_config["eval_table"]) if loop_config.get("eval_table") is not None else None
+    rank, world, device = ctx.rank, ctx.world_size, ctx.device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # DeepSpeed and NCCL use the current device
     t = cfg.train
-    plan = StepPlan(train_table.num_rows, world, t.grad_accum, t.micro_batch_size, t.seed, t.max_steps, t.epochs)
+    plan = StepPlan.from_config(cfg, train_table.num_rows, world)
     total = plan.total_steps
+    layout = layout_for(cfg)
+    row_trained = trained_counts(train_table.column("labels"))  # once, vectorised
 
     # --- model, optimizer, DeepSpeed ----------------------------------------------------------
     torch.manual_seed(t.seed)
@@ -177,25 +203,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world, loop_config.get("deepspeed_json")), dist_init_required=False,
+        config=deepspeed_config(cfg, world, deepspeed_json), dist_init_required=False,
     )
     stepper = DeepSpeedStepEngine(engine)
     random.seed(t.seed + rank)
     np.random.seed(t.seed + rank)
     torch.manual_seed(t.seed + rank)  # per-rank dropout masks
+    if device.type == "cuda":
+        torch.cuda.manual_seed(t.seed + rank)
 
     # --- resume: weights, optimizer, scheduler, RNG, data position, ledger ------------------------
     start, trained_tokens = 0, 0
     ledger = Ledger(run_dir / LEDGER_FILE)
-    resume = ckpt_io.resume_checkpoint(ray.train.get_checkpoint(), loop_config.get("resume_from"), rank)
-    if resume is not None:
-        with resume.as_directory() as d:
-            state = ckpt_io.load(engine, d, rank=rank)
+    with ctx.latest_checkpoint() as d:
+        if d is not None:
+            state = ckpt_io.load(engine, d, rank=rank, device=device)
             if rank == 0:
                 ledger.rewind(state["step"], source=Path(d) / LEDGER_FILE)
-        start, trained_tokens = state["step"], state["trained_tokens"]
-    elif rank == 0 and ledger.path.exists():
-        ledger.path.unlink()  # a fresh run of this name starts a fresh ledger
+            start, trained_tokens = state["step"], state["trained_tokens"]
+        elif rank == 0 and ledger.path.exists():
+            ledger.path.unlink()  # a fresh run of this name starts a fresh ledger
     metrics_log = MetricsLog(run_dir, t.logging, cfg.to_dict(), cfg.run.name, resume_step=start) if rank == 0 else None
     config_yaml = cfg.dump_yaml()
     if rank == 0:
@@ -208,11 +235,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # --- the loop ----------------------------------------------------------------------------
     for step in range(start, total):
         epoch, rows = plan.step_rows(step)  # rows[grad_accum, world, micro]
-        n_global, step_sources = _step_counts(train_table, rows)
-        mbs = _micro_batches(train_table, rows[:, rank, :])
+        mine = rows[:, rank, :]
+        # The step's trained tokens (all ranks) normalise the loss: each rank counts its own rows, one all-reduce.
+        n_global = int(_all_reduce([float(row_trained[mine.reshape(-1)].sum())], device)[0])
+        mbs = _micro_batches(train_table, mine, layout)
         res = optimizer_step(stepper, mbs, n_global, grad_scale=float(world), kernels=t.kernels, device=device)
-        sums = torch.tensor([res.loss_sum, float(res.tokens)], dtype=torch.float64)
-        dist.all_reduce(sums)
+        sums = _all_reduce([res.loss_sum, float(res.tokens)], device)
         trained_tokens += n_global
         done = step + 1
         metrics: dict[str, Any] = {
@@ -222,9 +250,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         }
         last = done == total
         if eval_table is not None and eval_table.num_rows > 0 and (done % t.eval_every == 0 or last):
-            metrics.update(_evaluate(engine, eval_table, rank, world, t.micro_batch_size, t.kernels, device))
+            metrics.update(_evaluate(engine, eval_table, rank, world, t.micro_batch_size, t.kernels, device, layout))
         if rank == 0:
-            ledger.append(done, epoch, step_sources)
+            ledger.append(done, epoch, _step_sources(train_table, rows))
             metrics_log.log(metrics)
             extra = f" eval_loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""
             print(f"[raysft] step {done}/{total} loss {metrics['loss']:.4f} lr {res.lr:.2e} "
@@ -237,13 +265,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                      "steps_per_epoch": plan.steps_per_epoch, "total_steps": total}
             try:
                 ckpt_io.save(engine, tmp, rank=rank, state=state, ledger_path=ledger.path if rank == 0 else None,
-                             config_yaml=config_yaml, storage=run_dir)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(tmp)),
-                                 checkpoint_dir_name=f"checkpoint_{done:06d}", validation=gen_eval)
+                             config_yaml=config_yaml, storage=run_dir, device=device)
+                ctx.report(metrics, checkpoint_dir=tmp, step=done, validation=gen_eval)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         else:
-            ray.train.report(metrics)
+            ctx.report(metrics)
 
     if metrics_log is not None:
         metrics_log.close()

@@ -6,11 +6,12 @@ plain numbers; nothing from the environment (tokens, keys) is ever written.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
+
+from raysft.pipeline import jsonl
 
 METRICS_FILE = "metrics.jsonl"
 log = logging.getLogger("raysft.train")
@@ -42,16 +43,10 @@ class MetricsLog:
 
     def _rewind(self, step: int) -> None:
         """Drop lines past `step` (a restart from a checkpoint repeats them)."""
-        if not self.path.is_file():
-            return
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        jsonl.rewind(self.path, step)
 
     def log(self, metrics: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        jsonl.append(self.path, metrics)
         step = int(metrics["step"])
         numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
         if self.tb is not None:
@@ -69,5 +64,4 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return jsonl.read(Path(run_dir) / METRICS_FILE)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from raysft.pipeline.errors import DataError
+
 
 @dataclass(frozen=True)
 class StepPlan:
@@ -24,6 +26,13 @@ class StepPlan:
     max_steps: int | None = None
     epochs: int = 1
 
+    @classmethod
+    def from_config(cls, cfg, n_rows: int, world_size: int | None = None) -> "StepPlan":
+        """The plan of `cfg` (train.* and scaling.num_workers, unless `world_size` says otherwise) over `n_rows`."""
+        t = cfg.train
+        world = cfg.scaling.num_workers if world_size is None else world_size
+        return cls(n_rows, world, t.grad_accum, t.micro_batch_size, t.seed, t.max_steps, t.epochs)
+
     @property
     def rows_per_step(self) -> int:
         return self.world_size * self.grad_accum * self.micro_batch_size
@@ -31,6 +40,15 @@ class StepPlan:
     @property
     def steps_per_epoch(self) -> int:
         return self.n_rows // self.rows_per_step
+
+    def require_a_step(self) -> "StepPlan":
+        """This plan, or a one-sentence DataError when the data cannot fill a single optimizer step."""
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"Prepared train data has {self.n_rows} packed rows, fewer than one optimizer step needs "
+                f"(scaling.num_workers x train.grad_accum x train.micro_batch_size = {self.rows_per_step})."
+            )
+        return self
 
     @property
     def left_out_per_epoch(self) -> int:

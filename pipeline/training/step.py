@@ -1,11 +1,15 @@
 """One QLoRA optimizer step on packed rows, with plain torch: no Ray, no DeepSpeed needed.
 
-The Ray loop drives it through a DeepSpeed engine; a GPU benchmark drives it with `TorchEngine`.
+The worker loop drives it through a DeepSpeed engine; a GPU benchmark drives it with `TorchEngine`.
 
 Correctness by construction (pipeline/ARCHITECTURE.md):
-- a micro-batch is its packed rows flattened into ONE [1, T] sequence, no padding; the forward gets
-  `attention_mask=None`, the rows' `position_ids` (restarts at 0 keep samples apart) and
-  `use_cache=False` (with a cache, packed samples attend to each other);
+- a micro-batch keeps its packed rows as separate sequences, no padding between samples; the
+  forward gets `attention_mask=None`, the rows' `position_ids` (restarts at 0 keep samples apart)
+  and `use_cache=False` (with a cache, packed samples attend to each other). Layout "rows" stacks the
+  rows as [m, T_max] (the tail of a shorter row is a separate dummy sample with no loss), so
+  attention costs m x T^2, not (mT)^2; layout "flat" puts them in one [1, sum T] sequence with the
+  sample boundaries (`cu_seq_lens_q/k`, `max_length_q/k`) computed once here and passed to flash
+  attention, which then never recomputes them from position_ids;
 - the loss of a step is sum(CE over trained tokens) / N, N = trained tokens of the WHOLE step
   (all micro-batches, all ranks), so the update does not depend on how the step is split.
 """
@@ -17,63 +21,118 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from raysft.pipeline.data.schema import IGNORE_INDEX, REQUIRED_COLUMNS
+
+LAYOUTS = ("rows", "flat")
 
 
 @dataclass
 class MicroBatch:
-    """Packed rows flattened to one sequence: tensors are [1, T]."""
+    """Packed rows of one micro-batch: tensors are [B, T] ("rows": B rows; "flat": B = 1)."""
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     labels: torch.Tensor
     n_trained: int  # tokens that carry loss (shifted labels != -100)
     source_ids: list[int] = field(default_factory=list)
+    attn_kwargs: dict[str, Any] = field(default_factory=dict)  # flat layout: cu_seq_lens_q/k, max_length_q/k
+    real_tokens: int | None = None  # tokens without the rows layout's padding (None: all of them)
 
     @property
     def n_tokens(self) -> int:
-        return int(self.input_ids.shape[1])
+        return int(self.input_ids.numel()) if self.real_tokens is None else self.real_tokens
 
     def to(self, device: torch.device | str) -> "MicroBatch":
+        kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.attn_kwargs.items()}
         return MicroBatch(self.input_ids.to(device), self.position_ids.to(device), self.labels.to(device),
-                          self.n_trained, self.source_ids)
+                          self.n_trained, self.source_ids, kw, self.real_tokens)
 
 
 def trained_tokens(labels: Sequence[int]) -> int:
     """Tokens of one packed row that carry loss; position 0 has nothing before it to predict from."""
-    return sum(1 for x in labels[1:] if x != IGNORE)
+    return sum(1 for x in labels[1:] if x != IGNORE_INDEX)
 
 
-def collate(rows: Sequence[Mapping[str, Any]]) -> MicroBatch:
-    """Concatenate packed rows (dicts with input_ids, labels, position_ids[, source_ids]) into one [1, T] batch."""
-    ids: list[int] = []
-    pos: list[int] = []
-    lab: list[int] = []
+def trained_counts(labels_column) -> np.ndarray:
+    """Trained tokens of every packed row of a pyarrow list<int> column, vectorised (first token never counts)."""
+    import pyarrow as pa
+
+    col = labels_column.combine_chunks() if isinstance(labels_column, pa.ChunkedArray) else labels_column
+    offsets = col.offsets.to_numpy().astype(np.int64)
+    trained = col.values.to_numpy(zero_copy_only=False) != IGNORE_INDEX
+    csum = np.concatenate([[0], np.cumsum(trained, dtype=np.int64)])
+    starts, ends = offsets[:-1], offsets[1:]
+    counts = csum[ends] - csum[starts]
+    nonempty = ends > starts
+    counts[nonempty] -= trained[starts[nonempty]]
+    return counts
+
+
+def _segments(position_ids: np.ndarray) -> np.ndarray:
+    """Start offsets of the packed samples of one sequence (where position_ids restart), plus its end."""
+    starts = np.flatnonzero(np.diff(position_ids, prepend=position_ids[:1] + 1) != 1)
+    return np.append(starts, len(position_ids)).astype(np.int32)
+
+
+def collate(rows: Sequence[Mapping[str, Any]], layout: str = "rows") -> MicroBatch:
+    """Packed rows (dicts with input_ids, labels, position_ids[, source_ids]) -> one micro-batch."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
+    ids = [np.asarray(r["input_ids"], dtype=np.int64) for r in rows]
+    pos = [np.asarray(r["position_ids"], dtype=np.int64) for r in rows]
+    lab = [np.array(r["labels"], dtype=np.int64) for r in rows]
     src: list[int] = []
     n = 0
-    for row in rows:
-        ids.extend(row["input_ids"])
-        pos.extend(row["position_ids"])
-        labels = list(row["labels"])
-        # The first token of a row starts a sample: nothing in this row predicts it.
-        if labels:
-            labels[0] = IGNORE
-        lab.extend(labels)
-        n += trained_tokens(labels)
-        src.extend(row.get("source_ids") or [])
-    t = lambda xs: torch.tensor(xs, dtype=torch.long).unsqueeze(0)  # noqa: E731  [1, T]
-    return MicroBatch(t(ids), t(pos), t(lab), n, src)
+    for labels, row in zip(lab, rows):
+        if len(labels):
+            labels[0] = IGNORE_INDEX  # the first token of a row starts a sample: nothing in this row predicts it
+        n += int((labels[1:] != IGNORE_INDEX).sum())
+        src.extend(int(s) for s in row.get("source_ids", ()))
+    real = sum(len(x) for x in ids)
+    if layout == "flat":
+        flat_pos = np.concatenate(pos) if pos else np.zeros(0, np.int64)
+        t = lambda xs: torch.from_numpy(np.concatenate(xs)).unsqueeze(0)  # noqa: E731  [1, T]
+        cu = _segments(flat_pos)
+        lengths = np.diff(cu)
+        kw = {"cu_seq_lens_q": torch.from_numpy(cu), "cu_seq_lens_k": torch.from_numpy(cu),
+              "max_length_q": int(lengths.max(initial=0)), "max_length_k": int(lengths.max(initial=0))}
+        return MicroBatch(t(ids), t(pos), t(lab), n, src, kw, real)
+    width = max((len(x) for x in ids), default=0)
+    out_ids = np.zeros((len(ids), width), np.int64)
+    out_lab = np.full((len(ids), width), IGNORE_INDEX, np.int64)
+    out_pos = np.tile(np.arange(width, dtype=np.int64), (len(ids), 1))
+    for i, (a, p, b) in enumerate(zip(ids, pos, lab)):
+        out_ids[i, :len(a)], out_pos[i, :len(a)], out_lab[i, :len(a)] = a, p, b
+        out_pos[i, len(a):] = np.arange(width - len(a))  # the tail restarts: a sample of its own, never attended to
+    return MicroBatch(torch.from_numpy(out_ids), torch.from_numpy(out_pos), torch.from_numpy(out_lab), n, src, {}, real)
 
 
-def reference_loss_sum(model, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token CE over trained tokens of a [1, T] packed batch (fp32 logits)."""
-    out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False)
-    logits = out.logits[:, :-1, :].float()  # [1, T-1, V]
-    target = labels[:, 1:]  # [1, T-1]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
+def collate_table(table, indices: Sequence[int], layout: str = "rows") -> MicroBatch:
+    """`collate` of rows `indices` of a packed-row pyarrow Table."""
+    cols = REQUIRED_COLUMNS
+    part = table.take(list(indices)).select(cols)
+    rows: list[dict[str, np.ndarray]] = [{} for _ in range(part.num_rows)]
+    for c in cols:
+        col = part.column(c).combine_chunks()
+        off = col.offsets.to_numpy()
+        values = col.values.to_numpy(zero_copy_only=False)
+        for i, row in enumerate(rows):
+            row[c] = values[off[i]:off[i + 1]]
+    return collate(rows, layout)
+
+
+def reference_loss_sum(model, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
+                       **attn_kwargs) -> torch.Tensor:
+    """Sum of next-token CE over trained tokens of packed rows [B, T] (fp32 logits)."""
+    out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False, **attn_kwargs)
+    logits = out.logits[:, :-1, :].float()  # [B, T-1, V]
+    target = labels[:, 1:]  # [B, T-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
 
 
 def loss_sum(model, mb: MicroBatch, kernels: bool = False) -> torch.Tensor:
@@ -81,8 +140,8 @@ def loss_sum(model, mb: MicroBatch, kernels: bool = False) -> torch.Tensor:
     if kernels:
         from raysft.kernels import causal_lm_loss_sum
 
-        return causal_lm_loss_sum(model, mb.input_ids, mb.position_ids, mb.labels)
-    return reference_loss_sum(model, mb.input_ids, mb.position_ids, mb.labels)
+        return causal_lm_loss_sum(model, mb.input_ids, mb.position_ids, mb.labels, **mb.attn_kwargs)
+    return reference_loss_sum(model, mb.input_ids, mb.position_ids, mb.labels, **mb.attn_kwargs)
 
 
 class StepEngine(Protocol):

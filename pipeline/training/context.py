@@ -1,0 +1,38 @@
+"""What the per-worker training loop needs from whoever runs it: a small `typing.Protocol`.
+
+Two implementations: Ray Train (`ray_context.RayTrainContext`, the product's path) and plain
+torch.distributed / torchrun (`torchrun_entry.TorchrunContext`, the same loop without Ray, which is
+how a GPU machine without Ray runs the exact loop code).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, ContextManager, Protocol
+
+import torch
+
+
+class WorkerContext(Protocol):
+    """Rank, world size and device of this worker; where metrics and checkpoints go; where to resume from."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, step: int = 0,
+               validation: bool = False) -> None:
+        """Called by every rank the same number of times; with `checkpoint_dir`, this rank's part of the
+        checkpoint of `step` (the context persists it; the caller deletes the folder afterwards); with
+        `validation`, the generation eval (training/generate_eval.py) runs on that checkpoint, off the workers."""
+        ...
+
+    def latest_checkpoint(self) -> ContextManager[Path | None]:
+        """The folder of the latest complete checkpoint (every rank's part), or None on a fresh start."""
+        ...
+
+
+@contextlib.contextmanager
+def no_checkpoint():
+    yield None

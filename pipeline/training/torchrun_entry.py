@@ -1,0 +1,131 @@
+"""The same per-worker loop without Ray: plain torch.distributed, launched by torchrun (or any launcher
+that sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT).
+
+    torchrun --nproc-per-node 2 -m raysft.pipeline.training.torchrun_entry CONFIG --prepared DIR [--set k=v ...]
+    python -m raysft.pipeline.training.torchrun_entry CONFIG --prepared DIR     # one process, world size 1
+
+DIR is what `raysft prepare --output DIR` writes (train/, eval/, stats.json). The run folder is
+run.storage_path/run.name, laid out as a Ray run's: checkpoint_NNNNNN/ (every rank's part),
+metrics.jsonl, samples.jsonl, adapter/. A second start with the same run folder resumes from its
+latest complete checkpoint. Backend: nccl with scaling.use_gpu, else gloo. No Ray import anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+class TorchrunContext:
+    """WorkerContext over torch.distributed: checkpoints land in run_dir/checkpoint_NNNNNN."""
+
+    def __init__(self, run_dir: Path, device: torch.device, keep: int = 2):
+        import torch.distributed as dist
+
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.device = device
+        self.run_dir = run_dir
+        self.keep = keep
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, step: int = 0,
+               validation: bool = False) -> None:
+        """`validation` is ignored: the generation eval is Ray Train's checkpoint validation (no Ray here)."""
+        import torch.distributed as dist
+
+        if checkpoint_dir is None:
+            return  # metrics.jsonl (rank 0) is the record; nothing to synchronise
+        dest = self.run_dir / f"checkpoint_{step:06d}"
+        shutil.copytree(checkpoint_dir, dest, dirs_exist_ok=True)
+        dist.barrier()  # every rank's part (sealed by its manifest) is in place
+        if self.rank == 0:
+            for old in complete_checkpoints(self.run_dir)[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        found = complete_checkpoints(self.run_dir)
+        yield found[-1] if found else None
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint folders whose every rank's manifest verifies (checkpoint.problem), oldest first."""
+    from raysft.pipeline.training.checkpoint import problem
+
+    return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir() and problem(p) is None)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m raysft.pipeline.training.torchrun_entry", description=__doc__.split("\n\n")[0])
+    p.add_argument("config", help="the raysft YAML config")
+    p.add_argument("--prepared", required=True, help="a folder written by `raysft prepare --output` (train/, eval/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. train.lr=1e-4 (repeatable)")
+    return p.parse_args(argv)
+
+
+def run(config: str, prepared: str, overrides: list[str]) -> Path:
+    """Initialise the process group, run the worker loop, publish the adapter (rank 0); returns the run folder."""
+    import torch.distributed as dist
+    from raysft.pipeline.config import load_config
+    from raysft.pipeline.data.schema import read_split
+    from raysft.pipeline.trainer import preflight, publish_adapter, read_deepspeed_json, run_dir_of
+    from raysft.pipeline.training.loop import run_worker
+    from raysft.pipeline.training.order import StepPlan
+
+    cfg = preflight(load_config(config, overrides))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29511")
+    if cfg.scaling.use_gpu:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device, timeout=timedelta(minutes=10))
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", timeout=timedelta(minutes=10))
+    try:
+        train_table = read_split(Path(prepared) / "train", "train")
+        eval_dir = Path(prepared) / "eval"
+        eval_table = read_split(eval_dir, "eval") if eval_dir.is_dir() else None
+        StepPlan.from_config(cfg, train_table.num_rows, dist.get_world_size()).require_a_step()
+        run_dir = run_dir_of(cfg)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ctx = TorchrunContext(run_dir, device, keep=cfg.train.keep_checkpoints)
+        ds_json = read_deepspeed_json(cfg.train.deepspeed.config) if cfg.train.deepspeed.config else None
+        run_worker(cfg, ctx, train_table, eval_table, run_dir, ds_json)
+        dist.barrier()
+        if ctx.rank == 0:
+            publish_adapter(run_dir, complete_checkpoints(run_dir)[-1])
+        return run_dir
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from raysft.pipeline.errors import RaysftError
+
+    args = parse_args(argv)
+    try:
+        run_dir = run(args.config, args.prepared, args.overrides)
+    except RaysftError as exc:
+        print(f"raysft: {exc}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[raysft] run folder {run_dir}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

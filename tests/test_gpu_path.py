@@ -1,0 +1,162 @@
+"""Issue 11's GPU-path fixes that a CPU can show, without Ray: preflights, the autoscaler-aware resource
+check, the generated DeepSpeed config, per-device RNG state, all-reduced token counts, and the ZeRO-3 +
+kernels parameter trace (a real DeepSpeed ZeRO-3 run on gloo)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+
+import numpy as np
+import pytest
+import torch
+from local_processes import free_port
+from raysft.pipeline.cluster_checks import (
+    Capacity,
+    NodeGroup,
+    autoscaler_maximum,
+    check_workers_fit,
+)
+from raysft.pipeline.config import load_config
+from raysft.pipeline.errors import ClusterError, ConfigError
+from raysft.pipeline.trainer import check_gpu_settings
+from train_fixtures import make_prepared
+
+
+def cfg_of(**over):
+    return load_config(None, overrides=over)
+
+
+def test_gpus_per_worker_must_be_one_with_gpus():
+    check_gpu_settings(cfg_of(**{"scaling.use_gpu": True, "scaling.gpus_per_worker": 1}))
+    check_gpu_settings(cfg_of(**{"scaling.use_gpu": False, "scaling.gpus_per_worker": 2}))  # no GPUs: unused
+    for bad in (2, 0.5):
+        with pytest.raises(ConfigError, match="scaling.gpus_per_worker must be 1"):
+            check_gpu_settings(cfg_of(**{"scaling.use_gpu": True, "scaling.gpus_per_worker": bad}))
+
+
+def test_quant_storage_is_uint8_or_model_dtype():
+    for dtype, storage in [("bfloat16", None), ("bfloat16", "bfloat16"), ("float32", "float32"), ("float32", "uint8"),
+                           ("bfloat16", "uint8")]:
+        check_gpu_settings(cfg_of(**{"model.dtype": dtype, "model.quant_storage": storage}))
+    with pytest.raises(ConfigError, match="model.quant_storage bfloat16 must be uint8 or equal to model.dtype"):
+        check_gpu_settings(cfg_of(**{"model.dtype": "float32", "model.quant_storage": "bfloat16"}))
+    # Without a 4-bit base there is nothing to corrupt.
+    check_gpu_settings(cfg_of(**{"model.quantization": "none", "model.dtype": "float32", "model.quant_storage": "bfloat16"}))
+
+
+def test_quant_storage_defaults_to_model_dtype(tiny_model_dir):
+    from raysft.pipeline.models.load import load_base_model
+
+    model = load_base_model(cfg_of(**{"model.name_or_path": str(tiny_model_dir), "model.dtype": "float32",
+                                      "model.compute_dtype": "float32"}).model, device="cpu")
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.weight.dtype == torch.float32  # the packed 4-bit data lives in model.dtype containers
+
+
+# The cluster recipes: a CPU head and up to 4 GPU workers, 2 of them up.
+RECIPE = [NodeGroup({"CPU": 8, "GPU": 1}, 4)]
+UP_NOW = {"CPU": 4 + 2 * 8, "GPU": 2}
+
+
+def gpu_scaling(workers: int):
+    return cfg_of(**{"scaling.use_gpu": True, "scaling.num_workers": workers, "scaling.cpus_per_worker": 4}).scaling
+
+
+def test_resource_check_counts_what_the_autoscaler_can_add(caplog):
+    most = autoscaler_maximum(RECIPE, head={"CPU": 4})
+    assert most == {"CPU": 36.0, "GPU": 4.0}
+    autoscaling = Capacity(UP_NOW, most)
+    with caplog.at_level(logging.WARNING, logger="raysft.cluster"):
+        check_workers_fit(gpu_scaling(4), autoscaling)  # 4 GPUs: not up yet, but the cluster can grow to them
+    assert "autoscaler may add up to 4" in caplog.text
+    with pytest.raises(ClusterError, match=r"needs 5 GPUs .* can grow to 4"):
+        check_workers_fit(gpu_scaling(5), autoscaling)
+    # A fixed cluster (no autoscaler config) is judged by what is up.
+    with pytest.raises(ClusterError, match=r"needs 3 GPUs .* has 2"):
+        check_workers_fit(gpu_scaling(3), Capacity(UP_NOW))
+    # An autoscaler that runs but did not report its node groups (v1 monitor): warn, do not refuse.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="raysft.cluster"):
+        check_workers_fit(gpu_scaling(4), Capacity(UP_NOW, autoscaling=True))
+    assert "an autoscaler whose maximum is unknown" in caplog.text
+    # Unlimited node groups and the cluster-wide cap.
+    assert autoscaler_maximum([NodeGroup({"GPU": 1}, -1)])["GPU"] == float("inf")
+    assert autoscaler_maximum(RECIPE, head={"CPU": 4}, limits={"GPU": 3})["GPU"] == 3
+
+
+def test_sweep_concurrency_uses_the_autoscaler_maximum():
+    from raysft.pipeline.sweep.run import max_concurrent_trials
+
+    cfg = cfg_of(**{"scaling.use_gpu": True, "scaling.num_workers": 2, "scaling.cpus_per_worker": 2})
+    assert max_concurrent_trials(cfg, Capacity(UP_NOW)) == 1
+    assert max_concurrent_trials(cfg, Capacity(UP_NOW, autoscaler_maximum(RECIPE, head={"CPU": 4}))) == 2
+
+
+def test_generated_deepspeed_config_accumulates_in_fp32():
+    from raysft.pipeline.training.loop import deepspeed_config
+
+    for stage in (1, 2, 3):
+        ds = deepspeed_config(cfg_of(**{"train.deepspeed.stage": stage, "train.grad_accum": 8}), 4)
+        assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["bf16"] == {"enabled": True}
+    user = {"zero_optimization": {"stage": 2}, "data_types": {"grad_accum_dtype": "bf16"}}
+    assert deepspeed_config(cfg_of(), 2, user)["data_types"]["grad_accum_dtype"] == "fp32"
+    # Stage 0 only supports the model's own dtype in DeepSpeed: leave it alone there.
+    assert "data_types" not in deepspeed_config(cfg_of(**{"train.deepspeed.stage": 0}), 1)
+
+
+def test_rng_state_is_per_rank_and_own_device_only():
+    from raysft.pipeline.training.checkpoint import rng_state, set_rng_state
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    state = json.loads(json.dumps(rng_state("cpu")))
+    assert "cuda" not in state and "device" not in state  # no per-index list of every visible GPU
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    set_rng_state(state, "cpu")
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+    if torch.cuda.is_available():  # on a GPU machine: only this rank's device, restored onto whatever index it has
+        dev = torch.device("cuda", torch.cuda.current_device())
+        state = rng_state(dev)
+        assert state["device"]["type"] == "cuda"
+        a = torch.rand(4, device=dev)
+        set_rng_state(state, dev)
+        assert torch.equal(a, torch.rand(4, device=dev))
+
+
+def test_rank_local_token_counts_sum_to_the_step_count(tmp_path):
+    """What each rank counts of its own rows, summed (the all-reduce), is the step's N computed from every
+    row, and the ledger's source ids come out in the same order as before (all rows of the step)."""
+    from raysft.pipeline.data.schema import read_split
+    from raysft.pipeline.training.loop import _step_sources
+    from raysft.pipeline.training.order import StepPlan
+    from raysft.pipeline.training.step import collate, trained_counts
+
+    prepared = make_prepared(tmp_path, n_train=60, n_eval=0, per_row=3)
+    table = read_split(prepared.train_dir, "train")
+    counts = trained_counts(table.column("labels"))
+    plan = StepPlan(table.num_rows, world_size=2, grad_accum=2, micro_batch_size=2, seed=0, epochs=2)
+    for step in range(plan.total_steps):
+        _, rows = plan.step_rows(step)
+        before = collate(table.take(rows.reshape(-1).tolist()).to_pylist(), "flat")  # every rank, every row
+        per_rank = [int(counts[rows[:, r, :].reshape(-1)].sum()) for r in range(2)]
+        assert sum(per_rank) == before.n_trained
+        assert _step_sources(table, rows) == before.source_ids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernels", [False, True])
+def test_zero3_trace_completes_with_and_without_the_fused_loss(tmp_path, tiny_model_dir, kernels):
+    """A DeepSpeed ZeRO-3 run on CPU (2 gloo processes): the parameter coordinator's trace is recorded in
+    step 1 and complete from step 2 on, so ZeRO-3 prefetches, also when the fused loss computes the loss."""
+    import torch.multiprocessing as mp
+    from dist_workers import zero3_trace_worker
+
+    prepared = make_prepared(tmp_path / "data", n_train=24, n_eval=0, per_row=3)
+    out = tmp_path / "trace.json"
+    mp.start_processes(zero3_trace_worker, args=(2, free_port(), str(tiny_model_dir), str(prepared.train_dir.parent),
+                                                 str(out), kernels), nprocs=2, start_method="spawn")
+    result = json.loads(out.read_text())
+    assert result["complete"] == [False, True, True], result
+    assert all(np.isfinite(result["losses"]))
