@@ -69,10 +69,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from raysft.pipeline.console import LOG_FILE, console_session, log_plan, run_with_console
-    from raysft.pipeline.trainer import run_dir_of, train
+    from raysft.pipeline.trainer import local_dir_of, train
 
     cfg = _load(args)
-    log_file = run_dir_of(cfg) / LOG_FILE
+    log_file = local_dir_of(cfg) / LOG_FILE
     with console_session(log_file, verbose=args.verbose) as console:
         log_plan(console, cfg)
         result = run_with_console(cfg, lambda: train(cfg), console=console, log_file=log_file)

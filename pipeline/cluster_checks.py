@@ -185,7 +185,8 @@ def _sees(path: str, token: str) -> bool:
         return False
 
 
-def check_shared_storage(storage_path: str | Path, scaling, timeout_s: float = 120.0) -> None:
+def check_shared_storage(storage_path: str | Path, scaling, timeout_s: float = 120.0,
+                         what: str = "run.storage_path") -> None:
     """Every node that can host a worker must see the driver's run.storage_path (a GPU node, not only the head).
 
     The driver writes a marker file there; a zero-CPU task pinned to every node that can host a
@@ -210,7 +211,7 @@ def check_shared_storage(storage_path: str | Path, scaling, timeout_s: float = 1
     blind = [n for n, ok in zip(nodes, seen) if not ok]
     if blind:
         raise ClusterError(
-            f"run.storage_path {storage_path} is not shared: {len(blind)} of the {len(nodes)} nodes that can run "
+            f"{what} {storage_path} is not shared: {len(blind)} of the {len(nodes)} nodes that can run "
             f"training workers (e.g. {blind[0].get('NodeManagerAddress')}, node {blind[0]['NodeID'][:12]}) cannot "
-            "see it; use a folder every node mounts at the same path (see cluster/README.md)."
+            "see it; use an s3:// / gs:// URI or a folder every node mounts at the same path (see cluster/README.md)."
         )

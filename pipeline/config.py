@@ -101,7 +101,11 @@ class DataConfig(_Section):
     pack_window: int = Field(4096, ge=1, description="Samples per packing window (bounds the packer's memory).")
     tokenize_batch_size: int = Field(1024, ge=1, description="Rows per chunk a tokenizer actor reads and tokenizes.")
     num_tokenizer_actors: int = Field(2, ge=1, description="Ray Data actors that tokenize in parallel.")
-    cache_dir: Optional[str] = Field(None, description="Prepared-data cache (default: ~/.cache/raysft/prepared).")
+    cache_dir: Optional[str] = Field(
+        None, description="Prepared-data cache, a folder or an s3:// / gs:// URI (default: ~/.cache/raysft/prepared).")
+    shard_mb: float = Field(
+        64, gt=0, description="Prepared rows are written as Parquet shards of about this many MiB (in memory); "
+                              "a training worker holds a few shards at a time (train.shuffle_window).")
     seed: int = Field(0, description="Seed of the data.eval_split hash and of the weighted sources' fractional draw.")
     train_on_reasoning: bool = Field(True, description="Train assistant reasoning (reasoning_content or a leading "
                                      "<think> block); false masks it and still trains the answer.")
@@ -171,6 +175,9 @@ class TrainConfig(_Section):
     save_every: int = Field(100, ge=1, description="Checkpoint every this many steps (and at the end).")
     eval_every: int = Field(100, ge=1, description="Evaluate every this many steps (and at the end), given eval data.")
     keep_checkpoints: int = Field(2, ge=1, description="How many of the latest checkpoints to keep.")
+    shuffle_window: int = Field(
+        2, ge=1, description="Shards whose rows are shuffled together each epoch (after the shards are permuted). "
+                             "Larger mixes rows better; a worker holds this many shards, twice while it prefetches.")
     kernels: bool = Field(
         False, description="Opt-in Triton kernels (raysft.kernels); their PyTorch references without a GPU.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Where metrics go besides metrics.jsonl.")
@@ -194,7 +201,8 @@ class RunConfig(_Section):
 
     name: str = Field("raysft", description="Run name: the run folder is run.storage_path/run.name.")
     storage_path: str = Field(
-        "runs", description="Folder of run folders; on several nodes, a path every node mounts.")
+        "runs", description="Folder of run folders: a local path (on several nodes, one every node mounts) or an "
+                            "s3:// / gs:// URI.")
     max_failures: int = Field(
         2, ge=-1, description="Worker-group restarts from the last checkpoint before the run fails (-1: no limit).")
     address: Optional[str] = Field(None, description=(
@@ -213,6 +221,17 @@ class RunConfig(_Section):
         if not value.strip() or value.strip() in (".", ".."):
             raise ValueError("run.name must name a folder under run.storage_path (not empty, not . or ..)")
         return value
+
+
+class StorageConfig(_Section):
+    """How s3:// and gs:// URIs are reached (credentials always come from the standard environment)."""
+
+    endpoint_url: Optional[str] = Field(
+        None, description="Endpoint of an S3-compatible store (e.g. http://minio:9000); default: AWS_ENDPOINT_URL.")
+    region: Optional[str] = Field(None, description="S3 region; default: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1.")
+    require_credentials: bool = Field(
+        True, description="Refuse an s3:// URI when no AWS_* credentials or ~/.aws files are found; false for "
+                          "anonymous buckets and instance roles.")
 
 
 class TuneConfig(_Section):
@@ -244,6 +263,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description=TrainConfig.__doc__)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig, description=ScalingConfig.__doc__)
     run: RunConfig = Field(default_factory=RunConfig, description=RunConfig.__doc__)
+    storage: StorageConfig = Field(default_factory=StorageConfig, description=StorageConfig.__doc__)
     tune: TuneConfig = Field(default_factory=TuneConfig, description=TuneConfig.__doc__)
     source: Optional[str] = Field(None, exclude=True, description="The file the config was loaded from (for messages).")
 

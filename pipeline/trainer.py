@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from raysft.pipeline import ray_runtime
+from raysft.pipeline import ray_runtime, storage
 from raysft.pipeline.cluster_checks import check_shared_storage, check_workers_fit, worker_bundle
 from raysft.pipeline.config import Config
-from raysft.pipeline.data.schema import Prepared, read_split
+from raysft.pipeline.data.schema import Prepared
 from raysft.pipeline.errors import ConfigError, DataError, RaysftError, causes
 from raysft.pipeline.models.load import ADAPTER_DIR
 from raysft.pipeline.models.source import base_model_path
@@ -34,8 +34,8 @@ class TrainResult:
     """What a finished run gives back: final metrics (incl. eval_loss), the run folder, the adapter."""
 
     metrics: dict[str, Any]
-    run_dir: Path
-    adapter_path: Path
+    run_dir: Path | str  # a URI string when run.storage_path is on an object store
+    adapter_path: Path | str
     checkpoint_path: Optional[str] = None
 
     def summary(self) -> dict[str, Any]:
@@ -47,8 +47,18 @@ class TrainResult:
         }
 
 
-def run_dir_of(cfg: Config) -> Path:
+def run_dir_of(cfg: Config) -> Path | str:
+    """The run folder: a local Path, or a URI string when run.storage_path is on an object store."""
+    if storage.is_remote(cfg.run.storage_path):
+        return storage.join(cfg.run.storage_path, cfg.run.name)
     return Path(cfg.run.storage_path).expanduser().resolve() / cfg.run.name
+
+
+def local_dir_of(cfg: Config) -> Path:
+    """Where this machine keeps the run's console log: the run folder, or ~/.cache/raysft/runs/NAME for a run
+    folder on an object store."""
+    run_dir = run_dir_of(cfg)
+    return run_dir if isinstance(run_dir, Path) else Path.home() / ".cache" / "raysft" / "runs" / cfg.run.name
 
 
 def preflight(cfg: Config) -> Config:
@@ -65,11 +75,14 @@ def preflight(cfg: Config) -> Config:
         updates["model.gguf_file"] = None
     local_model = cfg.model.model_copy(update={"name_or_path": source, "gguf_file": None})
     load_tokenizer(cfg.model_copy(update={"model": local_model}))
-    storage = Path(cfg.run.storage_path).expanduser()  # outputs: relative to the working directory
-    _check_writable(storage, "run.storage_path")
-    if (storage / cfg.run.name).exists():  # a run to resume: its folder must take checkpoints too
-        _check_writable(storage / cfg.run.name, "The run folder (run.storage_path/run.name)")
-    updates["run.storage_path"] = str(storage.resolve())
+    if storage.is_remote(cfg.run.storage_path):  # s3:// / gs://: reachable, bucket exists, credentials found
+        storage.check_location(cfg.run.storage_path, storage.StorageOptions.of(cfg))
+    else:
+        local = Path(cfg.run.storage_path).expanduser()  # outputs: relative to the working directory
+        _check_writable(local, "run.storage_path")
+        if (local / cfg.run.name).exists():  # a run to resume: its folder must take checkpoints too
+            _check_writable(local / cfg.run.name, "The run folder (run.storage_path/run.name)")
+        updates["run.storage_path"] = str(local.resolve())
     ds = cfg.train.deepspeed.config
     if ds is not None:
         path = Path(cfg.resolve_path(ds) or ds)
@@ -81,6 +94,18 @@ def preflight(cfg: Config) -> Config:
     out = cfg.with_overrides(updates)
     object.__setattr__(out, "source", cfg.source)
     return out
+
+
+def read_deepspeed_json(path: str | os.PathLike) -> dict:
+    """The user's DeepSpeed config (train.deepspeed.config): readable JSON holding an object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"train.deepspeed.config {path} is not readable JSON ({exc}).") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"train.deepspeed.config {path} holds a JSON {type(data).__name__}, not an object of "
+                          "DeepSpeed settings.")
+    return data
 
 
 def check_gpu_settings(cfg: Config) -> None:
@@ -99,18 +124,6 @@ def check_gpu_settings(cfg: Config) -> None:
         )
 
 
-def read_deepspeed_json(path: str | os.PathLike) -> dict:
-    """The user's DeepSpeed config (train.deepspeed.config): readable JSON holding an object."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"train.deepspeed.config {path} is not readable JSON ({exc}).") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"train.deepspeed.config {path} holds a JSON {type(data).__name__}, not an object of "
-                          "DeepSpeed settings.")
-    return data
-
-
 def _check_writable(path: Path, key: str) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -125,41 +138,99 @@ def check_cluster(cfg: Config) -> None:
     """Workers the cluster can never hold would wait forever, and storage a worker node cannot see would
     fail at the first checkpoint: say so instead, before anything starts (cluster_checks.py)."""
     check_workers_fit(cfg.scaling)
-    check_shared_storage(run_dir_of(cfg).parent, cfg.scaling)
+    if not storage.is_remote(cfg.run.storage_path):  # an object store is shared by construction
+        check_shared_storage(run_dir_of(cfg).parent, cfg.scaling)
+
+
+def read_index(directory: str | os.PathLike | None, what: str, cfg: Config):
+    """The shard index of a prepared split (None for absent eval data): the driver reads no rows.
+
+    A missing or truncated shard fails here, naming it, before any worker starts.
+    """
+    from raysft.pipeline.data.shards import has_rows, load_index
+    from raysft.pipeline.storage import StorageOptions
+
+    options = StorageOptions.of(cfg)
+    if directory is None or (what == "eval" and not has_rows(str(directory), options)):
+        return None
+    return load_index(str(directory), options, what=what)
+
+
+def remote_identity(cfg: Config, data_key: str, steps_per_epoch: int):
+    """run.json on an object store: the same identity rule as a local run folder (a rerun with other settings,
+    or with run.resume never, is refused in one sentence), then run.json and config.yaml are written. Ray Train
+    resumes from its own snapshot in the bucket; checkpoint completeness is checked by `load` after download."""
+    from raysft.pipeline.errors import CheckpointError
+    from raysft.pipeline.models.load import RESOLVED_CONFIG
+
+    options = storage.StorageOptions.of(cfg)
+    run_dir = run_dir_of(cfg)
+    ident = run_identity.identity(cfg, data_key)
+    record = {"fingerprint": run_identity.fingerprint(ident), "identity": ident, "max_steps": cfg.train.max_steps,
+              "epochs": cfg.train.epochs, "steps_per_epoch": steps_per_epoch,
+              "total_steps": cfg.train.max_steps or cfg.train.epochs * steps_per_epoch}
+    path = storage.join(run_dir, run_identity.IDENTITY_FILE)
+    exists = storage.exists(path, options)
+    if exists and cfg.run.resume == "never":
+        raise CheckpointError(f"{run_dir} already holds a run named {cfg.run.name} and run.resume is 'never'; "
+                              "choose a new run.name, or set run.resume to auto to continue it.")
+    if not exists and cfg.run.resume == "must":
+        raise CheckpointError(f"run.resume is 'must' but {run_dir} holds no run named {cfg.run.name} to resume.")
+    if exists:
+        try:
+            old = json.loads(storage.read_bytes(path, options))["fingerprint"]
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointError(f"{path} is not readable JSON with a 'fingerprint'; choose a new run.name.") from None
+        if old != record["fingerprint"]:
+            raise CheckpointError(f"Run {cfg.run.name} in {run_dir} was started with other settings; rerun it with "
+                                  "the same settings to resume, or choose a new run.name.")
+    storage.write_bytes(path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode(), options)
+    storage.write_bytes(storage.join(run_dir, RESOLVED_CONFIG), cfg.dump_yaml().encode(), options)
+    return run_identity.Decision(run_dir, "resume" if exists else "new", record)
 
 
 def build_trainer(cfg: Config, prepared: Prepared, *, callbacks: list | None = None,
                   tracking_parent: dict | None = None):
     """A TorchTrainer for `cfg` on `prepared` (train_dir, eval_dir); the caller calls `.fit()`.
 
-    The packed rows travel as object refs of one Arrow table, so workers on other nodes need no
-    shared filesystem; the per-step order is computed identically on every rank (training/order.py).
+    The driver reads only the shard index; each worker streams its steps' rows from the shards
+    (training/reader.py), in an order that depends on (seed, epoch, index) only.
     """
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raysft.pipeline.console import WorkerFailures
     from raysft.pipeline.training.loop import train_loop_per_worker
-    from raysft.pipeline.training.order import StepPlan
+    from raysft.pipeline.training.reader import StepLayout
 
     check_cluster(cfg)
-    train_table = read_split(prepared.train_dir, "train")
-    eval_table = read_split(prepared.eval_dir, "eval")
+    if not storage.is_remote(str(prepared.train_dir)):  # every worker streams its rows from these shards
+        check_shared_storage(Path(prepared.train_dir), cfg.scaling, what="The prepared data (data.cache_dir)")
+    train_index = read_index(prepared.train_dir, "train", cfg)
+    eval_index = read_index(getattr(prepared, "eval_dir", None), "eval", cfg)
     s, t = cfg.scaling, cfg.train
-    plan = StepPlan.from_config(cfg, train_table.num_rows).require_a_step()
+    layout = StepLayout(train_index.rows, s.num_workers * t.grad_accum * t.micro_batch_size, t.max_steps, t.epochs
+                        ).require_a_step(s.num_workers, t.grad_accum, t.micro_batch_size)
     # Identity check before anything is written or any worker starts; a refusal leaves the folder as it was.
-    decision = run_identity.decide(cfg, prepared.key, run_dir_of(cfg), steps_per_epoch=plan.steps_per_epoch)
+    if storage.is_remote(cfg.run.storage_path):
+        decision = remote_identity(cfg, prepared.key, layout.steps_per_epoch)
+    else:
+        decision = run_identity.decide(cfg, prepared.key, run_dir_of(cfg), steps_per_epoch=layout.steps_per_epoch)
     ds_json = read_deepspeed_json(t.deepspeed.config) if t.deepspeed.config else None
-    run_identity.apply(decision, cfg.dump_yaml())
+    if not storage.is_remote(cfg.run.storage_path):
+        run_identity.apply(decision, cfg.dump_yaml())
     run_dir = decision.run_dir
+    storage_path, storage_fs = storage.ray_storage(cfg.run.storage_path, storage.StorageOptions.of(cfg))
     # MLflow / W&B runs (rank 0 logs into them); a resumed run keeps its runs, a fresh start makes new ones.
+    if storage.is_remote(run_dir) and (t.logging.mlflow or t.logging.wandb):
+        raise ConfigError("train.logging.mlflow / wandb keep their handles in the run folder, which must be local; "
+                          "turn them off or use a local run.storage_path.")
     start_tracking(cfg, run_dir, tracking_parent, fresh=decision.resume_from is None)
     loop_config = {
         "resume_from": decision.resume_from,
         "config": cfg.to_dict(),
-        "train_table": ray.put(train_table),
-        "eval_table": ray.put(eval_table) if eval_table is not None and eval_table.num_rows else None,
+        "train_index": train_index.to_dict(),
+        "eval_index": eval_index.to_dict() if eval_index is not None and eval_index.rows else None,
         "run_dir": str(run_dir),
         "deepspeed_json": ds_json,
     }
@@ -174,12 +245,14 @@ def build_trainer(cfg: Config, prepared: Prepared, *, callbacks: list | None = N
         validation_config=generate_eval.validation_config(cfg, run_dir),  # train.eval_generate, off the workers
         run_config=RunConfig(
             name=cfg.run.name,
-            storage_path=str(Path(cfg.run.storage_path).expanduser().resolve()),
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,  # None for a folder; for s3:// / gs://, pyarrow's (no credentials in it)
             # A controller that cannot schedule workers fails after as many tries as a worker group may.
             failure_config=FailureConfig(max_failures=max_failures,
                                          controller_failure_limit=max_failures if max_failures >= 0 else -1),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            callbacks=[*(callbacks or []), WorkerFailures(str(run_dir))],  # recoveries, for the console
+            # recoveries, for the console (which follows a local run folder only)
+            callbacks=[*(callbacks or []), *([] if storage.is_remote(run_dir) else [WorkerFailures(str(run_dir))])],
         ),
     )
 
@@ -198,12 +271,18 @@ def publish_adapter(run_dir: Path, checkpoint_dir: Path) -> Path:
 def finish_run(cfg: Config, result) -> TrainResult:
     """Copy the final adapter and ledger out of the last checkpoint into the run folder."""
     run_dir = run_dir_of(cfg)
-    adapter = run_dir / ADAPTER_DIR
+    adapter = storage.join(run_dir, ADAPTER_DIR) if isinstance(run_dir, str) else run_dir / ADAPTER_DIR
     ckpt = result.checkpoint
     if ckpt is None:
         raise DataError(f"Run {run_dir} finished without a checkpoint.")
-    with ckpt.as_directory() as d:
-        publish_adapter(run_dir, Path(d))
+    if isinstance(run_dir, str):  # on an object store: copy store to store, nothing through a local folder
+        import pyarrow.fs as pafs
+
+        fs, path = storage.resolve(adapter, storage.StorageOptions.of(cfg))
+        pafs.copy_files(f"{ckpt.path}/{ADAPTER_DIR}", path, source_filesystem=ckpt.filesystem, destination_filesystem=fs)
+    else:
+        with ckpt.as_directory() as d:
+            publish_adapter(run_dir, Path(d))
     metrics = {k: v for k, v in (result.metrics or {}).items()}
     finish_tracking(run_dir, adapter)
     return TrainResult(metrics=metrics, run_dir=run_dir, adapter_path=adapter, checkpoint_path=ckpt.path)
@@ -214,8 +293,8 @@ def train(cfg: Config) -> TrainResult:
     from raysft.pipeline.data.plan import ensure_prepared, resolve_inputs
 
     cfg = preflight(cfg)
-    if run_dir_of(cfg).exists() or cfg.run.resume == "must":  # a rerun: refuse a mismatch before any work
-        run_identity.decide(cfg, resolve_inputs(cfg).key, run_dir_of(cfg))
+    if not storage.is_remote(cfg.run.storage_path) and (run_dir_of(cfg).exists() or cfg.run.resume == "must"):
+        run_identity.decide(cfg, resolve_inputs(cfg).key, run_dir_of(cfg))  # a rerun: refuse a mismatch before any work
     with ray_runtime.session(cfg.run.address, ray_runtime.TRAIN):
         check_cluster(cfg)
         prepared = ensure_prepared(cfg)

@@ -15,7 +15,8 @@ import json
 import numpy as np
 import pytest
 from raysft.pipeline.data.formats import normalise_row
-from raysft.pipeline.data.tokenize import IGNORE, ChatEncoder
+from raysft.pipeline.data.schema import IGNORE_INDEX as IGNORE
+from raysft.pipeline.data.tokenize import ChatEncoder
 
 FAMILIES = ["llama-3.1-instruct", "qwen2.5-instruct", "qwen3", "mistral-7b-instruct-v0.3"]
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."

@@ -128,21 +128,22 @@ def test_rng_state_is_per_rank_and_own_device_only():
 def test_rank_local_token_counts_sum_to_the_step_count(tmp_path):
     """What each rank counts of its own rows, summed (the all-reduce), is the step's N computed from every
     row, and the ledger's source ids come out in the same order as before (all rows of the step)."""
-    from raysft.pipeline.data.schema import read_split
+    from raysft.pipeline.data.shards import load_index
     from raysft.pipeline.training.loop import _step_sources
-    from raysft.pipeline.training.order import StepPlan
+    from raysft.pipeline.training.reader import reader_for
     from raysft.pipeline.training.step import collate, trained_counts
 
-    prepared = make_prepared(tmp_path, n_train=60, n_eval=0, per_row=3)
-    table = read_split(prepared.train_dir, "train")
-    counts = trained_counts(table.column("labels"))
-    plan = StepPlan(table.num_rows, world_size=2, grad_accum=2, micro_batch_size=2, seed=0, epochs=2)
-    for step in range(plan.total_steps):
-        _, rows = plan.step_rows(step)
-        before = collate(table.take(rows.reshape(-1).tolist()).to_pylist(), "flat")  # every rank, every row
-        per_rank = [int(counts[rows[:, r, :].reshape(-1)].sum()) for r in range(2)]
-        assert sum(per_rank) == before.n_trained
-        assert _step_sources(table, rows) == before.source_ids
+    prepared = make_prepared(tmp_path, n_train=60, n_eval=0, per_row=3, rows_per_shard=3)
+    split = np.arange(8).reshape(2, 2, 2)  # [grad_accum, world, micro]
+    with reader_for(load_index(str(prepared.train_dir)), seed=0, window=2, rows_per_step=8, max_steps=None,
+                    epochs=2) as reader:
+        for step in range(reader.layout.total_steps):
+            _, table = reader.step(step)
+            counts = trained_counts(table.column("labels"))
+            before = collate(table.take(split.reshape(-1).tolist()).to_pylist(), "flat")  # every rank, every row
+            per_rank = [int(counts[split[:, r, :].reshape(-1)].sum()) for r in range(2)]
+            assert sum(per_rank) == before.n_trained
+            assert _step_sources(table, split) == before.source_ids
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from raysft.pipeline.errors import ClusterError, ConfigError, ModelError
 from raysft.pipeline.training.checkpoint import rng_state, set_rng_state
 from raysft.pipeline.training.ledger import Ledger, check_exactly_once
 from raysft.pipeline.training.loop import deepspeed_config
-from raysft.pipeline.training.order import StepPlan
+from raysft.pipeline.training.reader import ShardOrder, StepLayout
 from raysft.pipeline.trainer import preflight, train
 
 
@@ -84,20 +84,20 @@ def test_cli_prints_one_sentence_and_exits_2(tmp_path, capsys):
     assert err.startswith("raysft: error:") and "gone" in err and "\n" not in err
 
 
-def test_step_plan_covers_every_kept_row_once_per_epoch():
-    plan = StepPlan(n_rows=23, world_size=2, grad_accum=3, micro_batch_size=2, seed=7, epochs=2)
-    assert plan.rows_per_step == 12 and plan.steps_per_epoch == 1 and plan.left_out_per_epoch == 11
-    plan = StepPlan(n_rows=50, world_size=2, grad_accum=2, micro_batch_size=3, seed=7, epochs=3)
+def test_step_layout_and_order_cover_every_kept_row_once_per_epoch():
+    layout = StepLayout(n_rows=23, rows_per_step=12, epochs=2)
+    assert layout.steps_per_epoch == 1 and layout.left_out_per_epoch == 11
+    order = ShardOrder((7, 9, 11, 8, 15), seed=7, window=2)
+    layout = StepLayout(n_rows=order.n_rows, rows_per_step=12, epochs=3)  # 50 rows, 4 steps, 2 left out
     for epoch in range(3):
         seen = []
-        for s in range(epoch * plan.steps_per_epoch, (epoch + 1) * plan.steps_per_epoch):
-            e, rows = plan.step_rows(s)
-            assert e == epoch and rows.shape == (2, 2, 3)
-            seen += rows.reshape(-1).tolist()
-        assert len(seen) == len(set(seen)) == 48 and set(seen) == set(plan.kept_rows(epoch).tolist())
-    assert not np.array_equal(plan.permutation(0), plan.permutation(1))
-    assert np.array_equal(plan.step_rows(5)[1], StepPlan(50, 2, 2, 3, 7, epochs=3).step_rows(5)[1])  # deterministic
-    assert StepPlan(50, 2, 2, 3, 7, max_steps=20).total_steps == 20
+        for s in range(epoch * layout.steps_per_epoch, (epoch + 1) * layout.steps_per_epoch):
+            e, first = layout.position(s)
+            assert e == epoch
+            seen += order.global_rows(e, np.arange(first, first + 12)).tolist()
+        assert len(seen) == len(set(seen)) == 48
+    assert not np.array_equal(order.global_rows(0, np.arange(50)), order.global_rows(1, np.arange(50)))
+    assert StepLayout(50, 12, max_steps=20).total_steps == 20
 
 
 def test_ledger_rewind_and_exactly_once_check(tmp_path):

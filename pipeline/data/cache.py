@@ -26,9 +26,17 @@ TMP_PREFIX = ".tmp-"  # a prepared entry being written
 STALE_TMP_S = 24 * 3600  # no live run writes one for a day: a killed run left it
 
 
-def cache_root(cfg) -> Path:
+def cache_root(cfg) -> Path | str:
+    """The cache folder, or its URI when data.cache_dir is on an object store."""
     root = cfg.data.cache_dir or os.path.join("~", ".cache", "raysft", "prepared")
-    return Path(os.path.expanduser(root)).resolve()
+    if "://" in root and not root.startswith("file://"):
+        return root.rstrip("/")
+    return Path(os.path.expanduser(root.removeprefix("file://"))).resolve()
+
+
+def lock_root() -> Path:
+    """Where the locks of a remote cache live on this machine."""
+    return Path(os.path.expanduser(os.path.join("~", ".cache", "raysft", "locks")))
 
 
 def prepared_key(data_config: dict, train_identity: list, eval_identity: list, tokenizer_hash: str) -> str:

@@ -3,7 +3,7 @@
 chunk descriptors -> read + normalise + tokenize + mask (actor pool of `data.num_tokenizer_actors`,
 one tokenizer per actor, each reading its own chunks) -> pack (one long-lived actor; each batch of
 `data.pack_window` samples is one packing window, so memory stays bounded) -> the driver streams
-the packed rows into Parquet and accumulates stats.json. Every stage is a pure pyarrow function
+the packed rows into bounded Parquet shards with an index (data/shards.py) and accumulates stats.json. Every stage is a pure pyarrow function
 from sources.py / tokenize.py / pack.py, so the same result comes out of `prepare_local` (no Ray)
 for the same windows.
 
@@ -28,21 +28,19 @@ from typing import Callable, Iterable, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from raysft.pipeline import outputs, ray_runtime
+from raysft.pipeline import outputs, ray_runtime, storage
 from raysft.pipeline.data import cache
 from raysft.pipeline.data.pack import pack_batch
-from raysft.pipeline.data.schema import PACKED_COLUMNS, Prepared
+from raysft.pipeline.data.schema import Prepared
+from raysft.pipeline.data.shards import ShardWriter, has_rows
 from raysft.pipeline.data.sources import MAX_FILES, Chunk, expand, files_identity, plan_chunks, read_chunk
 from raysft.pipeline.data.stats import StatsAccumulator
 from raysft.pipeline.data.light_tokenizer import TokenizerSpec, compile_chat_template
 from raysft.pipeline.data.tokenize import TokenizeStage, load_tokenizer_spec
 from raysft.pipeline.models.source import tokenizer_source
 from raysft.pipeline.errors import ClusterError, ConfigError, DataError, RaysftError, user_error
-
-ROWS_PER_FILE = 4096  # packed rows per Parquet file
-
+from raysft.pipeline.storage import StorageOptions
 
 @dataclass
 class Source:
@@ -70,10 +68,11 @@ def resolve_sources(cfg) -> list[Source]:
     """data.train as a list of sources (a single path is one source of weight 1 in data.format)."""
     if not cfg.data.train:
         raise ConfigError("data.train is not set; point it at a file, directory, glob or hf:// data set.")
+    options = StorageOptions.of(cfg)
     if isinstance(cfg.data.train, str):
-        return [Source(cfg.data.train, expand(cfg.resolve_path(cfg.data.train)), cfg.data.format)]
-    return [Source(s.path, expand(cfg.resolve_path(s.path)), s.format or cfg.data.format, dict(s.columns), s.weight)
-            for s in cfg.data.train]
+        return [Source(cfg.data.train, expand(cfg.resolve_path(cfg.data.train), options), cfg.data.format)]
+    return [Source(s.path, expand(cfg.resolve_path(s.path), options), s.format or cfg.data.format, dict(s.columns),
+                   s.weight) for s in cfg.data.train]
 
 
 def resolve_inputs(cfg) -> Inputs:
@@ -82,8 +81,10 @@ def resolve_inputs(cfg) -> Inputs:
     if len(train_files) >= MAX_FILES:
         raise DataError(f"data.train matches {len(train_files)} files; at most {MAX_FILES - 1} are supported "
                         "(source ids number files in 12 bits): merge some files.")
-    eval_files = expand(cfg.resolve_path(cfg.data.eval)) if cfg.data.eval else []
-    cache.remove_stale_temps(cache.cache_root(cfg))  # what a killed run left, once it is a day old
+    eval_files = expand(cfg.resolve_path(cfg.data.eval), StorageOptions.of(cfg)) if cfg.data.eval else []
+    root = cache.cache_root(cfg)
+    if not storage.is_remote(root):
+        cache.remove_stale_temps(root)  # what a killed run left, once it is a day old
     spec = load_tokenizer_spec(cfg)
     if cfg.data.chat_template:
         spec = dataclasses.replace(spec, chat_template=read_chat_template(cfg))
@@ -112,10 +113,11 @@ def chunks_for(cfg, inputs: Inputs) -> list[Chunk]:
     rows = cfg.data.tokenize_batch_size
     fraction = 0.0 if inputs.eval_files else cfg.data.eval_split
     chunks, first = [], 0
+    options = StorageOptions.of(cfg)
     for k, source in enumerate(inputs.sources):
-        chunks += plan_chunks(source.files, rows, 0, fraction, cfg.data.seed, first, k, source.weight)
+        chunks += plan_chunks(source.files, rows, 0, fraction, cfg.data.seed, first, k, source.weight, options)
         first += len(source.files)
-    return chunks + plan_chunks(inputs.eval_files, rows, 1)
+    return chunks + plan_chunks(inputs.eval_files, rows, 1, options=options)
 
 
 def stage_kwargs(cfg, inputs: Inputs) -> dict:
@@ -125,40 +127,13 @@ def stage_kwargs(cfg, inputs: Inputs) -> dict:
                 train_on_reasoning=cfg.data.train_on_reasoning, template_kwargs=dict(cfg.data.chat_template_kwargs))
 
 
-class ParquetSink:
-    """Streams the dataset columns of packed rows into DIR/part-NNNNN.parquet files."""
-
-    def __init__(self, directory: Path, rows_per_file: int = ROWS_PER_FILE) -> None:
-        self.directory, self.rows_per_file = directory, rows_per_file
-        self.writer: Optional[pq.ParquetWriter] = None
-        self.files = self.rows_in_file = 0
-
-    def write(self, table: pa.Table) -> None:
-        table = table.select(PACKED_COLUMNS)
-        while table.num_rows:
-            if self.writer is None:
-                self.directory.mkdir(parents=True, exist_ok=True)
-                path = self.directory / f"part-{self.files:05d}.parquet"
-                self.writer = pq.ParquetWriter(path, table.schema)
-                self.files += 1
-            take = min(table.num_rows, self.rows_per_file - self.rows_in_file)
-            self.writer.write_table(table.slice(0, take))
-            self.rows_in_file += take
-            table = table.slice(take)
-            if self.rows_in_file >= self.rows_per_file:
-                self.close()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.writer, self.rows_in_file = None, 0
-
-
-def consume(cfg, inputs: Inputs, batches: Iterable[pa.Table], out_dir: Path) -> dict:
-    """Packed batches -> Parquet under out_dir/{train,eval} + stats (checked for the bad-row policy)."""
+def consume(cfg, inputs: Inputs, batches: Iterable[pa.Table], out_dir: Path | str) -> dict:
+    """Packed batches -> shards under out_dir/{train,eval} (a folder or a URI) + stats.json, written last."""
     stats = StatsAccumulator(cfg.data.max_seq_len, [inputs.train_files, inputs.eval_files], cfg.data.on_bad_row,
                              [(s.name, s.weight, len(s.files)) for s in inputs.sources])
-    sinks = [ParquetSink(out_dir / "train"), ParquetSink(out_dir / "eval")]
+    options = StorageOptions.of(cfg)
+    sinks = [ShardWriter(storage.join(out_dir, split), cfg.data.shard_mb, inputs.key, options)
+             for split in ("train", "eval")]
     start = last = time.monotonic()
     try:
         for batch in batches:
@@ -173,14 +148,18 @@ def consume(cfg, inputs: Inputs, batches: Iterable[pa.Table], out_dir: Path) -> 
                 st = stats.splits[0]
                 print(f"raysft prepare: {st.rows_read} rows, {st.tokens_total} tokens, "
                       f"{st.tokens_total / (last - start):.0f} tokens/s", file=sys.stderr, flush=True)
-    finally:
+    except BaseException:
         for sink in sinks:
-            sink.close()
+            sink.abort()  # no index: the folder is not a finished artifact
+        raise
+    finally:
         # Close the stream while Ray is still up: left to the garbage collector after ray.shutdown(),
         # Ray Data's iterator prints a traceback below the error that stopped it (e.g. on_bad_row: error).
         close = getattr(batches, "close", None)
         if close is not None:
             close()
+    for sink in sinks:
+        sink.close()
     stats.check(cfg.data.max_bad_fraction, cfg.data.format)
     result = stats.to_dict()
     seconds = time.monotonic() - start
@@ -189,7 +168,7 @@ def consume(cfg, inputs: Inputs, batches: Iterable[pa.Table], out_dir: Path) -> 
         sources=[str(f) for f in inputs.train_files], eval_sources=[str(f) for f in inputs.eval_files],
         cache_key=inputs.key, seconds=round(seconds, 3),
     )
-    (out_dir / "stats.json").write_text(json.dumps(result, indent=2) + "\n")
+    storage.write_bytes(storage.join(out_dir, "stats.json"), (json.dumps(result, indent=2) + "\n").encode(), options)
     return result
 
 
@@ -353,6 +332,8 @@ def prepare(cfg, output: str | Path | None = None, use_ray: bool = True) -> dict
     """
     if output is None:
         return ensure_prepared(cfg, use_ray=use_ray).stats
+    if storage.is_remote(output):
+        return _prepare_remote(cfg, str(output).rstrip("/"), use_ray)
     out_dir = Path(output).expanduser()
     if not use_ray:
         inputs, started = resolve_inputs(cfg), None
@@ -366,6 +347,15 @@ def prepare(cfg, output: str | Path | None = None, use_ray: bool = True) -> dict
         return _run(cfg, inputs, tmp, use_ray, started=False)
 
 
+def _prepare_remote(cfg, output: str, use_ray: bool) -> dict:
+    """`prepare --output s3://...`: into an empty prefix only (raysft never deletes objects it did not write)."""
+    options = StorageOptions.of(cfg)
+    storage.check_location(output, options)
+    if storage.list_files(output, "", options):
+        raise ConfigError(f"--output {output} already holds objects; name an empty prefix.")
+    return _run(cfg, resolve_inputs(cfg), output, use_ray)
+
+
 def ensure_prepared(cfg, use_ray: bool = True) -> Prepared:
     """The prepared dataset for cfg from the cache, building it once when missing (safe concurrently).
 
@@ -374,6 +364,8 @@ def ensure_prepared(cfg, use_ray: bool = True) -> Prepared:
     """
     inputs = resolve_inputs(cfg)
     root = cache.cache_root(cfg)
+    if storage.is_remote(root):
+        return _ensure_remote(cfg, inputs, str(root), use_ray)
     final = root / inputs.key
     if not (final / "stats.json").exists():
         with cache.locked(root, inputs.key):
@@ -387,7 +379,31 @@ def ensure_prepared(cfg, use_ray: bool = True) -> Prepared:
     return load_prepared(final, inputs.key)
 
 
-def load_prepared(directory: Path, key: str = "") -> Prepared:
-    stats = json.loads((directory / "stats.json").read_text())
-    eval_dir = directory / "eval"
-    return Prepared(directory / "train", eval_dir if any(eval_dir.glob("*.parquet")) else None, stats, key)
+def _ensure_remote(cfg, inputs: Inputs, root: str, use_ray: bool) -> Prepared:
+    """The cache on an object store: shards and indexes are written under ROOT/KEY, stats.json last (the
+    marker of a finished entry). A local lock keeps this machine's callers to one writer; writers on two
+    machines write the same deterministic objects."""
+    options = StorageOptions.of(cfg)
+    storage.check_location(root, options)
+    final = storage.join(root, inputs.key)
+    marker = storage.join(final, "stats.json")
+    if not storage.exists(marker, options):
+        with cache.locked(cache.lock_root(), inputs.key):
+            if not storage.exists(marker, options):
+                try:
+                    _run(cfg, inputs, final, use_ray)
+                except BaseException:
+                    fs, path = storage.resolve(final, options)
+                    with contextlib.suppress(OSError):
+                        fs.delete_dir(path)  # this call's partial entry, never a finished one (no marker)
+                    raise
+    return load_prepared(final, inputs.key, options)
+
+
+def load_prepared(directory: Path | str, key: str = "", options: StorageOptions | None = None) -> Prepared:
+    """A prepared folder or URI: its stats.json and split folders (eval only when it holds rows)."""
+    stats = json.loads(storage.read_bytes(storage.join(directory, "stats.json"), options))
+    wrap = (lambda p: p) if storage.is_remote(directory) else Path
+    eval_dir = storage.join(directory, "eval")
+    return Prepared(wrap(storage.join(directory, "train")), wrap(eval_dir) if has_rows(eval_dir, options) else None,
+                    stats, key)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from raysft.pipeline import storage
 from raysft.pipeline.errors import DataError
 
 FILE_SHIFT = 40  # source_id = (file_index << FILE_SHIFT) | row
@@ -58,6 +59,7 @@ class Chunk:
     seed: int = 0
     source: int = 0  # index of the data.train source the file belongs to
     weight: float = 1.0  # that source's weight (train rows' copies per epoch)
+    storage: dict = field(default_factory=dict)  # how to reach an s3:// / gs:// path (no credentials)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,7 +82,7 @@ def sample_ids(sids: np.ndarray, views: np.ndarray, copies: np.ndarray) -> np.nd
 def _kind(path: Path) -> str | None:
     kind = SUFFIXES.get(path.suffix.lower())
     if kind == "json":  # a .json file may hold JSON lines: look at its first character
-        with open(path, "rb") as f:
+        with storage.open_input(path) as f:
             head = f.read(4096).lstrip()
         kind = "json" if head.startswith(b"[") else "jsonl"
     return kind
@@ -105,10 +107,18 @@ def resolve_hf(spec: str) -> list[Path]:
     return files
 
 
-def expand(spec: str) -> list[Path]:
-    """A file, directory, glob or hf:// spec -> the sorted list of readable, non-empty data files."""
+def expand(spec: str, options: storage.StorageOptions | None = None) -> list[Path]:
+    """A file, directory, glob, s3:// / gs:// URI (an object or a prefix) or hf:// spec -> the sorted list
+    of readable, non-empty data files (storage.Uri for objects)."""
     if spec.startswith("hf://"):
         return resolve_hf(spec)
+    if storage.is_remote(spec):  # s3://, gs://: objects read through pyarrow.fs (storage.py)
+        files = storage.remote_files(spec, tuple(SUFFIXES), options)
+        if not files:
+            raise DataError(f"The data location {spec} holds no .jsonl, .json, .parquet or .arrow files.")
+        if empty := [f for f in files if f.size == 0]:
+            raise DataError(f"The data file {empty[0]} is empty.")
+        return files
     path = Path(os.path.expanduser(spec))
     if any(ch in spec for ch in "*?["):
         files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
@@ -135,7 +145,7 @@ def expand(spec: str) -> list[Path]:
 def _jsonl_chunks(path: Path, file_index: int, split: int, rows_per_chunk: int) -> list[Chunk]:
     """Byte ranges of `rows_per_chunk` lines each, found with one buffered pass over the file."""
     chunks, start, line, offset, lines_in_chunk = [], 0, 0, 0, 0
-    with open(path, "rb") as f:
+    with storage.open_input(path) as f:
         while block := f.read(1 << 24):
             pos = 0
             while (nl := block.find(b"\n", pos)) != -1:
@@ -171,7 +181,8 @@ def _parquet_chunks(path: Path, file_index: int, split: int, rows_per_chunk: int
     import pyarrow.parquet as pq
 
     try:
-        meta = pq.ParquetFile(path).metadata
+        with storage.open_input(path) as f:
+            meta = pq.ParquetFile(f).metadata
     except Exception as exc:
         raise DataError(f"The data file {path} is not a readable Parquet file ({str(exc)[:80]}).") from None
     if meta.num_rows == 0:
@@ -214,12 +225,14 @@ def _unit(source_ids: np.ndarray, seed: int) -> np.ndarray:
 
 
 def plan_chunks(files: list[Path], rows_per_chunk: int, split: int = 0, eval_fraction: float = 0.0,
-                seed: int = 0, first_file: int = 0, source: int = 0, weight: float = 1.0) -> list[Chunk]:
+                seed: int = 0, first_file: int = 0, source: int = 0, weight: float = 1.0,
+                options: storage.StorageOptions | None = None) -> list[Chunk]:
     """Cut every file into chunks of about `rows_per_chunk` rows (JSON arrays: one per file); file
     indexes (in source ids) start at `first_file`."""
     chunks = _plan_chunks(files, rows_per_chunk, split, first_file)
+    reach = asdict(options) if options is not None else {}
     for c in chunks:
-        c.eval_fraction, c.seed, c.source, c.weight = eval_fraction, seed, source, weight
+        c.eval_fraction, c.seed, c.source, c.weight, c.storage = eval_fraction, seed, source, weight, reach
     return chunks
 
 
@@ -277,7 +290,7 @@ def _read_jsonl(chunk: Chunk) -> tuple[list[str | None], list[str | None]]:
     """Lines of a JSON lines chunk; a line over MAX_ROW_BYTES is skipped unread and counted (malformed_json)."""
     rows: list[str | None] = []
     reasons: list[str | None] = []
-    with open(chunk.path, "rb") as f:
+    with storage.open_input(chunk.path, chunk.storage) as f:
         f.seek(chunk.byte_start)
         left = float("inf") if chunk.byte_end < 0 else chunk.byte_end - chunk.byte_start
         while left > 0 and (raw := f.readline(int(min(MAX_ROW_BYTES + 1, left)))):
@@ -308,7 +321,8 @@ def _read_rows(chunk: Chunk) -> tuple[list[str | None], list[str | None]]:
     if chunk.kind == "jsonl":
         return _read_jsonl(chunk)
     if chunk.kind == "json":
-        data = json.loads(Path(chunk.path).read_bytes())
+        with storage.open_input(chunk.path, chunk.storage) as f:
+            data = json.loads(f.read())
         rows, reasons = [], []
         for r in data:
             try:
@@ -318,10 +332,12 @@ def _read_rows(chunk: Chunk) -> tuple[list[str | None], list[str | None]]:
     elif chunk.kind == "parquet":
         import pyarrow.parquet as pq
 
-        rows = _table_rows_as_json(pq.ParquetFile(chunk.path).read_row_groups(chunk.row_groups))
+        with storage.open_input(chunk.path, chunk.storage) as f:
+            rows = _table_rows_as_json(pq.ParquetFile(f).read_row_groups(chunk.row_groups))
         reasons = [None] * len(rows)
     else:
-        with pa.memory_map(chunk.path) as source:
+        with (storage.open_input(chunk.path, chunk.storage) if storage.is_remote(chunk.path)
+              else pa.memory_map(chunk.path)) as source:
             try:
                 table = pa.ipc.open_stream(source).read_all()
             except pa.ArrowInvalid:
@@ -332,7 +348,7 @@ def _read_rows(chunk: Chunk) -> tuple[list[str | None], list[str | None]]:
 
 
 def files_identity(files: list[Path]) -> list[tuple[str, int, int]]:
-    """(absolute path, size, mtime_ns) of each file: what the prepared-data cache is keyed by."""
+    """(absolute path or URI, size, mtime_ns) of each file: what the prepared-data cache is keyed by."""
     out = []
     for f in files:
         st = f.stat()

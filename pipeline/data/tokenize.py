@@ -65,7 +65,7 @@ def _spec_cache_path(cfg, src: str, gguf: Optional[str]) -> Optional[Path]:
     name, size and mtime there plus the transformers and tokenizers versions; None for hub ids."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from raysft.pipeline.data.cache import cache_root
+    from raysft.pipeline.data.cache import cache_root, lock_root
 
     folder = Path(src)
     if not folder.is_dir():
@@ -77,7 +77,10 @@ def _spec_cache_path(cfg, src: str, gguf: Optional[str]) -> Optional[Path]:
     except (OSError, PackageNotFoundError):
         return None
     blob = json.dumps([str(folder.resolve()), gguf, cfg.model.trust_remote_code, files, versions])
-    return cache_root(cfg) / "tokenizers" / f"{hashlib.sha256(blob.encode()).hexdigest()[:24]}.json"
+    root = cache_root(cfg)
+    if not isinstance(root, Path):  # a cache on an object store: the spec of a local folder stays local
+        root = lock_root().parent / "prepared"
+    return root / "tokenizers" / f"{hashlib.sha256(blob.encode()).hexdigest()[:24]}.json"
 
 
 def load_tokenizer_spec(cfg, need_chat_template: bool | None = None) -> TokenizerSpec:

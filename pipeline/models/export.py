@@ -12,6 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
+from raysft.pipeline import storage
 from raysft.pipeline.config import Config
 from raysft.pipeline.errors import ModelError
 from raysft.pipeline.models.load import ADAPTER_DIR, RESOLVED_CONFIG, torch_dtype
@@ -25,11 +26,13 @@ MERGE_DTYPES = ("bfloat16", "float32")
 
 def export_run(
     run_dir: str | os.PathLike, merge: bool = False, output: str | os.PathLike | None = None, dtype: str = "bfloat16"
-) -> Path:
+) -> Path | str:
     """Copy the run's adapter (to `output` when given), or merge it into the base and save a `dtype` model.
 
     `dtype` "float32" merges and saves in fp32 (4 bytes per parameter); the default bf16 needs half that.
     """
+    if storage.is_remote(run_dir) or (output is not None and storage.is_remote(output)):
+        return _export_remote(str(run_dir), merge, output, dtype)
     run = Path(run_dir)
     adapter = run / ADAPTER_DIR
     if not (adapter / "adapter_config.json").is_file():
@@ -54,6 +57,35 @@ def export_run(
         except ModelError:
             pass  # the merged weights are still usable with the base's tokenizer
     return out
+
+
+def _export_remote(run_dir: str, merge: bool, output: str | os.PathLike | None, dtype: str) -> Path | str:
+    """A run folder and/or an output on an object store: the adapter and config.yaml are staged in a
+    temporary folder (removed afterwards), exported there, and the result uploaded when `output` is a URI."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="raysft-export-") as tmp:
+        run = Path(tmp) / "run"
+        if storage.is_remote(run_dir):
+            run.mkdir()
+            storage.download(storage.join(run_dir, ADAPTER_DIR), run / ADAPTER_DIR)
+            storage.download(storage.join(run_dir, RESOLVED_CONFIG), run / RESOLVED_CONFIG)
+            if not (run / ADAPTER_DIR / "adapter_config.json").is_file():
+                raise ModelError(f"{run_dir} has no {ADAPTER_DIR}/adapter_config.json (is it a finished raysft run?).")
+        else:
+            run = Path(run_dir)
+        remote_out = output is not None and storage.is_remote(output)
+        local_out = Path(tmp) / "out" if remote_out or output is None else Path(output)
+        result = export_run(run, merge=merge, output=local_out, dtype=dtype)
+        if remote_out:
+            storage.upload(result, str(output))
+            return str(output)
+        if output is None:  # the default output lives in the (remote) run folder
+            target = storage.join(run_dir, MERGED_DIR if merge else ADAPTER_DIR)
+            if merge:
+                storage.upload(result, target)
+            return target
+        return result
 
 
 def merge_adapter(cfg: Config, adapter: str | os.PathLike, dtype: str = "bfloat16"):

@@ -100,7 +100,7 @@ def _run_sweep(cfg: Config, data_cfg: Config, plan: SweepPlan, sweep_dir: Path, 
                 param_space=plan.param_space(),
                 tune_config=rt.TuneConfig(
                     metric=plan.metric, mode=plan.mode, num_samples=cfg.tune.num_samples,
-                    scheduler=_scheduler(cfg, sweep_dir, PlannedSteps(cfg.to_dict(), cfg.source, plan, _rows(prepared))),
+                    scheduler=_scheduler(cfg, sweep_dir, PlannedSteps(cfg.to_dict(), cfg.source, plan, _rows(prepared, cfg))),
                     search_alg=search_alg(cfg, plan, concurrency),
                     trial_dirname_creator=_trial_dirname,
                 ),
@@ -192,8 +192,10 @@ def _prepare_all(cfg: Config, plan: SweepPlan) -> dict[str, Any]:
     out = {}
     for variant in plan.data_variants():
         p = ensure_prepared(cfg.with_overrides(variant) if variant else cfg)
-        out[_variant_key(variant)] = dataclasses.replace(
-            p, train_dir=Path(p.train_dir).resolve(), eval_dir=Path(p.eval_dir).resolve() if p.eval_dir else None)
+        if isinstance(p.train_dir, Path):  # a cache on an object store keeps its URIs
+            p = dataclasses.replace(p, train_dir=p.train_dir.resolve(),
+                                    eval_dir=Path(p.eval_dir).resolve() if p.eval_dir else None)
+        out[_variant_key(variant)] = p
     return out
 
 
@@ -247,18 +249,21 @@ class PlannedSteps:
     rows: dict[str, int]  # packed train rows per data variant
 
     def __call__(self, sampled: dict[str, Any]) -> int:
-        from raysft.pipeline.training.order import StepPlan
+        from raysft.pipeline.training.reader import StepLayout
 
         base = Config.from_dict(self.base, self.source)
         cfg = base.with_overrides(trial_overrides(self.plan, sampled, base))
-        return StepPlan.from_config(cfg, self.rows[_variant_key(data_overrides(self.plan, sampled))]).total_steps
+        s, t = cfg.scaling, cfg.train
+        n_rows = self.rows[_variant_key(data_overrides(self.plan, sampled))]
+        return StepLayout(n_rows, s.num_workers * t.grad_accum * t.micro_batch_size, t.max_steps, t.epochs).total_steps
 
 
-def _rows(prepared: dict[str, Any]) -> dict[str, int]:
-    import pyarrow.parquet as pq
+def _rows(prepared: dict[str, Any], cfg: Config) -> dict[str, int]:
+    """Packed train rows per data variant, from the shard indexes (no rows are read)."""
+    from raysft.pipeline.data.shards import load_index
+    from raysft.pipeline.storage import StorageOptions
 
-    return {key: sum(pq.ParquetFile(f).metadata.num_rows for f in Path(p.train_dir).rglob("*.parquet"))
-            for key, p in prepared.items()}
+    return {key: load_index(str(p.train_dir), StorageOptions.of(cfg), check=False).rows for key, p in prepared.items()}
 
 
 def search_alg(cfg: Config, plan: SweepPlan, concurrency: int):

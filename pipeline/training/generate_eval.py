@@ -176,6 +176,11 @@ def validation_config(cfg: Config, run_dir: str | os.PathLike):
     holding the section's CPUs/GPUs, with the config and the run folder as its arguments."""
     if not enabled(cfg):
         return None
+    from raysft.pipeline import storage
+
+    if storage.is_remote(run_dir):  # the eval task appends to metrics.jsonl and gen_samples.jsonl there
+        raise ConfigError("train.eval_generate writes its results into the run folder, which must be local; "
+                          "turn it off or use a local run.storage_path.")
     from ray.train import ValidationConfig
     from ray.train.v2.api.validation_config import ValidationTaskConfig
 

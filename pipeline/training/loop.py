@@ -5,9 +5,11 @@ It takes its distributed context (rank, world size, device, report/checkpoint, r
 (`train_loop_per_worker`, whose `loop_config` comes from `trainer.build_trainer`) and under plain
 torch.distributed (`training/torchrun_entry.py`). `loop_config` holds:
     config       Config.to_dict()
-    train_table  ObjectRef of the packed train rows (pyarrow.Table), eval_table likewise or None
+    train_index  the shard index of the packed train rows (ShardIndex.to_dict()): each worker streams its
+                 steps' rows from the shards (training/reader.py); eval_index likewise or None (read whole)
     resume_from  the newest complete checkpoint the driver found in storage (trainer's run identity), or None
-    run_dir      where rank 0 appends metrics.jsonl, samples.jsonl and TensorBoard events
+    run_dir      the run folder (a path or a URI) where rank 0 keeps metrics.jsonl, samples.jsonl, events.jsonl
+                 and TensorBoard events (training/run_files.py)
 """
 
 from __future__ import annotations
@@ -23,14 +25,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from raysft.pipeline import jsonl
+from raysft.pipeline import jsonl, storage
 from raysft.pipeline.config import Config
 from raysft.pipeline.training import checkpoint as ckpt_io
 from raysft.pipeline.training import generate_eval
+from raysft.pipeline.storage import StorageOptions
 from raysft.pipeline.training.ledger import LEDGER_FILE, Ledger
+from raysft.pipeline.training.run_files import RunFolder, SyncedContext
 from raysft.pipeline.training.metrics import MetricsLog
-from raysft.pipeline.training.order import StepPlan
+from raysft.pipeline.data.schema import REQUIRED_COLUMNS
+from raysft.pipeline.data.shards import ShardIndex, read_all
 from raysft.pipeline.training.context import WorkerContext
+from raysft.pipeline.training.reader import reader_for
 from raysft.pipeline.training.step import (
     MicroBatch, collate_table, eval_loss_sum, make_optimizer, optimizer_step, trained_counts,
 )
@@ -162,21 +168,29 @@ def _base_weight_residency(model: torch.nn.Module) -> dict[str, int]:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train's entry: the tables come as object refs, the context from ray.train."""
-    import ray
-
+    """Ray Train's entry: the shard indexes from the driver, the context from ray.train."""
     from raysft.pipeline.training.ray_context import RayTrainContext
 
-    eval_ref = loop_config.get("eval_table")
+    cfg = Config.from_dict(loop_config["config"])
     ctx = RayTrainContext(resume_from=loop_config.get("resume_from"))
-    run_worker(Config.from_dict(loop_config["config"]), ctx, ray.get(loop_config["train_table"]),
-               ray.get(eval_ref) if eval_ref is not None else None, Path(loop_config["run_dir"]),
-               loop_config.get("deepspeed_json"))
+    # Rank 0 writes the run's files into the run folder, or into a staging copy of one on an object store
+    # (published before each checkpoint registers, so a restarted group continues them).
+    folder = RunFolder(loop_config["run_dir"], StorageOptions.of(cfg)) if ctx.rank == 0 else None
+    remote = storage.is_remote(loop_config["run_dir"])
+    run_dir = folder.local if folder is not None else Path(tempfile.gettempdir() if remote else loop_config["run_dir"])
+    eval_index = loop_config.get("eval_index")
+    try:
+        run_worker(cfg, SyncedContext(ctx, folder) if remote else ctx, ShardIndex.from_dict(loop_config["train_index"]),
+                   ShardIndex.from_dict(eval_index) if eval_index is not None else None, run_dir,
+                   loop_config.get("deepspeed_json"))
+    finally:
+        if folder is not None:
+            folder.close()
 
 
-def run_worker(cfg: Config, ctx: WorkerContext, train_table, eval_table, run_dir: Path,
-               deepspeed_json: dict[str, Any] | None = None) -> None:
-    """Train `cfg` on the packed rows of `train_table` as rank ctx.rank of ctx.world_size."""
+def run_worker(cfg: Config, ctx: WorkerContext, train_index: ShardIndex, eval_index: ShardIndex | None,
+               run_dir: Path, deepspeed_json: dict[str, Any] | None = None) -> None:
+    """Train `cfg` on the packed rows of `train_index`'s shards as rank ctx.rank of ctx.world_size."""
     import deepspeed
 
     from raysft.pipeline.models.load import build_model
@@ -186,10 +200,14 @@ def run_worker(cfg: Config, ctx: WorkerContext, train_table, eval_table, run_dir
     if device.type == "cuda":
         torch.cuda.set_device(device)  # DeepSpeed and NCCL use the current device
     t = cfg.train
-    plan = StepPlan.from_config(cfg, train_table.num_rows, world)
+    reader = reader_for(train_index, seed=t.seed, window=t.shuffle_window,
+                        rows_per_step=world * t.grad_accum * t.micro_batch_size, max_steps=t.max_steps,
+                        epochs=t.epochs, columns=REQUIRED_COLUMNS)
+    eval_table = read_all(eval_index, REQUIRED_COLUMNS) if eval_index is not None else None
+    plan = reader.layout
     total = plan.total_steps
     layout = layout_for(cfg)
-    row_trained = trained_counts(train_table.column("labels"))  # once, vectorised
+    step_split = np.arange(plan.rows_per_step).reshape(t.grad_accum, world, t.micro_batch_size)
 
     # --- model, optimizer, DeepSpeed ----------------------------------------------------------
     torch.manual_seed(t.seed)
@@ -228,17 +246,20 @@ def run_worker(cfg: Config, ctx: WorkerContext, train_table, eval_table, run_dir
     if rank == 0:
         _append_event(run_dir, {"event": "start", "step": start, "world_size": world, "total_steps": total,
                                 "rows_left_out_per_epoch": plan.left_out_per_epoch,
+                                "data_position": dict(zip(("epoch", "row"), plan.position(start))),
                                 "zero_stage": cfg.train.deepspeed.stage, **_base_weight_residency(engine.module)})
         print(f"[raysft] training {total} steps on {world} worker(s) from step {start} "
               f"({plan.n_rows} packed rows, {plan.left_out_per_epoch} left out per epoch to balance ranks)", flush=True)
 
     # --- the loop ----------------------------------------------------------------------------
     for step in range(start, total):
-        epoch, rows = plan.step_rows(step)  # rows[grad_accum, world, micro]
+        epoch, step_table = reader.step(step)  # the step's rows, streamed from the shards of its window
+        rows = step_split  # rows[grad_accum, world, micro]: indices into step_table
         mine = rows[:, rank, :]
         # The step's trained tokens (all ranks) normalise the loss: each rank counts its own rows, one all-reduce.
+        row_trained = trained_counts(step_table.column("labels"))  # vectorised
         n_global = int(_all_reduce([float(row_trained[mine.reshape(-1)].sum())], device)[0])
-        mbs = _micro_batches(train_table, mine, layout)
+        mbs = _micro_batches(step_table, mine, layout)
         res = optimizer_step(stepper, mbs, n_global, grad_scale=float(world), kernels=t.kernels, device=device)
         sums = _all_reduce([res.loss_sum, float(res.tokens)], device)
         trained_tokens += n_global
@@ -252,7 +273,7 @@ def run_worker(cfg: Config, ctx: WorkerContext, train_table, eval_table, run_dir
         if eval_table is not None and eval_table.num_rows > 0 and (done % t.eval_every == 0 or last):
             metrics.update(_evaluate(engine, eval_table, rank, world, t.micro_batch_size, t.kernels, device, layout))
         if rank == 0:
-            ledger.append(done, epoch, _step_sources(train_table, rows))
+            ledger.append(done, epoch, _step_sources(step_table, rows))
             metrics_log.log(metrics)
             extra = f" eval_loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""
             print(f"[raysft] step {done}/{total} loss {metrics['loss']:.4f} lr {res.lr:.2e} "
@@ -262,15 +283,20 @@ def run_worker(cfg: Config, ctx: WorkerContext, train_table, eval_table, run_dir
         if done % t.save_every == 0 or last or gen_eval:
             tmp = Path(tempfile.mkdtemp(prefix=f"raysft-ckpt-r{rank}-"))
             state = {"step": done, "epoch": epoch, "trained_tokens": trained_tokens,
-                     "steps_per_epoch": plan.steps_per_epoch, "total_steps": total}
+                     "steps_per_epoch": plan.steps_per_epoch, "total_steps": total,
+                     "data_position": dict(zip(("epoch", "row"), plan.position(done)))}
             try:
                 ckpt_io.save(engine, tmp, rank=rank, state=state, ledger_path=ledger.path if rank == 0 else None,
                              config_yaml=config_yaml, storage=run_dir, device=device)
+                if rank == 0:
+                    _append_event(run_dir, {"event": "reader", "step": done, "start": start,
+                                            **reader.counters.to_dict()})
                 ctx.report(metrics, checkpoint_dir=tmp, step=done, validation=gen_eval)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         else:
             ctx.report(metrics)
 
+    reader.close()
     if metrics_log is not None:
         metrics_log.close()

@@ -76,10 +76,11 @@ def run(config: str, prepared: str, overrides: list[str]) -> Path:
     """Initialise the process group, run the worker loop, publish the adapter (rank 0); returns the run folder."""
     import torch.distributed as dist
     from raysft.pipeline.config import load_config
-    from raysft.pipeline.data.schema import read_split
+    from raysft.pipeline.data.shards import has_rows, load_index
     from raysft.pipeline.trainer import preflight, publish_adapter, read_deepspeed_json, run_dir_of
     from raysft.pipeline.training.loop import run_worker
-    from raysft.pipeline.training.order import StepPlan
+    from raysft.pipeline.storage import StorageOptions
+    from raysft.pipeline.training.reader import StepLayout
 
     cfg = preflight(load_config(config, overrides))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -96,15 +97,19 @@ def run(config: str, prepared: str, overrides: list[str]) -> Path:
         device = torch.device("cpu")
         dist.init_process_group("gloo", timeout=timedelta(minutes=10))
     try:
-        train_table = read_split(Path(prepared) / "train", "train")
-        eval_dir = Path(prepared) / "eval"
-        eval_table = read_split(eval_dir, "eval") if eval_dir.is_dir() else None
-        StepPlan.from_config(cfg, train_table.num_rows, dist.get_world_size()).require_a_step()
+        # Only the shard indexes here; each rank streams its own steps' rows from the shards (training/reader.py).
+        options = StorageOptions.of(cfg)
+        train_index = load_index(str(Path(prepared) / "train"), options)
+        eval_dir = str(Path(prepared) / "eval")
+        eval_index = load_index(eval_dir, options, what="eval") if has_rows(eval_dir, options) else None
+        t, world = cfg.train, dist.get_world_size()
+        StepLayout(train_index.rows, world * t.grad_accum * t.micro_batch_size, t.max_steps, t.epochs
+                   ).require_a_step(world, t.grad_accum, t.micro_batch_size)
         run_dir = run_dir_of(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         ctx = TorchrunContext(run_dir, device, keep=cfg.train.keep_checkpoints)
         ds_json = read_deepspeed_json(cfg.train.deepspeed.config) if cfg.train.deepspeed.config else None
-        run_worker(cfg, ctx, train_table, eval_table, run_dir, ds_json)
+        run_worker(cfg, ctx, train_index, eval_index, run_dir, ds_json)
         dist.barrier()
         if ctx.rank == 0:
             publish_adapter(run_dir, complete_checkpoints(run_dir)[-1])

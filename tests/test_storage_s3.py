@@ -1,0 +1,307 @@
+"""Object storage against a real S3-compatible server (moto's standalone server on 127.0.0.1): shards and
+the index on s3://, prepare with its input and its cache on s3://, and one sentence naming the URI for an
+unreachable endpoint, a missing bucket, missing credentials, and a missing or truncated shard."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+import torch
+
+from raysft.pipeline import storage
+from raysft.pipeline.data import plan
+from raysft.pipeline.data.shards import load_index, read_shard
+from raysft.pipeline.storage import StorageError, StorageOptions
+from raysft.pipeline.training.reader import reader_for
+from train_fixtures import make_sample, pack_rows, write_shards
+
+# Fake credentials for the local server, set at import (before any Ray instance starts, so Ray workers
+# inherit them the way they inherit a user's AWS_* variables). They are never written anywhere.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on 127.0.0.1 (port 0: any free port); yields (endpoint URL, filesystem); stopped after."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", region="us-east-1", allow_bucket_creation=True)
+    fs.create_dir("raysft")
+    yield endpoint, fs
+    server.stop()
+
+
+def opts(endpoint: str) -> StorageOptions:
+    return StorageOptions(endpoint_url=endpoint)
+
+
+def rows(n: int = 60, per_row: int = 3) -> list[dict]:
+    import random
+
+    rng = random.Random(0)
+    return pack_rows([make_sample(rng, i) for i in range(n)], per_row)
+
+
+def test_shards_on_s3_stream_like_local_ones(s3, tmp_path):
+    endpoint, fs = s3
+    from raysft.pipeline.data.shards import ShardWriter
+    import pyarrow as pa
+    from train_fixtures import ROW_SCHEMA
+
+    local = write_shards(tmp_path / "train", rows(), rows_per_shard=3)
+    writer = ShardWriter("s3://raysft/art/train", cache_key="test", options=opts(endpoint), max_rows=3)
+    writer.write(pa.Table.from_pylist(rows(), schema=ROW_SCHEMA))
+    writer.close()
+    remote = load_index("s3://raysft/art/train", opts(endpoint))
+    assert [s.rows for s in remote.shards] == [s.rows for s in load_index(local).shards]
+    kw = dict(seed=1, window=2, rows_per_step=4, max_steps=None, epochs=2)
+    with reader_for(remote, **kw) as r, reader_for(load_index(local), **kw) as q:
+        for s in range(r.layout.total_steps):
+            assert r.step(s)[1].to_pylist() == q.step(s)[1].to_pylist()
+    assert fs.get_file_info("raysft/art/train/_index.json").type == pafs.FileType.File
+
+
+def test_bad_storage_is_one_sentence_naming_the_uri(s3, monkeypatch):
+    endpoint, fs = s3
+    with pytest.raises(StorageError, match=r"^Cannot reach the object store for s3://raysft/x"):
+        storage.check_location("s3://raysft/x", StorageOptions(endpoint_url="http://127.0.0.1:9"))
+    with pytest.raises(StorageError, match=r"^The bucket of s3://no-such-bucket/x does not exist\.$"):
+        storage.check_location("s3://no-such-bucket/x", opts(endpoint))
+    with pytest.raises(StorageError, match=r"^Prepared train data in s3://raysft/nothing has no Parquet files\.$"):
+        load_index("s3://raysft/nothing", opts(endpoint))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+    with pytest.raises(StorageError, match=r"^No credentials for s3://raysft/x: set AWS_ACCESS_KEY_ID"):
+        storage.check_location("s3://raysft/x", opts(endpoint))
+
+
+def test_missing_or_truncated_shard_on_s3(s3):
+    endpoint, fs = s3
+    from raysft.pipeline.data.shards import ShardWriter
+    import pyarrow as pa
+    from train_fixtures import ROW_SCHEMA
+
+    writer = ShardWriter("s3://raysft/bad/train", options=opts(endpoint), max_rows=4)
+    writer.write(pa.Table.from_pylist(rows(), schema=ROW_SCHEMA))
+    writer.close()
+    with fs.open_input_stream("raysft/bad/train/shard-00001.parquet") as f:
+        data = f.read()
+    with fs.open_output_stream("raysft/bad/train/shard-00001.parquet") as f:
+        f.write(data[: len(data) - 100])
+    with pytest.raises(StorageError, match=r"^The prepared train shard s3://raysft/bad/train/shard-00001\.parquet is truncated"):
+        load_index("s3://raysft/bad/train", opts(endpoint))
+    index = load_index("s3://raysft/bad/train", opts(endpoint), check=False)
+    with pytest.raises(StorageError, match=r"^The prepared shard s3://raysft/bad/train/shard-00001\.parquet is truncated or corrupt"):
+        read_shard(index, 1)
+    fs.delete_file("raysft/bad/train/shard-00001.parquet")
+    with pytest.raises(StorageError, match=r"shard s3://raysft/bad/train/shard-00001\.parquet listed in .* is missing\.$"):
+        load_index("s3://raysft/bad/train", opts(endpoint))
+
+
+def test_prepare_with_input_and_cache_on_s3(s3, tmp_path, chatml_tokenizer, monkeypatch):
+    endpoint, fs = s3
+    from raysft.pipeline.config import load_config
+
+    tok = tmp_path / "tok"
+    chatml_tokenizer.save_pretrained(tok)
+    lines = [json.dumps({"instruction": "add", "input": f"{i} and {i + 1}", "output": str(2 * i + 1)}) for i in range(120)]
+    with fs.open_output_stream("raysft/inputs/train.jsonl") as f:
+        f.write(("\n".join(lines) + "\n").encode())
+    (tmp_path / "same.jsonl").write_text("\n".join(lines) + "\n")
+    monkeypatch.chdir(tmp_path)
+    over = {"model.name_or_path": str(tok), "data.train": "s3://raysft/inputs/train.jsonl", "data.max_seq_len": 256,
+            "data.cache_dir": "s3://raysft/cache", "data.tokenize_batch_size": 32, "data.shard_mb": 0.002,
+            "storage.endpoint_url": endpoint}
+    cfg = load_config(None, over)
+    prepared = plan.ensure_prepared(cfg, use_ray=False)
+    assert str(prepared.train_dir) == f"s3://raysft/cache/{prepared.key}/train" and prepared.eval_dir is None
+    index = load_index(prepared.train_dir, opts(endpoint))
+    assert len(index.shards) > 1 and index.cache_key == prepared.key and index.rows == prepared.stats["packed_rows"]
+    assert prepared.stats["rows_used"] == 120
+    assert not Path("s3:").exists()  # nothing went to a local folder named after the scheme
+    # Reused (same key, nothing rewritten), and equal to the same input prepared locally.
+    info = fs.get_file_info(f"raysft/cache/{prepared.key}/stats.json")
+    assert plan.ensure_prepared(cfg, use_ray=False).key == prepared.key
+    assert fs.get_file_info(f"raysft/cache/{prepared.key}/stats.json").mtime == info.mtime
+    local = plan.ensure_prepared(cfg.with_overrides({"data.train": str(tmp_path / "same.jsonl"),
+                                                     "data.cache_dir": str(tmp_path / "cache")}), use_ray=False)
+    import pyarrow.parquet as pq
+
+    remote_rows = pq.read_table(f"raysft/cache/{prepared.key}/train", filesystem=fs).to_pylist()
+    assert remote_rows == pq.read_table(local.train_dir).to_pylist()
+
+
+def _kill_a_worker_after_checkpoint(fs, run_path: str, killed: dict, gcs_address: str) -> None:
+    """SIGKILL a Ray Train worker once the controller registered the step-2 checkpoint in the bucket."""
+    import signal
+
+    from ray.util.state import list_actors
+
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        try:
+            with fs.open_input_stream(f"{run_path}/checkpoint_manager_snapshot.json") as f:
+                name = json.loads(f.read())["latest_checkpoint_result"]["checkpoint_dir_name"]
+            if int(name.split("_")[1]) >= 2:
+                break
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            pass
+        time.sleep(0.1)
+    actors = list_actors(address=gcs_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    if actors:
+        pid = max(a.pid for a in actors)
+        os.kill(pid, signal.SIGKILL)
+        killed["pid"] = pid
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_train_with_prepared_rows_and_run_storage_on_s3(s3, ray_session, tiny_model_dir, tmp_path, monkeypatch):
+    """The prepared shards and run.storage_path on s3://: workers stream from the bucket; a worker killed after
+    the first checkpoint resumes from the bucket (exactly-once ledger); checkpoints, metrics, the ledger and the
+    adapter land in the bucket; nothing is written under a local `s3:` folder; `raysft export` reads the run."""
+    from safetensors.torch import load as load_safetensors
+
+    from raysft.pipeline.config import load_config
+    from raysft.pipeline.trainer import build_trainer, finish_run, preflight
+    from train_fixtures import Prepared
+
+    endpoint, fs = s3
+    monkeypatch.chdir(tmp_path)
+    import random
+
+    rng = random.Random(0)
+    train = pack_rows([make_sample(rng, i) for i in range(24)], 3)
+    evals = pack_rows([make_sample(rng, 10_000 + i) for i in range(6)], 3)
+    from raysft.pipeline.data.shards import ShardWriter
+    import pyarrow as pa
+    from train_fixtures import ROW_SCHEMA
+
+    for split, data in (("train", train), ("eval", evals)):
+        w = ShardWriter(f"s3://raysft/prep/{split}", options=opts(endpoint), max_rows=2)
+        w.write(pa.Table.from_pylist(data, schema=ROW_SCHEMA))
+        w.close()
+    over = {"model.name_or_path": str(tiny_model_dir), "model.quantization": "none", "model.dtype": "float32",
+            "lora.r": 4, "lora.alpha": 8, "lora.dropout": 0.0, "train.max_steps": 4, "train.save_every": 2,
+            "train.eval_every": 4, "train.grad_accum": 1, "scaling.num_workers": 2, "run.name": "s3run",
+            "run.storage_path": "s3://raysft/runs", "run.max_failures": 1, "storage.endpoint_url": endpoint}
+    cfg = preflight(load_config(None, over))
+    prepared = Prepared("s3://raysft/prep/train", "s3://raysft/prep/eval", {})
+    killed: dict = {}
+    killer = threading.Thread(target=_kill_a_worker_after_checkpoint, daemon=True,
+                              args=(fs, "raysft/runs/s3run", killed, ray_session.get_runtime_context().gcs_address))
+    killer.start()
+    result = finish_run(cfg, build_trainer(cfg, prepared).fit())
+    killer.join(timeout=5)
+    assert result.run_dir == "s3://raysft/runs/s3run" and "eval_loss" in result.metrics
+    # Recovery from a killed worker with checkpoints on s3://: the group restarted from the bucket's checkpoint.
+    assert "pid" in killed, "no worker was killed"
+    with fs.open_input_stream("raysft/runs/s3run/events.jsonl") as f:
+        starts = [e for e in map(json.loads, f.read().decode().splitlines()) if e["event"] == "start"]
+    assert [e["step"] for e in starts][0] == 0 and len(starts) == 2 and starts[1]["step"] >= 2, starts
+    with fs.open_input_stream("raysft/runs/s3run/samples.jsonl") as f:
+        entries = [json.loads(x) for x in f.read().decode().splitlines()]
+    from raysft.pipeline.training.ledger import check_exactly_once
+
+    assert [e["step"] for e in entries] == [1, 2, 3, 4]
+    check_exactly_once(entries)
+    listed = {i.path.removeprefix("raysft/runs/s3run/").split("/")[0]
+              for i in fs.get_file_info(pafs.FileSelector("raysft/runs/s3run", recursive=True))}
+    assert {"checkpoint_000002", "checkpoint_000004", "metrics.jsonl", "samples.jsonl", "events.jsonl", "adapter",
+            "config.yaml"} <= listed, listed
+    with fs.open_input_stream("raysft/runs/s3run/metrics.jsonl") as f:
+        assert [json.loads(x)["step"] for x in f.read().decode().splitlines()] == [1, 2, 3, 4]
+    with fs.open_input_stream("raysft/runs/s3run/adapter/adapter_model.safetensors") as f:
+        assert load_safetensors(f.read())
+    assert not Path("s3:").exists() and not (Path.home() / "s3:").exists()
+
+    # `raysft export s3://... --merge --output DIR`: the endpoint from the standard AWS_ENDPOINT_URL.
+    from transformers import AutoModelForCausalLM
+
+    from raysft.pipeline.cli import main
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    assert main(["export", "s3://raysft/runs/s3run", "--merge", "--output", str(tmp_path / "merged")]) == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").dtype == torch.bfloat16
+    assert main(["export", "s3://raysft/runs/s3run", "--output", "s3://raysft/handout/adapter"]) == 0
+    assert fs.get_file_info("raysft/handout/adapter/adapter_config.json").type == pafs.FileType.File
+    assert not Path("s3:").exists()
+
+
+def test_run_identity_on_s3_refuses_a_changed_rerun(s3):
+    endpoint, fs = s3
+    from raysft.pipeline.config import load_config
+    from raysft.pipeline.errors import CheckpointError
+    from raysft.pipeline.trainer import remote_identity
+
+    cfg = load_config(None, {"run.storage_path": "s3://raysft/ident", "run.name": "r", "storage.endpoint_url": endpoint})
+    assert remote_identity(cfg, "k", steps_per_epoch=4).mode == "new"
+    assert fs.get_file_info("raysft/ident/r/run.json").type == pafs.FileType.File
+    assert fs.get_file_info("raysft/ident/r/config.yaml").type == pafs.FileType.File
+    assert remote_identity(cfg, "k", steps_per_epoch=4).mode == "resume"
+    with pytest.raises(CheckpointError, match=r"^Run r in s3://raysft/ident/r was started with other settings"):
+        remote_identity(cfg.with_overrides({"train.lr": 1e-3}), "k", steps_per_epoch=4)
+    with pytest.raises(CheckpointError, match=r"run\.resume is 'never'"):
+        remote_identity(cfg.with_overrides({"run.resume": "never"}), "k", steps_per_epoch=4)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_tune_grid_shares_one_prepared_artifact_on_s3(s3, ray_session, tiny_model_dir, tmp_path, monkeypatch):
+    """A 2-trial grid whose input and prepared cache are on s3://: prepared once (Ray Data's tokenizer actors
+    read the object), and both trials stream the same shards from the bucket."""
+    import csv
+    import random
+
+    from raysft.pipeline import tune
+    from raysft.pipeline.config import load_config
+
+    endpoint, fs = s3
+    monkeypatch.chdir(tmp_path)
+    rng = random.Random(0)
+    lines = []
+    for _ in range(60):
+        a, b = rng.randint(0, 50), rng.randint(0, 50)
+        lines.append(json.dumps({"messages": [{"role": "user", "content": f"what is {a} plus {b}?"},
+                                              {"role": "assistant", "content": f"{a} plus {b} equals {a + b}"}]}))
+    with fs.open_output_stream("raysft/tune-in/train.jsonl") as f:
+        f.write(("\n".join(lines) + "\n").encode())
+    cfg = load_config(None, {
+        "model.name_or_path": str(tiny_model_dir), "model.quantization": "none", "model.dtype": "float32",
+        "model.gradient_checkpointing": False, "lora.dropout": 0.0, "data.train": "s3://raysft/tune-in/train.jsonl",
+        "data.eval_split": 0.2, "data.max_seq_len": 128, "data.cache_dir": "s3://raysft/tune-cache",
+        "data.num_tokenizer_actors": 1, "data.shard_mb": 0.002, "train.max_steps": 2, "train.eval_every": 2,
+        "train.save_every": 2, "train.logging.tensorboard": False, "scaling.num_workers": 1,
+        "run.storage_path": str(tmp_path / "runs"), "run.max_failures": 0, "run.name": "grid",
+        "storage.endpoint_url": endpoint,
+        "tune": {"search_space": {"lora.r": [4, 8]}, "search_alg": "grid", "scheduler": "none"}})
+    sweep = tune(cfg)
+    with open(Path(sweep.sweep_dir) / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(int(r["lora.r"]) for r in rows) == [4, 8]
+    keys = {i.path.split("/")[2] for i in fs.get_file_info(pafs.FileSelector("raysft/tune-cache", recursive=True))}
+    assert len(keys) == 1  # one prepared artifact for both trials
+    key = keys.pop()
+    assert len(load_index(f"s3://raysft/tune-cache/{key}/train", opts(endpoint)).shards) > 1
+    ledgers = []
+    for row in rows:
+        run_dir = Path(sweep.sweep_dir) / "trials" / row["trial_id"]
+        ledgers.append((run_dir / "samples.jsonl").read_text())
+        reads = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+        assert any(e.get("event") == "reader" and e["reads"] for e in reads)
+    assert ledgers[0] == ledgers[1]  # same artifact, same seed: the same rows per step
+    assert not Path("s3:").exists()
