@@ -433,12 +433,6 @@ def with_generation(history: list[dict[str, Any]], run_dir: Path) -> list[dict[s
     return [rows[s] for s in sorted(rows)]
 
 
-def _append_json(path: Path, record: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(record, default=str) + "\n")
-
-
 def _read_json(path: Path) -> Optional[dict[str, Any]]:
     return json.loads(path.read_text()) if path.is_file() else None
 
