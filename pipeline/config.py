@@ -136,6 +136,26 @@ class LoggingConfig(_Section):
         None, description="MLflow tracking server URI (default: $MLFLOW_TRACKING_URI, else mlflow's ./mlruns).")
 
 
+class GenerateEvalConfig(_Section):
+    """Generation eval during training: greedy replies to held-out prompts, scored on each saved checkpoint."""
+
+    prompts: Optional[str] = Field(
+        None, description="Held-out prompts in any data format data.train takes (file, directory, glob, hf://); each "
+                          "row's last assistant turn is the reference, the turns before it the prompt. Unset: off.")
+    format: Optional[Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"]] = Field(
+        None, description="Row format of the prompts file; default data.format.")
+    every: int = Field(100, ge=1, description="Generate every this many steps (and at the end); a checkpoint is "
+                                              "saved at those steps and the eval runs on it, off the training workers.")
+    max_new_tokens: int = Field(64, ge=1, description="Most tokens generated per reply (greedy decoding).")
+    metric: str = Field("exact_match", description="exact_match (reply == reference, stripped), contains (the stripped "
+                        "reference occurs in the reply), or module:function / path/to/file.py:function of your own, "
+                        "called as fn(replies, references) -> float; logged as gen_<name>.")
+    batch_size: int = Field(8, ge=1, description="Prompts per generate call.")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs the eval task holds while it runs (beside the training workers).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs the eval task holds while it runs.")
+    timeout_s: Optional[float] = Field(None, gt=0, description="Give up on one checkpoint's eval after this long.")
+
+
 class TrainConfig(_Section):
     """The optimisation: steps, batch, schedule, checkpoints, DeepSpeed and logging."""
 
@@ -161,6 +181,7 @@ class TrainConfig(_Section):
     kernels: bool = Field(
         False, description="Opt-in Triton kernels (raysft.kernels); their PyTorch references without a GPU.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Where metrics go besides metrics.jsonl.")
+    eval_generate: GenerateEvalConfig = Field(default_factory=GenerateEvalConfig, description=GenerateEvalConfig.__doc__)
 
 
 class ScalingConfig(_Section):

@@ -172,6 +172,10 @@ class RunFollower:
             )
 
     def _metrics(self, m: dict[str, Any]) -> None:
+        gen = {k: v for k, v in m.items() if k.startswith("gen_") and isinstance(v, (int, float))}
+        if gen and "step" in m:  # a generation eval's line (training/generate_eval.py), written when it finishes
+            values = ", ".join(f"{k} {v:.4f}" for k, v in gen.items())
+            self.console.line(f"  generation eval of step {m['step']}: {values}")
         if "loss" not in m or "step" not in m:
             return
         step = int(m["step"])

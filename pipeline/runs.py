@@ -19,6 +19,7 @@ from typing import Any
 
 from raysft.pipeline.errors import ConfigError
 from raysft.pipeline.models.load import ADAPTER_DIR, RESOLVED_CONFIG
+from raysft.pipeline.training.generate_eval import GEN_PREFIX  # gen_* lines in metrics.jsonl
 from raysft.pipeline.training.metrics import METRICS_FILE, read_metrics
 
 EVENTS_FILE = "events.jsonl"  # training/loop.py's name for it (not imported: `raysft runs` should not load torch)
@@ -28,7 +29,6 @@ REPORT_DIR = "report"
 RUNNING_WITHIN_S = (
     300  # a run whose metrics.jsonl changed this recently counts as running
 )
-GEN_PREFIX = "gen_"  # generation-eval metrics in metrics.jsonl (e.g. gen_exact_match)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from raysft.pipeline.models.load import ADAPTER_DIR
 from raysft.pipeline.models.source import base_model_path
 from raysft.pipeline.models.tokenizer import load_tokenizer
 from raysft.pipeline.tracking import finish_tracking, start_tracking
+from raysft.pipeline.training import generate_eval
 from raysft.pipeline.training import identity as run_identity
 from raysft.pipeline.training.ledger import LEDGER_FILE
 
@@ -89,6 +90,7 @@ def preflight(cfg: Config) -> Config:
             raise ConfigError(f"train.deepspeed.config {ds} does not exist.")
         read_deepspeed_json(path)
         updates["train.deepspeed.config"] = str(path.resolve())
+    updates.update(generate_eval.preflight(cfg))  # prompts readable, metric loadable; their paths made absolute
     out = cfg.with_overrides(updates)
     object.__setattr__(out, "source", cfg.source)
     return out
@@ -240,6 +242,7 @@ def build_trainer(cfg: Config, prepared: Prepared, *, callbacks: list | None = N
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
                                      placement_strategy=s.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        validation_config=generate_eval.validation_config(cfg, run_dir),  # train.eval_generate, off the workers
         run_config=RunConfig(
             name=cfg.run.name,
             storage_path=storage_path,

@@ -74,29 +74,18 @@ def eval_loss(model, tokenizer, rows: list[dict], system_prompt: str | None = No
     return total / max(n, 1), n
 
 
-@torch.no_grad()
 def generate_replies(model, tokenizer, prompts: list[str], system_prompt: str | None = None, max_new_tokens: int = 12,
                      batch_size: int = 16, progress: bool = False) -> list[str]:
-    """Greedy replies to single-turn user prompts (left-padded batches)."""
+    """Greedy replies to single-turn user prompts (training/generate_eval.generate, in batches)."""
+    from raysft.pipeline.training.generate_eval import Prompt, generate
+
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     replies: list[str] = []
-    try:
-        for i in range(0, len(prompts), batch_size):
-            texts = [tokenizer.apply_chat_template(system + [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                     for p in prompts[i:i + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {k: v.to(model.device) for k, v in enc.items()}
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            replies += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            if progress:
-                print(f"  generated {len(replies)}/{len(prompts)} replies", flush=True)
-    finally:
-        tokenizer.padding_side = side
+    for i in range(0, len(prompts), batch_size):
+        batch = [Prompt(system + [{"role": "user", "content": p}], "") for p in prompts[i:i + batch_size]]
+        replies += generate(model, tokenizer, batch, max_new_tokens, batch_size)
+        if progress:
+            print(f"  generated {len(replies)}/{len(prompts)} replies", flush=True)
     return replies
 
 

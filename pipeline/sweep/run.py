@@ -376,7 +376,7 @@ def _collect(cfg: Config, plan: SweepPlan, sweep_dir: Path, grid) -> SweepResult
             reason = COMPLETED if done is not None else INTERRUPTED
         records.append(TrialRecord(
             trial_id=trial_id, params=trial_overrides(plan, result.config or configs.get(trial_id, {}), cfg),
-            history=_history(result),
+            history=with_generation(_history(result), run_dir),
             wall_time_s=float(result.metrics.get("time_total_s", math.nan)), stop_reason=reason,
             run_dir=str(run_dir), adapter=(done or {}).get("adapter"),
         ))
@@ -417,6 +417,20 @@ def _history(result) -> list[dict[str, Any]]:
         if isinstance(row.get("step"), (int, float)):
             by_step[int(row["step"])] = row
     return [by_step[s] for s in sorted(by_step)]
+
+
+def with_generation(history: list[dict[str, Any]], run_dir: Path) -> list[dict[str, Any]]:
+    """The trial's Tune results with its gen_* values joined in by step, from its metrics.jsonl (train.eval_generate
+    writes them there; Ray Train's validation results never reach Tune's per-step stream)."""
+    from raysft.pipeline.training.generate_eval import generation_history
+
+    gen = generation_history(run_dir)
+    if not gen:
+        return history
+    rows = {int(r["step"]): dict(r) for r in history}
+    for step, values in gen.items():
+        rows.setdefault(step, {"step": step}).update(values)
+    return [rows[s] for s in sorted(rows)]
 
 
 def _read_json(path: Path) -> Optional[dict[str, Any]]:

@@ -9,12 +9,16 @@ reports, a space the search algorithm cannot take) is one `ConfigError` sentence
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, get_args, get_origin
 
 from raysft.pipeline.config import Config, get_dotted
 from raysft.pipeline.errors import ConfigError
+from raysft.pipeline.training.generate_eval import GEN_PREFIX
+
+log = logging.getLogger("raysft.tune")
 
 # What the training loop reports (training/loop.py): every step, and at eval intervals and the end.
 STEP_METRICS = ("step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "trained_tokens")
@@ -106,6 +110,26 @@ def trial_overrides(plan: SweepPlan, sampled: dict[str, Any], base: Config) -> d
     return out
 
 
+def _check_generation_metric(cfg: Config, where: str) -> None:
+    """A gen_* metric comes from train.eval_generate (training/generate_eval.py), read from each trial's
+    metrics.jsonl when the trials end: the trials can be ranked by it, but no scheduler or searcher sees it
+    during the sweep (Ray Train's validation results do not reach Tune's per-step results)."""
+    from raysft.pipeline.training.generate_eval import enabled, metric_key
+
+    t = cfg.tune
+    if not enabled(cfg):
+        raise ConfigError(f"tune.metric '{t.metric}'{where} is a generation metric; set train.eval_generate.prompts.")
+    key = metric_key(cfg)
+    if t.metric != key:
+        raise ConfigError(f"tune.metric '{t.metric}'{where} is not what train.eval_generate reports ({key}).")
+    if t.search_alg == "optuna":
+        raise ConfigError(f"tune.metric '{t.metric}'{where} reaches the sweep only when a trial ends, too late for "
+                          "search_alg optuna; use grid or random.")
+    if t.scheduler == "asha":
+        log.warning("tune.metric %s is read when each trial ends: ASHA never sees it and stops no trial; "
+                    "set tune.scheduler: none to say so", t.metric)
+
+
 def plan_sweep(cfg: Config) -> SweepPlan:
     """Check the `tune` section against the config schema and the training's metrics; one sentence on error."""
     t = cfg.tune
@@ -118,7 +142,9 @@ def plan_sweep(cfg: Config) -> SweepPlan:
     if t.alpha_rule is not None and "lora.alpha" in keys:
         raise ConfigError(f"tune.alpha_rule{where} derives lora.alpha, so lora.alpha cannot also be in tune.search_space.")
 
-    if t.metric not in REPORTED_METRICS:
+    if t.metric.startswith(GEN_PREFIX):
+        _check_generation_metric(cfg, where)
+    elif t.metric not in REPORTED_METRICS:
         raise ConfigError(
             f"tune.metric '{t.metric}'{where} is never reported by the training; use one of {', '.join(REPORTED_METRICS)}."
         )

@@ -21,9 +21,11 @@ class WorkerContext(Protocol):
     world_size: int
     device: torch.device
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, step: int = 0) -> None:
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, step: int = 0,
+               validation: bool = False) -> None:
         """Called by every rank the same number of times; with `checkpoint_dir`, this rank's part of the
-        checkpoint of `step` (the context persists it; the caller deletes the folder afterwards)."""
+        checkpoint of `step` (the context persists it; the caller deletes the folder afterwards); with
+        `validation`, the generation eval (training/generate_eval.py) runs on that checkpoint, off the workers."""
         ...
 
     def latest_checkpoint(self) -> ContextManager[Path | None]:

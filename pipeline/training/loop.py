@@ -28,6 +28,7 @@ import torch
 from raysft.pipeline import jsonl, storage
 from raysft.pipeline.config import Config
 from raysft.pipeline.training import checkpoint as ckpt_io
+from raysft.pipeline.training import generate_eval
 from raysft.pipeline.storage import StorageOptions
 from raysft.pipeline.training.ledger import LEDGER_FILE, Ledger
 from raysft.pipeline.training.run_files import RunFolder, SyncedContext
@@ -278,7 +279,8 @@ def run_worker(cfg: Config, ctx: WorkerContext, train_index: ShardIndex, eval_in
             print(f"[raysft] step {done}/{total} loss {metrics['loss']:.4f} lr {res.lr:.2e} "
                   f"{metrics['tokens_per_s']:.0f} tok/s{extra}", flush=True)
 
-        if done % t.save_every == 0 or last:
+        gen_eval = generate_eval.due(cfg, done, last)  # runs on this step's checkpoint, off the workers
+        if done % t.save_every == 0 or last or gen_eval:
             tmp = Path(tempfile.mkdtemp(prefix=f"raysft-ckpt-r{rank}-"))
             state = {"step": done, "epoch": epoch, "trained_tokens": trained_tokens,
                      "steps_per_epoch": plan.steps_per_epoch, "total_steps": total,
@@ -289,7 +291,7 @@ def run_worker(cfg: Config, ctx: WorkerContext, train_index: ShardIndex, eval_in
                 if rank == 0:
                     _append_event(run_dir, {"event": "reader", "step": done, "start": start,
                                             **reader.counters.to_dict()})
-                ctx.report(metrics, checkpoint_dir=tmp, step=done)
+                ctx.report(metrics, checkpoint_dir=tmp, step=done, validation=gen_eval)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         else:

@@ -35,7 +35,9 @@ class TorchrunContext:
         self.run_dir = run_dir
         self.keep = keep
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, step: int = 0) -> None:
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, step: int = 0,
+               validation: bool = False) -> None:
+        """`validation` is ignored: the generation eval is Ray Train's checkpoint validation (no Ray here)."""
         import torch.distributed as dist
 
         if checkpoint_dir is None:
