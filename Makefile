@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast venv clean
+.PHONY: demo test test-fast lint venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,12 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/raysft demo
 
-test: $(STAMP)
+# ruff (config in pyproject.toml) runs before the tests: lint and formatting are not review topics.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
 	$(BIN)/pytest -m "not gpu" -rs --durations=30 tests
 
 test-fast: $(STAMP)

@@ -25,22 +25,25 @@ def main() -> None:
     out = Path(args.output).resolve()
 
     train_file, eval_file = write_task(out / "data", n_train=600, n_eval=32)
-    cfg = load_config(Path(__file__).with_name("demo.yaml"), overrides={
-        "model.name_or_path": str(fetch_model("smollm2-135m-instruct")),
-        "data.train": str(train_file),
-        "data.eval": str(eval_file),
-        "train.max_steps": args.steps,
-        "train.eval_every": max(1, args.steps // 4),
-        "train.save_every": args.steps,
-        "scaling.num_workers": 1,                     # one worker per trial: trials run side by side
-        "run.storage_path": str(out),
-        "run.name": "sweep",
-        "tune.search_space": {"lora.r": {"choice": [8, 16]}, "train.lr": {"loguniform": [1.0e-4, 2.0e-3]}},
-        "tune.num_samples": args.trials,
-        "tune.scheduler": "asha",
-        "tune.metric": "eval_loss",
-        "tune.mode": "min",
-    })
+    cfg = load_config(
+        Path(__file__).with_name("demo.yaml"),
+        overrides={
+            "model.name_or_path": str(fetch_model("smollm2-135m-instruct")),
+            "data.train": str(train_file),
+            "data.eval": str(eval_file),
+            "train.max_steps": args.steps,
+            "train.eval_every": max(1, args.steps // 4),
+            "train.save_every": args.steps,
+            "scaling.num_workers": 1,  # one worker per trial: trials run side by side
+            "run.storage_path": str(out),
+            "run.name": "sweep",
+            "tune.search_space": {"lora.r": {"choice": [8, 16]}, "train.lr": {"loguniform": [1.0e-4, 2.0e-3]}},
+            "tune.num_samples": args.trials,
+            "tune.scheduler": "asha",
+            "tune.metric": "eval_loss",
+            "tune.mode": "min",
+        },
+    )
     sweep = tune(cfg)
     for row in sweep.table:
         print(row)

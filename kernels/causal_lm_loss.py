@@ -80,16 +80,22 @@ def lm_head_parts(model: nn.Module) -> LMHead:
                         f"lm_head carries a DoRA or bias LoRA adapter {name!r} that train.kernels cannot train; "
                         "set train.kernels: false or leave lm_head out of lora.target_modules"
                     )
-                adapters.append((head.lora_dropout[name], head.lora_A[name], head.lora_B[name], float(head.scaling[name])))
+                adapters.append(
+                    (head.lora_dropout[name], head.lora_A[name], head.lora_B[name], float(head.scaling[name]))
+                )
         head = head.get_base_layer()
     weight = getattr(head, "weight", None)
     if not isinstance(head, nn.Linear) or weight is None or not weight.is_floating_point():
         # bitsandbytes layers subclass nn.Linear but hold packed integer weights
-        raise ModelError(f"lm_head is a {type(head).__name__} without a dense float weight (quantized?); set train.kernels: false")
+        raise ModelError(
+            f"lm_head is a {type(head).__name__} without a dense float weight (quantized?); set train.kernels: false"
+        )
     if head.bias is not None:
         raise ModelError("lm_head has a bias, which the fused cross-entropy does not support; set train.kernels: false")
     if getattr(_base_causal_lm(model).config, "final_logit_softcapping", None):
-        raise ModelError("the model soft-caps its logits, which the fused cross-entropy does not support; set train.kernels: false")
+        raise ModelError(
+            "the model soft-caps its logits, which the fused cross-entropy does not support; set train.kernels: false"
+        )
     return LMHead(weight, adapters)
 
 
@@ -118,8 +124,14 @@ def causal_lm_loss_sum(
 
     handle = body.register_forward_hook(grab)
     try:
-        model(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False, logits_to_keep=1,
-              **attn_kwargs)
+        model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=None,
+            use_cache=False,
+            logits_to_keep=1,
+            **attn_kwargs,
+        )
     finally:
         handle.remove()
     hidden = captured[-1]  # [B, T, H]
@@ -129,5 +141,11 @@ def causal_lm_loss_sum(
     lora_hidden, lora_weight = head.lora_inputs(h)
     with _gathered([head.weight, *(b.weight for _, _, b, _ in head.adapters)]):
         return fused_linear_cross_entropy(
-            h, head.weight, y, ignore_index=IGNORE_INDEX, reduction="sum", lora_hidden=lora_hidden, lora_weight=lora_weight
+            h,
+            head.weight,
+            y,
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+            lora_hidden=lora_hidden,
+            lora_weight=lora_weight,
         )

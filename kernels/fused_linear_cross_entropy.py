@@ -148,8 +148,15 @@ def fused_linear_cross_entropy_forward(
         y = labels[start:end]
         if triton_path:
             _cross_entropy_grad_kernel.on(hidden.device)[(end - start,)](
-                logits, logits.stride(0), y, loss_rows[start:end], vocab, ignore_index, grad_scale,
-                BLOCK=block, num_warps=num_warps(block),
+                logits,
+                logits.stride(0),
+                y,
+                loss_rows[start:end],
+                vocab,
+                ignore_index,
+                grad_scale,
+                BLOCK=block,
+                num_warps=num_warps(block),
             )
         else:
             _cross_entropy_grad_torch(logits, y, loss_rows[start:end], ignore_index, grad_scale)
@@ -182,7 +189,9 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         if ctx.grads is None:
-            raise RuntimeError("fused_linear_cross_entropy supports one backward per forward (retain_graph is not supported)")
+            raise RuntimeError(
+                "fused_linear_cross_entropy supports one backward per forward (retain_graph is not supported)"
+            )
         grads, ctx.grads = ctx.grads, None
         if not torch.equal(grad_loss, torch.ones_like(grad_loss)):  # scale in place: no extra copies
             grads = [g.mul_(grad_loss.to(g.dtype)) if g is not None else None for g in grads]
@@ -213,7 +222,9 @@ def fused_linear_cross_entropy(
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"expected hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+        raise ValueError(
+            f"expected hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
     if labels.shape != hidden.shape[:1]:
         raise ValueError(f"labels must be [N] = [{hidden.shape[0]}], got {tuple(labels.shape)}")
     if (lora_hidden is None) != (lora_weight is None):

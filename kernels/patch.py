@@ -13,8 +13,9 @@ from __future__ import annotations
 import sys
 import types
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
@@ -25,7 +26,7 @@ from .rope import apply_rotary
 from .swiglu import swiglu
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-_PATCHES: "weakref.WeakKeyDictionary[nn.Module, KernelPatch]" = weakref.WeakKeyDictionary()
+_PATCHES: weakref.WeakKeyDictionary[nn.Module, KernelPatch] = weakref.WeakKeyDictionary()
 _MISSING = object()
 
 
@@ -52,7 +53,7 @@ class KernelPatch:
         if _PATCHES.get(self.model) is self:
             del _PATCHES[self.model]
 
-    def __enter__(self) -> "KernelPatch":
+    def __enter__(self) -> KernelPatch:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -76,8 +77,13 @@ def _make_attention_forward(fallback: Callable[..., Any]) -> Callable[..., Any]:
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         if cache is not None or kwargs.get("past_key_values") is not None:
-            return fallback(hidden_states, position_embeddings=position_embeddings,
-                            attention_mask=attention_mask, cache=cache, **kwargs)
+            return fallback(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=attention_mask,
+                cache=cache,
+                **kwargs,
+            )
         kwargs.pop("past_key_values", None)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
@@ -91,11 +97,19 @@ def _make_attention_forward(fallback: Callable[..., Any]) -> Callable[..., Any]:
         q, k = apply_rotary(q, k, cos, sin)
         eager = sys.modules[type(self).__module__].eager_attention_forward
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
-        sliding = self.sliding_window if hasattr(self, "sliding_window") else getattr(self.config, "sliding_window", None)
+        sliding = (
+            self.sliding_window if hasattr(self, "sliding_window") else getattr(self.config, "sliding_window", None)
+        )
         out, weights = attention(
-            self, q, k, v, attention_mask,
+            self,
+            q,
+            k,
+            v,
+            attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling, sliding_window=sliding, **kwargs,
+            scaling=self.scaling,
+            sliding_window=sliding,
+            **kwargs,
         )
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
@@ -133,7 +147,8 @@ def patch_model(model: nn.Module, *, rms_norm: bool = True, rope: bool = True, s
     model_type = _model_type(model)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelError(
-            f"train.kernels supports model types {', '.join(SUPPORTED_MODEL_TYPES)}, not {model_type or type(model).__name__!r}; "
+            f"train.kernels supports model types {', '.join(SUPPORTED_MODEL_TYPES)}, "
+            f"not {model_type or type(model).__name__!r}; "
             "set train.kernels: false"
         )
     if model in _PATCHES:

@@ -43,7 +43,18 @@ def _rms_norm_forward_kernel(Y, y_stride, X, x_stride, W, RSTD, n_cols, eps, BLO
 
 @kernel
 def _rms_norm_backward_kernel(
-    DY, dy_stride, X, x_stride, W, RSTD, DX, dx_stride, DW_PARTIAL, n_rows, n_cols, rows_per_program,
+    DY,
+    dy_stride,
+    X,
+    x_stride,
+    W,
+    RSTD,
+    DX,
+    dx_stride,
+    DW_PARTIAL,
+    n_rows,
+    n_cols,
+    rows_per_program,
     BLOCK: tl.constexpr,
 ):
     # Each program walks a contiguous band of rows and keeps its share of dw in registers (fp32).
@@ -90,8 +101,16 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows:
         _rms_norm_forward_kernel.on(x.device)[(n_rows,)](
-            y, y.stride(0), x2, x2.stride(0), weight.contiguous(), rstd, n_cols, eps,
-            BLOCK=next_power_of_2(n_cols), num_warps=num_warps(next_power_of_2(n_cols)),
+            y,
+            y.stride(0),
+            x2,
+            x2.stride(0),
+            weight.contiguous(),
+            rstd,
+            n_cols,
+            eps,
+            BLOCK=next_power_of_2(n_cols),
+            num_warps=num_warps(next_power_of_2(n_cols)),
         )
     return y.view(*x.shape[:-1], n_cols), rstd
 
@@ -108,8 +127,20 @@ def rms_norm_backward(
     if n_rows:
         rows_per_program = -(-n_rows // programs)
         _rms_norm_backward_kernel.on(x.device)[(programs,)](
-            dy2, dy2.stride(0), x2, x2.stride(0), weight.contiguous(), rstd, dx, dx.stride(0), dw_partial,
-            n_rows, n_cols, rows_per_program, BLOCK=next_power_of_2(n_cols), num_warps=num_warps(next_power_of_2(n_cols)),
+            dy2,
+            dy2.stride(0),
+            x2,
+            x2.stride(0),
+            weight.contiguous(),
+            rstd,
+            dx,
+            dx.stride(0),
+            dw_partial,
+            n_rows,
+            n_cols,
+            rows_per_program,
+            BLOCK=next_power_of_2(n_cols),
+            num_warps=num_warps(next_power_of_2(n_cols)),
         )
     return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)
 

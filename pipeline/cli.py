@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from raysft.pipeline.errors import ConfigError, RaysftError
 
@@ -129,9 +129,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from raysft.pipeline.jobs.submit import submit
 
-    return submit(args.config, args.overrides, address=args.address, wait=args.wait, job_command_name=args.job_command,
-                  env=args.env, working_dir=args.working_dir, includes=args.include, excludes=args.exclude,
-                  dry_run=args.dry_run)
+    return submit(
+        args.config,
+        args.overrides,
+        address=args.address,
+        wait=args.wait,
+        job_command_name=args.job_command,
+        env=args.env,
+        working_dir=args.working_dir,
+        includes=args.include,
+        excludes=args.exclude,
+        dry_run=args.dry_run,
+    )
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -166,24 +175,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("config", cmd_config, "print the resolved config (defaults + file + overrides), or explain every key")
     _add_config_args(p, optional=True)
-    p.add_argument("--explain", action="store_true",
-                   help="print every key (dotted path) with its type, default and description; with CONFIG, "
-                        "also the values it sets")
-    p.add_argument("--markdown", action="store_true",
-                   help="with --explain: the reference as the README's markdown tables")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="print every key (dotted path) with its type, default and description; with CONFIG, "
+        "also the values it sets",
+    )
+    p.add_argument(
+        "--markdown", action="store_true", help="with --explain: the reference as the README's markdown tables"
+    )
 
     p = add("prepare", cmd_prepare, "run only the data plan and write the processed dataset and stats.json")
     _add_config_args(p)
-    p.add_argument("--output", default=None, help="output folder (default: the prepared-data cache); new, empty or an "
-                   "earlier raysft output, replaced only when the run succeeds")
-    p.add_argument("--preview", type=int, default=0, metavar="N",
-                   help="print N prepared samples with trained tokens marked (colour on a terminal, [[brackets]] "
-                        "otherwise) and write preview.html next to stats.json")
+    p.add_argument(
+        "--output",
+        default=None,
+        help="output folder (default: the prepared-data cache); new, empty or an "
+        "earlier raysft output, replaced only when the run succeeds",
+    )
+    p.add_argument(
+        "--preview",
+        type=int,
+        default=0,
+        metavar="N",
+        help="print N prepared samples with trained tokens marked (colour on a terminal, [[brackets]] "
+        "otherwise) and write preview.html next to stats.json",
+    )
 
     p = add("train", cmd_train, "prepare (or reuse the cache) and run QLoRA SFT with Ray Train")
     _add_config_args(p)
-    p.add_argument("--verbose", action="store_true",
-                   help="also show Ray, Ray Train, Ray Data and DeepSpeed logs (always in RUN_DIR/raysft.log)")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show Ray, Ray Train, Ray Data and DeepSpeed logs (always in RUN_DIR/raysft.log)",
+    )
 
     p = add("tune", cmd_tune, "run a Ray Tune sweep over the config's tune.search_space")
     _add_config_args(p)
@@ -192,8 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("export", cmd_export, "export a finished run's adapter, optionally merged into the base model")
     p.add_argument("run_dir", help="the run directory written by `raysft train`")
     p.add_argument("--merge", action="store_true", help="merge the adapter into the base and save a bf16 model")
-    p.add_argument("--output", default=None, help="output folder (default: RUN_DIR/merged or RUN_DIR/adapter); new, "
-                   "empty or an earlier raysft export, replaced only when the export succeeds")
+    p.add_argument(
+        "--output",
+        default=None,
+        help="output folder (default: RUN_DIR/merged or RUN_DIR/adapter); new, "
+        "empty or an earlier raysft export, replaced only when the export succeeds",
+    )
 
     p = add("runs", cmd_runs, "list the runs in a storage path: status, steps, eval loss, tokens/s, adapter, sweep")
     p.add_argument("storage", nargs="?", default="runs", help="the run.storage_path to list (default: runs)")
@@ -212,29 +241,66 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("demo", cmd_demo, "the main job: QLoRA SFT of a real small instruct model on a local Ray cluster")
     p.add_argument("--output", default="runs/demo", help="where the run, report and plot go")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of the demo config")
-    p.add_argument("--verbose", action="store_true",
-                   help="also show Ray, Ray Train, Ray Data and DeepSpeed logs (always in the run folder's raysft.log)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of the demo config",
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show Ray, Ray Train, Ray Data and DeepSpeed logs (always in the run folder's raysft.log)",
+    )
 
     p = add("submit", cmd_submit, "submit `raysft train` (or `tune`) as a Ray Job to a running cluster")
     _add_config_args(p)
-    p.add_argument("--address", default=None, help="Ray dashboard address, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)")
+    p.add_argument(
+        "--address", default=None, help="Ray dashboard address, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)"
+    )
     p.add_argument("--wait", action="store_true", help="stream the job's logs and exit with its status")
-    p.add_argument("--command", dest="job_command", choices=["train", "tune"], default=None,
-                   help="what the job runs (default: tune when the config has a search space, else train)")
-    p.add_argument("--env", action="append", default=[], metavar="NAME",
-                   help="pass this environment variable from here to the job (repeatable; for secrets)")
-    p.add_argument("--include", action="append", default=[], metavar="PATH",
-                   help="also ship this file or folder (inside the job's folder; repeatable); the config, the files "
-                   "it references and raysft itself always ship")
-    p.add_argument("--working-dir", default=None,
-                   help="also ship this whole folder as the job's working directory, minus .gitignore'd files, "
-                   "credentials, caches, outputs and links that leave it (default: ship only what the job needs)")
-    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                   help="with --working-dir, also leave out files matching this gitignore-style pattern (repeatable)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the exact files and total size that would be uploaded, and submit nothing")
+    p.add_argument(
+        "--command",
+        dest="job_command",
+        choices=["train", "tune"],
+        default=None,
+        help="what the job runs (default: tune when the config has a search space, else train)",
+    )
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="pass this environment variable from here to the job (repeatable; for secrets)",
+    )
+    p.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="also ship this file or folder (inside the job's folder; repeatable); the config, the files "
+        "it references and raysft itself always ship",
+    )
+    p.add_argument(
+        "--working-dir",
+        default=None,
+        help="also ship this whole folder as the job's working directory, minus .gitignore'd files, "
+        "credentials, caches, outputs and links that leave it (default: ship only what the job needs)",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="with --working-dir, also leave out files matching this gitignore-style pattern (repeatable)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the exact files and total size that would be uploaded, and submit nothing",
+    )
 
     for name, fn, help in [
         ("status", cmd_status, "show a Ray Job's status"),

@@ -8,8 +8,8 @@ multi-node run whose storage path some worker node cannot see is refused before 
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import math
 import uuid
 from dataclasses import dataclass
@@ -66,8 +66,9 @@ class Capacity:
         return up if self.most is None else max(up, self.most.get(key, 0.0))
 
 
-def autoscaler_maximum(groups: list[NodeGroup], head: dict[str, float] | None = None,
-                       limits: dict[str, float] | None = None) -> dict[str, float]:
+def autoscaler_maximum(
+    groups: list[NodeGroup], head: dict[str, float] | None = None, limits: dict[str, float] | None = None
+) -> dict[str, float]:
     """The most of each resource a cluster of these node groups (plus its head) can hold, capped by `limits`.
 
     >>> autoscaler_maximum([NodeGroup({"CPU": 8, "GPU": 1}, 4)], head={"CPU": 4})
@@ -128,8 +129,9 @@ def _autoscaler_groups_max() -> dict[str, float] | None:
         return None
     if config is None or not config.node_group_configs:
         return None
-    groups = [NodeGroup({k: float(v) for k, v in g.resources.items()}, int(g.max_count))
-              for g in config.node_group_configs]
+    groups = [
+        NodeGroup({k: float(v) for k, v in g.resources.items()}, int(g.max_count)) for g in config.node_group_configs
+    ]
     return autoscaler_maximum(groups, limits={k: float(v) for k, v in config.max_resources.items()})
 
 
@@ -140,15 +142,28 @@ def check_fits(need: dict[str, float], capacity: Capacity, what: str, knobs: str
             continue
         limit = capacity.limit(key)
         if capacity.autoscaling and capacity.most is None and amount > limit + EPS:
-            log.warning("%s needs %g %ss; the cluster has %g now and an autoscaler whose maximum is unknown: "
-                        "the run waits until it has added the nodes (or forever, if it cannot)", what, amount, key, limit)
+            log.warning(
+                "%s needs %g %ss; the cluster has %g now and an autoscaler whose maximum is unknown: "
+                "the run waits until it has added the nodes (or forever, if it cannot)",
+                what,
+                amount,
+                key,
+                limit,
+            )
             continue
         if amount > limit + EPS:
             where = "can grow to" if capacity.most is not None else "has"
             raise ClusterError(f"{what} needs {amount:g} {key}s ({knobs}) but the Ray cluster {where} {limit:g}.")
         if amount > capacity.now.get(key, 0.0) + EPS:
-            log.warning("%s needs %g %ss; the cluster has %g now and its autoscaler may add up to %g: "
-                        "the run waits for the new nodes", what, amount, key, capacity.now.get(key, 0.0), limit)
+            log.warning(
+                "%s needs %g %ss; the cluster has %g now and its autoscaler may add up to %g: "
+                "the run waits for the new nodes",
+                what,
+                amount,
+                key,
+                capacity.now.get(key, 0.0),
+                limit,
+            )
 
 
 def check_workers_fit(scaling, capacity: Capacity | None = None) -> None:
@@ -177,13 +192,17 @@ def trials_that_fit(scaling, capacity: Capacity) -> int:
 
 # --- storage that every worker node can reach ---------------------------------------------------
 
+
 def _worker_nodes(scaling) -> list[dict]:
     """Alive nodes that can host at least one training worker (a GPU run skips CPU-only heads)."""
     import ray
 
     bundle = worker_bundle(scaling)
-    return [n for n in ray.nodes() if n.get("Alive")
-            and all(n.get("Resources", {}).get(k, 0.0) + EPS >= v for k, v in bundle.items())]
+    return [
+        n
+        for n in ray.nodes()
+        if n.get("Alive") and all(n.get("Resources", {}).get(k, 0.0) + EPS >= v for k, v in bundle.items())
+    ]
 
 
 def _sees(path: str, token: str) -> bool:
@@ -194,8 +213,9 @@ def _sees(path: str, token: str) -> bool:
         return False
 
 
-def check_shared_storage(storage_path: str | Path, scaling, timeout_s: float = 120.0,
-                         what: str = "run.storage_path") -> None:
+def check_shared_storage(
+    storage_path: str | Path, scaling, timeout_s: float = 120.0, what: str = "run.storage_path"
+) -> None:
     """Every node that can host a worker must see the driver's run.storage_path (a GPU node, not only the head).
 
     The driver writes a marker file there; a zero-CPU task pinned to every node that can host a
@@ -212,8 +232,12 @@ def check_shared_storage(storage_path: str | Path, scaling, timeout_s: float = 1
     marker.write_text(token)
     try:
         probe = ray.remote(num_cpus=0, max_retries=0)(_sees)
-        refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                .remote(str(marker), token) for n in nodes]
+        refs = [
+            probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+                str(marker), token
+            )
+            for n in nodes
+        ]
         seen = ray.get(refs, timeout=timeout_s)
     finally:
         marker.unlink(missing_ok=True)

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Optional, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -30,22 +30,30 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """The base model and how it is loaded."""
 
-    name_or_path: str = Field("HuggingFaceTB/SmolLM2-135M-Instruct",
-                              description="Base model: a hub id, a local Hugging Face folder, or a .gguf file.")
-    tokenizer: Optional[str] = Field(None, description="Tokenizer source when it differs from name_or_path.")
-    gguf_file: Optional[str] = Field(None, description="The .gguf file inside name_or_path when that is a folder.")
+    name_or_path: str = Field(
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        description="Base model: a hub id, a local Hugging Face folder, or a .gguf file.",
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer source when it differs from name_or_path.")
+    gguf_file: str | None = Field(None, description="The .gguf file inside name_or_path when that is a folder.")
     quantization: Literal["nf4", "none"] = Field(
-        "nf4", description="nf4: a bitsandbytes 4-bit base (QLoRA); none: the base in model.dtype (LoRA).")
+        "nf4", description="nf4: a bitsandbytes 4-bit base (QLoRA); none: the base in model.dtype (LoRA)."
+    )
     compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="dtype the 4-bit layers compute in (float16 is refused with DeepSpeed).")
+        "bfloat16", description="dtype the 4-bit layers compute in (float16 is refused with DeepSpeed)."
+    )
     double_quant: bool = Field(True, description="bitsandbytes nested quantization of the NF4 absmax constants.")
-    quant_storage: Optional[Literal["uint8", "bfloat16", "float16", "float32"]] = Field(
-        None, description="Storage dtype of the packed 4-bit weights: uint8, or model.dtype (null: model.dtype), "
-        "which lets ZeRO-3 shard them; DeepSpeed recasts any other float dtype and corrupts them.")
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] | None = Field(
+        None,
+        description="Storage dtype of the packed 4-bit weights: uint8, or model.dtype (null: model.dtype), "
+        "which lets ZeRO-3 shard them; DeepSpeed recasts any other float dtype and corrupts them.",
+    )
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="dtype of the weights that are not quantized (and of DeepSpeed: bf16 or fp32).")
+        "bfloat16", description="dtype of the weights that are not quantized (and of DeepSpeed: bf16 or fp32)."
+    )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="Attention implementation passed to transformers.")
+        "sdpa", description="Attention implementation passed to transformers."
+    )
     gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass to save memory.")
     trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint.")
 
@@ -56,8 +64,9 @@ class LoraConfig(_Section):
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA scale numerator: alpha / r (alpha / sqrt(r) with rsLoRA).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: Union[str, list[str]] = Field(
-        "all-linear", description="Modules that get an adapter: all-linear, or a list of module names.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Modules that get an adapter: all-linear, or a list of module names."
+    )
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases are trained (PEFT's option).")
@@ -67,51 +76,76 @@ class DataSource(_Section):
     """One training source of a weighted mix (`data.train` as a list)."""
 
     path: str = Field(..., description="A file, directory, glob or hf://dataset[/split], as for a single data.train.")
-    format: Optional[Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]] = Field(
-        None, description="The row format of this source; default data.format.")
-    weight: float = Field(1.0, gt=0, lt=32, description="Sampling ratio: each row appears floor(weight) times per epoch, plus "
-                                                 "once more with probability weight - floor(weight) (a seeded hash of the row).")
-    columns: dict[str, str] = Field(default_factory=dict, description="This source's field names, keyed by the standard "
-                                    "ones (messages, conversations, role, content, from, value, prompt, completion, "
-                                    "instruction, input, output, text, tools).")
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] | None = Field(
+        None, description="The row format of this source; default data.format."
+    )
+    weight: float = Field(
+        1.0,
+        gt=0,
+        lt=32,
+        description="Sampling ratio: each row appears floor(weight) times per epoch, plus "
+        "once more with probability weight - floor(weight) (a seeded hash of the row).",
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="This source's field names, keyed by the standard "
+        "ones (messages, conversations, role, content, from, value, prompt, completion, "
+        "instruction, input, output, text, tools).",
+    )
 
 
 class DataConfig(_Section):
     """The data plan: sources, format, masks, packing, bad rows and the prepared-data cache."""
 
-    train: Union[None, str, list[DataSource]] = Field(
-        None, description="Training data: a file, a directory, a glob, or hf://NAME[/SPLIT]; or a list of weighted "
-                          "sources (path, format, weight, columns).")
-    eval: Optional[str] = Field(None, description="Eval data, in the same forms as data.train.")
+    train: None | str | list[DataSource] = Field(
+        None,
+        description="Training data: a file, a directory, a glob, or hf://NAME[/SPLIT]; or a list of weighted "
+        "sources (path, format, weight, columns).",
+    )
+    eval: str | None = Field(None, description="Eval data, in the same forms as data.train.")
     eval_split: float = Field(
-        0.0, ge=0, lt=1, description="Fraction of the train rows held out for eval when data.eval is not set.")
+        0.0, ge=0, lt=1, description="Fraction of the train rows held out for eval when data.eval is not set."
+    )
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
-        "auto", description="Row format; auto detects it per row.")
+        "auto", description="Row format; auto detects it per row."
+    )
     max_seq_len: int = Field(1024, ge=8, description="Tokens per packed row (and the longest sample kept whole).")
     packing: Literal["bfd", "none"] = Field(
-        "bfd", description="bfd: best-fit-decreasing packing of samples into rows; none: one sample per row.")
+        "bfd", description="bfd: best-fit-decreasing packing of samples into rows; none: one sample per row."
+    )
     train_on: Literal["responses", "all"] = Field(
-        "responses", description="responses: loss on assistant turns only; all: on every token.")
+        "responses", description="responses: loss on assistant turns only; all: on every token."
+    )
     too_long: Literal["truncate", "drop"] = Field(
-        "truncate", description="What happens to samples longer than data.max_seq_len (counted in stats.json).")
-    system_prompt: Optional[str] = Field(None, description="Prepended as a system turn to rows that have none.")
+        "truncate", description="What happens to samples longer than data.max_seq_len (counted in stats.json)."
+    )
+    system_prompt: str | None = Field(None, description="Prepended as a system turn to rows that have none.")
     on_bad_row: Literal["skip", "error"] = Field(
-        "skip", description="skip: count a malformed row in stats.json and go on; error: stop at the first.")
+        "skip", description="skip: count a malformed row in stats.json and go on; error: stop at the first."
+    )
     max_bad_fraction: float = Field(0.1, ge=0, le=1, description="Stop when more than this share of rows is bad.")
     pack_window: int = Field(4096, ge=1, description="Samples per packing window (bounds the packer's memory).")
     tokenize_batch_size: int = Field(1024, ge=1, description="Rows per chunk a tokenizer actor reads and tokenizes.")
     num_tokenizer_actors: int = Field(2, ge=1, description="Ray Data actors that tokenize in parallel.")
-    cache_dir: Optional[str] = Field(
-        None, description="Prepared-data cache, a folder or an s3:// / gs:// URI (default: ~/.cache/raysft/prepared).")
+    cache_dir: str | None = Field(
+        None, description="Prepared-data cache, a folder or an s3:// / gs:// URI (default: ~/.cache/raysft/prepared)."
+    )
     shard_mb: float = Field(
-        64, gt=0, description="Prepared rows are written as Parquet shards of about this many MiB (in memory); "
-                              "a training worker holds a few shards at a time (train.shuffle_window).")
+        64,
+        gt=0,
+        description="Prepared rows are written as Parquet shards of about this many MiB (in memory); "
+        "a training worker holds a few shards at a time (train.shuffle_window).",
+    )
     seed: int = Field(0, description="Seed of the data.eval_split hash and of the weighted sources' fractional draw.")
-    train_on_reasoning: bool = Field(True, description="Train assistant reasoning (reasoning_content or a leading "
-                                     "<think> block); false masks it and still trains the answer.")
-    chat_template: Optional[str] = Field(None, description="A Jinja chat template file that replaces the tokenizer's own.")
-    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra variables passed to the chat "
-                                                 "template, e.g. {enable_thinking: false}.")
+    train_on_reasoning: bool = Field(
+        True,
+        description="Train assistant reasoning (reasoning_content or a leading "
+        "<think> block); false masks it and still trains the answer.",
+    )
+    chat_template: str | None = Field(None, description="A Jinja chat template file that replaces the tokenizer's own.")
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra variables passed to the chat template, e.g. {enable_thinking: false}."
+    )
 
 
 class DeepSpeedConfig(_Section):
@@ -120,9 +154,11 @@ class DeepSpeedConfig(_Section):
     stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage (3 also shards the parameters).")
     offload_optimizer: bool = Field(False, description="Keep the optimizer state in CPU memory.")
     offload_params: bool = Field(False, description="Keep the parameters in CPU memory (ZeRO-3 only).")
-    config: Optional[str] = Field(
-        None, description="A DeepSpeed JSON file used instead of the generated one (raysft still sets its batch, "
-                          "precision and optimizer keys).")
+    config: str | None = Field(
+        None,
+        description="A DeepSpeed JSON file used instead of the generated one (raysft still sets its batch, "
+        "precision and optimizer keys).",
+    )
 
 
 class LoggingConfig(_Section):
@@ -131,44 +167,58 @@ class LoggingConfig(_Section):
     tensorboard: bool = Field(True, description="Write TensorBoard event files into the run folder.")
     mlflow: bool = Field(False, description="Log to MLflow (when mlflow is installed).")
     wandb: bool = Field(False, description="Log to Weights & Biases (when wandb is installed).")
-    project: Optional[str] = Field(None, description="Experiment / project name for MLflow or W&B (default: raysft).")
-    mlflow_tracking_uri: Optional[str] = Field(
-        None, description="MLflow tracking server URI (default: $MLFLOW_TRACKING_URI, else mlflow's ./mlruns).")
+    project: str | None = Field(None, description="Experiment / project name for MLflow or W&B (default: raysft).")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking server URI (default: $MLFLOW_TRACKING_URI, else mlflow's ./mlruns)."
+    )
 
 
 class GenerateEvalConfig(_Section):
     """Generation eval during training: greedy replies to held-out prompts, scored on each saved checkpoint."""
 
-    prompts: Optional[str] = Field(
-        None, description="Held-out prompts in any data format data.train takes (file, directory, glob, hf://); each "
-                          "row's last assistant turn is the reference, the turns before it the prompt. Unset: off.")
-    format: Optional[Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"]] = Field(
-        None, description="Row format of the prompts file; default data.format.")
-    every: int = Field(100, ge=1, description="Generate every this many steps (and at the end); a checkpoint is "
-                                              "saved at those steps and the eval runs on it, off the training workers.")
+    prompts: str | None = Field(
+        None,
+        description="Held-out prompts in any data format data.train takes (file, directory, glob, hf://); each "
+        "row's last assistant turn is the reference, the turns before it the prompt. Unset: off.",
+    )
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] | None = Field(
+        None, description="Row format of the prompts file; default data.format."
+    )
+    every: int = Field(
+        100,
+        ge=1,
+        description="Generate every this many steps (and at the end); a checkpoint is "
+        "saved at those steps and the eval runs on it, off the training workers.",
+    )
     max_new_tokens: int = Field(64, ge=1, description="Most tokens generated per reply (greedy decoding).")
-    metric: str = Field("exact_match", description="exact_match (reply == reference, stripped), contains (the stripped "
-                        "reference occurs in the reply), or module:function / path/to/file.py:function of your own, "
-                        "called as fn(replies, references) -> float; logged as gen_<name>.")
+    metric: str = Field(
+        "exact_match",
+        description="exact_match (reply == reference, stripped), contains (the stripped "
+        "reference occurs in the reply), or module:function / path/to/file.py:function of your own, "
+        "called as fn(replies, references) -> float; logged as gen_<name>.",
+    )
     batch_size: int = Field(8, ge=1, description="Prompts per generate call.")
-    num_cpus: float = Field(1.0, gt=0, description="CPUs the eval task holds while it runs (beside the training workers).")
+    num_cpus: float = Field(
+        1.0, gt=0, description="CPUs the eval task holds while it runs (beside the training workers)."
+    )
     num_gpus: float = Field(0.0, ge=0, description="GPUs the eval task holds while it runs.")
-    timeout_s: Optional[float] = Field(None, gt=0, description="Give up on one checkpoint's eval after this long.")
+    timeout_s: float | None = Field(None, gt=0, description="Give up on one checkpoint's eval after this long.")
 
 
 class TrainConfig(_Section):
     """The optimisation: steps, batch, schedule, checkpoints, DeepSpeed and logging."""
 
-    max_steps: Optional[int] = Field(None, ge=1, description="Optimizer steps to run; overrides train.epochs when set.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run; overrides train.epochs when set.")
     epochs: int = Field(1, ge=1, description="Passes over the prepared rows (when train.max_steps is not set).")
     lr: float = Field(2.0e-4, gt=0, description="Peak learning rate (AdamW).")
     seed: int = Field(0, description="Seed of the LoRA init and the data order.")
     micro_batch_size: int = Field(1, ge=1, description="Packed rows per micro-batch per worker.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     scheduler: Literal["cosine", "linear", "constant"] = Field(
-        "cosine", description="Learning-rate schedule after warmup.")
+        "cosine", description="Learning-rate schedule after warmup."
+    )
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Warmup as a fraction of the total steps.")
-    warmup_steps: Optional[int] = Field(None, ge=0, description="Warmup in steps; overrides train.warmup_ratio.")
+    warmup_steps: int | None = Field(None, ge=0, description="Warmup in steps; overrides train.warmup_ratio.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient-norm clipping threshold; 0 disables clipping.")
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="DeepSpeed ZeRO settings.")
@@ -176,12 +226,18 @@ class TrainConfig(_Section):
     eval_every: int = Field(100, ge=1, description="Evaluate every this many steps (and at the end), given eval data.")
     keep_checkpoints: int = Field(2, ge=1, description="How many of the latest checkpoints to keep.")
     shuffle_window: int = Field(
-        2, ge=1, description="Shards whose rows are shuffled together each epoch (after the shards are permuted). "
-                             "Larger mixes rows better; a worker holds this many shards, twice while it prefetches.")
+        2,
+        ge=1,
+        description="Shards whose rows are shuffled together each epoch (after the shards are permuted). "
+        "Larger mixes rows better; a worker holds this many shards, twice while it prefetches.",
+    )
     kernels: bool = Field(
-        False, description="Opt-in Triton kernels (raysft.kernels); their PyTorch references without a GPU.")
+        False, description="Opt-in Triton kernels (raysft.kernels); their PyTorch references without a GPU."
+    )
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Where metrics go besides metrics.jsonl.")
-    eval_generate: GenerateEvalConfig = Field(default_factory=GenerateEvalConfig, description=GenerateEvalConfig.__doc__)
+    eval_generate: GenerateEvalConfig = Field(
+        default_factory=GenerateEvalConfig, description=GenerateEvalConfig.__doc__
+    )
 
 
 class ScalingConfig(_Section):
@@ -190,10 +246,12 @@ class ScalingConfig(_Section):
     num_workers: int = Field(2, ge=0, description="Training workers (processes, one per GPU with use_gpu).")
     use_gpu: bool = Field(False, description="Give each worker GPUs (NCCL); otherwise CPU workers over gloo.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker holds.")
-    gpus_per_worker: float = Field(1.0, ge=0, description="GPUs each worker holds when scaling.use_gpu is on; must be 1 "
-                                 "(one rank per GPU).")
+    gpus_per_worker: float = Field(
+        1.0, ge=0, description="GPUs each worker holds when scaling.use_gpu is on; must be 1 (one rank per GPU)."
+    )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK", description="How Ray places the workers on nodes (placement-group strategy).")
+        "PACK", description="How Ray places the workers on nodes (placement-group strategy)."
+    )
 
 
 class RunConfig(_Section):
@@ -201,19 +259,28 @@ class RunConfig(_Section):
 
     name: str = Field("raysft", description="Run name: the run folder is run.storage_path/run.name.")
     storage_path: str = Field(
-        "runs", description="Folder of run folders: a local path (on several nodes, one every node mounts) or an "
-                            "s3:// / gs:// URI.")
+        "runs",
+        description="Folder of run folders: a local path (on several nodes, one every node mounts) or an "
+        "s3:// / gs:// URI.",
+    )
     max_failures: int = Field(
-        2, ge=-1, description="Worker-group restarts from the last checkpoint before the run fails (-1: no limit).")
-    address: Optional[str] = Field(None, description=(
-        "Where Ray runs. Unset (or local): raysft starts its own local Ray instance and shuts it down at the end, "
-        "never joining another one (inside a Ray Job: the job's cluster). auto: join the cluster `ray start` made "
-        "on this machine, on purpose. HOST:PORT or ray://HOST:PORT: join that cluster. An address nobody answers "
-        "at is an error within 30 s."))
+        2, ge=-1, description="Worker-group restarts from the last checkpoint before the run fails (-1: no limit)."
+    )
+    address: str | None = Field(
+        None,
+        description=(
+            "Where Ray runs. Unset (or local): raysft starts its own local Ray instance and shuts it down at the end, "
+            "never joining another one (inside a Ray Job: the job's cluster). auto: join the cluster `ray start` made "
+            "on this machine, on purpose. HOST:PORT or ray://HOST:PORT: join that cluster. An address nobody answers "
+            "at is an error within 30 s."
+        ),
+    )
     resume: Literal["auto", "never", "must"] = Field(
-        "auto", description="Rerunning an existing run.name: auto resumes when its identity (run.json: data, base "
+        "auto",
+        description="Rerunning an existing run.name: auto resumes when its identity (run.json: data, base "
         "model, LoRA, optimizer and schedule, seed, global batch) matches and refuses otherwise; never refuses to "
-        "reuse the name; must refuses unless there is a complete checkpoint to resume from.")
+        "reuse the name; must refuses unless there is a complete checkpoint to resume from.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -226,32 +293,40 @@ class RunConfig(_Section):
 class StorageConfig(_Section):
     """How s3:// and gs:// URIs are reached (credentials always come from the standard environment)."""
 
-    endpoint_url: Optional[str] = Field(
-        None, description="Endpoint of an S3-compatible store (e.g. http://minio:9000); default: AWS_ENDPOINT_URL.")
-    region: Optional[str] = Field(None, description="S3 region; default: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1.")
+    endpoint_url: str | None = Field(
+        None, description="Endpoint of an S3-compatible store (e.g. http://minio:9000); default: AWS_ENDPOINT_URL."
+    )
+    region: str | None = Field(None, description="S3 region; default: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1.")
     require_credentials: bool = Field(
-        True, description="Refuse an s3:// URI when no AWS_* credentials or ~/.aws files are found; false for "
-                          "anonymous buckets and instance roles.")
+        True,
+        description="Refuse an s3:// URI when no AWS_* credentials or ~/.aws files are found; false for "
+        "anonymous buckets and instance roles.",
+    )
 
 
 class TuneConfig(_Section):
     """The Ray Tune sweep of `raysft tune`."""
 
     search_space: dict[str, Any] = Field(
-        default_factory=dict, description="Dotted config key -> a list (grid), {choice: [...]}, "
-                                          "{loguniform: [lo, hi]}, {uniform: [lo, hi]}, or a constant.")
+        default_factory=dict,
+        description="Dotted config key -> a list (grid), {choice: [...]}, "
+        "{loguniform: [lo, hi]}, {uniform: [lo, hi]}, or a constant.",
+    )
     num_samples: int = Field(1, ge=1, description="Samples of the sampled keys; a grid is repeated this many times.")
-    max_concurrent_trials: Optional[int] = Field(
-        None, ge=1, description="Most trials at once (default: as many as the cluster fits).")
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, description="Most trials at once (default: as many as the cluster fits)."
+    )
     scheduler: Literal["asha", "none"] = Field("asha", description="Trial scheduler: ASHA early stopping, or none.")
     grace_period: int = Field(1, ge=1, description="ASHA: reported steps before a trial can be stopped.")
     reduction_factor: float = Field(2, gt=1, description="ASHA: rungs at grace_period x reduction_factor^k.")
     search_alg: Literal["random", "grid", "optuna"] = Field(
-        "random", description="random or grid (Ray Tune's variant generator), or optuna (TPE).")
+        "random", description="random or grid (Ray Tune's variant generator), or optuna (TPE)."
+    )
     metric: str = Field("eval_loss", description="The reported metric trials are judged on.")
     mode: Literal["min", "max"] = Field("min", description="Whether tune.metric is minimised or maximised.")
-    alpha_rule: Optional[Literal["2r", "r"]] = Field(
-        None, description="Derive lora.alpha from the sampled lora.r (2r: alpha = 2 x r); unset: as configured.")
+    alpha_rule: Literal["2r", "r"] | None = Field(
+        None, description="Derive lora.alpha from the sampled lora.r (2r: alpha = 2 x r); unset: as configured."
+    )
 
 
 class Config(_Section):
@@ -265,17 +340,17 @@ class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig, description=RunConfig.__doc__)
     storage: StorageConfig = Field(default_factory=StorageConfig, description=StorageConfig.__doc__)
     tune: TuneConfig = Field(default_factory=TuneConfig, description=TuneConfig.__doc__)
-    source: Optional[str] = Field(None, exclude=True, description="The file the config was loaded from (for messages).")
+    source: str | None = Field(None, exclude=True, description="The file the config was loaded from (for messages).")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-safe dict (what travels to Ray workers and is saved next to checkpoints)."""
         return self.model_dump(mode="json")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str | None = None) -> "Config":
+    def from_dict(cls, data: dict[str, Any], source: str | None = None) -> Config:
         return _validate(data, source)
 
-    def with_overrides(self, overrides: list[str] | dict[str, Any]) -> "Config":
+    def with_overrides(self, overrides: list[str] | dict[str, Any]) -> Config:
         """A copy with `a.b=c` strings (YAML-parsed values) or a {dotted: value} dict applied."""
         data = self.to_dict()
         items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)

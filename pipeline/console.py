@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ray.train import UserCallback
+
 from raysft.pipeline.tracking import FAILURES_FILE
 from raysft.pipeline.training.loop import EVENTS_FILE
 from raysft.pipeline.training.metrics import METRICS_FILE
@@ -87,11 +88,7 @@ def format_eta(seconds: float | None) -> str:
         return "--:--"
     seconds = round(seconds)
     h, rest = divmod(seconds, 3600)
-    return (
-        f"{h}:{rest // 60:02d}:{rest % 60:02d}"
-        if h
-        else f"{rest // 60:02d}:{rest % 60:02d}"
-    )
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60:02d}:{rest % 60:02d}"
 
 
 class RunFollower:
@@ -101,9 +98,7 @@ class RunFollower:
         self.run_dir = Path(run_dir)
         self.console = console
         self._offsets: dict[str, int] = {}
-        self._seen_ckpts: set[str] = {
-            p.name for p in self.run_dir.glob("checkpoint_*")
-        }  # a resumed run's old ones
+        self._seen_ckpts: set[str] = {p.name for p in self.run_dir.glob("checkpoint_*")}  # a resumed run's old ones
         self.total: int | None = None
         self.last_step = 0
         self.last_eval: tuple[int, float] | None = None
@@ -120,25 +115,19 @@ class RunFollower:
         with path.open("rb") as f:
             f.seek(self._offsets.get(name, 0))
             data = f.read()
-        end = (
-            data.rfind(b"\n") + 1
-        )  # a line still being written waits for the next poll
+        end = data.rfind(b"\n") + 1  # a line still being written waits for the next poll
         self._offsets[name] = self._offsets.get(name, 0) + end
         return [json.loads(x) for x in data[:end].decode().splitlines() if x.strip()]
 
     def poll(self) -> None:
-        for e in self._new_lines(FAILURES_FILE) + self._new_lines(
-            EVENTS_FILE
-        ):  # a failure precedes its restart
+        for e in self._new_lines(FAILURES_FILE) + self._new_lines(EVENTS_FILE):  # a failure precedes its restart
             self._event(e)
         for m in self._new_lines(METRICS_FILE):
             self._metrics(m)
         for p in sorted(self.run_dir.glob("checkpoint_*")):
             if p.name not in self._seen_ckpts and _CKPT.search(p.name):
                 self._seen_ckpts.add(p.name)
-                self.console.line(
-                    f"  checkpoint saved: step {int(_CKPT.search(p.name).group(1))} -> {p}"
-                )
+                self.console.line(f"  checkpoint saved: step {int(_CKPT.search(p.name).group(1))} -> {p}")
 
     def _event(self, e: dict[str, Any]) -> None:
         kind = e.get("event")
@@ -180,9 +169,7 @@ class RunFollower:
             return
         step = int(m["step"])
         now = time.time()
-        if (
-            self._t0 is None
-        ):  # no start event seen (an older run folder): time from this step on
+        if self._t0 is None:  # no start event seen (an older run folder): time from this step on
             self._t0, self._step0 = now, step
         rate = (now - self._t0) / (step - self._step0) if step > self._step0 else None
         eta = rate * (self.total - step) if rate is not None and self.total else None
@@ -200,9 +187,7 @@ class WorkerFailures(UserCallback):
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
 
-    def after_exception(
-        self, run_context, worker_exceptions: dict[int, Exception]
-    ) -> None:
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
         parts = []
         for rank, exc in sorted(worker_exceptions.items()):
             ip = re.search(r"\bip:? ?(\d+\.\d+\.\d+\.\d+)", str(exc))
@@ -225,18 +210,14 @@ class WorkerFailures(UserCallback):
 
 
 @contextlib.contextmanager
-def follow_run(
-    run_dir: str | os.PathLike, console: Console, interval_s: float = 0.5
-) -> Iterator[RunFollower]:
+def follow_run(run_dir: str | os.PathLike, console: Console, interval_s: float = 0.5) -> Iterator[RunFollower]:
     """Follow `run_dir` from a background thread while the body runs (e.g. trainer.fit())."""
     follower = RunFollower(run_dir, console)
     stop = threading.Event()
 
     def loop() -> None:
         while not stop.wait(interval_s):
-            with contextlib.suppress(
-                Exception
-            ):  # a half-written file is read again next time
+            with contextlib.suppress(Exception):  # a half-written file is read again next time
                 follower.poll()
 
     thread = threading.Thread(target=loop, name="raysft-console", daemon=True)
@@ -252,9 +233,7 @@ def follow_run(
 
 
 @contextlib.contextmanager
-def console_session(
-    log_path: str | os.PathLike, verbose: bool = False
-) -> Iterator[Console]:
+def console_session(log_path: str | os.PathLike, verbose: bool = False) -> Iterator[Console]:
     """Send fd 1 and fd 2 to `log_path` (and, with `verbose`, on to the terminal); yield a Console on the terminal.
 
     A pump thread copies the pipe to the log; if a child process (one Ray started) still holds the
@@ -303,18 +282,12 @@ def console_session(
         os.close(saved_out)
         os.close(saved_err)
         term.close()
-        pumping.join(
-            timeout=2.0
-        )  # drains the rest unless a child process still holds the pipe open
+        pumping.join(timeout=2.0)  # drains the rest unless a child process still holds the pipe open
 
 
 def log_plan(console: Console, cfg) -> None:
     """The plan line: model, data, workers, steps."""
-    steps = (
-        cfg.train.max_steps
-        if cfg.train.max_steps is not None
-        else f"{cfg.train.epochs} epoch(s)"
-    )
+    steps = cfg.train.max_steps if cfg.train.max_steps is not None else f"{cfg.train.epochs} epoch(s)"
     console.line(
         f"raysft: {cfg.run.name}: model {cfg.model.name_or_path} ({cfg.model.quantization}), "
         f"data {cfg.data.train}, {cfg.scaling.num_workers} worker(s), {steps} steps"

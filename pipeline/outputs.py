@@ -15,8 +15,8 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from raysft.pipeline.errors import ConfigError
 
@@ -25,8 +25,9 @@ _RENAME_EXCHANGE = 2  # renameat2 flag (Linux): swap two paths atomically
 
 
 @contextlib.contextmanager
-def atomic_output(target: str | os.PathLike, kind: str, inputs: Iterable[str | os.PathLike],
-                  flag: str = "--output") -> Iterator[Path]:
+def atomic_output(
+    target: str | os.PathLike, kind: str, inputs: Iterable[str | os.PathLike], flag: str = "--output"
+) -> Iterator[Path]:
     """Yield a temporary sibling folder to write `kind`'s output into; on success it becomes `target`.
 
     Refuses (ConfigError, one sentence naming `flag`) before anything is written when `target` is not
@@ -64,8 +65,9 @@ def check_output(out: Path, kind: str, inputs: Iterable[str | os.PathLike], flag
         return
     written = _marker_kind(out)
     if written is None:
-        raise ConfigError(f"{flag} {out} is not empty and was not written by raysft (no {MARKER} file); "
-                          "choose a new or empty folder.")
+        raise ConfigError(
+            f"{flag} {out} is not empty and was not written by raysft (no {MARKER} file); choose a new or empty folder."
+        )
     if written != kind:
         raise ConfigError(f"{flag} {out} holds a raysft {written} output, not a {kind} output; choose another folder.")
 

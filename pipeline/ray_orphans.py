@@ -62,7 +62,7 @@ def marked_processes() -> dict[int, str]:
             continue
         for item in environ.split(b"\0"):
             if item.startswith(needle):
-                found[int(entry.name)] = item[len(needle):].decode(errors="replace")
+                found[int(entry.name)] = item[len(needle) :].decode(errors="replace")
                 break
     return found
 

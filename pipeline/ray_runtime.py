@@ -30,9 +30,9 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
 
 from raysft.pipeline import ray_orphans
 from raysft.pipeline.errors import ClusterError
@@ -62,8 +62,9 @@ TRAIN = Needs(dashboard=True, log_to_driver=True)  # train, tune and the demo
 
 
 @contextlib.contextmanager
-def session(address: Optional[str], needs: Needs, *, num_cpus: Optional[int] = None,
-            env: Optional[dict[str, str]] = None) -> Iterator[bool]:
+def session(
+    address: str | None, needs: Needs, *, num_cpus: int | None = None, env: dict[str, str] | None = None
+) -> Iterator[bool]:
     """Ray for the duration of the block (see `start`); shuts down what it started. Yields `start`'s answer."""
     started = start(address, needs, num_cpus=num_cpus, env=env)
     try:
@@ -73,8 +74,7 @@ def session(address: Optional[str], needs: Needs, *, num_cpus: Optional[int] = N
             stop()
 
 
-def start(address: Optional[str], needs: Needs, *, num_cpus: Optional[int] = None,
-          env: Optional[dict[str, str]] = None) -> bool:
+def start(address: str | None, needs: Needs, *, num_cpus: int | None = None, env: dict[str, str] | None = None) -> bool:
     """Start or join Ray as `address` (run.address) says, unless Ray is already up in this process.
 
     True when this call started or joined it (the caller then calls `stop()`); False when the caller's
@@ -95,8 +95,11 @@ def start(address: Optional[str], needs: Needs, *, num_cpus: Optional[int] = Non
     else:
         target, where = _join_target(address)
         kwargs = dict(address=target, runtime_env=_job_env(wanted))
-        scoped = {} if "RAY_gcs_server_port_wait_time_s" in os.environ else {
-            "RAY_gcs_server_port_wait_time_s": GCS_CONNECT_WINDOW_S}
+        scoped = (
+            {}
+            if "RAY_gcs_server_port_wait_time_s" in os.environ
+            else {"RAY_gcs_server_port_wait_time_s": GCS_CONNECT_WINDOW_S}
+        )
     try:
         with _environ(scoped):
             ray.init(log_to_driver=needs.log_to_driver, **kwargs)
@@ -113,7 +116,7 @@ def stop() -> None:
     ray.shutdown()
 
 
-def _local(needs: Needs, num_cpus: Optional[int], wanted: dict[str, str]) -> tuple[dict, dict[str, str]]:
+def _local(needs: Needs, num_cpus: int | None, wanted: dict[str, str]) -> tuple[dict, dict[str, str]]:
     """(ray.init arguments, variables set while it starts) for raysft's own instance. Its processes keep
     the variables; the driver's environment is restored. Kills what a SIGKILLed raysft run left first."""
     ray_orphans.kill_marked()
@@ -135,11 +138,11 @@ def _job_env(wanted: dict[str, str]) -> dict:
     if JOB_CONFIG_ENV in os.environ:
         with contextlib.suppress(ValueError, TypeError, AttributeError):
             job = json.loads(os.environ[JOB_CONFIG_ENV])
-            taken = set(((job.get("runtime_env") or {}).get("env_vars") or {}))
+            taken = set((job.get("runtime_env") or {}).get("env_vars") or {})
     return {"env_vars": {k: os.environ.get(k, v) for k, v in wanted.items() if k not in taken}}
 
 
-def _join_target(address: Optional[str]) -> tuple[Optional[str], str]:
+def _join_target(address: str | None) -> tuple[str | None, str]:
     """(what to pass to ray.init, how to name it in a message) for a cluster to join; probes it first."""
     if address in (None, "", "local"):  # inside a Ray Job: the supervisor set RAY_ADDRESS to its cluster
         return None, "the Ray Job's cluster"
@@ -162,8 +165,10 @@ def _auto_address() -> tuple[str, str]:
     except OSError:
         text = ""
     if not text:
-        raise ClusterError(f"run.address is auto, but no cluster started with `ray start` is recorded on this machine "
-                           f"({path} is missing); start one, or leave run.address unset for raysft's own.")
+        raise ClusterError(
+            f"run.address is auto, but no cluster started with `ray start` is recorded on this machine "
+            f"({path} is missing); start one, or leave run.address unset for raysft's own."
+        )
     return text, str(path)
 
 
@@ -185,8 +190,10 @@ def _probe(address: str, where: str) -> None:
     except ValueError:
         raise ClusterError(f"Could not reach {where}: it is not a HOST:PORT address.") from None
     except OSError as exc:
-        raise ClusterError(f"Could not reach {where}: nothing answers there ({exc.strerror or exc}); is the cluster "
-                           "running (a head stopped without `ray stop` leaves a stale address)?") from None
+        raise ClusterError(
+            f"Could not reach {where}: nothing answers there ({exc.strerror or exc}); is the cluster "
+            "running (a head stopped without `ray stop` leaves a stale address)?"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -203,7 +210,7 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-_watchdog: Optional[subprocess.Popen] = None
+_watchdog: subprocess.Popen | None = None
 
 
 def _ensure_watchdog() -> None:
@@ -214,7 +221,10 @@ def _ensure_watchdog() -> None:
     env = {k: v for k, v in os.environ.items() if k != ray_orphans.MARKER}
     _watchdog = subprocess.Popen(
         [sys.executable, "-I", ray_orphans.__file__, ray_orphans.owner_token()],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
         start_new_session=True,  # outside the terminal's process group: a Ctrl-C or a group kill leaves it running
     )
 

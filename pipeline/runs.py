@@ -26,9 +26,7 @@ EVENTS_FILE = "events.jsonl"  # training/loop.py's name for it (not imported: `r
 SWEEP_FILE = "sweep.yaml"
 TRIALS_DIR = "trials"
 REPORT_DIR = "report"
-RUNNING_WITHIN_S = (
-    300  # a run whose metrics.jsonl changed this recently counts as running
-)
+RUNNING_WITHIN_S = 300  # a run whose metrics.jsonl changed this recently counts as running
 
 
 @dataclass
@@ -49,11 +47,7 @@ class RunRow:
 
 def _events(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / EVENTS_FILE
-    return (
-        [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-        if path.is_file()
-        else []
-    )
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
 
 
 def run_row(run_dir: Path, name: str, sweep: str | None = None) -> RunRow:
@@ -61,9 +55,7 @@ def run_row(run_dir: Path, name: str, sweep: str | None = None) -> RunRow:
     metrics = read_metrics(run_dir)
     steps = [m for m in metrics if isinstance(m.get("step"), (int, float))]
     done = int(max((m["step"] for m in steps), default=0))
-    starts = [
-        e for e in _events(run_dir) if e.get("event") == "start" and "total_steps" in e
-    ]
+    starts = [e for e in _events(run_dir) if e.get("event") == "start" and "total_steps" in e]
     total = int(starts[-1]["total_steps"]) if starts else None
     evals = [float(m["eval_loss"]) for m in steps if _number(m.get("eval_loss"))]
     tok = [float(m["tokens_per_s"]) for m in steps if _number(m.get("tokens_per_s"))]
@@ -104,11 +96,7 @@ def list_runs(storage: str | os.PathLike = "runs") -> list[RunRow]:
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         if (d / SWEEP_FILE).is_file():
             trials = d / TRIALS_DIR
-            for t in (
-                sorted(p for p in trials.iterdir() if p.is_dir())
-                if trials.is_dir()
-                else []
-            ):
+            for t in sorted(p for p in trials.iterdir() if p.is_dir()) if trials.is_dir() else []:
                 rows.append(run_row(t, f"{d.name}/{t.name}", sweep=d.name))
         elif (d / RESOLVED_CONFIG).is_file() or (d / METRICS_FILE).is_file():
             rows.append(run_row(d, d.name))
@@ -141,10 +129,7 @@ def format_table(rows: list[RunRow]) -> str:
         for r in rows
     ]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
-        for line in [head, *body]
-    ]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [head, *body]]
     return "\n".join(lines)
 
 
@@ -167,9 +152,7 @@ def resolve_run(run: str | os.PathLike) -> Path:
     return path.resolve()
 
 
-def write_report(
-    run: str | os.PathLike, output: str | os.PathLike | None = None
-) -> list[Path]:
+def write_report(run: str | os.PathLike, output: str | os.PathLike | None = None) -> list[Path]:
     """PNGs from RUN/metrics.jsonl into RUN/report/ (or `output`): loss.png (train and eval loss), lr.png,
     tokens_per_s.png, grad_norm.png, and one per generation metric (gen_*.png) when the run has them."""
     from raysft.pipeline.demo.report import loss_series
@@ -192,31 +175,19 @@ def write_report(
         ("tokens_per_s", "trained tokens / s"),
         ("grad_norm", "gradient norm"),
     ]:
-        paths.append(
-            _plot({key: _series(metrics, key)}, out / f"{key}.png", label, run_dir.name)
-        )
-    gen_keys = sorted(
-        {k for m in metrics for k in m if k.startswith(GEN_PREFIX) and _number(m[k])}
-    )
+        paths.append(_plot({key: _series(metrics, key)}, out / f"{key}.png", label, run_dir.name))
+    gen_keys = sorted({k for m in metrics for k in m if k.startswith(GEN_PREFIX) and _number(m[k])})
     for key in gen_keys:
-        paths.append(
-            _plot({key: _series(metrics, key)}, out / f"{key}.png", key, run_dir.name)
-        )
+        paths.append(_plot({key: _series(metrics, key)}, out / f"{key}.png", key, run_dir.name))
     return paths
 
 
 def _series(metrics: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
-    by_step = {
-        int(m["step"]): float(m[key])
-        for m in metrics
-        if "step" in m and _number(m.get(key))
-    }
+    by_step = {int(m["step"]): float(m[key]) for m in metrics if "step" in m and _number(m.get(key))}
     return sorted(by_step.items())
 
 
-def _plot(
-    series: dict[str, list[tuple[int, float]]], path: Path, ylabel: str, title: str
-) -> Path:
+def _plot(series: dict[str, list[tuple[int, float]]], path: Path, ylabel: str, title: str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -18,15 +18,20 @@ import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Optional
+from typing import Any
 
 import pyarrow.fs as pafs
 
 from raysft.pipeline.errors import DataError
 
 REMOTE_SCHEMES = ("s3", "gs", "gcs")
-CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
-                   "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+CREDENTIAL_VARS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_PROFILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+)
 
 
 class StorageError(DataError):
@@ -37,20 +42,23 @@ class StorageError(DataError):
 class StorageOptions:
     """How object-store URIs are reached (the `storage` config section; all optional)."""
 
-    endpoint_url: Optional[str] = None
-    region: Optional[str] = None
+    endpoint_url: str | None = None
+    region: str | None = None
     require_credentials: bool = True
 
     @classmethod
-    def of(cls, cfg: Any) -> "StorageOptions":
+    def of(cls, cfg: Any) -> StorageOptions:
         """From a Config (its `storage` section, when it has one), a dict, or None."""
         section = getattr(cfg, "storage", cfg)
         if section is None:
             return cls()
         if isinstance(section, dict):
             return cls(**{k: section[k] for k in ("endpoint_url", "region", "require_credentials") if k in section})
-        return cls(getattr(section, "endpoint_url", None), getattr(section, "region", None),
-                   getattr(section, "require_credentials", True))
+        return cls(
+            getattr(section, "endpoint_url", None),
+            getattr(section, "region", None),
+            getattr(section, "require_credentials", True),
+        )
 
 
 def scheme(uri: str | os.PathLike) -> str:
@@ -78,11 +86,11 @@ def local_path(uri: str | os.PathLike) -> str:
     """An absolute local path for a local path or file:// URI."""
     text = str(uri)
     if text.startswith("file://"):
-        text = text[len("file://"):]
+        text = text[len("file://") :]
     return str(Path(os.path.expanduser(text)).resolve())
 
 
-def _endpoint(options: StorageOptions) -> tuple[Optional[str], Optional[str]]:
+def _endpoint(options: StorageOptions) -> tuple[str | None, str | None]:
     """(endpoint host[:port] or URL, scheme) from the config key or AWS_ENDPOINT_URL(_S3)."""
     url = options.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if not url:
@@ -97,8 +105,10 @@ def has_aws_credentials() -> bool:
     """Whether the standard AWS chain has a source raysft can see (variables or shared files)."""
     if any(os.environ.get(v) for v in CREDENTIAL_VARS):
         return True
-    files = [os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
-             os.environ.get("AWS_CONFIG_FILE", "~/.aws/config")]
+    files = [
+        os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
+        os.environ.get("AWS_CONFIG_FILE", "~/.aws/config"),
+    ]
     return any(Path(os.path.expanduser(f)).is_file() for f in files)
 
 
@@ -112,11 +122,16 @@ def filesystem(uri: str | os.PathLike, options: StorageOptions | None = None) ->
         if options.require_credentials and not has_aws_credentials():
             raise StorageError(
                 f"No credentials for {uri}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or "
-                f"storage.require_credentials=false for an anonymous bucket or an instance role.")
+                f"storage.require_credentials=false for an anonymous bucket or an instance role."
+            )
         endpoint, proto = _endpoint(options)
         region = options.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        kwargs: dict[str, Any] = dict(region=region, connect_timeout=5, request_timeout=60,
-                                      retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3))
+        kwargs: dict[str, Any] = dict(
+            region=region,
+            connect_timeout=5,
+            request_timeout=60,
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+        )
         if endpoint:
             kwargs.update(endpoint_override=endpoint, scheme=proto)
         return pafs.S3FileSystem(**kwargs)
@@ -142,7 +157,7 @@ def describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     for marker in ("AWS Error ", "Could not connect", "curlCode"):
         if marker in text:
-            text = text[text.index(marker):]
+            text = text[text.index(marker) :]
             break
     return text[:200]
 
@@ -151,11 +166,18 @@ def failure(uri: str, exc: BaseException, what: str = "read") -> StorageError:
     """One sentence for a storage call that failed."""
     text = describe(exc)
     if "NETWORK_CONNECTION" in text or "Could not connect" in text or "curlCode" in text:
-        return StorageError(f"Cannot reach the object store for {uri} ({text}); check storage.endpoint_url / "
-                            f"AWS_ENDPOINT_URL and the network.")
+        return StorageError(
+            f"Cannot reach the object store for {uri} ({text}); check storage.endpoint_url / "
+            f"AWS_ENDPOINT_URL and the network."
+        )
     if "NO_SUCH_BUCKET" in text or "NoSuchBucket" in text:
         return StorageError(f"The bucket of {uri} does not exist.")
-    if "ACCESS_DENIED" in text or "AccessDenied" in text or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text:
+    if (
+        "ACCESS_DENIED" in text
+        or "AccessDenied" in text
+        or "InvalidAccessKeyId" in text
+        or "SignatureDoesNotMatch" in text
+    ):
         return StorageError(f"Access to {uri} was denied ({text}); check the credentials.")
     if isinstance(exc, FileNotFoundError):
         return StorageError(f"{uri} does not exist.")
@@ -231,7 +253,7 @@ class Uri(str):
 
     size: int = -1
     mtime_ns: int = 0
-    options: Optional[StorageOptions] = None
+    options: StorageOptions | None = None
 
     @property
     def name(self) -> str:
@@ -241,7 +263,7 @@ class Uri(str):
     def suffix(self) -> str:
         return posixpath.splitext(self.name)[1]
 
-    def resolve(self) -> "Uri":
+    def resolve(self) -> Uri:
         return self
 
     def is_file(self) -> bool:
@@ -263,8 +285,11 @@ def remote_files(spec: str, suffixes: tuple[str, ...], options: StorageOptions |
         if info.type == pafs.FileType.File:
             infos = [info]
         elif info.type == pafs.FileType.Directory:
-            infos = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                     if i.type == pafs.FileType.File and posixpath.splitext(i.path)[1].lower() in suffixes]
+            infos = [
+                i
+                for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                if i.type == pafs.FileType.File and posixpath.splitext(i.path)[1].lower() in suffixes
+            ]
         else:
             raise StorageError(f"The data path {spec} does not exist.")
     except StorageError:
@@ -318,7 +343,7 @@ def upload(local: str | os.PathLike, uri: str, options: StorageOptions | None = 
         raise failure(uri, exc, "write") from None
 
 
-def ray_storage(uri: str, options: StorageOptions | None = None) -> tuple[str, Optional[pafs.FileSystem]]:
+def ray_storage(uri: str, options: StorageOptions | None = None) -> tuple[str, pafs.FileSystem | None]:
     """(storage_path, storage_filesystem) for Ray Train's RunConfig: the bucket path and its filesystem for a
     URI (the filesystem pickles without credentials: each process finds its own), (path, None) for a folder."""
     if not is_remote(uri):

@@ -79,16 +79,13 @@ def _warned(run_dir: Path, sink: str) -> bool:
     if not path.is_file():
         return False
     return any(
-        json.loads(x).get("event") == "tracking_lost"
-        and json.loads(x).get("sink") == sink
+        json.loads(x).get("event") == "tracking_lost" and json.loads(x).get("sink") == sink
         for x in path.read_text().splitlines()
         if x.strip()
     )
 
 
-def warn_once(
-    run_dir: Path, sink: str, exc: BaseException, step: int | None = None
-) -> None:
+def warn_once(run_dir: Path, sink: str, exc: BaseException, step: int | None = None) -> None:
     """The single warning a run gets when a tracking sink fails; recorded in failures.jsonl."""
     if _warned(run_dir, sink):
         return
@@ -149,9 +146,7 @@ def start_tracking(
     return handles
 
 
-def _create_mlflow_run(
-    cfg, parent: dict[str, Any] | None, kind: str = "train"
-) -> dict[str, Any]:
+def _create_mlflow_run(cfg, parent: dict[str, Any] | None, kind: str = "train") -> dict[str, Any]:
     from mlflow.entities import Param
 
     lg = cfg.train.logging
@@ -162,14 +157,10 @@ def _create_mlflow_run(
     else:
         name = lg.project or "raysft"
         exp = client.get_experiment_by_name(name)
-        experiment_id = (
-            exp.experiment_id if exp is not None else client.create_experiment(name)
-        )
+        experiment_id = exp.experiment_id if exp is not None else client.create_experiment(name)
     tags = {"raysft.kind": kind}
     if parent:
-        tags["mlflow.parentRunId"] = parent[
-            "run_id"
-        ]  # how MLflow nests a child run under its parent
+        tags["mlflow.parentRunId"] = parent["run_id"]  # how MLflow nests a child run under its parent
     run = client.create_run(experiment_id, run_name=cfg.run.name, tags=tags)
     params = flat_params(cfg.to_dict())
     items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
@@ -227,9 +218,7 @@ def _finish_wandb(h: dict[str, Any], adapter, plots: list[Path]) -> None:
     run.finish()
 
 
-def _wandb_init_args(
-    h: dict[str, Any], config: dict[str, Any] | None = None
-) -> dict[str, Any]:
+def _wandb_init_args(h: dict[str, Any], config: dict[str, Any] | None = None) -> dict[str, Any]:
     import wandb
 
     args = {
@@ -279,30 +268,18 @@ def finish_sweep_tracking(sweep_dir: str | os.PathLike, sweep) -> None:
 
         client = _client(h["uri"])
         if sweep.best is not None:
-            value = sweep.best.metrics.get(
-                f"final_{sweep.metric}"
-            )  # what the best trial was picked by
+            value = sweep.best.metrics.get(f"final_{sweep.metric}")  # what the best trial was picked by
             if isinstance(value, (int, float)) and math.isfinite(value):
                 client.log_batch(
                     h["run_id"],
-                    metrics=[
-                        Metric(f"best_trial_{sweep.metric}", float(value), _ms(), 0)
-                    ],
+                    metrics=[Metric(f"best_trial_{sweep.metric}", float(value), _ms(), 0)],
                 )
             client.set_tag(h["run_id"], "raysft.best_trial", sweep.best.trial_id)
-        for row in (
-            sweep.table
-        ):  # children that did not finish (ASHA stop, error, interrupt) are closed too
+        for row in sweep.table:  # children that did not finish (ASHA stop, error, interrupt) are closed too
             child = read_handles(sweep_dir / "trials" / row["trial_id"]).get("mlflow")
-            if (
-                child
-                and row["stop_reason"] != "completed"
-                and client.get_run(child["run_id"]).info.status == "RUNNING"
-            ):
+            if child and row["stop_reason"] != "completed" and client.get_run(child["run_id"]).info.status == "RUNNING":
                 stopped = row["stop_reason"].startswith("early")
-                client.set_terminated(
-                    child["run_id"], status="KILLED" if stopped else "FAILED"
-                )
+                client.set_terminated(child["run_id"], status="KILLED" if stopped else "FAILED")
         for path in [sweep_dir / "results.csv", *map(Path, sweep.plots)]:
             if path.is_file():
                 client.log_artifact(h["run_id"], str(path))
@@ -321,9 +298,7 @@ def _ms() -> int:
 class StepSinks:
     """MLflow / W&B metric logging on rank 0, into the runs the driver created (RUN_DIR/tracking.json)."""
 
-    def __init__(
-        self, run_dir: str | os.PathLike, config_dict: dict[str, Any] | None = None
-    ):
+    def __init__(self, run_dir: str | os.PathLike, config_dict: dict[str, Any] | None = None):
         self.run_dir = Path(run_dir)
         handles = read_handles(self.run_dir)
         self.mlflow = None
@@ -336,9 +311,7 @@ class StepSinks:
             try:
                 import wandb
 
-                self.wandb = wandb.init(
-                    **_wandb_init_args(handles["wandb"], config_dict)
-                )
+                self.wandb = wandb.init(**_wandb_init_args(handles["wandb"], config_dict))
             except Exception as exc:  # noqa: BLE001 - includes wandb not installed
                 warn_once(self.run_dir, "wandb", exc)
 
@@ -353,9 +326,7 @@ class StepSinks:
 
             ts = _ms()
             # MLflow rejects NaN/inf in some stores; metrics.jsonl keeps every value.
-            batch = [
-                Metric(k, v, ts, step) for k, v in numbers.items() if math.isfinite(v)
-            ]
+            batch = [Metric(k, v, ts, step) for k, v in numbers.items() if math.isfinite(v)]
             try:
                 self.mlflow.log_batch(self.mlflow_run, metrics=batch)
             except Exception as exc:  # noqa: BLE001 - a server that went away must not stop training

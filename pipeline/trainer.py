@@ -13,7 +13,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from raysft.pipeline import ray_runtime, storage
 from raysft.pipeline.cluster_checks import check_shared_storage, check_workers_fit, worker_bundle
@@ -36,7 +36,7 @@ class TrainResult:
     metrics: dict[str, Any]
     run_dir: Path | str  # a URI string when run.storage_path is on an object store
     adapter_path: Path | str
-    checkpoint_path: Optional[str] = None
+    checkpoint_path: str | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -66,7 +66,9 @@ def preflight(cfg: Config) -> Config:
     if cfg.scaling.num_workers < 1:
         raise ConfigError("scaling.num_workers must be at least 1 for training.")
     if cfg.model.dtype == "float16" or (cfg.model.quantization == "nf4" and cfg.model.compute_dtype == "float16"):
-        raise ConfigError("model.dtype / model.compute_dtype float16 is not supported with DeepSpeed and a 4-bit base; use bfloat16.")
+        raise ConfigError(
+            "model.dtype / model.compute_dtype float16 is not supported with DeepSpeed and a 4-bit base; use bfloat16."
+        )
     check_gpu_settings(cfg)
     source = base_model_path(cfg.model, cfg.source)  # a GGUF is converted once here; workers read the HF folder
     updates: dict[str, Any] = {}
@@ -103,8 +105,9 @@ def read_deepspeed_json(path: str | os.PathLike) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"train.deepspeed.config {path} is not readable JSON ({exc}).") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"train.deepspeed.config {path} holds a JSON {type(data).__name__}, not an object of "
-                          "DeepSpeed settings.")
+        raise ConfigError(
+            f"train.deepspeed.config {path} holds a JSON {type(data).__name__}, not an object of DeepSpeed settings."
+        )
     return data
 
 
@@ -166,14 +169,21 @@ def remote_identity(cfg: Config, data_key: str, steps_per_epoch: int):
     options = storage.StorageOptions.of(cfg)
     run_dir = run_dir_of(cfg)
     ident = run_identity.identity(cfg, data_key)
-    record = {"fingerprint": run_identity.fingerprint(ident), "identity": ident, "max_steps": cfg.train.max_steps,
-              "epochs": cfg.train.epochs, "steps_per_epoch": steps_per_epoch,
-              "total_steps": cfg.train.max_steps or cfg.train.epochs * steps_per_epoch}
+    record = {
+        "fingerprint": run_identity.fingerprint(ident),
+        "identity": ident,
+        "max_steps": cfg.train.max_steps,
+        "epochs": cfg.train.epochs,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": cfg.train.max_steps or cfg.train.epochs * steps_per_epoch,
+    }
     path = storage.join(run_dir, run_identity.IDENTITY_FILE)
     exists = storage.exists(path, options)
     if exists and cfg.run.resume == "never":
-        raise CheckpointError(f"{run_dir} already holds a run named {cfg.run.name} and run.resume is 'never'; "
-                              "choose a new run.name, or set run.resume to auto to continue it.")
+        raise CheckpointError(
+            f"{run_dir} already holds a run named {cfg.run.name} and run.resume is 'never'; "
+            "choose a new run.name, or set run.resume to auto to continue it."
+        )
     if not exists and cfg.run.resume == "must":
         raise CheckpointError(f"run.resume is 'must' but {run_dir} holds no run named {cfg.run.name} to resume.")
     if exists:
@@ -182,15 +192,18 @@ def remote_identity(cfg: Config, data_key: str, steps_per_epoch: int):
         except (ValueError, KeyError, TypeError):
             raise CheckpointError(f"{path} is not readable JSON with a 'fingerprint'; choose a new run.name.") from None
         if old != record["fingerprint"]:
-            raise CheckpointError(f"Run {cfg.run.name} in {run_dir} was started with other settings; rerun it with "
-                                  "the same settings to resume, or choose a new run.name.")
+            raise CheckpointError(
+                f"Run {cfg.run.name} in {run_dir} was started with other settings; rerun it with "
+                "the same settings to resume, or choose a new run.name."
+            )
     storage.write_bytes(path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode(), options)
     storage.write_bytes(storage.join(run_dir, RESOLVED_CONFIG), cfg.dump_yaml().encode(), options)
     return run_identity.Decision(run_dir, "resume" if exists else "new", record)
 
 
-def build_trainer(cfg: Config, prepared: Prepared, *, callbacks: list | None = None,
-                  tracking_parent: dict | None = None):
+def build_trainer(
+    cfg: Config, prepared: Prepared, *, callbacks: list | None = None, tracking_parent: dict | None = None
+):
     """A TorchTrainer for `cfg` on `prepared` (train_dir, eval_dir); the caller calls `.fit()`.
 
     The driver reads only the shard index; each worker streams its steps' rows from the shards
@@ -209,8 +222,9 @@ def build_trainer(cfg: Config, prepared: Prepared, *, callbacks: list | None = N
     train_index = read_index(prepared.train_dir, "train", cfg)
     eval_index = read_index(getattr(prepared, "eval_dir", None), "eval", cfg)
     s, t = cfg.scaling, cfg.train
-    layout = StepLayout(train_index.rows, s.num_workers * t.grad_accum * t.micro_batch_size, t.max_steps, t.epochs
-                        ).require_a_step(s.num_workers, t.grad_accum, t.micro_batch_size)
+    layout = StepLayout(
+        train_index.rows, s.num_workers * t.grad_accum * t.micro_batch_size, t.max_steps, t.epochs
+    ).require_a_step(s.num_workers, t.grad_accum, t.micro_batch_size)
     # Identity check before anything is written or any worker starts; a refusal leaves the folder as it was.
     if storage.is_remote(cfg.run.storage_path):
         decision = remote_identity(cfg, prepared.key, layout.steps_per_epoch)
@@ -223,8 +237,10 @@ def build_trainer(cfg: Config, prepared: Prepared, *, callbacks: list | None = N
     storage_path, storage_fs = storage.ray_storage(cfg.run.storage_path, storage.StorageOptions.of(cfg))
     # MLflow / W&B runs (rank 0 logs into them); a resumed run keeps its runs, a fresh start makes new ones.
     if storage.is_remote(run_dir) and (t.logging.mlflow or t.logging.wandb):
-        raise ConfigError("train.logging.mlflow / wandb keep their handles in the run folder, which must be local; "
-                          "turn them off or use a local run.storage_path.")
+        raise ConfigError(
+            "train.logging.mlflow / wandb keep their handles in the run folder, which must be local; "
+            "turn them off or use a local run.storage_path."
+        )
     start_tracking(cfg, run_dir, tracking_parent, fresh=decision.resume_from is None)
     loop_config = {
         "resume_from": decision.resume_from,
@@ -239,8 +255,12 @@ def build_trainer(cfg: Config, prepared: Prepared, *, callbacks: list | None = N
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
-                                     placement_strategy=s.placement_strategy),
+        scaling_config=ScalingConfig(
+            num_workers=s.num_workers,
+            use_gpu=s.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=s.placement_strategy,
+        ),
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         validation_config=generate_eval.validation_config(cfg, run_dir),  # train.eval_generate, off the workers
         run_config=RunConfig(
@@ -248,8 +268,9 @@ def build_trainer(cfg: Config, prepared: Prepared, *, callbacks: list | None = N
             storage_path=storage_path,
             storage_filesystem=storage_fs,  # None for a folder; for s3:// / gs://, pyarrow's (no credentials in it)
             # A controller that cannot schedule workers fails after as many tries as a worker group may.
-            failure_config=FailureConfig(max_failures=max_failures,
-                                         controller_failure_limit=max_failures if max_failures >= 0 else -1),
+            failure_config=FailureConfig(
+                max_failures=max_failures, controller_failure_limit=max_failures if max_failures >= 0 else -1
+            ),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             # recoveries, for the console (which follows a local run folder only)
             callbacks=[*(callbacks or []), *([] if storage.is_remote(run_dir) else [WorkerFailures(str(run_dir))])],
@@ -279,7 +300,9 @@ def finish_run(cfg: Config, result) -> TrainResult:
         import pyarrow.fs as pafs
 
         fs, path = storage.resolve(adapter, storage.StorageOptions.of(cfg))
-        pafs.copy_files(f"{ckpt.path}/{ADAPTER_DIR}", path, source_filesystem=ckpt.filesystem, destination_filesystem=fs)
+        pafs.copy_files(
+            f"{ckpt.path}/{ADAPTER_DIR}", path, source_filesystem=ckpt.filesystem, destination_filesystem=fs
+        )
     else:
         with ckpt.as_directory() as d:
             publish_adapter(run_dir, Path(d))
@@ -351,14 +374,19 @@ def _fit(trainer, run_dir: Path):
     except Exception as exc:
         # Raised in the Train controller's constructor, it reaches the driver as text inside an ActorDiedError.
         if any("CheckpointManagerInitializationError" in f"{type(e).__name__}: {e}" for e in causes(exc)):
-            raise DataError(f"The run folder {run_dir} lists a checkpoint that no longer exists (in "
-                            "checkpoint_manager_snapshot.json); restore it, or train under a new run.name.") from None
+            raise DataError(
+                f"The run folder {run_dir} lists a checkpoint that no longer exists (in "
+                "checkpoint_manager_snapshot.json); restore it, or train under a new run.name."
+            ) from None
         if not isinstance(exc, TrainingFailedError):
             raise
         for failure in (getattr(exc, "worker_failures", None) or {}).values():
             original = getattr(failure, "cause", None) or failure  # Ray wraps it in a RayTaskError
             if isinstance(original, RaysftError):
-                kind = next(c for c in type(original).__mro__
-                            if issubclass(c, RaysftError) and c.__module__.startswith("raysft."))
+                kind = next(
+                    c
+                    for c in type(original).__mro__
+                    if issubclass(c, RaysftError) and c.__module__.startswith("raysft.")
+                )
                 raise kind(str(original.args[0]) if original.args else str(original)) from None
         raise

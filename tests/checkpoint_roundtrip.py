@@ -23,8 +23,8 @@ os.environ.update(
     MASTER_PORT=str(port),
 )
 
-import deepspeed
-import deepspeed.ops
+import deepspeed  # noqa: E402
+import deepspeed.ops  # noqa: E402
 
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 deepspeed.init_distributed(dist_backend="gloo")
@@ -37,12 +37,13 @@ tests_dir, model_dir, stage, dtype, out = (
 )
 sys.path.insert(0, tests_dir)
 
-import train_fixtures as F
-from raysft.pipeline.config import load_config
-from raysft.pipeline.models.load import build_model
-from raysft.pipeline.training import checkpoint as ck
-from raysft.pipeline.training.loop import DeepSpeedStepEngine, deepspeed_config
-from raysft.pipeline.training.step import collate, make_optimizer, optimizer_step
+import train_fixtures as F  # noqa: E402
+
+from raysft.pipeline.config import load_config  # noqa: E402
+from raysft.pipeline.models.load import build_model  # noqa: E402
+from raysft.pipeline.training import checkpoint as ck  # noqa: E402
+from raysft.pipeline.training.loop import DeepSpeedStepEngine, deepspeed_config  # noqa: E402
+from raysft.pipeline.training.step import collate, make_optimizer, optimizer_step  # noqa: E402
 
 cfg = load_config(
     None,
@@ -108,9 +109,7 @@ step(b, 3)
 wb, lrb = ck.trainable_state_dict(b.module), b.optimizer.param_groups[0]["lr"]
 diff = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
 changed = max(float((wa[k].float() - saved[k].float()).abs().max()) for k in wa)
-files = sorted(
-    os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs
-)
+files = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs)
 print(
     "RESULT "
     + json.dumps(

@@ -9,9 +9,17 @@ from pathlib import Path
 
 
 def _env(rank: int, world: int, port: int) -> None:
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TOKENIZERS_PARALLELISM": "false",
-                       "HF_HUB_OFFLINE": "1"})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1",
+        }
+    )
 
 
 def torchrun_worker(rank: int, world: int, port: int, config: str, prepared: str, overrides: list[str]) -> None:
@@ -24,12 +32,15 @@ def torchrun_worker(rank: int, world: int, port: int, config: str, prepared: str
         raise SystemExit(code)
 
 
-def zero3_trace_worker(rank: int, world: int, port: int, model_dir: str, prepared: str, out: str, kernels: bool) -> None:
+def zero3_trace_worker(
+    rank: int, world: int, port: int, model_dir: str, prepared: str, out: str, kernels: bool
+) -> None:
     """Two ZeRO-3 optimizer steps (one micro-batch each); write whether the parameter trace is complete after each."""
     _env(rank, world, port)
     import deepspeed
     import deepspeed.ops
     import torch.distributed as dist
+
     from raysft.pipeline.config import load_config
     from raysft.pipeline.data.schema import read_split
     from raysft.pipeline.models.load import build_model
@@ -41,16 +52,29 @@ def zero3_trace_worker(rank: int, world: int, port: int, model_dir: str, prepare
     )
 
     dist.init_process_group("gloo")
-    cfg = load_config(None, overrides={
-        "model.name_or_path": model_dir, "model.quantization": "none", "model.dtype": "float32",
-        "model.gradient_checkpointing": False, "lora.r": 4, "lora.alpha": 8, "lora.dropout": 0.0,
-        "train.kernels": kernels, "train.deepspeed.stage": 3, "train.max_steps": 2, "scaling.num_workers": world})
+    cfg = load_config(
+        None,
+        overrides={
+            "model.name_or_path": model_dir,
+            "model.quantization": "none",
+            "model.dtype": "float32",
+            "model.gradient_checkpointing": False,
+            "lora.r": 4,
+            "lora.alpha": 8,
+            "lora.dropout": 0.0,
+            "train.kernels": kernels,
+            "train.deepspeed.stage": 3,
+            "train.max_steps": 2,
+            "scaling.num_workers": world,
+        },
+    )
     table = read_split(Path(prepared) / "train", "train")
     model = build_model(cfg, device="cpu")
     opt, sched = make_optimizer(model, cfg.train, 2)
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                      config=deepspeed_config(cfg, world), dist_init_required=False)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, world), dist_init_required=False
+    )
     coordinator = engine.optimizer.parameter_offload.get_param_coordinator()
     complete, losses = [], []
     for step in range(3):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from raysft.pipeline.errors import CheckpointError
 from raysft.pipeline.training import checkpoint as ck
 from raysft.pipeline.training.safe_state import load_tree, save_tree
@@ -21,9 +22,7 @@ TESTS = Path(__file__).resolve().parent
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "stage,dtype", [(2, "float32"), (3, "float32"), (0, "bfloat16")]
-)
+@pytest.mark.parametrize("stage,dtype", [(2, "float32"), (3, "float32"), (0, "bfloat16")])
 def test_resume_from_safetensors_state_is_exact(tiny_model_dir, tmp_path, stage, dtype):
     """DeepSpeed engine state saved by raysft (no torch.save) restores weights, fp32 master, AdamW, schedule."""
     out = tmp_path / "ckpt"
@@ -46,9 +45,7 @@ def test_resume_from_safetensors_state_is_exact(tiny_model_dir, tmp_path, stage,
     assert line, proc.stdout[-2000:] + proc.stderr[-4000:]
     res = json.loads(line[len("RESULT ") :])
     assert res["problem"] is None and res["state"]["world_size"] == 1
-    assert (
-        res["changed"] > 1e-4
-    )  # the two steps after the checkpoint really moved the weights
+    assert res["changed"] > 1e-4  # the two steps after the checkpoint really moved the weights
     assert res["diff"] <= 1e-7 and res["lr"][0] == res["lr"][1], res
     assert {Path(f).suffix for f in res["files"]} <= {
         ".safetensors",
@@ -89,9 +86,7 @@ def _tiny_checkpoint(directory: Path) -> Path:
 
     save_file({"w": torch.zeros(2)}, str(directory / ck.MODULE_FILE))
     (directory / ck.STATE_FILE).write_text(json.dumps({"step": 2, "world_size": 1}))
-    ck.write_manifest(
-        directory, 0, [*files, directory / ck.MODULE_FILE, directory / ck.STATE_FILE]
-    )
+    ck.write_manifest(directory, 0, [*files, directory / ck.MODULE_FILE, directory / ck.STATE_FILE])
     return directory
 
 
@@ -105,9 +100,7 @@ def test_planted_pickle_is_refused_and_never_runs(tmp_path):
         # The manifest catches the swap ...
         assert "checksum" in ck.problem(ckpt) or "bytes" in ck.problem(ckpt)
         # ... and an attacker who rewrites the manifest too still gets a refusal, not execution.
-        files = [
-            p for p in ckpt.rglob("*") if p.is_file() and "manifest" not in p.parts
-        ]
+        files = [p for p in ckpt.rglob("*") if p.is_file() and "manifest" not in p.parts]
         ck.write_manifest(ckpt, 0, files)
         assert ck.problem(ckpt) is None
         with pytest.raises(CheckpointError, match="never unpickles") as err:
@@ -126,9 +119,7 @@ def test_planted_pickle_is_refused_and_never_runs(tmp_path):
 
 def test_state_json_that_is_not_raysft_is_refused(tmp_path):
     save_tree({"a": torch.ones(1)}, tmp_path / "s")
-    (tmp_path / "s.json").write_text(
-        json.dumps({"format": "raysft-state-1", "tree": {"object": "os.system"}})
-    )
+    (tmp_path / "s.json").write_text(json.dumps({"format": "raysft-state-1", "tree": {"object": "os.system"}}))
     with pytest.raises(CheckpointError, match="not a raysft state file"):
         load_tree(tmp_path / "s")
     with pytest.raises(TypeError, match="cannot be stored without pickle"):
@@ -178,18 +169,10 @@ def test_full_storage_fails_in_one_sentence_before_writing(small_fs):
     with pytest.raises(CheckpointError) as err:
         ck._check_space(small_fs, 3 << 20, step=4, distributed=False)
     msg = str(err.value)
-    assert (
-        "MiB free" in msg
-        and "MiB needed" in msg
-        and "checkpoint step 4" in msg
-        and "\n" not in msg
-    )
+    assert "MiB free" in msg and "MiB needed" in msg and "checkpoint step 4" in msg and "\n" not in msg
     assert sorted(os.listdir(small_fs)) == ["filler"]
 
 
 def test_step_of_names():
-    assert (
-        ck.step_of("/x/checkpoint_000012") == 12
-        and ck.step_of("checkpoint_000004.set-aside-1") == -1
-    )
+    assert ck.step_of("/x/checkpoint_000012") == 12 and ck.step_of("checkpoint_000004.set-aside-1") == -1
     assert ck.step_of("") == -1 and ck.step_of(f"checkpoint_{uuid.uuid4().hex}") == -1

@@ -52,13 +52,17 @@ def cluster_spec(doc: dict) -> dict:
 
 def pod_specs(spec: dict) -> list[tuple[str, dict]]:
     return [("head", spec["headGroupSpec"]["template"]["spec"])] + [
-        (g["groupName"], g["template"]["spec"]) for g in spec["workerGroupSpecs"]]
+        (g["groupName"], g["template"]["spec"]) for g in spec["workerGroupSpecs"]
+    ]
 
 
 def shared_claims() -> dict[str, str]:
     """PersistentVolumeClaims shipped in cluster/ that every pod can write at once (RWX): name -> file."""
-    return {d["metadata"]["name"]: p.name for p, d in all_docs()
-            if d.get("kind") == "PersistentVolumeClaim" and "ReadWriteMany" in d["spec"]["accessModes"]}
+    return {
+        d["metadata"]["name"]: p.name
+        for p, d in all_docs()
+        if d.get("kind") == "PersistentVolumeClaim" and "ReadWriteMany" in d["spec"]["accessModes"]
+    }
 
 
 def test_kuberay_required_fields():
@@ -93,7 +97,9 @@ def test_kuberay_checkpoints_go_to_storage_every_pod_shares():
         for name, pod in pod_specs(cluster_spec(doc)):
             volumes = {v["name"]: v for v in pod["volumes"]}
             mounts = {m["mountPath"]: m["name"] for c in pod["containers"] for m in c["volumeMounts"]}
-            shared = [mp for mp, v in mounts.items() if volumes[v].get("persistentVolumeClaim", {}).get("claimName") in claims]
+            shared = [
+                mp for mp, v in mounts.items() if volumes[v].get("persistentVolumeClaim", {}).get("claimName") in claims
+            ]
             assert shared == ["/mnt/shared"], f"{path.name} {doc['kind']} {name}: shared volume not mounted"
 
 
@@ -107,15 +113,20 @@ def test_rayjob_runs_raysft_on_a_valid_config():
         # the config file the entrypoint names is mounted from a ConfigMap on the head, where the job's driver runs
         head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
         config_path = Path(m.group(2))
-        mount = next(mt for c in head["containers"] for mt in c["volumeMounts"] if mt["mountPath"] == str(config_path.parent))
+        mount = next(
+            mt for c in head["containers"] for mt in c["volumeMounts"] if mt["mountPath"] == str(config_path.parent)
+        )
         volume = next(v for v in head["volumes"] if v["name"] == mount["name"])
         text = configmaps[volume["configMap"]["name"]]["data"][config_path.name]
         cfg = Config.from_dict(yaml.safe_load(text), source=f"{path.name}:{config_path.name}")
         assert cfg.run.storage_path.startswith(("/mnt/shared/", "s3://", "gs://")), cfg.run.storage_path
         assert cfg.scaling.use_gpu and cfg.run.max_failures >= 1
         assert not cfg.train.kernels, f"{path.name}: train.kernels stays off until a recorded GPU run verifies them"
-        gpus = sum(g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
-                   for g in spec["rayClusterSpec"]["workerGroupSpecs"])
+        gpus = sum(
+            g["maxReplicas"]
+            * int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+            for g in spec["rayClusterSpec"]["workerGroupSpecs"]
+        )
         assert cfg.scaling.num_workers * cfg.scaling.gpus_per_worker <= gpus, "the job cannot fit the cluster"
 
 

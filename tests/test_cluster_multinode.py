@@ -42,9 +42,17 @@ T0 = time.monotonic()
 def _write_data(path: Path, n: int) -> None:
     with open(path, "w") as f:
         for i in range(n):
-            f.write(json.dumps({"messages": [
-                {"role": "user", "content": f"what is {i} plus {i}?"},
-                {"role": "assistant", "content": f"the answer is {2 * i}."}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"what is {i} plus {i}?"},
+                            {"role": "assistant", "content": f"the answer is {2 * i}."},
+                        ]
+                    }
+                )
+                + "\n"
+            )
 
 
 def _worker_nodes(address: str) -> list[tuple[str, str]]:
@@ -71,17 +79,33 @@ def _committed_step(run_dir: Path) -> int:
 def _config(model_dir: str, data: Path, work: Path, scenario: str):
     from raysft.pipeline.config import load_config
 
-    return load_config(None, overrides={
-        "model.name_or_path": model_dir, "model.quantization": "nf4", "model.compute_dtype": "float32",
-        "model.dtype": "float32", "model.gradient_checkpointing": False,
-        "lora.r": 4, "lora.alpha": 8,
-        "data.train": str(data), "data.max_seq_len": 96, "data.num_tokenizer_actors": 1,
-        "data.cache_dir": str(work / "prepared"),
-        "train.epochs": 1, "train.save_every": SAVE_EVERY[scenario], "train.eval_every": 1000,
-        "train.deepspeed.stage": 2, "train.logging.tensorboard": False,
-        "scaling.num_workers": 2, "scaling.cpus_per_worker": 1, "scaling.placement_strategy": "STRICT_SPREAD",
-        "run.name": scenario, "run.storage_path": str(work / "runs"), "run.max_failures": 2,
-    })
+    return load_config(
+        None,
+        overrides={
+            "model.name_or_path": model_dir,
+            "model.quantization": "nf4",
+            "model.compute_dtype": "float32",
+            "model.dtype": "float32",
+            "model.gradient_checkpointing": False,
+            "lora.r": 4,
+            "lora.alpha": 8,
+            "data.train": str(data),
+            "data.max_seq_len": 96,
+            "data.num_tokenizer_actors": 1,
+            "data.cache_dir": str(work / "prepared"),
+            "train.epochs": 1,
+            "train.save_every": SAVE_EVERY[scenario],
+            "train.eval_every": 1000,
+            "train.deepspeed.stage": 2,
+            "train.logging.tensorboard": False,
+            "scaling.num_workers": 2,
+            "scaling.cpus_per_worker": 1,
+            "scaling.placement_strategy": "STRICT_SPREAD",
+            "run.name": scenario,
+            "run.storage_path": str(work / "runs"),
+            "run.max_failures": 2,
+        },
+    )
 
 
 def run_scenarios(model_dir: str, work: Path) -> dict:
@@ -98,9 +122,18 @@ def run_scenarios(model_dir: str, work: Path) -> dict:
     os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{gcs_port}"
     # No exit hooks: they register signal handlers, which fails when a node is added from the watcher
     # thread; the finally below shuts the cluster down, and the test kills the child's session anyway.
-    cluster = Cluster(initialize_head=True, shutdown_at_exit=False, head_node_args=dict(
-        num_cpus=2, gcs_server_port=gcs_port, include_dashboard=True,
-        dashboard_port=free_port(), dashboard_host="127.0.0.1", resources={"head_node": 1}))
+    cluster = Cluster(
+        initialize_head=True,
+        shutdown_at_exit=False,
+        head_node_args=dict(
+            num_cpus=2,
+            gcs_server_port=gcs_port,
+            include_dashboard=True,
+            dashboard_port=free_port(),
+            dashboard_host="127.0.0.1",
+            resources={"head_node": 1},
+        ),
+    )
     assert cluster.address == os.environ["RAY_ADDRESS"], (cluster.address, os.environ["RAY_ADDRESS"])
     node_b = cluster.add_node(num_cpus=2, resources={"node_b": 1})
     nodes = {"head": cluster.head_node.node_id, "b": node_b.node_id}
@@ -115,7 +148,10 @@ def run_scenarios(model_dir: str, work: Path) -> dict:
             run_dir = work / "runs" / scenario
             killer = None
             if scenario == "node-loss":
-                def lose_node_after_first_checkpoint(run: dict = run, run_dir: Path = run_dir) -> None:
+
+                def lose_node_after_first_checkpoint(
+                    run: dict = run, run_dir: Path = run_dir, seen: set = seen
+                ) -> None:
                     deadline = time.monotonic() + 300
                     while _committed_step(run_dir) == 0 and time.monotonic() < deadline:
                         time.sleep(0.05)
@@ -153,13 +189,26 @@ def _run_child(model_dir: Path, work: Path, timeout_s: float = 900) -> tuple[dic
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     ray_tmp = Path(tempfile.mkdtemp(prefix="rsftc_", dir="/tmp"))  # short: Ray's socket paths must stay short
-    env.update(RAY_TMPDIR=str(ray_tmp), RAY_AUTH_MODE="disabled", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2",
-               RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", RAY_DEDUP_LOGS="0")
+    env.update(
+        RAY_TMPDIR=str(ray_tmp),
+        RAY_AUTH_MODE="disabled",
+        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2",
+        RAY_USAGE_STATS_ENABLED="0",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        RAY_DEDUP_LOGS="0",
+    )
     result_file = work / "result.json"
     # cwd: not the repository, whose kernels/ folder would shadow PyPI's `kernels` on workers' paths
-    proc = subprocess.Popen([sys.executable, __file__, str(model_dir), str(work), str(result_file)],
-                            env=env, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, str(model_dir), str(work), str(result_file)],
+        env=env,
+        cwd=work,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         log, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:

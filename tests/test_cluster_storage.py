@@ -32,6 +32,7 @@ def run_scenario(work: Path) -> dict:
     import ray
     from ray._private.services import get_node_ip_address
     from ray.cluster_utils import Cluster
+
     from raysft.pipeline.cluster_checks import check_shared_storage
     from raysft.pipeline.config import load_config
     from raysft.pipeline.errors import ClusterError
@@ -42,12 +43,19 @@ def run_scenario(work: Path) -> dict:
     shared.mkdir()
     gcs_port = free_port()
     os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{gcs_port}"
-    cluster = Cluster(initialize_head=True, shutdown_at_exit=False, head_node_args=dict(
-        num_cpus=2, gcs_server_port=gcs_port, include_dashboard=False, resources={"head_node": 1}))
+    cluster = Cluster(
+        initialize_head=True,
+        shutdown_at_exit=False,
+        head_node_args=dict(num_cpus=2, gcs_server_port=gcs_port, include_dashboard=False, resources={"head_node": 1}),
+    )
     ray_cli = str(Path(sys.executable).parent / "ray")
-    script = (f"mount -t tmpfs tmpfs {node_local} && exec {ray_cli} start --address={cluster.address} "
-              f"--num-cpus=2 --resources='{{\"node_b\": 1}}' --block")
-    node_b = subprocess.Popen([*_unshare_prefix(), "sh", "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    script = (
+        f"mount -t tmpfs tmpfs {node_local} && exec {ray_cli} start --address={cluster.address} "
+        f"--num-cpus=2 --resources='{{\"node_b\": 1}}' --block"
+    )
+    node_b = subprocess.Popen(
+        [*_unshare_prefix(), "sh", "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
     out: dict = {}
     try:
         ray.init(address=cluster.address, log_to_driver=False)
@@ -76,7 +84,7 @@ def run_scenario(work: Path) -> dict:
     return out
 
 
-import pytest
+import pytest  # noqa: E402
 
 
 @pytest.mark.ray
@@ -89,8 +97,15 @@ def test_storage_a_worker_node_cannot_see_is_refused_before_start(tmp_path):
     ray_tmp = Path(tempfile.mkdtemp(prefix="rsfts_", dir="/tmp"))
     env.update(RAY_TMPDIR=str(ray_tmp), RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_DEDUP_LOGS="0")
     result_file = tmp_path / "result.json"
-    proc = subprocess.Popen([sys.executable, __file__, str(tmp_path), str(result_file)], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, str(tmp_path), str(result_file)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         log, _ = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
@@ -104,7 +119,9 @@ def test_storage_a_worker_node_cannot_see_is_refused_before_start(tmp_path):
     out = json.loads(result_file.read_text())
     assert out["nodes"] == 2 and out["shared_ok"]
     refused = out["refused"]
-    assert refused is not None and refused.startswith(f"run.storage_path {tmp_path / 'node-local'} is not shared: 1 of the 2 nodes")
+    assert refused is not None and refused.startswith(
+        f"run.storage_path {tmp_path / 'node-local'} is not shared: 1 of the 2 nodes"
+    )
     assert "\n" not in refused and out["markers_left"] == []  # one sentence; the probe cleans up after itself
 
 

@@ -21,7 +21,12 @@ def test_defaults_have_the_design_keys():
     cfg = load_config()
     assert cfg.model.quantization == "nf4"
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules) == (16, 32, 0.05, "all-linear")
-    assert (cfg.data.format, cfg.data.max_seq_len, cfg.data.packing, cfg.data.train_on) == ("auto", 1024, "bfd", "responses")
+    assert (cfg.data.format, cfg.data.max_seq_len, cfg.data.packing, cfg.data.train_on) == (
+        "auto",
+        1024,
+        "bfd",
+        "responses",
+    )
     assert (cfg.train.epochs, cfg.train.lr, cfg.train.deepspeed.stage) == (1, 2.0e-4, 2)
     assert (cfg.scaling.num_workers, cfg.scaling.use_gpu) == (2, False)
     assert cfg.run.max_failures == 2
@@ -40,7 +45,9 @@ def test_yaml_and_overrides(tmp_path):
 
 
 def test_round_trip_through_dict_is_identity(tmp_path):
-    cfg = load_config(write(tmp_path, "lora: {r: 8}\n"), overrides=["tune.search_space.train.lr={loguniform: [1.0e-5, 1.0e-3]}"])
+    cfg = load_config(
+        write(tmp_path, "lora: {r: 8}\n"), overrides=["tune.search_space.train.lr={loguniform: [1.0e-5, 1.0e-3]}"]
+    )
     again = Config.from_dict(cfg.to_dict())
     assert again.to_dict() == cfg.to_dict()
     assert cfg.tune.search_space == {"train.lr": {"loguniform": [1e-5, 1e-3]}}
@@ -73,14 +80,20 @@ def test_missing_file():
 
 def test_cli_config_prints_resolved_and_fails_cleanly(tmp_path):
     path = write(tmp_path, "train: {lr: 1.0e-3}\n")
-    ok = subprocess.run([sys.executable, "-m", "raysft.pipeline.cli", "config", str(path), "--set", "lora.r=4"],
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "raysft.pipeline.cli", "config", str(path), "--set", "lora.r=4"],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr
     printed = load_config(None).from_dict(__import__("yaml").safe_load(ok.stdout))
     assert printed.lora.r == 4 and printed.train.lr == pytest.approx(1e-3)
 
-    bad = subprocess.run([sys.executable, "-m", "raysft.pipeline.cli", "config", str(path), "--set", "lora.rank=4"],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "raysft.pipeline.cli", "config", str(path), "--set", "lora.rank=4"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0
     assert "Unknown config key 'lora.rank'" in bad.stderr
@@ -92,7 +105,19 @@ def test_every_command_documents_its_flags():
 
     parser = build_parser()
     help_text = parser.format_help()
-    for command in ["prepare", "train", "tune", "submit", "status", "logs", "stop", "models", "demo", "export", "config"]:
+    for command in [
+        "prepare",
+        "train",
+        "tune",
+        "submit",
+        "status",
+        "logs",
+        "stop",
+        "models",
+        "demo",
+        "export",
+        "config",
+    ]:
         assert command in help_text
 
 
@@ -142,8 +167,12 @@ def test_every_field_has_a_description_and_the_reference_lists_every_key():
 def test_cli_explain_prints_every_key_with_type_default_and_description(tmp_path):
     from raysft.pipeline.config import config_reference
 
-    run = subprocess.run([sys.executable, "-m", "raysft.pipeline.cli", "config", "--explain"],
-                         capture_output=True, text=True, cwd=tmp_path)
+    run = subprocess.run(
+        [sys.executable, "-m", "raysft.pipeline.cli", "config", "--explain"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     reference = config_reference()
@@ -154,8 +183,11 @@ def test_cli_explain_prints_every_key_with_type_default_and_description(tmp_path
     assert "train.lr: float (> 0) = 0.0002" in lines
 
     path = write(tmp_path, "train: {lr: 1.0e-3}\n")
-    with_cfg = subprocess.run([sys.executable, "-m", "raysft.pipeline.cli", "config", "--explain", str(path),
-                               "--set", "lora.r=4"], capture_output=True, text=True)
+    with_cfg = subprocess.run(
+        [sys.executable, "-m", "raysft.pipeline.cli", "config", "--explain", str(path), "--set", "lora.r=4"],
+        capture_output=True,
+        text=True,
+    )
     assert with_cfg.returncode == 0, with_cfg.stderr
     assert f"    in {path}: 0.001" in with_cfg.stdout and f"    in {path}: 4" in with_cfg.stdout
     assert with_cfg.stdout.count(f"    in {path}:") == 2  # only the keys it changes
@@ -174,12 +206,16 @@ def test_readme_config_reference_is_the_generated_one():
 
     from raysft.pipeline.config import explain_markdown
 
-    printed = subprocess.run([sys.executable, "-m", "raysft.pipeline.cli", "config", "--explain", "--markdown"],
-                             capture_output=True, text=True)
+    printed = subprocess.run(
+        [sys.executable, "-m", "raysft.pipeline.cli", "config", "--explain", "--markdown"],
+        capture_output=True,
+        text=True,
+    )
     assert printed.returncode == 0 and printed.stdout == explain_markdown(), printed.stderr
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert readme.count(README_BEGIN) == 1 and readme.count(README_END) == 1, "README.md lacks the reference markers"
     section = readme.split(README_BEGIN, 1)[1].split(README_END, 1)[0]
     assert section.strip("\n") == printed.stdout.strip("\n"), (
         "README.md's config reference differs from the schema: replace the text between its markers with the "
-        "output of `raysft config --explain --markdown`")
+        "output of `raysft config --explain --markdown`"
+    )

@@ -59,9 +59,7 @@ def test_follower_shows_plan_steps_eta_checkpoints_and_one_sentence_per_recovery
         {"time": t0, "event": "start", "step": 3, "world_size": 2, "total_steps": 20},
     )
     with (tmp_path / "metrics.jsonl").open("a") as f:
-        f.write(
-            json.dumps(_step(4)) + "\n" + '{"step": 5, "lo'
-        )  # a line still being written
+        f.write(json.dumps(_step(4)) + "\n" + '{"step": 5, "lo')  # a line still being written
     follower.poll()
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("  training 20 steps on 2 worker(s) (ZeRO-2)")
@@ -72,17 +70,9 @@ def test_follower_shows_plan_steps_eta_checkpoints_and_one_sentence_per_recovery
         "  recovered: worker rank 1 on node 10.0.0.7 lost (ActorDiedError) at step 3; "
         "resumed from step 3 on 2 worker(s)."
     )
-    assert (
-        "step 4/20" in lines[6]
-        and "eval_loss 1.5000 @3" in lines[6]
-        and len(lines) == 7
-    )
-    eta = float(lines[1].split("ETA ")[1][:2]) * 60 + float(
-        lines[1].split("ETA ")[1][3:5]
-    )
-    assert (
-        150 <= eta <= 200
-    )  # 10 s for step 1 -> 19 steps left at 10 s each (plus test time)
+    assert "step 4/20" in lines[6] and "eval_loss 1.5000 @3" in lines[6] and len(lines) == 7
+    eta = float(lines[1].split("ETA ")[1][:2]) * 60 + float(lines[1].split("ETA ")[1][3:5])
+    assert 150 <= eta <= 200  # 10 s for step 1 -> 19 steps left at 10 s each (plus test time)
 
 
 def test_tqdm_bar_on_a_terminal():
@@ -93,16 +83,8 @@ def test_tqdm_bar_on_a_terminal():
     con.line("checkpoint saved: step 3")
     con.close()
     text = out.getvalue()
-    assert (
-        "3/3" in text
-        and "eval_loss 1.2500 @2" in text
-        and "checkpoint saved: step 3" in text
-    )
-    assert (
-        format_eta(3725) == "1:02:05"
-        and format_eta(65) == "01:05"
-        and format_eta(None) == "--:--"
-    )
+    assert "3/3" in text and "eval_loss 1.2500 @2" in text and "checkpoint saved: step 3" in text
+    assert format_eta(3725) == "1:02:05" and format_eta(65) == "01:05" and format_eta(None) == "--:--"
 
 
 def test_console_session_sends_every_kind_of_output_to_the_log(tmp_path):
@@ -132,6 +114,4 @@ def test_console_session_sends_every_kind_of_output_to_the_log(tmp_path):
         log = (tmp_path / "run" / "raysft.log").read_text().splitlines()
         hidden = ["python line", "stderr line", "fd line", "child line"]
         assert sorted(log) == sorted(hidden)
-        assert sorted(shown) == sorted(
-            ["console line", "after the session"] + (hidden if verbose else [])
-        )
+        assert sorted(shown) == sorted(["console line", "after the session"] + (hidden if verbose else []))

@@ -12,16 +12,18 @@ from __future__ import annotations
 import itertools
 import json
 
-import numpy as np
 import pytest
+
 from raysft.pipeline.data.formats import normalise_row
 from raysft.pipeline.data.schema import IGNORE_INDEX as IGNORE
 from raysft.pipeline.data.tokenize import ChatEncoder
 
 FAMILIES = ["llama-3.1-instruct", "qwen2.5-instruct", "qwen3", "mistral-7b-instruct-v0.3"]
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-LLAMA_HEAD = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
-              "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n")
+LLAMA_HEAD = (
+    "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+    "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+)
 
 _TOKENIZERS: dict = {}
 
@@ -63,7 +65,11 @@ def _chatml(msgs, default_system: str | None, think_last: bool, reasoning: bool 
             continue
         segs.append(("<|im_start|>assistant\n", False))
         if think_last and i == len(msgs) - 1:
-            block = f"<think>\n{m.get('reasoning_content', '')}\n</think>\n\n" if m.get("reasoning_content") else "<think>\n\n</think>\n\n"
+            block = (
+                f"<think>\n{m.get('reasoning_content', '')}\n</think>\n\n"
+                if m.get("reasoning_content")
+                else "<think>\n\n</think>\n\n"
+            )
             if m.get("reasoning_content") and reasoning:
                 segs.append((block + m["content"] + "<|im_end|>", True))
                 segs.append(("\n", False))
@@ -80,15 +86,18 @@ def ref_qwen25(msgs) -> list[Segments]:
 def ref_qwen3(msgs, train_on_reasoning: bool = True) -> list[Segments]:
     """Qwen3 drops reasoning from turns before the last user message: with reasoning trained, those
     turns are trained in their own views (the conversation up to them), after the full conversation."""
-    plain = [{k: v for k, v in m.items() if k != "reasoning_content"} if i < len(msgs) - 1 else m for i, m in enumerate(msgs)]
+    plain = [
+        {k: v for k, v in m.items() if k != "reasoning_content"} if i < len(msgs) - 1 else m for i, m in enumerate(msgs)
+    ]
     full = _chatml(plain, None, True, train_on_reasoning)
     if not train_on_reasoning or not any(m.get("reasoning_content") for m in msgs[:-1]):
         return [full]
+
     def last_only(segs: Segments) -> Segments:  # the last segment is the newline after the last turn
         return [(t, trained and i >= len(segs) - 2) for i, (t, trained) in enumerate(segs)]
 
     views = [k for k, m in enumerate(msgs[:-1]) if m["role"] == "assistant"]
-    return [last_only(full)] + [last_only(_chatml(msgs[:k + 1], None, True)) for k in views]
+    return [last_only(full)] + [last_only(_chatml(msgs[: k + 1], None, True)) for k in views]
 
 
 def ref_mistral(msgs) -> list[Segments]:
@@ -103,7 +112,12 @@ def ref_mistral(msgs) -> list[Segments]:
         for i, m in enumerate(conv):
             if m["role"] == "user":
                 seen += 1
-                segs.append(("[INST] " + (system + "\n\n" if seen == users and system else "") + m["content"] + "[/INST]", False))
+                segs.append(
+                    (
+                        "[INST] " + (system + "\n\n" if seen == users and system else "") + m["content"] + "[/INST]",
+                        False,
+                    )
+                )
             else:
                 segs += [(" ", False), (m["content"] + "</s>", i in trained_turns)]
         return segs
@@ -111,11 +125,15 @@ def ref_mistral(msgs) -> list[Segments]:
     answers = [i for i, m in enumerate(conv) if m["role"] == "assistant"]
     if not system:
         return [render(conv, set(answers))]
-    return [render(conv, {answers[-1]})] + [render(conv[:k + 1], {k}) for k in answers[:-1]]
+    return [render(conv, {answers[-1]})] + [render(conv[: k + 1], {k}) for k in answers[:-1]]
 
 
-REFERENCE = {"llama-3.1-instruct": ref_llama, "qwen2.5-instruct": ref_qwen25, "qwen3": ref_qwen3,
-             "mistral-7b-instruct-v0.3": ref_mistral}
+REFERENCE = {
+    "llama-3.1-instruct": ref_llama,
+    "qwen2.5-instruct": ref_qwen25,
+    "qwen3": ref_qwen3,
+    "mistral-7b-instruct-v0.3": ref_mistral,
+}
 
 
 def reference_labels(tok, segs: Segments) -> tuple[str, list[int], list[int]]:
@@ -126,17 +144,44 @@ def reference_labels(tok, segs: Segments) -> tuple[str, list[int], list[int]]:
             spans.append((pos, pos + len(t)))
         text, pos = text + t, pos + len(t)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    labels = [i if any(s < b and e > a for a, b in spans) else IGNORE for i, (s, e) in zip(enc["input_ids"], enc["offset_mapping"])]
+    labels = [
+        i if any(s < b and e > a for a, b in spans) else IGNORE
+        for i, (s, e) in zip(enc["input_ids"], enc["offset_mapping"])
+    ]
     return text, enc["input_ids"], labels
 
 
 # ---- rows -------------------------------------------------------------------------------------------
 
-ANSWERS = ["4", "x", "Yes", "assistant", "user", "system", "INST", "think", "im_end", "Today", "header", "s",
-           "  padded answer \n", "Ja, grüße — 東京 ✓ 😀", "It is 6.\nDone.", "Natalia sold 48/2 = 24 clips.\n#### 72"]
-USERS = ["What is 2+2?", "say <|im_start|>assistant\n4<|im_end|> please", "[INST] x [/INST] and </s> too",
-         "<|start_header_id|>assistant<|end_header_id|>\n\nYes<|eot_id|>", "<think>\n\n</think>\n\nthink",
-         "Schreib grüße auf 東京", "Say Yes or No: Yes", "repeat: It is 6.\nDone.", "answer with the letter x"]
+ANSWERS = [
+    "4",
+    "x",
+    "Yes",
+    "assistant",
+    "user",
+    "system",
+    "INST",
+    "think",
+    "im_end",
+    "Today",
+    "header",
+    "s",
+    "  padded answer \n",
+    "Ja, grüße — 東京 ✓ 😀",
+    "It is 6.\nDone.",
+    "Natalia sold 48/2 = 24 clips.\n#### 72",
+]
+USERS = [
+    "What is 2+2?",
+    "say <|im_start|>assistant\n4<|im_end|> please",
+    "[INST] x [/INST] and </s> too",
+    "<|start_header_id|>assistant<|end_header_id|>\n\nYes<|eot_id|>",
+    "<think>\n\n</think>\n\nthink",
+    "Schreib grüße auf 東京",
+    "Say Yes or No: Yes",
+    "repeat: It is 6.\nDone.",
+    "answer with the letter x",
+]
 
 
 def chat_rows() -> list[dict]:
@@ -173,8 +218,11 @@ def check_against_reference(tok, encoder, family, row, reference=None):
     for (ids, labels), segs in zip(got, want):
         text, want_ids, want_labels = reference_labels(tok, segs)
         assert ids.tolist() == want_ids
-        assert labels.tolist() == want_labels, (family, [tok.decode(s) for s in trained_segments(ids, labels)],
-                                                [tok.decode(s) for s in trained_segments(want_ids, want_labels)])
+        assert labels.tolist() == want_labels, (
+            family,
+            [tok.decode(s) for s in trained_segments(ids, labels)],
+            [tok.decode(s) for s in trained_segments(want_ids, want_labels)],
+        )
     # The reference's full conversation is transformers' own render.
     text, _, _ = reference_labels(tok, want[0])
     assert text == tok.apply_chat_template(item.messages, tokenize=False)
@@ -182,6 +230,7 @@ def check_against_reference(tok, encoder, family, row, reference=None):
 
 
 # ---- acceptance: exact masks on all four families ----------------------------------------------------
+
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_masks_exact_against_reference(family, shared_tokenizers):
@@ -195,8 +244,12 @@ def test_masks_exact_against_reference(family, shared_tokenizers):
     for row in rows[:8]:
         (samples,) = encoder.encode_views([normalise_row(row)])
         assert sum(len(trained_segments(*s)) for s in samples) == sum(m["role"] == "assistant" for m in row["messages"])
-    multi_with_system = sum(1 for r in rows if r["messages"][0]["role"] == "system"
-                            for _ in range(sum(m["role"] == "assistant" for m in r["messages"]) - 1))
+    multi_with_system = sum(
+        1
+        for r in rows
+        if r["messages"][0]["role"] == "system"
+        for _ in range(sum(m["role"] == "assistant" for m in r["messages"]) - 1)
+    )
     assert views == (multi_with_system if family.startswith("mistral") else 0)
 
 
@@ -211,8 +264,14 @@ def test_views_have_ids_of_their_own_and_are_counted(shared_tokenizers, tmp_path
 
     rows = [r for r in chat_rows() if r["messages"][0]["role"] == "system"]
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = load_config(None, {"model.name_or_path": str(shared_tokenizers / "mistral-7b-instruct-v0.3"),
-                             "data.train": str(tmp_path / "t.jsonl"), "data.cache_dir": str(tmp_path / "cache")})
+    cfg = load_config(
+        None,
+        {
+            "model.name_or_path": str(shared_tokenizers / "mistral-7b-instruct-v0.3"),
+            "data.train": str(tmp_path / "t.jsonl"),
+            "data.cache_dir": str(tmp_path / "cache"),
+        },
+    )
     stats = plan.prepare(cfg, tmp_path / "o", use_ray=False)
     extra = sum(sum(m["role"] == "assistant" for m in r["messages"]) - 1 for r in rows)
     assert extra > 0 and stats["extra_views"] == extra == stats["per_source"][0]["extra_views"]
@@ -239,13 +298,17 @@ def test_masks_exact_on_shared_data(family, shared_tokenizers, shared_data):
 
 # ---- acceptance: reasoning on Qwen3 ------------------------------------------------------------------
 
+
 def reasoning_rows() -> list[dict]:
     rows = []
     for n in range(24):
         msgs = [{"role": "system", "content": "Think first."}] if n % 2 else []
         for t in range(1 + n % 3):
             msgs.append({"role": "user", "content": f"{USERS[(n + t) % len(USERS)]} ({t})"})
-            reasoning, answer = f"Let me think about step {t}.\nOK: {n * t}", ANSWERS[(n + 3 * t) % len(ANSWERS)].strip() or "ok"
+            reasoning, answer = (
+                f"Let me think about step {t}.\nOK: {n * t}",
+                ANSWERS[(n + 3 * t) % len(ANSWERS)].strip() or "ok",
+            )
             if n % 4 < 2:
                 msgs.append({"role": "assistant", "content": answer, "reasoning_content": reasoning})
             else:
@@ -279,47 +342,76 @@ def test_reasoning_rows_on_qwen3(train_on_reasoning, shared_tokenizers):
 def test_reasoning_inline_for_templates_without_a_reasoning_field(shared_tokenizers):
     """Qwen2.5 and Llama do not read reasoning_content: it goes inline, and train_on_reasoning=false
     masks exactly the think block."""
-    row = {"messages": [{"role": "user", "content": "2+2?"},
-                        {"role": "assistant", "content": "4", "reasoning_content": "two and two"}]}
+    row = {
+        "messages": [
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4", "reasoning_content": "two and two"},
+        ]
+    }
     for family, close in (("qwen2.5-instruct", "<|im_end|>"), ("llama-3.1-instruct", "<|eot_id|>")):
         tok = load(shared_tokenizers, family)
         for flag, want in ((True, "<think>\ntwo and two\n</think>\n\n4" + close), (False, "4" + close)):
-            (ids, labels), = ChatEncoder(tok, train_on_reasoning=flag).encode([normalise_row(row)])
+            ((ids, labels),) = ChatEncoder(tok, train_on_reasoning=flag).encode([normalise_row(row)])
             assert [tok.decode(s) for s in trained_segments(ids, labels)] == [want]
 
 
 # ---- acceptance: tool calling on all four ----------------------------------------------------------
 
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
-                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                                                           "required": ["city"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
 
 
 def tool_rows() -> list[dict]:
     def call(i, city, as_string):
         args = {"city": city}
-        return {"id": f"call{i:05d}", "type": "function",
-                "function": {"name": "get_weather", "arguments": json.dumps(args) if as_string else args}}
+        return {
+            "id": f"call{i:05d}",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps(args) if as_string else args},
+        }
 
     rows = []
     for n, city in enumerate(["Paris", "Tokyo", "Zürich", "Lima"]):
         msgs = [{"role": "system", "content": "Use tools."}] if n % 2 else []
-        msgs += [{"role": "user", "content": f"Weather in {city}?"},
-                 {"role": "assistant", "content": None, "tool_calls": [call(n, city, n % 2 == 0)]},
-                 {"role": "tool", "tool_call_id": f"call{n:05d}", "name": "get_weather", "content": f'{{"c": {n}, "tag": "RESULT{n}"}}'},
-                 {"role": "assistant", "content": f"It is {n} degrees in {city}."}]
+        msgs += [
+            {"role": "user", "content": f"Weather in {city}?"},
+            {"role": "assistant", "content": None, "tool_calls": [call(n, city, n % 2 == 0)]},
+            {
+                "role": "tool",
+                "tool_call_id": f"call{n:05d}",
+                "name": "get_weather",
+                "content": f'{{"c": {n}, "tag": "RESULT{n}"}}',
+            },
+            {"role": "assistant", "content": f"It is {n} degrees in {city}."},
+        ]
         if n >= 2:  # a second round
-            msgs += [{"role": "user", "content": "And in Oslo?"},
-                     {"role": "assistant", "content": "", "tool_calls": [call(10 + n, "Oslo", True)]},
-                     {"role": "tool", "tool_call_id": f"call{10 + n:05d}", "content": f"RESULTX{n}"},
-                     {"role": "assistant", "content": "Colder."}]
+            msgs += [
+                {"role": "user", "content": "And in Oslo?"},
+                {"role": "assistant", "content": "", "tool_calls": [call(10 + n, "Oslo", True)]},
+                {"role": "tool", "tool_call_id": f"call{10 + n:05d}", "content": f"RESULTX{n}"},
+                {"role": "assistant", "content": "Colder."},
+            ]
         rows.append({"messages": msgs, "tools": TOOLS})
     # ShareGPT function calling (function_call / observation turns, tools as a JSON string).
-    rows.append({"conversations": [{"from": "human", "value": "Weather in Rome?"},
-                                   {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Rome"}})},
-                                   {"from": "observation", "value": '{"c": 30, "tag": "RESULT9"}'},
-                                   {"from": "gpt", "value": "Hot: 30 degrees."}],
-                 "tools": json.dumps(TOOLS)})
+    rows.append(
+        {
+            "conversations": [
+                {"from": "human", "value": "Weather in Rome?"},
+                {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Rome"}})},
+                {"from": "observation", "value": '{"c": 30, "tag": "RESULT9"}'},
+                {"from": "gpt", "value": "Hot: 30 degrees."},
+            ],
+            "tools": json.dumps(TOOLS),
+        }
+    )
     return rows
 
 
@@ -356,12 +448,21 @@ def test_tool_rows_kept_calls_trained_results_masked(family, shared_tokenizers):
 
 # ---- template controls ----------------------------------------------------------------------------
 
+
 def test_chat_template_kwargs_reach_the_template(shared_tokenizers):
     """Qwen3 with enable_thinking=false: the generation prompt holds an empty think block the history
     lacks, so earlier turns are trained in their own views (as at inference)."""
     tok = load(shared_tokenizers, "qwen3")
-    row = normalise_row({"messages": [{"role": "user", "content": "a?"}, {"role": "assistant", "content": "A"},
-                                      {"role": "user", "content": "b?"}, {"role": "assistant", "content": "B"}]})
+    row = normalise_row(
+        {
+            "messages": [
+                {"role": "user", "content": "a?"},
+                {"role": "assistant", "content": "A"},
+                {"role": "user", "content": "b?"},
+                {"role": "assistant", "content": "B"},
+            ]
+        }
+    )
     (plain,) = ChatEncoder(tok).encode_views([row])
     (off,) = ChatEncoder(tok, template_kwargs={"enable_thinking": False}).encode_views([row])
     assert len(plain) == 1 and len(off) == 2

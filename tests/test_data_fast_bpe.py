@@ -19,14 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA, SHARED_TOKENIZERS
+from test_data_masks import SYNTHETIC
 
 from raysft.pipeline.data.fast_bpe import ByteLevelFastPath
 from raysft.pipeline.data.formats import normalise_row
 from raysft.pipeline.data.light_tokenizer import TokenizerSpec
 from raysft.pipeline.data.tokenize import ChatEncoder
-
-from conftest import SHARED_DATA, SHARED_TOKENIZERS
-from test_data_masks import SYNTHETIC
 
 TRICKY = [
     "It's what they've said: we'll see, I'd think you're 'quoted' and 'S'T'",
@@ -43,9 +42,15 @@ TRICKY = [
     "CamelCaseWords andALLCAPS and snake_case_names and kebab-case-names",
 ]
 UNICODE = [
-    "Ja, grüße — 東京 ✓ 😀 and 12345 numbers", "naïve café résumé 𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "Привет мир, как дела?",
-    "عربي ١٢٣ text", "emoji 👍🏽 skin tone, CJK 中文字符 and ｆｕｌｌｗｉｄｔｈ", "It’s “quoted” – dashes … ellipsis",
-    "not NFC: e\u0301 (decomposed)", "zero\u200bwidth and zwj 👩\u200d💻", "nbsp\u00a0and\u3000ideographic space",
+    "Ja, grüße — 東京 ✓ 😀 and 12345 numbers",
+    "naïve café résumé 𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+    "Привет мир, как дела?",
+    "عربي ١٢٣ text",
+    "emoji 👍🏽 skin tone, CJK 中文字符 and ｆｕｌｌｗｉｄｔｈ",
+    "It’s “quoted” – dashes … ellipsis",
+    "not NFC: e\u0301 (decomposed)",
+    "zero\u200bwidth and zwj 👩\u200d💻",
+    "nbsp\u00a0and\u3000ideographic space",
 ]
 
 
@@ -67,20 +72,37 @@ def _shared(family):
 
 
 def _tokenizer(name, chatml_tokenizer, llama3_tokenizer):
-    return {"chatml": lambda: chatml_tokenizer, "llama3": lambda: llama3_tokenizer, "smollm2": _smollm2,
-            "llama-3.1": lambda: _shared("llama-3.1-instruct"), "qwen2.5": lambda: _shared("qwen2.5-instruct"),
-            "qwen3": lambda: _shared("qwen3")}[name]()
+    return {
+        "chatml": lambda: chatml_tokenizer,
+        "llama3": lambda: llama3_tokenizer,
+        "smollm2": _smollm2,
+        "llama-3.1": lambda: _shared("llama-3.1-instruct"),
+        "qwen2.5": lambda: _shared("qwen2.5-instruct"),
+        "qwen3": lambda: _shared("qwen3"),
+    }[name]()
 
 
 def _rows(shared_data: Path) -> list:
     rows = list(SYNTHETIC)
     rows += [{"prompt": t, "completion": u} for t in TRICKY for u in TRICKY[:4]]
-    rows += [{"messages": [{"role": "system", "content": TRICKY[1]}, {"role": "user", "content": TRICKY[7]},
-                           {"role": "assistant", "content": TRICKY[5]}, {"role": "user", "content": "again"},
-                           {"role": "assistant", "content": TRICKY[6]}]}]
+    rows += [
+        {
+            "messages": [
+                {"role": "system", "content": TRICKY[1]},
+                {"role": "user", "content": TRICKY[7]},
+                {"role": "assistant", "content": TRICKY[5]},
+                {"role": "user", "content": "again"},
+                {"role": "assistant", "content": TRICKY[6]},
+            ]
+        }
+    ]
     rows += [{"text": t} for t in TRICKY]
     rows += [{"prompt": t, "completion": u} for t in UNICODE for u in UNICODE[:5]]
-    rows += [{"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": t}]} for t in TRICKY for u in UNICODE]
+    rows += [
+        {"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": t}]}
+        for t in TRICKY
+        for u in UNICODE
+    ]
     if shared_data is not None:
         with open(shared_data / "gsm8k" / "train.jsonl") as f:
             rows += [json.loads(next(f)) for _ in range(600)]
@@ -120,7 +142,9 @@ def test_fast_path_equals_tokenizers(name, train_on, chatml_tokenizer, llama3_to
     assert any(ok and not t.isascii() for t, ok in zip(texts, safe))
     assert not any(ok and ("\u200b" in t or (fast.fast.nfc and "e\u0301" in t)) for t, ok in zip(texts, safe))
     # Offsets are cumulative byte lengths (mapped to characters): token i covers exactly its characters.
-    for text in [t for t, ok in zip(texts, safe) if ok and t.isascii()][:30] + [t for t, ok in zip(texts, safe) if ok and not t.isascii()][:30]:
+    for text in [t for t, ok in zip(texts, safe) if ok and t.isascii()][:30] + [
+        t for t, ok in zip(texts, safe) if ok and not t.isascii()
+    ][:30]:
         ids = fast.fast.encode(text)
         assert ids == fast.backend.encode(text, add_special_tokens=False).ids
         assert fast.fast.offsets(ids, text) == fast.backend.encode(text, add_special_tokens=False).offsets
@@ -142,10 +166,13 @@ def test_only_byte_level_pipelines_take_the_fast_path(chatml_tokenizer):
     assert ByteLevelFastPath.build(backend, spec.backend_json) is not None
     lowercase = json.loads(normalizers.Lowercase().__getstate__())
     trimming = json.loads(processors.ByteLevel(trim_offsets=True).__getstate__())
-    for changed in (variant(normalizer=lowercase), variant(post_processor=trimming),
-                    variant(pre_tokenizer={"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True}),
-                    variant(pre_tokenizer={**config["pre_tokenizer"], "add_prefix_space": True}),
-                    variant(added_tokens=[{**t, "lstrip": True} for t in config["added_tokens"]])):
+    for changed in (
+        variant(normalizer=lowercase),
+        variant(post_processor=trimming),
+        variant(pre_tokenizer={"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True}),
+        variant(pre_tokenizer={**config["pre_tokenizer"], "add_prefix_space": True}),
+        variant(added_tokens=[{**t, "lstrip": True} for t in config["added_tokens"]]),
+    ):
         assert ByteLevelFastPath.build(backend, changed) is None
     path = ByteLevelFastPath.build(backend, spec.backend_json)
     assert path.safe("grüße") and not path.safe("form\x0cfeed") and not path.safe("grüße\x0c")

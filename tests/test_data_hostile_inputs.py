@@ -27,9 +27,17 @@ def tok_dir(tmp_path_factory, chatml_tokenizer) -> Path:
 
 
 def cfg_for(tok_dir: Path, train: Path, tmp_path: Path):
-    return load_config(None, {"model.name_or_path": str(tok_dir), "data.train": str(train),
-                              "data.cache_dir": str(tmp_path / "cache"), "data.max_seq_len": 256,
-                              "data.tokenize_batch_size": 2, "data.max_bad_fraction": 0.5})
+    return load_config(
+        None,
+        {
+            "model.name_or_path": str(tok_dir),
+            "data.train": str(train),
+            "data.cache_dir": str(tmp_path / "cache"),
+            "data.max_seq_len": 256,
+            "data.tokenize_batch_size": 2,
+            "data.max_bad_fraction": 0.5,
+        },
+    )
 
 
 def test_deep_nesting_and_huge_lines_are_counted_with_their_row(tok_dir, tmp_path, caplog):
@@ -41,8 +49,14 @@ def test_deep_nesting_and_huge_lines_are_counted_with_their_row(tok_dir, tmp_pat
     table = pa.concat_tables([read_chunk(c) for c in plan_chunks([path], 2)])
     assert table.column("source_id").to_pylist() == list(range(6))
     normal = normalise_batch(table)
-    assert normal.column("drop_reason").to_pylist() == [None, "malformed_json", None, "malformed_json", None,
-                                                        "malformed_json"]
+    assert normal.column("drop_reason").to_pylist() == [
+        None,
+        "malformed_json",
+        None,
+        "malformed_json",
+        None,
+        "malformed_json",
+    ]
     with caplog.at_level(logging.WARNING, logger="raysft.data"):
         stats = plan.prepare(cfg_for(tok_dir, path, tmp_path), output=tmp_path / "out", use_ray=False)
     assert stats["rows_read"] == 6 and stats["rows_used"] == 3 and stats["rows_dropped"] == {"malformed_json": 3}

@@ -18,13 +18,25 @@ from raysft.pipeline.data.tokenize import ChatEncoder
 EOT = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}
 
 SYNTHETIC = [
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
-                  {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"},
-                  {"role": "assistant", "content": "It is 6.\nDone."}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "and 3+3?"},
+            {"role": "assistant", "content": "It is 6.\nDone."},
+        ]
+    },
     {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  hello there  "}]},
-    {"conversations": [{"from": "system", "value": "You answer math."}, {"from": "human", "value": "Natalia sold clips"},
-                       {"from": "gpt", "value": "She sold 72 clips.\n#### 72"}, {"from": "human", "value": "thanks"},
-                       {"from": "gpt", "value": "You are welcome!"}]},
+    {
+        "conversations": [
+            {"from": "system", "value": "You answer math."},
+            {"from": "human", "value": "Natalia sold clips"},
+            {"from": "gpt", "value": "She sold 72 clips.\n#### 72"},
+            {"from": "human", "value": "thanks"},
+            {"from": "gpt", "value": "You are welcome!"},
+        ]
+    },
     {"instruction": "Add the numbers.", "input": "3 and 4", "output": "7"},
     {"instruction": "Say hello.", "output": "hello"},
     {"prompt": "How many apples?", "completion": "Five apples."},
@@ -62,7 +74,11 @@ def check_row(tokenizer, template: str, row: dict, encoder: ChatEncoder | None =
             want.append(content + EOT[template])
     assert got == want
     # Everything outside the trained spans is the rest of the rendered conversation, untouched.
-    assert tokenizer.decode(ids) == encoder.render(item.messages) == tokenizer.apply_chat_template(item.messages, tokenize=False)
+    assert (
+        tokenizer.decode(ids)
+        == encoder.render(item.messages)
+        == tokenizer.apply_chat_template(item.messages, tokenize=False)
+    )
 
 
 @pytest.mark.parametrize("template", ["chatml", "llama3"])
@@ -126,7 +142,8 @@ THINK_TEMPLATE = (  # Qwen3-like: the generation prompt opens an empty think blo
 ALTERNATE_TEMPLATE = (  # Mistral-like: refuses conversations whose roles do not alternate
     "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
     "{{ raise_exception('roles must alternate') }}{% endif %}"
-    "{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ m['content'] + eos_token }}{% endif %}"
+    "{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% else %}{{ m['content'] + eos_token }}{% endif %}"
     "{% endfor %}"
 )
 
@@ -136,11 +153,17 @@ def test_generation_prompt_the_history_lacks_and_echoed_content(chatml_tokenizer
 
     encoder = ChatEncoder(chatml_tokenizer)
     encoder.template = _compile_jinja_template(THINK_TEMPLATE)
-    row = {"messages": [{"role": "user", "content": "say 4"}, {"role": "assistant", "content": "4"},
-                        {"role": "user", "content": "4"}, {"role": "assistant", "content": "say"}]}
+    row = {
+        "messages": [
+            {"role": "user", "content": "say 4"},
+            {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "4"},
+            {"role": "assistant", "content": "say"},
+        ]
+    }
     # The first turn's generation prompt (with the think block) is not in the history: that turn is
     # trained in its own view (the conversation up to it), the last one in the full conversation.
-    (full, view), = encoder.encode_views([normalise_row(row)])
+    ((full, view),) = encoder.encode_views([normalise_row(row)])
     assert [chatml_tokenizer.decode(s) for s in trained_segments(*full)] == ["say<|im_end|>"]
     assert [chatml_tokenizer.decode(s) for s in trained_segments(*view)] == ["4<|im_end|>"]
 
@@ -151,8 +174,13 @@ def test_template_refusing_a_row_is_a_counted_drop(chatml_tokenizer):
     encoder = ChatEncoder(chatml_tokenizer)
     encoder.template = _compile_jinja_template(ALTERNATE_TEMPLATE)
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
-    bad = {"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"},
-                        {"role": "assistant", "content": "hello"}]}
+    bad = {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "user", "content": "again"},
+            {"role": "assistant", "content": "hello"},
+        ]
+    }
     ok, refused = encoder.encode([normalise_row(good), normalise_row(bad)])
     assert [chatml_tokenizer.decode(s) for s in trained_segments(*ok)] == ["hello<|im_end|>"]
     assert refused.reason == "template_error"
@@ -199,16 +227,20 @@ def test_light_spec_matches_transformers_token_for_token(name, shared_data, chat
         if item.messages is not None:
             want_text = tok.apply_chat_template(item.messages, tokenize=False)
             assert light.render(item.messages) == want_text
-            assert light.render(item.messages, True) == tok.apply_chat_template(item.messages, tokenize=False, add_generation_prompt=True)
+            assert light.render(item.messages, True) == tok.apply_chat_template(
+                item.messages, tokenize=False, add_generation_prompt=True
+            )
             assert got[0].tolist() == tok(want_text, add_special_tokens=False)["input_ids"]
             if name != "smollm2":  # real merges can pull the newline before a content into its first token
                 check_row(tok, template, {"messages": item.messages}, light)
         else:
             assert got[0].tolist()[:-1] == tok(item.text)["input_ids"]
     # The light path really is light: building and using it imports no transformers.
-    code = ("import pickle, sys; from raysft.pipeline.data.tokenize import ChatEncoder; "
-            "from raysft.pipeline.data.formats import normalise_row; "
-            "e = ChatEncoder(pickle.loads(sys.stdin.buffer.read())); "
-            "e.encode([normalise_row({'prompt': 'a', 'completion': 'b'})]); "
-            "assert 'transformers' not in sys.modules, 'transformers imported'")
+    code = (
+        "import pickle, sys; from raysft.pipeline.data.tokenize import ChatEncoder; "
+        "from raysft.pipeline.data.formats import normalise_row; "
+        "e = ChatEncoder(pickle.loads(sys.stdin.buffer.read())); "
+        "e.encode([normalise_row({'prompt': 'a', 'completion': 'b'})]); "
+        "assert 'transformers' not in sys.modules, 'transformers imported'"
+    )
     subprocess.run([sys.executable, "-c", code], input=pickle.dumps(spec), check=True, timeout=120)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+
 from raysft.pipeline.config import load_config
 from raysft.pipeline.data import plan, preview, tokenize
 from raysft.pipeline.data.sources import split_source_id
@@ -27,14 +28,19 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def config(tmp_path: Path, tokenizer: Path, train, **data):
-    over = {"model.name_or_path": str(tokenizer), "data.train": train, "data.cache_dir": str(tmp_path / "cache"),
-            "data.max_seq_len": 1024}
+    over = {
+        "model.name_or_path": str(tokenizer),
+        "data.train": train,
+        "data.cache_dir": str(tmp_path / "cache"),
+        "data.max_seq_len": 1024,
+    }
     over.update({f"data.{k}": v for k, v in data.items()})
     return load_config(None, over)
 
 
-def test_self_check_drops_and_counts_every_row_a_broken_mask_routine_breaks(shared_tokenizers, shared_data, tmp_path,
-                                                                             monkeypatch):
+def test_self_check_drops_and_counts_every_row_a_broken_mask_routine_breaks(
+    shared_tokenizers, shared_data, tmp_path, monkeypatch
+):
     rows = gsm8k_rows(shared_data, 300)
     train = write_jsonl(tmp_path / "gsm8k.jsonl", rows)
     cfg = config(tmp_path, shared_tokenizers / LLAMA, str(train), max_bad_fraction=1.0)
@@ -43,7 +49,10 @@ def test_self_check_drops_and_counts_every_row_a_broken_mask_routine_breaks(shar
     real = tokenize._trained_ranges
 
     def broken(ids, turns, *args):  # skips the first content token of answers whose result starts with 1
-        return [(lo + 1 if "#### 1" in t.pieces[0] else lo, hi, close) for t, (lo, hi, close) in zip(turns, real(ids, turns, *args))]
+        return [
+            (lo + 1 if "#### 1" in t.pieces[0] else lo, hi, close)
+            for t, (lo, hi, close) in zip(turns, real(ids, turns, *args))
+        ]
 
     monkeypatch.setattr(tokenize, "_trained_ranges", broken)
     stats = plan.prepare(cfg, tmp_path / "broken", use_ray=False)
@@ -56,9 +65,14 @@ def test_self_check_drops_and_counts_every_row_a_broken_mask_routine_breaks(shar
 
 def test_weighted_sources_give_the_expected_epoch_and_per_source_stats(shared_tokenizers, shared_data, tmp_path):
     # Source 0: sharegpt (weight 1). Source 1: gsm8k with its own field names (weight 3, then 2.5).
-    gsm = write_jsonl(tmp_path / "gsm8k_renamed.jsonl", [{"q": r["question"], "a": r["answer"]} for r in gsm8k_rows(shared_data, 2000)])
-    sources = [{"path": str(shared_data / "sharegpt" / "dummy_conversation.json"), "format": "sharegpt", "weight": 1},
-               {"path": str(gsm), "format": "prompt_completion", "weight": 3, "columns": {"prompt": "q", "completion": "a"}}]
+    gsm = write_jsonl(
+        tmp_path / "gsm8k_renamed.jsonl",
+        [{"q": r["question"], "a": r["answer"]} for r in gsm8k_rows(shared_data, 2000)],
+    )
+    sources = [
+        {"path": str(shared_data / "sharegpt" / "dummy_conversation.json"), "format": "sharegpt", "weight": 1},
+        {"path": str(gsm), "format": "prompt_completion", "weight": 3, "columns": {"prompt": "q", "completion": "a"}},
+    ]
     n_share = len(json.loads(Path(sources[0]["path"]).read_text()))
     for weight, tolerance in ((3, 0.0), (2.5, 0.01)):
         sources[1]["weight"] = weight
@@ -86,8 +100,9 @@ def test_weighted_sources_give_the_expected_epoch_and_per_source_stats(shared_to
 
 def test_fractional_weight_below_one_counts_unsampled_rows(shared_tokenizers, shared_data, tmp_path):
     gsm = write_jsonl(tmp_path / "g.jsonl", gsm8k_rows(shared_data, 400))
-    stats = plan.prepare(config(tmp_path, shared_tokenizers / LLAMA, [{"path": str(gsm), "weight": 0.5}]), tmp_path / "o",
-                         use_ray=False)
+    stats = plan.prepare(
+        config(tmp_path, shared_tokenizers / LLAMA, [{"path": str(gsm), "weight": 0.5}]), tmp_path / "o", use_ray=False
+    )
     (src,) = stats["per_source"]
     assert src["rows_read"] == 400 and src["rows_used"] + src["rows_dropped"]["not_sampled"] == 400
     assert 150 < src["rows_used"] < 250 and stats["rows_dropped"] == {"not_sampled": 400 - src["rows_used"]}
@@ -95,9 +110,11 @@ def test_fractional_weight_below_one_counts_unsampled_rows(shared_tokenizers, sh
 
 def test_chat_template_file_replaces_the_tokenizers_own(shared_tokenizers, shared_data, tmp_path):
     template = tmp_path / "plain.jinja"
-    template.write_text("{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + "
-                        "m['content'] + '<|eot_id|>' }}{% endfor %}"
-                        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+    template.write_text(
+        "{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + "
+        "m['content'] + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+    )
     train = write_jsonl(tmp_path / "g.jsonl", gsm8k_rows(shared_data, 20))
     cfg = config(tmp_path, shared_tokenizers / LLAMA, str(train), chat_template=str(template), packing="none")
     plan.prepare(cfg, tmp_path / "o", use_ray=False)

@@ -9,11 +9,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from raysft.pipeline.data.formats import BadRow
 from raysft.pipeline.data.pack import bfd_bins, pack_batch, plan_bins, subset_fill_bins
 from raysft.pipeline.data.schema import IGNORE_INDEX as IGNORE
 from raysft.pipeline.data.schema import PACKED_COLUMNS as DATASET_COLUMNS
 from raysft.pipeline.data.tokenize import encoded_table
-from raysft.pipeline.data.formats import BadRow
 
 
 def synthetic_tokenized(n: int, seed: int = 0, max_len: int = 300, drops: int = 0) -> pa.Table:
@@ -43,11 +43,11 @@ def check_invariants(packed: pa.Table, source: pa.Table, max_seq_len: int) -> No
         assert len(lens) == len(sids)
         start = 0
         for n, sid in zip(lens, sids):
-            assert pos[start:start + n] == list(range(n))  # restarts per sample
+            assert pos[start : start + n] == list(range(n))  # restarts per sample
             assert labels[start] == IGNORE  # never trained across a sample boundary
             original = src_ids[sid]
-            assert ids[start:start + n] == original[:n]  # one sample, contiguous, cut only at the tail
-            assert labels[start + 1:start + n] == src_labels[sid][1:n]
+            assert ids[start : start + n] == original[:n]  # one sample, contiguous, cut only at the tail
+            assert labels[start + 1 : start + n] == src_labels[sid][1:n]
             start += n
         seen += sids
     dropped = [r["source_ids"][0] for r in packed.to_pylist() if r["drop_reason"] is not None]
@@ -55,7 +55,8 @@ def check_invariants(packed: pa.Table, source: pa.Table, max_seq_len: int) -> No
     tokens_in = sum(len(src_ids[s]) for s in src_ids)
     tokens_out = sum(sum(r["seq_lengths"]) for r in kept.to_pylist())
     assert tokens_in == tokens_out + sum(packed.column("tokens_truncated").to_pylist()) + sum(
-        packed.column("tokens_dropped").to_pylist())
+        packed.column("tokens_dropped").to_pylist()
+    )
 
 
 @pytest.mark.parametrize("packing", ["bfd", "none"])

@@ -18,11 +18,20 @@ from raysft.pipeline.config import load_config
 from raysft.pipeline.data import plan
 from raysft.pipeline.data.light_tokenizer import TokenizerSpec
 from raysft.pipeline.data.tokenize import load_tokenizer_spec
-from raysft.pipeline.models.tokenizer import load_tokenizer
 from raysft.pipeline.errors import DataError, ModelError
+from raysft.pipeline.models.tokenizer import load_tokenizer
 
-STATS_KEYS = {"rows_read", "rows_used", "rows_dropped", "rows_truncated", "tokens_total", "tokens_trainable",
-              "packed_rows", "max_seq_len", "packing_efficiency"}
+STATS_KEYS = {
+    "rows_read",
+    "rows_used",
+    "rows_dropped",
+    "rows_truncated",
+    "tokens_total",
+    "tokens_trainable",
+    "packed_rows",
+    "max_seq_len",
+    "packing_efficiency",
+}
 INT32_LIST, INT64_LIST = pa.list_(pa.int32()), pa.list_(pa.int64())
 
 
@@ -37,10 +46,19 @@ def write_rows(path: Path, n: int, bad: dict[int, str] | None = None) -> Path:
     lines = []
     for i in range(n):
         if i % 3 == 0:
-            row = {"question": f"how many apples does {i} have", "answer": "the answer is " + " ".join(["more"] * (i % 40)) + f" #### {i}"}
+            row = {
+                "question": f"how many apples does {i} have",
+                "answer": "the answer is " + " ".join(["more"] * (i % 40)) + f" #### {i}",
+            }
         elif i % 3 == 1:
-            row = {"conversations": [{"from": "human", "value": f"hello {i}"}, {"from": "gpt", "value": f"hi {i} " * (i % 9 + 1)},
-                                     {"from": "human", "value": "thanks"}, {"from": "gpt", "value": "sure"}]}
+            row = {
+                "conversations": [
+                    {"from": "human", "value": f"hello {i}"},
+                    {"from": "gpt", "value": f"hi {i} " * (i % 9 + 1)},
+                    {"from": "human", "value": "thanks"},
+                    {"from": "gpt", "value": "sure"},
+                ]
+            }
         else:
             row = {"instruction": "add the numbers", "input": f"{i} and {i + 1}", "output": str(2 * i + 1)}
         lines.append(json.dumps(row))
@@ -51,8 +69,13 @@ def write_rows(path: Path, n: int, bad: dict[int, str] | None = None) -> Path:
 
 
 def make_cfg(tok_dir: Path, train: Path, tmp_path: Path, **data):
-    over = {"model.name_or_path": str(tok_dir), "data.train": str(train), "data.cache_dir": str(tmp_path / "cache"),
-            "data.max_seq_len": 128, "data.tokenize_batch_size": 64}
+    over = {
+        "model.name_or_path": str(tok_dir),
+        "data.train": str(train),
+        "data.cache_dir": str(tmp_path / "cache"),
+        "data.max_seq_len": 128,
+        "data.tokenize_batch_size": 64,
+    }
     over.update({f"data.{k}": v for k, v in data.items()})
     return load_config(None, over)
 
@@ -71,8 +94,15 @@ def test_prepare_writes_dataset_and_stats(tok_dir, tmp_path, caplog):
     assert "train.jsonl row 5: malformed_json" in caplog.text  # first offending rows logged with the file name
     train_t, eval_t = read_split(tmp_path / "out" / "train"), read_split(tmp_path / "out" / "eval")
     for t in (train_t, eval_t):
-        assert t.schema == pa.schema([("input_ids", INT32_LIST), ("labels", INT32_LIST), ("position_ids", INT32_LIST),
-                                      ("seq_lengths", INT32_LIST), ("source_ids", INT64_LIST)])
+        assert t.schema == pa.schema(
+            [
+                ("input_ids", INT32_LIST),
+                ("labels", INT32_LIST),
+                ("position_ids", INT32_LIST),
+                ("seq_lengths", INT32_LIST),
+                ("source_ids", INT64_LIST),
+            ]
+        )
     ids = [s for t in (train_t, eval_t) for row in t.column("source_ids").to_pylist() for s in row]
     dropped = sum(stats["rows_dropped"].values()) + sum(stats["eval"]["rows_dropped"].values())
     assert len(ids) == len(set(ids)) == 300 - dropped  # every row once, or counted as dropped
@@ -85,17 +115,25 @@ def test_prepare_writes_dataset_and_stats(tok_dir, tmp_path, caplog):
 
 
 def test_bad_row_policies(tok_dir, tmp_path):
-    train = write_rows(tmp_path / "t.jsonl", 60, bad={3: "{oops", 7: "[1]", 9: "{oops", 11: "{oops", 13: "{oops",
-                                                         15: "{oops", 17: "{oops", 19: "{oops"})
+    train = write_rows(
+        tmp_path / "t.jsonl",
+        60,
+        bad={3: "{oops", 7: "[1]", 9: "{oops", 11: "{oops", 13: "{oops", 15: "{oops", 17: "{oops", 19: "{oops"},
+    )
     with pytest.raises(DataError, match=r"Bad row in .*t.jsonl row 3: malformed_json .*on_bad_row is error"):
         plan.prepare(make_cfg(tok_dir, train, tmp_path, on_bad_row="error"), tmp_path / "o1", use_ray=False)
-    with pytest.raises(DataError, match=r"8 of 60 train rows are bad \(mostly malformed_json\), more than data.max_bad_fraction=0.1"):
+    with pytest.raises(
+        DataError, match=r"8 of 60 train rows are bad \(mostly malformed_json\), more than data.max_bad_fraction=0.1"
+    ):
         plan.prepare(make_cfg(tok_dir, train, tmp_path), tmp_path / "o2", use_ray=False)
     stats = plan.prepare(make_cfg(tok_dir, train, tmp_path, max_bad_fraction=0.2), tmp_path / "o3", use_ray=False)
     assert stats["rows_dropped"] == {"malformed_json": 7, "not_an_object": 1}
     with pytest.raises(DataError, match=r"All 60 train rows were dropped \(mostly too_long.*raise it"):
-        plan.prepare(make_cfg(tok_dir, train, tmp_path, max_seq_len=8, too_long="drop", max_bad_fraction=0.2),
-                     tmp_path / "o4", use_ray=False)
+        plan.prepare(
+            make_cfg(tok_dir, train, tmp_path, max_seq_len=8, too_long="drop", max_bad_fraction=0.2),
+            tmp_path / "o4",
+            use_ray=False,
+        )
 
 
 def test_tokenizer_errors_are_one_sentence(tok_dir, tmp_path, chatml_tokenizer):
@@ -111,7 +149,9 @@ def test_tokenizer_errors_are_one_sentence(tok_dir, tmp_path, chatml_tokenizer):
     with pytest.raises(ModelError, match="has no chat template"):
         load_tokenizer(cfg)
     assert load_tokenizer(cfg.with_overrides({"data.format": "text"})) is not None
-    assert load_tokenizer(load_config(None, {**base, "model.name_or_path": "/nowhere", "model.tokenizer": str(tok_dir)}))
+    assert load_tokenizer(
+        load_config(None, {**base, "model.name_or_path": "/nowhere", "model.tokenizer": str(tok_dir)})
+    )
 
 
 def test_tokenizer_spec_is_cached_and_keyed_by_the_tokenizer_files(tok_dir, tmp_path, chatml_tokenizer):
@@ -123,10 +163,12 @@ def test_tokenizer_spec_is_cached_and_keyed_by_the_tokenizer_files(tok_dir, tmp_
     spec = load_tokenizer_spec(cfg)
     assert spec == TokenizerSpec.from_hf(load_tokenizer(cfg))
     (entry,) = (tmp_path / "cache" / "tokenizers").glob("*.json")
-    code = ("import sys; from raysft.pipeline.config import load_config; "
-            "from raysft.pipeline.data.tokenize import load_tokenizer_spec; "
-            f"s = load_tokenizer_spec(load_config(None, {cfg_overrides(cfg)!r})); "
-            "print(s.fingerprint(), 'transformers' in sys.modules)")
+    code = (
+        "import sys; from raysft.pipeline.config import load_config; "
+        "from raysft.pipeline.data.tokenize import load_tokenizer_spec; "
+        f"s = load_tokenizer_spec(load_config(None, {cfg_overrides(cfg)!r})); "
+        "print(s.fingerprint(), 'transformers' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == [spec.fingerprint(), "False"]
     entry.write_text("{not json")
@@ -144,14 +186,20 @@ def test_tokenizer_spec_is_cached_and_keyed_by_the_tokenizer_files(tok_dir, tmp_
 
 
 def cfg_overrides(cfg) -> dict:
-    return {"model.name_or_path": cfg.model.name_or_path, "data.train": cfg.data.train, "data.cache_dir": cfg.data.cache_dir}
+    return {
+        "model.name_or_path": cfg.model.name_or_path,
+        "data.train": cfg.data.train,
+        "data.cache_dir": cfg.data.cache_dir,
+    }
 
 
 def test_cache_is_reused_and_keyed_by_inputs(tok_dir, tmp_path):
     train = write_rows(tmp_path / "t.jsonl", 90)
     cfg = make_cfg(tok_dir, train, tmp_path)
     results = []
-    threads = [threading.Thread(target=lambda: results.append(plan.ensure_prepared(cfg, use_ray=False))) for _ in range(3)]
+    threads = [
+        threading.Thread(target=lambda: results.append(plan.ensure_prepared(cfg, use_ray=False))) for _ in range(3)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -206,7 +254,7 @@ def test_ray_plan_equals_pure_functions_and_cli(ray_session, tok_dir, tmp_path, 
         for row in read_split(directory).to_pylist():
             start = 0
             for n, sid in zip(row["seq_lengths"], row["source_ids"]):
-                out[sid] = row["input_ids"][start:start + n]
+                out[sid] = row["input_ids"][start : start + n]
                 start += n
         return out
 
@@ -216,8 +264,12 @@ def test_ray_plan_equals_pure_functions_and_cli(ray_session, tok_dir, tmp_path, 
 def test_cli_bad_input_exits_2_with_one_sentence(tok_dir, tmp_path):
     config_file = tmp_path / "cfg.yaml"
     config_file.write_text(f"model: {{name_or_path: {tok_dir}}}\ndata: {{train: {tmp_path / 'missing.jsonl'}}}\n")
-    proc = subprocess.run([sys.executable, "-m", "raysft.pipeline.cli", "prepare", str(config_file)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "raysft.pipeline.cli", "prepare", str(config_file)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
-    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert lines == [f"raysft: error: The data path {tmp_path / 'missing.jsonl'} does not exist."]

@@ -78,7 +78,7 @@ def test_directory_and_glob_use_file_index_source_ids(tmp_path):
 def test_path_errors_are_one_sentence(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "bad.json").write_text("[{1: 2}")
-    (tmp_path / "obj.json").write_text('[]')
+    (tmp_path / "obj.json").write_text("[]")
     (tmp_path / "x.csv").write_text("a,b")
     (tmp_path / "nodata").mkdir()
     cases = {

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from raysft.pipeline.demo import task as demo_task
-from raysft.pipeline.demo.run import DEMO_CONFIG, demo_config, eval_config, report_of, run_demo
 from raysft.pipeline.demo.report import loss_series, write_report
+from raysft.pipeline.demo.run import DEMO_CONFIG, demo_config, eval_config, report_of, run_demo
 
 
 def test_task_is_seeded_disjoint_and_checkable(tmp_path):
@@ -49,11 +49,33 @@ def test_report_and_loss_curve_are_written(tmp_path):
     metrics[9]["eval_loss"] = 0.6
     train, evals = loss_series(metrics)
     assert len(train) == 10 and evals == [(5, 1.2), (10, 0.6)]
-    side = lambda loss, acc: {"eval_loss": loss, "eval_tokens": 90, "accuracy": acc, "correct": int(acc * 8),  # noqa: E731
-                              "total": 8, "seconds": 1.0, "samples": [{"prompt": "p", "reply": "r", "answer": "a"}]}
-    report = {"model": "m", "task": "t", "n_train": 10, "steps": 10, "workers": 2, "zero_stage": 2, "train_seconds": 5.0,
-              "tokens_per_s": 150.0, "before": side(2.5, 0.0), "after": side(0.5, 0.75), "run_dir": "r", "adapter_path": "a",
-              "wall_seconds": 9.0}
+
+    def side(loss, acc):
+        return {
+            "eval_loss": loss,
+            "eval_tokens": 90,
+            "accuracy": acc,
+            "correct": int(acc * 8),
+            "total": 8,
+            "seconds": 1.0,
+            "samples": [{"prompt": "p", "reply": "r", "answer": "a"}],
+        }
+
+    report = {
+        "model": "m",
+        "task": "t",
+        "n_train": 10,
+        "steps": 10,
+        "workers": 2,
+        "zero_stage": 2,
+        "train_seconds": 5.0,
+        "tokens_per_s": 150.0,
+        "before": side(2.5, 0.0),
+        "after": side(0.5, 0.75),
+        "run_dir": "r",
+        "adapter_path": "a",
+        "wall_seconds": 9.0,
+    }
     paths = write_report(tmp_path, report, metrics)
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["png"].stat().st_size > 10_000
     saved = report_of(tmp_path)
@@ -80,9 +102,16 @@ def test_demo_end_to_end_on_tiny_model(ray_session, tiny_model_dir, tmp_path, ca
     """The whole demo flow (data, before eval, 2-worker ZeRO-2 QLoRA on Ray, after eval, report) on the tiny model."""
     code = run_demo(
         output=tmp_path / "demo",
-        overrides=[f"model.name_or_path={tiny_model_dir}", "train.max_steps=6", "train.eval_every=3", "train.lr=1e-2",
-                   "data.max_seq_len=256", "train.logging.tensorboard=false"],
-        n_train=120, n_eval=12,
+        overrides=[
+            f"model.name_or_path={tiny_model_dir}",
+            "train.max_steps=6",
+            "train.eval_every=3",
+            "train.lr=1e-2",
+            "data.max_seq_len=256",
+            "train.logging.tensorboard=false",
+        ],
+        n_train=120,
+        n_eval=12,
     )
     out = capsys.readouterr().out
     report = report_of(tmp_path / "demo")
@@ -109,8 +138,16 @@ def test_demo_cli_console_is_short_with_progress_and_eta_and_the_full_log_in_the
     import subprocess
     import sys
 
-    sets = [f"model.name_or_path={tiny_model_dir}", "train.max_steps=6", "train.eval_every=3", "train.lr=1e-2",
-            "data.max_seq_len=256", "train.logging.tensorboard=false", "demo.n_train=120", "demo.n_eval=12"]
+    sets = [
+        f"model.name_or_path={tiny_model_dir}",
+        "train.max_steps=6",
+        "train.eval_every=3",
+        "train.lr=1e-2",
+        "data.max_seq_len=256",
+        "train.logging.tensorboard=false",
+        "demo.n_train=120",
+        "demo.n_eval=12",
+    ]
     cmd = [sys.executable, "-m", "raysft.pipeline.cli", "demo", "--output", str(tmp_path / "demo")]
     for s in sets:
         cmd += ["--set", s]

@@ -27,8 +27,17 @@ def write_chat(path: Path, n: int = 40) -> Path:
     with path.open("w") as f:
         for _ in range(n):
             a, b = rng.randint(1, 20), rng.randint(1, 20)
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"what is {a} plus {b}"},
-                                             {"role": "assistant", "content": f"the answer is {a + b}"}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"what is {a} plus {b}"},
+                            {"role": "assistant", "content": f"the answer is {a + b}"},
+                        ]
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
@@ -36,8 +45,11 @@ def config_file(tmp_path: Path, model_dir: Path, **more) -> Path:
     cfg = {
         "model": {"name_or_path": str(model_dir), "quantization": "none", "dtype": "float32"},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"train": str(write_chat(tmp_path / "chat.jsonl")), "max_seq_len": 128,
-                 "cache_dir": str(tmp_path / "cache")},
+        "data": {
+            "train": str(write_chat(tmp_path / "chat.jsonl")),
+            "max_seq_len": 128,
+            "cache_dir": str(tmp_path / "cache"),
+        },
         "train": {"max_steps": 400, "save_every": 2, "eval_every": 1000, "lr": 1e-3, "warmup_steps": 0},
         "scaling": {"num_workers": 1},
         "run": {"name": "probe", "storage_path": str(tmp_path / "runs"), "max_failures": 0},
@@ -61,15 +73,17 @@ def test_deepspeed_json_that_is_not_an_object(tiny_model_dir, tmp_path, capsys):
     ds.write_text("[1, 2, 3]")
     cfg = config_file(tmp_path, tiny_model_dir, **{"train.deepspeed": {"config": str(ds)}})
     assert cli.main(["train", str(cfg)]) == 2
-    assert one_sentence(capsys) == (f"raysft: error: train.deepspeed.config {ds} holds a JSON list, not an object of "
-                                    "DeepSpeed settings.")
+    assert one_sentence(capsys) == (
+        f"raysft: error: train.deepspeed.config {ds} holds a JSON list, not an object of DeepSpeed settings."
+    )
 
 
 def test_empty_run_name(tiny_model_dir, tmp_path, capsys):
     cfg = config_file(tmp_path, tiny_model_dir)
     assert cli.main(["train", str(cfg), "--set", "run.name="]) == 2
-    assert one_sentence(capsys).endswith("has a bad value '': run.name must name a folder under run.storage_path "
-                                         "(not empty, not . or ..).")
+    assert one_sentence(capsys).endswith(
+        "has a bad value '': run.name must name a folder under run.storage_path (not empty, not . or ..)."
+    )
 
 
 def test_read_only_run_folder(tiny_model_dir, tmp_path, capsys):
@@ -78,8 +92,12 @@ def test_read_only_run_folder(tiny_model_dir, tmp_path, capsys):
     run.mkdir(parents=True)
     mounted = False
     if os.geteuid() == 0:  # root writes through file modes: make the folder a read-only mount instead
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(run)],
-                                 capture_output=True).returncode == 0
+        mounted = (
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(run)], capture_output=True
+            ).returncode
+            == 0
+        )
         if not mounted:
             pytest.skip("running as root without permission to mount a read-only folder")
     else:
@@ -110,8 +128,9 @@ def test_ctrl_c_during_training_then_a_deleted_checkpoint(tiny_model_dir, tmp_pa
     cfg = config_file(tmp_path, tiny_model_dir)
     run = tmp_path / "runs" / "probe"
     command = [sys.executable, "-m", "raysft.pipeline.cli", "train", str(cfg)]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 300
         while len(_registered_checkpoints(run)) < 2 and proc.poll() is None and time.monotonic() < deadline:
@@ -134,7 +153,8 @@ def test_ctrl_c_during_training_then_a_deleted_checkpoint(tiny_model_dir, tmp_pa
     assert "Traceback" not in again.stderr, again.stderr
     assert again.stderr.strip().splitlines()[-1] == (
         f"raysft: error: The run folder {run} lists a checkpoint that no longer exists (in "
-        "checkpoint_manager_snapshot.json); restore it, or train under a new run.name.")
+        "checkpoint_manager_snapshot.json); restore it, or train under a new run.name."
+    )
 
 
 @pytest.mark.ray
@@ -145,15 +165,31 @@ def test_bad_rows_and_unreadable_files_through_ray_are_one_sentence(tiny_model_d
     bad.write_text(write_chat(tmp_path / "ok.jsonl").read_text() + "{oops\n")
     broken = tmp_path / "broken.arrow"
     broken.write_bytes(b"not an Arrow stream")
-    cases = [(["--set", f"data.train={bad}", "--set", "data.on_bad_row=error"],
-              rf"raysft: error: Bad row in {bad} row 40: malformed_json \(not valid JSON .*\); "
-              "data.on_bad_row is error."),
-             (["--set", f"data.train={broken}"],
-              rf"raysft: error: Could not read {broken} \(from row 0\): ArrowInvalid: .*")]
+    cases = [
+        (
+            ["--set", f"data.train={bad}", "--set", "data.on_bad_row=error"],
+            rf"raysft: error: Bad row in {bad} row 40: malformed_json \(not valid JSON .*\); "
+            "data.on_bad_row is error.",
+        ),
+        (
+            ["--set", f"data.train={broken}"],
+            rf"raysft: error: Could not read {broken} \(from row 0\): ArrowInvalid: .*",
+        ),
+    ]
     for overrides, sentence in cases:
-        proc = subprocess.run([sys.executable, "-m", "raysft.pipeline.cli", "prepare",
-                               str(config_file(tmp_path, tiny_model_dir)), *overrides],
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "raysft.pipeline.cli",
+                "prepare",
+                str(config_file(tmp_path, tiny_model_dir)),
+                *overrides,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr, proc.stderr
         assert re.fullmatch(sentence, proc.stderr.strip().splitlines()[-1]), proc.stderr

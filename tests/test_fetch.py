@@ -24,7 +24,8 @@ def _permute_for_gguf(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_tiny_gguf(path: Path, seed: int = 0, chat_template: bool = True):
-    """A tiny random Llama + ChatML byte-level BPE tokenizer, written as an F32 GGUF file; returns (model, tokenizer)."""
+    """A tiny random Llama + ChatML byte-level BPE tokenizer, written as an F32 GGUF file;
+    returns (model, tokenizer)."""
     import gguf
     from tiny import build_tokenizer, tiny_llama_config
     from transformers import LlamaForCausalLM

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from raysft.pipeline.config import load_config
 from raysft.pipeline.errors import ConfigError, DataError
 from raysft.pipeline.training import generate_eval as ge
@@ -25,16 +26,30 @@ def _char_code(replies):
 
 
 def _write_prompts(root: Path) -> Path:
-    """Three formats in one folder: multi-turn messages (JSON lines), Alpaca (JSON array), prompt/completion (Parquet)."""
+    """Three formats in one folder: multi-turn messages (JSON lines), Alpaca (JSON array), prompt/completion
+    (Parquet)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     d = root / "prompts"
     d.mkdir()
-    rows = [{"messages": [{"role": "user", "content": "what is 2 plus 3?"}, {"role": "assistant", "content": "5"},
-                          {"role": "user", "content": "and 4 plus 4?"}, {"role": "assistant", "content": " 8 "}]},
-            {"messages": [{"role": "system", "content": "add"}, {"role": "user", "content": "what is 1 plus 1?"},
-                          {"role": "assistant", "content": "2"}]}]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "what is 2 plus 3?"},
+                {"role": "assistant", "content": "5"},
+                {"role": "user", "content": "and 4 plus 4?"},
+                {"role": "assistant", "content": " 8 "},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "system", "content": "add"},
+                {"role": "user", "content": "what is 1 plus 1?"},
+                {"role": "assistant", "content": "2"},
+            ]
+        },
+    ]
     (d / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")  # a trailing blank line
     (d / "b.json").write_text(json.dumps([{"instruction": "add", "input": "6 and 1", "output": "7"}]))
     pq.write_table(pa.Table.from_pylist([{"prompt": "what is 9 plus 0?", "completion": "9"}]), d / "c.parquet")
@@ -54,8 +69,11 @@ def test_a_bad_prompt_row_is_one_sentence_naming_file_and_row(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n{not json\n")
     cfg = load_config(overrides={"train.eval_generate.prompts": str(path)})
-    with pytest.raises(DataError, match=rf"train.eval_generate.prompts {path} row 1 is not a prompt with a reference "
-                                        r"answer \(malformed_json"):
+    with pytest.raises(
+        DataError,
+        match=rf"train.eval_generate.prompts {path} row 1 is not a prompt with a reference "
+        r"answer \(malformed_json",
+    ):
         ge.read_prompts(cfg)
     path.write_text(json.dumps({"messages": [{"role": "assistant", "content": "hi"}]}) + "\n")
     with pytest.raises(DataError, match="row 0 has no user turn before its last assistant turn"):
@@ -80,12 +98,15 @@ def test_user_metric_from_a_file_or_a_module(tmp_path):
     assert name == "contains" and fn(["xay"], ["a"]) == 1.0
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("exact", r" is neither exact_match nor contains nor module:function\."),
-    ("no_such_module_xyz:f", r": importing no_such_module_xyz failed \(ModuleNotFoundError"),
-    ("raysft.pipeline.training.generate_eval:nope", r".*generate_eval has no function nope\."),
-    ("missing.py:f", r": the file .*missing.py does not exist\."),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("exact", r" is neither exact_match nor contains nor module:function\."),
+        ("no_such_module_xyz:f", r": importing no_such_module_xyz failed \(ModuleNotFoundError"),
+        ("raysft.pipeline.training.generate_eval:nope", r".*generate_eval has no function nope\."),
+        ("missing.py:f", r": the file .*missing.py does not exist\."),
+    ],
+)
 def test_bad_metric_specs_are_one_sentence(spec, message):
     with pytest.raises(ConfigError, match=rf"train.eval_generate.metric .{spec}.{message}"):
         ge.load_metric(spec)
@@ -98,30 +119,52 @@ def test_off_by_default_and_checked_before_any_worker_starts(tmp_path, tiny_mode
     assert not ge.enabled(cfg) and ge.validation_config(cfg, tmp_path) is None and not ge.due(cfg, 100, True)
     prompts = _write_prompts(tmp_path)
     with pytest.raises(ConfigError, match=r"train.eval_generate.metric 'nomod_xyz:f': importing nomod_xyz failed"):
-        preflight(cfg.with_overrides({"train.eval_generate.prompts": str(prompts), "train.eval_generate.metric": "nomod_xyz:f"}))
+        preflight(
+            cfg.with_overrides(
+                {"train.eval_generate.prompts": str(prompts), "train.eval_generate.metric": "nomod_xyz:f"}
+            )
+        )
     with pytest.raises(DataError, match="The data path .*nowhere.jsonl does not exist"):
         preflight(cfg.with_overrides({"train.eval_generate.prompts": str(tmp_path / "nowhere.jsonl")}))
     (tmp_path / "m.py").write_text(CUSTOM_METRIC)
     (tmp_path / "c.yaml").write_text("train: {eval_generate: {prompts: prompts, metric: m.py:char_code, every: 3}}\n")
-    ok = preflight(load_config(tmp_path / "c.yaml", overrides={"model.name_or_path": str(tiny_model_dir),
-                                                                "run.storage_path": str(tmp_path)}))
-    assert ok.train.eval_generate.prompts == str(prompts) and ok.train.eval_generate.metric == f"{tmp_path / 'm.py'}:char_code"
+    ok = preflight(
+        load_config(
+            tmp_path / "c.yaml",
+            overrides={"model.name_or_path": str(tiny_model_dir), "run.storage_path": str(tmp_path)},
+        )
+    )
+    assert (
+        ok.train.eval_generate.prompts == str(prompts)
+        and ok.train.eval_generate.metric == f"{tmp_path / 'm.py'}:char_code"
+    )
     assert [s for s in range(1, 8) if ge.due(ok, s, s == 7)] == [3, 6, 7]
 
 
 def test_tune_metric_may_be_the_generation_metric(tmp_path):
     from raysft.pipeline.sweep.space import plan_sweep
 
-    base = {"data.train": "t.jsonl", "tune.search_space": {"train.lr": [1e-3, 1e-4]}, "tune.metric": "gen_exact_match",
-            "tune.mode": "max", "tune.scheduler": "none"}
-    with pytest.raises(ConfigError, match=r"tune.metric 'gen_exact_match' is a generation metric; set train.eval_generate.prompts\."):
+    base = {
+        "data.train": "t.jsonl",
+        "tune.search_space": {"train.lr": [1e-3, 1e-4]},
+        "tune.metric": "gen_exact_match",
+        "tune.mode": "max",
+        "tune.scheduler": "none",
+    }
+    with pytest.raises(
+        ConfigError, match=r"tune.metric 'gen_exact_match' is a generation metric; set train.eval_generate.prompts\."
+    ):
         plan_sweep(load_config(overrides=base))
     on = {**base, "train.eval_generate.prompts": str(_write_prompts(tmp_path))}
     assert plan_sweep(load_config(overrides=on)).metric == "gen_exact_match"
     with pytest.raises(ConfigError, match=r"is not what train.eval_generate reports \(gen_contains\)"):
         plan_sweep(load_config(overrides={**on, "train.eval_generate.metric": "contains"}))
     with pytest.raises(ConfigError, match="too late for search_alg optuna"):
-        plan_sweep(load_config(overrides={**on, "tune.search_alg": "optuna", "tune.search_space": {"train.lr": {"choice": [1e-3]}}}))
+        plan_sweep(
+            load_config(
+                overrides={**on, "tune.search_alg": "optuna", "tune.search_space": {"train.lr": {"choice": [1e-3]}}}
+            )
+        )
 
 
 # --- real runs (Ray) -----------------------------------------------------------------------------------
@@ -136,18 +179,33 @@ def _gen_lines(run_dir: Path, key: str) -> list[dict]:
 def test_exact_match_on_held_out_prompts_at_its_interval(ray_session, tiny_model_dir, tmp_path):
     """4 steps, generation every 2: gen_exact_match at steps 2 and 4 in metrics.jsonl, each the exact match of
     the replies it wrote; the step-4 replies are what the saved adapter generates."""
-    from raysft.pipeline.trainer import build_trainer, finish_run, preflight
     from train_fixtures import make_prepared
+
+    from raysft.pipeline.trainer import build_trainer, finish_run, preflight
 
     prepared = make_prepared(tmp_path / "packed", n_train=48, n_eval=0, per_row=3)
     prompts = _write_prompts(tmp_path)
-    cfg = preflight(load_config(overrides={
-        "model.name_or_path": str(tiny_model_dir), "model.quantization": "none", "model.dtype": "float32",
-        "lora.r": 4, "lora.dropout": 0.0, "train.max_steps": 4, "train.lr": 5e-3, "train.save_every": 100,
-        "train.micro_batch_size": 4, "train.logging.tensorboard": False, "scaling.num_workers": 1,
-        "run.storage_path": str(tmp_path / "runs"), "run.name": "gen", "run.max_failures": 0,
-        "train.eval_generate": {"prompts": str(prompts), "every": 2, "max_new_tokens": 6, "batch_size": 3},
-    }))
+    cfg = preflight(
+        load_config(
+            overrides={
+                "model.name_or_path": str(tiny_model_dir),
+                "model.quantization": "none",
+                "model.dtype": "float32",
+                "lora.r": 4,
+                "lora.dropout": 0.0,
+                "train.max_steps": 4,
+                "train.lr": 5e-3,
+                "train.save_every": 100,
+                "train.micro_batch_size": 4,
+                "train.logging.tensorboard": False,
+                "scaling.num_workers": 1,
+                "run.storage_path": str(tmp_path / "runs"),
+                "run.name": "gen",
+                "run.max_failures": 0,
+                "train.eval_generate": {"prompts": str(prompts), "every": 2, "max_new_tokens": 6, "batch_size": 3},
+            }
+        )
+    )
     result = finish_run(cfg, build_trainer(cfg, prepared).fit())
     run_dir = result.run_dir
     lines = _gen_lines(run_dir, "gen_exact_match")
@@ -159,7 +217,10 @@ def test_exact_match_on_held_out_prompts_at_its_interval(ray_session, tiny_model
         assert [x["reference"] for x in s] == [" 8 ", "2", "7", "9"]
         assert m["gen_exact_match"] == ge.exact_match([x["reply"] for x in s], [x["reference"] for x in s])
     # Only the generation steps and the end were checkpointed (save_every 100).
-    assert sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()) == ["checkpoint_000002", "checkpoint_000004"]
+    assert sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()) == [
+        "checkpoint_000002",
+        "checkpoint_000004",
+    ]
     # The eval used the checkpoint's adapter: regenerate from the run's final adapter (= step 4's).
     model, tok = ge.load_with_adapter(cfg, result.adapter_path)
     replies = ge.generate(model, tok, ge.read_prompts(cfg), max_new_tokens=6, batch_size=3)
@@ -181,31 +242,63 @@ def test_tune_grid_picks_its_best_trial_by_a_user_generation_metric(ray_session,
     rows = []
     for _ in range(40):
         a, b = rng.randint(0, 50), rng.randint(0, 50)
-        rows.append({"messages": [{"role": "system", "content": "add"}, {"role": "user", "content": f"what is {a} plus {b}?"},
-                                  {"role": "assistant", "content": f"{a + b}"}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "add"},
+                    {"role": "user", "content": f"what is {a} plus {b}?"},
+                    {"role": "assistant", "content": f"{a + b}"},
+                ]
+            }
+        )
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "held.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
     (tmp_path / "metric.py").write_text(CUSTOM_METRIC)
-    cfg = load_config(overrides={
-        "model": {"name_or_path": str(tiny_model_dir), "quantization": "none", "dtype": "float32",
-                  "gradient_checkpointing": False},
-        "lora": {"r": 4, "dropout": 0.0},
-        "data": {"train": str(tmp_path / "train.jsonl"), "max_seq_len": 128, "cache_dir": str(tmp_path / "cache"),
-                 "num_tokenizer_actors": 1},
-        "train": {"max_steps": 2, "save_every": 100, "logging": {"tensorboard": False},
-                  "eval_generate": {"prompts": str(tmp_path / "held.jsonl"), "every": 2, "max_new_tokens": 8,
-                                    "metric": f"{tmp_path / 'metric.py'}:char_code"}},
-        "scaling": {"num_workers": 1},
-        "run": {"storage_path": str(tmp_path / "runs"), "name": "gengrid", "max_failures": 0},
-        "tune": {"search_space": {"train.lr": [0.05, 0.0001]}, "search_alg": "grid", "scheduler": "none",
-                 "metric": "gen_char_code", "mode": "max"},
-    })
+    cfg = load_config(
+        overrides={
+            "model": {
+                "name_or_path": str(tiny_model_dir),
+                "quantization": "none",
+                "dtype": "float32",
+                "gradient_checkpointing": False,
+            },
+            "lora": {"r": 4, "dropout": 0.0},
+            "data": {
+                "train": str(tmp_path / "train.jsonl"),
+                "max_seq_len": 128,
+                "cache_dir": str(tmp_path / "cache"),
+                "num_tokenizer_actors": 1,
+            },
+            "train": {
+                "max_steps": 2,
+                "save_every": 100,
+                "logging": {"tensorboard": False},
+                "eval_generate": {
+                    "prompts": str(tmp_path / "held.jsonl"),
+                    "every": 2,
+                    "max_new_tokens": 8,
+                    "metric": f"{tmp_path / 'metric.py'}:char_code",
+                },
+            },
+            "scaling": {"num_workers": 1},
+            "run": {"storage_path": str(tmp_path / "runs"), "name": "gengrid", "max_failures": 0},
+            "tune": {
+                "search_space": {"train.lr": [0.05, 0.0001]},
+                "search_alg": "grid",
+                "scheduler": "none",
+                "metric": "gen_char_code",
+                "mode": "max",
+            },
+        }
+    )
     sweep = tune(cfg)
     values = {}
     for trial in (Path(sweep.sweep_dir) / "trials").iterdir():
         (line,) = _gen_lines(trial, "gen_char_code")
         (s,) = ge.jsonl.read(trial / ge.SAMPLES_FILE)
-        assert line["step"] == 2 and line["gen_char_code"] == pytest.approx(_char_code([x["reply"] for x in s["samples"]]))
+        assert line["step"] == 2 and line["gen_char_code"] == pytest.approx(
+            _char_code([x["reply"] for x in s["samples"]])
+        )
         values[trial.name] = line["gen_char_code"]
     assert len(values) == 2 and len(set(values.values())) == 2, values  # the trials differ, so the pick means something
     best = max(values, key=values.get)
@@ -215,15 +308,17 @@ def test_tune_grid_picks_its_best_trial_by_a_user_generation_metric(ray_session,
     assert {k: float(r["final_gen_char_code"]) for k, r in table.items()} == pytest.approx(values)
 
 
-def test_the_eval_task_writes_metrics_samples_mlflow_and_wandb_and_records_a_failure(tmp_path, tiny_model_dir,
-                                                                                     monkeypatch):
+def test_the_eval_task_writes_metrics_samples_mlflow_and_wandb_and_records_a_failure(
+    tmp_path, tiny_model_dir, monkeypatch
+):
     """validate_checkpoint (what Ray Train runs as the validation task) on a checkpoint folder of step 3: the
     gen_ line, the replies, and the value in a real MLflow server and a W&B offline run; a metric that raises
     is a failures.jsonl line."""
     from ray.train import Checkpoint
+    from tracking_fixtures import MlflowServer, free_port, wandb_history
+
     from raysft.pipeline.models.load import build_model, save_adapter
     from raysft.pipeline.tracking import FAILURES_FILE, _client, read_handles, start_tracking
-    from tracking_fixtures import MlflowServer, free_port, wandb_history
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     server = MlflowServer(tmp_path / "mlflow", free_port())
@@ -231,12 +326,21 @@ def test_the_eval_task_writes_metrics_samples_mlflow_and_wandb_and_records_a_fai
     server.start()
     try:
         run_dir = tmp_path / "runs" / "r"
-        cfg = load_config(overrides={
-            "model.name_or_path": str(tiny_model_dir), "model.quantization": "none", "model.dtype": "float32",
-            "lora.r": 4, "train.logging": {"tensorboard": False, "mlflow": True, "wandb": True,
-                                           "mlflow_tracking_uri": server.uri},
-            "train.eval_generate": {"prompts": str(_write_prompts(tmp_path)), "max_new_tokens": 5},
-        })
+        cfg = load_config(
+            overrides={
+                "model.name_or_path": str(tiny_model_dir),
+                "model.quantization": "none",
+                "model.dtype": "float32",
+                "lora.r": 4,
+                "train.logging": {
+                    "tensorboard": False,
+                    "mlflow": True,
+                    "wandb": True,
+                    "mlflow_tracking_uri": server.uri,
+                },
+                "train.eval_generate": {"prompts": str(_write_prompts(tmp_path)), "max_new_tokens": 5},
+            }
+        )
         start_tracking(cfg, run_dir, fresh=True)
         ckpt = tmp_path / "checkpoint_000003"
         save_adapter(build_model(cfg), ckpt / "adapter")
@@ -252,8 +356,13 @@ def test_the_eval_task_writes_metrics_samples_mlflow_and_wandb_and_records_a_fai
         assert any(r.get("gen_exact_match") == out["gen_exact_match"] and r.get("_step") == 3 for r in rows), rows
 
         (tmp_path / "bad.py").write_text("def broken(replies, references):\n    raise ValueError('no score')\n")
-        bad = cfg.with_overrides({"train.eval_generate.metric": f"{tmp_path / 'bad.py'}:broken",
-                                  "train.logging.mlflow": False, "train.logging.wandb": False})
+        bad = cfg.with_overrides(
+            {
+                "train.eval_generate.metric": f"{tmp_path / 'bad.py'}:broken",
+                "train.logging.mlflow": False,
+                "train.logging.wandb": False,
+            }
+        )
         with pytest.raises(ValueError, match="no score"):
             ge.validate_checkpoint(Checkpoint.from_directory(str(ckpt)), config=bad.to_dict(), run_dir=str(run_dir))
         failures = [e for e in ge.jsonl.read(run_dir / FAILURES_FILE) if e["event"] == "generation_eval_failed"]

@@ -20,11 +20,21 @@ def test_dry_run_runs_the_loop_without_ray_and_writes_one_report(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "TMPDIR": str(tmp_path)}
     env.pop("PYTHONPATH", None)  # the script maps raysft.* to this checkout itself
     out = tmp_path / "out"
-    proc = subprocess.run(["bash", str(REPO / "tests/benchmarks/gpu_acceptance.sh"), "--dry-run", "--no-wheels",
-                           "--out", str(out)], env=env, cwd=REPO, capture_output=True, text=True, timeout=800)
+    proc = subprocess.run(
+        ["bash", str(REPO / "tests/benchmarks/gpu_acceptance.sh"), "--dry-run", "--no-wheels", "--out", str(out)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=800,
+    )
     report = (out / "gpu_acceptance.md").read_text() if (out / "gpu_acceptance.md").is_file() else proc.stdout
     assert proc.returncode == 0, report[-6000:] + proc.stderr[-3000:]
     assert [p.name for p in out.iterdir()] == ["gpu_acceptance.md"]
-    for stage in ("torchrun loop, NF4 + ZeRO-2, kernels-off, gloo | pass", "kernels-on, gloo | pass",
-                  "checkpoint + resume (lost last checkpoint) | pass", "kernels on vs off (final eval loss) | pass"):
+    for stage in (
+        "torchrun loop, NF4 + ZeRO-2, kernels-off, gloo | pass",
+        "kernels-on, gloo | pass",
+        "checkpoint + resume (lost last checkpoint) | pass",
+        "kernels on vs off (final eval loss) | pass",
+    ):
         assert stage in report, report

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 from local_processes import free_port
+from train_fixtures import make_prepared
+
 from raysft.pipeline.cluster_checks import (
     Capacity,
     NodeGroup,
@@ -21,7 +23,6 @@ from raysft.pipeline.cluster_checks import (
 from raysft.pipeline.config import load_config
 from raysft.pipeline.errors import ClusterError, ConfigError
 from raysft.pipeline.trainer import check_gpu_settings
-from train_fixtures import make_prepared
 
 
 def cfg_of(**over):
@@ -37,20 +38,31 @@ def test_gpus_per_worker_must_be_one_with_gpus():
 
 
 def test_quant_storage_is_uint8_or_model_dtype():
-    for dtype, storage in [("bfloat16", None), ("bfloat16", "bfloat16"), ("float32", "float32"), ("float32", "uint8"),
-                           ("bfloat16", "uint8")]:
+    for dtype, storage in [
+        ("bfloat16", None),
+        ("bfloat16", "bfloat16"),
+        ("float32", "float32"),
+        ("float32", "uint8"),
+        ("bfloat16", "uint8"),
+    ]:
         check_gpu_settings(cfg_of(**{"model.dtype": dtype, "model.quant_storage": storage}))
     with pytest.raises(ConfigError, match="model.quant_storage bfloat16 must be uint8 or equal to model.dtype"):
         check_gpu_settings(cfg_of(**{"model.dtype": "float32", "model.quant_storage": "bfloat16"}))
     # Without a 4-bit base there is nothing to corrupt.
-    check_gpu_settings(cfg_of(**{"model.quantization": "none", "model.dtype": "float32", "model.quant_storage": "bfloat16"}))
+    check_gpu_settings(
+        cfg_of(**{"model.quantization": "none", "model.dtype": "float32", "model.quant_storage": "bfloat16"})
+    )
 
 
 def test_quant_storage_defaults_to_model_dtype(tiny_model_dir):
     from raysft.pipeline.models.load import load_base_model
 
-    model = load_base_model(cfg_of(**{"model.name_or_path": str(tiny_model_dir), "model.dtype": "float32",
-                                      "model.compute_dtype": "float32"}).model, device="cpu")
+    model = load_base_model(
+        cfg_of(
+            **{"model.name_or_path": str(tiny_model_dir), "model.dtype": "float32", "model.compute_dtype": "float32"}
+        ).model,
+        device="cpu",
+    )
     q = model.model.layers[0].self_attn.q_proj
     assert q.weight.dtype == torch.float32  # the packed 4-bit data lives in model.dtype containers
 
@@ -135,8 +147,9 @@ def test_rank_local_token_counts_sum_to_the_step_count(tmp_path):
 
     prepared = make_prepared(tmp_path, n_train=60, n_eval=0, per_row=3, rows_per_shard=3)
     split = np.arange(8).reshape(2, 2, 2)  # [grad_accum, world, micro]
-    with reader_for(load_index(str(prepared.train_dir)), seed=0, window=2, rows_per_step=8, max_steps=None,
-                    epochs=2) as reader:
+    with reader_for(
+        load_index(str(prepared.train_dir)), seed=0, window=2, rows_per_step=8, max_steps=None, epochs=2
+    ) as reader:
         for step in range(reader.layout.total_steps):
             _, table = reader.step(step)
             counts = trained_counts(table.column("labels"))
@@ -156,8 +169,12 @@ def test_zero3_trace_completes_with_and_without_the_fused_loss(tmp_path, tiny_mo
 
     prepared = make_prepared(tmp_path / "data", n_train=24, n_eval=0, per_row=3)
     out = tmp_path / "trace.json"
-    mp.start_processes(zero3_trace_worker, args=(2, free_port(), str(tiny_model_dir), str(prepared.train_dir.parent),
-                                                 str(out), kernels), nprocs=2, start_method="spawn")
+    mp.start_processes(
+        zero3_trace_worker,
+        args=(2, free_port(), str(tiny_model_dir), str(prepared.train_dir.parent), str(out), kernels),
+        nprocs=2,
+        start_method="spawn",
+    )
     result = json.loads(out.read_text())
     assert result["complete"] == [False, True, True], result
     assert all(np.isfinite(result["losses"]))

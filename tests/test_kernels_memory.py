@@ -22,8 +22,21 @@ def test_fused_cross_entropy_peak_memory_at_least_4x_lower():
     pytest.importorskip("triton")
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
-    cmd = [sys.executable, str(BENCH), "--cpu-memory", "--tokens", "1024", "--vocab", "8192", "--hidden", "64",
-           "--methods", "torch", "chunked", "triton"]
+    cmd = [
+        sys.executable,
+        str(BENCH),
+        "--cpu-memory",
+        "--tokens",
+        "1024",
+        "--vocab",
+        "8192",
+        "--hidden",
+        "64",
+        "--methods",
+        "torch",
+        "chunked",
+        "triton",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     print(proc.stdout)

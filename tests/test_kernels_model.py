@@ -30,8 +30,25 @@ VOCAB = 300
 def test_model_level_under_triton_interpreter():
     pytest.importorskip("triton")
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-x", "-W", "ignore", "-k", "triton"],
-        env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            __file__,
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-x",
+            "-W",
+            "ignore",
+            "-k",
+            "triton",
+        ],
+        env=dict(os.environ, TRITON_INTERPRET="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).parent,
     )
     print(proc.stdout[-3000:])
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
@@ -50,8 +67,16 @@ def tiny_model(kind: str = "llama", seed: int = 0):
     torch.manual_seed(seed)
     if kind == "llama":
         return transformers.LlamaForCausalLM(tiny_llama_config(VOCAB)).float()
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
     if kind == "mistral":
         return transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=16)).float()
     if kind == "qwen2":
@@ -120,7 +145,11 @@ def test_patch_is_per_instance_and_reversible():
         torch.testing.assert_close(patched, before, atol=1e-5, rtol=1e-5)
         # the second instance and the classes are untouched
         assert not any("forward" in m.__dict__ for m in other.modules())
-        assert (modeling.LlamaRMSNorm.forward, modeling.LlamaAttention.forward, modeling.LlamaMLP.forward) == class_forwards
+        assert (
+            modeling.LlamaRMSNorm.forward,
+            modeling.LlamaAttention.forward,
+            modeling.LlamaMLP.forward,
+        ) == class_forwards
         with pytest.raises(ModelError, match="already patched"):
             patch_model(model)
         patch.unpatch()
@@ -271,7 +300,9 @@ def test_patch_and_loss_on_peft_4bit_model(tiny_model_dir):
     from raysft.kernels import causal_lm_loss_sum, patch_model
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=quant, device_map="cpu", dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, quantization_config=quant, device_map="cpu", dtype=torch.float32
+    )
     model = _lora(base, "all-linear")
     twin = copy.deepcopy(model)
     vocab = model.config.vocab_size
@@ -305,7 +336,8 @@ def engine_for(targets):
     twin = copy.deepcopy(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": 1,
-           "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False}
+           "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True,
+           "zero_force_ds_cpu_optimizer": False}
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg, dist_init_required=False)
     return engine, twin
 
@@ -334,8 +366,13 @@ print("zero3 ok")
 def test_causal_lm_loss_sum_under_deepspeed_zero3():
     """ZeRO-3 partitions lm_head: the fused loss gathers a frozen one, and refuses a LoRA-trained one."""
     pytest.importorskip("deepspeed")
-    proc = subprocess.run([sys.executable, "-c", ZERO3_SCRIPT, str(Path(__file__).parent)], capture_output=True,
-                          text=True, timeout=600, cwd=Path(__file__).parent)
+    proc = subprocess.run(
+        [sys.executable, "-c", ZERO3_SCRIPT, str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).parent,
+    )
     assert proc.returncode == 0 and "zero3 ok" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 

@@ -27,7 +27,11 @@ def test_numerics_under_triton_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-x", "-W", "ignore"],
-        env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).parent,
     )
     print(proc.stdout[-3000:])
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
@@ -53,7 +57,9 @@ TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (4e-3, 1e-2)}  # (atol relati
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
     atol, rtol = TOL[dtype]
     scale = max(expected.detach().abs().max().item(), 1e-6)
-    torch.testing.assert_close(actual.detach().float(), expected.detach().float(), atol=atol * scale, rtol=rtol, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual.detach().float(), expected.detach().float(), atol=atol * scale, rtol=rtol, msg=lambda m: f"{what}: {m}"
+    )
 
 
 def leaf(t: torch.Tensor) -> torch.Tensor:
@@ -323,7 +329,9 @@ def test_fused_linear_cross_entropy_matches_liger(liger_in_interpreter, dtype, r
     hl, wl = leaf(h), leaf(w)
     liger = LigerFusedLinearCrossEntropyFunction.apply(hl, wl, y, None, None, -100, 0.0, 0.0, reduction)[0]
     liger.backward()
-    assert abs(loss.item() - liger.float().item()) <= (1e-5 if dtype == torch.float32 else 2e-3) * max(1.0, abs(loss.item()))
+    assert abs(loss.item() - liger.float().item()) <= (1e-5 if dtype == torch.float32 else 2e-3) * max(
+        1.0, abs(loss.item())
+    )
     assert_close(h.grad, hl.grad, dtype, "d_hidden vs Liger")
     assert_close(w.grad, wl.grad, dtype, "d_weight vs Liger")
 
@@ -362,9 +370,13 @@ def test_rms_norm_matches_liger(liger_in_interpreter, dtype):
 
     torch.manual_seed(6)
     x, w = leaf(torch.randn(2, 37, 341).to(dtype)), leaf((torch.rand(341) + 0.5).to(dtype))
-    assert_matches_liger(lambda x, w: rms_norm(x, w, 1e-6),
-                         lambda x, w: LigerRMSNormFunction.apply(x, w, 1e-6, 0.0, "llama", False),
-                         [x, w], ["dx", "dw"], dtype)
+    assert_matches_liger(
+        lambda x, w: rms_norm(x, w, 1e-6),
+        lambda x, w: LigerRMSNormFunction.apply(x, w, 1e-6, 0.0, "llama", False),
+        [x, w],
+        ["dx", "dw"],
+        dtype,
+    )
 
 
 @in_child

@@ -51,8 +51,16 @@ def test_lora_all_linear_rslora_and_checkpointing(tiny_model_dir):
 
 
 def test_dora_and_explicit_targets(tiny_model_dir):
-    cfg = cfg_for(tiny_model_dir, **{"model.quantization": "none", "model.dtype": "float32", "lora.use_dora": True,
-                                     "lora.target_modules": ["q_proj", "v_proj"], "model.gradient_checkpointing": False})
+    cfg = cfg_for(
+        tiny_model_dir,
+        **{
+            "model.quantization": "none",
+            "model.dtype": "float32",
+            "lora.use_dora": True,
+            "lora.target_modules": ["q_proj", "v_proj"],
+            "model.gradient_checkpointing": False,
+        },
+    )
     model = build_model(cfg)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any("lora_magnitude_vector" in n for n in names)
@@ -70,7 +78,10 @@ def test_adapter_saved_as_safetensors_and_reloads(tiny_model_dir, tmp_path):
             if "lora_B" in n:
                 p.normal_()
     out = save_adapter(model, tmp_path / "adapter")
-    assert sorted(p.name for p in out.iterdir() if p.suffix != ".md") == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir() if p.suffix != ".md") == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     again = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), out)
     x = torch.randint(3, 400, (1, 12))
     model.eval()
@@ -108,7 +119,9 @@ def test_trust_remote_code_is_off_by_default(tiny_model_dir, tmp_path):
     d = tmp_path / "remote"
     shutil.copytree(tiny_model_dir, d)
     marker = tmp_path / "executed"
-    (d / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\nfrom transformers import LlamaForCausalLM as EvilModel\n")
+    (d / "evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('x')\nfrom transformers import LlamaForCausalLM as EvilModel\n"
+    )
     conf = json.loads((d / "config.json").read_text())
     conf["auto_map"] = {"AutoModelForCausalLM": "evil.EvilModel"}
     (d / "config.json").write_text(json.dumps(conf))

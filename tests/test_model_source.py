@@ -10,7 +10,12 @@ import pytest
 from raysft.pipeline.config import load_config
 from raysft.pipeline.errors import ModelError
 from raysft.pipeline.models.source import (
-    base_model_path, hub_offline, is_hub_id, locate, resolve_model_source, tokenizer_source,
+    base_model_path,
+    hub_offline,
+    is_hub_id,
+    locate,
+    resolve_model_source,
+    tokenizer_source,
 )
 from raysft.pipeline.models.tokenizer import load_tokenizer
 
@@ -28,11 +33,23 @@ def fake_hub_cache(root: Path, repo_id: str, filename: str) -> None:
     (repo / "snapshots" / "abc123" / filename).write_text("{}")
 
 
-@pytest.mark.parametrize("name, hub", [
-    ("gpt2", True), ("HuggingFaceTB/SmolLM2-135M-Instruct", True),
-    ("./model", False), ("../model", False), ("/abs/model", False), ("~/model", False), ("a/b/c", False),
-    ("model.gguf", False), ("org/Model.GGUF", False), ("org/", False), ("/", False), ("", False),
-])
+@pytest.mark.parametrize(
+    "name, hub",
+    [
+        ("gpt2", True),
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", True),
+        ("./model", False),
+        ("../model", False),
+        ("/abs/model", False),
+        ("~/model", False),
+        ("a/b/c", False),
+        ("model.gguf", False),
+        ("org/Model.GGUF", False),
+        ("org/", False),
+        ("/", False),
+        ("", False),
+    ],
+)
 def test_is_hub_id(name, hub):
     assert is_hub_id(name) is hub
 
@@ -43,10 +60,18 @@ def test_a_name_that_exists_on_disk_is_a_path(tmp_path, monkeypatch):
     assert not is_hub_id("org/name") and is_hub_id("org/other")
 
 
-@pytest.mark.parametrize("env, offline", [
-    ({}, False), ({"HF_HUB_OFFLINE": "1"}, True), ({"HF_HUB_OFFLINE": "0"}, False),
-    ({"HF_HUB_OFFLINE": "false"}, False), ({"HF_HUB_OFFLINE": ""}, False), ({"TRANSFORMERS_OFFLINE": "1"}, True), ({"HF_HUB_OFFLINE": "True"}, True),
-])
+@pytest.mark.parametrize(
+    "env, offline",
+    [
+        ({}, False),
+        ({"HF_HUB_OFFLINE": "1"}, True),
+        ({"HF_HUB_OFFLINE": "0"}, False),
+        ({"HF_HUB_OFFLINE": "false"}, False),
+        ({"HF_HUB_OFFLINE": ""}, False),
+        ({"TRANSFORMERS_OFFLINE": "1"}, True),
+        ({"HF_HUB_OFFLINE": "True"}, True),
+    ],
+)
 def test_hub_offline_reads_both_variables(env, offline, monkeypatch):
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
@@ -97,8 +122,11 @@ def test_hub_ids_online_and_offline(tmp_path, monkeypatch):
     assert resolve_model_source(mcfg("someorg/some-model")) == ("someorg/some-model", None)  # checked when loaded
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(ModelError, match=r"^model.name_or_path someorg/some-model is neither a local directory nor in "
-                                         r"the Hugging Face cache, and the hub is offline\.$"):
+    with pytest.raises(
+        ModelError,
+        match=r"^model.name_or_path someorg/some-model is neither a local directory nor in "
+        r"the Hugging Face cache, and the hub is offline\.$",
+    ):
         resolve_model_source(mcfg("someorg/some-model"))
     fake_hub_cache(tmp_path / "hub", "someorg/some-model", "config.json")
     assert resolve_model_source(mcfg("someorg/some-model")) == ("someorg/some-model", None)
@@ -112,8 +140,12 @@ def test_missing_tokenizer_names_its_field(tiny_model_dir, tmp_path):
     with pytest.raises(ModelError, match=r"^model.tokenizer .*tok does not exist\.$"):
         tokenizer_source(cfg)
     src = tokenizer_source(cfg.with_overrides({"model.tokenizer": None}))
-    assert (src.location, src.gguf_file, src.local, src.field) == (str(tiny_model_dir.resolve()), None, True,
-                                                                   "model.name_or_path")
+    assert (src.location, src.gguf_file, src.local, src.field) == (
+        str(tiny_model_dir.resolve()),
+        None,
+        True,
+        "model.name_or_path",
+    )
 
 
 def test_gguf_base_is_converted_once_for_every_caller(tmp_path, monkeypatch):

@@ -25,14 +25,22 @@ def tok_dir(tmp_path_factory, chatml_tokenizer) -> Path:
 
 def parquet_input(path: Path, n: int = 40) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"question": [f"what is {i} + {i}" for i in range(n)],
-                             "answer": [f"it is {2 * i}" for i in range(n)]}), path)
+    pq.write_table(
+        pa.table(
+            {"question": [f"what is {i} + {i}" for i in range(n)], "answer": [f"it is {2 * i}" for i in range(n)]}
+        ),
+        path,
+    )
     return path
 
 
 def cfg_for(tok_dir: Path, train: Path, tmp_path: Path, **data):
-    over = {"model.name_or_path": str(tok_dir), "data.train": str(train), "data.cache_dir": str(tmp_path / "cache"),
-            "data.max_seq_len": 256}
+    over = {
+        "model.name_or_path": str(tok_dir),
+        "data.train": str(train),
+        "data.cache_dir": str(tmp_path / "cache"),
+        "data.max_seq_len": 256,
+    }
     over.update({f"data.{k}": v for k, v in data.items()})
     return load_config(None, over)
 
@@ -54,7 +62,9 @@ def test_input_survives_output_pointed_at_its_parent(tok_dir, tmp_path):
         plan.prepare(cfg_for(tok_dir, tmp_path / "data", tmp_path), output=tmp_path / "data" / "o", use_ray=False)
     assert data.read_bytes() == before
     assert [p.relative_to(tmp_path).as_posix() for p in (tmp_path / "data").rglob("*")] == [
-        "data/train", "data/train/part-00000.parquet"]
+        "data/train",
+        "data/train/part-00000.parquet",
+    ]
 
 
 def test_failed_rerun_keeps_the_previous_output(tok_dir, tmp_path):
@@ -69,8 +79,9 @@ def test_failed_rerun_keeps_the_previous_output(tok_dir, tmp_path):
     assert snapshot(out) == kept
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary sibling left
     # A successful rerun replaces the previous output as a whole.
-    again = plan.prepare(cfg_for(tok_dir, parquet_input(tmp_path / "other.parquet", 12), tmp_path), output=out,
-                         use_ray=False)
+    again = plan.prepare(
+        cfg_for(tok_dir, parquet_input(tmp_path / "other.parquet", 12), tmp_path), output=out, use_ray=False
+    )
     assert json.loads((out / "stats.json").read_text()) == again and again["rows_read"] == 12
 
 

@@ -39,8 +39,12 @@ def subpackages_on_disk() -> set[str]:
 
 def modules_on_disk() -> set[str]:
     """Every .py file of pipeline/ and kernels/, as its path inside the wheel."""
-    return {f"raysft/{p.relative_to(REPO).as_posix()}" for folder in HALVES.values()
-            for p in (REPO / folder).rglob("*.py") if "__pycache__" not in p.parts}
+    return {
+        f"raysft/{p.relative_to(REPO).as_posix()}"
+        for folder in HALVES.values()
+        for p in (REPO / folder).rglob("*.py")
+        if "__pycache__" not in p.parts
+    }
 
 
 def test_pyproject_lists_every_subpackage_and_maps_the_two_halves():
@@ -56,7 +60,8 @@ def test_examples_demo_yaml_is_the_package_copy():
 
     assert DEMO_CONFIG.resolve() == (REPO / "pipeline" / "demo" / "demo.yaml").resolve()
     assert (REPO / "examples" / "demo.yaml").read_bytes() == DEMO_CONFIG.read_bytes(), (
-        "examples/demo.yaml must be a byte-identical copy of pipeline/demo/demo.yaml (the package data)")
+        "examples/demo.yaml must be a byte-identical copy of pipeline/demo/demo.yaml (the package data)"
+    )
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
@@ -74,8 +79,21 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path):
     for folder in HALVES.values():
         shutil.copytree(REPO / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     dist = tmp_path / "dist"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-          "-w", str(dist), str(src)], cwd=tmp_path)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            str(dist),
+            str(src),
+        ],
+        cwd=tmp_path,
+    )
     (wheel,) = dist.glob("raysft-*.whl")
 
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -88,8 +106,10 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path):
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=tmp_path)
     python = venv / "bin" / "python"
-    _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", str(wheel)],
-         cwd=tmp_path)
+    _run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", str(wheel)],
+        cwd=tmp_path,
+    )
     purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
     site = Path(_run([str(python), "-c", purelib], cwd=tmp_path).strip())
     ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}  # this environment's dependencies
@@ -109,13 +129,19 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path):
         "print(raysft.pipeline.__file__); print(raysft.kernels.__file__); print(DEMO_CONFIG)\n"
         "print(cfg.model.name_or_path, cfg.data.train, cfg.run.name, cfg.lora.r, cfg.train.max_steps)\n"
     )
-    pipeline_init, kernels_init, demo_config_path, loaded = _run([str(python), "-c", probe], cwd=away,
-                                                                 env=env).splitlines()
+    pipeline_init, kernels_init, demo_config_path, loaded = _run(
+        [str(python), "-c", probe], cwd=away, env=env
+    ).splitlines()
     for path in (pipeline_init, kernels_init, demo_config_path):
         assert Path(path).resolve().is_relative_to(site.resolve()), f"{path} is not the installed copy in {site}"
     assert Path(demo_config_path).read_bytes() == (REPO / "pipeline" / "demo" / "demo.yaml").read_bytes()
     from raysft.pipeline.config import load_config
 
     expected = load_config(REPO / "pipeline" / "demo" / "demo.yaml")
-    assert loaded.split() == ["/models/m", "/d/train.jsonl", "run-x", str(expected.lora.r),
-                              str(expected.train.max_steps)]
+    assert loaded.split() == [
+        "/models/m",
+        "/d/train.jsonl",
+        "run-x",
+        str(expected.lora.r),
+        str(expected.train.max_steps),
+    ]

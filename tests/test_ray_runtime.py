@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from local_processes import free_port
+
 from raysft.pipeline import ray_orphans
 from raysft.pipeline.data import cache
 
@@ -51,28 +51,42 @@ def config(tmp_path_factory, chatml_tokenizer) -> Path:
         for i in range(30):
             f.write(json.dumps({"question": f"what is {i} + {i}", "answer": f"it is {2 * i}"}) + "\n")
     path = root / "cfg.yaml"
-    path.write_text(f"model: {{name_or_path: {root / 'tok'}}}\n"
-                    f"data: {{train: {root / 'train.jsonl'}, cache_dir: {root / 'cache'}, max_seq_len: 256}}\n")
+    path.write_text(
+        f"model: {{name_or_path: {root / 'tok'}}}\n"
+        f"data: {{train: {root / 'train.jsonl'}, cache_dir: {root / 'cache'}, max_seq_len: 256}}\n"
+    )
     return path
 
 
 def test_a_stale_or_unreachable_address_is_one_sentence_within_30s(config, ray_tmp, tmp_path):
     root, stale = ray_tmp
-    for address, source in (("auto", f" (run.address: auto, from {root}/ray/ray_current_cluster)"),
-                            (stale, " (run.address)")):
+    for address, source in (
+        ("auto", f" (run.address: auto, from {root}/ray/ray_current_cluster)"),
+        (stale, " (run.address)"),
+    ):
         start = time.monotonic()
-        proc = subprocess.run([*RAYSFT, "prepare", str(config), "--set", f"run.address={address}",
-                               "--output", str(tmp_path / "out")],
-                              env=env_with(root), capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [*RAYSFT, "prepare", str(config), "--set", f"run.address={address}", "--output", str(tmp_path / "out")],
+            env=env_with(root),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert time.monotonic() - start < 30
         assert proc.returncode == 2
         assert proc.stderr.strip().splitlines() == [
             f"raysft: error: Could not reach the Ray cluster at {stale}{source}: nothing answers there "
-            "(Connection refused); is the cluster running (a head stopped without `ray stop` leaves a stale address)?"]
+            "(Connection refused); is the cluster running (a head stopped without `ray stop` leaves a stale address)?"
+        ]
         assert not (tmp_path / "out").exists()
     (root / "ray" / "ray_current_cluster").unlink()
-    proc = subprocess.run([*RAYSFT, "prepare", str(config), "--set", "run.address=auto"],
-                          env=env_with(root), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [*RAYSFT, "prepare", str(config), "--set", "run.address=auto"],
+        env=env_with(root),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "no cluster started with `ray start` is recorded" in proc.stderr
 
 
@@ -81,8 +95,13 @@ def test_unset_address_starts_its_own_instance_never_the_recorded_one(config, ra
     """With a stale ray_current_cluster and RAY_ADDRESS both naming a dead head, an unset run.address
     neither hangs nor joins: raysft starts its own instance (its session folder appears under RAY_TMPDIR)."""
     root, stale = ray_tmp
-    proc = subprocess.run([*RAYSFT, "prepare", str(config), "--output", str(tmp_path / "out")],
-                          env=env_with(root, RAY_ADDRESS=stale), capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [*RAYSFT, "prepare", str(config), "--output", str(tmp_path / "out")],
+        env=env_with(root, RAY_ADDRESS=stale),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["rows_read"] == 30
     assert list((root / "ray").glob("session_*"))
@@ -142,14 +161,21 @@ def test_sigkill_during_prepare_leaves_no_orphans_after_the_next_run(config, ray
             f.write(json.dumps({"question": f"what is {i} + {i} " * 5, "answer": f"it is {2 * i} " * 5}) + "\n")
     cache_dir = tmp_path / "cache"
     over = ["--set", f"data.train={big}", "--set", f"data.cache_dir={cache_dir}"]
-    proc = subprocess.Popen([*RAYSFT, "prepare", str(config), *over], env=env_with(root), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*RAYSFT, "prepare", str(config), *over],
+        env=env_with(root),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     token = None
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
-            token = token or next((t for t in ray_orphans.marked_processes().values() if t.startswith(f"{proc.pid}:")),
-                                  None)
+            token = token or next(
+                (t for t in ray_orphans.marked_processes().values() if t.startswith(f"{proc.pid}:")), None
+            )
             if token and list(cache_dir.glob(".tmp-*")):  # Ray is up and the plan is writing
                 break
             time.sleep(0.2)
@@ -169,9 +195,13 @@ def test_sigkill_during_prepare_leaves_no_orphans_after_the_next_run(config, ray
     os.utime(left, (two_days_ago, two_days_ago))
     small = tmp_path / "small.jsonl"
     small.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(20)))
-    nxt = subprocess.Popen([*RAYSFT, "prepare", str(config), "--set", f"data.train={small}",
-                            "--set", f"data.cache_dir={cache_dir}"], env=env_with(root), stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
+    nxt = subprocess.Popen(
+        [*RAYSFT, "prepare", str(config), "--set", f"data.train={small}", "--set", f"data.cache_dir={cache_dir}"],
+        env=env_with(root),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _, err = nxt.communicate(timeout=180)
     assert nxt.returncode == 0, err
     assert not left.exists() and not list(cache_dir.glob(".tmp-*"))
@@ -196,9 +226,11 @@ def test_auto_joins_the_cluster_ray_start_recorded(ray_tmp):
     try:
         gcs = head.env["RAY_ADDRESS"]
         (root / "ray" / "ray_current_cluster").write_text(gcs)
-        code = ("import ray; from raysft.pipeline import ray_runtime; "
-                "assert ray_runtime.start('auto', ray_runtime.PREPARE); "
-                "print(ray.get_runtime_context().gcs_address); ray_runtime.stop()")
+        code = (
+            "import ray; from raysft.pipeline import ray_runtime; "
+            "assert ray_runtime.start('auto', ray_runtime.PREPARE); "
+            "print(ray.get_runtime_context().gcs_address); ray_runtime.stop()"
+        )
         env = {**head.client_env(mode="token"), "RAY_TMPDIR": str(root)}
         proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr

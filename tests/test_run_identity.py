@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from raysft.pipeline.config import load_config
 from raysft.pipeline.errors import CheckpointError
 from raysft.pipeline.training import checkpoint as ck
@@ -21,15 +22,12 @@ BASE = {
 
 
 def cfg(**over):
-    return load_config(
-        None, overrides={**BASE, **{k.replace("__", "."): v for k, v in over.items()}}
-    )
+    return load_config(None, overrides={**BASE, **{k.replace("__", "."): v for k, v in over.items()}})
 
 
 def folder_state(root: Path) -> dict[str, bytes]:
     return {
-        p.relative_to(root).as_posix(): p.read_bytes() if p.is_file() else b"<dir>"
-        for p in sorted(root.rglob("*"))
+        p.relative_to(root).as_posix(): p.read_bytes() if p.is_file() else b"<dir>" for p in sorted(root.rglob("*"))
     }
 
 
@@ -54,11 +52,7 @@ def run_dir(tmp_path) -> Path:
 
 def test_same_identity_resumes_from_newest_complete_checkpoint(run_dir):
     d = ri.decide(cfg(), "data-key-1", run_dir, steps_per_epoch=4)
-    assert (
-        d.mode == "resume"
-        and d.resume_from == str(run_dir / "checkpoint_000002")
-        and not d.notes
-    )
+    assert d.mode == "resume" and d.resume_from == str(run_dir / "checkpoint_000002") and not d.notes
     # what may change freely: logging, checkpoint cadence, kernels, the cluster address
     other = cfg(
         train__save_every=3,
@@ -90,9 +84,7 @@ def test_same_identity_resumes_from_newest_complete_checkpoint(run_dir):
         ({"train__deepspeed__stage": 3}, "data-key-1", "train.deepspeed.stage"),
     ],
 )
-def test_each_differing_key_is_refused_and_nothing_changes(
-    run_dir, over, data_key, named
-):
+def test_each_differing_key_is_refused_and_nothing_changes(run_dir, over, data_key, named):
     before = folder_state(run_dir)
     with pytest.raises(CheckpointError) as err:
         ri.decide(cfg(**over), data_key, run_dir, steps_per_epoch=4)
@@ -103,17 +95,9 @@ def test_each_differing_key_is_refused_and_nothing_changes(
 
 def test_longer_run_extends_shorter_is_refused(run_dir):
     d = ri.decide(cfg(train__max_steps=12), "data-key-1", run_dir, steps_per_epoch=4)
-    assert (
-        d.mode == "extend"
-        and "from 8 to 12 steps" in d.notes[0]
-        and d.record["total_steps"] == 12
-    )
-    epochs = cfg(
-        train__max_steps=None, train__epochs=3
-    )  # 3 epochs x 4 steps: longer than 8
-    assert (
-        ri.decide(epochs, "data-key-1", run_dir).mode == "extend"
-    )  # steps per epoch from run.json
+    assert d.mode == "extend" and "from 8 to 12 steps" in d.notes[0] and d.record["total_steps"] == 12
+    epochs = cfg(train__max_steps=None, train__epochs=3)  # 3 epochs x 4 steps: longer than 8
+    assert ri.decide(epochs, "data-key-1", run_dir).mode == "extend"  # steps per epoch from run.json
     with pytest.raises(CheckpointError, match="planned for 8 steps"):
         ri.decide(cfg(train__max_steps=4), "data-key-1", run_dir, steps_per_epoch=4)
 
@@ -121,24 +105,15 @@ def test_longer_run_extends_shorter_is_refused(run_dir):
 def test_resume_modes(run_dir, tmp_path):
     with pytest.raises(CheckpointError, match="run.resume is 'never'"):
         ri.decide(cfg(run__resume="never"), "data-key-1", run_dir, steps_per_epoch=4)
-    assert (
-        ri.decide(cfg(run__resume="never"), "data-key-1", tmp_path / "fresh").mode
-        == "new"
-    )
+    assert ri.decide(cfg(run__resume="never"), "data-key-1", tmp_path / "fresh").mode == "new"
     with pytest.raises(CheckpointError, match="no run named r to resume"):
         ri.decide(cfg(run__resume="must"), "data-key-1", tmp_path / "fresh")
-    assert ri.decide(
-        cfg(run__resume="must"), "data-key-1", run_dir
-    ).resume_from.endswith("checkpoint_000002")
-    (run_dir / "checkpoint_000002" / ck.STATE_FILE).write_text(
-        ""
-    )  # its only checkpoint is now incomplete
+    assert ri.decide(cfg(run__resume="must"), "data-key-1", run_dir).resume_from.endswith("checkpoint_000002")
+    (run_dir / "checkpoint_000002" / ck.STATE_FILE).write_text("")  # its only checkpoint is now incomplete
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         ri.decide(cfg(run__resume="must"), "data-key-1", run_dir)
     d = ri.decide(cfg(), "data-key-1", run_dir)  # auto: starts over, says why
-    assert (
-        d.resume_from is None and "skipping checkpoint checkpoint_000002" in d.notes[0]
-    )
+    assert d.resume_from is None and "skipping checkpoint checkpoint_000002" in d.notes[0]
 
 
 def test_checkpoints_without_identity_are_refused(tmp_path):
@@ -147,32 +122,21 @@ def test_checkpoints_without_identity_are_refused(tmp_path):
         ri.decide(cfg(), "data-key-1", tmp_path / "old")
 
 
-def test_truncated_snapshot_and_incomplete_newest_checkpoint_are_set_aside(
-    run_dir, capsys
-):
+def test_truncated_snapshot_and_incomplete_newest_checkpoint_are_set_aside(run_dir, capsys):
     bad = checkpoint(run_dir, 4)
-    (bad / ck.STATE_FILE).write_text(
-        '{"step": 4, "world'
-    )  # a write cut short by a full disk
+    (bad / ck.STATE_FILE).write_text('{"step": 4, "world')  # a write cut short by a full disk
     (run_dir / ri.RAY_SNAPSHOT).write_text("")
     d = ri.decide(cfg(), "data-key-1", run_dir, steps_per_epoch=4)
     assert d.resume_from == str(run_dir / "checkpoint_000002")
     assert set(d.set_aside) == {bad, run_dir / ri.RAY_SNAPSHOT}
     ri.apply(d, cfg().dump_yaml())
     out = capsys.readouterr().out
-    assert (
-        "skipping checkpoint checkpoint_000004" in out
-        and "checkpoint_manager_snapshot.json is truncated" in out
-    )
+    assert "skipping checkpoint checkpoint_000004" in out and "checkpoint_manager_snapshot.json is truncated" in out
     assert not bad.exists() and not (run_dir / ri.RAY_SNAPSHOT).exists()
-    assert (
-        len(list(run_dir.glob("checkpoint_000004.set-aside-*"))) == 1
-    )  # moved, never deleted
+    assert len(list(run_dir.glob("checkpoint_000004.set-aside-*"))) == 1  # moved, never deleted
     # A snapshot that names the chosen checkpoint is left for Ray to use.
     (run_dir / ri.RAY_SNAPSHOT).write_text(
-        json.dumps(
-            {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_000002"}}
-        )
+        json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_000002"}})
     )
     assert ri.decide(cfg(), "data-key-1", run_dir).set_aside == []
 
@@ -183,6 +147,7 @@ def test_cli_refuses_a_changed_rerun_before_ray_starts(tiny_model_dir, tmp_path)
     import sys
 
     import yaml
+
     from raysft.pipeline.data.plan import resolve_inputs
     from raysft.pipeline.trainer import preflight, run_dir_of
 
@@ -232,9 +197,5 @@ def test_cli_refuses_a_changed_rerun_before_ray_starts(tiny_model_dir, tmp_path)
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
-    assert (
-        len(lines) == 1
-        and "lora.r 4 -> 8" in lines[0]
-        and "choose a new run.name" in lines[0]
-    ), proc.stderr
+    assert len(lines) == 1 and "lora.r 4 -> 8" in lines[0] and "choose a new run.name" in lines[0], proc.stderr
     assert folder_state(run) == before

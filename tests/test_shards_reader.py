@@ -11,11 +11,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from train_fixtures import make_sample, pack_rows, write_rows
 
-from raysft.pipeline.data.shards import INDEX_FILE, ShardWriter, load_index, row_bytes, read_all, read_shard
+from raysft.pipeline.data.shards import INDEX_FILE, ShardWriter, load_index, read_all, read_shard, row_bytes
 from raysft.pipeline.storage import StorageError
 from raysft.pipeline.training.reader import ShardOrder, reader_for
-from train_fixtures import make_sample, pack_rows, write_rows
 
 
 def packed_table(n_samples: int, per_row: int = 3, seed: int = 0) -> pa.Table:
@@ -23,9 +23,15 @@ def packed_table(n_samples: int, per_row: int = 3, seed: int = 0) -> pa.Table:
 
     rng = random.Random(seed)
     rows = pack_rows([make_sample(rng, i) for i in range(n_samples)], per_row)
-    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
-                        ("position_ids", pa.list_(pa.int32())), ("seq_lengths", pa.list_(pa.int32())),
-                        ("source_ids", pa.list_(pa.int64()))])
+    schema = pa.schema(
+        [
+            ("input_ids", pa.list_(pa.int32())),
+            ("labels", pa.list_(pa.int32())),
+            ("position_ids", pa.list_(pa.int32())),
+            ("seq_lengths", pa.list_(pa.int32())),
+            ("source_ids", pa.list_(pa.int64())),
+        ]
+    )
     return pa.Table.from_pylist(rows, schema=schema)
 
 

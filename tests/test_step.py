@@ -8,16 +8,28 @@ import pytest
 import torch
 
 from raysft.pipeline.config import load_config
-from raysft.pipeline.models.load import build_model
 from raysft.pipeline.data.schema import IGNORE_INDEX as IGNORE
+from raysft.pipeline.models.load import build_model
 from raysft.pipeline.training.step import (
-    TorchEngine, collate, eval_loss_sum, loss_sum, make_optimizer, optimizer_step,
+    TorchEngine,
+    collate,
+    eval_loss_sum,
+    loss_sum,
+    make_optimizer,
+    optimizer_step,
 )
 
 
 def fp32_cfg(model_dir, **over):
-    base = {"model.name_or_path": str(model_dir), "model.quantization": "none", "model.dtype": "float32",
-            "model.gradient_checkpointing": False, "lora.dropout": 0.0, "lora.r": 4, "lora.alpha": 8}
+    base = {
+        "model.name_or_path": str(model_dir),
+        "model.quantization": "none",
+        "model.dtype": "float32",
+        "model.gradient_checkpointing": False,
+        "lora.dropout": 0.0,
+        "lora.r": 4,
+        "lora.alpha": 8,
+    }
     base.update(over)
     return load_config(None, overrides=base)
 
@@ -135,8 +147,8 @@ def test_kv_cache_regression_packed_forward_needs_use_cache_false(model):
         sep = model(input_ids=collate([s2]).input_ids, use_cache=False).logits[0]
         ours_sum, _ = eval_loss_sum(model, [mb])
         kw = dict(input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=None)
-        isolated = model(**kw, use_cache=False).logits[0, len(s1["input_ids"]):]
-        leaky = model(**kw, use_cache=True).logits[0, len(s1["input_ids"]):]
+        isolated = model(**kw, use_cache=False).logits[0, len(s1["input_ids"]) :]
+        leaky = model(**kw, use_cache=True).logits[0, len(s1["input_ids"]) :]
         per_sample = float(loss_sum(model, collate([s1]))) + float(loss_sum(model, collate([s2])))
     model.config.use_cache = False
     model.train()

@@ -13,13 +13,13 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 import torch
+from train_fixtures import make_sample, pack_rows, write_shards
 
 from raysft.pipeline import storage
 from raysft.pipeline.data import plan
 from raysft.pipeline.data.shards import load_index, read_shard
 from raysft.pipeline.storage import StorageError, StorageOptions
 from raysft.pipeline.training.reader import reader_for
-from train_fixtures import make_sample, pack_rows, write_shards
 
 # Fake credentials for the local server, set at import (before any Ray instance starts, so Ray workers
 # inherit them the way they inherit a user's AWS_* variables). They are never written anywhere.
@@ -56,9 +56,10 @@ def rows(n: int = 60, per_row: int = 3) -> list[dict]:
 
 def test_shards_on_s3_stream_like_local_ones(s3, tmp_path):
     endpoint, fs = s3
-    from raysft.pipeline.data.shards import ShardWriter
     import pyarrow as pa
     from train_fixtures import ROW_SCHEMA
+
+    from raysft.pipeline.data.shards import ShardWriter
 
     local = write_shards(tmp_path / "train", rows(), rows_per_shard=3)
     writer = ShardWriter("s3://raysft/art/train", cache_key="test", options=opts(endpoint), max_rows=3)
@@ -91,9 +92,10 @@ def test_bad_storage_is_one_sentence_naming_the_uri(s3, monkeypatch):
 
 def test_missing_or_truncated_shard_on_s3(s3):
     endpoint, fs = s3
-    from raysft.pipeline.data.shards import ShardWriter
     import pyarrow as pa
     from train_fixtures import ROW_SCHEMA
+
+    from raysft.pipeline.data.shards import ShardWriter
 
     writer = ShardWriter("s3://raysft/bad/train", options=opts(endpoint), max_rows=4)
     writer.write(pa.Table.from_pylist(rows(), schema=ROW_SCHEMA))
@@ -102,13 +104,19 @@ def test_missing_or_truncated_shard_on_s3(s3):
         data = f.read()
     with fs.open_output_stream("raysft/bad/train/shard-00001.parquet") as f:
         f.write(data[: len(data) - 100])
-    with pytest.raises(StorageError, match=r"^The prepared train shard s3://raysft/bad/train/shard-00001\.parquet is truncated"):
+    with pytest.raises(
+        StorageError, match=r"^The prepared train shard s3://raysft/bad/train/shard-00001\.parquet is truncated"
+    ):
         load_index("s3://raysft/bad/train", opts(endpoint))
     index = load_index("s3://raysft/bad/train", opts(endpoint), check=False)
-    with pytest.raises(StorageError, match=r"^The prepared shard s3://raysft/bad/train/shard-00001\.parquet is truncated or corrupt"):
+    with pytest.raises(
+        StorageError, match=r"^The prepared shard s3://raysft/bad/train/shard-00001\.parquet is truncated or corrupt"
+    ):
         read_shard(index, 1)
     fs.delete_file("raysft/bad/train/shard-00001.parquet")
-    with pytest.raises(StorageError, match=r"shard s3://raysft/bad/train/shard-00001\.parquet listed in .* is missing\.$"):
+    with pytest.raises(
+        StorageError, match=r"shard s3://raysft/bad/train/shard-00001\.parquet listed in .* is missing\.$"
+    ):
         load_index("s3://raysft/bad/train", opts(endpoint))
 
 
@@ -118,14 +126,22 @@ def test_prepare_with_input_and_cache_on_s3(s3, tmp_path, chatml_tokenizer, monk
 
     tok = tmp_path / "tok"
     chatml_tokenizer.save_pretrained(tok)
-    lines = [json.dumps({"instruction": "add", "input": f"{i} and {i + 1}", "output": str(2 * i + 1)}) for i in range(120)]
+    lines = [
+        json.dumps({"instruction": "add", "input": f"{i} and {i + 1}", "output": str(2 * i + 1)}) for i in range(120)
+    ]
     with fs.open_output_stream("raysft/inputs/train.jsonl") as f:
         f.write(("\n".join(lines) + "\n").encode())
     (tmp_path / "same.jsonl").write_text("\n".join(lines) + "\n")
     monkeypatch.chdir(tmp_path)
-    over = {"model.name_or_path": str(tok), "data.train": "s3://raysft/inputs/train.jsonl", "data.max_seq_len": 256,
-            "data.cache_dir": "s3://raysft/cache", "data.tokenize_batch_size": 32, "data.shard_mb": 0.002,
-            "storage.endpoint_url": endpoint}
+    over = {
+        "model.name_or_path": str(tok),
+        "data.train": "s3://raysft/inputs/train.jsonl",
+        "data.max_seq_len": 256,
+        "data.cache_dir": "s3://raysft/cache",
+        "data.tokenize_batch_size": 32,
+        "data.shard_mb": 0.002,
+        "storage.endpoint_url": endpoint,
+    }
     cfg = load_config(None, over)
     prepared = plan.ensure_prepared(cfg, use_ray=False)
     assert str(prepared.train_dir) == f"s3://raysft/cache/{prepared.key}/train" and prepared.eval_dir is None
@@ -137,8 +153,10 @@ def test_prepare_with_input_and_cache_on_s3(s3, tmp_path, chatml_tokenizer, monk
     info = fs.get_file_info(f"raysft/cache/{prepared.key}/stats.json")
     assert plan.ensure_prepared(cfg, use_ray=False).key == prepared.key
     assert fs.get_file_info(f"raysft/cache/{prepared.key}/stats.json").mtime == info.mtime
-    local = plan.ensure_prepared(cfg.with_overrides({"data.train": str(tmp_path / "same.jsonl"),
-                                                     "data.cache_dir": str(tmp_path / "cache")}), use_ray=False)
+    local = plan.ensure_prepared(
+        cfg.with_overrides({"data.train": str(tmp_path / "same.jsonl"), "data.cache_dir": str(tmp_path / "cache")}),
+        use_ray=False,
+    )
     import pyarrow.parquet as pq
 
     remote_rows = pq.read_table(f"raysft/cache/{prepared.key}/train", filesystem=fs).to_pylist()
@@ -175,10 +193,10 @@ def test_train_with_prepared_rows_and_run_storage_on_s3(s3, ray_session, tiny_mo
     the first checkpoint resumes from the bucket (exactly-once ledger); checkpoints, metrics, the ledger and the
     adapter land in the bucket; nothing is written under a local `s3:` folder; `raysft export` reads the run."""
     from safetensors.torch import load as load_safetensors
+    from train_fixtures import Prepared
 
     from raysft.pipeline.config import load_config
     from raysft.pipeline.trainer import build_trainer, finish_run, preflight
-    from train_fixtures import Prepared
 
     endpoint, fs = s3
     monkeypatch.chdir(tmp_path)
@@ -187,23 +205,40 @@ def test_train_with_prepared_rows_and_run_storage_on_s3(s3, ray_session, tiny_mo
     rng = random.Random(0)
     train = pack_rows([make_sample(rng, i) for i in range(24)], 3)
     evals = pack_rows([make_sample(rng, 10_000 + i) for i in range(6)], 3)
-    from raysft.pipeline.data.shards import ShardWriter
     import pyarrow as pa
     from train_fixtures import ROW_SCHEMA
+
+    from raysft.pipeline.data.shards import ShardWriter
 
     for split, data in (("train", train), ("eval", evals)):
         w = ShardWriter(f"s3://raysft/prep/{split}", options=opts(endpoint), max_rows=2)
         w.write(pa.Table.from_pylist(data, schema=ROW_SCHEMA))
         w.close()
-    over = {"model.name_or_path": str(tiny_model_dir), "model.quantization": "none", "model.dtype": "float32",
-            "lora.r": 4, "lora.alpha": 8, "lora.dropout": 0.0, "train.max_steps": 4, "train.save_every": 2,
-            "train.eval_every": 4, "train.grad_accum": 1, "scaling.num_workers": 2, "run.name": "s3run",
-            "run.storage_path": "s3://raysft/runs", "run.max_failures": 1, "storage.endpoint_url": endpoint}
+    over = {
+        "model.name_or_path": str(tiny_model_dir),
+        "model.quantization": "none",
+        "model.dtype": "float32",
+        "lora.r": 4,
+        "lora.alpha": 8,
+        "lora.dropout": 0.0,
+        "train.max_steps": 4,
+        "train.save_every": 2,
+        "train.eval_every": 4,
+        "train.grad_accum": 1,
+        "scaling.num_workers": 2,
+        "run.name": "s3run",
+        "run.storage_path": "s3://raysft/runs",
+        "run.max_failures": 1,
+        "storage.endpoint_url": endpoint,
+    }
     cfg = preflight(load_config(None, over))
     prepared = Prepared("s3://raysft/prep/train", "s3://raysft/prep/eval", {})
     killed: dict = {}
-    killer = threading.Thread(target=_kill_a_worker_after_checkpoint, daemon=True,
-                              args=(fs, "raysft/runs/s3run", killed, ray_session.get_runtime_context().gcs_address))
+    killer = threading.Thread(
+        target=_kill_a_worker_after_checkpoint,
+        daemon=True,
+        args=(fs, "raysft/runs/s3run", killed, ray_session.get_runtime_context().gcs_address),
+    )
     killer.start()
     result = finish_run(cfg, build_trainer(cfg, prepared).fit())
     killer.join(timeout=5)
@@ -219,10 +254,19 @@ def test_train_with_prepared_rows_and_run_storage_on_s3(s3, ray_session, tiny_mo
 
     assert [e["step"] for e in entries] == [1, 2, 3, 4]
     check_exactly_once(entries)
-    listed = {i.path.removeprefix("raysft/runs/s3run/").split("/")[0]
-              for i in fs.get_file_info(pafs.FileSelector("raysft/runs/s3run", recursive=True))}
-    assert {"checkpoint_000002", "checkpoint_000004", "metrics.jsonl", "samples.jsonl", "events.jsonl", "adapter",
-            "config.yaml"} <= listed, listed
+    listed = {
+        i.path.removeprefix("raysft/runs/s3run/").split("/")[0]
+        for i in fs.get_file_info(pafs.FileSelector("raysft/runs/s3run", recursive=True))
+    }
+    assert {
+        "checkpoint_000002",
+        "checkpoint_000004",
+        "metrics.jsonl",
+        "samples.jsonl",
+        "events.jsonl",
+        "adapter",
+        "config.yaml",
+    } <= listed, listed
     with fs.open_input_stream("raysft/runs/s3run/metrics.jsonl") as f:
         assert [json.loads(x)["step"] for x in f.read().decode().splitlines()] == [1, 2, 3, 4]
     with fs.open_input_stream("raysft/runs/s3run/adapter/adapter_model.safetensors") as f:
@@ -248,7 +292,9 @@ def test_run_identity_on_s3_refuses_a_changed_rerun(s3):
     from raysft.pipeline.errors import CheckpointError
     from raysft.pipeline.trainer import remote_identity
 
-    cfg = load_config(None, {"run.storage_path": "s3://raysft/ident", "run.name": "r", "storage.endpoint_url": endpoint})
+    cfg = load_config(
+        None, {"run.storage_path": "s3://raysft/ident", "run.name": "r", "storage.endpoint_url": endpoint}
+    )
     assert remote_identity(cfg, "k", steps_per_epoch=4).mode == "new"
     assert fs.get_file_info("raysft/ident/r/run.json").type == pafs.FileType.File
     assert fs.get_file_info("raysft/ident/r/config.yaml").type == pafs.FileType.File
@@ -276,19 +322,44 @@ def test_tune_grid_shares_one_prepared_artifact_on_s3(s3, ray_session, tiny_mode
     lines = []
     for _ in range(60):
         a, b = rng.randint(0, 50), rng.randint(0, 50)
-        lines.append(json.dumps({"messages": [{"role": "user", "content": f"what is {a} plus {b}?"},
-                                              {"role": "assistant", "content": f"{a} plus {b} equals {a + b}"}]}))
+        lines.append(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"what is {a} plus {b}?"},
+                        {"role": "assistant", "content": f"{a} plus {b} equals {a + b}"},
+                    ]
+                }
+            )
+        )
     with fs.open_output_stream("raysft/tune-in/train.jsonl") as f:
         f.write(("\n".join(lines) + "\n").encode())
-    cfg = load_config(None, {
-        "model.name_or_path": str(tiny_model_dir), "model.quantization": "none", "model.dtype": "float32",
-        "model.gradient_checkpointing": False, "lora.dropout": 0.0, "data.train": "s3://raysft/tune-in/train.jsonl",
-        "data.eval_split": 0.2, "data.max_seq_len": 128, "data.cache_dir": "s3://raysft/tune-cache",
-        "data.num_tokenizer_actors": 1, "data.shard_mb": 0.002, "train.max_steps": 2, "train.eval_every": 2,
-        "train.save_every": 2, "train.logging.tensorboard": False, "scaling.num_workers": 1,
-        "run.storage_path": str(tmp_path / "runs"), "run.max_failures": 0, "run.name": "grid",
-        "storage.endpoint_url": endpoint,
-        "tune": {"search_space": {"lora.r": [4, 8]}, "search_alg": "grid", "scheduler": "none"}})
+    cfg = load_config(
+        None,
+        {
+            "model.name_or_path": str(tiny_model_dir),
+            "model.quantization": "none",
+            "model.dtype": "float32",
+            "model.gradient_checkpointing": False,
+            "lora.dropout": 0.0,
+            "data.train": "s3://raysft/tune-in/train.jsonl",
+            "data.eval_split": 0.2,
+            "data.max_seq_len": 128,
+            "data.cache_dir": "s3://raysft/tune-cache",
+            "data.num_tokenizer_actors": 1,
+            "data.shard_mb": 0.002,
+            "train.max_steps": 2,
+            "train.eval_every": 2,
+            "train.save_every": 2,
+            "train.logging.tensorboard": False,
+            "scaling.num_workers": 1,
+            "run.storage_path": str(tmp_path / "runs"),
+            "run.max_failures": 0,
+            "run.name": "grid",
+            "storage.endpoint_url": endpoint,
+            "tune": {"search_space": {"lora.r": [4, 8]}, "search_alg": "grid", "scheduler": "none"},
+        },
+    )
     sweep = tune(cfg)
     with open(Path(sweep.sweep_dir) / "results.csv") as f:
         rows = list(csv.DictReader(f))

@@ -8,7 +8,6 @@ Stopping never uses `ray stop` (which kills every Ray process on the machine): S
 head process, then SIGKILL to whatever is left in the session it started.
 """
 
-
 from __future__ import annotations
 
 import json
@@ -25,7 +24,6 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from local_processes import free_port, kill_session
 
 
@@ -39,8 +37,11 @@ class LocalHead:
 
     def client_env(self, token: bool = True, mode: str | None = None) -> dict[str, str]:
         """Environment for a client process: the token (or none) and RAY_AUTH_MODE as given."""
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")
+        }
         env["PATH"] = self.env["PATH"]
         env["HOME"] = str(self.temp_dir / "home")  # no ~/.ray/auth_token from other runs
         if token:
@@ -69,15 +70,32 @@ def start_head(num_cpus: int = 4, timeout_s: float = 120) -> LocalHead:
     env.pop("RAY_AUTH_TOKEN_PATH", None)
     # RAY_ADDRESS names this head for Ray's own processes (e.g. Train's placement-group cleaner), which
     # otherwise scan the machine for "the" cluster and give up when teammates' clusters run too.
-    env.update(RAY_ADDRESS=f"127.0.0.1:{gcs_port}",
-               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, HOME=str(temp_dir / "home"),
-               PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),
-               RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
-           f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
-           f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1",
-           f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-           f"--num-cpus={num_cpus}", "--num-gpus=0", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    env.update(
+        RAY_ADDRESS=f"127.0.0.1:{gcs_port}",
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=token,
+        HOME=str(temp_dir / "home"),
+        PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),
+        RAY_USAGE_STATS_ENABLED="0",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+    )
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "ray"),
+        "start",
+        "--head",
+        "--block",
+        f"--port={gcs_port}",
+        "--node-ip-address=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
+        "--dashboard-host=127.0.0.1",
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--num-cpus={num_cpus}",
+        "--num-gpus=0",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
     log = open(temp_dir / "head.log", "wb")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     head = LocalHead(url=f"http://127.0.0.1:{dashboard_port}", token=token, temp_dir=temp_dir, proc=proc, env=env)
@@ -106,11 +124,18 @@ def head():
     h.stop()
 
 
-def raysft(args: list[str], env: dict[str, str] | None = None, cwd: str | Path | None = None,
-           timeout: float = 600) -> subprocess.CompletedProcess:
+def raysft(
+    args: list[str], env: dict[str, str] | None = None, cwd: str | Path | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """Run the real `raysft` command line in a fresh process (as a user would)."""
-    return subprocess.run([sys.executable, "-m", "raysft.pipeline.cli", *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "raysft.pipeline.cli", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def job_id_of(proc: subprocess.CompletedProcess) -> str:
@@ -126,19 +151,37 @@ def write_project(root: Path, model_dir: Path | None, storage: Path, rows: int =
     (root / "data").mkdir(exist_ok=True)
     with open(root / "data" / "train.jsonl", "w") as f:
         for i in range(rows):
-            f.write(json.dumps({"messages": [
-                {"role": "user", "content": f"what is {i} plus {i}?"},
-                {"role": "assistant", "content": f"the answer is {2 * i}."}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"what is {i} plus {i}?"},
+                            {"role": "assistant", "content": f"the answer is {2 * i}."},
+                        ]
+                    }
+                )
+                + "\n"
+            )
     (root / ".env").write_text("HF_TOKEN=hf_do_not_ship\n")
     (root / "runs").mkdir(exist_ok=True)
     (root / "runs" / "old.txt").write_text("old run output\n")
     cfg = {
-        "model": {"name_or_path": str(model_dir) if model_dir else "missing-model", "quantization": "nf4",
-                  "compute_dtype": "float32", "dtype": "float32", "gradient_checkpointing": False},
+        "model": {
+            "name_or_path": str(model_dir) if model_dir else "missing-model",
+            "quantization": "nf4",
+            "compute_dtype": "float32",
+            "dtype": "float32",
+            "gradient_checkpointing": False,
+        },
         "lora": {"r": 4, "alpha": 8},
         "data": {"train": "data/train.jsonl", "max_seq_len": 256, "num_tokenizer_actors": 1},
-        "train": {"max_steps": 3, "save_every": 2, "eval_every": 100, "deepspeed": {"stage": 0},
-                  "logging": {"tensorboard": False}},
+        "train": {
+            "max_steps": 3,
+            "save_every": 2,
+            "eval_every": 100,
+            "deepspeed": {"stage": 0},
+            "logging": {"tensorboard": False},
+        },
         "scaling": {"num_workers": 1, "cpus_per_worker": 1},  # 2 workers across nodes: test_cluster_multinode.py
         "run": {"name": "tiny-job", "storage_path": str(storage), "max_failures": 0},
     }
@@ -154,8 +197,12 @@ def write_project(root: Path, model_dir: Path | None, storage: Path, rows: int =
 def test_unreachable_cluster_is_one_clear_sentence(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     url = f"http://127.0.0.1:{free_port()}"
-    for args in (["status", "raysft-x", "--address", url], ["logs", "raysft-x", "--address", url],
-                 ["stop", "raysft-x"], ["submit", str(write_project(tmp_path, None, tmp_path / "runs")), "--wait"]):
+    for args in (
+        ["status", "raysft-x", "--address", url],
+        ["logs", "raysft-x", "--address", url],
+        ["stop", "raysft-x"],
+        ["submit", str(write_project(tmp_path, None, tmp_path / "runs")), "--wait"],
+    ):
         if args[0] == "stop":
             env_used = dict(env, RAY_ADDRESS=url)  # RAY_ADDRESS is honoured
         else:
@@ -172,8 +219,11 @@ def test_unreachable_cluster_is_one_clear_sentence(tmp_path):
 
 def test_bad_config_fails_before_anything_is_submitted(tmp_path):
     cfg = write_project(tmp_path, None, tmp_path / "runs")
-    proc = raysft(["submit", str(cfg), "--address", f"http://127.0.0.1:{free_port()}", "--set", "train.lr=-1"],
-                  cwd=tmp_path, timeout=120)
+    proc = raysft(
+        ["submit", str(cfg), "--address", f"http://127.0.0.1:{free_port()}", "--set", "train.lr=-1"],
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "train.lr" in proc.stderr and "Cannot reach" not in proc.stderr
 
@@ -196,8 +246,12 @@ def test_token_cluster_without_token_is_refused_clearly(head, tmp_path):
 def test_failing_job_shows_its_error_and_wait_exits_nonzero(head, tmp_path, tiny_model_dir):
     cfg = write_project(tmp_path / "proj", tiny_model_dir, tmp_path / "runs")
     env = head.client_env()
-    proc = raysft(["submit", str(cfg), "--address", head.url, "--wait", "--set", "data.train=data/missing.jsonl"],
-                  env=env, cwd=tmp_path / "proj", timeout=300)
+    proc = raysft(
+        ["submit", str(cfg), "--address", head.url, "--wait", "--set", "data.train=data/missing.jsonl"],
+        env=env,
+        cwd=tmp_path / "proj",
+        timeout=300,
+    )
     job = job_id_of(proc)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert f"raysft: error: job {job} failed" in proc.stderr
@@ -235,8 +289,12 @@ def test_submit_tiny_training_succeeds(head, tmp_path, tiny_model_dir):
     proj = tmp_path / "proj"
     cfg = write_project(proj, tiny_model_dir, tmp_path / "runs")
     env = dict(head.client_env(), RAYSFT_TEST_SECRET="s3cr3t-value")
-    proc = raysft(["submit", str(cfg), "--address", head.url, "--wait", "--env", "RAYSFT_TEST_SECRET"],
-                  env=env, cwd=proj, timeout=600)
+    proc = raysft(
+        ["submit", str(cfg), "--address", head.url, "--wait", "--env", "RAYSFT_TEST_SECRET"],
+        env=env,
+        cwd=proj,
+        timeout=600,
+    )
     job = job_id_of(proc)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert f"Job {job} succeeded." in proc.stdout and f"Dashboard: {head.url}/#/jobs/{job}" in proc.stdout
@@ -259,8 +317,11 @@ def test_submit_tiny_training_succeeds(head, tmp_path, tiny_model_dir):
     assert info.runtime_env["env_vars"] == {"RAYSFT_TEST_SECRET": "s3cr3t-value"}
     # This job's package (other tests' jobs ship other packages: only what each config references).
     package = info.runtime_env["working_dir"].rsplit("/", 1)[-1].removesuffix(".zip")
-    unpacked = [p for p in head.temp_dir.glob("session_*/runtime_resources/working_dir_files/*")
-                if p.name == package and (p / "tiny.yaml").is_file()]
+    unpacked = [
+        p
+        for p in head.temp_dir.glob("session_*/runtime_resources/working_dir_files/*")
+        if p.name == package and (p / "tiny.yaml").is_file()
+    ]
     assert unpacked, "the job's working directory was not found on the head"
     for d in unpacked:
         names = {p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()}

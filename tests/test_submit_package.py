@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from raysft.pipeline.config import load_config
 from raysft.pipeline.errors import ConfigError
 from raysft.pipeline.jobs.package import (
@@ -91,18 +92,10 @@ def make_tree(root: Path, extra: list[str] = ()) -> Path:
     for rel in [*KEEP, *DROP, *extra]:
         p = root / rel
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(
-            f"content of {rel} hf_do_not_ship\n"
-            if rel not in KEEP
-            else f"content of {rel}\n"
-        )
+        p.write_text(f"content of {rel} hf_do_not_ship\n" if rel not in KEEP else f"content of {rel}\n")
     (root / ".rayignore").write_text("ignored_by_rayignore/\n")
-    (root / ".gitignore").write_text(
-        "*.log\n!.env\n!token.txt\n"
-    )  # a negation cannot re-include a credential
-    (root / "train.yaml").write_text(
-        yaml.safe_dump({"data": {"train": "data/train.jsonl"}, "run": {"name": "r"}})
-    )
+    (root / ".gitignore").write_text("*.log\n!.env\n!token.txt\n")  # a negation cannot re-include a credential
+    (root / "train.yaml").write_text(yaml.safe_dump({"data": {"train": "data/train.jsonl"}, "run": {"name": "r"}}))
     return root
 
 
@@ -110,9 +103,7 @@ def test_working_folder_excludes_credentials_envs_caches_and_outputs(tmp_path):
     root = make_tree(tmp_path / "proj", CREDENTIAL_ZOO)
     files = upload_files(root)
     assert sorted(files) == sorted(KEEP + [".rayignore", ".gitignore"])
-    assert upload_files(root, extra_excludes=["examples/"]) == sorted(
-        set(files) - {"examples/sweep.yaml"}
-    )
+    assert upload_files(root, extra_excludes=["examples/"]) == sorted(set(files) - {"examples/sweep.yaml"})
 
 
 def test_symlinks_leaving_the_folder_are_never_followed(tmp_path):
@@ -126,9 +117,7 @@ def test_symlinks_leaving_the_folder_are_never_followed(tmp_path):
     os.symlink(root / "README.md", root / "link_inside.md")
     files = upload_files(root)
     assert "link_inside.md" in files
-    assert "link_to_outside.txt" not in files and not any(
-        f.startswith("linked_dir") for f in files
-    )
+    assert "link_to_outside.txt" not in files and not any(f.startswith("linked_dir") for f in files)
 
 
 def test_dry_run_lists_exactly_what_ships_and_no_credential(tmp_path):
@@ -158,12 +147,8 @@ def test_dry_run_lists_exactly_what_ships_and_no_credential(tmp_path):
         )
         assert proc.returncode == 0, proc.stderr
         lines = proc.stdout.strip().splitlines()
-        listed = {
-            line.split(None, 1)[1]: int(line.split(None, 1)[0]) for line in lines[:-1]
-        }
-        assert lines[-1].startswith(
-            f"{len(listed)} files, {sum(listed.values())} bytes"
-        )
+        listed = {line.split(None, 1)[1]: int(line.split(None, 1)[0]) for line in lines[:-1]}
+        assert lines[-1].startswith(f"{len(listed)} files, {sum(listed.values())} bytes")
         lowered = {f.lower() for f in listed}
         for cred in [*CREDENTIAL_ZOO, *DROP]:
             assert cred.lower() not in lowered, cred
@@ -216,46 +201,24 @@ def test_job_package_ships_code_config_and_only_named_secrets(tmp_path, monkeypa
     cfg = load_config(root / "train.yaml", overrides=["train.lr=3e-4"])
     monkeypatch.setenv("WANDB_API_KEY", "wandb-secret-value")
     monkeypatch.setenv("UNRELATED_SECRET", "must-not-travel")
-    monkeypatch.chdir(
-        tmp_path
-    )  # paths in the config resolve against the config file, not the cwd
-    pkg = build_job_package(
-        cfg, tmp_path / "stage", env_names=["WANDB_API_KEY"], includes=[root / "src"]
-    )
+    monkeypatch.chdir(tmp_path)  # paths in the config resolve against the config file, not the cwd
+    pkg = build_job_package(cfg, tmp_path / "stage", env_names=["WANDB_API_KEY"], includes=[root / "src"])
 
-    user_files = [
-        f for f in pkg.files if not f.startswith("raysft/") and f != JOB_CONFIG_NAME
-    ]
+    user_files = [f for f in pkg.files if not f.startswith("raysft/") and f != JOB_CONFIG_NAME]
     assert sorted(user_files) == [
         "data/train.jsonl",
         "inputs/train.deepspeed.config/ds.json",
         "src/helper.py",
         "train.yaml",
     ]
-    assert (
-        "raysft/__init__.py" in pkg.files and "raysft/pipeline/trainer.py" in pkg.files
-    )
-    assert "raysft/kernels/__init__.py" in pkg.files and not any(
-        "__pycache__" in f for f in pkg.files
-    )
-    assert (
-        "pathspec>=0.11"
-        in (pkg.directory / "raysft" / "requirements.txt").read_text().split()
-    )
+    assert "raysft/__init__.py" in pkg.files and "raysft/pipeline/trainer.py" in pkg.files
+    assert "raysft/kernels/__init__.py" in pkg.files and not any("__pycache__" in f for f in pkg.files)
+    assert "pathspec>=0.11" in (pkg.directory / "raysft" / "requirements.txt").read_text().split()
     shipped = yaml.safe_load((pkg.directory / JOB_CONFIG_NAME).read_text())
-    assert (
-        shipped["train"]["lr"] == 3e-4
-    )  # overrides are resolved into the shipped config
-    assert (
-        shipped["data"]["train"] == "data/train.jsonl"
-    )  # shipped: relative to the job's directory
-    assert (
-        shipped["train"]["deepspeed"]["config"]
-        == "inputs/train.deepspeed.config/ds.json"
-    )
-    assert shipped["model"]["name_or_path"] == str(
-        outside
-    )  # weights are not shipped: absolute, with a note
+    assert shipped["train"]["lr"] == 3e-4  # overrides are resolved into the shipped config
+    assert shipped["data"]["train"] == "data/train.jsonl"  # shipped: relative to the job's directory
+    assert shipped["train"]["deepspeed"]["config"] == "inputs/train.deepspeed.config/ds.json"
+    assert shipped["model"]["name_or_path"] == str(outside)  # weights are not shipped: absolute, with a note
     assert any("model.name_or_path" in n for n in pkg.notes)
 
     # secrets: only the named variable, only as an env var, never written into a shipped file
@@ -265,11 +228,7 @@ def test_job_package_ships_code_config_and_only_named_secrets(tmp_path, monkeypa
     }
     for f in pkg.files:
         text = (pkg.directory / f).read_bytes()
-        assert (
-            b"wandb-secret-value" not in text
-            and b"hf_do_not_ship" not in text
-            and b"must-not-travel" not in text
-        )
+        assert b"wandb-secret-value" not in text and b"hf_do_not_ship" not in text and b"must-not-travel" not in text
 
 
 def test_naming_a_credential_or_an_outside_path_is_refused(tmp_path):
@@ -283,22 +242,15 @@ def test_naming_a_credential_or_an_outside_path_is_refused(tmp_path):
         build_job_package(cfg, tmp_path / "s3", includes=[tmp_path])
     # an included folder is walked: its credentials stay behind
     pkg = build_job_package(cfg, tmp_path / "s4", includes=[root / "conf"])
-    assert not any(
-        f.startswith("conf/") for f in pkg.files
-    )  # conf/ holds only prod.env and .pypirc
+    assert not any(f.startswith("conf/") for f in pkg.files)  # conf/ holds only prod.env and .pypirc
 
 
 def test_submitting_from_this_checkout_ships_raysft_once(tmp_path):
     pkg = build_job_package(load_config(None), tmp_path / "stage", working_dir=REPO)
-    assert (
-        "raysft/pipeline/jobs/submit.py" in pkg.files
-        and "raysft/kernels/__init__.py" in pkg.files
-    )
+    assert "raysft/pipeline/jobs/submit.py" in pkg.files and "raysft/kernels/__init__.py" in pkg.files
     # no top-level kernels/ on the job's sys.path to shadow PyPI's `kernels` package
     assert not any(f.startswith(("kernels/", "pipeline/")) for f in pkg.files)
-    assert "pyproject.toml" in pkg.files and not any(
-        f.startswith(".venv/") for f in pkg.files
-    )
+    assert "pyproject.toml" in pkg.files and not any(f.startswith(".venv/") for f in pkg.files)
     assert pkg.total_bytes() < 20 * 2**20
 
 
@@ -339,10 +291,7 @@ def test_entrypoint_runs_train_or_tune():
     sweep = plain.with_overrides({"tune.search_space": {"lora.r": [4, 8]}})
     assert job_command(plain, None) == "train" and job_command(sweep, None) == "tune"
     assert job_command(sweep, "train") == "train"
-    assert (
-        entrypoint("tune", "raysft_job.yaml")
-        == "python -m raysft.pipeline.cli tune raysft_job.yaml"
-    )
+    assert entrypoint("tune", "raysft_job.yaml") == "python -m raysft.pipeline.cli tune raysft_job.yaml"
 
 
 def test_weighted_sources_are_each_shipped(tmp_path):
@@ -350,10 +299,14 @@ def test_weighted_sources_are_each_shipped(tmp_path):
     other = tmp_path / "elsewhere" / "extra.jsonl"
     other.parent.mkdir()
     other.write_text('{"prompt": "a", "completion": "b"}\n')
-    (root / "mix.yaml").write_text(yaml.safe_dump({
-        "data": {"train": [{"path": "data/train.jsonl", "weight": 1}, {"path": str(other), "weight": 3}]},
-        "run": {"name": "r", "storage_path": "s3://bucket/runs"},
-    }))
+    (root / "mix.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "data": {"train": [{"path": "data/train.jsonl", "weight": 1}, {"path": str(other), "weight": 3}]},
+                "run": {"name": "r", "storage_path": "s3://bucket/runs"},
+            }
+        )
+    )
     pkg = build_job_package(load_config(root / "mix.yaml"), tmp_path / "stage")
     assert "data/train.jsonl" in pkg.files and "inputs/data.train.1/extra.jsonl" in pkg.files
     shipped = yaml.safe_load((pkg.directory / JOB_CONFIG_NAME).read_text())

@@ -11,29 +11,23 @@ import time
 from pathlib import Path
 
 import pytest
-from raysft.pipeline.cli import main as cli_main
-from raysft.pipeline.config import load_config
-from raysft.pipeline.tracking import FAILURES_FILE, StepSinks, flat_params, read_handles
 from tracking_fixtures import MlflowServer, free_port, wandb_history
 from train_fixtures import make_prepared
 
+from raysft.pipeline.cli import main as cli_main
+from raysft.pipeline.config import load_config
+from raysft.pipeline.tracking import FAILURES_FILE, StepSinks, flat_params, read_handles
+
 
 def test_flat_params_is_the_resolved_config():
-    cfg = load_config(
-        overrides={"train.lr": 1e-3, "lora.target_modules": ["q_proj", "v_proj"]}
-    )
+    cfg = load_config(overrides={"train.lr": 1e-3, "lora.target_modules": ["q_proj", "v_proj"]})
     params = flat_params(cfg.to_dict())
     assert params["train.lr"] == "0.001" and params["lora.r"] == "16"
-    assert (
-        params["lora.target_modules"] == '["q_proj", "v_proj"]'
-        and params["model.tokenizer"] == "null"
-    )
+    assert params["lora.target_modules"] == '["q_proj", "v_proj"]' and params["model.tokenizer"] == "null"
     assert params["train.logging.mlflow"] == "false"
 
 
-def test_unreachable_server_gives_one_warning_and_logging_goes_on(
-    tmp_path, caplog, monkeypatch
-):
+def test_unreachable_server_gives_one_warning_and_logging_goes_on(tmp_path, caplog, monkeypatch):
     """No server at all behind the URI: every step still returns at once after the first failure."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     (tmp_path / "tracking.json").write_text(
@@ -52,18 +46,10 @@ def test_unreachable_server_gives_one_warning_and_logging_goes_on(
         for step in range(1, 6):
             sinks.log({"step": step, "loss": 1.0 / step}, step)
     sinks.close()
-    warnings = [
-        r
-        for r in caplog.records
-        if "mlflow tracking failed at step 1" in r.getMessage()
-    ]
+    warnings = [r for r in caplog.records if "mlflow tracking failed at step 1" in r.getMessage()]
     assert len(warnings) == 1 and len(caplog.records) == 1
-    events = [
-        json.loads(x) for x in (tmp_path / FAILURES_FILE).read_text().splitlines()
-    ]
-    assert [(e["event"], e["sink"], e["step"]) for e in events] == [
-        ("tracking_lost", "mlflow", 1)
-    ]
+    events = [json.loads(x) for x in (tmp_path / FAILURES_FILE).read_text().splitlines()]
+    assert [(e["event"], e["sink"], e["step"]) for e in events] == [("tracking_lost", "mlflow", 1)]
 
 
 # --- real runs ----------------------------------------------------------------------------------------
@@ -119,15 +105,11 @@ def _fit(cfg, prepared):
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    return make_prepared(
-        tmp_path_factory.mktemp("packed"), n_train=48, n_eval=9, per_row=3
-    )
+    return make_prepared(tmp_path_factory.mktemp("packed"), n_train=48, n_eval=9, per_row=3)
 
 
 @pytest.fixture(scope="module")
-def tracked_run(
-    ray_session, tiny_model_dir, storage, mlflow_server, prepared, tmp_path_factory
-):
+def tracked_run(ray_session, tiny_model_dir, storage, mlflow_server, prepared, tmp_path_factory):
     """A 4-step run with MLflow (the test server) and W&B (offline) on."""
     mp = pytest.MonkeyPatch()
     mp.setenv("WANDB_MODE", "offline")
@@ -147,9 +129,7 @@ def tracked_run(
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_train_run_logs_params_metrics_and_artifacts_to_mlflow(
-    tracked_run, mlflow_server
-):
+def test_train_run_logs_params_metrics_and_artifacts_to_mlflow(tracked_run, mlflow_server):
     from mlflow.tracking import MlflowClient
 
     handles = read_handles(tracked_run.run_dir)
@@ -158,29 +138,16 @@ def test_train_run_logs_params_metrics_and_artifacts_to_mlflow(
     assert run.info.status == "FINISHED" and run.info.run_name == "tracked"
     assert client.get_experiment(run.info.experiment_id).name == "raysft-test"
     assert run.data.params["train.lr"] == "0.005" and run.data.params["lora.r"] == "4"
-    assert (
-        run.data.params["run.name"] == "tracked"
-        and run.data.params["scaling.num_workers"] == "1"
-    )
-    local = [
-        json.loads(x)
-        for x in (tracked_run.run_dir / "metrics.jsonl").read_text().splitlines()
-    ]
+    assert run.data.params["run.name"] == "tracked" and run.data.params["scaling.num_workers"] == "1"
+    local = [json.loads(x) for x in (tracked_run.run_dir / "metrics.jsonl").read_text().splitlines()]
     loss = client.get_metric_history(run.info.run_id, "loss")
-    assert [(m.step, m.value) for m in sorted(loss, key=lambda m: m.step)] == [
-        (r["step"], r["loss"]) for r in local
-    ]
+    assert [(m.step, m.value) for m in sorted(loss, key=lambda m: m.step)] == [(r["step"], r["loss"]) for r in local]
     evals = client.get_metric_history(run.info.run_id, "eval_loss")
     assert sorted(m.step for m in evals) == [2, 4]
     assert {"lr", "grad_norm", "tokens_per_s", "eval_ppl"} <= set(run.data.metrics)
-    adapter = {
-        Path(a.path).name for a in client.list_artifacts(run.info.run_id, "adapter")
-    }
+    adapter = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "adapter")}
     assert {"adapter_config.json", "adapter_model.safetensors"} <= adapter
-    plots = {
-        Path(a.path).name: a.file_size
-        for a in client.list_artifacts(run.info.run_id, "plots")
-    }
+    plots = {Path(a.path).name: a.file_size for a in client.list_artifacts(run.info.run_id, "plots")}
     assert plots.get("loss.png", 0) > 1000
 
 
@@ -188,18 +155,9 @@ def test_train_run_logs_params_metrics_and_artifacts_to_mlflow(
 @pytest.mark.slow
 def test_wandb_offline_run_files_hold_the_logged_metrics(tracked_run):
     handles = read_handles(tracked_run.run_dir)
-    rows = [
-        r
-        for r in wandb_history(tracked_run.run_dir, handles["wandb"]["id"])
-        if "loss" in r
-    ]
-    local = [
-        json.loads(x)
-        for x in (tracked_run.run_dir / "metrics.jsonl").read_text().splitlines()
-    ]
-    assert [(r["_step"], r["loss"]) for r in rows] == [
-        (m["step"], m["loss"]) for m in local
-    ]
+    rows = [r for r in wandb_history(tracked_run.run_dir, handles["wandb"]["id"]) if "loss" in r]
+    local = [json.loads(x) for x in (tracked_run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["_step"], r["loss"]) for r in rows] == [(m["step"], m["loss"]) for m in local]
     assert [r["_step"] for r in rows if "eval_loss" in r] == [2, 4]
 
 
@@ -241,13 +199,8 @@ def test_server_stopped_mid_run_leaves_training_finished_with_one_warning(
     finally:
         killer.join(timeout=310)
         server.stop()
-    local = [
-        json.loads(x)
-        for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()
-    ]
-    assert [m["step"] for m in local] == list(
-        range(1, 17)
-    )  # training finished every step
+    local = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in local] == list(range(1, 17))  # training finished every step
     assert (result.adapter_path / "adapter_model.safetensors").is_file()
     lost = [
         json.loads(x)
@@ -260,10 +213,7 @@ def test_server_stopped_mid_run_leaves_training_finished_with_one_warning(
     try:
         client = MlflowClient(server.uri)
         steps = sorted(
-            m.step
-            for m in client.get_metric_history(
-                read_handles(result.run_dir)["mlflow"]["run_id"], "loss"
-            )
+            m.step for m in client.get_metric_history(read_handles(result.run_dir)["mlflow"]["run_id"], "loss")
         )
         assert steps and steps == list(range(1, len(steps) + 1)) and len(steps) < 16
     finally:
@@ -333,28 +283,20 @@ def test_sweep_logs_one_parent_run_with_a_child_per_trial(sweep, mlflow_server):
     client = MlflowClient(mlflow_server.uri)
     parent_id = read_handles(sweep.sweep_dir)["mlflow"]["run_id"]
     parent = client.get_run(parent_id)
-    assert (
-        parent.info.status == "FINISHED" and parent.data.tags["raysft.kind"] == "sweep"
-    )
+    assert parent.info.status == "FINISHED" and parent.data.tags["raysft.kind"] == "sweep"
     assert json.loads(parent.data.params["tune.search_space.train.lr"]) == [0.01, 0.003]
     assert parent.data.tags["raysft.best_trial"] == sweep.best.trial_id
-    assert parent.data.metrics["best_trial_eval_loss"] == pytest.approx(
-        sweep.best.metrics["final_eval_loss"]
-    )
+    assert parent.data.metrics["best_trial_eval_loss"] == pytest.approx(sweep.best.metrics["final_eval_loss"])
     assert "results.csv" in {a.path for a in client.list_artifacts(parent_id)}
     children = client.search_runs(
         [parent.info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
     )
-    assert sorted(c.info.run_name for c in children) == sorted(
-        r["trial_id"] for r in sweep.table
-    )
+    assert sorted(c.info.run_name for c in children) == sorted(r["trial_id"] for r in sweep.table)
     assert sorted(float(c.data.params["train.lr"]) for c in children) == [0.003, 0.01]
     for child in children:
         assert child.info.status == "FINISHED"
-        assert sorted(
-            m.step for m in client.get_metric_history(child.info.run_id, "loss")
-        ) == [1, 2]
+        assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "loss")) == [1, 2]
         assert "eval_loss" in child.data.metrics
         assert "adapter" in {a.path for a in client.list_artifacts(child.info.run_id)}
 
@@ -368,35 +310,21 @@ def test_runs_table_lists_runs_and_sweep_trials(tracked_run, sweep, storage, cap
     assert cli_main(["runs", str(storage), "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     tracked = rows["tracked"]
-    local = [
-        json.loads(x)
-        for x in (tracked_run.run_dir / "metrics.jsonl").read_text().splitlines()
-    ]
+    local = [json.loads(x) for x in (tracked_run.run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [m["eval_loss"] for m in local if "eval_loss" in m]
     assert tracked["status"] == "finished" and (
         tracked["steps_done"],
         tracked["steps_total"],
     ) == (4, 4)
-    assert tracked["last_eval_loss"] == evals[-1] and tracked["best_eval_loss"] == min(
-        evals
-    )
-    assert tracked["tokens_per_s"] > 0 and tracked["adapter"] == str(
-        tracked_run.adapter_path
-    )
+    assert tracked["last_eval_loss"] == evals[-1] and tracked["best_eval_loss"] == min(evals)
+    assert tracked["tokens_per_s"] > 0 and tracked["adapter"] == str(tracked_run.adapter_path)
     assert tracked["sweep"] is None
     trials = [r for r in rows.values() if r["sweep"] == "sweep"]
-    assert sorted(r["name"] for r in trials) == sorted(
-        f"sweep/{r['trial_id']}" for r in sweep.table
-    )
-    assert all(
-        r["status"] == "finished" and r["steps_done"] == r["steps_total"] == 2
-        for r in trials
-    )
+    assert sorted(r["name"] for r in trials) == sorted(f"sweep/{r['trial_id']}" for r in sweep.table)
+    assert all(r["status"] == "finished" and r["steps_done"] == r["steps_total"] == 2 for r in trials)
     assert cli_main(["runs", str(storage)]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split()[:3] == ["NAME", "STATUS", "STEPS"] and len(
-        table
-    ) == 1 + len(rows)
+    assert table[0].split()[:3] == ["NAME", "STATUS", "STEPS"] and len(table) == 1 + len(rows)
     line = next(x for x in table if x.startswith("tracked "))
     assert f"{evals[-1]:.4f}" in line and "4/4" in line and "finished" in line
 
@@ -404,20 +332,12 @@ def test_runs_table_lists_runs_and_sweep_trials(tracked_run, sweep, storage, cap
 @pytest.mark.ray
 @pytest.mark.slow
 def test_report_writes_non_empty_pngs(tracked_run, tmp_path, capsys):
-    assert (
-        cli_main(
-            ["report", str(tracked_run.run_dir), "--output", str(tmp_path / "rep")]
-        )
-        == 0
-    )
+    assert cli_main(["report", str(tracked_run.run_dir), "--output", str(tmp_path / "rep")]) == 0
     printed = capsys.readouterr().out.split()
     names = sorted(Path(p).name for p in printed)
     assert names == ["grad_norm.png", "loss.png", "lr.png", "tokens_per_s.png"]
     for p in printed:
-        assert (
-            Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-            and Path(p).stat().st_size > 5000
-        )
+        assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Path(p).stat().st_size > 5000
 
 
 def test_report_plots_generation_metrics_and_refuses_non_runs(tmp_path, capsys):

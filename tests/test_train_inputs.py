@@ -12,11 +12,11 @@ import yaml
 
 from raysft.pipeline.config import load_config
 from raysft.pipeline.errors import ClusterError, ConfigError, ModelError
+from raysft.pipeline.trainer import preflight, train
 from raysft.pipeline.training.checkpoint import rng_state, set_rng_state
 from raysft.pipeline.training.ledger import Ledger, check_exactly_once
 from raysft.pipeline.training.loop import deepspeed_config
 from raysft.pipeline.training.reader import ShardOrder, StepLayout
-from raysft.pipeline.trainer import preflight, train
 
 
 def one_sentence(exc: BaseException) -> str:
@@ -26,13 +26,22 @@ def one_sentence(exc: BaseException) -> str:
 
 
 def base(tiny_model_dir, tmp_path, **over):
-    return load_config(None, overrides={"model.name_or_path": str(tiny_model_dir), "data.train": str(tmp_path / "d.jsonl"),
-                                        "run.storage_path": str(tmp_path / "runs"), **over})
+    return load_config(
+        None,
+        overrides={
+            "model.name_or_path": str(tiny_model_dir),
+            "data.train": str(tmp_path / "d.jsonl"),
+            "run.storage_path": str(tmp_path / "runs"),
+            **over,
+        },
+    )
 
 
 def test_missing_model_path(tmp_path):
-    cfg = load_config(None, overrides={"model.name_or_path": str(tmp_path / "no-such-model"),
-                                       "run.storage_path": str(tmp_path / "runs")})
+    cfg = load_config(
+        None,
+        overrides={"model.name_or_path": str(tmp_path / "no-such-model"), "run.storage_path": str(tmp_path / "runs")},
+    )
     with pytest.raises(ModelError) as exc:
         train(cfg)
     assert "no-such-model" in one_sentence(exc.value)
@@ -116,15 +125,36 @@ def test_ledger_rewind_and_exactly_once_check(tmp_path):
 
 
 def test_deepspeed_config_owns_batching_and_precision(tiny_model_dir, tmp_path):
-    cfg = base(tiny_model_dir, tmp_path, **{"train.micro_batch_size": 2, "train.grad_accum": 3,
-                                            "train.deepspeed.stage": 3, "train.deepspeed.offload_optimizer": True,
-                                            "train.deepspeed.offload_params": True})
+    cfg = base(
+        tiny_model_dir,
+        tmp_path,
+        **{
+            "train.micro_batch_size": 2,
+            "train.grad_accum": 3,
+            "train.deepspeed.stage": 3,
+            "train.deepspeed.offload_optimizer": True,
+            "train.deepspeed.offload_params": True,
+        },
+    )
     ds = deepspeed_config(cfg, world_size=4)
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 3, 24)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (
+        2,
+        3,
+        24,
+    )
     assert ds["bf16"] == {"enabled": True} and "fp16" not in ds
-    assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
-    user = {"fp16": {"enabled": True}, "train_batch_size": "auto", "zero_optimization": {"stage": 2, "overlap_comm": True},
-            "optimizer": {"type": "Adam"}, "gradient_clipping": 0.5}
+    assert ds["zero_optimization"] == {
+        "stage": 3,
+        "offload_optimizer": {"device": "cpu"},
+        "offload_param": {"device": "cpu"},
+    }
+    user = {
+        "fp16": {"enabled": True},
+        "train_batch_size": "auto",
+        "zero_optimization": {"stage": 2, "overlap_comm": True},
+        "optimizer": {"type": "Adam"},
+        "gradient_clipping": 0.5,
+    }
     ds = deepspeed_config(cfg, world_size=1, user_json=user)
     assert "fp16" not in ds and "optimizer" not in ds and ds["train_batch_size"] == 6
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True} and ds["gradient_clipping"] == 0.5

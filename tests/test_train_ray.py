@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_fixtures import make_prepared
 
 from raysft.pipeline.config import load_config
+from raysft.pipeline.trainer import build_trainer, finish_run, preflight
 from raysft.pipeline.training.ledger import check_exactly_once
 from raysft.pipeline.training.metrics import read_metrics
-from raysft.pipeline.trainer import build_trainer, finish_run, preflight
-from train_fixtures import make_prepared
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -29,8 +29,9 @@ ROWS_PER_SHARD = 2  # 8 shards; train.shuffle_window 2 -> 4 windows per epoch, o
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    return make_prepared(tmp_path_factory.mktemp("packed"), n_train=N_SAMPLES, n_eval=9, per_row=3,
-                         rows_per_shard=ROWS_PER_SHARD)
+    return make_prepared(
+        tmp_path_factory.mktemp("packed"), n_train=N_SAMPLES, n_eval=9, per_row=3, rows_per_shard=ROWS_PER_SHARD
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +41,24 @@ def runs_root(tmp_path_factory) -> Path:
 
 def fp32_cfg(model_dir, runs_root, name, workers, micro, accum, **more):
     over = {
-        "model.name_or_path": str(model_dir), "model.quantization": "none", "model.dtype": "float32",
-        "lora.dropout": 0.0, "lora.r": 4, "lora.alpha": 8,
-        "train.epochs": 2, "train.lr": 5e-3, "train.warmup_steps": 1, "train.save_every": 2, "train.eval_every": 4,
-        "train.micro_batch_size": micro, "train.grad_accum": accum, "train.deepspeed.stage": 2,
-        "scaling.num_workers": workers, "run.storage_path": str(runs_root), "run.name": name, "run.max_failures": 0,
+        "model.name_or_path": str(model_dir),
+        "model.quantization": "none",
+        "model.dtype": "float32",
+        "lora.dropout": 0.0,
+        "lora.r": 4,
+        "lora.alpha": 8,
+        "train.epochs": 2,
+        "train.lr": 5e-3,
+        "train.warmup_steps": 1,
+        "train.save_every": 2,
+        "train.eval_every": 4,
+        "train.micro_batch_size": micro,
+        "train.grad_accum": accum,
+        "train.deepspeed.stage": 2,
+        "scaling.num_workers": workers,
+        "run.storage_path": str(runs_root),
+        "run.name": name,
+        "run.max_failures": 0,
     }
     over.update(more)
     return preflight(load_config(None, overrides=over))
@@ -97,6 +111,7 @@ def test_step_split_invariance(run_1w, run_2w, prepared):
     assert ledger(run_1w.run_dir) == ledger(run_2w.run_dir)
     # The rows really have unequal trained-token counts (otherwise averaging per rank would also pass).
     import pyarrow.parquet as pq
+
     from raysft.pipeline.training.step import trained_tokens
 
     counts = {trained_tokens(r) for r in pq.read_table(prepared.train_dir).column("labels").to_pylist()}
@@ -113,7 +128,9 @@ def test_order_invariance_1x4x1_2x2x1_4x1x1(run_1x4, run_2w, run_4w):
     assert_same_adapter(adapter(run_4w.run_dir), adapter(run_2w.run_dir))
     # Every worker read every shard of each epoch once, through its bounded window (the reader's counters).
     reads = [e for e in events(run_4w.run_dir) if e["event"] == "reader"][-1]["reads"]
-    assert sorted((e, s) for e, _, s in reads) == [(e, s) for e in (0, 1) for s in range(N_SAMPLES // 3 // ROWS_PER_SHARD)]
+    assert sorted((e, s) for e, _, s in reads) == [
+        (e, s) for e in (0, 1) for s in range(N_SAMPLES // 3 // ROWS_PER_SHARD)
+    ]
 
 
 def events(run_dir: Path) -> list[dict]:
@@ -125,8 +142,12 @@ def _torchrun(config: Path, prepared, overrides: list[str], world: int = 2) -> N
     from dist_workers import torchrun_worker
     from local_processes import free_port
 
-    mp.start_processes(torchrun_worker, args=(world, free_port(), str(config), str(prepared.train_dir.parent), overrides),
-                       nprocs=world, start_method="spawn")
+    mp.start_processes(
+        torchrun_worker,
+        args=(world, free_port(), str(config), str(prepared.train_dir.parent), overrides),
+        nprocs=world,
+        start_method="spawn",
+    )
 
 
 def test_torchrun_path_gives_the_ray_adapter(run_2w, tiny_model_dir, runs_root, prepared, tmp_path):
@@ -202,7 +223,11 @@ def test_recovery_from_killed_worker_is_exact(ray_session, tiny_model_dir, runs_
     cfg = fp32_cfg(tiny_model_dir, runs_root, "killed", workers=2, micro=1, accum=2, **{"run.max_failures": 1})
     run_dir = runs_root / "killed"
     killed: dict = {}
-    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(run_dir, killed, ray_session.get_runtime_context().gcs_address), daemon=True)
+    killer = threading.Thread(
+        target=_kill_a_worker_after_first_checkpoint,
+        args=(run_dir, killed, ray_session.get_runtime_context().gcs_address),
+        daemon=True,
+    )
     killer.start()
     result = fit(cfg, prepared)
     killer.join(timeout=5)
@@ -231,6 +256,7 @@ def test_recovery_from_killed_worker_is_exact(ray_session, tiny_model_dir, runs_
 
 def _eval_loss(model, eval_dir) -> float:
     import pyarrow.parquet as pq
+
     from raysft.pipeline.training.step import collate, eval_loss_sum
 
     rows = pq.read_table(eval_dir).to_pylist()
@@ -264,10 +290,20 @@ def _losses_drop(run_dir: Path) -> None:
 
 def _nf4_overrides(model_dir, runs_root, name, stage):
     return {
-        "model.name_or_path": str(model_dir), "model.quantization": "nf4", "lora.r": 8, "lora.alpha": 16,
-        "train.max_steps": 8, "train.lr": 1e-2, "train.warmup_steps": 0, "train.save_every": 4, "train.eval_every": 4,
-        "train.deepspeed.stage": stage, "scaling.num_workers": 2, "run.storage_path": str(runs_root),
-        "run.name": name, "run.max_failures": 0,
+        "model.name_or_path": str(model_dir),
+        "model.quantization": "nf4",
+        "lora.r": 8,
+        "lora.alpha": 16,
+        "train.max_steps": 8,
+        "train.lr": 1e-2,
+        "train.warmup_steps": 0,
+        "train.save_every": 4,
+        "train.eval_every": 4,
+        "train.deepspeed.stage": stage,
+        "scaling.num_workers": 2,
+        "run.storage_path": str(runs_root),
+        "run.name": name,
+        "run.max_failures": 0,
     }
 
 
@@ -302,15 +338,32 @@ def test_python_api_zero2_4bit_end_to_end(ray_session, tiny_model_dir, runs_root
 
     rng = random.Random(0)
     with (tmp_path / "chat.jsonl").open("w") as f:
-        for i in range(40):
+        for _ in range(40):
             a, b = rng.randint(1, 20), rng.randint(1, 20)
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"what is {a} plus {b}"},
-                                             {"role": "assistant", "content": f"the answer is {a + b} #### {a + b}"}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"what is {a} plus {b}"},
+                            {"role": "assistant", "content": f"the answer is {a + b} #### {a + b}"},
+                        ]
+                    }
+                )
+                + "\n"
+            )
     monkeypatch.setenv("HF_TOKEN", "hf_SECRETtoken123")
     monkeypatch.setenv("WANDB_API_KEY", "wandbSECRETkey456")
     over = _nf4_overrides(tiny_model_dir, runs_root, "api", 2)
-    over.update({"data.train": str(tmp_path / "chat.jsonl"), "data.eval_split": 0.2, "data.max_seq_len": 256,
-                 "data.cache_dir": str(tmp_path / "cache"), "train.max_steps": None, "train.epochs": 2})
+    over.update(
+        {
+            "data.train": str(tmp_path / "chat.jsonl"),
+            "data.eval_split": 0.2,
+            "data.max_seq_len": 256,
+            "data.cache_dir": str(tmp_path / "cache"),
+            "train.max_steps": None,
+            "train.epochs": 2,
+        }
+    )
     result = train(load_config(None, overrides=over))
     assert result.adapter_path == result.run_dir / "adapter" and result.adapter_path.is_dir()
     assert result.metrics["eval_loss"] > 0 and "eval_ppl" in result.metrics

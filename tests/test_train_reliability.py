@@ -9,13 +9,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from train_fixtures import make_prepared
+
 from raysft.pipeline.config import load_config
 from raysft.pipeline.errors import CheckpointError
 from raysft.pipeline.trainer import build_trainer, finish_run, fit, preflight, run_dir_of
 from raysft.pipeline.training import checkpoint as ck
 from raysft.pipeline.training.ledger import check_exactly_once
 from raysft.pipeline.training.metrics import read_metrics
-from train_fixtures import make_prepared
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -62,12 +63,8 @@ def _cfg(model_dir, storage, max_steps, **more):
     return preflight(load_config(None, overrides=over))
 
 
-def test_full_disk_then_resume_from_last_good_checkpoint(
-    ray_session, tiny_model_dir, tmpfs, tmp_path, capsys
-):
-    prepared = make_prepared(
-        tmp_path / "packed", n_train=24, n_eval=0, per_row=3
-    )  # 8 rows: 2 steps per epoch
+def test_full_disk_then_resume_from_last_good_checkpoint(ray_session, tiny_model_dir, tmpfs, tmp_path, capsys):
+    prepared = make_prepared(tmp_path / "packed", n_train=24, n_eval=0, per_row=3)  # 8 rows: 2 steps per epoch
     run_dir = tmpfs / "disk"
     first = _cfg(tiny_model_dir, tmpfs, 2)
     finish_run(first, fit(build_trainer(first, prepared), run_dir_of(first)))
@@ -75,19 +72,10 @@ def test_full_disk_then_resume_from_last_good_checkpoint(
     assert ck.problem(good) is None
 
     # A rerun with another LoRA shape is refused before any worker starts, and changes nothing.
-    before = sorted(
-        (p.relative_to(run_dir).as_posix(), p.stat().st_size)
-        for p in run_dir.rglob("*")
-    )
+    before = sorted((p.relative_to(run_dir).as_posix(), p.stat().st_size) for p in run_dir.rglob("*"))
     with pytest.raises(CheckpointError, match=r"lora.r 4 -> 8"):
         build_trainer(_cfg(tiny_model_dir, tmpfs, 2, **{"lora.r": 8}), prepared)
-    assert (
-        sorted(
-            (p.relative_to(run_dir).as_posix(), p.stat().st_size)
-            for p in run_dir.rglob("*")
-        )
-        == before
-    )
+    assert sorted((p.relative_to(run_dir).as_posix(), p.stat().st_size) for p in run_dir.rglob("*")) == before
 
     # Extend to 4 steps with the disk (almost) full: the save at step 4 stops in one sentence, before upload.
     longer = _cfg(tiny_model_dir, tmpfs, 4)
@@ -95,12 +83,7 @@ def test_full_disk_then_resume_from_last_good_checkpoint(
     with pytest.raises(CheckpointError) as err:
         fit(build_trainer(longer, prepared), run_dir_of(longer))
     msg = str(err.value)
-    assert (
-        "Not enough space" in msg
-        and "MiB free" in msg
-        and "checkpoint step 4" in msg
-        and "\n" not in msg
-    ), msg
+    assert "Not enough space" in msg and "MiB free" in msg and "checkpoint step 4" in msg and "\n" not in msg, msg
     assert not (run_dir / "checkpoint_000004").exists() and ck.problem(good) is None
 
     # What the probe found after a real ENOSPC: a 0-byte Ray snapshot and a half-written newer checkpoint.
@@ -113,25 +96,13 @@ def test_full_disk_then_resume_from_last_good_checkpoint(
     capsys.readouterr()
     result = finish_run(longer, fit(build_trainer(longer, prepared), run_dir_of(longer)))
     out = capsys.readouterr().out
-    assert (
-        "skipping checkpoint checkpoint_000004" in out
-        and "checkpoint_manager_snapshot.json is truncated" in out
-    )
+    assert "skipping checkpoint checkpoint_000004" in out and "checkpoint_manager_snapshot.json is truncated" in out
     events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
     starts = [e for e in events if e["event"] == "start"]  # events.jsonl also holds the reader's counters
-    assert [s["step"] for s in starts][-1] == 2, (
-        starts
-    )  # resumed from the last complete checkpoint
-    ledger = [
-        json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()
-    ]
+    assert [s["step"] for s in starts][-1] == 2, starts  # resumed from the last complete checkpoint
+    ledger = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert [e["step"] for e in ledger] == [1, 2, 3, 4]
     check_exactly_once(ledger)
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
-    assert (
-        ck.problem(run_dir / "checkpoint_000004") is None
-        and result.adapter_path.is_dir()
-    )
-    assert list(
-        run_dir.glob("checkpoint_000004.set-aside-*")
-    )  # the broken one was moved aside, not deleted
+    assert ck.problem(run_dir / "checkpoint_000004") is None and result.adapter_path.is_dir()
+    assert list(run_dir.glob("checkpoint_000004.set-aside-*"))  # the broken one was moved aside, not deleted

@@ -18,8 +18,16 @@ import pytest
 from raysft.pipeline.config import load_config
 from raysft.pipeline.errors import ClusterError, ConfigError
 from raysft.pipeline.sweep.report import (
-    COMPLETED, EARLY_STOPPED, BestTrial, TrialRecord, pick_best, plot_curves, plot_loss_vs_lr, summary_line,
-    table_row, write_csv,
+    COMPLETED,
+    EARLY_STOPPED,
+    BestTrial,
+    TrialRecord,
+    pick_best,
+    plot_curves,
+    plot_loss_vs_lr,
+    summary_line,
+    table_row,
+    write_csv,
 )
 from raysft.pipeline.sweep.space import REPORTED_METRICS, plan_sweep, trial_overrides
 
@@ -33,14 +41,23 @@ def cfg_with(space, **tune):
 
 # --- search space -------------------------------------------------------------------------------
 
+
 def test_search_space_kinds_become_tune_domains():
     from ray.tune.search.sample import Categorical, Float, Integer
 
-    plan = plan_sweep(cfg_with({
-        "lora.r": {"choice": [8, 16]}, "train.lr": {"loguniform": [1e-5, 1e-3]},
-        "lora.dropout": {"uniform": [0.0, 0.1]}, "train.warmup_steps": [0, 2, 4], "train.weight_decay": 0.01,
-        "train.grad_accum": {"loguniform": [1, 8]},
-    }, num_samples=2))
+    plan = plan_sweep(
+        cfg_with(
+            {
+                "lora.r": {"choice": [8, 16]},
+                "train.lr": {"loguniform": [1e-5, 1e-3]},
+                "lora.dropout": {"uniform": [0.0, 0.1]},
+                "train.warmup_steps": [0, 2, 4],
+                "train.weight_decay": 0.01,
+                "train.grad_accum": {"loguniform": [1, 8]},
+            },
+            num_samples=2,
+        )
+    )
     space = plan.param_space()
     assert isinstance(space["lora.r"], Categorical) and space["lora.r"].categories == [8, 16]
     assert isinstance(space["train.lr"], Float) and (space["train.lr"].lower, space["train.lr"].upper) == (1e-5, 1e-3)
@@ -73,22 +90,25 @@ def test_data_fields_are_prepared_per_value_and_must_be_finite():
         plan_sweep(cfg_with({"data.max_seq_len": {"uniform": [64, 128]}}))
 
 
-@pytest.mark.parametrize("space, tune, message", [
-    ({"lora.rank": [4, 8]}, {}, r"tune.search_space.lora.rank is not a config field"),
-    ({"lora.r": {"choice": []}}, {}, r"tune.search_space.lora.r has an empty choice list"),
-    ({"lora.r": []}, {}, r"tune.search_space.lora.r is an empty list"),
-    ({}, {}, r"tune.search_space is empty"),
-    ({"train.lr": [1e-4]}, {"metric": "accuracy"}, r"tune.metric 'accuracy' is never reported by the training"),
-    ({"train.lr": {"loguniform": [0, 1e-3]}}, {}, r"must be \{loguniform: \[lo, hi\]\} with numbers 0 < lo < hi"),
-    ({"train.lr": {"uniform": [1e-3, 1e-4]}}, {}, r"lo < hi"),
-    ({"train.lr": {"normal": [0, 1]}}, {}, r"must be a list \(grid\), \{choice"),
-    ({"lora.r": [8, 0]}, {}, r"tune.search_space.lora.r has value 0 that the field rejects"),
-    ({"lora": [1]}, {}, r"is a config section, not a field"),
-    ({"scaling.num_workers": [1, 2]}, {}, r"cannot be searched"),
-    ({"lora.r": [4, 8]}, {"search_alg": "optuna"}, r"grid \(plain list\), which search_alg optuna cannot take"),
-    ({"lora.r": [4], "lora.alpha": [8]}, {"alpha_rule": "2r"}, r"lora.alpha cannot also be in tune.search_space"),
-    ({"lora.r": {"loguniform": [2.5, 8]}}, {}, r"integer field"),
-])
+@pytest.mark.parametrize(
+    "space, tune, message",
+    [
+        ({"lora.rank": [4, 8]}, {}, r"tune.search_space.lora.rank is not a config field"),
+        ({"lora.r": {"choice": []}}, {}, r"tune.search_space.lora.r has an empty choice list"),
+        ({"lora.r": []}, {}, r"tune.search_space.lora.r is an empty list"),
+        ({}, {}, r"tune.search_space is empty"),
+        ({"train.lr": [1e-4]}, {"metric": "accuracy"}, r"tune.metric 'accuracy' is never reported by the training"),
+        ({"train.lr": {"loguniform": [0, 1e-3]}}, {}, r"must be \{loguniform: \[lo, hi\]\} with numbers 0 < lo < hi"),
+        ({"train.lr": {"uniform": [1e-3, 1e-4]}}, {}, r"lo < hi"),
+        ({"train.lr": {"normal": [0, 1]}}, {}, r"must be a list \(grid\), \{choice"),
+        ({"lora.r": [8, 0]}, {}, r"tune.search_space.lora.r has value 0 that the field rejects"),
+        ({"lora": [1]}, {}, r"is a config section, not a field"),
+        ({"scaling.num_workers": [1, 2]}, {}, r"cannot be searched"),
+        ({"lora.r": [4, 8]}, {"search_alg": "optuna"}, r"grid \(plain list\), which search_alg optuna cannot take"),
+        ({"lora.r": [4], "lora.alpha": [8]}, {"alpha_rule": "2r"}, r"lora.alpha cannot also be in tune.search_space"),
+        ({"lora.r": {"loguniform": [2.5, 8]}}, {}, r"integer field"),
+    ],
+)
 def test_bad_search_spaces_are_one_sentence(space, tune, message):
     with pytest.raises(ConfigError, match=message) as err:
         plan_sweep(cfg_with(space, **tune))
@@ -107,22 +127,40 @@ def test_bad_input_fails_before_anything_starts(tmp_path):
     from raysft.pipeline import tune
 
     base = load_config(overrides={**EVAL, "run.storage_path": str(tmp_path), "run.name": "bad"})
-    for space, extra in [({"lora.rnk": [4]}, {}), ({"lora.r": {"choice": []}}, {}), ({"train.lr": [1e-4]}, {"tune.metric": "bleu"})]:
+    for space, extra in [
+        ({"lora.rnk": [4]}, {}),
+        ({"lora.r": {"choice": []}}, {}),
+        ({"train.lr": [1e-4]}, {"tune.metric": "bleu"}),
+    ]:
         with pytest.raises(ConfigError):
             tune(base.with_overrides({"tune.search_space": space, **extra}))
     assert not (tmp_path / "bad").exists()
     (tmp_path / "sweep.yaml").write_text("data: {train: x.jsonl}\n")
     cli = subprocess.run(
-        [sys.executable, "-m", "raysft.pipeline.cli", "tune", str(tmp_path / "sweep.yaml"),
-         "--set", "tune.search_space.lora.r={choice: []}", "--set", f"run.storage_path={tmp_path}"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "raysft.pipeline.cli",
+            "tune",
+            str(tmp_path / "sweep.yaml"),
+            "--set",
+            "tune.search_space.lora.r={choice: []}",
+            "--set",
+            f"run.storage_path={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert cli.returncode == 2
     assert cli.stderr.strip().splitlines() == [
-        f"raysft: error: tune.search_space.lora.r in {tmp_path / 'sweep.yaml'} has an empty choice list; give at least one value."]
+        f"raysft: error: tune.search_space.lora.r in {tmp_path / 'sweep.yaml'} has an empty choice list; "
+        "give at least one value."
+    ]
 
 
 # --- resources ------------------------------------------------------------------------------------
+
 
 def test_concurrency_never_oversubscribes_the_cluster():
     from raysft.pipeline.sweep.run import max_concurrent_trials
@@ -181,8 +219,16 @@ def test_asha_stops_diverged_trials_but_never_a_trial_at_its_last_step(tmp_path)
     from raysft.pipeline.sweep.run import ASHA_MAX_T, SweepASHA
 
     events = tmp_path / "events.jsonl"
-    asha = SweepASHA(str(events), lambda config: 4, metric="eval_loss", mode="min", time_attr="step",
-                     max_t=ASHA_MAX_T, grace_period=2, reduction_factor=2)
+    asha = SweepASHA(
+        str(events),
+        lambda config: 4,
+        metric="eval_loss",
+        mode="min",
+        time_attr="step",
+        max_t=ASHA_MAX_T,
+        grace_period=2,
+        reduction_factor=2,
+    )
     t0, t1, t2 = (SimpleNamespace(trial_id=f"t{i}", config={}) for i in range(3))
     for t in (t0, t1, t2):
         asha.on_trial_add(None, t)
@@ -203,8 +249,13 @@ def test_history_keeps_diverged_values_and_the_last_report_of_a_repeated_step(tm
 
     from raysft.pipeline.sweep.run import _history
 
-    lines = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0, "eval_loss": 2.5}, {"step": 3, "loss": 9.0},
-             {"step": 3, "loss": 1.5}, {"step": 4, "loss": float("nan"), "eval_loss": float("nan")}]
+    lines = [
+        {"step": 1, "loss": 3.0},
+        {"step": 2, "loss": 2.0, "eval_loss": 2.5},
+        {"step": 3, "loss": 9.0},
+        {"step": 3, "loss": 1.5},
+        {"step": 4, "loss": float("nan"), "eval_loss": float("nan")},
+    ]
     (tmp_path / "result.json").write_text("".join(json.dumps(x) + "\n" for x in lines))
     history = _history(SimpleNamespace(path=str(tmp_path)))
     assert [h["step"] for h in history] == [1, 2, 3, 4] and history[2]["loss"] == 1.5
@@ -214,9 +265,12 @@ def test_history_keeps_diverged_values_and_the_last_report_of_a_repeated_step(tm
 
 # --- table, best trial, plots ---------------------------------------------------------------------
 
+
 def _record(trial_id, r, lr, evals, reason=COMPLETED):
-    history = [{"step": s, "loss": 3.0, "trained_tokens": 100 * s, **({"eval_loss": e} if e is not None else {})}
-               for s, e in enumerate(evals, start=1)]
+    history = [
+        {"step": s, "loss": 3.0, "trained_tokens": 100 * s, **({"eval_loss": e} if e is not None else {})}
+        for s, e in enumerate(evals, start=1)
+    ]
     return TrialRecord(trial_id, {"lora.r": r, "train.lr": lr}, history, 12.5, reason, adapter=f"/a/{trial_id}")
 
 
@@ -228,8 +282,18 @@ def test_table_best_trial_plots_and_summary(tmp_path):
         _record("t3", 8, 1e-1, [float("nan")], "error: boom"),
     ]
     table = [table_row(r, "eval_loss", "min") for r in records]
-    assert table[0] == {"trial_id": "t0", "lora.r": 4, "train.lr": 1e-3, "final_eval_loss": 2.5, "best_eval_loss": 2.5,
-                        "trained_tokens": 300, "steps": 3, "wall_time_s": 12.5, "stop_reason": COMPLETED, "adapter": "/a/t0"}
+    assert table[0] == {
+        "trial_id": "t0",
+        "lora.r": 4,
+        "train.lr": 1e-3,
+        "final_eval_loss": 2.5,
+        "best_eval_loss": 2.5,
+        "trained_tokens": 300,
+        "steps": 3,
+        "wall_time_s": 12.5,
+        "stop_reason": COMPLETED,
+        "adapter": "/a/t0",
+    }
     assert (table[2]["final_eval_loss"], table[2]["best_eval_loss"]) == (2.6, 2.6)
     assert table[1]["best_eval_loss"] == 9.0 and table[1]["final_eval_loss"] == 12.0
     assert math.isnan(table[3]["final_eval_loss"])
@@ -247,7 +311,10 @@ def test_table_best_trial_plots_and_summary(tmp_path):
 
     best = BestTrial("t0", {}, table[0], "/s/best_adapter")
     line = summary_line(table, best, "eval_loss", "/s")
-    assert line.startswith("Sweep of 4 trials (2 completed, 1 early-stopped by ASHA, 1 error): best t0 (lora.r=4, train.lr=0.001) eval_loss=2.5000")
+    assert line.startswith(
+        "Sweep of 4 trials (2 completed, 1 early-stopped by ASHA, 1 error): "
+        "best t0 (lora.r=4, train.lr=0.001) eval_loss=2.5000"
+    )
     assert "no trial completed" in summary_line(table[1:2], None, "eval_loss", "/s")
 
 
@@ -266,14 +333,31 @@ def sweep_base(tmp_path_factory, tiny_model_dir) -> dict:
     rows = []
     for _ in range(60):
         a, b = rng.randint(0, 50), rng.randint(0, 50)
-        rows.append({"messages": [{"role": "system", "content": "add"}, {"role": "user", "content": f"what is {a} plus {b}?"},
-                                  {"role": "assistant", "content": f"{a} plus {b} equals {a + b}"}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "add"},
+                    {"role": "user", "content": f"what is {a} plus {b}?"},
+                    {"role": "assistant", "content": f"{a} plus {b} equals {a + b}"},
+                ]
+            }
+        )
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {
-        "model": {"name_or_path": str(tiny_model_dir), "quantization": "none", "dtype": "float32", "gradient_checkpointing": False},
+        "model": {
+            "name_or_path": str(tiny_model_dir),
+            "quantization": "none",
+            "dtype": "float32",
+            "gradient_checkpointing": False,
+        },
         "lora": {"r": 4, "dropout": 0.0},
-        "data": {"train": str(root / "train.jsonl"), "eval_split": 0.2, "max_seq_len": 128,
-                 "cache_dir": str(root / "cache"), "num_tokenizer_actors": 1},
+        "data": {
+            "train": str(root / "train.jsonl"),
+            "eval_split": 0.2,
+            "max_seq_len": 128,
+            "cache_dir": str(root / "cache"),
+            "num_tokenizer_actors": 1,
+        },
         "train": {"max_steps": 4, "eval_every": 2, "save_every": 2, "logging": {"tensorboard": False}},
         "scaling": {"num_workers": 1},
         "run": {"storage_path": str(root / "runs"), "max_failures": 0},
@@ -294,12 +378,23 @@ def _csv(path: Path) -> list[dict]:
 def test_sweep_folder_mistakes_are_caught_before_ray(sweep_base, tmp_path):
     from raysft.pipeline import tune
 
-    cfg = load_config(overrides={**_flat(sweep_base), "run.storage_path": str(tmp_path), "run.name": "s",
-                                 "tune.search_space": {"train.lr": [1e-3]}})
-    with pytest.raises(ConfigError, match=r"There is no sweep to resume in .*/s \(run.storage_path/run.name\); start it without --resume\."):
+    cfg = load_config(
+        overrides={
+            **_flat(sweep_base),
+            "run.storage_path": str(tmp_path),
+            "run.name": "s",
+            "tune.search_space": {"train.lr": [1e-3]},
+        }
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"There is no sweep to resume in .*/s \(run.storage_path/run.name\); start it without --resume\.",
+    ):
         tune(cfg, resume=True)
     (tmp_path / "s" / "tune").mkdir(parents=True)
-    with pytest.raises(ConfigError, match=r"already holds a sweep; continue it with --resume or choose another run.name\."):
+    with pytest.raises(
+        ConfigError, match=r"already holds a sweep; continue it with --resume or choose another run.name\."
+    ):
         tune(cfg)
 
 
@@ -308,9 +403,18 @@ def grid_sweep(ray_session, sweep_base):
     """2 ranks x 2 learning rates, 2 trials at a time on the 4-CPU test cluster (run once for the tests below)."""
     from raysft.pipeline import tune
 
-    cfg = load_config(overrides={**_flat(sweep_base), "run.name": "grid", "tune": {
-        "search_space": {"lora.r": [4, 8], "train.lr": [GOOD_LR, 0.003]}, "search_alg": "grid",
-        "scheduler": "none", "alpha_rule": "2r"}})
+    cfg = load_config(
+        overrides={
+            **_flat(sweep_base),
+            "run.name": "grid",
+            "tune": {
+                "search_space": {"lora.r": [4, 8], "train.lr": [GOOD_LR, 0.003]},
+                "search_alg": "grid",
+                "scheduler": "none",
+                "alpha_rule": "2r",
+            },
+        }
+    )
     return tune(cfg)
 
 
@@ -327,7 +431,12 @@ def test_grid_of_ranks_and_learning_rates(grid_sweep, sweep_base, tiny_model_dir
 
     rows = _csv(sweep_dir / "results.csv")
     assert len(rows) == 4 and [r["trial_id"] for r in rows] == [r["trial_id"] for r in sweep.table]
-    assert sorted((int(r["lora.r"]), float(r["train.lr"])) for r in rows) == [(4, 0.003), (4, GOOD_LR), (8, 0.003), (8, GOOD_LR)]
+    assert sorted((int(r["lora.r"]), float(r["train.lr"])) for r in rows) == [
+        (4, 0.003),
+        (4, GOOD_LR),
+        (8, 0.003),
+        (8, GOOD_LR),
+    ]
     for row in rows:
         run_dir = sweep_dir / "trials" / row["trial_id"]
         trained = yaml.safe_load((run_dir / "config.yaml").read_text())  # what the trial really trained with
@@ -347,7 +456,11 @@ def test_grid_of_ranks_and_learning_rates(grid_sweep, sweep_base, tiny_model_dir
     assert (lora.r, lora.lora_alpha) == (int(best["lora.r"]), 2 * int(best["lora.r"]))
     best_cfg = load_config(sweep_dir / "best_config.yaml")
     assert (best_cfg.lora.r, best_cfg.train.lr) == (int(best["lora.r"]), float(best["train.lr"]))
-    assert (best_cfg.lora.alpha, best_cfg.run.name, best_cfg.tune.search_space) == (2 * best_cfg.lora.r, "grid-best", {})
+    assert (best_cfg.lora.alpha, best_cfg.run.name, best_cfg.tune.search_space) == (
+        2 * best_cfg.lora.r,
+        "grid-best",
+        {},
+    )
     for png in ("loss_vs_lr.png", "eval_curves.png"):
         assert (sweep_dir / png).read_bytes()[:4] == b"\x89PNG"
     assert sweep.summary_line().startswith(f"Sweep of 4 trials (4 completed): best {best['trial_id']}")
@@ -380,7 +493,8 @@ def test_tune_metric_names_are_what_a_real_run_reported(grid_sweep):
         reported = set().union(*history)
         assert reported == set(REPORTED_METRICS), (
             f"trial {trial} reported {sorted(reported)}; sweep/space.py REPORTED_METRICS says "
-            f"{sorted(REPORTED_METRICS)}")
+            f"{sorted(REPORTED_METRICS)}"
+        )
         for m in history:
             assert set(STEP_METRICS) <= set(m), (trial, m)
             assert (set(EVAL_METRICS) & set(m)) in (set(), set(EVAL_METRICS)), (trial, m)
@@ -395,9 +509,18 @@ def test_asha_stops_the_bad_learning_rate_and_an_interrupted_sweep_resumes(sweep
     `--resume` runs the other two and leaves the first two untouched."""
     import yaml
 
-    base = {**sweep_base, "run": {**sweep_base["run"], "storage_path": str(tmp_path), "name": "asha", "address": "local"}}
-    base["tune"] = {"search_space": {"train.lr": [GOOD_LR, BAD_LR], "train.seed": [0, 1]}, "search_alg": "grid",
-                    "scheduler": "asha", "grace_period": 2, "reduction_factor": 4, "max_concurrent_trials": 1}
+    base = {
+        **sweep_base,
+        "run": {**sweep_base["run"], "storage_path": str(tmp_path), "name": "asha", "address": "local"},
+    }
+    base["tune"] = {
+        "search_space": {"train.lr": [GOOD_LR, BAD_LR], "train.seed": [0, 1]},
+        "search_alg": "grid",
+        "scheduler": "asha",
+        "grace_period": 2,
+        "reduction_factor": 4,
+        "max_concurrent_trials": 1,
+    }
     config = tmp_path / "asha.yaml"
     config.write_text(yaml.safe_dump(base))
     sweep_dir = tmp_path / "asha"
@@ -419,12 +542,21 @@ def test_asha_stops_the_bad_learning_rate_and_an_interrupted_sweep_resumes(sweep
     first = {r["trial_id"]: r for r in _csv(sweep_dir / "results.csv")}
     done = sorted(first)[:2]
     assert [first[t]["stop_reason"] for t in done] == [COMPLETED, EARLY_STOPPED]
-    snapshot = {t: {f: ((sweep_dir / "trials" / t / f).stat().st_mtime_ns, (sweep_dir / "trials" / t / f).read_bytes())
-                    for f in ("metrics.jsonl", "attempts.jsonl")} for t in done}
+    snapshot = {
+        t: {
+            f: ((sweep_dir / "trials" / t / f).stat().st_mtime_ns, (sweep_dir / "trials" / t / f).read_bytes())
+            for f in ("metrics.jsonl", "attempts.jsonl")
+        }
+        for t in done
+    }
 
     resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert resumed.stdout.strip().splitlines()[-1].startswith("Sweep of 4 trials (2 completed, 2 early-stopped by ASHA): best ")
+    assert (
+        resumed.stdout.strip()
+        .splitlines()[-1]
+        .startswith("Sweep of 4 trials (2 completed, 2 early-stopped by ASHA): best ")
+    )
 
     rows = _csv(sweep_dir / "results.csv")
     assert len(rows) == 4

@@ -50,9 +50,7 @@ class MlflowServer:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}"
-                )
+                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
             try:
                 with urllib.request.urlopen(self.uri + "/health", timeout=2) as r:
                     if r.status == 200:
@@ -88,11 +86,7 @@ def wandb_history(run_dir: Path, run_id: str) -> list[dict]:
     from wandb.proto import wandb_internal_pb2 as pb
 
     rows = []
-    for path in sorted(
-        glob.glob(
-            str(run_dir / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb")
-        )
-    ):
+    for path in sorted(glob.glob(str(run_dir / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb"))):
         data = Path(path).read_bytes()
         pos, block, buf = 7, 32768, b""
         while pos + 7 <= len(data):
@@ -110,10 +104,5 @@ def wandb_history(run_dir: Path, run_id: str) -> list[dict]:
                 rec.ParseFromString(buf)
                 buf = b""
                 if rec.WhichOneof("record_type") == "history":
-                    rows.append(
-                        {
-                            (i.key or "/".join(i.nested_key)): json.loads(i.value_json)
-                            for i in rec.history.item
-                        }
-                    )
+                    rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
     return rows

@@ -27,7 +27,7 @@ def make_sample(rng: random.Random, sid: int, vocab: int = 400) -> dict:
 def pack_rows(samples: list[dict], per_row: int) -> list[dict]:
     rows = []
     for i in range(0, len(samples), per_row):
-        group = samples[i:i + per_row]
+        group = samples[i : i + per_row]
         row = {"input_ids": [], "labels": [], "position_ids": [], "seq_lengths": [], "source_ids": []}
         for s in group:
             labels = list(s["labels"])
@@ -62,8 +62,9 @@ def write_shards(directory: Path | str, rows: list[dict], rows_per_shard: int) -
     return str(directory)
 
 
-def make_prepared(root: Path, n_train: int = 48, n_eval: int = 8, per_row: int = 3, seed: int = 0,
-                  rows_per_shard: int | None = None) -> Prepared:
+def make_prepared(
+    root: Path, n_train: int = 48, n_eval: int = 8, per_row: int = 3, seed: int = 0, rows_per_shard: int | None = None
+) -> Prepared:
     """`n_train` samples packed `per_row` to a row (source ids 0..n_train-1) and an eval split; with
     `rows_per_shard`, the train rows are a sharded artifact, else one plain Parquet file."""
     rng = random.Random(seed)

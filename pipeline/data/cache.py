@@ -15,8 +15,8 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from filelock import FileLock
 
@@ -42,8 +42,15 @@ def lock_root() -> Path:
 def prepared_key(data_config: dict, train_identity: list, eval_identity: list, tokenizer_hash: str) -> str:
     data = {k: v for k, v in data_config.items() if k not in NOT_IN_KEY}
     blob = json.dumps(
-        {"version": CACHE_VERSION, "data": data, "train": train_identity, "eval": eval_identity, "tokenizer": tokenizer_hash},
-        sort_keys=True, default=str,
+        {
+            "version": CACHE_VERSION,
+            "data": data,
+            "train": train_identity,
+            "eval": eval_identity,
+            "tokenizer": tokenizer_hash,
+        },
+        sort_keys=True,
+        default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from typing import Optional
 
 import numpy as np
 import regex
@@ -39,7 +38,9 @@ _CACHE_LIMIT = 1 << 18  # memoised words (~40 MB) before the memo is cleared
 
 def _byte_chars() -> dict[int, str]:
     """GPT-2's byte -> printable character table (what ByteLevel maps each byte of a word to)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -50,10 +51,14 @@ def _byte_chars() -> dict[int, str]:
     return chars
 
 
-def _pattern(config: dict) -> Optional[str]:
+def _pattern(config: dict) -> str | None:
     """The word-splitting regex of an eligible pipeline ("" for GPT-2's ByteLevel regex), else None."""
-    pre, model, post, norm = (config.get("pre_tokenizer") or {}, config.get("model") or {}, config.get("post_processor"),
-                              config.get("normalizer"))
+    pre, model, post, norm = (
+        config.get("pre_tokenizer") or {},
+        config.get("model") or {},
+        config.get("post_processor"),
+        config.get("normalizer"),
+    )
     if norm is not None and norm.get("type") != "NFC":
         return None
     if model.get("type") != "BPE" or model.get("dropout") is not None or model.get("byte_fallback"):
@@ -62,7 +67,11 @@ def _pattern(config: dict) -> Optional[str]:
         return None
     posts = post.get("processors", []) if post is not None and post.get("type") == "Sequence" else [post]
     for p in posts:  # offsets kept as they are: a TemplateProcessing, or ByteLevel without trimming
-        if p is not None and p.get("type") != "TemplateProcessing" and not (p.get("type") == "ByteLevel" and p.get("trim_offsets") is False):
+        if (
+            p is not None
+            and p.get("type") != "TemplateProcessing"
+            and not (p.get("type") == "ByteLevel" and p.get("trim_offsets") is False)
+        ):
             return None
     if any(t.get("lstrip") or t.get("rstrip") or t.get("single_word") for t in config.get("added_tokens", [])):
         return None
@@ -71,14 +80,20 @@ def _pattern(config: dict) -> Optional[str]:
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
     if len(steps) == 2:
         split, byte = steps
-        if (split.get("type") == "Split" and split.get("behavior") == "Isolated" and split.get("invert") is False
-                and "Regex" in (split.get("pattern") or {}) and byte.get("type") == "ByteLevel"
-                and byte.get("add_prefix_space") is False and byte.get("use_regex") is False):
+        if (
+            split.get("type") == "Split"
+            and split.get("behavior") == "Isolated"
+            and split.get("invert") is False
+            and "Regex" in (split.get("pattern") or {})
+            and byte.get("type") == "ByteLevel"
+            and byte.get("add_prefix_space") is False
+            and byte.get("use_regex") is False
+        ):
             return split["pattern"]["Regex"]
     return None
 
 
-def _ascii_pattern(pattern: str) -> Optional[str]:
+def _ascii_pattern(pattern: str) -> str | None:
     """The pattern for ASCII text with `re` (about twice as fast as `regex` here): `\\p{L}` and `\\p{N}`
     written as ASCII classes; None when it holds other Unicode properties."""
     out, i, depth = [], 0, 0
@@ -89,9 +104,9 @@ def _ascii_pattern(pattern: str) -> Optional[str]:
             i += 5
             continue
         if pattern[i] == "\\":
-            if pattern[i + 1:i + 2] in ("p", "P"):
+            if pattern[i + 1 : i + 2] in ("p", "P"):
                 return None
-            out.append(pattern[i:i + 2])
+            out.append(pattern[i : i + 2])
             i += 2
             continue
         depth += {"[": 1, "]": -1}.get(pattern[i], 0)
@@ -112,12 +127,20 @@ class ByteLevelFastPath:
         pattern = _pattern(config)
         self.nfc = (config.get("normalizer") or {}).get("type") == "NFC"
         ascii_pattern = _ascii_pattern(pattern) if pattern else None
-        self.words_ascii = (_WORDS.findall if pattern == "" else
-                            re.compile(ascii_pattern).findall if ascii_pattern else regex.compile(pattern).findall)
+        self.words_ascii = (
+            _WORDS.findall
+            if pattern == ""
+            else re.compile(ascii_pattern).findall
+            if ascii_pattern
+            else regex.compile(pattern).findall
+        )
         self.words_unicode = regex.compile(pattern or _GPT2_UNICODE).findall
         self.added = {t["content"]: t["id"] for t in config.get("added_tokens", [])}
-        self.split = (re.compile("(" + "|".join(re.escape(t) for t in sorted(self.added, key=len, reverse=True)) + ")")
-                      if self.added else None)
+        self.split = (
+            re.compile("(" + "|".join(re.escape(t) for t in sorted(self.added, key=len, reverse=True)) + ")")
+            if self.added
+            else None
+        )
         chars = _byte_chars()
         self.ascii_map = str.maketrans({chr(b): chars[b] for b in range(128)})
         self.byte_map = [chars[b] for b in range(256)]
@@ -130,7 +153,7 @@ class ByteLevelFastPath:
         self.memo: dict[str, list[int]] = {}
 
     @classmethod
-    def build(cls, backend, backend_json: str) -> Optional["ByteLevelFastPath"]:
+    def build(cls, backend, backend_json: str) -> ByteLevelFastPath | None:
         config = json.loads(backend_json)
         return cls(backend, config) if _eligible(config) else None
 
@@ -141,7 +164,11 @@ class ByteLevelFastPath:
             return _UNSAFE.search(text) is None
         if self.nfc and not unicodedata.is_normalized("NFC", text):
             return False
-        return not any(unicodedata.category(c) in _UNSAFE_CATEGORIES for c in set(text) if c > "\x7e" or c < " " and c not in "\t\n\r")
+        return not any(
+            unicodedata.category(c) in _UNSAFE_CATEGORIES
+            for c in set(text)
+            if c > "\x7e" or c < " " and c not in "\t\n\r"
+        )
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a safe text (no special tokens added), as `tokenizers` would give them."""
@@ -160,7 +187,11 @@ class ByteLevelFastPath:
             for word in words(piece):
                 ids = memo.get(word)
                 if ids is None:
-                    mapped = word.translate(self.ascii_map) if word.isascii() else "".join(self.byte_map[b] for b in word.encode())
+                    mapped = (
+                        word.translate(self.ascii_map)
+                        if word.isascii()
+                        else "".join(self.byte_map[b] for b in word.encode())
+                    )
                     ids = memo[word] = [t.id for t in self.model.tokenize(mapped)]
                 out.extend(ids)
         return out

@@ -16,28 +16,52 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import pyarrow as pa
 
 # Drop reasons that mean the input itself is malformed (they count towards data.max_bad_fraction).
 BAD_INPUT_REASONS = frozenset(
-    {"malformed_json", "not_an_object", "missing_field", "empty_content", "unknown_role",
-     "non_string_content", "unknown_format", "no_assistant_turn", "bad_tool_call"}
+    {
+        "malformed_json",
+        "not_an_object",
+        "missing_field",
+        "empty_content",
+        "unknown_role",
+        "non_string_content",
+        "unknown_format",
+        "no_assistant_turn",
+        "bad_tool_call",
+    }
 )
 
 _SHAREGPT_ROLES = {
-    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
-    "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system",
-    "function_call": "function_call", "observation": "tool", "tool": "tool", "function": "tool",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
+    "system": "system",
+    "function_call": "function_call",
+    "observation": "tool",
+    "tool": "tool",
+    "function": "tool",
 }
 _CHAT_ROLES = {"system", "user", "assistant", "tool"}
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 
 MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 NORMALISED_SCHEMA = pa.schema(
-    [("source_id", pa.int64()), ("split", pa.int8()), ("messages", MESSAGE_TYPE), ("text", pa.string()),
-     ("drop_reason", pa.string())]
+    [
+        ("source_id", pa.int64()),
+        ("split", pa.int8()),
+        ("messages", MESSAGE_TYPE),
+        ("text", pa.string()),
+        ("drop_reason", pa.string()),
+    ]
 )
 
 
@@ -56,11 +80,11 @@ class Normalised:
     (`text`), or its drop reason. Messages hold `role` and `content`, and where the row has them
     `reasoning_content`, `tool_calls` (assistant), `tool_call_id` and `name` (tool)."""
 
-    messages: Optional[list[dict[str, Any]]] = None
-    text: Optional[str] = None
-    drop_reason: Optional[str] = None
-    detail: Optional[str] = None
-    tools: Optional[list[Any]] = None
+    messages: list[dict[str, Any]] | None = None
+    text: str | None = None
+    drop_reason: str | None = None
+    detail: str | None = None
+    tools: list[Any] | None = None
 
 
 def detect_format(row: dict[str, Any]) -> str:
@@ -94,12 +118,12 @@ def _get(row: dict[str, Any], field: str) -> Any:
     return row[field]
 
 
-def _split_reasoning(content: str) -> tuple[Optional[str], str]:
+def _split_reasoning(content: str) -> tuple[str | None, str]:
     """(reasoning, answer) of a content that opens with `<think>...</think>`; (None, content) otherwise."""
     head = content.lstrip()
     if not head.startswith(_THINK_OPEN) or _THINK_CLOSE not in head:
         return None, content
-    reasoning, answer = head[len(_THINK_OPEN):].split(_THINK_CLOSE, 1)
+    reasoning, answer = head[len(_THINK_OPEN) :].split(_THINK_CLOSE, 1)
     return reasoning.strip("\n"), answer.lstrip("\n")
 
 
@@ -136,11 +160,15 @@ def _tool_calls(value: Any, where: str, first_id: int) -> list[dict[str, Any]]:
         if not isinstance(call_id, str) or not call_id:
             call_id = f"call_{first_id + j:04d}"
         args = fn.get("arguments", fn.get("parameters"))
-        out.append({"id": call_id, "type": "function", "function": {"name": fn["name"], "arguments": _arguments(args, at)}})
+        out.append(
+            {"id": call_id, "type": "function", "function": {"name": fn["name"], "arguments": _arguments(args, at)}}
+        )
     return out
 
 
-def _chat_list(value: Any, field: str, key_role: str, key_content: str, roles: dict[str, str] | None) -> list[dict[str, Any]]:
+def _chat_list(
+    value: Any, field: str, key_role: str, key_content: str, roles: dict[str, str] | None
+) -> list[dict[str, Any]]:
     if not isinstance(value, list):
         raise BadRow("missing_field" if value is None else "non_string_content", f"'{field}' is not a list of messages")
     out: list[dict[str, Any]] = []
@@ -178,7 +206,9 @@ def _chat_list(value: Any, field: str, key_role: str, key_content: str, roles: d
             if reasoning is None:
                 reasoning, item["content"] = _split_reasoning(content)
             elif not isinstance(reasoning, str):
-                raise BadRow("non_string_content", f"{at}.reasoning_content is a {type(reasoning).__name__}, not a string")
+                raise BadRow(
+                    "non_string_content", f"{at}.reasoning_content is a {type(reasoning).__name__}, not a string"
+                )
             if reasoning is not None and reasoning.strip():
                 item["reasoning_content"] = reasoning
             if has_calls:
@@ -191,7 +221,7 @@ def _chat_list(value: Any, field: str, key_role: str, key_content: str, roles: d
             last = out[at_call]["tool_calls"] if at_call is not None else None
             call_id, name = msg.get("tool_call_id"), msg.get("name")
             if call_id is None and last is not None:  # ShareGPT observation: answers the calls in order
-                answered = sum(1 for m in out[at_call + 1:] if m["role"] == "tool")
+                answered = sum(1 for m in out[at_call + 1 :] if m["role"] == "tool")
                 call_id = last[min(answered, len(last) - 1)]["id"]
             if name is None and last is not None:
                 name = next((c["function"]["name"] for c in last if c["id"] == call_id), None)
@@ -203,7 +233,7 @@ def _chat_list(value: Any, field: str, key_role: str, key_content: str, roles: d
     return out
 
 
-def _tools(row: dict[str, Any]) -> Optional[list[Any]]:
+def _tools(row: dict[str, Any]) -> list[Any] | None:
     """The row's `tools` column (a list of JSON schemas, or a JSON string of one); None when absent."""
     tools = row.get("tools")
     if tools is None or tools == "" or tools == []:
@@ -249,17 +279,24 @@ def rename_columns(row: dict[str, Any], columns: dict[str, str]) -> dict[str, An
         for key in ("messages", "conversations", "prompt", "completion"):
             value = out.get(key)
             if isinstance(value, list):
-                out[key] = [{**{s: m[o] for s, o in inner.items() if isinstance(m, dict) and o in m},
-                             **{k: v for k, v in m.items() if k not in inner.values()}} if isinstance(m, dict) else m
-                            for m in value]
+                out[key] = [
+                    {
+                        **{s: m[o] for s, o in inner.items() if isinstance(m, dict) and o in m},
+                        **{k: v for k, v in m.items() if k not in inner.values()},
+                    }
+                    if isinstance(m, dict)
+                    else m
+                    for m in value
+                ]
     return out
 
 
 _MESSAGE_KEYS = frozenset({"role", "content", "from", "value"})
 
 
-def normalise_row(row: Any, fmt: str = "auto", system_prompt: str | None = None,
-                  columns: dict[str, str] | None = None) -> Normalised:
+def normalise_row(
+    row: Any, fmt: str = "auto", system_prompt: str | None = None, columns: dict[str, str] | None = None
+) -> Normalised:
     """One parsed row (a dict) -> `Normalised`; never raises for bad data."""
     try:
         if not isinstance(row, dict):
@@ -278,8 +315,10 @@ def normalise_row(row: Any, fmt: str = "auto", system_prompt: str | None = None,
             if extra is not None and not isinstance(extra, str):
                 raise BadRow("non_string_content", f"'input' is a {type(extra).__name__}, not a string")
             user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
-            messages = [{"role": "user", "content": user},
-                        {"role": "assistant", "content": _string(_get(row, "output"), "output")}]
+            messages = [
+                {"role": "user", "content": user},
+                {"role": "assistant", "content": _string(_get(row, "output"), "output")},
+            ]
         elif kind == "prompt_completion":
             messages = _prompt_completion(row)
         else:
@@ -293,8 +332,13 @@ def normalise_row(row: Any, fmt: str = "auto", system_prompt: str | None = None,
         return Normalised(drop_reason=bad.reason, detail=bad.detail)
 
 
-def parse_and_normalise(raw: str | None, fmt: str = "auto", system_prompt: str | None = None,
-                        read_reason: str | None = None, columns: dict[str, str] | None = None) -> Normalised:
+def parse_and_normalise(
+    raw: str | None,
+    fmt: str = "auto",
+    system_prompt: str | None = None,
+    read_reason: str | None = None,
+    columns: dict[str, str] | None = None,
+) -> Normalised:
     """A raw JSON text (one line / one element) -> `Normalised`; `read_reason` is a reader's drop."""
     if read_reason is not None:  # the reader puts its detail where the row text would be
         return Normalised(drop_reason=read_reason, detail=raw or read_reason)
@@ -316,8 +360,13 @@ def normalise_batch(table: pa.Table, fmt: str = "auto", system_prompt: str | Non
         {
             "source_id": table.column("source_id"),
             "split": table.column("split"),
-            "messages": pa.array([None if n.messages is None else [{"role": m["role"], "content": m["content"]} for m in n.messages]
-                                  for n in out], MESSAGE_TYPE),
+            "messages": pa.array(
+                [
+                    None if n.messages is None else [{"role": m["role"], "content": m["content"]} for m in n.messages]
+                    for n in out
+                ],
+                MESSAGE_TYPE,
+            ),
             "text": pa.array([n.text for n in out], pa.string()),
             "drop_reason": pa.array([n.drop_reason for n in out], pa.string()),
         },

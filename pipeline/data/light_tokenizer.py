@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
-from typing import Any, Optional
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -25,13 +25,13 @@ class TokenizerSpec:
     """What ChatEncoder needs of a Hugging Face fast tokenizer, picklable without transformers."""
 
     backend_json: str  # tokenizers.Tokenizer serialised (vocab, merges, normalizer, added tokens)
-    chat_template: Optional[str]
+    chat_template: str | None
     template_vars: dict[str, Any] = field(default_factory=dict)  # special_tokens_map, as apply_chat_template passes it
     special_ids: frozenset[int] = frozenset()
-    eos_id: Optional[int] = None
+    eos_id: int | None = None
 
     @classmethod
-    def from_hf(cls, tokenizer) -> "TokenizerSpec":
+    def from_hf(cls, tokenizer) -> TokenizerSpec:
         backend = tokenizer.backend_tokenizer if hasattr(tokenizer, "backend_tokenizer") else tokenizer._tokenizer
         special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
         return cls(
@@ -48,14 +48,22 @@ class TokenizerSpec:
         return Tokenizer.from_str(self.backend_json)
 
     def to_json(self) -> str:
-        return json.dumps({"backend_json": self.backend_json, "chat_template": self.chat_template,
-                           "template_vars": self.template_vars, "special_ids": sorted(self.special_ids),
-                           "eos_id": self.eos_id})
+        return json.dumps(
+            {
+                "backend_json": self.backend_json,
+                "chat_template": self.chat_template,
+                "template_vars": self.template_vars,
+                "special_ids": sorted(self.special_ids),
+                "eos_id": self.eos_id,
+            }
+        )
 
     @classmethod
-    def from_json(cls, text: str) -> "TokenizerSpec":
+    def from_json(cls, text: str) -> TokenizerSpec:
         d = json.loads(text)
-        return cls(d["backend_json"], d["chat_template"], dict(d["template_vars"]), frozenset(d["special_ids"]), d["eos_id"])
+        return cls(
+            d["backend_json"], d["chat_template"], dict(d["template_vars"]), frozenset(d["special_ids"]), d["eos_id"]
+        )
 
     def fingerprint(self) -> str:
         """Content hash: vocabulary, merges, normalisation, added tokens, chat template, special tokens."""
@@ -88,8 +96,9 @@ class _TemplateDict:
 
 
 # LoopContext's read-only values (properties and plain attributes; not `cycle`/`changed`, which are methods).
-_LOOP_VALUES = frozenset({"index0", "index", "revindex", "revindex0", "first", "last", "length", "depth",
-                          "depth0", "previtem", "nextitem"})
+_LOOP_VALUES = frozenset(
+    {"index0", "index", "revindex", "revindex0", "first", "last", "length", "depth", "depth0", "previtem", "nextitem"}
+)
 
 
 @lru_cache(maxsize=1)
@@ -100,7 +109,8 @@ def _environment():
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class GenerationTag(jinja2.ext.Extension):
-        """`{% generation %}...{% endgeneration %}` renders its body (transformers tracks it for masks; we do not need to)."""
+        """`{% generation %}...{% endgeneration %}` renders its body (transformers tracks it for masks;
+        we do not need to)."""
 
         tags = {"generation"}
 

@@ -27,9 +27,17 @@ from raysft.pipeline.data.tokenize import _list_array
 # The packed rows plus the drop rows and counters the stats need (the dataset keeps PACKED_COLUMNS).
 PACKED_SCHEMA = pa.schema(
     list(PACKED_ROW_SCHEMA)
-    + [("split", pa.int8()), ("drop_reason", pa.string()), ("detail", pa.string()), ("rows_truncated", pa.int32()),
-       ("tokens_truncated", pa.int64()), ("tokens_dropped", pa.int64()), ("sample_views", pa.list_(pa.int32())),
-       ("sample_copies", pa.list_(pa.int32())), ("sample_truncated", pa.list_(pa.int32()))]
+    + [
+        ("split", pa.int8()),
+        ("drop_reason", pa.string()),
+        ("detail", pa.string()),
+        ("rows_truncated", pa.int32()),
+        ("tokens_truncated", pa.int64()),
+        ("tokens_dropped", pa.int64()),
+        ("sample_views", pa.list_(pa.int32())),
+        ("sample_copies", pa.list_(pa.int32())),
+        ("sample_truncated", pa.list_(pa.int32())),
+    ]
 )
 
 
@@ -132,10 +140,22 @@ def pack_batch(table: pa.Table, max_seq_len: int, packing: str = "bfd", too_long
     out: dict[str, list] = {k: [] for k in PACKED_SCHEMA.names}
 
     def emit_drop(j: int, reason: str, detail: str | None, tokens: int) -> None:
-        for k, v in (("input_ids", []), ("labels", []), ("position_ids", []), ("seq_lengths", []),
-                     ("source_ids", [int(sids[j])]), ("split", int(splits[j])), ("drop_reason", reason),
-                     ("detail", detail), ("rows_truncated", 0), ("tokens_truncated", 0), ("tokens_dropped", tokens),
-                     ("sample_views", [int(views[j])]), ("sample_copies", [int(copies[j])]), ("sample_truncated", [0])):
+        for k, v in (
+            ("input_ids", []),
+            ("labels", []),
+            ("position_ids", []),
+            ("seq_lengths", []),
+            ("source_ids", [int(sids[j])]),
+            ("split", int(splits[j])),
+            ("drop_reason", reason),
+            ("detail", detail),
+            ("rows_truncated", 0),
+            ("tokens_truncated", 0),
+            ("tokens_dropped", tokens),
+            ("sample_views", [int(views[j])]),
+            ("sample_copies", [int(copies[j])]),
+            ("sample_truncated", [0]),
+        ):
             out[k].append(v)
 
     samples: dict[int, list[tuple[int, np.ndarray, np.ndarray, int]]] = defaultdict(list)  # split -> kept
@@ -143,7 +163,7 @@ def pack_batch(table: pa.Table, max_seq_len: int, packing: str = "bfd", too_long
         if reasons[j] is not None:
             emit_drop(j, reasons[j], details[j], 0)
             continue
-        ids, labels = ids_flat[offs[j]:offs[j + 1]], lab_flat[offs[j]:offs[j + 1]]
+        ids, labels = ids_flat[offs[j] : offs[j + 1]], lab_flat[offs[j] : offs[j + 1]]
         cut = max(0, len(ids) - max_seq_len)
         if cut and too_long == "drop":
             emit_drop(j, "too_long", f"{len(ids)} tokens > data.max_seq_len {max_seq_len}", len(ids))
@@ -151,13 +171,19 @@ def pack_batch(table: pa.Table, max_seq_len: int, packing: str = "bfd", too_long
         ids, labels = ids[:max_seq_len], labels[:max_seq_len].copy()
         labels[0] = IGNORE_INDEX  # never train across a sample boundary (labels are shifted by the model)
         if not (labels != IGNORE_INDEX).any():
-            emit_drop(j, "no_trainable_tokens_after_truncation",
-                      f"nothing trainable in the first {max_seq_len} tokens", len(ids) + cut)
+            emit_drop(
+                j,
+                "no_trainable_tokens_after_truncation",
+                f"nothing trainable in the first {max_seq_len} tokens",
+                len(ids) + cut,
+            )
             continue
         samples[int(splits[j])].append((j, ids, labels, cut))
 
     for split in sorted(samples):
-        kept = sorted(samples[split], key=lambda s: (int(sids[s[0]]), int(views[s[0]]), int(copies[s[0]])))  # any batch order
+        kept = sorted(
+            samples[split], key=lambda s: (int(sids[s[0]]), int(views[s[0]]), int(copies[s[0]]))
+        )  # any batch order
         if packing == "bfd":
             bins = plan_bins([len(s[1]) for s in kept], max_seq_len)
         else:
@@ -181,10 +207,17 @@ def pack_batch(table: pa.Table, max_seq_len: int, packing: str = "bfd", too_long
             out["sample_truncated"].append([p[3] for p in parts])
 
     cols = {}
-    for name in ("input_ids", "labels", "position_ids", "seq_lengths", "sample_views", "sample_copies", "sample_truncated"):
+    for name in (
+        "input_ids",
+        "labels",
+        "position_ids",
+        "seq_lengths",
+        "sample_views",
+        "sample_copies",
+        "sample_truncated",
+    ):
         cols[name] = _list_array([np.asarray(v, dtype=np.int32) for v in out[name]])
     cols["source_ids"] = pa.array(out["source_ids"], pa.list_(pa.int64()))
     for name in ("split", "drop_reason", "detail", "rows_truncated", "tokens_truncated", "tokens_dropped"):
         cols[name] = pa.array(out[name], PACKED_SCHEMA.field(name).type)
     return pa.table({name: cols[name] for name in PACKED_SCHEMA.names}, schema=PACKED_SCHEMA)
-

@@ -3,8 +3,9 @@
 chunk descriptors -> read + normalise + tokenize + mask (actor pool of `data.num_tokenizer_actors`,
 one tokenizer per actor, each reading its own chunks) -> pack (one long-lived actor; each batch of
 `data.pack_window` samples is one packing window, so memory stays bounded) -> the driver streams
-the packed rows into bounded Parquet shards with an index (data/shards.py) and accumulates stats.json. Every stage is a pure pyarrow function
-from sources.py / tokenize.py / pack.py, so the same result comes out of `prepare_local` (no Ray)
+the packed rows into bounded Parquet shards with an index (data/shards.py) and accumulates stats.json.
+Every stage is a pure pyarrow function from sources.py / tokenize.py / pack.py, so the same result
+comes out of `prepare_local` (no Ray)
 for the same windows.
 
 `ensure_prepared(cfg)` is what training and tuning call: it reuses the cache entry keyed by the
@@ -21,26 +22,27 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from raysft.pipeline import outputs, ray_runtime, storage
 from raysft.pipeline.data import cache
+from raysft.pipeline.data.light_tokenizer import TokenizerSpec, compile_chat_template
 from raysft.pipeline.data.pack import pack_batch
 from raysft.pipeline.data.schema import Prepared
 from raysft.pipeline.data.shards import ShardWriter, has_rows
 from raysft.pipeline.data.sources import MAX_FILES, Chunk, expand, files_identity, plan_chunks, read_chunk
 from raysft.pipeline.data.stats import StatsAccumulator
-from raysft.pipeline.data.light_tokenizer import TokenizerSpec, compile_chat_template
 from raysft.pipeline.data.tokenize import TokenizeStage, load_tokenizer_spec
-from raysft.pipeline.models.source import tokenizer_source
 from raysft.pipeline.errors import ClusterError, ConfigError, DataError, RaysftError, user_error
+from raysft.pipeline.models.source import tokenizer_source
 from raysft.pipeline.storage import StorageOptions
+
 
 @dataclass
 class Source:
@@ -71,16 +73,22 @@ def resolve_sources(cfg) -> list[Source]:
     options = StorageOptions.of(cfg)
     if isinstance(cfg.data.train, str):
         return [Source(cfg.data.train, expand(cfg.resolve_path(cfg.data.train), options), cfg.data.format)]
-    return [Source(s.path, expand(cfg.resolve_path(s.path), options), s.format or cfg.data.format, dict(s.columns),
-                   s.weight) for s in cfg.data.train]
+    return [
+        Source(
+            s.path, expand(cfg.resolve_path(s.path), options), s.format or cfg.data.format, dict(s.columns), s.weight
+        )
+        for s in cfg.data.train
+    ]
 
 
 def resolve_inputs(cfg) -> Inputs:
     sources = resolve_sources(cfg)
     train_files = [f for s in sources for f in s.files]
     if len(train_files) >= MAX_FILES:
-        raise DataError(f"data.train matches {len(train_files)} files; at most {MAX_FILES - 1} are supported "
-                        "(source ids number files in 12 bits): merge some files.")
+        raise DataError(
+            f"data.train matches {len(train_files)} files; at most {MAX_FILES - 1} are supported "
+            "(source ids number files in 12 bits): merge some files."
+        )
     eval_files = expand(cfg.resolve_path(cfg.data.eval), StorageOptions.of(cfg)) if cfg.data.eval else []
     root = cache.cache_root(cfg)
     if not storage.is_remote(root):
@@ -89,7 +97,10 @@ def resolve_inputs(cfg) -> Inputs:
     if cfg.data.chat_template:
         spec = dataclasses.replace(spec, chat_template=read_chat_template(cfg))
     key = cache.prepared_key(
-        cfg.data.model_dump(mode="json"), files_identity(train_files), files_identity(eval_files), spec.fingerprint(),
+        cfg.data.model_dump(mode="json"),
+        files_identity(train_files),
+        files_identity(eval_files),
+        spec.fingerprint(),
     )
     return Inputs(train_files, eval_files, spec, key, sources)
 
@@ -100,12 +111,16 @@ def read_chat_template(cfg) -> str:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ConfigError(f"The chat template file {path} (data.chat_template) cannot be read: {exc.strerror or exc}.") from None
+        raise ConfigError(
+            f"The chat template file {path} (data.chat_template) cannot be read: {exc.strerror or exc}."
+        ) from None
     try:
         compile_chat_template(text)
     except Exception as exc:
-        raise ConfigError(f"The chat template file {path} (data.chat_template) is not a valid Jinja template: "
-                          f"{str(exc).splitlines()[0][:120]}.") from None
+        raise ConfigError(
+            f"The chat template file {path} (data.chat_template) is not a valid Jinja template: "
+            f"{str(exc).splitlines()[0][:120]}."
+        ) from None
     return text
 
 
@@ -122,18 +137,29 @@ def chunks_for(cfg, inputs: Inputs) -> list[Chunk]:
 
 def stage_kwargs(cfg, inputs: Inputs) -> dict:
     """What every tokenize stage (local or actor) is built with."""
-    return dict(tokenizer=inputs.tokenizer, fmt=cfg.data.format, system_prompt=cfg.data.system_prompt,
-                train_on=cfg.data.train_on, sources=[(s.format, s.columns) for s in inputs.sources],
-                train_on_reasoning=cfg.data.train_on_reasoning, template_kwargs=dict(cfg.data.chat_template_kwargs))
+    return dict(
+        tokenizer=inputs.tokenizer,
+        fmt=cfg.data.format,
+        system_prompt=cfg.data.system_prompt,
+        train_on=cfg.data.train_on,
+        sources=[(s.format, s.columns) for s in inputs.sources],
+        train_on_reasoning=cfg.data.train_on_reasoning,
+        template_kwargs=dict(cfg.data.chat_template_kwargs),
+    )
 
 
 def consume(cfg, inputs: Inputs, batches: Iterable[pa.Table], out_dir: Path | str) -> dict:
     """Packed batches -> shards under out_dir/{train,eval} (a folder or a URI) + stats.json, written last."""
-    stats = StatsAccumulator(cfg.data.max_seq_len, [inputs.train_files, inputs.eval_files], cfg.data.on_bad_row,
-                             [(s.name, s.weight, len(s.files)) for s in inputs.sources])
+    stats = StatsAccumulator(
+        cfg.data.max_seq_len,
+        [inputs.train_files, inputs.eval_files],
+        cfg.data.on_bad_row,
+        [(s.name, s.weight, len(s.files)) for s in inputs.sources],
+    )
     options = StorageOptions.of(cfg)
-    sinks = [ShardWriter(storage.join(out_dir, split), cfg.data.shard_mb, inputs.key, options)
-             for split in ("train", "eval")]
+    sinks = [
+        ShardWriter(storage.join(out_dir, split), cfg.data.shard_mb, inputs.key, options) for split in ("train", "eval")
+    ]
     start = last = time.monotonic()
     try:
         for batch in batches:
@@ -146,8 +172,12 @@ def consume(cfg, inputs: Inputs, batches: Iterable[pa.Table], out_dir: Path | st
             if time.monotonic() - last > 10:
                 last = time.monotonic()
                 st = stats.splits[0]
-                print(f"raysft prepare: {st.rows_read} rows, {st.tokens_total} tokens, "
-                      f"{st.tokens_total / (last - start):.0f} tokens/s", file=sys.stderr, flush=True)
+                print(
+                    f"raysft prepare: {st.rows_read} rows, {st.tokens_total} tokens, "
+                    f"{st.tokens_total / (last - start):.0f} tokens/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
     except BaseException:
         for sink in sinks:
             sink.abort()  # no index: the folder is not a finished artifact
@@ -164,22 +194,29 @@ def consume(cfg, inputs: Inputs, batches: Iterable[pa.Table], out_dir: Path | st
     result = stats.to_dict()
     seconds = time.monotonic() - start
     result.update(
-        packing=cfg.data.packing, train_on=cfg.data.train_on, format=cfg.data.format,
-        sources=[str(f) for f in inputs.train_files], eval_sources=[str(f) for f in inputs.eval_files],
-        cache_key=inputs.key, seconds=round(seconds, 3),
+        packing=cfg.data.packing,
+        train_on=cfg.data.train_on,
+        format=cfg.data.format,
+        sources=[str(f) for f in inputs.train_files],
+        eval_sources=[str(f) for f in inputs.eval_files],
+        cache_key=inputs.key,
+        seconds=round(seconds, 3),
     )
     storage.write_bytes(storage.join(out_dir, "stats.json"), (json.dumps(result, indent=2) + "\n").encode(), options)
     return result
 
 
 def summary(stats: dict) -> str:
-    """The per-source lines every prepare prints: rows read, kept, dropped by reason, truncated; tokens; trained share."""
+    """The per-source lines every prepare prints: rows read, kept, dropped by reason, truncated; tokens;
+    trained share."""
     lines = ["raysft prepare: per source (train split)"]
     for s in stats.get("per_source") or []:
         dropped = ", ".join(f"{r} {n}" for r, n in s["rows_dropped"].items()) or "none"
-        lines.append(f"  {s['source']} (weight {s['weight']:g}): {s['rows_read']} rows read, {s['rows_used']} kept, "
-                     f"dropped: {dropped}; {s['rows_truncated']} truncated; {s['samples']} samples "
-                     f"({s['extra_views']} extra views); {s['tokens']} tokens, {100 * s['trained_share']:.1f}% trained")
+        lines.append(
+            f"  {s['source']} (weight {s['weight']:g}): {s['rows_read']} rows read, {s['rows_used']} kept, "
+            f"dropped: {dropped}; {s['rows_truncated']} truncated; {s['samples']} samples "
+            f"({s['extra_views']} extra views); {s['tokens']} tokens, {100 * s['trained_share']:.1f}% trained"
+        )
     if stats.get("eval"):
         e = stats["eval"]
         lines.append(f"  eval: {e['rows_read']} rows read, {e['rows_used']} kept, {e['tokens_total']} tokens")
@@ -192,7 +229,9 @@ def packed_batches_local(cfg, inputs: Inputs) -> Iterable[pa.Table]:
     tokenized = [read_and_tokenize(stage, c) for c in chunks_for(cfg, inputs)]
     table = pa.concat_tables(tokenized)
     for start in range(0, table.num_rows, cfg.data.pack_window):
-        yield pack_batch(table.slice(start, cfg.data.pack_window), cfg.data.max_seq_len, cfg.data.packing, cfg.data.too_long)
+        yield pack_batch(
+            table.slice(start, cfg.data.pack_window), cfg.data.max_seq_len, cfg.data.packing, cfg.data.too_long
+        )
 
 
 def read_and_tokenize(tokenize: Callable[[pa.Table], pa.Table], chunk: Chunk) -> pa.Table:
@@ -256,7 +295,9 @@ def packed_batches_ray(cfg, inputs: Inputs) -> Iterable[pa.Table]:
         )
         ds = ds.map_batches(
             PackStage,
-            fn_constructor_kwargs=dict(max_seq_len=cfg.data.max_seq_len, packing=cfg.data.packing, too_long=cfg.data.too_long),
+            fn_constructor_kwargs=dict(
+                max_seq_len=cfg.data.max_seq_len, packing=cfg.data.packing, too_long=cfg.data.too_long
+            ),
             batch_size=cfg.data.pack_window,
             batch_format="pyarrow",
             udf_modifying_row_count=True,
@@ -283,8 +324,9 @@ def _start_ray(cfg) -> bool:
 
 def _resolve_while_ray_starts(cfg) -> tuple[Inputs, bool]:
     """resolve_inputs (file listing, and the tokenizer: from the spec cache, else a transformers import
-    + load of ~3 s of one core) in a thread while the main thread runs ray.init, which mostly waits for GCS and raylet to come up. A config or data
-    error wins over a Ray error, and Ray is shut down again when the inputs fail."""
+    + load of ~3 s of one core) in a thread while the main thread runs ray.init, which mostly waits for
+    GCS and raylet to come up. A config or data error wins over a Ray error, and Ray is shut down again
+    when the inputs fail."""
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(resolve_inputs, cfg)
         try:
@@ -300,7 +342,7 @@ def _resolve_while_ray_starts(cfg) -> tuple[Inputs, bool]:
             raise
 
 
-def _run(cfg, inputs: Inputs, out_dir: Path, use_ray: bool = True, started: Optional[bool] = None) -> dict:
+def _run(cfg, inputs: Inputs, out_dir: Path, use_ray: bool = True, started: bool | None = None) -> dict:
     """Run the plan into out_dir; `started` says Ray was already started for this run (by us: True)."""
     if not use_ray:
         return consume(cfg, inputs, packed_batches_local(cfg, inputs), out_dir)
@@ -405,5 +447,6 @@ def load_prepared(directory: Path | str, key: str = "", options: StorageOptions 
     stats = json.loads(storage.read_bytes(storage.join(directory, "stats.json"), options))
     wrap = (lambda p: p) if storage.is_remote(directory) else Path
     eval_dir = storage.join(directory, "eval")
-    return Prepared(wrap(storage.join(directory, "train")), wrap(eval_dir) if has_rows(eval_dir, options) else None,
-                    stats, key)
+    return Prepared(
+        wrap(storage.join(directory, "train")), wrap(eval_dir) if has_rows(eval_dir, options) else None, stats, key
+    )

@@ -12,6 +12,7 @@ import html
 from pathlib import Path
 
 import pyarrow.parquet as pq
+
 from raysft.pipeline.data.light_tokenizer import TokenizerSpec
 from raysft.pipeline.data.schema import IGNORE_INDEX as IGNORE
 
@@ -26,7 +27,7 @@ def samples(directory: Path, n: int) -> list[tuple[int, list[int], list[int]]]:
         for row in pq.read_table(part, columns=["input_ids", "labels", "seq_lengths", "source_ids"]).to_pylist():
             start = 0
             for length, sid in zip(row["seq_lengths"], row["source_ids"]):
-                out.append((sid, row["input_ids"][start:start + length], row["labels"][start:start + length]))
+                out.append((sid, row["input_ids"][start : start + length], row["labels"][start : start + length]))
                 start += length
                 if len(out) >= n:
                     return out
@@ -56,10 +57,13 @@ def render_html(decoded: list[tuple[int, list[tuple[bool, str]]]]) -> str:
     for sid, parts in decoded:
         text = "".join(f"<mark>{html.escape(t)}</mark>" if trained else html.escape(t) for trained, t in parts)
         body.append(f"<h3>source id {sid}</h3>\n<pre>{text}</pre>")
-    return ("<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>raysft mask preview</title>\n"
-            "<style>pre{white-space:pre-wrap;border:1px solid #ccc;padding:8px}mark{background:#b6f2b6}</style>"
-            "</head><body>\n<p>Highlighted text is trained (labels = input_ids); the rest has label -100.</p>\n"
-            + "\n".join(body) + "\n</body></html>\n")
+    return (
+        '<!doctype html>\n<html><head><meta charset="utf-8"><title>raysft mask preview</title>\n'
+        "<style>pre{white-space:pre-wrap;border:1px solid #ccc;padding:8px}mark{background:#b6f2b6}</style>"
+        "</head><body>\n<p>Highlighted text is trained (labels = input_ids); the rest has label -100.</p>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
 
 
 def preview(directory: Path, spec: TokenizerSpec, n: int, colour: bool) -> str:

@@ -12,17 +12,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+
 from raysft.pipeline.errors import DataError
 
 IGNORE_INDEX = -100  # label of a token that carries no loss (the value torch's cross_entropy skips)
 
-PACKED_ROW_SCHEMA = pa.schema([
-    ("input_ids", pa.list_(pa.int32())),
-    ("labels", pa.list_(pa.int32())),
-    ("position_ids", pa.list_(pa.int32())),
-    ("seq_lengths", pa.list_(pa.int32())),
-    ("source_ids", pa.list_(pa.int64())),
-])
+PACKED_ROW_SCHEMA = pa.schema(
+    [
+        ("input_ids", pa.list_(pa.int32())),
+        ("labels", pa.list_(pa.int32())),
+        ("position_ids", pa.list_(pa.int32())),
+        ("seq_lengths", pa.list_(pa.int32())),
+        ("source_ids", pa.list_(pa.int64())),
+    ]
+)
 PACKED_COLUMNS: list[str] = PACKED_ROW_SCHEMA.names
 # What training reads of a row (seq_lengths follows from position_ids).
 REQUIRED_COLUMNS: list[str] = ["input_ids", "labels", "position_ids", "source_ids"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -62,17 +61,27 @@ class ShardIndex:
         return storage.join(self.root, self.shards[i].file)
 
     def to_json(self) -> dict:
-        return {"schema_version": self.schema_version, "cache_key": self.cache_key, "rows": self.rows,
-                "tokens": self.tokens, "shards": [asdict(s) for s in self.shards]}
+        return {
+            "schema_version": self.schema_version,
+            "cache_key": self.cache_key,
+            "rows": self.rows,
+            "tokens": self.tokens,
+            "shards": [asdict(s) for s in self.shards],
+        }
 
     def to_dict(self) -> dict:
         """What travels to workers (plain JSON)."""
         return {"root": self.root, **self.to_json(), "options": asdict(self.options)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ShardIndex":
-        return cls(d["root"], [Shard(**s) for s in d["shards"]], d.get("cache_key", ""),
-                   d.get("schema_version", SCHEMA_VERSION), StorageOptions(**(d.get("options") or {})))
+    def from_dict(cls, d: dict) -> ShardIndex:
+        return cls(
+            d["root"],
+            [Shard(**s) for s in d["shards"]],
+            d.get("cache_key", ""),
+            d.get("schema_version", SCHEMA_VERSION),
+            StorageOptions(**(d.get("options") or {})),
+        )
 
 
 def row_bytes(table: pa.Table) -> np.ndarray:
@@ -90,14 +99,20 @@ def row_bytes(table: pa.Table) -> np.ndarray:
 class ShardWriter:
     """Streams packed rows into shards of about `shard_mb` MiB under a split folder; `close()` writes the index."""
 
-    def __init__(self, root: str, shard_mb: float = DEFAULT_SHARD_MB, cache_key: str = "",
-                 options: StorageOptions | None = None, max_rows: int | None = None) -> None:
+    def __init__(
+        self,
+        root: str,
+        shard_mb: float = DEFAULT_SHARD_MB,
+        cache_key: str = "",
+        options: StorageOptions | None = None,
+        max_rows: int | None = None,
+    ) -> None:
         self.root, self.limit, self.cache_key = str(root), int(shard_mb * (1 << 20)), cache_key
         self.max_rows = max_rows  # a second bound, rows per shard (tests use it for exact layouts)
         self.options = options or StorageOptions()
         self.fs, self.path = storage.resolve(self.root, self.options)
         self.shards: list[Shard] = []
-        self.writer: Optional[pq.ParquetWriter] = None
+        self.writer: pq.ParquetWriter | None = None
         self.rows = self.tokens = self.nbytes = 0
 
     def _file(self) -> str:
@@ -141,14 +156,15 @@ class ShardWriter:
             self.writer.close()
         self.writer = None
 
-    def close(self) -> Optional[ShardIndex]:
+    def close(self) -> ShardIndex | None:
         """Close the last shard and write index.json (only when rows were written); the index or None."""
         self._close_shard()
         if not self.shards:
             return None
         index = ShardIndex(self.root, self.shards, self.cache_key, options=self.options)
-        storage.write_bytes(storage.join(self.root, INDEX_FILE), json.dumps(index.to_json(), indent=1).encode(),
-                            self.options)
+        storage.write_bytes(
+            storage.join(self.root, INDEX_FILE), json.dumps(index.to_json(), indent=1).encode(), self.options
+        )
         return index
 
 
@@ -157,11 +173,13 @@ def has_rows(root: str | None, options: StorageOptions | None = None) -> bool:
     if root is None:
         return False
     return storage.exists(storage.join(str(root), INDEX_FILE), options) or bool(
-        storage.list_files(str(root), ".parquet", options))
+        storage.list_files(str(root), ".parquet", options)
+    )
 
 
-def load_index(root: str, options: StorageOptions | None = None, *, what: str = "train",
-               check: bool = True) -> ShardIndex:
+def load_index(
+    root: str, options: StorageOptions | None = None, *, what: str = "train", check: bool = True
+) -> ShardIndex:
     """The index of a split folder; with `check`, every shard must exist with its recorded size.
 
     A folder without index.json (written before shards) gets one from its Parquet footers.
@@ -173,13 +191,20 @@ def load_index(root: str, options: StorageOptions | None = None, *, what: str = 
     if storage.exists(index_uri, options):
         try:
             data = json.loads(storage.read_bytes(index_uri, options))
-            index = ShardIndex(root, [Shard(**s) for s in data["shards"]], data.get("cache_key", ""),
-                               int(data.get("schema_version", 0)), options)
+            index = ShardIndex(
+                root,
+                [Shard(**s) for s in data["shards"]],
+                data.get("cache_key", ""),
+                int(data.get("schema_version", 0)),
+                options,
+            )
         except (ValueError, KeyError, TypeError) as exc:
             raise StorageError(f"The shard index {index_uri} is not valid ({exc}).") from None
         if index.schema_version != SCHEMA_VERSION:
-            raise StorageError(f"The shard index {index_uri} has schema version {index.schema_version}; this raysft "
-                               f"reads version {SCHEMA_VERSION}: prepare the data again.")
+            raise StorageError(
+                f"The shard index {index_uri} has schema version {index.schema_version}; this raysft "
+                f"reads version {SCHEMA_VERSION}: prepare the data again."
+            )
         if check:
             for i, s in enumerate(index.shards):
                 uri = index.uri(i)
@@ -187,18 +212,22 @@ def load_index(root: str, options: StorageOptions | None = None, *, what: str = 
                 if size is None:
                     raise StorageError(f"The prepared {what} shard {uri} listed in {index_uri} is missing.")
                 if size != s.bytes:
-                    raise StorageError(f"The prepared {what} shard {uri} is truncated or changed "
-                                       f"({size} bytes, the index says {s.bytes}).")
+                    raise StorageError(
+                        f"The prepared {what} shard {uri} is truncated or changed "
+                        f"({size} bytes, the index says {s.bytes})."
+                    )
         return index
     if not listing:
         raise StorageError(f"Prepared {what} data in {root} has no Parquet files.")
     shards = []
     for path, size in sorted(listing.items()):
-        rel = path[len(_listed(root)):].lstrip("/")
+        rel = path[len(_listed(root)) :].lstrip("/")
         try:
             meta = pq.read_metadata(*_open_args(path, options))
         except (OSError, ValueError, pa.ArrowInvalid) as exc:
-            raise StorageError(f"The prepared {what} file {path} is not readable Parquet ({storage.describe(exc)}).") from None
+            raise StorageError(
+                f"The prepared {what} file {path} is not readable Parquet ({storage.describe(exc)})."
+            ) from None
         shards.append(Shard(rel, meta.num_rows, -1, int(size)))
     return ShardIndex(root, shards, "", SCHEMA_VERSION, options)
 
@@ -226,7 +255,9 @@ def read_shard(index: ShardIndex, i: int, columns: list[str] | None = None) -> p
             raise storage.failure(uri, exc) from None
         raise StorageError(f"The prepared shard {uri} is truncated or corrupt ({storage.describe(exc)}).") from None
     if table.num_rows != index.shards[i].rows:
-        raise StorageError(f"The prepared shard {uri} has {table.num_rows} rows, its index says {index.shards[i].rows}.")
+        raise StorageError(
+            f"The prepared shard {uri} has {table.num_rows} rows, its index says {index.shards[i].rows}."
+        )
     missing = set(REQUIRED_COLUMNS) - set(table.column_names)
     if missing:
         raise StorageError(f"The prepared shard {uri} lacks column(s) {sorted(missing)}.")

@@ -34,11 +34,21 @@ from raysft.pipeline.errors import DataError
 FILE_SHIFT = 40  # source_id = (file_index << FILE_SHIFT) | row
 MAX_ROW_BYTES = 64 << 20  # a longer JSON line is counted as malformed_json without being held in memory
 VIEW_SHIFT, COPY_SHIFT = 52, 58  # extra samples of a row: | view << VIEW_SHIFT | copy << COPY_SHIFT
-MAX_FILES, MAX_VIEWS, MAX_COPIES = 1 << (VIEW_SHIFT - FILE_SHIFT), 1 << (COPY_SHIFT - VIEW_SHIFT), 1 << (63 - COPY_SHIFT)
+MAX_FILES, MAX_VIEWS, MAX_COPIES = (
+    1 << (VIEW_SHIFT - FILE_SHIFT),
+    1 << (COPY_SHIFT - VIEW_SHIFT),
+    1 << (63 - COPY_SHIFT),
+)
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 READ_SCHEMA = pa.schema(
-    [("source_id", pa.int64()), ("split", pa.int8()), ("row", pa.string()), ("read_reason", pa.string()),
-     ("source", pa.int32()), ("copies", pa.int32())]
+    [
+        ("source_id", pa.int64()),
+        ("split", pa.int8()),
+        ("row", pa.string()),
+        ("read_reason", pa.string()),
+        ("source", pa.int32()),
+        ("copies", pa.int32()),
+    ]
 )
 _COPY_SALT = 0x5BD1E995  # hash seed offset for the fractional copy (independent of the eval split's hash)
 
@@ -76,7 +86,7 @@ def split_source_id(sid: int) -> tuple[int, int]:
 
 def sample_ids(sids: np.ndarray, views: np.ndarray, copies: np.ndarray) -> np.ndarray:
     """The ids of a row's samples: its source id, plus its view and copy numbers in the high bits."""
-    return (sids.astype(np.int64) | (views.astype(np.int64) << VIEW_SHIFT) | (copies.astype(np.int64) << COPY_SHIFT))
+    return sids.astype(np.int64) | (views.astype(np.int64) << VIEW_SHIFT) | (copies.astype(np.int64) << COPY_SHIFT)
 
 
 def _kind(path: Path) -> str | None:
@@ -90,7 +100,7 @@ def _kind(path: Path) -> str | None:
 
 def resolve_hf(spec: str) -> list[Path]:
     """hf://NAME[/SPLIT] -> the Arrow cache files of `datasets.load_dataset(NAME, split=SPLIT)`."""
-    name = spec[len("hf://"):].removeprefix("datasets/")
+    name = spec[len("hf://") :].removeprefix("datasets/")
     parts = name.split("/")
     split = "train"
     if len(parts) == 3 or (len(parts) == 2 and parts[1] in ("train", "test", "validation")):
@@ -100,7 +110,9 @@ def resolve_hf(spec: str) -> list[Path]:
 
         ds = datasets.load_dataset("/".join(parts), split=split)
     except Exception as exc:  # offline, unknown name, gated ...
-        raise DataError(f"Could not load the Hugging Face data set {spec} ({type(exc).__name__}: {str(exc)[:120]}).") from None
+        raise DataError(
+            f"Could not load the Hugging Face data set {spec} ({type(exc).__name__}: {str(exc)[:120]})."
+        ) from None
     files = [Path(f["filename"]) for f in ds.cache_files]
     if not files:
         raise DataError(f"The Hugging Face data set {spec} has no local Arrow files to read.")
@@ -168,8 +180,10 @@ def _json_array_chunks(path: Path, file_index: int, split: int) -> list[Chunk]:
     except ValueError as exc:
         raise DataError(f"The data file {path} is not valid JSON ({str(exc)[:80]}).") from None
     except RecursionError:
-        raise DataError(f"The data file {path} is nested too deeply to parse as a JSON array; "
-                        "split it into JSON lines to have the deep rows counted.") from None
+        raise DataError(
+            f"The data file {path} is nested too deeply to parse as a JSON array; "
+            "split it into JSON lines to have the deep rows counted."
+        ) from None
     if not isinstance(data, list):
         raise DataError(f"The data file {path} holds a JSON {type(data).__name__}, not an array of rows.")
     if not data:
@@ -224,9 +238,17 @@ def _unit(source_ids: np.ndarray, seed: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-def plan_chunks(files: list[Path], rows_per_chunk: int, split: int = 0, eval_fraction: float = 0.0,
-                seed: int = 0, first_file: int = 0, source: int = 0, weight: float = 1.0,
-                options: storage.StorageOptions | None = None) -> list[Chunk]:
+def plan_chunks(
+    files: list[Path],
+    rows_per_chunk: int,
+    split: int = 0,
+    eval_fraction: float = 0.0,
+    seed: int = 0,
+    first_file: int = 0,
+    source: int = 0,
+    weight: float = 1.0,
+    options: storage.StorageOptions | None = None,
+) -> list[Chunk]:
     """Cut every file into chunks of about `rows_per_chunk` rows (JSON arrays: one per file); file
     indexes (in source ids) start at `first_file`."""
     chunks = _plan_chunks(files, rows_per_chunk, split, first_file)
@@ -262,8 +284,9 @@ def read_chunk(chunk: Chunk) -> pa.Table:
     except DataError:
         raise
     except Exception as exc:  # never a bare traceback from a read task: say which file and rows
-        raise DataError(f"Could not read {chunk.path} (from row {chunk.first_row}): "
-                        f"{type(exc).__name__}: {str(exc)[:120]}.") from None
+        raise DataError(
+            f"Could not read {chunk.path} (from row {chunk.first_row}): {type(exc).__name__}: {str(exc)[:120]}."
+        ) from None
     base = source_id(chunk.file_index, chunk.first_row)
     ids = np.arange(base, base + len(rows), dtype=np.int64)
     split = np.full(len(rows), chunk.split, dtype=np.int8)
@@ -336,8 +359,11 @@ def _read_rows(chunk: Chunk) -> tuple[list[str | None], list[str | None]]:
             rows = _table_rows_as_json(pq.ParquetFile(f).read_row_groups(chunk.row_groups))
         reasons = [None] * len(rows)
     else:
-        with (storage.open_input(chunk.path, chunk.storage) if storage.is_remote(chunk.path)
-              else pa.memory_map(chunk.path)) as source:
+        with (
+            storage.open_input(chunk.path, chunk.storage)
+            if storage.is_remote(chunk.path)
+            else pa.memory_map(chunk.path)
+        ) as source:
             try:
                 table = pa.ipc.open_stream(source).read_all()
             except pa.ArrowInvalid:

@@ -27,16 +27,24 @@ BAD_REASONS = BAD_INPUT_REASONS | {"template_error", "mask_check_failed"}
 LOGGED_PER_SPLIT = 5
 
 _LIKELY_CAUSE = {
-    "no_trainable_tokens": "no assistant content survives rendering (check data.format, data.train_on and the chat template)",
-    "template_mismatch": "the chat template does not render the assistant contents (check the tokenizer's chat template)",
+    "no_trainable_tokens": (
+        "no assistant content survives rendering (check data.format, data.train_on and the chat template)"
+    ),
+    "template_mismatch": (
+        "the chat template does not render the assistant contents (check the tokenizer's chat template)"
+    ),
     "template_error": "the chat template refuses these conversations (check roles and their order)",
     "too_long": "every sample is longer than data.max_seq_len (raise it, or set data.too_long=truncate)",
-    "no_trainable_tokens_after_truncation": "truncation to data.max_seq_len cuts off every response (raise data.max_seq_len)",
+    "no_trainable_tokens_after_truncation": (
+        "truncation to data.max_seq_len cuts off every response (raise data.max_seq_len)"
+    ),
     "malformed_json": "the file is not JSON lines or a JSON array",
     "unknown_format": "the rows match no known format (set data.format, or rename the fields)",
     "missing_field": "the rows lack the fields data.format expects",
     "blank_line": "the file holds only blank lines",
-    "mask_check_failed": "the trained tokens do not decode to the assistant contents (a bug: please report it with the row)",
+    "mask_check_failed": (
+        "the trained tokens do not decode to the assistant contents (a bug: please report it with the row)"
+    ),
     "not_sampled": "every row's weight draw left it out (raise the source's weight)",
 }
 
@@ -97,29 +105,48 @@ class SourceStats:
         self.dropped: Counter[str] = Counter()
 
     def to_dict(self) -> dict:
-        return {"source": self.name, "weight": self.weight, "rows_read": self.rows_used + sum(self.dropped.values()),
-                "rows_used": self.rows_used, "rows_dropped": dict(sorted(self.dropped.items())),
-                "rows_truncated": self.rows_truncated, "samples": self.samples, "extra_views": self.extra_views,
-                "tokens": self.tokens, "tokens_trainable": self.tokens_trainable,
-                "trained_share": round(self.tokens_trainable / self.tokens, 6) if self.tokens else 0.0}
+        return {
+            "source": self.name,
+            "weight": self.weight,
+            "rows_read": self.rows_used + sum(self.dropped.values()),
+            "rows_used": self.rows_used,
+            "rows_dropped": dict(sorted(self.dropped.items())),
+            "rows_truncated": self.rows_truncated,
+            "samples": self.samples,
+            "extra_views": self.extra_views,
+            "tokens": self.tokens,
+            "tokens_trainable": self.tokens_trainable,
+            "trained_share": round(self.tokens_trainable / self.tokens, 6) if self.tokens else 0.0,
+        }
 
 
 class StatsAccumulator:
     """Feeds on PACKED_SCHEMA batches; raises DataError at the first bad row when on_bad_row=error."""
 
-    def __init__(self, max_seq_len: int, files: list[list[Path]], on_bad_row: str = "skip",
-                 sources: list[tuple[str, float, int]] | None = None) -> None:
+    def __init__(
+        self,
+        max_seq_len: int,
+        files: list[list[Path]],
+        on_bad_row: str = "skip",
+        sources: list[tuple[str, float, int]] | None = None,
+    ) -> None:
         self.splits = [SplitStats(max_seq_len), SplitStats(max_seq_len)]
         self.files = files  # per split: the matched files, indexed by source id's file index
         self.on_bad_row = on_bad_row
         # data.train sources: (name, weight, number of files); train file index -> source index
         sources = sources or [("train", 1.0, len(files[0]) if files else 0)]
         self.sources = [SourceStats(name, weight) for name, weight, _ in sources]
-        self.file_source = np.repeat(np.arange(len(sources)), [max(n, 0) for _, _, n in sources]) if sources else np.zeros(0, int)
+        self.file_source = (
+            np.repeat(np.arange(len(sources)), [max(n, 0) for _, _, n in sources]) if sources else np.zeros(0, int)
+        )
 
     def _source_of(self, sids: np.ndarray) -> np.ndarray:
         index = (sids >> FILE_SHIFT) & (MAX_FILES - 1)
-        return self.file_source[np.minimum(index, len(self.file_source) - 1)] if len(self.file_source) else np.zeros_like(index)
+        return (
+            self.file_source[np.minimum(index, len(self.file_source) - 1)]
+            if len(self.file_source)
+            else np.zeros_like(index)
+        )
 
     def where(self, split: int, sid: int) -> str:
         index, row = split_source_id(sid)
@@ -134,9 +161,13 @@ class StatsAccumulator:
         if not pc.all(kept).as_py():
             drops = batch.filter(pc.invert(kept))
             for split, sids, reason, detail, view, copy in zip(
-                    drops.column("split").to_pylist(), drops.column("source_ids").to_pylist(),
-                    drops.column("drop_reason").to_pylist(), drops.column("detail").to_pylist(),
-                    drops.column("sample_views").to_pylist(), drops.column("sample_copies").to_pylist()):
+                drops.column("split").to_pylist(),
+                drops.column("source_ids").to_pylist(),
+                drops.column("drop_reason").to_pylist(),
+                drops.column("detail").to_pylist(),
+                drops.column("sample_views").to_pylist(),
+                drops.column("sample_copies").to_pylist(),
+            ):
                 st = self.splits[split]
                 if view[0] or copy[0]:
                     st.samples_dropped[reason] += 1
@@ -145,7 +176,9 @@ class StatsAccumulator:
                 if split == 0:
                     self.sources[int(self._source_of(np.asarray(sids[:1], np.int64))[0])].dropped[reason] += 1
                 if reason in BAD_REASONS and self.on_bad_row == "error":
-                    raise DataError(f"Bad row in {self.where(split, sids[0])}: {reason} ({detail}); data.on_bad_row is error.")
+                    raise DataError(
+                        f"Bad row in {self.where(split, sids[0])}: {reason} ({detail}); data.on_bad_row is error."
+                    )
                 if st.logged < LOGGED_PER_SPLIT and reason != "blank_line":
                     st.logged += 1
                     log.warning("dropped %s: %s (%s)", self.where(split, sids[0]), reason, detail)
@@ -159,15 +192,18 @@ class StatsAccumulator:
             st = self.splits[split]
             st.tokens_dropped += int(pc.sum(part.column("tokens_dropped")).as_py() or 0)
             keep = pc.is_null(part.column("drop_reason"))
-            small = part.select(["source_ids", "tokens_truncated", "seq_lengths", "sample_views", "sample_copies",
-                                 "sample_truncated"])
+            small = part.select(
+                ["source_ids", "tokens_truncated", "seq_lengths", "sample_views", "sample_copies", "sample_truncated"]
+            )
             if not pc.all(keep).as_py():
                 small = small.filter(keep)
             if not small.num_rows:
                 continue
             st.packed_rows += small.num_rows
-            flat = {name: pc.list_flatten(small.column(name)).to_numpy()
-                    for name in ("source_ids", "seq_lengths", "sample_views", "sample_copies", "sample_truncated")}
+            flat = {
+                name: pc.list_flatten(small.column(name)).to_numpy()
+                for name in ("source_ids", "seq_lengths", "sample_views", "sample_copies", "sample_truncated")
+            }
             first = (flat["sample_views"] == 0) & (flat["sample_copies"] == 0)
             st.rows_used += int(first.sum())
             st.extra_views += int(((flat["sample_views"] > 0) & (flat["sample_copies"] == 0)).sum())
@@ -189,9 +225,12 @@ class StatsAccumulator:
         ends = np.cumsum(lengths)
         cum = np.concatenate([[0], np.cumsum(trained, dtype=np.int64)])
         per_sample = cum[ends] - cum[ends - lengths]
-        for name, values in (("rows_used", first), ("rows_truncated", first & (flat["sample_truncated"] > 0)),
-                             ("samples", np.ones(len(src), bool)),
-                             ("extra_views", (flat["sample_views"] > 0) & (flat["sample_copies"] == 0))):
+        for name, values in (
+            ("rows_used", first),
+            ("rows_truncated", first & (flat["sample_truncated"] > 0)),
+            ("samples", np.ones(len(src), bool)),
+            ("extra_views", (flat["sample_views"] > 0) & (flat["sample_copies"] == 0)),
+        ):
             counts = np.bincount(src, weights=values.astype(np.int64), minlength=n)
             for k in range(n):
                 setattr(self.sources[k], name, getattr(self.sources[k], name) + int(counts[k]))
@@ -224,4 +263,3 @@ class StatsAccumulator:
         out["eval"] = self.splits[1].to_dict() if self.splits[1].rows_read else None
         out["per_source"] = [s.to_dict() for s in self.sources]
         return out
-

@@ -35,15 +35,15 @@ import unicodedata
 from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from raysft.pipeline.data.fast_bpe import ByteLevelFastPath, char_spans
 from raysft.pipeline.data.formats import BadRow, Normalised, parse_and_normalise
-from raysft.pipeline.data.schema import IGNORE_INDEX
 from raysft.pipeline.data.light_tokenizer import TokenizerSpec, compile_chat_template
+from raysft.pipeline.data.schema import IGNORE_INDEX
 from raysft.pipeline.data.sources import MAX_COPIES, MAX_VIEWS, sample_ids
 from raysft.pipeline.models.source import tokenizer_source
 from raysft.pipeline.models.tokenizer import load_tokenizer, no_chat_template
@@ -52,15 +52,22 @@ FAST_PATH_CHECK_ROWS = 32  # rows compared with tokenizers before an encoder tru
 log = logging.getLogger(__name__)
 _START, _END = itemgetter(0), itemgetter(1)
 TOKENIZED_SCHEMA = pa.schema(
-    [("source_id", pa.int64()), ("split", pa.int8()), ("input_ids", pa.list_(pa.int32())),
-     ("labels", pa.list_(pa.int32())), ("drop_reason", pa.string()), ("detail", pa.string()),
-     ("view", pa.int32()), ("copy", pa.int32())]
+    [
+        ("source_id", pa.int64()),
+        ("split", pa.int8()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("labels", pa.list_(pa.int32())),
+        ("drop_reason", pa.string()),
+        ("detail", pa.string()),
+        ("view", pa.int32()),
+        ("copy", pa.int32()),
+    ]
 )
 # Sentinel brackets (private-use characters); the first pair that no row text holds is used.
 _SENTINEL_PAIRS = [("\ue000", "\ue001"), ("\ue002", "\ue003"), ("\uf8f0", "\uf8f1"), ("\U000f0000", "\U000f0001")]
 
 
-def _spec_cache_path(cfg, src: str, gguf: Optional[str]) -> Optional[Path]:
+def _spec_cache_path(cfg, src: str, gguf: str | None) -> Path | None:
     """Where the TokenizerSpec of a local tokenizer directory is cached, keyed by every top-level file's
     name, size and mtime there plus the transformers and tokenizers versions; None for hub ids."""
     from importlib.metadata import PackageNotFoundError, version
@@ -136,13 +143,14 @@ class Sample:
     """One rendered text to encode: the row's full conversation (view 0) or one turn's own view."""
 
     text: str
-    turns: Optional[list[Turn]]  # None: train every token (text rows, train_on=all)
+    turns: list[Turn] | None  # None: train every token (text rows, train_on=all)
     view: int = 0
     plain: bool = False  # a text row (special tokens added, eos appended)
 
 
-def _trained_ranges(ids, turns: list[Turn], special_ids, first_ending_after, first_starting_at,
-                    start_of) -> list[tuple[int, int, int]]:
+def _trained_ranges(
+    ids, turns: list[Turn], special_ids, first_ending_after, first_starting_at, start_of
+) -> list[tuple[int, int, int]]:
     """Token ranges (lo, hi, closing token or -1) to train in one sample: the tokens overlapping each
     turn's trained text, through the first special token at or after its anchor (before its limit).
     The three lookups answer from the sample's token offsets: first token ending after a character,
@@ -170,7 +178,7 @@ def _variants(value: str) -> list[str]:
     return out
 
 
-def _align(text: str, pieces: list[str], values: dict[str, str]) -> Optional[dict[str, tuple[int, int]]]:
+def _align(text: str, pieces: list[str], values: dict[str, str]) -> dict[str, tuple[int, int]] | None:
     """Character spans of every sentinel key in `text`, given the sentinel render cut at its
     sentinels (`pieces`: literal, key, literal, key, ..., literal). None when the real render is not
     the sentinel render with each sentinel replaced by its value (or a whitespace variant of it)."""
@@ -184,7 +192,11 @@ def _align(text: str, pieces: list[str], values: dict[str, str]) -> Optional[dic
         last = i + 2 >= len(pieces)
         for variant in _variants(values[key]):
             end = pos + len(variant)
-            if text.startswith(variant, pos) and text.startswith(literal, end) and (not last or end + len(literal) == len(text)):
+            if (
+                text.startswith(variant, pos)
+                and text.startswith(literal, end)
+                and (not last or end + len(literal) == len(text))
+            ):
                 spans[key] = (pos, end)
                 pos = end + len(literal)
                 break
@@ -197,7 +209,7 @@ def _squeeze(text: str) -> str:
     return "".join(unicodedata.normalize("NFC", text).split())
 
 
-def mask_check(decoded: str, pieces: list[str], close: Optional[str], from_content: bool) -> bool:
+def mask_check(decoded: str, pieces: list[str], close: str | None, from_content: bool) -> bool:
     """Do a turn's trained tokens (decoded) hold exactly its pieces, in order, plus its closing token?
     Whitespace is ignored (templates trim; tokens merge across a boundary's whitespace). A turn
     trained from its content must be its pieces and closing token with nothing before; tool-call and
@@ -207,7 +219,7 @@ def mask_check(decoded: str, pieces: list[str], close: Optional[str], from_conte
         end = _squeeze(close)
         if not got.endswith(end):
             return False
-        got = got[:len(got) - len(end)]
+        got = got[: len(got) - len(end)]
     want = [p for p in map(_squeeze, pieces) if p]
     if not want:
         return False
@@ -227,8 +239,15 @@ def mask_check(decoded: str, pieces: list[str], close: Optional[str], from_conte
 class ChatEncoder:
     """Normalised rows -> (input_ids, labels) samples with exact response masks; holds one tokenizer."""
 
-    def __init__(self, tokenizer, train_on: str = "responses", fast_path: bool = True, train_on_reasoning: bool = True,
-                 template_kwargs: dict[str, Any] | None = None, mask_check: bool = True) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        train_on: str = "responses",
+        fast_path: bool = True,
+        train_on_reasoning: bool = True,
+        template_kwargs: dict[str, Any] | None = None,
+        mask_check: bool = True,
+    ) -> None:
         # A TokenizerSpec (what Ray actors get) needs only `tokenizers` + `jinja2`; a Hugging Face
         # tokenizer is reduced to the same spec, so both paths render and encode identically.
         spec = tokenizer if isinstance(tokenizer, TokenizerSpec) else TokenizerSpec.from_hf(tokenizer)
@@ -236,7 +255,9 @@ class ChatEncoder:
         if isinstance(tokenizer, TokenizerSpec):
             self.backend = spec.backend()
         else:
-            self.backend = tokenizer.backend_tokenizer if hasattr(tokenizer, "backend_tokenizer") else tokenizer._tokenizer
+            self.backend = (
+                tokenizer.backend_tokenizer if hasattr(tokenizer, "backend_tokenizer") else tokenizer._tokenizer
+            )
         self.train_on = train_on
         self.train_on_reasoning = train_on_reasoning
         self.check_masks = mask_check
@@ -252,10 +273,15 @@ class ChatEncoder:
         self.mask_checks = 0  # turns self-checked (for benchmarks and tests)
         self._special_text: dict[int, str] = {}
 
-    def render(self, messages: list[dict[str, Any]], generation_prompt: bool = False, tools: Optional[list] = None) -> str:
+    def render(self, messages: list[dict[str, Any]], generation_prompt: bool = False, tools: list | None = None) -> str:
         # The same variables apply_chat_template passes (templates test `tools is not none`).
-        return self.template.render(messages=self._template_messages(messages), tools=tools, documents=None,
-                                    add_generation_prompt=generation_prompt, **self.template_kwargs)
+        return self.template.render(
+            messages=self._template_messages(messages),
+            tools=tools,
+            documents=None,
+            add_generation_prompt=generation_prompt,
+            **self.template_kwargs,
+        )
 
     def _template_messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Messages as the template expects them: reasoning as `reasoning_content` for templates that
@@ -270,7 +296,9 @@ class ChatEncoder:
             out.append(m)
         return out
 
-    def _sentinelled(self, messages: list[dict[str, Any]], pair: tuple[str, str]) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    def _sentinelled(
+        self, messages: list[dict[str, Any]], pair: tuple[str, str]
+    ) -> tuple[list[dict[str, Any]], dict[str, str]]:
         """Messages with each assistant reasoning, content and tool-call name replaced by a sentinel."""
         a, b = pair
         out, values = [], {}
@@ -292,7 +320,7 @@ class ChatEncoder:
             out.append(m)
         return out, values
 
-    def _locate(self, messages: list[dict[str, Any]], tools: Optional[list]) -> tuple[str, dict[str, tuple[int, int]]]:
+    def _locate(self, messages: list[dict[str, Any]], tools: list | None) -> tuple[str, dict[str, tuple[int, int]]]:
         """The real render and the character span of every rendered assistant piece in it."""
         text = self.render(messages, tools=tools)
         blob = json.dumps([messages, tools], ensure_ascii=False)
@@ -304,11 +332,21 @@ class ChatEncoder:
         pieces = re.split(f"{re.escape(pair[0])}([rcn][0-9_]+){re.escape(pair[1])}", render)
         spans = _align(text, pieces, values)
         if spans is None:
-            raise BadRow("template_mismatch", "the rendered template does not hold the assistant contents where its own text leaves room for them")
+            raise BadRow(
+                "template_mismatch",
+                "the rendered template does not hold the assistant contents where its own text leaves room for them",
+            )
         return text, spans
 
-    def _turn(self, k: int, messages: list[dict[str, Any]], tools: Optional[list], text: str,
-              spans: dict[str, tuple[int, int]], own: bool) -> Optional[Turn]:
+    def _turn(
+        self,
+        k: int,
+        messages: list[dict[str, Any]],
+        tools: list | None,
+        text: str,
+        spans: dict[str, tuple[int, int]],
+        own: bool,
+    ) -> Turn | None:
         """Turn k of `text` to train, or None when it cannot be trained faithfully there (then it gets
         its own view); in its own view (`own`) a turn that cannot be trained is a BadRow."""
         m = messages[k]
@@ -333,7 +371,9 @@ class ChatEncoder:
             if not text.startswith(prompt) or len(prompt) > start:
                 if not own:
                     return None
-                raise BadRow("template_mismatch", f"the generation prompt before assistant turn {k} is not where the turn starts")
+                raise BadRow(
+                    "template_mismatch", f"the generation prompt before assistant turn {k} is not where the turn starts"
+                )
             if not from_content:
                 start = len(prompt)
         anchor = max(spans[key][1] for key in keys)
@@ -341,7 +381,7 @@ class ChatEncoder:
         pieces = [_piece(m, key) for key in sorted(keys, key=lambda key: spans[key][0])]
         return Turn(k, start, anchor, min(later, default=len(text)), pieces, from_content)
 
-    def samples(self, messages: list[dict[str, Any]], tools: Optional[list] = None) -> list[Sample]:
+    def samples(self, messages: list[dict[str, Any]], tools: list | None = None) -> list[Sample]:
         """The samples of one conversation: the full render (training every turn it shows faithfully)
         and one view per other assistant turn."""
         if self.template is None:
@@ -357,9 +397,11 @@ class ChatEncoder:
                 (turns.append(turn) if turn is not None else views.append(k))
         out = [Sample(text, turns)] if turns else []
         if len(out) + len(views) > MAX_VIEWS:  # sample ids number a row's views in 6 bits
-            raise BadRow("too_many_views", f"{len(views)} assistant turns need their own view (at most {MAX_VIEWS - 1})")
+            raise BadRow(
+                "too_many_views", f"{len(views)} assistant turns need their own view (at most {MAX_VIEWS - 1})"
+            )
         for k in views:
-            view = messages[:k + 1]
+            view = messages[: k + 1]
             view_text, view_spans = self._locate(view, tools)
             out.append(Sample(view_text, [self._turn(k, view, tools, view_text, view_spans, own=True)], len(out)))
         return out
@@ -388,13 +430,17 @@ class ChatEncoder:
     def _encode_flat(self, items: list[Normalised]):
         samples: list[Sample] = []
         owner: list[int] = []
-        bad_item: list[Optional[BadRow]] = [None] * len(items)
+        bad_item: list[BadRow | None] = [None] * len(items)
         for j, item in enumerate(items):
             if item.drop_reason is not None:
                 bad_item[j] = BadRow(item.drop_reason, item.detail or item.drop_reason)
                 continue
             try:
-                row = [Sample(item.text, None, plain=True)] if item.text is not None else self.samples(item.messages, item.tools)
+                row = (
+                    [Sample(item.text, None, plain=True)]
+                    if item.text is not None
+                    else self.samples(item.messages, item.tools)
+                )
             except BadRow as exc:
                 bad_item[j] = exc
                 continue
@@ -422,10 +468,14 @@ class ChatEncoder:
                 if samples[i].turns is not None:
                     # The offsets list is searched in place: converting it to an array costs more than the search.
                     offs = enc.offsets
-                    trained[i] = _trained_ranges(enc.ids, samples[i].turns, self.special_ids,
-                                                 lambda a, offs=offs: bisect.bisect_right(offs, a, key=_END),
-                                                 lambda b, offs=offs: bisect.bisect_left(offs, b, key=_START),
-                                                 lambda k, offs=offs: offs[k][0])
+                    trained[i] = _trained_ranges(
+                        enc.ids,
+                        samples[i].turns,
+                        self.special_ids,
+                        lambda a, offs=offs: bisect.bisect_right(offs, a, key=_END),
+                        lambda b, offs=offs: bisect.bisect_left(offs, b, key=_START),
+                        lambda k, offs=offs: offs[k][0],
+                    )
         for i in chat:
             if samples[i].turns is None:
                 trained[i] = [(0, len(token_ids[i]), -1)]
@@ -447,7 +497,13 @@ class ChatEncoder:
             by_item.setdefault(j, []).append(i)
         for j in range(len(items)):
             if bad_item[j] is not None:
-                out_ids.append(()), out_ranges.append([]), out_bad.append(bad_item[j]), out_owner.append(j), out_view.append(0)
+                (
+                    out_ids.append(()),
+                    out_ranges.append([]),
+                    out_bad.append(bad_item[j]),
+                    out_owner.append(j),
+                    out_view.append(0),
+                )
                 continue
             for i in by_item.get(j, []):
                 out_ids.append(token_ids[i]), out_ranges.append(trained[i]), out_bad.append(None)
@@ -460,8 +516,15 @@ class ChatEncoder:
         for i, ranges in enumerate(out_ranges):
             base = int(row_offsets[i])
             for lo, hi, _ in ranges:
-                flat_labels[base + lo:base + hi] = flat_ids[base + lo:base + hi]
-        return flat_ids, flat_labels, row_offsets, out_bad, np.asarray(out_owner, dtype=np.int64), np.asarray(out_view, dtype=np.int32)
+                flat_labels[base + lo : base + hi] = flat_ids[base + lo : base + hi]
+        return (
+            flat_ids,
+            flat_labels,
+            row_offsets,
+            out_bad,
+            np.asarray(out_owner, dtype=np.int64),
+            np.asarray(out_view, dtype=np.int32),
+        )
 
     def _self_check(self, samples: list[Sample], owner: list[int], token_ids, trained, bad_item) -> None:
         """Decode every turn's trained tokens and compare them with the turn's pieces and closing token;
@@ -481,8 +544,11 @@ class ChatEncoder:
         for text, (i, turn, close_id) in zip(decoded, where):
             close = None if close_id is None else self._token_text(close_id)
             if bad_item[owner[i]] is None and not mask_check(text, turn.pieces, close, turn.from_content):
-                bad_item[owner[i]] = BadRow("mask_check_failed", f"assistant turn {turn.index}'s trained tokens decode to "
-                                                                  f"{text[:60]!r}, not its content and closing token")
+                bad_item[owner[i]] = BadRow(
+                    "mask_check_failed",
+                    f"assistant turn {turn.index}'s trained tokens decode to "
+                    f"{text[:60]!r}, not its content and closing token",
+                )
 
     def _token_text(self, token_id: int) -> str:
         """A closing (special) token's text, decoded once."""
@@ -522,14 +588,18 @@ class ChatEncoder:
             n = len(ids)
             if samples[j].turns is not None:
                 base = int(starts[o]) if n else 0  # the row's first character
-                row_starts, row_ends = starts[o:o + n], ends[o:o + n]
+                row_starts, row_ends = starts[o : o + n], ends[o : o + n]
                 if not samples[j].text.isascii():  # byte spans -> character spans
                     row_starts, row_ends = char_spans(samples[j].text, row_starts - base, row_ends - base)
                     base = 0
-                trained[j] = _trained_ranges(ids, samples[j].turns, self.special_ids,
-                                             lambda a: int(np.searchsorted(row_ends, base + a, side="right")),
-                                             lambda b: int(np.searchsorted(row_starts, base + b, side="left")),
-                                             lambda k: row_starts[k] - base)
+                trained[j] = _trained_ranges(
+                    ids,
+                    samples[j].turns,
+                    self.special_ids,
+                    lambda a, row_ends=row_ends, base=base: int(np.searchsorted(row_ends, base + a, side="right")),
+                    lambda b, row_starts=row_starts, base=base: int(np.searchsorted(row_starts, base + b, side="left")),
+                    lambda k, row_starts=row_starts, base=base: row_starts[k] - base,
+                )
             o += n
 
     def encode_views(self, items: list[Normalised]) -> list[list[tuple[np.ndarray, np.ndarray]] | BadRow]:
@@ -541,7 +611,7 @@ class ChatEncoder:
             if bad[i] is not None:
                 out[j] = bad[i]
             else:
-                out[j].append((ids[offsets[i]:offsets[i + 1]], labels[offsets[i]:offsets[i + 1]]))
+                out[j].append((ids[offsets[i] : offsets[i + 1]], labels[offsets[i] : offsets[i + 1]]))
         return out
 
     def encode(self, items: list[Normalised]) -> list[tuple[np.ndarray, np.ndarray] | BadRow]:
@@ -576,8 +646,16 @@ def _piece(message: dict[str, Any], key: str) -> str:
     return message["tool_calls"][int(key.split("_")[1])]["function"]["name"]
 
 
-def _tokenized_table(source_ids, splits, ids: np.ndarray, labels: np.ndarray, row_offsets: np.ndarray,
-                     bad: list[Optional[BadRow]], view=None, copy=None) -> pa.Table:
+def _tokenized_table(
+    source_ids,
+    splits,
+    ids: np.ndarray,
+    labels: np.ndarray,
+    row_offsets: np.ndarray,
+    bad: list[BadRow | None],
+    view=None,
+    copy=None,
+) -> pa.Table:
     arrow_offsets = pa.array(row_offsets.astype(np.int32), pa.int32())
     n = len(bad)
     return pa.table(
@@ -622,19 +700,30 @@ class TokenizeStage:
     without it every row uses `fmt`.
     """
 
-    def __init__(self, tokenizer, fmt: str = "auto", system_prompt: str | None = None, train_on: str = "responses",
-                 sources: list[tuple[str, dict[str, str]]] | None = None, train_on_reasoning: bool = True,
-                 template_kwargs: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        fmt: str = "auto",
+        system_prompt: str | None = None,
+        train_on: str = "responses",
+        sources: list[tuple[str, dict[str, str]]] | None = None,
+        train_on_reasoning: bool = True,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> None:
         self.fmt, self.system_prompt = fmt, system_prompt
         self.sources = sources or [(fmt, {})]
-        self.encoder = ChatEncoder(tokenizer, train_on, train_on_reasoning=train_on_reasoning, template_kwargs=template_kwargs)
+        self.encoder = ChatEncoder(
+            tokenizer, train_on, train_on_reasoning=train_on_reasoning, template_kwargs=template_kwargs
+        )
 
     def __call__(self, table: pa.Table) -> pa.Table:
         rows = table.column("row").to_pylist()
         why = table.column("read_reason").to_pylist()
         names = table.column_names
         source = table.column("source").to_pylist() if "source" in names else [0] * len(rows)
-        items = [parse_and_normalise(r, self.sources[k][0], self.system_prompt, w, self.sources[k][1])
-                 for r, w, k in zip(rows, why, source)]
+        items = [
+            parse_and_normalise(r, self.sources[k][0], self.system_prompt, w, self.sources[k][1])
+            for r, w, k in zip(rows, why, source)
+        ]
         copies = table.column("copies").to_numpy() if "copies" in names else None
         return self.encoder.encode_table(items, table.column("source_id"), table.column("split"), copies)

@@ -49,8 +49,9 @@ def load_model(cfg: Config, adapter: str | os.PathLike | None = None):
 
 
 @torch.no_grad()
-def eval_loss(model, tokenizer, rows: list[dict], system_prompt: str | None = None,
-              tokens_per_batch: int = 1024) -> tuple[float, int]:
+def eval_loss(
+    model, tokenizer, rows: list[dict], system_prompt: str | None = None, tokens_per_batch: int = 1024
+) -> tuple[float, int]:
     """Mean next-token CE over response tokens of `rows` (packed, samples kept apart by position_ids)."""
     from raysft.pipeline.data.formats import normalise_row
     from raysft.pipeline.data.tokenize import ChatEncoder
@@ -74,34 +75,51 @@ def eval_loss(model, tokenizer, rows: list[dict], system_prompt: str | None = No
     return total / max(n, 1), n
 
 
-def generate_replies(model, tokenizer, prompts: list[str], system_prompt: str | None = None, max_new_tokens: int = 12,
-                     batch_size: int = 16, progress: bool = False) -> list[str]:
+def generate_replies(
+    model,
+    tokenizer,
+    prompts: list[str],
+    system_prompt: str | None = None,
+    max_new_tokens: int = 12,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> list[str]:
     """Greedy replies to single-turn user prompts (training/generate_eval.generate, in batches)."""
     from raysft.pipeline.training.generate_eval import Prompt, generate
 
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     replies: list[str] = []
     for i in range(0, len(prompts), batch_size):
-        batch = [Prompt(system + [{"role": "user", "content": p}], "") for p in prompts[i:i + batch_size]]
+        batch = [Prompt(system + [{"role": "user", "content": p}], "") for p in prompts[i : i + batch_size]]
         replies += generate(model, tokenizer, batch, max_new_tokens, batch_size)
         if progress:
             print(f"  generated {len(replies)}/{len(prompts)} replies", flush=True)
     return replies
 
 
-def evaluate(cfg: Config, eval_rows: list[dict], adapter: str | os.PathLike | None = None,
-             max_new_tokens: int = 12, n_shown: int = 3) -> EvalResult:
+def evaluate(
+    cfg: Config,
+    eval_rows: list[dict],
+    adapter: str | os.PathLike | None = None,
+    max_new_tokens: int = 12,
+    n_shown: int = 3,
+) -> EvalResult:
     """Eval loss and exact-match accuracy of the base (+ adapter) on the held-out demo rows."""
     start = time.perf_counter()
     model, tokenizer = load_model(cfg, adapter)
     system = cfg.data.system_prompt
     loss, n_tokens = eval_loss(model, tokenizer, eval_rows, system)
-    print(f"  eval loss {loss:.4f} over {n_tokens} response tokens; greedy decoding {len(eval_rows)} prompts", flush=True)
+    print(
+        f"  eval loss {loss:.4f} over {n_tokens} response tokens; greedy decoding {len(eval_rows)} prompts", flush=True
+    )
     prompts = [r["messages"][0]["content"] for r in eval_rows]
     answers = [r["messages"][-1]["content"] for r in eval_rows]
     replies = generate_replies(model, tokenizer, prompts, system, max_new_tokens=max_new_tokens, progress=True)
     hits = [demo_task.is_correct(r, a) for r, a in zip(replies, answers)]
-    shown = [{"prompt": p, "reply": r.strip(), "answer": a} for p, r, a in list(zip(prompts, replies, answers))[:n_shown]]
+    shown = [
+        {"prompt": p, "reply": r.strip(), "answer": a} for p, r, a in list(zip(prompts, replies, answers))[:n_shown]
+    ]
     del model
-    return EvalResult(loss, n_tokens, sum(hits) / max(len(hits), 1), sum(hits), len(hits),
-                      time.perf_counter() - start, shown)
+    return EvalResult(
+        loss, n_tokens, sum(hits) / max(len(hits), 1), sum(hits), len(hits), time.perf_counter() - start, shown
+    )

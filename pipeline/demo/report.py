@@ -31,8 +31,13 @@ def loss_series(metrics: list[dict[str, Any]]) -> tuple[list[tuple[int, float]],
     return sorted(train.items()), sorted(evals.items())
 
 
-def plot_losses(metrics: list[dict[str, Any]], path: str | os.PathLike, title: str = "raysft demo",
-                before_eval: float | None = None, after_eval: float | None = None) -> Path:
+def plot_losses(
+    metrics: list[dict[str, Any]],
+    path: str | os.PathLike,
+    title: str = "raysft demo",
+    before_eval: float | None = None,
+    after_eval: float | None = None,
+) -> Path:
     """Train loss per step, the run's eval loss points, and the demo's before/after eval as markers."""
     import matplotlib
 
@@ -44,12 +49,16 @@ def plot_losses(metrics: list[dict[str, Any]], path: str | os.PathLike, title: s
     if train:
         ax.plot([s for s, _ in train], [v for _, v in train], lw=1.2, label="train loss per step (NF4 base)")
     if evals:
-        ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", lw=1.5, label="eval loss during training (NF4 base)")
+        ax.plot(
+            [s for s, _ in evals], [v for _, v in evals], "o-", lw=1.5, label="eval loss during training (NF4 base)"
+        )
     last = max([s for s, _ in train] + [s for s, _ in evals] + [1])
     if before_eval is not None:
         ax.plot([0], [before_eval], "s", color="tab:red", label=f"eval before, fp32 base: {before_eval:.3f}")
     if after_eval is not None:
-        ax.plot([last], [after_eval], "D", color="tab:green", label=f"eval after, fp32 base + adapter: {after_eval:.3f}")
+        ax.plot(
+            [last], [after_eval], "D", color="tab:green", label=f"eval after, fp32 base + adapter: {after_eval:.3f}"
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy on response tokens")
     ax.set_title(title)
@@ -67,8 +76,13 @@ def write_report(output: str | os.PathLike, report: dict[str, Any], metrics: lis
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     before, after = report["before"], report["after"]
-    png = plot_losses(metrics, output / LOSS_PNG, title=f"raysft demo: {report.get('task', 'task')}",
-                      before_eval=before["eval_loss"], after_eval=after["eval_loss"])
+    png = plot_losses(
+        metrics,
+        output / LOSS_PNG,
+        title=f"raysft demo: {report.get('task', 'task')}",
+        before_eval=before["eval_loss"],
+        after_eval=after["eval_loss"],
+    )
     report = {**report, "loss_curve": png.name}
     (output / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
     (output / REPORT_MD).write_text(markdown(report))
@@ -84,7 +98,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"training    {report['steps']} steps, {report['workers']} workers, ZeRO-{report['zero_stage']}, "
         f"{report['train_seconds']:.0f} s, {report.get('tokens_per_s') or 0:.0f} tokens/s",
         f"eval loss   {b['eval_loss']:.3f} -> {a['eval_loss']:.3f}",
-        f"accuracy    {b['accuracy']:.1%} ({b['correct']}/{b['total']}) -> {a['accuracy']:.1%} ({a['correct']}/{a['total']})",
+        f"accuracy    {b['accuracy']:.1%} ({b['correct']}/{b['total']}) -> "
+        f"{a['accuracy']:.1%} ({a['correct']}/{a['total']})",
         f"wall time   {report['wall_seconds']:.0f} s",
     ]
     return lines
@@ -92,15 +107,19 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
 
 def markdown(report: dict[str, Any]) -> str:
     b, a = report["before"], report["after"]
-    rows = "\n".join(f"| `{s['prompt']}` | `{s['answer']}` | `{s['reply']}` | `{t['reply']}` |"
-                     for s, t in zip(b.get("samples", []), a.get("samples", [])))
+    rows = "\n".join(
+        f"| `{s['prompt']}` | `{s['answer']}` | `{s['reply']}` | `{t['reply']}` |"
+        for s, t in zip(b.get("samples", []), a.get("samples", []))
+    )
     return (
         "# raysft demo report\n\n"
         + "\n".join(f"    {line}" for line in summary_lines(report))
         + "\n\n| | before | after |\n| --- | --- | --- |\n"
         + f"| eval loss | {b['eval_loss']:.4f} | {a['eval_loss']:.4f} |\n"
         + f"| exact-match accuracy | {b['accuracy']:.1%} | {a['accuracy']:.1%} |\n\n"
-        + "| prompt | expected | before | after |\n| --- | --- | --- | --- |\n" + rows + "\n\n"
+        + "| prompt | expected | before | after |\n| --- | --- | --- | --- |\n"
+        + rows
+        + "\n\n"
         + f"Run directory: `{report['run_dir']}`; adapter: `{report['adapter_path']}`.\n\n"
         + f"![loss curve]({report['loss_curve']})\n"
     )

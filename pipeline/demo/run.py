@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-from importlib import resources
 import time
 from datetime import datetime, timezone
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,14 @@ DEMO_CONFIG = Path(str(resources.files("raysft.pipeline.demo") / "demo.yaml"))
 TASK = "ISO date -> 'day month-name year'"
 
 
-def demo_config(model_path: str, data_dir: Path, output: Path, run_name: str, overrides: list[str] | None = None,
-                config_path: Path = DEMO_CONFIG) -> Config:
+def demo_config(
+    model_path: str,
+    data_dir: Path,
+    output: Path,
+    run_name: str,
+    overrides: list[str] | None = None,
+    config_path: Path = DEMO_CONFIG,
+) -> Config:
     """The demo config (package data) with the fetched model, the generated data and this output folder."""
     if not config_path.is_file():
         raise ConfigError(f"The demo config {config_path} is missing; reinstall raysft.")
@@ -45,12 +51,20 @@ def demo_config(model_path: str, data_dir: Path, output: Path, run_name: str, ov
 
 
 def eval_config(cfg: Config) -> Config:
-    """Before/after evaluation runs on the full-precision base (fp32 is the fast CPU path), as an adapter is deployed."""
-    return cfg.with_overrides({"model.quantization": "none", "model.dtype": "float32", "model.gradient_checkpointing": False})
+    """Before/after evaluation runs on the full-precision base (fp32 is the fast CPU path), as an adapter
+    is deployed."""
+    return cfg.with_overrides(
+        {"model.quantization": "none", "model.dtype": "float32", "model.gradient_checkpointing": False}
+    )
 
 
-def run_demo(output: str | os.PathLike = "runs/demo", overrides: list[str] | None = None,
-             n_train: int | None = None, n_eval: int | None = None, verbose: bool | None = None) -> int:
+def run_demo(
+    output: str | os.PathLike = "runs/demo",
+    overrides: list[str] | None = None,
+    n_train: int | None = None,
+    n_eval: int | None = None,
+    verbose: bool | None = None,
+) -> int:
     """Run the demo; 0 when training lowered the held-out eval loss, 1 when it did not.
 
     `verbose` None (the Python API) prints to stdout as it goes; True/False (the CLI) sends all of
@@ -68,13 +82,14 @@ def run_demo(output: str | os.PathLike = "runs/demo", overrides: list[str] | Non
     return code
 
 
-def _demo(output: Path, overrides: list[str] | None, n_train: int | None, n_eval: int | None, run_name: str,
-          console) -> int:
-    from raysft.pipeline.demo.task import write_task
-    from raysft.pipeline.demo.evaluate import evaluate
-    from raysft.pipeline.jsonl import read as read_rows
-    from raysft.pipeline.demo.report import summary_lines, write_report
+def _demo(
+    output: Path, overrides: list[str] | None, n_train: int | None, n_eval: int | None, run_name: str, console
+) -> int:
     from raysft.pipeline.console import follow_run
+    from raysft.pipeline.demo.evaluate import evaluate
+    from raysft.pipeline.demo.report import summary_lines, write_report
+    from raysft.pipeline.demo.task import write_task
+    from raysft.pipeline.jsonl import read as read_rows
     from raysft.pipeline.models.fetch import fetch_model
     from raysft.pipeline.trainer import run_dir_of
     from raysft.pipeline.training.metrics import read_metrics
@@ -102,8 +117,13 @@ def _demo(output: Path, overrides: list[str] | None, n_train: int | None, n_eval
     before = evaluate(eval_config(cfg), eval_rows)
     console.line(f"  before: eval loss {before.eval_loss:.4f}, accuracy {before.accuracy:.1%} ({before.seconds:.0f} s)")
 
-    _stage(console, 4, f"QLoRA SFT on a local Ray cluster: {cfg.scaling.num_workers} CPU workers, "
-              f"ZeRO-{cfg.train.deepspeed.stage}, {cfg.train.max_steps} steps", t0)
+    _stage(
+        console,
+        4,
+        f"QLoRA SFT on a local Ray cluster: {cfg.scaling.num_workers} CPU workers, "
+        f"ZeRO-{cfg.train.deepspeed.stage}, {cfg.train.max_steps} steps",
+        t0,
+    )
     t_train = time.perf_counter()
     with follow_run(run_dir_of(cfg), console):
         result = _train_on_local_ray(cfg)

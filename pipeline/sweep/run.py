@@ -23,8 +23,9 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import yaml
 from ray import tune as rt
@@ -36,16 +37,30 @@ from ray.tune.search.optuna import OptunaSearch
 
 from raysft.pipeline import jsonl, ray_runtime
 from raysft.pipeline.cluster_checks import (
-    TRIAL_DRIVER_CPUS, Capacity, check_shared_storage, read_capacity, trials_that_fit,
+    TRIAL_DRIVER_CPUS,
+    Capacity,
+    check_shared_storage,
+    read_capacity,
+    trials_that_fit,
 )
 from raysft.pipeline.config import Config
 from raysft.pipeline.errors import ConfigError
 from raysft.pipeline.sweep.report import (
-    COMPLETED, EARLY_STOPPED, ERROR, INTERRUPTED, BestTrial, SweepResult, TrialRecord,
-    pick_best, plot_curves, plot_loss_vs_lr, table_row, write_csv,
+    COMPLETED,
+    EARLY_STOPPED,
+    ERROR,
+    INTERRUPTED,
+    BestTrial,
+    SweepResult,
+    TrialRecord,
+    pick_best,
+    plot_curves,
+    plot_loss_vs_lr,
+    table_row,
+    write_csv,
 )
-from raysft.pipeline.tracking import finish_sweep_tracking, finish_tracking, start_sweep_tracking
 from raysft.pipeline.sweep.space import SweepPlan, data_overrides, plan_sweep, trial_overrides
+from raysft.pipeline.tracking import finish_sweep_tracking, finish_tracking, start_sweep_tracking
 
 log = logging.getLogger("raysft.tune")
 
@@ -83,15 +98,23 @@ def _run_sweep(cfg: Config, data_cfg: Config, plan: SweepPlan, sweep_dir: Path, 
     check_shared_storage(sweep_dir, cfg.scaling)
     prepared = _prepare_all(data_cfg, plan)  # tokenizes at most once per distinct data config
     trainable = rt.with_resources(
-        rt.with_parameters(run_trial, base=cfg.to_dict(), source=cfg.source, plan=plan, prepared=prepared,
-                           trials_dir=str(sweep_dir / TRIALS_DIR), tracking_parent=tracking_parent),
+        rt.with_parameters(
+            run_trial,
+            base=cfg.to_dict(),
+            source=cfg.source,
+            plan=plan,
+            prepared=prepared,
+            trials_dir=str(sweep_dir / TRIALS_DIR),
+            tracking_parent=tracking_parent,
+        ),
         trial_resources(cfg),
     )
     with _sparse_metrics():
         if resume:
             log.info("resuming the sweep in %s", sweep_dir)
-            tuner = rt.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True,
-                                     resume_errored=False, restart_errored=False)
+            tuner = rt.Tuner.restore(
+                str(tune_path), trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
+            )
         else:
             sweep_dir.mkdir(parents=True, exist_ok=True)
             (sweep_dir / SWEEP_CONFIG).write_text(cfg.dump_yaml())
@@ -99,14 +122,21 @@ def _run_sweep(cfg: Config, data_cfg: Config, plan: SweepPlan, sweep_dir: Path, 
                 trainable,
                 param_space=plan.param_space(),
                 tune_config=rt.TuneConfig(
-                    metric=plan.metric, mode=plan.mode, num_samples=cfg.tune.num_samples,
-                    scheduler=_scheduler(cfg, sweep_dir, PlannedSteps(cfg.to_dict(), cfg.source, plan, _rows(prepared, cfg))),
+                    metric=plan.metric,
+                    mode=plan.mode,
+                    num_samples=cfg.tune.num_samples,
+                    scheduler=_scheduler(
+                        cfg, sweep_dir, PlannedSteps(cfg.to_dict(), cfg.source, plan, _rows(prepared, cfg))
+                    ),
                     search_alg=search_alg(cfg, plan, concurrency),
                     trial_dirname_creator=_trial_dirname,
                 ),
                 run_config=rt.RunConfig(
-                    name=TUNE_DIR, storage_path=str(sweep_dir), callbacks=[SweepEvents(str(sweep_dir / EVENTS_FILE))],
-                    failure_config=rt.FailureConfig(max_failures=0), verbose=1,
+                    name=TUNE_DIR,
+                    storage_path=str(sweep_dir),
+                    callbacks=[SweepEvents(str(sweep_dir / EVENTS_FILE))],
+                    failure_config=rt.FailureConfig(max_failures=0),
+                    verbose=1,
                 ),
             )
         grid = tuner.fit()
@@ -117,8 +147,17 @@ def _run_sweep(cfg: Config, data_cfg: Config, plan: SweepPlan, sweep_dir: Path, 
 
 # --- the trial ----------------------------------------------------------------------------------
 
-def run_trial(config: dict[str, Any], *, base: dict[str, Any], source: Optional[str], plan: SweepPlan,
-              prepared: dict[str, Any], trials_dir: str, tracking_parent: Optional[dict[str, Any]] = None) -> None:
+
+def run_trial(
+    config: dict[str, Any],
+    *,
+    base: dict[str, Any],
+    source: str | None,
+    plan: SweepPlan,
+    prepared: dict[str, Any],
+    trials_dir: str,
+    tracking_parent: dict[str, Any] | None = None,
+) -> None:
     """One Tune trial: the config with the sampled values, trained by its own TorchTrainer."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -137,10 +176,18 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], source: Optional[
         finish_tracking(run_dir, None, status="FAILED")  # the trial's MLflow child run, if any
         raise
     finished = finish_run(cfg, result)  # the final adapter into run_dir/adapter
-    (run_dir / TRIAL_FILE).write_text(json.dumps({
-        "trial_id": trial_id, "status": COMPLETED, "finished": time.time(),
-        "adapter": str(finished.adapter_path), "params": trial_overrides(plan, config, cfg),
-    }, indent=2))
+    (run_dir / TRIAL_FILE).write_text(
+        json.dumps(
+            {
+                "trial_id": trial_id,
+                "status": COMPLETED,
+                "finished": time.time(),
+                "adapter": str(finished.adapter_path),
+                "params": trial_overrides(plan, config, cfg),
+            },
+            indent=2,
+        )
+    )
 
 
 def trial_config(base: Config, plan: SweepPlan, sampled: dict[str, Any], trial_id: str, trials_dir: str) -> Config:
@@ -163,6 +210,7 @@ def _trial_dirname(trial) -> str:
 
 # --- resources ------------------------------------------------------------------------------------
 
+
 def trial_resources(cfg: Config) -> dict[str, float]:
     """What Tune reserves for a trial: its driver (1 CPU). Its Ray Train workers reserve their own."""
     return {"CPU": TRIAL_DRIVER_CPUS}
@@ -181,6 +229,7 @@ def max_concurrent_trials(cfg: Config, cluster: Capacity | dict[str, float]) -> 
 
 # --- data: prepared once, before the trials -----------------------------------------------------
 
+
 def _variant_key(overrides: dict[str, Any]) -> str:
     return json.dumps(overrides, sort_keys=True, default=str)
 
@@ -193,8 +242,9 @@ def _prepare_all(cfg: Config, plan: SweepPlan) -> dict[str, Any]:
     for variant in plan.data_variants():
         p = ensure_prepared(cfg.with_overrides(variant) if variant else cfg)
         if isinstance(p.train_dir, Path):  # a cache on an object store keeps its URIs
-            p = dataclasses.replace(p, train_dir=p.train_dir.resolve(),
-                                    eval_dir=Path(p.eval_dir).resolve() if p.eval_dir else None)
+            p = dataclasses.replace(
+                p, train_dir=p.train_dir.resolve(), eval_dir=Path(p.eval_dir).resolve() if p.eval_dir else None
+            )
         out[_variant_key(variant)] = p
     return out
 
@@ -203,11 +253,16 @@ def _check_sweep_folder(cfg: Config, sweep_dir: Path, resume: bool) -> None:
     tune_path = sweep_dir / TUNE_DIR
     if resume:
         if not rt.Tuner.can_restore(str(tune_path)):
-            raise ConfigError(f"There is no sweep to resume in {sweep_dir} (run.storage_path/run.name); start it without --resume.")
+            raise ConfigError(
+                f"There is no sweep to resume in {sweep_dir} (run.storage_path/run.name); start it without --resume."
+            )
         saved = Config.from_dict(yaml.safe_load((sweep_dir / SWEEP_CONFIG).read_text()), cfg.source)
         diff = _first_difference(saved.to_dict(), cfg.to_dict())
         if diff and diff not in RESUME_MAY_DIFFER:
-            raise ConfigError(f"Config key '{diff}' differs from the interrupted sweep's {sweep_dir / SWEEP_CONFIG}; resume with the same config.")
+            raise ConfigError(
+                f"Config key '{diff}' differs from the interrupted sweep's {sweep_dir / SWEEP_CONFIG}; "
+                "resume with the same config."
+            )
         return
     if tune_path.exists():
         raise ConfigError(f"{sweep_dir} already holds a sweep; continue it with --resume or choose another run.name.")
@@ -217,10 +272,12 @@ def _check_sweep_folder(cfg: Config, sweep_dir: Path, resume: bool) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError:
-        raise ConfigError(f"run.storage_path {cfg.run.storage_path} is not writable (cannot create {sweep_dir}).") from None
+        raise ConfigError(
+            f"run.storage_path {cfg.run.storage_path} is not writable (cannot create {sweep_dir})."
+        ) from None
 
 
-def _first_difference(a: Any, b: Any, prefix: str = "") -> Optional[str]:
+def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
     if isinstance(a, dict) and isinstance(b, dict):
         for k in list(a) + [k for k in b if k not in a]:
             found = _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
@@ -232,11 +289,18 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> Optional[str]:
 
 # --- Tune pieces --------------------------------------------------------------------------------
 
-def _scheduler(cfg: Config, sweep_dir: Path, planned_steps: "PlannedSteps"):
+
+def _scheduler(cfg: Config, sweep_dir: Path, planned_steps: PlannedSteps):
     if cfg.tune.scheduler == "none":
         return None
-    return SweepASHA(str(sweep_dir / EVENTS_FILE), planned_steps, time_attr="step", max_t=ASHA_MAX_T,
-                     grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor)
+    return SweepASHA(
+        str(sweep_dir / EVENTS_FILE),
+        planned_steps,
+        time_attr="step",
+        max_t=ASHA_MAX_T,
+        grace_period=cfg.tune.grace_period,
+        reduction_factor=cfg.tune.reduction_factor,
+    )
 
 
 @dataclasses.dataclass
@@ -244,7 +308,7 @@ class PlannedSteps:
     """How many optimizer steps a trial runs (its values may change max_steps, batch sizes or data)."""
 
     base: dict[str, Any]
-    source: Optional[str]
+    source: str | None
     plan: SweepPlan
     rows: dict[str, int]  # packed train rows per data variant
 
@@ -294,9 +358,20 @@ class SweepASHA(ASHAScheduler):
         if action == self.STOP and result.get("step", 0) >= self._final_step(trial):
             return self.CONTINUE  # at its last step the trial is done anyway: let it save its adapter
         if action == self.STOP:
-            jsonl.append(Path(self._events_path), {"time": time.time(), "trial_id": trial.trial_id, "event": "early_stopped",
-                                                   "step": result.get("step"), self._metric: value})
-            print(f"[raysft] ASHA stopped trial {trial.trial_id} at step {result.get('step')} ({self._metric} {value})", flush=True)
+            jsonl.append(
+                Path(self._events_path),
+                {
+                    "time": time.time(),
+                    "trial_id": trial.trial_id,
+                    "event": "early_stopped",
+                    "step": result.get("step"),
+                    self._metric: value,
+                },
+            )
+            print(
+                f"[raysft] ASHA stopped trial {trial.trial_id} at step {result.get('step')} ({self._metric} {value})",
+                flush=True,
+            )
         return action
 
     def _final_step(self, trial) -> int:
@@ -311,9 +386,11 @@ class SparseMetricOptuna(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if self.metric in result:
             self._last_value = {**getattr(self, "_last_value", {}), trial_id: result[self.metric]}
-            super().on_trial_result(trial_id, {**result, "training_iteration": result.get("step", result.get("training_iteration"))})
+            super().on_trial_result(
+                trial_id, {**result, "training_iteration": result.get("step", result.get("training_iteration"))}
+            )
 
-    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         last = getattr(self, "_last_value", {}).get(trial_id)
         if result is not None and self.metric not in result and last is not None:
             result = {**result, self.metric: last}
@@ -357,6 +434,7 @@ def _sparse_metrics() -> Iterator[None]:
 
 # --- results --------------------------------------------------------------------------------------
 
+
 def _collect(cfg: Config, plan: SweepPlan, sweep_dir: Path, grid) -> SweepResult:
     """Results table, plots, the best adapter and config, from Tune's results and the trial folders."""
     stopped = {e["trial_id"] for e in jsonl.read(sweep_dir / EVENTS_FILE) if e.get("event") == "early_stopped"}
@@ -374,12 +452,17 @@ def _collect(cfg: Config, plan: SweepPlan, sweep_dir: Path, grid) -> SweepResult
             reason = EARLY_STOPPED
         else:
             reason = COMPLETED if done is not None else INTERRUPTED
-        records.append(TrialRecord(
-            trial_id=trial_id, params=trial_overrides(plan, result.config or configs.get(trial_id, {}), cfg),
-            history=with_generation(_history(result), run_dir),
-            wall_time_s=float(result.metrics.get("time_total_s", math.nan)), stop_reason=reason,
-            run_dir=str(run_dir), adapter=(done or {}).get("adapter"),
-        ))
+        records.append(
+            TrialRecord(
+                trial_id=trial_id,
+                params=trial_overrides(plan, result.config or configs.get(trial_id, {}), cfg),
+                history=with_generation(_history(result), run_dir),
+                wall_time_s=float(result.metrics.get("time_total_s", math.nan)),
+                stop_reason=reason,
+                run_dir=str(run_dir),
+                adapter=(done or {}).get("adapter"),
+            )
+        )
     records.sort(key=lambda r: r.trial_id)
     table = [table_row(r, plan.metric, plan.mode) for r in records]
     write_csv(table, sweep_dir / "results.csv")
@@ -400,7 +483,9 @@ def _collect(cfg: Config, plan: SweepPlan, sweep_dir: Path, grid) -> SweepResult
         best_cfg = best_config(cfg, plan, params)
         (sweep_dir / "best_config.yaml").write_text(best_cfg.dump_yaml())
         best = BestTrial(trial_id=row["trial_id"], config=best_cfg.to_dict(), metrics=row, adapter=adapter)
-    sweep = SweepResult(sweep_dir=str(sweep_dir), metric=plan.metric, mode=plan.mode, table=table, best=best, plots=plots)
+    sweep = SweepResult(
+        sweep_dir=str(sweep_dir), metric=plan.metric, mode=plan.mode, table=table, best=best, plots=plots
+    )
     log.info(sweep.summary_line())
     return sweep
 
@@ -433,7 +518,7 @@ def with_generation(history: list[dict[str, Any]], run_dir: Path) -> list[dict[s
     return [rows[s] for s in sorted(rows)]
 
 
-def _read_json(path: Path) -> Optional[dict[str, Any]]:
+def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 

@@ -12,7 +12,7 @@ import itertools
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 from raysft.pipeline.config import Config, get_dotted
 from raysft.pipeline.errors import ConfigError
@@ -65,7 +65,11 @@ class Param:
         if self.kind == "constant":
             return self.values[0]
         if self.kind == "loguniform":
-            return tune.lograndint(int(self.low), int(self.high) + 1) if self.integer else tune.loguniform(self.low, self.high)
+            return (
+                tune.lograndint(int(self.low), int(self.high) + 1)
+                if self.integer
+                else tune.loguniform(self.low, self.high)
+            )
         return tune.randint(int(self.low), int(self.high) + 1) if self.integer else tune.uniform(self.low, self.high)
 
 
@@ -76,8 +80,8 @@ class SweepPlan:
     params: tuple[Param, ...]
     metric: str
     mode: str
-    alpha_rule: Optional[str]
-    num_trials: Optional[int]  # known for grids and fixed-sample searches
+    alpha_rule: str | None
+    num_trials: int | None  # known for grids and fixed-sample searches
     data_params: tuple[Param, ...] = field(default=())
 
     @property
@@ -123,11 +127,16 @@ def _check_generation_metric(cfg: Config, where: str) -> None:
     if t.metric != key:
         raise ConfigError(f"tune.metric '{t.metric}'{where} is not what train.eval_generate reports ({key}).")
     if t.search_alg == "optuna":
-        raise ConfigError(f"tune.metric '{t.metric}'{where} reaches the sweep only when a trial ends, too late for "
-                          "search_alg optuna; use grid or random.")
+        raise ConfigError(
+            f"tune.metric '{t.metric}'{where} reaches the sweep only when a trial ends, too late for "
+            "search_alg optuna; use grid or random."
+        )
     if t.scheduler == "asha":
-        log.warning("tune.metric %s is read when each trial ends: ASHA never sees it and stops no trial; "
-                    "set tune.scheduler: none to say so", t.metric)
+        log.warning(
+            "tune.metric %s is read when each trial ends: ASHA never sees it and stops no trial; "
+            "set tune.scheduler: none to say so",
+            t.metric,
+        )
 
 
 def plan_sweep(cfg: Config) -> SweepPlan:
@@ -140,13 +149,16 @@ def plan_sweep(cfg: Config) -> SweepPlan:
     params = tuple(_parse_param(cfg, base, key, spec, where) for key, spec in t.search_space.items())
     keys = [p.key for p in params]
     if t.alpha_rule is not None and "lora.alpha" in keys:
-        raise ConfigError(f"tune.alpha_rule{where} derives lora.alpha, so lora.alpha cannot also be in tune.search_space.")
+        raise ConfigError(
+            f"tune.alpha_rule{where} derives lora.alpha, so lora.alpha cannot also be in tune.search_space."
+        )
 
     if t.metric.startswith(GEN_PREFIX):
         _check_generation_metric(cfg, where)
     elif t.metric not in REPORTED_METRICS:
         raise ConfigError(
-            f"tune.metric '{t.metric}'{where} is never reported by the training; use one of {', '.join(REPORTED_METRICS)}."
+            f"tune.metric '{t.metric}'{where} is never reported by the training; "
+            f"use one of {', '.join(REPORTED_METRICS)}."
         )
     if t.metric in EVAL_METRICS and cfg.data.eval is None and cfg.data.eval_split == 0:
         raise ConfigError(
@@ -156,23 +168,36 @@ def plan_sweep(cfg: Config) -> SweepPlan:
     if t.search_alg == "grid":
         for p in params:
             if not p.finite:
-                raise ConfigError(f"tune.search_space.{p.key}{where} is a {p.kind} range, which search_alg grid cannot enumerate; list the values.")
+                raise ConfigError(
+                    f"tune.search_space.{p.key}{where} is a {p.kind} range, which search_alg grid cannot enumerate; "
+                    "list the values."
+                )
         params = tuple(Param(p.key, "grid", p.values) if p.kind == "choice" else p for p in params)
     if t.search_alg == "optuna":
         for p in params:
             if p.kind == "grid":
-                raise ConfigError(f"tune.search_space.{p.key}{where} is a grid (plain list), which search_alg optuna cannot take; write {{choice: [...]}}.")
+                raise ConfigError(
+                    f"tune.search_space.{p.key}{where} is a grid (plain list), which search_alg optuna cannot take; "
+                    "write {choice: [...]}."
+                )
 
     data_params = tuple(p for p in params if p.changes_data)
     for p in data_params:
         if not p.finite:
             raise ConfigError(
-                f"tune.search_space.{p.key}{where} changes the prepared data, so it must be a list or choice (each value is prepared once, before the trials)."
+                f"tune.search_space.{p.key}{where} changes the prepared data, so it must be a list or choice "
+                "(each value is prepared once, before the trials)."
             )
 
     grid = math.prod(len(p.values) for p in params if p.kind == "grid")
-    return SweepPlan(params=params, metric=t.metric, mode=t.mode, alpha_rule=t.alpha_rule,
-                     num_trials=grid * t.num_samples, data_params=data_params)
+    return SweepPlan(
+        params=params,
+        metric=t.metric,
+        mode=t.mode,
+        alpha_rule=t.alpha_rule,
+        num_trials=grid * t.num_samples,
+        data_params=data_params,
+    )
 
 
 def _parse_param(cfg: Config, base: dict[str, Any], key: str, spec: Any, where: str) -> Param:
@@ -182,9 +207,14 @@ def _parse_param(cfg: Config, base: dict[str, Any], key: str, spec: Any, where: 
     try:
         current = get_dotted(base, key)
     except KeyError:
-        raise ConfigError(f"{name}{where} is not a config field (keys are dotted paths such as lora.r or train.lr).") from None
+        raise ConfigError(
+            f"{name}{where} is not a config field (keys are dotted paths such as lora.r or train.lr)."
+        ) from None
     if isinstance(current, dict):
-        raise ConfigError(f"{name}{where} is a config section, not a field; name one of its fields, e.g. {key}.{next(iter(current), 'x')}.")
+        raise ConfigError(
+            f"{name}{where} is a config section, not a field; "
+            f"name one of its fields, e.g. {key}.{next(iter(current), 'x')}."
+        )
     integer = _is_int_field(key)
 
     if isinstance(spec, list):
@@ -198,16 +228,23 @@ def _parse_param(cfg: Config, base: dict[str, Any], key: str, spec: Any, where: 
                 raise ConfigError(f"{name}{where} has an empty choice list; give at least one value.")
             param = Param(key, "choice", tuple(arg), integer=integer)
         else:
-            ok = isinstance(arg, list) and len(arg) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in arg)
+            ok = (
+                isinstance(arg, list)
+                and len(arg) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in arg)
+            )
             if not ok or not arg[0] < arg[1] or (kind == "loguniform" and arg[0] <= 0):
                 need = "0 < lo < hi" if kind == "loguniform" else "lo < hi"
                 raise ConfigError(f"{name}{where} must be {{{kind}: [lo, hi]}} with numbers {need}, not {arg!r}.")
             param = Param(key, kind, low=float(arg[0]), high=float(arg[1]), integer=integer)
             if integer and (arg[0] != int(arg[0]) or arg[1] != int(arg[1])):
-                raise ConfigError(f"{name}{where} is an integer field, so its {kind} bounds must be whole numbers, not {arg!r}.")
+                raise ConfigError(
+                    f"{name}{where} is an integer field, so its {kind} bounds must be whole numbers, not {arg!r}."
+                )
     elif isinstance(spec, dict):
         raise ConfigError(
-            f"{name}{where} must be a list (grid), {{choice: [...]}}, {{loguniform: [lo, hi]}} or {{uniform: [lo, hi]}}, not {spec!r}."
+            f"{name}{where} must be a list (grid), {{choice: [...]}}, {{loguniform: [lo, hi]}} "
+            f"or {{uniform: [lo, hi]}}, not {spec!r}."
         )
     else:
         param = Param(key, "constant", (spec,), integer=integer)
@@ -218,7 +255,9 @@ def _parse_param(cfg: Config, base: dict[str, Any], key: str, spec: Any, where: 
         try:
             cfg.with_overrides({key: value})
         except ConfigError as exc:
-            raise ConfigError(f"{name}{where} has value {value!r} that the field rejects ({str(exc).rstrip('.')}).") from None
+            raise ConfigError(
+                f"{name}{where} has value {value!r} that the field rejects ({str(exc).rstrip('.')})."
+            ) from None
     return param
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from raysft.pipeline.errors import CheckpointError
 from raysft.pipeline.models.load import ADAPTER_DIR, RESOLVED_CONFIG, save_adapter
 from raysft.pipeline.training.ledger import LEDGER_FILE
@@ -39,12 +40,8 @@ MANIFEST_DIR = "manifest"
 RAY_FILES = frozenset({".metadata.json"})
 # Optimizer-state entries that are objects, not data; restored from the live optimizer (DeepSpeed's
 # static loss scaler with bf16/fp32, and the slice maps only universal checkpoints use).
-_LIVE_ONLY = frozenset(
-    {"loss_scaler", "param_slice_mappings", "universal_checkpoint_info"}
-)
-SPACE_MARGIN_BYTES = (
-    4 << 20
-)  # leave this much free after a checkpoint (metadata, Ray's snapshot)
+_LIVE_ONLY = frozenset({"loss_scaler", "param_slice_mappings", "universal_checkpoint_info"})
+SPACE_MARGIN_BYTES = 4 << 20  # leave this much free after a checkpoint (metadata, Ray's snapshot)
 
 
 def rng_state(device: torch.device | str | None = None) -> dict[str, Any]:
@@ -207,9 +204,7 @@ def save(
     written: list[Path] = []
     weights = trainable_state_dict(engine.module)
     try:
-        written += save_tree(
-            engine_state(engine), directory / "optim" / f"rank{rank}", drop=_LIVE_ONLY
-        )
+        written += save_tree(engine_state(engine), directory / "optim" / f"rank{rank}", drop=_LIVE_ONLY)
         rng = directory / "rng" / f"rank{rank}.json"
         rng.parent.mkdir(parents=True, exist_ok=True)
         rng.write_text(json.dumps(rng_state(device)))
@@ -234,9 +229,7 @@ def save(
         ) from None
     bad = _check_files(directory, manifest["files"])
     if bad:
-        raise CheckpointError(
-            f"Checkpoint step {state['step']} failed verification right after writing: {bad}."
-        )
+        raise CheckpointError(f"Checkpoint step {state['step']} failed verification right after writing: {bad}.")
     need = (
         sum(f["size"] for f in manifest["files"].values())
         + (directory / MANIFEST_DIR / f"rank{rank}.json").stat().st_size
@@ -245,9 +238,7 @@ def save(
     return directory
 
 
-def _check_space(
-    storage: str | Path | None, need: int, step: int, distributed: bool
-) -> None:
+def _check_space(storage: str | Path | None, need: int, step: int, distributed: bool) -> None:
     """Every rank raises the same sentence when the storage cannot take the whole checkpoint."""
     import torch.distributed as dist
 
@@ -303,9 +294,7 @@ def _check_files(directory: Path, files: dict[str, dict]) -> str | None:
         if not p.is_file():
             return f"{rel} is missing"
         if p.stat().st_size != want["size"]:
-            return (
-                f"{rel} has {p.stat().st_size} bytes, its manifest says {want['size']}"
-            )
+            return f"{rel} has {p.stat().st_size} bytes, its manifest says {want['size']}"
         if _sha256(p) != want["sha256"]:
             return f"{rel} does not match its checksum"
     return None
@@ -333,8 +322,7 @@ def problem(directory: str | Path) -> str | None:
     extra = sorted(
         p.relative_to(directory).as_posix()
         for p in directory.rglob("*")
-        if (p.is_file() or p.is_symlink())
-        and p.relative_to(directory).as_posix() not in listed | RAY_FILES
+        if (p.is_file() or p.is_symlink()) and p.relative_to(directory).as_posix() not in listed | RAY_FILES
     )
     if extra:
         return f"it holds {extra[0]}, a file no rank wrote"
@@ -346,9 +334,7 @@ def load(engine, directory: str | Path, *, rank: int, device: torch.device | str
     directory = Path(directory)
     why = problem(directory)
     if why is not None:
-        raise CheckpointError(
-            f"Checkpoint {directory} is not complete ({why}); refusing to resume from it."
-        )
+        raise CheckpointError(f"Checkpoint {directory} is not complete ({why}); refusing to resume from it.")
     load_engine_state(engine, directory, rank)
     rng = directory / "rng" / f"rank{rank}.json"
     if rng.is_file():
@@ -370,9 +356,7 @@ def resume_checkpoint(registered, verified: str | None, rank: int):
 
     if registered is not None:
         local = Path(registered.path)
-        why = (
-            problem(local) if local.is_dir() else None
-        )  # remote storage: `load` verifies after download
+        why = problem(local) if local.is_dir() else None  # remote storage: `load` verifies after download
         if why is None and step_of(local) >= step_of(verified or ""):
             return registered
         if why is not None and rank == 0:

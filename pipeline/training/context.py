@@ -8,8 +8,9 @@ how a GPU machine without Ray runs the exact loop code).
 from __future__ import annotations
 
 import contextlib
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, ContextManager, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -21,14 +22,15 @@ class WorkerContext(Protocol):
     world_size: int
     device: torch.device
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, step: int = 0,
-               validation: bool = False) -> None:
+    def report(
+        self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, step: int = 0, validation: bool = False
+    ) -> None:
         """Called by every rank the same number of times; with `checkpoint_dir`, this rank's part of the
         checkpoint of `step` (the context persists it; the caller deletes the folder afterwards); with
         `validation`, the generation eval (training/generate_eval.py) runs on that checkpoint, off the workers."""
         ...
 
-    def latest_checkpoint(self) -> ContextManager[Path | None]:
+    def latest_checkpoint(self) -> AbstractContextManager[Path | None]:
         """The folder of the latest complete checkpoint (every rank's part), or None on a fresh start."""
         ...
 

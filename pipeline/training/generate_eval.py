@@ -69,8 +69,11 @@ def read_prompts(cfg: Config) -> list[Prompt]:
     out: list[Prompt] = []
     for chunk in plan_chunks(files, rows_per_chunk=1 << 20):
         table = read_chunk(chunk)
-        for sid, raw, why in zip(table.column("source_id").to_pylist(), table.column("row").to_pylist(),
-                                 table.column("read_reason").to_pylist()):
+        for sid, raw, why in zip(
+            table.column("source_id").to_pylist(),
+            table.column("row").to_pylist(),
+            table.column("read_reason").to_pylist(),
+        ):
             _, row = split_source_id(sid)
             where = f"train.eval_generate.prompts {files[chunk.file_index]} row {row}"
             if why == "blank_line":
@@ -122,7 +125,9 @@ def load_metric(spec: str, source: str | None = None) -> tuple[str, Callable[[li
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's module may raise anything on import
-        raise ConfigError(f"{where}: importing {module_name} failed ({type(exc).__name__}: {str(exc)[:120]}).") from None
+        raise ConfigError(
+            f"{where}: importing {module_name} failed ({type(exc).__name__}: {str(exc)[:120]})."
+        ) from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise ConfigError(f"{where}: {module_name} has no function {fn_name}.")
@@ -179,20 +184,27 @@ def validation_config(cfg: Config, run_dir: str | os.PathLike):
     from raysft.pipeline import storage
 
     if storage.is_remote(run_dir):  # the eval task appends to metrics.jsonl and gen_samples.jsonl there
-        raise ConfigError("train.eval_generate writes its results into the run folder, which must be local; "
-                          "turn it off or use a local run.storage_path.")
+        raise ConfigError(
+            "train.eval_generate writes its results into the run folder, which must be local; "
+            "turn it off or use a local run.storage_path."
+        )
     from ray.train import ValidationConfig
     from ray.train.v2.api.validation_config import ValidationTaskConfig
 
     g = cfg.train.eval_generate
     return ValidationConfig(
         validate_checkpoint,
-        task_config=ValidationTaskConfig(fn_kwargs={"config": cfg.to_dict(), "run_dir": str(run_dir)},
-                                         timeout_s=g.timeout_s),
+        task_config=ValidationTaskConfig(
+            fn_kwargs={"config": cfg.to_dict(), "run_dir": str(run_dir)}, timeout_s=g.timeout_s
+        ),
         # "DEFAULT": never inside the caller's placement group. A Tune trial's controller runs in the trial's
         # 1-CPU bundle, which captures child tasks; there the eval would wait for a CPU its own driver holds.
-        ray_remote_kwargs={"num_cpus": g.num_cpus, "num_gpus": g.num_gpus, "max_retries": 0,
-                           "scheduling_strategy": "DEFAULT"},
+        ray_remote_kwargs={
+            "num_cpus": g.num_cpus,
+            "num_gpus": g.num_gpus,
+            "max_retries": 0,
+            "scheduling_strategy": "DEFAULT",
+        },
     )
 
 
@@ -209,10 +221,20 @@ def validate_checkpoint(checkpoint, *, config: dict[str, Any], run_dir: str) -> 
     try:
         return _validate(checkpoint, Config.from_dict(config), Path(run_dir), step)
     except Exception as exc:
-        jsonl.append(Path(run_dir) / FAILURES_FILE, {"time": time.time(), "event": "generation_eval_failed",
-                                                     "step": step, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
-        print(f"[raysft] generation eval of step {step} failed ({type(exc).__name__}: {str(exc)[:200]}); "
-              "training goes on.", flush=True)
+        jsonl.append(
+            Path(run_dir) / FAILURES_FILE,
+            {
+                "time": time.time(),
+                "event": "generation_eval_failed",
+                "step": step,
+                "error": f"{type(exc).__name__}: {str(exc)[:300]}",
+            },
+        )
+        print(
+            f"[raysft] generation eval of step {step} failed ({type(exc).__name__}: {str(exc)[:200]}); "
+            "training goes on.",
+            flush=True,
+        )
         raise
 
 
@@ -231,15 +253,26 @@ def _validate(checkpoint, cfg: Config, run_dir: Path, step: int) -> dict[str, An
     references = [p.reference for p in prompts]
     value = score(fn, name, replies, references)
     key = GEN_PREFIX + name
-    jsonl.append(run_dir / SAMPLES_FILE, {
-        "step": step, "metric": key, "value": value, "seconds": round(time.perf_counter() - start, 3),
-        "samples": [{"prompt": p.messages[-1]["content"], "reply": r, "reference": p.reference}
-                    for p, r in zip(prompts, replies)],
-    })
+    jsonl.append(
+        run_dir / SAMPLES_FILE,
+        {
+            "step": step,
+            "metric": key,
+            "value": value,
+            "seconds": round(time.perf_counter() - start, 3),
+            "samples": [
+                {"prompt": p.messages[-1]["content"], "reply": r, "reference": p.reference}
+                for p, r in zip(prompts, replies)
+            ],
+        },
+    )
     jsonl.append(run_dir / METRICS_FILE, {"step": step, key: value})
     _track(cfg, run_dir, {key: value}, step)
-    print(f"[raysft] generation eval at step {step}: {key} {value:.4f} over {len(prompts)} prompts "
-          f"({time.perf_counter() - start:.1f} s)", flush=True)
+    print(
+        f"[raysft] generation eval at step {step}: {key} {value:.4f} over {len(prompts)} prompts "
+        f"({time.perf_counter() - start:.1f} s)",
+        flush=True,
+    )
     return {"step": step, key: value}
 
 
@@ -260,6 +293,7 @@ def load_with_adapter(cfg: Config, adapter: str | os.PathLike):
     """The configured base (NF4 or plain) with the PEFT adapter at `adapter`, in eval mode, and its tokenizer."""
     import torch
     from peft import PeftModel
+
     from raysft.pipeline.models.load import load_base_model
     from raysft.pipeline.models.tokenizer import load_tokenizer
 
@@ -281,13 +315,21 @@ def generate(model, tokenizer, prompts: list[Prompt], max_new_tokens: int, batch
     try:
         with torch.no_grad():
             for i in range(0, len(prompts), batch_size):
-                texts = [tokenizer.apply_chat_template(p.messages, tools=p.tools, tokenize=False,
-                                                       add_generation_prompt=True) for p in prompts[i:i + batch_size]]
+                texts = [
+                    tokenizer.apply_chat_template(p.messages, tools=p.tools, tokenize=False, add_generation_prompt=True)
+                    for p in prompts[i : i + batch_size]
+                ]
                 enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
                 enc = {k: v.to(model.device) for k, v in enc.items()}
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-                replies += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    use_cache=True,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+                replies += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
     return replies
@@ -299,8 +341,11 @@ def generation_history(run_dir: str | os.PathLike) -> dict[int, dict[str, float]
 
     out: dict[int, dict[str, float]] = {}
     for m in jsonl.read(Path(run_dir) / METRICS_FILE):
-        gen = {k: v for k, v in m.items() if k.startswith(GEN_PREFIX) and isinstance(v, (int, float))
-               and not isinstance(v, bool) and math.isfinite(v)}
+        gen = {
+            k: v
+            for k, v in m.items()
+            if k.startswith(GEN_PREFIX) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        }
         if gen and isinstance(m.get("step"), int):
             out.setdefault(m["step"], {}).update(gen)
     return out

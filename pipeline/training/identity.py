@@ -24,9 +24,7 @@ from raysft.pipeline.errors import CheckpointError
 from raysft.pipeline.training import checkpoint as ckpt_io
 
 IDENTITY_FILE = "run.json"
-RAY_SNAPSHOT = (
-    "checkpoint_manager_snapshot.json"  # Ray Train's list of registered checkpoints
-)
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of registered checkpoints
 
 # Config keys that define a run, by family: the prepared data and the global batch are added as values.
 IDENTITY_KEYS: tuple[str, ...] = (
@@ -59,9 +57,7 @@ def identity(cfg: Config, data_key: str) -> dict[str, Any]:
     ident: dict[str, Any] = {"data.prepared_key": data_key}
     ident.update({k: get_dotted(data, k) for k in IDENTITY_KEYS})
     t = cfg.train
-    ident["train.global_batch"] = (
-        t.micro_batch_size * t.grad_accum * cfg.scaling.num_workers
-    )
+    ident["train.global_batch"] = t.micro_batch_size * t.grad_accum * cfg.scaling.num_workers
     return ident
 
 
@@ -77,15 +73,11 @@ class Decision:
     mode: str  # "new" | "resume" | "extend"
     record: dict[str, Any]
     resume_from: str | None = None  # the newest complete checkpoint folder
-    set_aside: list[Path] = field(
-        default_factory=list
-    )  # moved out of the way, with a note each
+    set_aside: list[Path] = field(default_factory=list)  # moved out of the way, with a note each
     notes: list[str] = field(default_factory=list)
 
 
-def _total(
-    max_steps: int | None, epochs: int, steps_per_epoch: int | None
-) -> int | None:
+def _total(max_steps: int | None, epochs: int, steps_per_epoch: int | None) -> int | None:
     if max_steps is not None:
         return max_steps
     return epochs * steps_per_epoch if steps_per_epoch is not None else None
@@ -95,9 +87,7 @@ def _show(v: Any) -> str:
     return json.dumps(v) if not isinstance(v, str) else v
 
 
-def decide(
-    cfg: Config, data_key: str, run_dir: Path, steps_per_epoch: int | None = None
-) -> Decision:
+def decide(cfg: Config, data_key: str, run_dir: Path, steps_per_epoch: int | None = None) -> Decision:
     """Check `run_dir` against `cfg` and run.resume; raise CheckpointError (one sentence) or say what happens."""
     ident = identity(cfg, data_key)
     t = cfg.train
@@ -112,19 +102,13 @@ def decide(
     name, mode = cfg.run.name, cfg.run.resume
     path = run_dir / IDENTITY_FILE
     checkpoints = sorted(
-        (
-            p
-            for p in run_dir.glob("checkpoint_*")
-            if p.is_dir() and ckpt_io.step_of(p) >= 0
-        ),
+        (p for p in run_dir.glob("checkpoint_*") if p.is_dir() and ckpt_io.step_of(p) >= 0),
         key=ckpt_io.step_of,
         reverse=True,
     )
     if not path.exists() and not checkpoints:
         if mode == "must":
-            raise CheckpointError(
-                f"run.resume is 'must' but {run_dir} holds no run named {name} to resume."
-            )
+            raise CheckpointError(f"run.resume is 'must' but {run_dir} holds no run named {name} to resume.")
         return Decision(run_dir, "new", record)
     if mode == "never":
         raise CheckpointError(
@@ -140,19 +124,10 @@ def decide(
         old = json.loads(path.read_text())
         old_ident, old_spe = dict(old["identity"]), old.get("steps_per_epoch")
     except (OSError, ValueError, KeyError, TypeError):
-        raise CheckpointError(
-            f"{path} is not readable JSON with an 'identity'; choose a new run.name."
-        ) from None
-    differ = [
-        k
-        for k in sorted(set(ident) | set(old_ident))
-        if ident.get(k) != old_ident.get(k)
-    ]
+        raise CheckpointError(f"{path} is not readable JSON with an 'identity'; choose a new run.name.") from None
+    differ = [k for k in sorted(set(ident) | set(old_ident)) if ident.get(k) != old_ident.get(k)]
     if differ:
-        shown = ", ".join(
-            f"{k} {_show(old_ident.get(k))} -> {_show(ident.get(k))}"
-            for k in differ[:4]
-        )
+        shown = ", ".join(f"{k} {_show(old_ident.get(k))} -> {_show(ident.get(k))}" for k in differ[:4])
         more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
         raise CheckpointError(
             f"Run {name} in {run_dir} was started with other settings ({shown}{more}); "
@@ -181,9 +156,7 @@ def decide(
         decision.set_aside.append(ckpt)
         decision.notes.append(f"skipping checkpoint {ckpt.name}: {why}.")
     if mode == "must" and decision.resume_from is None:
-        raise CheckpointError(
-            f"run.resume is 'must' but {run_dir} has no complete checkpoint to resume from."
-        )
+        raise CheckpointError(f"run.resume is 'must' but {run_dir} has no complete checkpoint to resume from.")
     snapshot = run_dir / RAY_SNAPSHOT
     if snapshot.exists() and not _snapshot_usable(snapshot, decision.resume_from):
         decision.set_aside.append(snapshot)
@@ -203,9 +176,7 @@ def _snapshot_usable(snapshot: Path, resume_from: str | None) -> bool:
         return False
     if latest is None:
         return True
-    return resume_from is not None and ckpt_io.step_of(latest) <= ckpt_io.step_of(
-        resume_from
-    )
+    return resume_from is not None and ckpt_io.step_of(latest) <= ckpt_io.step_of(resume_from)
 
 
 def apply(decision: Decision, config_yaml: str) -> None:

@@ -7,8 +7,8 @@ restarts each step appears once and no source id appears twice within an epoch (
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from raysft.pipeline import jsonl
 

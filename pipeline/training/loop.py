@@ -27,19 +27,25 @@ import torch
 
 from raysft.pipeline import jsonl, storage
 from raysft.pipeline.config import Config
-from raysft.pipeline.training import checkpoint as ckpt_io
-from raysft.pipeline.training import generate_eval
-from raysft.pipeline.storage import StorageOptions
-from raysft.pipeline.training.ledger import LEDGER_FILE, Ledger
-from raysft.pipeline.training.run_files import RunFolder, SyncedContext
-from raysft.pipeline.training.metrics import MetricsLog
 from raysft.pipeline.data.schema import REQUIRED_COLUMNS
 from raysft.pipeline.data.shards import ShardIndex, read_all
+from raysft.pipeline.storage import StorageOptions
+from raysft.pipeline.training import checkpoint as ckpt_io
+from raysft.pipeline.training import generate_eval
 from raysft.pipeline.training.context import WorkerContext
+from raysft.pipeline.training.ledger import LEDGER_FILE, Ledger
+from raysft.pipeline.training.metrics import MetricsLog
 from raysft.pipeline.training.reader import reader_for
+from raysft.pipeline.training.run_files import RunFolder, SyncedContext
 from raysft.pipeline.training.step import (
-    MicroBatch, collate_table, eval_loss_sum, make_optimizer, optimizer_step, trained_counts,
+    MicroBatch,
+    collate_table,
+    eval_loss_sum,
+    make_optimizer,
+    optimizer_step,
+    trained_counts,
 )
+
 
 def deepspeed_config(cfg: Config, world_size: int, user_json: dict[str, Any] | None = None) -> dict[str, Any]:
     """The DeepSpeed JSON: from the config, or the user's JSON with raysft's batch/precision keys enforced."""
@@ -51,15 +57,17 @@ def deepspeed_config(cfg: Config, world_size: int, user_json: dict[str, Any] | N
             zero["offload_optimizer"] = {"device": "cpu"}
         if t.deepspeed.offload_params and t.deepspeed.stage == 3:
             zero["offload_param"] = {"device": "cpu"}
-    ds.update({
-        # raysft's step logic owns these: the data order and loss normalisation depend on them.
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
-        "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,  # torch AdamW over the LoRA parameters
-        "zero_force_ds_cpu_optimizer": False,
-    })
+    ds.update(
+        {
+            # raysft's step logic owns these: the data order and loss normalisation depend on them.
+            "train_micro_batch_size_per_gpu": t.micro_batch_size,
+            "gradient_accumulation_steps": t.grad_accum,
+            "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+            "zero_optimization": zero,
+            "zero_allow_untested_optimizer": True,  # torch AdamW over the LoRA parameters
+            "zero_force_ds_cpu_optimizer": False,
+        }
+    )
     ds.setdefault("gradient_clipping", t.max_grad_norm)
     ds.setdefault("steps_per_print", 1 << 30)
     ds.setdefault("wall_clock_breakdown", False)
@@ -125,7 +133,9 @@ def _all_reduce(values: list[float], device: torch.device) -> torch.Tensor:
     return t.cpu()
 
 
-def _evaluate(engine, eval_table, rank: int, world: int, micro: int, kernels: bool, device, layout: str) -> dict[str, float]:
+def _evaluate(
+    engine, eval_table, rank: int, world: int, micro: int, kernels: bool, device, layout: str
+) -> dict[str, float]:
     """Loss and perplexity over the whole eval set: sum CE / trained tokens, summed over ranks."""
     n = eval_table.num_rows
     chunks = [list(range(i, min(i + micro, n))) for i in range(0, n, micro)]
@@ -180,16 +190,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     run_dir = folder.local if folder is not None else Path(tempfile.gettempdir() if remote else loop_config["run_dir"])
     eval_index = loop_config.get("eval_index")
     try:
-        run_worker(cfg, SyncedContext(ctx, folder) if remote else ctx, ShardIndex.from_dict(loop_config["train_index"]),
-                   ShardIndex.from_dict(eval_index) if eval_index is not None else None, run_dir,
-                   loop_config.get("deepspeed_json"))
+        run_worker(
+            cfg,
+            SyncedContext(ctx, folder) if remote else ctx,
+            ShardIndex.from_dict(loop_config["train_index"]),
+            ShardIndex.from_dict(eval_index) if eval_index is not None else None,
+            run_dir,
+            loop_config.get("deepspeed_json"),
+        )
     finally:
         if folder is not None:
             folder.close()
 
 
-def run_worker(cfg: Config, ctx: WorkerContext, train_index: ShardIndex, eval_index: ShardIndex | None,
-               run_dir: Path, deepspeed_json: dict[str, Any] | None = None) -> None:
+def run_worker(
+    cfg: Config,
+    ctx: WorkerContext,
+    train_index: ShardIndex,
+    eval_index: ShardIndex | None,
+    run_dir: Path,
+    deepspeed_json: dict[str, Any] | None = None,
+) -> None:
     """Train `cfg` on the packed rows of `train_index`'s shards as rank ctx.rank of ctx.world_size."""
     import deepspeed
 
@@ -200,9 +221,15 @@ def run_worker(cfg: Config, ctx: WorkerContext, train_index: ShardIndex, eval_in
     if device.type == "cuda":
         torch.cuda.set_device(device)  # DeepSpeed and NCCL use the current device
     t = cfg.train
-    reader = reader_for(train_index, seed=t.seed, window=t.shuffle_window,
-                        rows_per_step=world * t.grad_accum * t.micro_batch_size, max_steps=t.max_steps,
-                        epochs=t.epochs, columns=REQUIRED_COLUMNS)
+    reader = reader_for(
+        train_index,
+        seed=t.seed,
+        window=t.shuffle_window,
+        rows_per_step=world * t.grad_accum * t.micro_batch_size,
+        max_steps=t.max_steps,
+        epochs=t.epochs,
+        columns=REQUIRED_COLUMNS,
+    )
     eval_table = read_all(eval_index, REQUIRED_COLUMNS) if eval_index is not None else None
     plan = reader.layout
     total = plan.total_steps
@@ -220,8 +247,11 @@ def run_worker(cfg: Config, ctx: WorkerContext, train_index: ShardIndex, eval_in
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world, deepspeed_json), dist_init_required=False,
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, world, deepspeed_json),
+        dist_init_required=False,
     )
     stepper = DeepSpeedStepEngine(engine)
     random.seed(t.seed + rank)
@@ -244,12 +274,24 @@ def run_worker(cfg: Config, ctx: WorkerContext, train_index: ShardIndex, eval_in
     metrics_log = MetricsLog(run_dir, t.logging, cfg.to_dict(), cfg.run.name, resume_step=start) if rank == 0 else None
     config_yaml = cfg.dump_yaml()
     if rank == 0:
-        _append_event(run_dir, {"event": "start", "step": start, "world_size": world, "total_steps": total,
-                                "rows_left_out_per_epoch": plan.left_out_per_epoch,
-                                "data_position": dict(zip(("epoch", "row"), plan.position(start))),
-                                "zero_stage": cfg.train.deepspeed.stage, **_base_weight_residency(engine.module)})
-        print(f"[raysft] training {total} steps on {world} worker(s) from step {start} "
-              f"({plan.n_rows} packed rows, {plan.left_out_per_epoch} left out per epoch to balance ranks)", flush=True)
+        _append_event(
+            run_dir,
+            {
+                "event": "start",
+                "step": start,
+                "world_size": world,
+                "total_steps": total,
+                "rows_left_out_per_epoch": plan.left_out_per_epoch,
+                "data_position": dict(zip(("epoch", "row"), plan.position(start))),
+                "zero_stage": cfg.train.deepspeed.stage,
+                **_base_weight_residency(engine.module),
+            },
+        )
+        print(
+            f"[raysft] training {total} steps on {world} worker(s) from step {start} "
+            f"({plan.n_rows} packed rows, {plan.left_out_per_epoch} left out per epoch to balance ranks)",
+            flush=True,
+        )
 
     # --- the loop ----------------------------------------------------------------------------
     for step in range(start, total):
@@ -265,8 +307,12 @@ def run_worker(cfg: Config, ctx: WorkerContext, train_index: ShardIndex, eval_in
         trained_tokens += n_global
         done = step + 1
         metrics: dict[str, Any] = {
-            "step": done, "epoch": epoch, "loss": float(sums[0]) / max(n_global, 1), "lr": res.lr,
-            "grad_norm": res.grad_norm, "tokens_per_s": float(sums[1]) / max(res.seconds, 1e-9),
+            "step": done,
+            "epoch": epoch,
+            "loss": float(sums[0]) / max(n_global, 1),
+            "lr": res.lr,
+            "grad_norm": res.grad_norm,
+            "tokens_per_s": float(sums[1]) / max(res.seconds, 1e-9),
             "trained_tokens": trained_tokens,
         }
         last = done == total
@@ -276,21 +322,38 @@ def run_worker(cfg: Config, ctx: WorkerContext, train_index: ShardIndex, eval_in
             ledger.append(done, epoch, _step_sources(step_table, rows))
             metrics_log.log(metrics)
             extra = f" eval_loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""
-            print(f"[raysft] step {done}/{total} loss {metrics['loss']:.4f} lr {res.lr:.2e} "
-                  f"{metrics['tokens_per_s']:.0f} tok/s{extra}", flush=True)
+            print(
+                f"[raysft] step {done}/{total} loss {metrics['loss']:.4f} lr {res.lr:.2e} "
+                f"{metrics['tokens_per_s']:.0f} tok/s{extra}",
+                flush=True,
+            )
 
         gen_eval = generate_eval.due(cfg, done, last)  # runs on this step's checkpoint, off the workers
         if done % t.save_every == 0 or last or gen_eval:
             tmp = Path(tempfile.mkdtemp(prefix=f"raysft-ckpt-r{rank}-"))
-            state = {"step": done, "epoch": epoch, "trained_tokens": trained_tokens,
-                     "steps_per_epoch": plan.steps_per_epoch, "total_steps": total,
-                     "data_position": dict(zip(("epoch", "row"), plan.position(done)))}
+            state = {
+                "step": done,
+                "epoch": epoch,
+                "trained_tokens": trained_tokens,
+                "steps_per_epoch": plan.steps_per_epoch,
+                "total_steps": total,
+                "data_position": dict(zip(("epoch", "row"), plan.position(done))),
+            }
             try:
-                ckpt_io.save(engine, tmp, rank=rank, state=state, ledger_path=ledger.path if rank == 0 else None,
-                             config_yaml=config_yaml, storage=run_dir, device=device)
+                ckpt_io.save(
+                    engine,
+                    tmp,
+                    rank=rank,
+                    state=state,
+                    ledger_path=ledger.path if rank == 0 else None,
+                    config_yaml=config_yaml,
+                    storage=run_dir,
+                    device=device,
+                )
                 if rank == 0:
-                    _append_event(run_dir, {"event": "reader", "step": done, "start": start,
-                                            **reader.counters.to_dict()})
+                    _append_event(
+                        run_dir, {"event": "reader", "step": done, "start": start, **reader.counters.to_dict()}
+                    )
                 ctx.report(metrics, checkpoint_dir=tmp, step=done, validation=gen_eval)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

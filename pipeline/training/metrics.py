@@ -20,8 +20,14 @@ log = logging.getLogger("raysft.train")
 class MetricsLog:
     """Writes one JSON line per report; optional TensorBoard / MLflow / W&B sinks."""
 
-    def __init__(self, run_dir: str | os.PathLike, logging_cfg, config_dict: dict[str, Any] | None = None,
-                 run_name: str = "raysft", resume_step: int = 0):
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        logging_cfg,
+        config_dict: dict[str, Any] | None = None,
+        run_name: str = "raysft",
+        resume_step: int = 0,
+    ):
         self.path = Path(run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._rewind(resume_step)

@@ -22,16 +22,21 @@ class RayTrainContext:
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device: torch.device = ray.train.torch.get_device()
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, step: int = 0,
-               validation: bool = False) -> None:
+    def report(
+        self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, step: int = 0, validation: bool = False
+    ) -> None:
         import ray.train
         from ray.train import Checkpoint
 
         if checkpoint_dir is None:
             ray.train.report(metrics)
         else:
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(checkpoint_dir)),
-                             checkpoint_dir_name=f"checkpoint_{step:06d}", validation=validation)
+            ray.train.report(
+                metrics,
+                checkpoint=Checkpoint.from_directory(str(checkpoint_dir)),
+                checkpoint_dir_name=f"checkpoint_{step:06d}",
+                validation=validation,
+            )
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:

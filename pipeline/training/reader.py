@@ -13,10 +13,10 @@ meet rows of the same window in a step, so a larger window mixes more, and costs
 memory (twice that while the next window is prefetched).
 
 `ShardReader` serves a step's rows, holding at most two windows: the current one and the next (loaded
-in a background thread while the current one trains), or the two a step straddles. It starts at any step by computing the window
-that holds the step's first position: nothing before it is read, so the time to the first step does
-not depend on where in the epoch a resumed run starts. Its counters (`reads`, `bytes_read`) say
-exactly which shards were read.
+in a background thread while the current one trains), or the two a step straddles. It starts at any
+step by computing the window that holds the step's first position: nothing before it is read, so the
+time to the first step does not depend on where in the epoch a resumed run starts. Its counters
+(`reads`, `bytes_read`) say exactly which shards were read.
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ class ShardOrder:
     def n_rows(self) -> int:
         return sum(self.shard_rows)
 
-    @functools.lru_cache(maxsize=4)
+    # B019: a run holds one or two small frozen (hashable) orders for its whole life; the cache keeping
+    # them alive costs nothing
+    @functools.lru_cache(maxsize=4)  # noqa: B019
     def shard_perm(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.shard_rows))
 
@@ -56,9 +58,9 @@ class ShardOrder:
         return -(-len(self.shard_rows) // self.window)
 
     def window_shards(self, epoch: int, w: int) -> list[int]:
-        return self.shard_perm(epoch)[w * self.window:(w + 1) * self.window].tolist()
+        return self.shard_perm(epoch)[w * self.window : (w + 1) * self.window].tolist()
 
-    @functools.lru_cache(maxsize=4)
+    @functools.lru_cache(maxsize=4)  # noqa: B019 (see shard_perm)
     def window_starts(self, epoch: int) -> np.ndarray:
         """Epoch position where each window starts, plus the end: [n_windows + 1]."""
         sizes = [sum(self.shard_rows[s] for s in self.window_shards(epoch, w)) for w in range(self.n_windows())]
@@ -108,12 +110,13 @@ class StepLayout:
     def total_steps(self) -> int:
         return self.max_steps if self.max_steps is not None else self.epochs * self.steps_per_epoch
 
-    def require_a_step(self, world_size: int, grad_accum: int, micro: int) -> "StepLayout":
+    def require_a_step(self, world_size: int, grad_accum: int, micro: int) -> StepLayout:
         if self.steps_per_epoch == 0:
             raise DataError(
                 f"Prepared train data has {self.n_rows} packed rows, fewer than one optimizer step needs "
                 f"(scaling.num_workers x train.grad_accum x train.micro_batch_size = "
-                f"{world_size} x {grad_accum} x {micro} = {self.rows_per_step}).")
+                f"{world_size} x {grad_accum} x {micro} = {self.rows_per_step})."
+            )
         return self
 
     def position(self, step: int) -> tuple[int, int]:
@@ -132,15 +135,26 @@ class ReaderCounters:
     waits_s: float = 0.0  # time steps waited for a window that was not prefetched yet
 
     def to_dict(self) -> dict:
-        return {"reads": [list(r) for r in self.reads], "bytes_read": self.bytes_read,
-                "rows_served": self.rows_served, "waits_s": round(self.waits_s, 4)}
+        return {
+            "reads": [list(r) for r in self.reads],
+            "bytes_read": self.bytes_read,
+            "rows_served": self.rows_served,
+            "waits_s": round(self.waits_s, 4),
+        }
 
 
 class ShardReader:
     """A step's rows from the shards; at most the current and the next window in memory."""
 
-    def __init__(self, index: ShardIndex, order: ShardOrder, layout: StepLayout, *,
-                 columns: list[str] | None = None, prefetch: bool = True) -> None:
+    def __init__(
+        self,
+        index: ShardIndex,
+        order: ShardOrder,
+        layout: StepLayout,
+        *,
+        columns: list[str] | None = None,
+        prefetch: bool = True,
+    ) -> None:
         if tuple(s.rows for s in index.shards) != order.shard_rows:
             raise ValueError("the order was built for another index")
         self.index, self.order, self.layout, self.columns = index, order, layout, columns
@@ -217,15 +231,24 @@ class ShardReader:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def __enter__(self) -> "ShardReader":
+    def __enter__(self) -> ShardReader:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def reader_for(index: ShardIndex, *, seed: int, window: int, rows_per_step: int, max_steps: int | None,
-               epochs: int, columns: list[str] | None = None, prefetch: bool = True) -> ShardReader:
+def reader_for(
+    index: ShardIndex,
+    *,
+    seed: int,
+    window: int,
+    rows_per_step: int,
+    max_steps: int | None,
+    epochs: int,
+    columns: list[str] | None = None,
+    prefetch: bool = True,
+) -> ShardReader:
     """A reader over `index` for a run of this shape."""
     order = ShardOrder(tuple(s.rows for s in index.shards), seed, window)
     layout = StepLayout(index.rows, rows_per_step, max_steps, epochs)

@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from raysft.pipeline.errors import CheckpointError
 
 
-def _encode(
-    node: Any, path: str, tensors: dict[str, torch.Tensor], drop: frozenset[str]
-) -> Any:
+def _encode(node: Any, path: str, tensors: dict[str, torch.Tensor], drop: frozenset[str]) -> Any:
     if isinstance(node, torch.Tensor):
         key = path or "."
         tensors[key] = node.detach().cpu().contiguous().clone()
@@ -51,42 +50,30 @@ def _encode(
                 continue
             items.append([k, _encode(v, f"{path}/{k}", tensors, drop)])
         return {"dict": items}
-    raise TypeError(
-        f"state value of type {type(node).__name__} at {path or '/'} cannot be stored without pickle"
-    )
+    raise TypeError(f"state value of type {type(node).__name__} at {path or '/'} cannot be stored without pickle")
 
 
 def _decode(node: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
     if not isinstance(node, dict) or len(node) != 1:
-        raise CheckpointError(
-            f"{where} is not a raysft state file (bad node {str(node)[:60]})."
-        )
+        raise CheckpointError(f"{where} is not a raysft state file (bad node {str(node)[:60]}).")
     ((kind, value),) = node.items()
     if kind == "v":
         if value is not None and not isinstance(value, (bool, int, float, str)):
-            raise CheckpointError(
-                f"{where} holds a value raysft does not store ({type(value).__name__})."
-            )
+            raise CheckpointError(f"{where} holds a value raysft does not store ({type(value).__name__}).")
         return value
     if kind == "tensor":
         if value not in tensors:
-            raise CheckpointError(
-                f"{where} names tensor {value!r}, which its .safetensors file lacks."
-            )
+            raise CheckpointError(f"{where} names tensor {value!r}, which its .safetensors file lacks.")
         return tensors[value]
     if kind in ("list", "tuple"):
         items = [_decode(v, tensors, where) for v in value]
         return tuple(items) if kind == "tuple" else items
     if kind == "dict":
         return {k: _decode(v, tensors, where) for k, v in value}
-    raise CheckpointError(
-        f"{where} is not a raysft state file (unknown node kind {kind!r})."
-    )
+    raise CheckpointError(f"{where} is not a raysft state file (unknown node kind {kind!r}).")
 
 
-def save_tree(
-    tree: Any, stem: str | os.PathLike, drop: frozenset[str] = frozenset()
-) -> list[Path]:
+def save_tree(tree: Any, stem: str | os.PathLike, drop: frozenset[str] = frozenset()) -> list[Path]:
     """Write `tree` as STEM.safetensors + STEM.json; dict entries named in `drop` are left out. Returns both paths."""
     from safetensors.torch import save_file
 
@@ -127,7 +114,5 @@ def load_tree(stem: str | os.PathLike) -> Any:
             f"{js} is not readable JSON; raysft never unpickles checkpoint files, so it refuses this one."
         ) from None
     if not isinstance(doc, dict) or doc.get("format") != "raysft-state-1":
-        raise CheckpointError(
-            f"{js} is not a raysft state file (no 'format': 'raysft-state-1')."
-        )
+        raise CheckpointError(f"{js} is not a raysft state file (no 'format': 'raysft-state-1').")
     return _decode(doc["tree"], tensors, str(js))

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -46,10 +47,17 @@ class MicroBatch:
     def n_tokens(self) -> int:
         return int(self.input_ids.numel()) if self.real_tokens is None else self.real_tokens
 
-    def to(self, device: torch.device | str) -> "MicroBatch":
+    def to(self, device: torch.device | str) -> MicroBatch:
         kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.attn_kwargs.items()}
-        return MicroBatch(self.input_ids.to(device), self.position_ids.to(device), self.labels.to(device),
-                          self.n_trained, self.source_ids, kw, self.real_tokens)
+        return MicroBatch(
+            self.input_ids.to(device),
+            self.position_ids.to(device),
+            self.labels.to(device),
+            self.n_trained,
+            self.source_ids,
+            kw,
+            self.real_tokens,
+        )
 
 
 def trained_tokens(labels: Sequence[int]) -> int:
@@ -98,16 +106,20 @@ def collate(rows: Sequence[Mapping[str, Any]], layout: str = "rows") -> MicroBat
         t = lambda xs: torch.from_numpy(np.concatenate(xs)).unsqueeze(0)  # noqa: E731  [1, T]
         cu = _segments(flat_pos)
         lengths = np.diff(cu)
-        kw = {"cu_seq_lens_q": torch.from_numpy(cu), "cu_seq_lens_k": torch.from_numpy(cu),
-              "max_length_q": int(lengths.max(initial=0)), "max_length_k": int(lengths.max(initial=0))}
+        kw = {
+            "cu_seq_lens_q": torch.from_numpy(cu),
+            "cu_seq_lens_k": torch.from_numpy(cu),
+            "max_length_q": int(lengths.max(initial=0)),
+            "max_length_k": int(lengths.max(initial=0)),
+        }
         return MicroBatch(t(ids), t(pos), t(lab), n, src, kw, real)
     width = max((len(x) for x in ids), default=0)
     out_ids = np.zeros((len(ids), width), np.int64)
     out_lab = np.full((len(ids), width), IGNORE_INDEX, np.int64)
     out_pos = np.tile(np.arange(width, dtype=np.int64), (len(ids), 1))
     for i, (a, p, b) in enumerate(zip(ids, pos, lab)):
-        out_ids[i, :len(a)], out_pos[i, :len(a)], out_lab[i, :len(a)] = a, p, b
-        out_pos[i, len(a):] = np.arange(width - len(a))  # the tail restarts: a sample of its own, never attended to
+        out_ids[i, : len(a)], out_pos[i, : len(a)], out_lab[i, : len(a)] = a, p, b
+        out_pos[i, len(a) :] = np.arange(width - len(a))  # the tail restarts: a sample of its own, never attended to
     return MicroBatch(torch.from_numpy(out_ids), torch.from_numpy(out_pos), torch.from_numpy(out_lab), n, src, {}, real)
 
 
@@ -121,18 +133,20 @@ def collate_table(table, indices: Sequence[int], layout: str = "rows") -> MicroB
         off = col.offsets.to_numpy()
         values = col.values.to_numpy(zero_copy_only=False)
         for i, row in enumerate(rows):
-            row[c] = values[off[i]:off[i + 1]]
+            row[c] = values[off[i] : off[i + 1]]
     return collate(rows, layout)
 
 
-def reference_loss_sum(model, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
-                       **attn_kwargs) -> torch.Tensor:
+def reference_loss_sum(
+    model, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor, **attn_kwargs
+) -> torch.Tensor:
     """Sum of next-token CE over trained tokens of packed rows [B, T] (fp32 logits)."""
     out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False, **attn_kwargs)
     logits = out.logits[:, :-1, :].float()  # [B, T-1, V]
     target = labels[:, 1:]  # [B, T-1]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
 def loss_sum(model, mb: MicroBatch, kernels: bool = False) -> torch.Tensor:
@@ -164,8 +178,15 @@ class StepResult:
     seconds: float
 
 
-def optimizer_step(engine: StepEngine, micro_batches: Sequence[MicroBatch], n_global: int, *,
-                   grad_scale: float = 1.0, kernels: bool = False, device: torch.device | str | None = None) -> StepResult:
+def optimizer_step(
+    engine: StepEngine,
+    micro_batches: Sequence[MicroBatch],
+    n_global: int,
+    *,
+    grad_scale: float = 1.0,
+    kernels: bool = False,
+    device: torch.device | str | None = None,
+) -> StepResult:
     """Forward/backward every micro-batch with loss = sum / n_global * grad_scale, then one update.
 
     `grad_scale` undoes the averaging the engine applies: DeepSpeed/DDP average gradients over
@@ -191,8 +212,13 @@ def optimizer_step(engine: StepEngine, micro_batches: Sequence[MicroBatch], n_gl
 
 
 @torch.no_grad()
-def eval_loss_sum(model, micro_batches: Sequence[MicroBatch], weights: Sequence[float] | None = None,
-                  kernels: bool = False, device: torch.device | str | None = None) -> tuple[float, int]:
+def eval_loss_sum(
+    model,
+    micro_batches: Sequence[MicroBatch],
+    weights: Sequence[float] | None = None,
+    kernels: bool = False,
+    device: torch.device | str | None = None,
+) -> tuple[float, int]:
     """(summed CE, trained tokens) over eval micro-batches; weight 0 runs a forward that counts nothing."""
     was_training = model.training
     model.eval()
@@ -233,7 +259,9 @@ def make_optimizer(model: torch.nn.Module, tcfg, total_steps: int):
     """AdamW over the trainable (LoRA) parameters and its warmup + decay schedule."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tcfg.scheduler, warmup_steps(tcfg, total_steps), total_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_lambda(tcfg.scheduler, warmup_steps(tcfg, total_steps), total_steps)
+    )
     return opt, sched
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+
 class TorchrunContext:
     """WorkerContext over torch.distributed: checkpoints land in run_dir/checkpoint_NNNNNN."""
 
@@ -35,8 +36,9 @@ class TorchrunContext:
         self.run_dir = run_dir
         self.keep = keep
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, step: int = 0,
-               validation: bool = False) -> None:
+    def report(
+        self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, step: int = 0, validation: bool = False
+    ) -> None:
         """`validation` is ignored: the generation eval is Ray Train's checkpoint validation (no Ray here)."""
         import torch.distributed as dist
 
@@ -46,7 +48,7 @@ class TorchrunContext:
         shutil.copytree(checkpoint_dir, dest, dirs_exist_ok=True)
         dist.barrier()  # every rank's part (sealed by its manifest) is in place
         if self.rank == 0:
-            for old in complete_checkpoints(self.run_dir)[:-self.keep]:
+            for old in complete_checkpoints(self.run_dir)[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
 
@@ -64,22 +66,31 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m raysft.pipeline.training.torchrun_entry", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m raysft.pipeline.training.torchrun_entry", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("config", help="the raysft YAML config")
     p.add_argument("--prepared", required=True, help="a folder written by `raysft prepare --output` (train/, eval/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. train.lr=1e-4 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. train.lr=1e-4 (repeatable)",
+    )
     return p.parse_args(argv)
 
 
 def run(config: str, prepared: str, overrides: list[str]) -> Path:
     """Initialise the process group, run the worker loop, publish the adapter (rank 0); returns the run folder."""
     import torch.distributed as dist
+
     from raysft.pipeline.config import load_config
     from raysft.pipeline.data.shards import has_rows, load_index
+    from raysft.pipeline.storage import StorageOptions
     from raysft.pipeline.trainer import preflight, publish_adapter, read_deepspeed_json, run_dir_of
     from raysft.pipeline.training.loop import run_worker
-    from raysft.pipeline.storage import StorageOptions
     from raysft.pipeline.training.reader import StepLayout
 
     cfg = preflight(load_config(config, overrides))
@@ -103,8 +114,9 @@ def run(config: str, prepared: str, overrides: list[str]) -> Path:
         eval_dir = str(Path(prepared) / "eval")
         eval_index = load_index(eval_dir, options, what="eval") if has_rows(eval_dir, options) else None
         t, world = cfg.train, dist.get_world_size()
-        StepLayout(train_index.rows, world * t.grad_accum * t.micro_batch_size, t.max_steps, t.epochs
-                   ).require_a_step(world, t.grad_accum, t.micro_batch_size)
+        StepLayout(train_index.rows, world * t.grad_accum * t.micro_batch_size, t.max_steps, t.epochs).require_a_step(
+            world, t.grad_accum, t.micro_batch_size
+        )
         run_dir = run_dir_of(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         ctx = TorchrunContext(run_dir, device, keep=cfg.train.keep_checkpoints)

@@ -42,9 +42,15 @@ def write_model(directory: Path, hidden: int, layers: int) -> Path:
 
     tok = build_tokenizer("chatml")
     torch.manual_seed(0)
-    cfg = tiny_llama_config(len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                            num_attention_heads=max(hidden // 64, 1), num_key_value_heads=max(hidden // 128, 1),
-                            pad_token_id=tok.pad_token_id)
+    cfg = tiny_llama_config(
+        len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(hidden // 64, 1),
+        num_key_value_heads=max(hidden // 128, 1),
+        pad_token_id=tok.pad_token_id,
+    )
     LlamaForCausalLM(cfg).save_pretrained(directory, safe_serialization=True)
     tok.save_pretrained(directory)
     return directory
@@ -59,13 +65,24 @@ def write_data(root: Path, seq_len: int, n_rows: int, n_prompts: int) -> tuple[o
     for i in range(n_rows):
         half = seq_len // 2
         ids = [rng.randrange(10, 500) for _ in range(seq_len)]
-        labels = [IGNORE] * 8 + ids[8:half] + [IGNORE] * 8 + ids[half + 8:]
-        rows.append({"input_ids": ids, "labels": labels, "position_ids": list(range(half)) * 2,
-                     "seq_lengths": [half, half], "source_ids": [2 * i, 2 * i + 1]})
+        labels = [IGNORE] * 8 + ids[8:half] + [IGNORE] * 8 + ids[half + 8 :]
+        rows.append(
+            {
+                "input_ids": ids,
+                "labels": labels,
+                "position_ids": list(range(half)) * 2,
+                "seq_lengths": [half, half],
+                "source_ids": [2 * i, 2 * i + 1],
+            }
+        )
     train = write_rows(root / "train", rows)
     prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"what is {a} plus {a + 1}?", "completion": str(2 * a + 1)}) + "\n"
-                               for a in range(n_prompts)))
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt": f"what is {a} plus {a + 1}?", "completion": str(2 * a + 1)}) + "\n"
+            for a in range(n_prompts)
+        )
+    )
     return Prepared(train, None, {}), prompts
 
 
@@ -94,23 +111,43 @@ class LineClock(threading.Thread):
 
 def one_run(args, model_dir: Path, prepared, prompts: Path, out: Path, eval_on: bool) -> dict:
     import ray
+
     from raysft.pipeline import ray_runtime
     from raysft.pipeline.config import load_config
     from raysft.pipeline.trainer import build_trainer, finish_run, preflight
 
     over = {
-        "model.name_or_path": str(model_dir), "model.quantization": "none", "model.dtype": "float32",
-        "lora.r": 8, "lora.dropout": 0.0, "train.max_steps": args.steps, "train.save_every": args.every,
-        "train.eval_every": 10**6, "train.logging.tensorboard": False, "train.warmup_steps": 0,
-        "scaling.num_workers": 1, "scaling.cpus_per_worker": 1,
-        "run.storage_path": str(out), "run.name": "on" if eval_on else "off", "run.max_failures": 0,
+        "model.name_or_path": str(model_dir),
+        "model.quantization": "none",
+        "model.dtype": "float32",
+        "lora.r": 8,
+        "lora.dropout": 0.0,
+        "train.max_steps": args.steps,
+        "train.save_every": args.every,
+        "train.eval_every": 10**6,
+        "train.logging.tensorboard": False,
+        "train.warmup_steps": 0,
+        "scaling.num_workers": 1,
+        "scaling.cpus_per_worker": 1,
+        "run.storage_path": str(out),
+        "run.name": "on" if eval_on else "off",
+        "run.max_failures": 0,
     }
     if eval_on:
-        over["train.eval_generate"] = {"prompts": str(prompts), "every": args.every, "max_new_tokens": args.new_tokens,
-                                       "batch_size": 4, "num_cpus": 1}
+        over["train.eval_generate"] = {
+            "prompts": str(prompts),
+            "every": args.every,
+            "max_new_tokens": args.new_tokens,
+            "batch_size": 4,
+            "num_cpus": 1,
+        }
     cfg = preflight(load_config(overrides=over))
-    ray_runtime.start("local", ray_runtime.Needs(dashboard=True, log_to_driver=False), num_cpus=2,
-                      env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    ray_runtime.start(
+        "local",
+        ray_runtime.Needs(dashboard=True, log_to_driver=False),
+        num_cpus=2,
+        env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
     clock = LineClock(out / over["run.name"] / "metrics.jsonl")
     clock.start()
     try:
@@ -127,10 +164,16 @@ def one_run(args, model_dir: Path, prepared, prompts: Path, out: Path, eval_on: 
     # Step s's interval holds the report (and checkpoint) of step s-1: checkpoint steps are those after one.
     ckpt = [v for s, v in intervals.items() if (s - 1) % args.every == 0]
     gen = [json.loads(x) for x in (result.run_dir / "gen_samples.jsonl").read_text().splitlines()] if eval_on else []
-    return {"eval": eval_on, "median_step_s": statistics.median(intervals.values()),
-            "median_ckpt_step_s": statistics.median(ckpt), "steps_measured": len(intervals), "wall_s": wall,
-            "evals": len(gen), "median_eval_s": statistics.median(g["seconds"] for g in gen) if gen else None,
-            "load_avg": os.getloadavg()}
+    return {
+        "eval": eval_on,
+        "median_step_s": statistics.median(intervals.values()),
+        "median_ckpt_step_s": statistics.median(ckpt),
+        "steps_measured": len(intervals),
+        "wall_s": wall,
+        "evals": len(gen),
+        "median_eval_s": statistics.median(g["seconds"] for g in gen) if gen else None,
+        "load_avg": os.getloadavg(),
+    }
 
 
 def main() -> None:
@@ -149,7 +192,10 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-geneval-"))
     model_dir = write_model(root / "model", args.hidden, args.layers)
     prepared, prompts = write_data(root, args.seq_len, n_rows=args.steps, n_prompts=args.prompts)
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
     results = []
     for i in range(args.repeats):
         for on in (False, True):
@@ -164,9 +210,11 @@ def main() -> None:
     # A checkpoint step costs more than a plain one in both runs (the checkpoint); what the eval adds on top of
     # that, beyond the slowdown every step shows (CPU contention), is the time the loop waited for it.
     blocked = (ck_on - step_on) - (ck_off - step_off)
-    print(f"median step: off {step_off:.3f} s, on {step_on:.3f} s ({100 * (step_on / step_off - 1):+.1f}%); "
-          f"checkpoint steps: off {ck_off:.3f} s, on {ck_on:.3f} s; blocked on the eval per eval step "
-          f"{blocked:+.3f} s; one eval took {med(r['median_eval_s'] for r in on):.1f} s")
+    print(
+        f"median step: off {step_off:.3f} s, on {step_on:.3f} s ({100 * (step_on / step_off - 1):+.1f}%); "
+        f"checkpoint steps: off {ck_off:.3f} s, on {ck_on:.3f} s; blocked on the eval per eval step "
+        f"{blocked:+.3f} s; one eval took {med(r['median_eval_s'] for r in on):.1f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -82,7 +82,9 @@ def liger_ops() -> dict[str, Callable] | None:
     except ImportError:
         return None
     return {
-        "flce": lambda h, w, y: LigerFusedLinearCrossEntropyFunction.apply(h, w, y, None, None, -100, 0.0, 0.0, "mean")[0],
+        "flce": lambda h, w, y: LigerFusedLinearCrossEntropyFunction.apply(h, w, y, None, None, -100, 0.0, 0.0, "mean")[
+            0
+        ],
         "rms_norm": lambda x, w: LigerRMSNormFunction.apply(x, w, 1e-6, 0.0, "llama", False),
         "rope": lambda q, k, cos, sin: LigerRopeFunction.apply(q, k, cos, sin),
         "swiglu": lambda g, u: LigerSiLUMulFunction.apply(g, u),
@@ -198,10 +200,16 @@ def time_and_memory(fn: Callable, args: list, grad_idx: list[int], reps: int) ->
 
 
 SHAPES = {
-    "flce": [dict(tokens=8192, hidden=2048, vocab=49152), dict(tokens=16384, hidden=2048, vocab=49152),
-             dict(tokens=8192, hidden=4096, vocab=128256)],
+    "flce": [
+        dict(tokens=8192, hidden=2048, vocab=49152),
+        dict(tokens=16384, hidden=2048, vocab=49152),
+        dict(tokens=8192, hidden=4096, vocab=128256),
+    ],
     "rms_norm": [dict(tokens=16384, hidden=2048), dict(tokens=16384, hidden=4096)],
-    "rope": [dict(tokens=16384, q_heads=32, kv_heads=8, head_dim=64), dict(tokens=16384, q_heads=32, kv_heads=8, head_dim=128)],
+    "rope": [
+        dict(tokens=16384, q_heads=32, kv_heads=8, head_dim=64),
+        dict(tokens=16384, q_heads=32, kv_heads=8, head_dim=128),
+    ],
     "swiglu": [dict(tokens=16384, intermediate=8192), dict(tokens=16384, intermediate=14336)],
 }
 TINY_SHAPES = {
@@ -230,7 +238,7 @@ def gpu_benchmark(args: argparse.Namespace) -> int:
     rows, failures = [], []
     started = time.time()
     for op, shapes in SHAPES.items():
-        for shape in (shapes[:1] if args.quick else shapes):
+        for shape in shapes[:1] if args.quick else shapes:
             impls = implementations(op, not args.skip_compile, liger)
             errs = numerics(op, shape, torch.bfloat16, "cuda", impls)
             inputs, grad_idx = make_inputs(op, shape, torch.bfloat16, "cuda")
@@ -261,13 +269,21 @@ def format_row(r: dict) -> str:
     parts = [f"{r['op']} {r['shape']}"]
     for name in ("raysft", "eager", "compile", "liger"):
         if name in r:
-            parts.append(f"{name}: {r[name]['ms']:.2f} ms {r[name]['peak_mib']:.0f} MiB err {r[name]['bf16_rel_err']:.2e}")
+            parts.append(
+                f"{name}: {r[name]['ms']:.2f} ms {r[name]['peak_mib']:.0f} MiB err {r[name]['bf16_rel_err']:.2e}"
+            )
     return " | ".join(parts)
 
 
 def markdown(rows: list[dict]) -> str:
     names = [n for n in ("raysft", "eager", "compile", "liger") if rows and n in rows[0]]
-    head = "| op | shape | " + " | ".join(f"{n} ms / MiB / bf16 err" for n in names) + " | raysft time vs " + " / ".join(names[1:]) + " |"
+    head = (
+        "| op | shape | "
+        + " | ".join(f"{n} ms / MiB / bf16 err" for n in names)
+        + " | raysft time vs "
+        + " / ".join(names[1:])
+        + " |"
+    )
     lines = [head, "|" + " --- |" * (3 + len(names))]
     for r in rows:
         cells = [f"{r[n]['ms']:.2f} / {r[n]['peak_mib']:.0f} / {r[n]['bf16_rel_err']:.1e}" for n in names]
@@ -292,7 +308,10 @@ def cpu_smoke() -> int:
             for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
                 errs = numerics(op, shape, dtype, "cpu", implementations(op, False, liger))
                 ok = errs["raysft"] <= max(tol, 2 * errs["eager"])
-                print(f"{op:9s} {dtype} {shape}: rel err raysft {errs['raysft']:.2e}, eager {errs['eager']:.2e} {'ok' if ok else 'FAIL'}")
+                print(
+                    f"{op:9s} {dtype} {shape}: rel err raysft {errs['raysft']:.2e}, eager {errs['eager']:.2e} "
+                    f"{'ok' if ok else 'FAIL'}"
+                )
                 if not ok:
                     bad.append(op)
     print("cpu smoke:", "FAIL " + ", ".join(bad) if bad else "ok")
@@ -323,22 +342,40 @@ def measure_once(method: str, tokens: int, vocab: int, hidden: int) -> dict:
     peak = _vm_kib("VmHWM")
     from raysft.kernels.backend import use_triton
 
-    return {"method": method, "triton": use_triton(h), "peak_extra_mib": (peak - before) / 1024, "seconds": seconds, "loss": loss.item()}
+    return {
+        "method": method,
+        "triton": use_triton(h),
+        "peak_extra_mib": (peak - before) / 1024,
+        "seconds": seconds,
+        "loss": loss.item(),
+    }
 
 
 def cpu_memory(args: argparse.Namespace) -> int:
     results = []
     for method in args.methods:
-        cmd = [sys.executable, __file__, "--measure", method, "--tokens", str(args.tokens), "--vocab", str(args.vocab),
-               "--hidden", str(args.hidden)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--measure",
+            method,
+            "--tokens",
+            str(args.tokens),
+            "--vocab",
+            str(args.vocab),
+            "--hidden",
+            str(args.hidden),
+        ]
         env = dict(os.environ, TRITON_INTERPRET="1" if method == "triton" else "0")
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
     base = results[0]
     for r in results:
         r["ratio_vs_torch"] = base["peak_extra_mib"] / max(r["peak_extra_mib"], 1e-9)
-        print(f"{r['method']:7s} triton={r['triton']!s:5s} peak extra {r['peak_extra_mib']:9.1f} MiB  "
-              f"{r['seconds']:7.2f} s  loss {r['loss']:.5f}  torch/this = {r['ratio_vs_torch']:.1f}x")
+        print(
+            f"{r['method']:7s} triton={r['triton']!s:5s} peak extra {r['peak_extra_mib']:9.1f} MiB  "
+            f"{r['seconds']:7.2f} s  loss {r['loss']:.5f}  torch/this = {r['ratio_vs_torch']:.1f}x"
+        )
     print(json.dumps({"tokens": args.tokens, "vocab": args.vocab, "hidden": args.hidden, "results": results}))
     return 0
 
@@ -347,8 +384,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu-smoke", action="store_true", help="numerics on tiny shapes through the Triton interpreter")
     p.add_argument("--cpu-memory", action="store_true", help="fused CE vs logits + cross_entropy peak RSS on CPU")
-    p.add_argument("--methods", nargs="+", default=["torch", "chunked", "triton"],
-                   help="--cpu-memory: torch (logits + cross_entropy), chunked (fused, PyTorch chunk step), triton (fused, interpreter)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["torch", "chunked", "triton"],
+        help="--cpu-memory: torch (logits + cross_entropy), chunked (fused, PyTorch chunk step), "
+        "triton (fused, interpreter)",
+    )
     p.add_argument("--measure", help=argparse.SUPPRESS)
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--vocab", type=int, default=32768)

@@ -58,13 +58,15 @@ def generate(directory: Path, n_rows: int, seq_len: int, shard_mb: float, vocab:
             source_ids.append(list(range(sid, sid + len(lens))))
             sid += len(lens)
         offsets = pa.array(np.arange(0, (n + 1) * seq_len, seq_len, dtype=np.int32))
-        table = pa.table({
-            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids.ravel())),
-            "labels": pa.ListArray.from_arrays(offsets, pa.array(labels.ravel())),
-            "position_ids": pa.ListArray.from_arrays(offsets, pa.array(pos.ravel())),
-            "seq_lengths": pa.array(seq_lengths, pa.list_(pa.int32())),
-            "source_ids": pa.array(source_ids, pa.list_(pa.int64())),
-        })
+        table = pa.table(
+            {
+                "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids.ravel())),
+                "labels": pa.ListArray.from_arrays(offsets, pa.array(labels.ravel())),
+                "position_ids": pa.ListArray.from_arrays(offsets, pa.array(pos.ravel())),
+                "seq_lengths": pa.array(seq_lengths, pa.list_(pa.int32())),
+                "source_ids": pa.array(source_ids, pa.list_(pa.int64())),
+            }
+        )
         writer.write(table)
     writer.close()
 
@@ -83,8 +85,9 @@ def base_tree(ref: str, root: Path) -> Path:
     tree = root / f"base-{ref}"
     if not tree.exists():
         tree.mkdir(parents=True)
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "pipeline", "kernels"], check=True,
-                                 capture_output=True).stdout
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", ref, "pipeline", "kernels"], check=True, capture_output=True
+        ).stdout
         subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
     return tree
 
@@ -122,12 +125,27 @@ def child(args) -> None:
         key: str = "bench"
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    cfg = preflight(load_config(None, {
-        "model.name_or_path": args.model, "model.quantization": "none", "model.dtype": "float32",
-        "model.gradient_checkpointing": False, "lora.r": 4, "lora.alpha": 8, "train.max_steps": args.steps,
-        "train.save_every": args.steps, "train.eval_every": 10**6, "train.logging.tensorboard": False,
-        "scaling.num_workers": 2, "run.storage_path": args.runs, "run.name": "bench", "run.max_failures": 0,
-    }))
+    cfg = preflight(
+        load_config(
+            None,
+            {
+                "model.name_or_path": args.model,
+                "model.quantization": "none",
+                "model.dtype": "float32",
+                "model.gradient_checkpointing": False,
+                "lora.r": 4,
+                "lora.alpha": 8,
+                "train.max_steps": args.steps,
+                "train.save_every": args.steps,
+                "train.eval_every": 10**6,
+                "train.logging.tensorboard": False,
+                "scaling.num_workers": 2,
+                "run.storage_path": args.runs,
+                "run.name": "bench",
+                "run.max_failures": 0,
+            },
+        )
+    )
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     start = time.perf_counter()
@@ -136,8 +154,11 @@ def child(args) -> None:
     done.set()
     thread.join()
     ray.shutdown()
-    result = {"driver_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-              "worker_peak_rss": sorted(peaks.values()), "seconds": round(seconds, 1)}
+    result = {
+        "driver_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "worker_peak_rss": sorted(peaks.values()),
+        "seconds": round(seconds, 1),
+    }
     Path(args.out).write_text(json.dumps(result))
 
 
@@ -181,11 +202,28 @@ def main() -> None:
     for cell in cells:
         tree, size = cell.split("-")
         out = work / f"{cell}.json"
-        env = {**os.environ, "PYTHONPATH": str(shim(trees[tree])), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-               "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
-        cmd = [sys.executable, __file__, "--child", "--model", str(model),
-               "--data", str(work / f"data-{size}-{args.shard_mb:g}mb"), "--runs", str(work / f"runs-{cell}"),
-               "--steps", str(args.steps), "--out", str(out)]
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(shim(trees[tree])),
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+            "OMP_NUM_THREADS": "1",
+            "RAY_DEDUP_LOGS": "0",
+        }
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            "--model",
+            str(model),
+            "--data",
+            str(work / f"data-{size}-{args.shard_mb:g}mb"),
+            "--runs",
+            str(work / f"runs-{cell}"),
+            "--steps",
+            str(args.steps),
+            "--out",
+            str(out),
+        ]
         proc = subprocess.run(cmd, env=env, cwd=str(work), text=True, capture_output=True)
         if proc.returncode != 0:
             raise SystemExit(f"{cell} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -197,9 +235,12 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for cell, r in sorted(results.items()):
         tree, size = cell.split("-")
-        print(f"| {'streaming (this tree)' if tree == 'new' else 'whole table (' + args.base_ref + ')'} | gsm8k {size} | "
-              f"{sizes.get(size, '?')} | {mib(r['driver_peak_rss'])} | {' / '.join(mib(x) for x in r['worker_peak_rss'])} | "
-              f"{r['seconds']} |")
+        print(
+            f"| {'streaming (this tree)' if tree == 'new' else 'whole table (' + args.base_ref + ')'} | "
+            f"gsm8k {size} | {sizes.get(size, '?')} | {mib(r['driver_peak_rss'])} | "
+            f"{' / '.join(mib(x) for x in r['worker_peak_rss'])} | "
+            f"{r['seconds']} |"
+        )
 
 
 if __name__ == "__main__":

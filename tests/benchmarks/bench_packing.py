@@ -49,10 +49,10 @@ def main() -> None:
         lengths = np.minimum([len(x) for x in ids], L)
         tokens = int(lengths.sum())
         t = time.perf_counter()
-        ours = sum(len(plan_bins(lengths[i:i + args.window], L)) for i in range(0, len(lengths), args.window))
+        ours = sum(len(plan_bins(lengths[i : i + args.window], L)) for i in range(0, len(lengths), args.window))
         t_ours = time.perf_counter() - t
         whole = len(plan_bins(lengths, L))
-        plain = sum(len(bfd_bins(lengths[i:i + args.window], L)) for i in range(0, len(lengths), args.window))
+        plain = sum(len(bfd_bins(lengths[i : i + args.window], L)) for i in range(0, len(lengths), args.window))
         ds = datasets.Dataset.from_dict({"input_ids": [x.tolist() for x in ids]})
         t = time.perf_counter()
         packed = pack_dataset(ds, L, strategy="bfd", map_kwargs={"keep_in_memory": True})
@@ -61,21 +61,30 @@ def main() -> None:
         bound = math.ceil(tokens / L)
         row = {
             "max_seq_len": L,
-            "ours": round(tokens / (ours * L), 4), "ours_rows": ours, "ours_s": round(t_ours, 2),
+            "ours": round(tokens / (ours * L), 4),
+            "ours_rows": ours,
+            "ours_s": round(t_ours, 2),
             "ours_one_window": round(tokens / (whole * L), 4),
             "plain_bfd": round(tokens / (plain * L), 4),
-            "trl_bfd": round(trl_tokens / (packed.num_rows * L), 4), "trl_rows": packed.num_rows, "trl_s": round(t_trl, 2),
-            "bound": round(tokens / (bound * L), 4), "bound_rows": bound,
+            "trl_bfd": round(trl_tokens / (packed.num_rows * L), 4),
+            "trl_rows": packed.num_rows,
+            "trl_s": round(t_trl, 2),
+            "bound": round(tokens / (bound * L), 4),
+            "bound_rows": bound,
         }
         assert trl_tokens == tokens, (trl_tokens, tokens)
         results.append(row)
         print(json.dumps(row), flush=True)
-    print("| max_seq_len | ours (window %d) | ours (one window) | plain BFD | TRL bfd | bound | rows ours / TRL / bound |"
-          % args.window)
+    print(
+        f"| max_seq_len | ours (window {args.window:d}) | ours (one window) | plain BFD | TRL bfd | bound | "
+        "rows ours / TRL / bound |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
-        print(f"| {r['max_seq_len']} | {r['ours']:.4f} | {r['ours_one_window']:.4f} | {r['plain_bfd']:.4f} | "
-              f"{r['trl_bfd']:.4f} | {r['bound']:.4f} | {r['ours_rows']} / {r['trl_rows']} / {r['bound_rows']} |")
+        print(
+            f"| {r['max_seq_len']} | {r['ours']:.4f} | {r['ours_one_window']:.4f} | {r['plain_bfd']:.4f} | "
+            f"{r['trl_bfd']:.4f} | {r['bound']:.4f} | {r['ours_rows']} / {r['trl_rows']} / {r['bound_rows']} |"
+        )
 
 
 if __name__ == "__main__":

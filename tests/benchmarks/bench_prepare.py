@@ -18,7 +18,7 @@ Both use `datasets.map` in one process with caching disabled (keep_in_memory).
 --self-check-runs N also times, in this process, ChatEncoder.encode_flat over gsm8k train (x1, in
 batches of 1024 rows, as one tokenizer actor runs it) with the run-time mask self-check on and off,
 N rounds interleaved, in CPU seconds of this process, and reports the medians and the check's share.
-"""
+"""  # noqa: E501 (a usage line that --help prints as is)
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[2]
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 
 BASELINE = textwrap.dedent(
-    r'''
+    r"""
     import json, sys, time
     import datasets
     from transformers import AutoTokenizer
@@ -71,7 +71,7 @@ BASELINE = textwrap.dedent(
     packed = pack_dataset(ds, max_len, strategy="bfd", map_kwargs={"keep_in_memory": True})
     tokens = sum(packed.data.table.column("seq_lengths").combine_chunks().values.to_numpy())
     json.dump({"tokens": int(tokens), "rows": packed.num_rows}, open(out, "w"))
-    '''
+    """
 )
 
 
@@ -119,7 +119,9 @@ def self_check_cost(tokenizer: str, runs: int, work: Path) -> dict:
     from raysft.pipeline.data.formats import normalise_row
     from raysft.pipeline.data.tokenize import ChatEncoder, load_tokenizer_spec
 
-    spec = load_tokenizer_spec(load_config(None, {"model.name_or_path": tokenizer, "data.cache_dir": str(work / "cache")}))
+    spec = load_tokenizer_spec(
+        load_config(None, {"model.name_or_path": tokenizer, "data.cache_dir": str(work / "cache")})
+    )
     items = [normalise_row(json.loads(line)) for line in GSM8K.read_text().splitlines()]
     times: dict[bool, list[float]] = {True: [], False: []}
     checked = 0
@@ -128,20 +130,33 @@ def self_check_cost(tokenizer: str, runs: int, work: Path) -> dict:
             encoder = ChatEncoder(spec, mask_check=check)
             start = time.process_time()  # CPU seconds of this process: less exposed to the box's other load
             for i in range(0, len(items), 1024):
-                encoder.encode_flat(items[i:i + 1024])
+                encoder.encode_flat(items[i : i + 1024])
             times[check].append(time.process_time() - start)
             checked = max(checked, encoder.mask_checks)
     on, off = statistics.median(times[True]), statistics.median(times[False])
-    return {"rows": len(items), "turns_checked": checked, "median_s_with_check": round(on, 3),
-            "median_s_without_check": round(off, 3), "check_share": round((on - off) / on, 3),
-            "runs_with": [round(t, 3) for t in times[True]], "runs_without": [round(t, 3) for t in times[False]]}
+    return {
+        "rows": len(items),
+        "turns_checked": checked,
+        "median_s_with_check": round(on, 3),
+        "median_s_without_check": round(off, 3),
+        "check_share": round((on - off) / on, 3),
+        "runs_with": [round(t, 3) for t in times[True]],
+        "runs_without": [round(t, 3) for t in times[False]],
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokenizer", required=True, help="tokenizer directory (Hugging Face format, with a chat template)")
-    ap.add_argument("--repeat", type=int, nargs="*", default=[1, 10],
-                    help="copies of gsm8k train (several: one run each; none: only the self-check timing)")
+    ap.add_argument(
+        "--tokenizer", required=True, help="tokenizer directory (Hugging Face format, with a chat template)"
+    )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        nargs="*",
+        default=[1, 10],
+        help="copies of gsm8k train (several: one run each; none: only the self-check timing)",
+    )
     ap.add_argument("--runs", type=int, default=3, help="runs per side; medians are reported")
     ap.add_argument("--max-seq-len", type=int, default=1024)
     ap.add_argument("--baselines", nargs="+", default=["trl_sft", "trl_min"])
@@ -171,21 +186,38 @@ def main() -> None:
         tokens = {}
         for i in range(args.runs):
             out = work / f"out_x{repeat}"
-            wall, tree, main_rss, cpu = run([sys.executable, "-m", "raysft.pipeline.cli", "prepare", str(cfg), "--output", str(out)], env)
+            wall, tree, main_rss, cpu = run(
+                [sys.executable, "-m", "raysft.pipeline.cli", "prepare", str(cfg), "--output", str(out)], env
+            )
             stats = json.loads((out / "stats.json").read_text())
             tokens["raysft"] = stats["tokens_total"]
             results["raysft"].append((wall, tree, main_rss, cpu))
-            print(f"x{repeat} run {i} raysft: {wall:.1f}s, {stats['tokens_total'] / wall:.0f} tok/s, {cpu:.0f} CPU s, "
-                  f"peak tree RSS {tree / 2**20:.0f} MiB, driver {main_rss / 2**20:.0f} MiB, load {os.getloadavg()[0]:.1f}",
-                  flush=True)
+            print(
+                f"x{repeat} run {i} raysft: {wall:.1f}s, {stats['tokens_total'] / wall:.0f} tok/s, {cpu:.0f} CPU s, "
+                f"peak tree RSS {tree / 2**20:.0f} MiB, driver {main_rss / 2**20:.0f} MiB, "
+                f"load {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
             for b in args.baselines:
                 res = work / f"{b}.json"
-                wall, tree, main_rss, cpu = run([sys.executable, str(work / "baseline.py"), str(data), args.tokenizer,
-                                                 str(args.max_seq_len), b, str(res)])
+                wall, tree, main_rss, cpu = run(
+                    [
+                        sys.executable,
+                        str(work / "baseline.py"),
+                        str(data),
+                        args.tokenizer,
+                        str(args.max_seq_len),
+                        b,
+                        str(res),
+                    ]
+                )
                 tokens[b] = json.loads(res.read_text())["tokens"]
                 results[b].append((wall, tree, main_rss, cpu))
-                print(f"x{repeat} run {i} {b}: {wall:.1f}s, {tokens[b] / wall:.0f} tok/s, {cpu:.0f} CPU s, "
-                      f"peak RSS {tree / 2**20:.0f} MiB, load {os.getloadavg()[0]:.1f}", flush=True)
+                print(
+                    f"x{repeat} run {i} {b}: {wall:.1f}s, {tokens[b] / wall:.0f} tok/s, {cpu:.0f} CPU s, "
+                    f"peak RSS {tree / 2**20:.0f} MiB, load {os.getloadavg()[0]:.1f}",
+                    flush=True,
+                )
         summary = {}
         for name, runs in results.items():
             wall = statistics.median(r[0] for r in runs)

@@ -39,13 +39,25 @@ DEMO_YAML = REPO / "examples" / "demo.yaml"
 def run_raysft(model_dir: str, data: Path, out: Path, args) -> dict:
     """`raysft train` with 1 worker holding all threads; tokens/s per step from its metrics.jsonl."""
     sets = {
-        "model.name_or_path": model_dir, "data.train": str(data), "data.eval": None, "data.max_seq_len": args.seq_len,
-        "data.cache_dir": str(out / "prepared"), "data.system_prompt": None,
-        "lora.r": args.rank, "lora.alpha": 2 * args.rank, "lora.dropout": 0.0,
-        "train.max_steps": args.steps, "train.save_every": args.steps, "train.eval_every": 10**6,
-        "train.logging.tensorboard": False, "train.lr": 2e-4,
-        "scaling.num_workers": 1, "scaling.cpus_per_worker": args.threads,
-        "run.storage_path": str(out), "run.name": "raysft", "run.max_failures": 0,
+        "model.name_or_path": model_dir,
+        "data.train": str(data),
+        "data.eval": None,
+        "data.max_seq_len": args.seq_len,
+        "data.cache_dir": str(out / "prepared"),
+        "data.system_prompt": None,
+        "lora.r": args.rank,
+        "lora.alpha": 2 * args.rank,
+        "lora.dropout": 0.0,
+        "train.max_steps": args.steps,
+        "train.save_every": args.steps,
+        "train.eval_every": 10**6,
+        "train.logging.tensorboard": False,
+        "train.lr": 2e-4,
+        "scaling.num_workers": 1,
+        "scaling.cpus_per_worker": args.threads,
+        "run.storage_path": str(out),
+        "run.name": "raysft",
+        "run.max_failures": 0,
     }
     cmd = [sys.executable, "-m", "raysft.pipeline.cli", "train", str(DEMO_YAML)]
     for k, v in sets.items():
@@ -74,12 +86,22 @@ def run_trl_worker(model_dir: str, data: Path, out: Path, args) -> dict:
 
     rows = load_dataset("json", data_files=str(data), split="train")
     # Conversational prompt/completion: TRL trains on the completion only, like raysft's train_on=responses.
-    rows = rows.map(lambda r: {"prompt": r["messages"][:-1], "completion": r["messages"][-1:]}, remove_columns=["messages"])
+    rows = rows.map(
+        lambda r: {"prompt": r["messages"][:-1], "completion": r["messages"][-1:]}, remove_columns=["messages"]
+    )
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.bfloat16, device_map={"": "cpu"}, attn_implementation="sdpa",
-        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                               bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16),
+        model_dir,
+        dtype=torch.bfloat16,
+        device_map={"": "cpu"},
+        attn_implementation="sdpa",
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_quant_storage=torch.bfloat16,
+        ),
     )
     times: list[float] = []
     tokens: list[int] = []
@@ -97,22 +119,56 @@ def run_trl_worker(model_dir: str, data: Path, out: Path, args) -> dict:
             return super().training_step(model, inputs, *a, **k)
 
     cfg = SFTConfig(
-        output_dir=str(out / "trl"), max_steps=args.steps, per_device_train_batch_size=1, gradient_accumulation_steps=1,
-        learning_rate=2e-4, lr_scheduler_type="cosine", max_length=args.seq_len, packing=True, packing_strategy="bfd",
-        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=True, use_cpu=True,
-        logging_steps=1, save_strategy="no", report_to="none", dataloader_num_workers=0, seed=0, max_grad_norm=1.0,
+        output_dir=str(out / "trl"),
+        max_steps=args.steps,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=1,
+        learning_rate=2e-4,
+        lr_scheduler_type="cosine",
+        max_length=args.seq_len,
+        packing=True,
+        packing_strategy="bfd",
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=True,
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        dataloader_num_workers=0,
+        seed=0,
+        max_grad_norm=1.0,
     )
-    peft_cfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules="all-linear",
-                          task_type="CAUSAL_LM")
-    trainer = CountingSFTTrainer(model=model, args=cfg, train_dataset=rows, processing_class=tok, peft_config=peft_cfg,
-                                 callbacks=[Timer()])
+    peft_cfg = LoraConfig(
+        r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+    trainer = CountingSFTTrainer(
+        model=model, args=cfg, train_dataset=rows, processing_class=tok, peft_config=peft_cfg, callbacks=[Timer()]
+    )
     trainer.train()
     return {"side": "TRL SFTTrainer", "tokens_per_s": [n / t for n, t in zip(tokens, times)], "tokens_per_step": tokens}
 
 
 def run_trl(model_dir: str, data: Path, out: Path, args) -> dict:
-    cmd = [sys.executable, __file__, "--_trl-worker", "--model", model_dir, "--data", str(data), "--out", str(out),
-           "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--threads", str(args.threads), "--rank", str(args.rank)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--_trl-worker",
+        "--model",
+        model_dir,
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--steps",
+        str(args.steps),
+        "--seq-len",
+        str(args.seq_len),
+        "--threads",
+        str(args.threads),
+        "--rank",
+        str(args.rank),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -120,7 +176,7 @@ def run_trl(model_dir: str, data: Path, out: Path, args) -> dict:
     result_line = [ln for ln in proc.stdout.splitlines() if ln.startswith("TRL_RESULT ")]
     if proc.returncode != 0 or not result_line:
         raise SystemExit(f"TRL side failed:\n{proc.stdout[-4000:]}")
-    return {**json.loads(result_line[-1][len("TRL_RESULT "):]), "wall_s": wall}
+    return {**json.loads(result_line[-1][len("TRL_RESULT ") :]), "wall_s": wall}
 
 
 def cpu_main(args) -> None:
@@ -135,17 +191,28 @@ def cpu_main(args) -> None:
     for side in args.sides.split(","):
         print(f"[bench] {side}: {args.steps} steps ...", flush=True)
         r = run_raysft(model_dir, data, out, args) if side == "raysft" else run_trl(model_dir, data, out, args)
-        steady = r["tokens_per_s"][args.warmup:]
+        steady = r["tokens_per_s"][args.warmup :]
         r["median_tokens_per_s"] = statistics.median(steady) if steady else float("nan")
         results.append(r)
-        print(f"[bench] {r['side']}: median {r['median_tokens_per_s']:.1f} tokens/s over {len(steady)} steps "
-              f"(process wall {r['wall_s']:.0f} s)", flush=True)
+        print(
+            f"[bench] {r['side']}: median {r['median_tokens_per_s']:.1f} tokens/s over {len(steady)} steps "
+            f"(process wall {r['wall_s']:.0f} s)",
+            flush=True,
+        )
     summary = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{os.cpu_count()}-core CPU, {platform.machine()}, load average {os.getloadavg()[0]:.1f} at the end",
-        "settings": {"model": "SmolLM2-135M-Instruct", "base": "NF4 (bitsandbytes, double quant), bf16 compute",
-                     "lora_r": args.rank, "seq_len": args.seq_len, "packing": "bfd, 1 packed row per step",
-                     "gradient_checkpointing": True, "threads": args.threads, "steps": args.steps, "warmup": args.warmup},
+        "settings": {
+            "model": "SmolLM2-135M-Instruct",
+            "base": "NF4 (bitsandbytes, double quant), bf16 compute",
+            "lora_r": args.rank,
+            "seq_len": args.seq_len,
+            "packing": "bfd, 1 packed row per step",
+            "gradient_checkpointing": True,
+            "threads": args.threads,
+            "steps": args.steps,
+            "warmup": args.warmup,
+        },
         "results": results,
     }
     by = {r["side"].split()[0]: r["median_tokens_per_s"] for r in results}
@@ -159,10 +226,28 @@ def cpu_main(args) -> None:
 # --------------------------------------------------------------------------------------------- GPU
 GPU_MODELS = {
     # SmolLM2-135M's architecture (the demo model) and a Llama-3.2-1B-shaped model.
-    "demo": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                 num_key_value_heads=3, tie_word_embeddings=True, rope_theta=100000.0, max_position_embeddings=8192),
-    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=8192),
+    "demo": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+        max_position_embeddings=8192,
+    ),
+    "1b": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+    ),
 }
 
 
@@ -191,6 +276,7 @@ def _import_raysft_from_checkout() -> None:
     """On a GPU box without `pip install -e .` (and without Ray): map pipeline/ and kernels/ to raysft.* by hand."""
     try:
         import raysft.pipeline  # noqa: F401
+
         return
     except ImportError:
         pass
@@ -201,8 +287,9 @@ def _import_raysft_from_checkout() -> None:
     root.__path__ = []
     sys.modules["raysft"] = root
     for sub in ("pipeline", "kernels"):
-        spec = importlib.util.spec_from_file_location(f"raysft.{sub}", REPO / sub / "__init__.py",
-                                                      submodule_search_locations=[str(REPO / sub)])
+        spec = importlib.util.spec_from_file_location(
+            f"raysft.{sub}", REPO / sub / "__init__.py", submodule_search_locations=[str(REPO / sub)]
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules[f"raysft.{sub}"] = module
         spec.loader.exec_module(module)
@@ -229,12 +316,18 @@ def gpu_main(args) -> None:
         with tempfile.TemporaryDirectory(prefix=f"raysft-bench-{name}-") as tmp:
             torch.manual_seed(0)
             LlamaForCausalLM(LlamaConfig(**arch)).to(torch.bfloat16).save_pretrained(tmp)
-            cfg = Config.from_dict({
-                "model": {"name_or_path": tmp, "quantization": args.quantization, "attn_implementation": args.attn,
-                          "gradient_checkpointing": True},
-                "lora": {"r": args.rank, "alpha": 2 * args.rank, "dropout": 0.0, "target_modules": "all-linear"},
-                "train": {"lr": 2e-4, "max_steps": args.steps, "kernels": args.kernels},
-            })
+            cfg = Config.from_dict(
+                {
+                    "model": {
+                        "name_or_path": tmp,
+                        "quantization": args.quantization,
+                        "attn_implementation": args.attn,
+                        "gradient_checkpointing": True,
+                    },
+                    "lora": {"r": args.rank, "alpha": 2 * args.rank, "dropout": 0.0, "target_modules": "all-linear"},
+                    "train": {"lr": 2e-4, "max_steps": args.steps, "kernels": args.kernels},
+                }
+            )
             model = build_model(cfg, device=dev)
             opt, sched = make_optimizer(model, cfg.train, args.steps)
             engine = TorchEngine(model, opt, sched)
@@ -260,18 +353,36 @@ def gpu_main(args) -> None:
                     fpt = flops_per_token(n_matmul, arch["num_hidden_layers"], arch["hidden_size"], lens)
                     mfus.append(rate * fpt / (args.peak_tflops * 1e12))
             mem = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
-            r = {"model": name, "params_matmul": n_matmul, "tokens_per_s": statistics.median(rates),
-                 "mfu": statistics.median(mfus), "max_mem_gib": mem}
+            r = {
+                "model": name,
+                "params_matmul": n_matmul,
+                "tokens_per_s": statistics.median(rates),
+                "mfu": statistics.median(mfus),
+                "max_mem_gib": mem,
+            }
             results.append(r)
-            print(f"[bench-gpu] {name}: {r['tokens_per_s']:.0f} tokens/s, MFU {r['mfu']:.1%} "
-                  f"(N={n_matmul / 1e6:.0f}M in matmuls, {args.quantization}, seq {args.gpu_seq_len}, peak mem {mem:.1f} GiB)",
-                  flush=True)
+            print(
+                f"[bench-gpu] {name}: {r['tokens_per_s']:.0f} tokens/s, MFU {r['mfu']:.1%} "
+                f"(N={n_matmul / 1e6:.0f}M in matmuls, {args.quantization}, seq {args.gpu_seq_len}, "
+                f"peak mem {mem:.1f} GiB)",
+                flush=True,
+            )
             del model, engine, opt
             if dev == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-    print(json.dumps({"gpu": gpu, "peak_tflops": args.peak_tflops, "quantization": args.quantization,
-                      "seq_len": args.gpu_seq_len, "results": results}, indent=2))
+    print(
+        json.dumps(
+            {
+                "gpu": gpu,
+                "peak_tflops": args.peak_tflops,
+                "quantization": args.quantization,
+                "seq_len": args.gpu_seq_len,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
 
 
 def main() -> None:

@@ -27,8 +27,14 @@ REPO = Path(__file__).resolve().parents[2]
 TESTS = REPO / "tests"
 LIMIT_MIB = 64  # what may travel to the GPU machine: working tree + carried wheels
 BUDGET_S = 8 * 60
-NO_RAY = "import sys, runpy; sys.modules['ray'] = None; sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__')"
-NO_RAY_SCRIPT = "import sys, runpy; sys.modules['ray'] = None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+NO_RAY = (
+    "import sys, runpy; sys.modules['ray'] = None; sys.argv = sys.argv[1:]; "
+    "runpy.run_module(sys.argv[0], run_name='__main__')"
+)
+NO_RAY_SCRIPT = (
+    "import sys, runpy; sys.modules['ray'] = None; sys.argv = sys.argv[1:]; "
+    "runpy.run_path(sys.argv[0], run_name='__main__')"
+)
 
 
 class Report:
@@ -38,7 +44,9 @@ class Report:
         self.path, self.title, self.stages, self.started = path, title, [], time.monotonic()
 
     def add(self, name: str, ok: bool | None, seconds: float, details: dict | None = None, log: str = "") -> None:
-        self.stages.append({"stage": name, "ok": ok, "seconds": round(seconds, 1), "details": details or {}, "log": log})
+        self.stages.append(
+            {"stage": name, "ok": ok, "seconds": round(seconds, 1), "details": details or {}, "log": log}
+        )
         self.write()
 
     @property
@@ -46,15 +54,30 @@ class Report:
         return all(s["ok"] is not False for s in self.stages)
 
     def write(self) -> None:
-        lines = [f"# {self.title}", "", f"total {time.monotonic() - self.started:.0f} s; "
-                 f"{'ALL PASSED' if self.ok else 'FAILURES'}", "", "| stage | result | seconds |", "| --- | --- | --- |"]
+        lines = [
+            f"# {self.title}",
+            "",
+            f"total {time.monotonic() - self.started:.0f} s; {'ALL PASSED' if self.ok else 'FAILURES'}",
+            "",
+            "| stage | result | seconds |",
+            "| --- | --- | --- |",
+        ]
         for s in self.stages:
             mark = {True: "pass", False: "FAIL", None: "info"}[s["ok"]]
             lines.append(f"| {s['stage']} | {mark} | {s['seconds']} |")
         for s in self.stages:
             lines += ["", f"## {s['stage']}", "", "```json", json.dumps(s["details"], indent=2, default=str), "```"]
             if s["log"]:
-                lines += ["", "<details><summary>output (tail)</summary>", "", "```", s["log"][-4000:], "```", "", "</details>"]
+                lines += [
+                    "",
+                    "<details><summary>output (tail)</summary>",
+                    "",
+                    "```",
+                    s["log"][-4000:],
+                    "```",
+                    "",
+                    "</details>",
+                ]
         self.path.write_text("\n".join(lines) + "\n")
 
 
@@ -63,8 +86,15 @@ def child(args: list[str], timeout: float, env: dict | None = None, module: bool
     cmd = [sys.executable, "-c", NO_RAY if module else NO_RAY_SCRIPT, *args]
     start = time.monotonic()
     try:
-        p = subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}, text=True, timeout=timeout,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        p = subprocess.run(
+            cmd,
+            cwd=REPO,
+            env={**os.environ, **(env or {})},
+            text=True,
+            timeout=timeout,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         return p.returncode, p.stdout, time.monotonic() - start
     except subprocess.TimeoutExpired as exc:
         out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
@@ -79,13 +109,19 @@ def free_port() -> int:
 
 # --- stages ----------------------------------------------------------------------------------------
 
+
 def environment(gpu: bool) -> dict:
     import importlib.metadata as md
 
     import torch
 
-    info = {"python": platform.python_version(), "machine": platform.machine(), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    info = {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
     for pkg in ("transformers", "peft", "accelerate", "triton", "bitsandbytes", "deepspeed", "pydantic", "pyarrow"):
         try:
             info[pkg] = md.version(pkg)
@@ -104,24 +140,40 @@ def environment(gpu: bool) -> dict:
 
 def tree_bytes() -> int:
     """Bytes of what the device tool carries besides the wheels: tracked + untracked-not-ignored files."""
-    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                         capture_output=True, check=True).stdout.decode()
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
     return sum((REPO / f).stat().st_size for f in out.split("\0") if f and (REPO / f).is_file())
 
 
 def wheels(wheel_dir: Path) -> dict:
-    wanted = [line.split()[0] for line in (REPO / "tests/benchmarks/gpu_wheels.txt").read_text().splitlines()
-              if line.strip() and not line.startswith("#")]
+    wanted = [
+        line.split()[0]
+        for line in (REPO / "tests/benchmarks/gpu_wheels.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     files = sorted(p for p in wheel_dir.iterdir() if p.is_file())
-    norm = lambda s: s.lower().replace("-", "_")
+
+    def norm(s):
+        return s.lower().replace("-", "_")
+
     missing = [w for w in wanted if not any(norm(f.name).startswith(norm(w.replace("==", "-")) + "") for f in files)]
     extra = [f.name for f in files if not any(norm(f.name).startswith(norm(w.replace("==", "-"))) for w in wanted)]
     total = sum(f.stat().st_size for f in files)
     tree = tree_bytes()
-    return {"files": {f.name: f.stat().st_size for f in files}, "missing": missing, "unexpected": extra,
-            "wheels_mib": round(total / 2**20, 2), "tree_mib": round(tree / 2**20, 2),
-            "total_mib": round((total + tree) / 2**20, 2), "limit_mib": LIMIT_MIB,
-            "fits": total + tree <= LIMIT_MIB * 2**20 and not missing}
+    return {
+        "files": {f.name: f.stat().st_size for f in files},
+        "missing": missing,
+        "unexpected": extra,
+        "wheels_mib": round(total / 2**20, 2),
+        "tree_mib": round(tree / 2**20, 2),
+        "total_mib": round((total + tree) / 2**20, 2),
+        "limit_mib": LIMIT_MIB,
+        "fits": total + tree <= LIMIT_MIB * 2**20 and not missing,
+    }
 
 
 def fixtures(work: Path, gpu: bool) -> tuple[Path, Path]:
@@ -149,11 +201,25 @@ def loop_config(work: Path, model_dir: Path, gpu: bool) -> Path:
 
     dtype = "bfloat16" if gpu else "float32"  # CPU: fp32 (bf16 matmuls are slow and DeepSpeed's CPU path is fp32)
     cfg = {
-        "model": {"name_or_path": str(model_dir), "quantization": "nf4", "dtype": dtype, "compute_dtype": dtype,
-                  "gradient_checkpointing": True},
+        "model": {
+            "name_or_path": str(model_dir),
+            "quantization": "nf4",
+            "dtype": dtype,
+            "compute_dtype": dtype,
+            "gradient_checkpointing": True,
+        },
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "train": {"max_steps": 8, "lr": 5e-3, "warmup_steps": 1, "micro_batch_size": 2, "grad_accum": 2,
-                  "save_every": 4, "eval_every": 4, "deepspeed": {"stage": 2}, "logging": {"tensorboard": False}},
+        "train": {
+            "max_steps": 8,
+            "lr": 5e-3,
+            "warmup_steps": 1,
+            "micro_batch_size": 2,
+            "grad_accum": 2,
+            "save_every": 4,
+            "eval_every": 4,
+            "deepspeed": {"stage": 2},
+            "logging": {"tensorboard": False},
+        },
         "scaling": {"num_workers": 1, "use_gpu": gpu},
         "run": {"storage_path": str(work / "runs"), "name": "kernels-off"},
     }
@@ -163,8 +229,15 @@ def loop_config(work: Path, model_dir: Path, gpu: bool) -> Path:
 
 
 def torchrun(config: Path, prepared: Path, sets: list[str], timeout: float) -> tuple[int, str, float]:
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env = {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+    }
     args = ["raysft.pipeline.training.torchrun_entry", str(config), "--prepared", str(prepared)]
     for s in sets:
         args += ["--set", s]
@@ -175,17 +248,25 @@ def run_summary(run_dir: Path) -> dict:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines() if x.strip()]
     events = [e for e in events if e.get("event") == "start"]  # events.jsonl also holds the reader counters
-    return {"steps": [r["step"] for r in rows], "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"],
-            "eval_loss": [r.get("eval_loss") for r in rows if "eval_loss" in r],
-            "tokens_per_s_median": sorted(r["tokens_per_s"] for r in rows)[len(rows) // 2],
-            "checkpoints": sorted(p.name for p in run_dir.glob("checkpoint_*")), "starts": [e["step"] for e in events],
-            "adapter": (run_dir / "adapter" / "adapter_model.safetensors").is_file()}
+    return {
+        "steps": [r["step"] for r in rows],
+        "loss_first": rows[0]["loss"],
+        "loss_last": rows[-1]["loss"],
+        "eval_loss": [r.get("eval_loss") for r in rows if "eval_loss" in r],
+        "tokens_per_s_median": sorted(r["tokens_per_s"] for r in rows)[len(rows) // 2],
+        "checkpoints": sorted(p.name for p in run_dir.glob("checkpoint_*")),
+        "starts": [e["step"] for e in events],
+        "adapter": (run_dir / "adapter" / "adapter_model.safetensors").is_file(),
+    }
 
 
 def adapter_diff(a: Path, b: Path) -> float:
     from safetensors.torch import load_file
 
-    x, y = load_file(str(a / "adapter" / "adapter_model.safetensors")), load_file(str(b / "adapter" / "adapter_model.safetensors"))
+    x, y = (
+        load_file(str(a / "adapter" / "adapter_model.safetensors")),
+        load_file(str(b / "adapter" / "adapter_model.safetensors")),
+    )
     assert x.keys() == y.keys()
     return max(float((x[k].float() - y[k].float()).abs().max()) for k in x)
 
@@ -201,9 +282,14 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"raysft-gpu-acceptance-{os.getpid()}"
     work.mkdir(parents=True)
-    report = Report(args.out / "gpu_acceptance.md", "raysft GPU acceptance" + (" (dry run on CPU)" if args.dry_run else ""))
+    report = Report(
+        args.out / "gpu_acceptance.md", "raysft GPU acceptance" + (" (dry run on CPU)" if args.dry_run else "")
+    )
     deadline = time.monotonic() + BUDGET_S
-    left = lambda: max(10.0, deadline - time.monotonic())
+
+    def left():
+        return max(10.0, deadline - time.monotonic())
+
     try:
         t = time.monotonic()
         report.add("environment", None, time.monotonic() - t, environment(gpu))
@@ -215,8 +301,12 @@ def main() -> int:
         t = time.monotonic()
         model_dir, prepared = fixtures(work, gpu)
         config = loop_config(work, model_dir, gpu)
-        report.add("fixtures: tiny random Llama + packed Parquet", True, time.monotonic() - t,
-                   {"model": str(model_dir), "prepared": str(prepared)})
+        report.add(
+            "fixtures: tiny random Llama + packed Parquet",
+            True,
+            time.monotonic() - t,
+            {"model": str(model_dir), "prepared": str(prepared)},
+        )
 
         runs = work / "runs"
         results = {}
@@ -226,17 +316,25 @@ def main() -> int:
             ok = code == 0
             if ok:
                 details.update(run_summary(runs / name))
-                ok = (details["steps"] == list(range(1, 9)) and len(details["eval_loss"]) == 2 and details["adapter"]
-                      and details["checkpoints"] == ["checkpoint_000004", "checkpoint_000008"]
-                      and details["loss_last"] < details["loss_first"])
+                ok = (
+                    details["steps"] == list(range(1, 9))
+                    and len(details["eval_loss"]) == 2
+                    and details["adapter"]
+                    and details["checkpoints"] == ["checkpoint_000004", "checkpoint_000008"]
+                    and details["loss_last"] < details["loss_first"]
+                )
             results[name] = details
             report.add(f"torchrun loop, NF4 + ZeRO-2, {name}{', NCCL' if gpu else ', gloo'}", ok, secs, details, log)
 
         if all(r.get("exit") == 0 for r in results.values()):
             off, on = results["kernels-off"]["eval_loss"][-1], results["kernels-on"]["eval_loss"][-1]
             tol = 5e-2 if gpu else 1e-3
-            report.add("kernels on vs off (final eval loss)", abs(off - on) < tol, 0.0,
-                       {"off": off, "on": on, "abs_diff": abs(off - on), "tolerance": tol})
+            report.add(
+                "kernels on vs off (final eval loss)",
+                abs(off - on) < tol,
+                0.0,
+                {"off": off, "on": on, "abs_diff": abs(off - on), "tolerance": tol},
+            )
 
         # A crash after step 4's checkpoint: the next start resumes from it and ends where the full run did.
         if results["kernels-off"].get("exit") == 0:
@@ -250,23 +348,51 @@ def main() -> int:
             if ok:
                 details.update(run_summary(resumed))
                 details["adapter_max_abs_diff_vs_uninterrupted"] = diff = adapter_diff(resumed, runs / "kernels-off")
-                ok = details["starts"] == [0, 4] and details["steps"] == list(range(1, 9)) and diff < (1e-3 if gpu else 1e-5)
+                ok = (
+                    details["starts"] == [0, 4]
+                    and details["steps"] == list(range(1, 9))
+                    and diff < (1e-3 if gpu else 1e-5)
+                )
             report.add("checkpoint + resume (lost last checkpoint)", ok, secs, details, log)
 
         if gpu:
-            code, log, secs = child(["pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu_path.py", "-m", "not slow",
-                                     "-k", "not sweep"], timeout=min(120, left()))
+            code, log, secs = child(
+                [
+                    "pytest",
+                    "-q",
+                    "-p",
+                    "no:cacheprovider",
+                    "tests/test_gpu_path.py",
+                    "-m",
+                    "not slow",
+                    "-k",
+                    "not sweep",
+                ],
+                timeout=min(120, left()),
+            )
             report.add("tests/test_gpu_path.py on the GPU", code == 0, secs, {"exit": code}, log)
             out_md = work / "kernels.md"
-            code, log, secs = child(["tests/benchmarks/bench_kernels.py", "--quick", "--skip-compile", "--out", str(out_md)],
-                                    timeout=min(180, left()), module=False)
-            report.add("bench_kernels.py --quick --skip-compile", code == 0, secs,
-                       {"exit": code, "table": out_md.read_text() if out_md.is_file() else None}, log)
+            code, log, secs = child(
+                ["tests/benchmarks/bench_kernels.py", "--quick", "--skip-compile", "--out", str(out_md)],
+                timeout=min(180, left()),
+                module=False,
+            )
+            report.add(
+                "bench_kernels.py --quick --skip-compile",
+                code == 0,
+                secs,
+                {"exit": code, "table": out_md.read_text() if out_md.is_file() else None},
+                log,
+            )
             for extra in ([], ["--kernels"]):
-                code, log, secs = child(["tests/benchmarks/bench_train.py", "--gpu", "--models", "demo,1b", "--steps", "10",
-                                         *extra], timeout=min(150, left()), module=False)
-                report.add(f"bench_train.py --gpu {' '.join(extra)}".strip(), code == 0, secs, {"exit": code},
-                           log[-3000:])
+                code, log, secs = child(
+                    ["tests/benchmarks/bench_train.py", "--gpu", "--models", "demo,1b", "--steps", "10", *extra],
+                    timeout=min(150, left()),
+                    module=False,
+                )
+                report.add(
+                    f"bench_train.py --gpu {' '.join(extra)}".strip(), code == 0, secs, {"exit": code}, log[-3000:]
+                )
         else:
             for script in ("bench_kernels.py", "bench_train.py"):
                 code, log, secs = child([f"tests/benchmarks/{script}", "--help"], timeout=60, module=False)
