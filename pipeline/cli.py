@@ -13,16 +13,21 @@ from collections.abc import Callable
 from raysft.pipeline.errors import ConfigError, RaysftError
 
 
-def _add_config_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
-    p.add_argument("config", nargs="?" if optional else None, help="YAML config file (see examples/)")
+def add_verbose_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key by dotted path, e.g. --set train.lr=1e-4 (repeatable)",
+        "--verbose",
+        action="store_true",
+        help="also show Ray, Ray Train, Ray Data and DeepSpeed logs (always in the run folder's raysft.log)",
     )
+
+
+def add_overrides_arg(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
+def add_config_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    p.add_argument("config", nargs="?" if optional else None, help="YAML config file (see examples/)")
+    add_overrides_arg(p, "override a config key by dotted path, e.g. --set train.lr=1e-4 (repeatable)")
 
 
 def _load(args: argparse.Namespace):
@@ -174,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = add("config", cmd_config, "print the resolved config (defaults + file + overrides), or explain every key")
-    _add_config_args(p, optional=True)
+    add_config_args(p, optional=True)
     p.add_argument(
         "--explain",
         action="store_true",
@@ -186,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = add("prepare", cmd_prepare, "run only the data plan and write the processed dataset and stats.json")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument(
         "--output",
         default=None,
@@ -203,15 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = add("train", cmd_train, "prepare (or reuse the cache) and run QLoRA SFT with Ray Train")
-    _add_config_args(p)
-    p.add_argument(
-        "--verbose",
-        action="store_true",
-        help="also show Ray, Ray Train, Ray Data and DeepSpeed logs (always in RUN_DIR/raysft.log)",
-    )
+    add_config_args(p)
+    add_verbose_arg(p)
 
     p = add("tune", cmd_tune, "run a Ray Tune sweep over the config's tune.search_space")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same run.name")
 
     p = add("export", cmd_export, "export a finished run's adapter, optionally merged into the base model")
@@ -241,22 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("demo", cmd_demo, "the main job: QLoRA SFT of a real small instruct model on a local Ray cluster")
     p.add_argument("--output", default="runs/demo", help="where the run, report and plot go")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key of the demo config",
-    )
-    p.add_argument(
-        "--verbose",
-        action="store_true",
-        help="also show Ray, Ray Train, Ray Data and DeepSpeed logs (always in the run folder's raysft.log)",
-    )
+    add_overrides_arg(p, "override a key of the demo config (repeatable)")
+    add_verbose_arg(p)
 
     p = add("submit", cmd_submit, "submit `raysft train` (or `tune`) as a Ray Job to a running cluster")
-    _add_config_args(p)
+    add_config_args(p)
     p.add_argument(
         "--address", default=None, help="Ray dashboard address, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)"
     )

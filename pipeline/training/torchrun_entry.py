@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from raysft.pipeline.cli import add_config_args
+
 
 class TorchrunContext:
     """WorkerContext over torch.distributed: checkpoints land in run_dir/checkpoint_NNNNNN."""
@@ -69,16 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m raysft.pipeline.training.torchrun_entry", description=__doc__.split("\n\n")[0]
     )
-    p.add_argument("config", help="the raysft YAML config")
+    add_config_args(p)  # CONFIG and --set, as `raysft train` takes them
     p.add_argument("--prepared", required=True, help="a folder written by `raysft prepare --output` (train/, eval/)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. train.lr=1e-4 (repeatable)",
-    )
     return p.parse_args(argv)
 
 
