@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from local_processes import mounted_tmpfs
 
 from raysft.pipeline.errors import CheckpointError
 from raysft.pipeline.training import checkpoint as ck
@@ -152,16 +153,8 @@ def test_manifest_finds_truncated_missing_and_foreign_files(tmp_path):
 @pytest.fixture
 def small_fs(tmp_path):
     """A 2 MiB tmpfs (root only); skipped where mounting is not allowed."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-        capture_output=True,
-        check=False,
-    ).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=False)
+    with mounted_tmpfs(tmp_path / "small", "2m") as mnt:
+        yield mnt
 
 
 def test_full_storage_fails_in_one_sentence_before_writing(small_fs):

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+from tiny import addition_rows
 
 from raysft.pipeline.config import load_config
 from raysft.pipeline.errors import ConfigError, DataError
@@ -234,23 +235,10 @@ def test_tune_grid_picks_its_best_trial_by_a_user_generation_metric(ray_session,
     """A grid of two learning rates, judged by gen_char_code (a user function in a .py file, mode max): each trial's
     value is the function applied to its replies, and the sweep's best trial is the one with the highest value."""
     import csv
-    import random
 
     from raysft.pipeline import tune
 
-    rng = random.Random(0)
-    rows = []
-    for _ in range(40):
-        a, b = rng.randint(0, 50), rng.randint(0, 50)
-        rows.append(
-            {
-                "messages": [
-                    {"role": "system", "content": "add"},
-                    {"role": "user", "content": f"what is {a} plus {b}?"},
-                    {"role": "assistant", "content": f"{a + b}"},
-                ]
-            }
-        )
+    rows = addition_rows(40)
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "held.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
     (tmp_path / "metric.py").write_text(CUSTOM_METRIC)

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from local_processes import mounted_tmpfs
 from train_fixtures import make_prepared
 
 from raysft.pipeline.config import load_config
@@ -23,16 +24,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 @pytest.fixture
 def tmpfs(tmp_path):
-    mnt = tmp_path / "store"
-    mnt.mkdir()
-    if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)],
-        capture_output=True,
-        check=False,
-    ).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with mounted_tmpfs(tmp_path / "store", "64m") as mnt:
+        yield mnt
 
 
 def _resize(mnt: Path, size_bytes: int) -> None:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny import addition_rows
 
 from raysft.pipeline.config import load_config
 from raysft.pipeline.errors import ClusterError, ConfigError
@@ -326,22 +327,9 @@ GOOD_LR, BAD_LR = 0.01, 1.0e30  # BAD_LR makes the loss NaN at the first step: A
 @pytest.fixture(scope="module")
 def sweep_base(tmp_path_factory, tiny_model_dir) -> dict:
     """Config (as a dict) for 4-step trials of the tiny model on 1 worker, sharing one data cache."""
-    import random
 
     root = tmp_path_factory.mktemp("sweep")
-    rng = random.Random(0)
-    rows = []
-    for _ in range(60):
-        a, b = rng.randint(0, 50), rng.randint(0, 50)
-        rows.append(
-            {
-                "messages": [
-                    {"role": "system", "content": "add"},
-                    {"role": "user", "content": f"what is {a} plus {b}?"},
-                    {"role": "assistant", "content": f"{a} plus {b} equals {a + b}"},
-                ]
-            }
-        )
+    rows = addition_rows(60, answer=lambda a, b: f"{a} plus {b} equals {a + b}")
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {
         "model": {

@@ -110,3 +110,21 @@ def save_tiny_model(directory: str | Path, template: str = "chatml", seed: int =
     model.save_pretrained(directory, safe_serialization=True)
     tok.save_pretrained(directory)
     return directory
+
+
+def addition_rows(n: int, answer=lambda a, b: f"{a + b}", seed: int = 0) -> list[dict]:
+    """`n` seeded chat rows "what is A plus B?" -> answer(A, B): a task the tiny model can learn in a few steps."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 50), rng.randint(0, 50)
+        rows.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "add"},
+                    {"role": "user", "content": f"what is {a} plus {b}?"},
+                    {"role": "assistant", "content": answer(a, b)},
+                ]
+            }
+        )
+    return rows
