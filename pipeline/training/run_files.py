@@ -53,10 +53,12 @@ class SyncedContext:
         self.ctx, self.folder = ctx, folder
         self.rank, self.world_size, self.device = ctx.rank, ctx.world_size, ctx.device
 
-    def report(self, metrics: dict, checkpoint_dir: Path | None = None, step: int = 0) -> None:
+    def report(
+        self, metrics: dict, checkpoint_dir: Path | None = None, step: int = 0, validation: bool = False
+    ) -> None:
         if checkpoint_dir is not None and self.folder is not None:
             self.folder.push()
-        self.ctx.report(metrics, checkpoint_dir=checkpoint_dir, step=step)
+        self.ctx.report(metrics, checkpoint_dir=checkpoint_dir, step=step, validation=validation)
 
     def latest_checkpoint(self):
         return self.ctx.latest_checkpoint()
