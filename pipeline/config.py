@@ -225,6 +225,12 @@ class TrainConfig(_Section):
     save_every: int = Field(100, ge=1, description="Checkpoint every this many steps (and at the end).")
     eval_every: int = Field(100, ge=1, description="Evaluate every this many steps (and at the end), given eval data.")
     keep_checkpoints: int = Field(2, ge=1, description="How many of the latest checkpoints to keep.")
+    checkpoint_upload: Literal["async", "sync"] = Field(
+        "async",
+        description="async: a step waits only for the checkpoint's local write; Ray Train uploads it to "
+        "run.storage_path in a background thread and registers it once every rank's copy is done. "
+        "sync: the step waits for the upload too.",
+    )
     shuffle_window: int = Field(
         2,
         ge=1,

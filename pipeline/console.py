@@ -154,6 +154,11 @@ class RunFollower:
                 float(e.get("time", time.time())),
                 step,
             )  # the loop starts timing here
+        elif kind == "preemption":
+            self.console.line(
+                f"  preemption notice ({e.get('reason')}) at step {e.get('step')}: "
+                "checkpointing at every step until the group is replaced."
+            )
         elif kind == "tracking_lost":
             self.console.line(
                 f"  warning: {e.get('sink')} tracking stopped at step {e.get('step')} "

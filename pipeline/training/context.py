@@ -14,6 +14,8 @@ from typing import Any, Protocol
 
 import torch
 
+from raysft.pipeline.training.preemption import Notice
+
 
 class WorkerContext(Protocol):
     """Rank, world size and device of this worker; where metrics and checkpoints go; where to resume from."""
@@ -26,8 +28,13 @@ class WorkerContext(Protocol):
         self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, step: int = 0, validation: bool = False
     ) -> None:
         """Called by every rank the same number of times; with `checkpoint_dir`, this rank's part of the
-        checkpoint of `step` (the context persists it; the caller deletes the folder afterwards); with
-        `validation`, the generation eval (training/generate_eval.py) runs on that checkpoint, off the workers."""
+        checkpoint of `step`: the context takes the folder over (persists it, maybe in the background, and
+        deletes it); with `validation`, the generation eval (training/generate_eval.py) runs on that
+        checkpoint, off the workers."""
+        ...
+
+    def drain_notice(self) -> Notice | None:
+        """Non-blocking: the drain of this worker group's nodes the runtime announced, or None."""
         ...
 
     def latest_checkpoint(self) -> AbstractContextManager[Path | None]:

@@ -35,6 +35,7 @@ from raysft.pipeline.training import generate_eval
 from raysft.pipeline.training.context import WorkerContext
 from raysft.pipeline.training.ledger import LEDGER_FILE, Ledger
 from raysft.pipeline.training.metrics import MetricsLog
+from raysft.pipeline.training.preemption import Notice, PreemptionWatch
 from raysft.pipeline.training.reader import reader_for
 from raysft.pipeline.training.run_files import RunFolder, SyncedContext
 from raysft.pipeline.training.step import (
@@ -177,12 +178,21 @@ def _base_weight_residency(model: torch.nn.Module) -> dict[str, int]:
     return counts
 
 
+def note_preemption(run_dir: Path | None, step: int, ranks: float, notice: Notice | None) -> None:
+    """Rank 0 (run_dir set): one events.jsonl line and one log line when the ranks first agree on a notice."""
+    if run_dir is None:
+        return
+    what = notice.to_dict() if notice is not None else {"reason": "another rank's notice"}
+    _append_event(run_dir, {"event": "preemption", "step": step, "ranks_notified": int(ranks), **what})
+    print(f"[raysft] preemption notice ({what['reason']}): checkpoint at step {step}, then every step", flush=True)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's entry: the shard indexes from the driver, the context from ray.train."""
     from raysft.pipeline.training.ray_context import RayTrainContext
 
     cfg = Config.from_dict(loop_config["config"])
-    ctx = RayTrainContext(resume_from=loop_config.get("resume_from"))
+    ctx = RayTrainContext(resume_from=loop_config.get("resume_from"), upload=cfg.train.checkpoint_upload)
     # Rank 0 writes the run's files into the run folder, or into a staging copy of one on an object store
     # (published before each checkpoint registers, so a restarted group continues them).
     folder = RunFolder(loop_config["run_dir"], StorageOptions.of(cfg)) if ctx.rank == 0 else None
@@ -294,6 +304,8 @@ def run_worker(
         )
 
     # --- the loop ----------------------------------------------------------------------------
+    watch = PreemptionWatch(ctx.drain_notice)  # SIGTERM (main thread only) or Ray's drain notice
+    preempted_at: int | None = None  # the step boundary where the ranks first agreed on a notice
     for step in range(start, total):
         epoch, step_table = reader.step(step)  # the step's rows, streamed from the shards of its window
         rows = step_split  # rows[grad_accum, world, micro]: indices into step_table
@@ -303,7 +315,10 @@ def run_worker(
         n_global = int(_all_reduce([float(row_trained[mine.reshape(-1)].sum())], device)[0])
         mbs = _micro_batches(step_table, mine, layout)
         res = optimizer_step(stepper, mbs, n_global, grad_scale=float(world), kernels=t.kernels, device=device)
-        sums = _all_reduce([res.loss_sum, float(res.tokens)], device)
+        # The step's all-reduce also carries the ranks' preemption notices: all agree at this boundary.
+        notice = watch.pending()
+        sums = _all_reduce([res.loss_sum, float(res.tokens), 1.0 if notice is not None else 0.0], device)
+        preempting = float(sums[2]) > 0
         trained_tokens += n_global
         done = step + 1
         metrics: dict[str, Any] = {
@@ -328,8 +343,13 @@ def run_worker(
                 flush=True,
             )
 
+        if preempting and preempted_at is None:
+            preempted_at = done
+            note_preemption(run_dir if rank == 0 else None, done, sums[2], notice)
         gen_eval = generate_eval.due(cfg, done, last)  # runs on this step's checkpoint, off the workers
-        if done % t.save_every == 0 or last or gen_eval:
+        # While a notice stands, every boundary is a checkpoint: losing the node costs at most the step in flight.
+        if done % t.save_every == 0 or last or gen_eval or preempting:
+            saving = time.perf_counter()
             tmp = Path(tempfile.mkdtemp(prefix=f"raysft-ckpt-r{rank}-"))
             state = {
                 "step": done,
@@ -354,12 +374,27 @@ def run_worker(
                     _append_event(
                         run_dir, {"event": "reader", "step": done, "start": start, **reader.counters.to_dict()}
                     )
-                ctx.report(metrics, checkpoint_dir=tmp, step=done, validation=gen_eval)
-            finally:
+                written = time.perf_counter()
+                ctx.report(metrics, checkpoint_dir=tmp, step=done, validation=gen_eval)  # ctx owns tmp now
+            except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            if rank == 0:
+                _append_event(
+                    run_dir,
+                    {
+                        "event": "checkpoint",
+                        "step": done,
+                        "write_s": round(written - saving, 4),
+                        "report_s": round(time.perf_counter() - written, 4),
+                        "upload": cfg.train.checkpoint_upload,
+                        "preemption": preempting,
+                    },
+                )
         else:
             ctx.report(metrics)
 
+    watch.close()
     reader.close()
     if metrics_log is not None:
         metrics_log.close()

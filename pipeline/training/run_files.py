@@ -60,5 +60,8 @@ class SyncedContext:
             self.folder.push()
         self.ctx.report(metrics, checkpoint_dir=checkpoint_dir, step=step, validation=validation)
 
+    def drain_notice(self):
+        return self.ctx.drain_notice()
+
     def latest_checkpoint(self):
         return self.ctx.latest_checkpoint()

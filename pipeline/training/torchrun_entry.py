@@ -48,11 +48,16 @@ class TorchrunContext:
             return  # metrics.jsonl (rank 0) is the record; nothing to synchronise
         dest = self.run_dir / f"checkpoint_{step:06d}"
         shutil.copytree(checkpoint_dir, dest, dirs_exist_ok=True)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
         dist.barrier()  # every rank's part (sealed by its manifest) is in place
         if self.rank == 0:
             for old in complete_checkpoints(self.run_dir)[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
+
+    def drain_notice(self) -> None:
+        """No runtime announces drains here; SIGTERM (training/preemption.py) is the notice."""
+        return None
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
