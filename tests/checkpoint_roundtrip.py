@@ -1,8 +1,9 @@
 """Run by tests/test_checkpoint_safety.py in a fresh process (DeepSpeed and torch.distributed stay out of pytest's).
 
-argv: TESTS_DIR MODEL_DIR STAGE DTYPE OUT_DIR. Trains 2 steps, saves a checkpoint, trains 2 more (A); a second
-engine, perturbed by one step on other data, loads the checkpoint and trains the same 2 steps (B). Prints JSON:
-the largest difference between A's and B's trainable weights and learning rates, and the checkpoint's files.
+argv: TESTS_DIR MODEL_DIR STAGE DTYPE OUT_DIR [QUANTIZATION]. Trains 2 steps, saves a checkpoint, trains 2 more
+(A); a second engine, perturbed by one step on other data, loads the checkpoint and trains the same 2 steps (B).
+Prints JSON: the largest difference between A's and B's trainable weights and learning rates, the checkpoint's
+files, and the elements of every tensor it holds beside the model's trainable and frozen elements.
 """
 
 import json
@@ -35,6 +36,7 @@ tests_dir, model_dir, stage, dtype, out = (
     sys.argv[4],
     sys.argv[5],
 )
+quantization = sys.argv[6] if len(sys.argv) > 6 else "none"
 sys.path.insert(0, tests_dir)
 
 import train_fixtures as F  # noqa: E402
@@ -49,7 +51,7 @@ cfg = load_config(
     None,
     overrides={
         "model.name_or_path": model_dir,
-        "model.quantization": "none",
+        "model.quantization": quantization,
         "model.dtype": dtype,
         "lora.r": 4,
         "lora.alpha": 8,
@@ -109,6 +111,20 @@ step(b, 3)
 wb, lrb = ck.trainable_state_dict(b.module), b.optimizer.param_groups[0]["lr"]
 diff = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
 changed = max(float((wa[k].float() - saved[k].float()).abs().max()) for k in wa)
+from pathlib import Path  # noqa: E402
+
+from safetensors import safe_open  # noqa: E402
+
+stored = 0  # elements of every tensor in the checkpoint's safetensors files
+for f in Path(out).rglob("*.safetensors"):
+    with safe_open(str(f), "pt") as st:
+        for k in st.keys():
+            n = 1
+            for d in st.get_slice(k).get_shape():
+                n *= d
+            stored += n
+trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in a.module.parameters() if p.requires_grad)
+frozen = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in a.module.parameters() if not p.requires_grad)
 files = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs)
 print(
     "RESULT "
@@ -121,6 +137,9 @@ print(
             "state": state,
             "files": files,
             "n": len(wa),
+            "stored": stored,
+            "trainable": trainable,
+            "frozen": frozen,
         }
     )
 )

@@ -23,9 +23,13 @@ TESTS = Path(__file__).resolve().parent
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,dtype", [(2, "float32"), (3, "float32"), (0, "bfloat16")])
-def test_resume_from_safetensors_state_is_exact(tiny_model_dir, tmp_path, stage, dtype):
-    """DeepSpeed engine state saved by raysft (no torch.save) restores weights, fp32 master, AdamW, schedule."""
+@pytest.mark.parametrize(
+    "stage,dtype,quantization",
+    [(2, "float32", "none"), (3, "float32", "none"), (0, "bfloat16", "none"), (3, "bfloat16", "nf4")],
+)
+def test_resume_from_safetensors_state_is_exact(tiny_model_dir, tmp_path, stage, dtype, quantization):
+    """DeepSpeed engine state saved by raysft (no torch.save) restores weights, fp32 master, AdamW, schedule;
+    the checkpoint holds the LoRA weights and their optimizer state only, nothing of the frozen (or 4-bit) base."""
     out = tmp_path / "ckpt"
     proc = subprocess.run(
         [
@@ -36,6 +40,7 @@ def test_resume_from_safetensors_state_is_exact(tiny_model_dir, tmp_path, stage,
             str(stage),
             dtype,
             str(out),
+            quantization,
         ],
         capture_output=True,
         check=False,
@@ -48,6 +53,8 @@ def test_resume_from_safetensors_state_is_exact(tiny_model_dir, tmp_path, stage,
     assert res["problem"] is None and res["state"]["world_size"] == 1
     assert res["changed"] > 1e-4  # the two steps after the checkpoint really moved the weights
     assert res["diff"] <= 1e-7 and res["lr"][0] == res["lr"][1], res
+    # module + adapter (the LoRA weights twice), fp32 master + two AdamW moments: at most 5 per trainable element
+    assert res["trainable"] < res["stored"] <= 5 * res["trainable"] + 64 < res["frozen"], res
     assert {Path(f).suffix for f in res["files"]} <= {
         ".safetensors",
         ".json",

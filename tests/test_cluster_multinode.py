@@ -184,8 +184,8 @@ def run_scenarios(model_dir: str, work: Path) -> dict:
 import pytest  # noqa: E402
 
 
-def _run_child(model_dir: Path, work: Path, timeout_s: float = 900) -> tuple[dict, str]:
-    """Run the scenarios in a child process and session; kill whatever is left of that session afterwards."""
+def _run_child(model_dir: Path, work: Path, timeout_s: float = 900, script: str = __file__) -> tuple[dict, str]:
+    """Run `script`'s scenarios in a child process and session; kill whatever is left of that session afterwards."""
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     ray_tmp = Path(tempfile.mkdtemp(prefix="rsftc_", dir="/tmp"))  # short: Ray's socket paths must stay short
@@ -201,7 +201,7 @@ def _run_child(model_dir: Path, work: Path, timeout_s: float = 900) -> tuple[dic
     result_file = work / "result.json"
     # cwd: not the repository, whose kernels/ folder would shadow PyPI's `kernels` on workers' paths
     proc = subprocess.Popen(
-        [sys.executable, __file__, str(model_dir), str(work), str(result_file)],
+        [sys.executable, script, str(model_dir), str(work), str(result_file)],
         env=env,
         cwd=work,
         stdout=subprocess.PIPE,
