@@ -227,9 +227,10 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1, description="How many of the latest checkpoints to keep.")
     checkpoint_upload: Literal["async", "sync"] = Field(
         "async",
-        description="async: a step waits only for the checkpoint's local write; Ray Train uploads it to "
-        "run.storage_path in a background thread and registers it once every rank's copy is done. "
-        "sync: the step waits for the upload too.",
+        description="async: Ray Train uploads a checkpoint to run.storage_path in a background thread while "
+        "the next step runs (that step's report waits for it if it is not done; one upload in flight) and "
+        "registers it once every rank's copy is there. sync: the checkpoint's step waits for the upload. "
+        "Under a preemption notice checkpoints are always sync.",
     )
     shuffle_window: int = Field(
         2,

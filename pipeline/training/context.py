@@ -25,12 +25,17 @@ class WorkerContext(Protocol):
     device: torch.device
 
     def report(
-        self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, step: int = 0, validation: bool = False
+        self,
+        metrics: dict[str, Any],
+        checkpoint_dir: Path | None = None,
+        step: int = 0,
+        validation: bool = False,
+        durable: bool = False,
     ) -> None:
         """Called by every rank the same number of times; with `checkpoint_dir`, this rank's part of the
         checkpoint of `step`: the context takes the folder over (persists it, maybe in the background, and
-        deletes it); with `validation`, the generation eval (training/generate_eval.py) runs on that
-        checkpoint, off the workers."""
+        deletes it; with `durable`, before returning); with `validation`, the generation eval
+        (training/generate_eval.py) runs on that checkpoint, off the workers."""
         ...
 
     def drain_notice(self) -> Notice | None:

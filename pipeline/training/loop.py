@@ -375,7 +375,8 @@ def run_worker(
                         run_dir, {"event": "reader", "step": done, "start": start, **reader.counters.to_dict()}
                     )
                 written = time.perf_counter()
-                ctx.report(metrics, checkpoint_dir=tmp, step=done, validation=gen_eval)  # ctx owns tmp now
+                # ctx owns tmp from here; under a notice the upload finishes before the next step starts
+                ctx.report(metrics, checkpoint_dir=tmp, step=done, validation=gen_eval, durable=preempting)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -387,7 +388,7 @@ def run_worker(
                         "step": done,
                         "write_s": round(written - saving, 4),
                         "report_s": round(time.perf_counter() - written, 4),
-                        "upload": cfg.train.checkpoint_upload,
+                        "upload": "sync" if preempting else cfg.train.checkpoint_upload,
                         "preemption": preempting,
                     },
                 )

@@ -27,19 +27,26 @@ class RayTrainContext:
         self.device: torch.device = ray.train.torch.get_device()
 
     def report(
-        self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, step: int = 0, validation: bool = False
+        self,
+        metrics: dict[str, Any],
+        checkpoint_dir: Path | None = None,
+        step: int = 0,
+        validation: bool = False,
+        durable: bool = False,
     ) -> None:
         import ray.train
         from ray.train import Checkpoint, CheckpointUploadMode
 
-        mode = CheckpointUploadMode.ASYNC if self.upload == "async" else CheckpointUploadMode.SYNC
         if checkpoint_dir is None:
-            # Reports are queued in order: a SYNC metrics report would wait for the previous step's upload.
-            ray.train.report(metrics, checkpoint_upload_mode=mode)
+            ray.train.report(metrics)  # SYNC: waits for an upload still running (reports are processed in order)
             return
         # ASYNC: Ray's upload thread copies the folder and then deletes it (delete_local_checkpoint_after_upload);
-        # the folder must stay untouched until then. It registers the checkpoint only once every rank's copy is
-        # done, so a group stopped mid-upload resumes from the previous one (identity.py sets the partial aside).
+        # the folder must stay untouched until then. The next report waits for it, so the upload overlaps one
+        # step and at most one is in flight. Ray registers the checkpoint once every rank's copy is done, so a
+        # group stopped mid-upload resumes from the previous one (identity.py sets the partial folder aside).
+        # `durable` (a preemption notice stands): SYNC, the checkpoint is in storage before the step goes on.
+        sync = durable or self.upload == "sync"
+        mode = CheckpointUploadMode.SYNC if sync else CheckpointUploadMode.ASYNC
         ray.train.report(
             metrics,
             checkpoint=Checkpoint.from_directory(str(checkpoint_dir)),

@@ -54,11 +54,16 @@ class SyncedContext:
         self.rank, self.world_size, self.device = ctx.rank, ctx.world_size, ctx.device
 
     def report(
-        self, metrics: dict, checkpoint_dir: Path | None = None, step: int = 0, validation: bool = False
+        self,
+        metrics: dict,
+        checkpoint_dir: Path | None = None,
+        step: int = 0,
+        validation: bool = False,
+        durable: bool = False,
     ) -> None:
         if checkpoint_dir is not None and self.folder is not None:
             self.folder.push()
-        self.ctx.report(metrics, checkpoint_dir=checkpoint_dir, step=step, validation=validation)
+        self.ctx.report(metrics, checkpoint_dir=checkpoint_dir, step=step, validation=validation, durable=durable)
 
     def drain_notice(self):
         return self.ctx.drain_notice()

@@ -39,9 +39,15 @@ class TorchrunContext:
         self.keep = keep
 
     def report(
-        self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, step: int = 0, validation: bool = False
+        self,
+        metrics: dict[str, Any],
+        checkpoint_dir: Path | None = None,
+        step: int = 0,
+        validation: bool = False,
+        durable: bool = True,
     ) -> None:
-        """`validation` is ignored: the generation eval is Ray Train's checkpoint validation (no Ray here)."""
+        """`validation` is ignored: the generation eval is Ray Train's checkpoint validation (no Ray here).
+        Checkpoints are always copied in place before this returns (`durable`)."""
         import torch.distributed as dist
 
         if checkpoint_dir is None:
