@@ -5,11 +5,13 @@ One Ray Train worker (1 CPU, `ray.init(num_cpus=2)`) trains a small random Llama
 rank --lora-r, so the checkpoint is a few MiB: LoRA weights, the adapter, AdamW state) and checkpoints every
 --every steps. The loop itself records, per checkpoint, in events.jsonl: `write_s` (gather + write + seal the
 local folder) and `report_s` (ray.train.report: with sync, the upload; with async, only handing it over).
-The wait is write_s + report_s. Also reported: the median step interval (metrics.jsonl lines, stamped by
-a driver thread) of plain steps and of the steps right after a checkpoint, where a background upload
-competes for the CPU.
+The wait per checkpoint is measured from outside: a driver thread stamps each metrics.jsonl line as it
+appears (for an s3:// run, rank 0's staged copy); step c's checkpoint and report fall between lines c and
+c+1, and an upload still running holds up the report after step c+1, so wait = the two intervals after a
+checkpoint minus two plain intervals (median over checkpoints). It includes the upload thread's
+competition for the CPU.
 
-    python tests/benchmarks/bench_checkpoint_wait.py [--steps 24] [--every 2] [--repeats 1]
+    python tests/benchmarks/bench_checkpoint_wait.py [--steps 40] [--every 4] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -29,6 +31,23 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_generate_eval import LineClock, write_data, write_model  # noqa: E402
+
+
+class StagedClock(LineClock):
+    """A LineClock on the metrics.jsonl of a run staged by rank 0 (s3:// run folder): the newest
+    raysft-run-*/ folder in the temp dir created after `since`."""
+
+    def __init__(self, since: float):
+        super().__init__(Path("/nonexistent"))
+        self.since = since
+
+    def run(self) -> None:
+        while not self.stop.is_set() and not self.path.is_file():
+            found = [p for p in Path(tempfile.gettempdir()).glob("raysft-run-*") if p.stat().st_mtime >= self.since]
+            if found:
+                self.path = max(found, key=lambda p: p.stat().st_mtime) / "metrics.jsonl"
+            time.sleep(0.005)
+        super().run()
 
 
 def one_run(args, model_dir: Path, prepared, storage: str, endpoint: str | None, upload: str, name: str) -> dict:
@@ -64,47 +83,47 @@ def one_run(args, model_dir: Path, prepared, storage: str, endpoint: str | None,
     env.update({k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if k in os.environ})
     ray_runtime.start("local", ray_runtime.Needs(dashboard=True, log_to_driver=False), num_cpus=2, env=env)
     remote = st.is_remote(storage)
-    local_run = Path(tempfile.mkdtemp(prefix="bench-ckpt-run-")) if remote else Path(storage) / name
-    clock = LineClock(local_run / "metrics.jsonl")
-    if not remote:
-        clock.start()
+    clock = StagedClock(time.time() - 1) if remote else LineClock(Path(storage) / name / "metrics.jsonl")
+    clock.start()
     try:
         t0 = time.monotonic()
         result = finish_run(cfg, build_trainer(cfg, prepared).fit())
         wall = time.monotonic() - t0
     finally:
         clock.stop.set()
-        if clock.is_alive():
-            clock.join()
+        clock.join()
         ray_runtime.stop()
-    run_uri = str(result.run_dir)
-    if remote:
-        st.download(st.join(run_uri, "events.jsonl"), local_run / "events.jsonl", st.StorageOptions.of(cfg))
-    events = [json.loads(x) for x in (local_run / "events.jsonl").read_text().splitlines()]
-    ck = [e for e in events if e.get("event") == "checkpoint" and e["step"] > args.warmup]
-    med = statistics.median
-    out = {
+    events_file = Path(tempfile.mkdtemp(prefix="bench-ckpt-events-")) / "events.jsonl"
+    st.download(st.join(str(result.run_dir), "events.jsonl"), events_file, st.StorageOptions.of(cfg))
+    events = [json.loads(x) for x in events_file.read_text().splitlines()]
+    ck = [e for e in events if e.get("event") == "checkpoint" and args.warmup < e["step"] < args.steps]
+    stamps, med = clock.stamps, statistics.median
+    iv = {s: stamps[s] - stamps[s - 1] for s in stamps if s - 1 in stamps and s > args.warmup}
+    # Step c's checkpoint and report run between metrics lines c and c+1; an upload still running holds up
+    # the report after step c+1 (lines c+1 -> c+2). A plain interval has no checkpoint in its last two steps.
+    plain = med(v for s, v in iv.items() if (s - 1) % args.every and (s - 2) % args.every)
+    extra = [iv[e["step"] + 1] + iv[e["step"] + 2] - 2 * plain for e in ck if e["step"] + 2 in iv]
+    size = sum(
+        f.stat().st_size for f in (Path(storage) / name / f"checkpoint_{args.steps:06d}").rglob("*") if f.is_file()
+    )
+    return {
         "storage": "s3 (moto)" if remote else "local disk",
         "upload": upload,
         "checkpoints": len(ck),
+        "checkpoint_mib": round(size / 2**20, 2) if not remote else None,
         "write_s": med(e["write_s"] for e in ck),
         "report_s": med(e["report_s"] for e in ck),
-        "wait_s": med(e["write_s"] + e["report_s"] for e in ck),
+        "plain_step_s": plain,
+        "wait_s": med(extra),
         "wall_s": round(wall, 1),
         "load_avg": [round(x, 1) for x in os.getloadavg()],
     }
-    if not remote:
-        stamps = clock.stamps
-        iv = {s: stamps[s] - stamps[s - 1] for s in stamps if s - 1 in stamps and s > args.warmup}
-        out["step_s"] = med(v for s, v in iv.items() if (s - 1) % args.every != 0)
-        out["step_after_ckpt_s"] = med(v for s, v in iv.items() if (s - 1) % args.every == 0)
-    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=24)
-    ap.add_argument("--every", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--every", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1, help="rounds of the four runs")
     ap.add_argument("--seq-len", type=int, default=256)
@@ -123,7 +142,9 @@ def main() -> None:
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", region="us-east-1").create_dir("bench")
+    pafs.S3FileSystem(
+        endpoint_override=endpoint, scheme="http", region="us-east-1", allow_bucket_creation=True
+    ).create_dir("bench")
     root = Path(tempfile.mkdtemp(prefix="bench-ckpt-"))
     model_dir = write_model(root / "model", args.hidden, args.layers)
     prepared, _ = write_data(root, args.seq_len, n_rows=args.steps, n_prompts=0)
@@ -144,15 +165,17 @@ def main() -> None:
     finally:
         server.stop()
     med = statistics.median
-    print("| storage | upload | checkpoints | write s | report s | wait s (median) | wait vs sync |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| storage | upload | checkpoints | plain step s | write s | report s | wait s (median) | wait vs sync |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for where in ("local disk", "s3 (moto)"):
         sync = med(r["wait_s"] for r in results if r["storage"] == where and r["upload"] == "sync")
         for upload in ("sync", "async"):
             rs = [r for r in results if r["storage"] == where and r["upload"] == upload]
             wait = med(r["wait_s"] for r in rs)
             print(
-                f"| {where} | {upload} | {sum(r['checkpoints'] for r in rs)} | {med(r['write_s'] for r in rs):.3f} | "
+                f"| {where} | {upload} | {sum(r['checkpoints'] for r in rs)} | "
+                f"{med(r['plain_step_s'] for r in rs):.3f} | "
+                f"{med(r['write_s'] for r in rs):.3f} | "
                 f"{med(r['report_s'] for r in rs):.3f} | {wait:.3f} | {wait / sync:.2f}x |"
             )
 
