@@ -286,6 +286,11 @@ def _run_child(model_dir: Path, work: Path, timeout_s: float = 900) -> tuple[dic
         TOKENIZERS_PARALLELISM="false",
         HF_HUB_OFFLINE="1",
         RAY_DEDUP_LOGS="0",
+        # A group restart decided before Ray has marked a lost node dead asks for a placement that cannot be met
+        # and waits this long before Train retries at the size that fits (default 60 s; ARCHITECTURE.md).
+        RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="15",
+        RAY_health_check_period_ms="1000",  # the GCS marks a killed node dead after ~3 s instead of ~15 s
+        RAY_health_check_failure_threshold="3",
     )
     result_file = work / "result.json"
     # cwd: not the repository, whose kernels/ folder would shadow PyPI's `kernels` on workers' paths
