@@ -265,7 +265,8 @@ class ScalingConfig(_Section):
         60.0,
         gt=0,
         description="Elastic runs: seconds between Ray Train's checks for more (or fewer) workers than are running "
-        "(ScalingConfig.elastic_resize_monitor_interval_s); a resize restarts the group from the last checkpoint.",
+        "(ScalingConfig.elastic_resize_monitor_interval_s); a resize restarts the group from the last checkpoint. "
+        "Keep it well above 20 s, the interval at which Ray refreshes its view of the nodes.",
     )
     use_gpu: bool = Field(False, description="Give each worker GPUs (NCCL); otherwise CPU workers over gloo.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker holds.")
