@@ -203,6 +203,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             folder.close()
 
 
+def import_deepspeed():
+    """`import deepspeed` without the mlflow import its autotuner makes whenever mlflow is installed (2-7 s of
+    CPU per worker process on a small machine); raysft never runs DeepSpeed's autotuner. The guard lasts for
+    this one import: mlflow stays importable afterwards (rank 0's tracking), and one already imported is used."""
+    import sys
+
+    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
+        import deepspeed
+
+        return deepspeed
+    sys.modules["mlflow"] = None  # `import mlflow` raises ImportError, which DeepSpeed's autotuner expects
+    try:
+        import deepspeed
+    finally:
+        if "mlflow" in sys.modules and sys.modules["mlflow"] is None:
+            del sys.modules["mlflow"]
+    return deepspeed
+
+
 def run_worker(
     cfg: Config,
     ctx: WorkerContext,
@@ -212,7 +231,7 @@ def run_worker(
     deepspeed_json: dict[str, Any] | None = None,
 ) -> None:
     """Train `cfg` on the packed rows of `train_index`'s shards as rank ctx.rank of ctx.world_size."""
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     from raysft.pipeline.models.load import build_model
 
