@@ -72,8 +72,7 @@ def ray_session():
 
     from raysft.pipeline import ray_runtime
 
-    ray_runtime.start(
-        "local", ray_runtime.Needs(dashboard=True, log_to_driver=False), num_cpus=4, env={"HF_HUB_OFFLINE": "1"}
-    )
+    needs = ray_runtime.Needs(dashboard=True, log_to_driver=False, train=True)
+    ray_runtime.start("local", needs, num_cpus=4, env={"HF_HUB_OFFLINE": "1"})
     yield ray
     ray_runtime.stop()
