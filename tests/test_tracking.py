@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tracking_fixtures import MlflowServer, free_port, wandb_history
+from tracking_fixtures import free_port, wandb_history
 from train_fixtures import make_prepared
 
 from raysft.pipeline.cli import main as cli_main
@@ -53,13 +53,6 @@ def test_unreachable_server_gives_one_warning_and_logging_goes_on(tmp_path, capl
 
 
 # --- real runs ----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow"), free_port()).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +268,8 @@ def test_runs_table_lists_runs_and_sweep_trials(tracked_run, sweep, storage, cap
 def test_server_stopped_mid_run_leaves_training_finished_with_one_warning(
     ray_session, tiny_model_dir, storage, prepared, mlflow_server
 ):
-    """Kills the module's server, so it runs after every other test that talks to it (the file's order)."""
+    """Kills the shared server (conftest.mlflow_server), so it runs after every other test of this file that talks
+    to it (the file's order); a later module gets it started again."""
     from mlflow.tracking import MlflowClient
 
     server = mlflow_server
