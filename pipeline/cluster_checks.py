@@ -36,10 +36,24 @@ def workers_need(scaling) -> dict[str, float]:
     return {k: v * scaling.min_workers for k, v in worker_bundle(scaling).items()}
 
 
-def trial_need(scaling) -> dict[str, float]:
-    """Everything one sweep trial holds while it trains: its driver plus its workers."""
-    need = workers_need(scaling)
-    return {"CPU": TRIAL_DRIVER_CPUS + need["CPU"], "GPU": need.get("GPU", 0.0)}
+def eval_task_need(cfg) -> dict[str, float]:
+    """What a run's generation-eval task (train.eval_generate) holds beside its workers while it runs: Ray Train
+    runs at most one at a time per run, outside the run's placement group; nothing when the eval is off."""
+    from raysft.pipeline.training.generate_eval import enabled
+
+    if not enabled(cfg):
+        return {}
+    g = cfg.train.eval_generate
+    return {"CPU": float(g.num_cpus), "GPU": float(g.num_gpus)}
+
+
+def trial_need(scaling, eval_need: dict[str, float] | None = None) -> dict[str, float]:
+    """Everything one sweep trial holds while it trains: its driver, its workers and its eval task (eval_task_need)."""
+    need, extra = workers_need(scaling), eval_need or {}
+    return {
+        "CPU": TRIAL_DRIVER_CPUS + need["CPU"] + extra.get("CPU", 0.0),
+        "GPU": need.get("GPU", 0.0) + extra.get("GPU", 0.0),
+    }
 
 
 @dataclass
@@ -177,15 +191,22 @@ def check_workers_fit(scaling, capacity: Capacity | None = None) -> None:
     check_fits(workers_need(s), capacity or read_capacity(), "The training", knobs)
 
 
-def trials_that_fit(scaling, capacity: Capacity) -> int:
-    """How many sweep trials (driver + workers each) the cluster can hold at once (at least 1, or ClusterError)."""
-    need = trial_need(scaling)
+def trials_that_fit(scaling, capacity: Capacity, eval_need: dict[str, float] | None = None) -> int:
+    """How many sweep trials (driver + workers + eval task each) the cluster can hold at once (at least 1, or
+    ClusterError)."""
+    need = trial_need(scaling, eval_need)
     fits = min(math.floor(capacity.limit(k) / v + EPS) for k, v in need.items() if v > 0)
     if fits < 1:
         s = scaling
+        extra = ""
+        if eval_need:
+            extra = (
+                f" plus the generation eval's {eval_need['CPU']:g} CPUs and {eval_need['GPU']:g} GPUs "
+                "(train.eval_generate.num_cpus / num_gpus)"
+            )
         raise ClusterError(
             f"One trial needs {need['CPU']:g} CPUs and {need['GPU']:g} GPUs (1 CPU for the trial driver plus "
-            f"{s.min_workers} workers x scaling.cpus_per_worker {s.cpus_per_worker:g}) but the cluster has "
+            f"{s.min_workers} workers x scaling.cpus_per_worker {s.cpus_per_worker:g}{extra}) but the cluster has "
             f"{capacity.limit('CPU'):g} CPUs and {capacity.limit('GPU'):g} GPUs; lower scaling.num_workers or the "
             "per-worker resources."
         )

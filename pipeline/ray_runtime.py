@@ -55,10 +55,11 @@ class Needs:
 
     dashboard: bool  # the State API, which Ray Train's placement-group cleaner polls (else it may remove live workers)
     log_to_driver: bool  # stream worker output to this terminal
+    train: bool = False  # Ray Train will run: start its autoscaling coordinator early (`_warm_train`)
 
 
 PREPARE = Needs(dashboard=False, log_to_driver=False)  # the data plan prints its own progress; no Train
-TRAIN = Needs(dashboard=True, log_to_driver=True)  # train, tune and the demo
+TRAIN = Needs(dashboard=True, log_to_driver=True, train=True)  # train, tune and the demo
 
 
 @contextlib.contextmanager
@@ -106,7 +107,27 @@ def start(address: str | None, needs: Needs, *, num_cpus: int | None = None, env
     except Exception as exc:  # a head that cannot be reached, or a local node that failed to start
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise ClusterError(f"Could not start or reach {where}: {first}") from None
+    if needs.train:
+        _warm_train()
     return True
+
+
+def _warm_train() -> None:
+    """Ask for Ray Train's autoscaling coordinator (a detached actor, one per cluster) now, without waiting.
+
+    Every TorchTrainer's controller first sends it a resource request and waits up to 5 s for the reply; on a
+    fresh instance that wait is the actor's process start (2-5 s on a small machine, and past 5 s a logged
+    GetTimeoutError). Started here, the actor comes up while the driver checks the cluster and prepares the data.
+    Ray Train creates it itself when this cannot (the function is internal to Ray), so a failure is ignored.
+    """
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+
+        get_or_create_autoscaling_coordinator()
+    except Exception:  # noqa: BLE001 - an optimisation only
+        pass
 
 
 def stop() -> None:

@@ -72,8 +72,29 @@ def ray_session():
 
     from raysft.pipeline import ray_runtime
 
-    ray_runtime.start(
-        "local", ray_runtime.Needs(dashboard=True, log_to_driver=False), num_cpus=4, env={"HF_HUB_OFFLINE": "1"}
-    )
+    needs = ray_runtime.Needs(dashboard=True, log_to_driver=False, train=True)
+    ray_runtime.start("local", needs, num_cpus=4, env={"HF_HUB_OFFLINE": "1"})
     yield ray
     ray_runtime.stop()
+
+
+@pytest.fixture(scope="session")
+def _mlflow_server_of_the_session(tmp_path_factory):
+    from tracking_fixtures import MlflowServer, free_port
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"), free_port())
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(_mlflow_server_of_the_session):
+    """A real MLflow tracking server (sqlite backend) shared by the session: started on first use, and started
+    again (same database, new port) for a module when an earlier test stopped it."""
+    from tracking_fixtures import free_port
+
+    server = _mlflow_server_of_the_session
+    if server.proc is None or server.proc.poll() is not None:
+        server.port = free_port()
+        server.start()
+    return server

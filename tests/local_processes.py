@@ -19,15 +19,25 @@ def free_port() -> int:
 
 
 def session_pids(sid: int) -> list[int]:
+    """The live processes of session `sid`. Zombies are left out: they are dead already, and one whose parent
+    is this test process (the session leader it started) stays a zombie until that parent waits for it."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if os.getsid(int(entry.name)) == sid:
+                if os.getsid(int(entry.name)) == sid and not _zombie(entry):
                     pids.append(int(entry.name))
             except (ProcessLookupError, PermissionError):
                 pass
     return pids
+
+
+def _zombie(proc_dir: Path) -> bool:
+    try:
+        stat = (proc_dir / "stat").read_text()
+    except OSError:
+        return True  # gone
+    return stat[stat.rfind(")") + 2 :].startswith(("Z", "X"))  # the state follows "(comm) "
 
 
 def kill_session(sid: int) -> None:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from raysft.pipeline.demo import task as demo_task
 from raysft.pipeline.demo.report import loss_series, write_report
-from raysft.pipeline.demo.run import DEMO_CONFIG, demo_config, eval_config, report_of, run_demo
+from raysft.pipeline.demo.run import DEMO_CONFIG, demo_config, eval_config, report_of
 
 
 def test_task_is_seeded_disjoint_and_checkable(tmp_path):
@@ -96,48 +99,11 @@ def test_demo_config_is_examples_demo_yaml_with_paths_filled_in(tmp_path):
     assert ev.model.quantization == "none" and ev.model.dtype == "float32"
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_demo_end_to_end_on_tiny_model(ray_session, tiny_model_dir, tmp_path, capsys):
-    """The whole demo flow (data, before eval, 2-worker ZeRO-2 QLoRA on Ray, after eval, report) on the tiny model."""
-    code = run_demo(
-        output=tmp_path / "demo",
-        overrides=[
-            f"model.name_or_path={tiny_model_dir}",
-            "train.max_steps=6",
-            "train.eval_every=3",
-            "train.lr=1e-2",
-            "data.max_seq_len=256",
-            "train.logging.tensorboard=false",
-        ],
-        n_train=120,
-        n_eval=12,
-    )
-    out = capsys.readouterr().out
-    report = report_of(tmp_path / "demo")
-    assert code == 0, out[-3000:]
-    assert report["after"]["eval_loss"] < report["before"]["eval_loss"]
-    assert report["steps"] == 6 and report["workers"] == 2 and report["zero_stage"] == 2
-    assert report["before"]["total"] == 12 and 0.0 <= report["after"]["accuracy"] <= 1.0
-    for name in ("report.json", "report.md", "loss_curve.png"):
-        assert (tmp_path / "demo" / name).is_file()
-    assert Path(report["adapter_path"], "adapter_model.safetensors").is_file()
-    metrics = [json.loads(x) for x in Path(report["run_dir"], "metrics.jsonl").read_text().splitlines()]
-    assert any("eval_loss" in m for m in metrics)
-    for stage in ("1/5", "2/5", "3/5", "4/5", "5/5", "eval loss"):
-        assert stage in out  # progress is shown
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_demo_cli_console_is_short_with_progress_and_eta_and_the_full_log_in_the_run_folder(tiny_model_dir, tmp_path):
-    """`raysft demo` as a user runs it (not a terminal: plain lines): at most 60 lines, one progress line per
-    step with an ETA, none of Ray's chatter; everything else complete in the run folder's raysft.log."""
-    import os
-    import re
-    import subprocess
-    import sys
-
+@pytest.fixture(scope="module")
+def demo_cli(tiny_model_dir, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """`raysft demo` as a user runs it (not a terminal: plain lines), once for the tests below: 6 steps of
+    2-worker ZeRO-2 QLoRA on the tiny model, on its own local Ray instance."""
+    out_dir = tmp_path_factory.mktemp("demo") / "demo"
     sets = [
         f"model.name_or_path={tiny_model_dir}",
         "train.max_steps=6",
@@ -148,12 +114,43 @@ def test_demo_cli_console_is_short_with_progress_and_eta_and_the_full_log_in_the
         "demo.n_train=120",
         "demo.n_eval=12",
     ]
-    cmd = [sys.executable, "-m", "raysft.pipeline.cli", "demo", "--output", str(tmp_path / "demo")]
+    cmd = [sys.executable, "-m", "raysft.pipeline.cli", "demo", "--output", str(out_dir)]
     for s in sets:
         cmd += ["--set", s]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_DEDUP_LOGS": "1"})
+    (out_dir.parent / "console.txt").write_text(proc.stdout + proc.stderr)  # what the user saw, kept for inspection
+    return proc, out_dir
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_demo_end_to_end_on_tiny_model(demo_cli):
+    """The whole demo flow (data, before eval, 2-worker ZeRO-2 QLoRA on Ray, after eval, report) on the tiny model."""
+    proc, out_dir = demo_cli
+    out = proc.stdout
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    report = report_of(out_dir)
+    assert report["after"]["eval_loss"] < report["before"]["eval_loss"]
+    assert report["steps"] == 6 and report["workers"] == 2 and report["zero_stage"] == 2
+    assert report["before"]["total"] == 12 and 0.0 <= report["after"]["accuracy"] <= 1.0
+    for name in ("report.json", "report.md", "loss_curve.png"):
+        assert (out_dir / name).is_file()
+    assert Path(report["adapter_path"], "adapter_model.safetensors").is_file()
+    metrics = [json.loads(x) for x in Path(report["run_dir"], "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in m for m in metrics)
+    for stage in ("1/5", "2/5", "3/5", "4/5", "5/5", "eval loss"):
+        assert stage in out  # progress is shown
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_demo_cli_console_is_short_with_progress_and_eta_and_the_full_log_in_the_run_folder(demo_cli):
+    """`raysft demo` as a user runs it (not a terminal: plain lines): at most 60 lines, one progress line per
+    step with an ETA, none of Ray's chatter; everything else complete in the run folder's raysft.log."""
+    import re
+
+    proc, out_dir = demo_cli
     out = proc.stdout + proc.stderr
-    (tmp_path / "console.txt").write_text(out)  # what the user saw, kept for inspection
     assert proc.returncode == 0, out[-4000:]
     lines = out.splitlines()
     assert len(lines) <= 60, out
@@ -163,7 +160,7 @@ def test_demo_cli_console_is_short_with_progress_and_eta_and_the_full_log_in_the
     assert any(x.strip().startswith("checkpoint saved: step 6") for x in lines)
     for chatter in ("Reporting training result", "core_worker", "INFO", "[raysft] step"):
         assert chatter not in out, chatter
-    report = report_of(tmp_path / "demo")
+    report = report_of(out_dir)
     log = Path(report["run_dir"], "raysft.log")
     assert str(log) in out
     text = log.read_text()

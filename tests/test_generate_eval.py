@@ -331,63 +331,57 @@ def test_tune_grid_picks_its_best_trial_by_a_user_generation_metric(ray_session,
 
 
 def test_the_eval_task_writes_metrics_samples_mlflow_and_wandb_and_records_a_failure(
-    tmp_path, tiny_model_dir, monkeypatch
+    tmp_path, tiny_model_dir, monkeypatch, mlflow_server
 ):
     """validate_checkpoint (what Ray Train runs as the validation task) on a checkpoint folder of step 3: the
     gen_ line, the replies, and the value in a real MLflow server and a W&B offline run; a metric that raises
     is a failures.jsonl line."""
     from ray.train import Checkpoint
-    from tracking_fixtures import MlflowServer, free_port, wandb_history
+    from tracking_fixtures import wandb_history
 
     from raysft.pipeline.models.load import build_model, save_adapter
     from raysft.pipeline.tracking import FAILURES_FILE, _client, read_handles, start_tracking
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    server = MlflowServer(tmp_path / "mlflow", free_port())
-    (tmp_path / "mlflow").mkdir()
-    server.start()
-    try:
-        run_dir = tmp_path / "runs" / "r"
-        cfg = load_config(
-            overrides={
-                "model.name_or_path": str(tiny_model_dir),
-                "model.quantization": "none",
-                "model.dtype": "float32",
-                "lora.r": 4,
-                "train.logging": {
-                    "tensorboard": False,
-                    "mlflow": True,
-                    "wandb": True,
-                    "mlflow_tracking_uri": server.uri,
-                },
-                "train.eval_generate": {"prompts": str(_write_prompts(tmp_path)), "max_new_tokens": 5},
-            }
-        )
-        start_tracking(cfg, run_dir, fresh=True)
-        ckpt = tmp_path / "checkpoint_000003"
-        save_adapter(build_model(cfg), ckpt / "adapter")
-        out = ge.validate_checkpoint(Checkpoint.from_directory(str(ckpt)), config=cfg.to_dict(), run_dir=str(run_dir))
-        (line,) = ge.jsonl.read(run_dir / "metrics.jsonl")
-        assert out == line == {"step": 3, "gen_exact_match": out["gen_exact_match"]}
-        (samples,) = ge.jsonl.read(run_dir / ge.SAMPLES_FILE)
-        assert samples["step"] == 3 and len(samples["samples"]) == 4 and samples["metric"] == "gen_exact_match"
-        handles = read_handles(run_dir)
-        history = _client(server.uri).get_metric_history(handles["mlflow"]["run_id"], "gen_exact_match")
-        assert [(m.step, m.value) for m in history] == [(3, out["gen_exact_match"])]
-        rows = wandb_history(run_dir, handles["wandb"]["id"])
-        assert any(r.get("gen_exact_match") == out["gen_exact_match"] and r.get("_step") == 3 for r in rows), rows
+    run_dir = tmp_path / "runs" / "r"
+    cfg = load_config(
+        overrides={
+            "model.name_or_path": str(tiny_model_dir),
+            "model.quantization": "none",
+            "model.dtype": "float32",
+            "lora.r": 4,
+            "train.logging": {
+                "tensorboard": False,
+                "mlflow": True,
+                "wandb": True,
+                "mlflow_tracking_uri": mlflow_server.uri,
+            },
+            "train.eval_generate": {"prompts": str(_write_prompts(tmp_path)), "max_new_tokens": 5},
+        }
+    )
+    start_tracking(cfg, run_dir, fresh=True)
+    ckpt = tmp_path / "checkpoint_000003"
+    save_adapter(build_model(cfg), ckpt / "adapter")
+    out = ge.validate_checkpoint(Checkpoint.from_directory(str(ckpt)), config=cfg.to_dict(), run_dir=str(run_dir))
+    (line,) = ge.jsonl.read(run_dir / "metrics.jsonl")
+    assert out == line == {"step": 3, "gen_exact_match": out["gen_exact_match"]}
+    (samples,) = ge.jsonl.read(run_dir / ge.SAMPLES_FILE)
+    assert samples["step"] == 3 and len(samples["samples"]) == 4 and samples["metric"] == "gen_exact_match"
+    handles = read_handles(run_dir)
+    history = _client(mlflow_server.uri).get_metric_history(handles["mlflow"]["run_id"], "gen_exact_match")
+    assert [(m.step, m.value) for m in history] == [(3, out["gen_exact_match"])]
+    rows = wandb_history(run_dir, handles["wandb"]["id"])
+    assert any(r.get("gen_exact_match") == out["gen_exact_match"] and r.get("_step") == 3 for r in rows), rows
 
-        (tmp_path / "bad.py").write_text("def broken(replies, references):\n    raise ValueError('no score')\n")
-        bad = cfg.with_overrides(
-            {
-                "train.eval_generate.metric": f"{tmp_path / 'bad.py'}:broken",
-                "train.logging.mlflow": False,
-                "train.logging.wandb": False,
-            }
-        )
-        with pytest.raises(ValueError, match="no score"):
-            ge.validate_checkpoint(Checkpoint.from_directory(str(ckpt)), config=bad.to_dict(), run_dir=str(run_dir))
-        failures = [e for e in ge.jsonl.read(run_dir / FAILURES_FILE) if e["event"] == "generation_eval_failed"]
-        assert [(e["step"], e["error"]) for e in failures] == [(3, "ValueError: no score")]
-    finally:
-        server.stop()
+    (tmp_path / "bad.py").write_text("def broken(replies, references):\n    raise ValueError('no score')\n")
+    bad = cfg.with_overrides(
+        {
+            "train.eval_generate.metric": f"{tmp_path / 'bad.py'}:broken",
+            "train.logging.mlflow": False,
+            "train.logging.wandb": False,
+        }
+    )
+    with pytest.raises(ValueError, match="no score"):
+        ge.validate_checkpoint(Checkpoint.from_directory(str(ckpt)), config=bad.to_dict(), run_dir=str(run_dir))
+    failures = [e for e in ge.jsonl.read(run_dir / FAILURES_FILE) if e["event"] == "generation_eval_failed"]
+    assert [(e["step"], e["error"]) for e in failures] == [(3, "ValueError: no score")]

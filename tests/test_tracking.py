@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tracking_fixtures import MlflowServer, free_port, wandb_history
+from tracking_fixtures import free_port, wandb_history
 from train_fixtures import make_prepared
 
 from raysft.pipeline.cli import main as cli_main
@@ -53,13 +53,6 @@ def test_unreachable_server_gives_one_warning_and_logging_goes_on(tmp_path, capl
 
 
 # --- real runs ----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow"), free_port()).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -159,65 +152,6 @@ def test_wandb_offline_run_files_hold_the_logged_metrics(tracked_run):
     local = [json.loads(x) for x in (tracked_run.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(r["_step"], r["loss"]) for r in rows] == [(m["step"], m["loss"]) for m in local]
     assert [r["_step"] for r in rows if "eval_loss" in r] == [2, 4]
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_server_stopped_mid_run_leaves_training_finished_with_one_warning(
-    ray_session, tiny_model_dir, storage, prepared, tmp_path
-):
-    from mlflow.tracking import MlflowClient
-
-    server = MlflowServer(tmp_path, free_port()).start()
-    cfg = _train_cfg(
-        tiny_model_dir,
-        storage,
-        "server-died",
-        server.uri,
-        **{
-            "train.micro_batch_size": 1,
-            "train.max_steps": 16,
-            "train.save_every": 8,
-            "train.eval_every": 8,
-        },
-    )
-    metrics = cfg.run.storage_path + "/server-died/metrics.jsonl"
-
-    def kill_after_first_step():
-        # Step 2's line in metrics.jsonl means step 1 has reached MLflow (rank 0 logs file, then sinks).
-        deadline = time.time() + 300
-        while time.time() < deadline and not (
-            Path(metrics).is_file() and len(Path(metrics).read_text().splitlines()) >= 2
-        ):
-            time.sleep(0.02)
-        server.stop(signal.SIGKILL)
-
-    killer = threading.Thread(target=kill_after_first_step, daemon=True)
-    killer.start()
-    try:
-        result = _fit(cfg, prepared)
-    finally:
-        killer.join(timeout=310)
-        server.stop()
-    local = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in local] == list(range(1, 17))  # training finished every step
-    assert (result.adapter_path / "adapter_model.safetensors").is_file()
-    lost = [
-        json.loads(x)
-        for x in (result.run_dir / FAILURES_FILE).read_text().splitlines()
-        if json.loads(x)["event"] == "tracking_lost"
-    ]
-    assert len(lost) == 1 and lost[0]["sink"] == "mlflow"
-    # Back on the same database: the run exists, logged its first steps, and stops where the server died.
-    server = MlflowServer(tmp_path, free_port()).start()
-    try:
-        client = MlflowClient(server.uri)
-        steps = sorted(
-            m.step for m in client.get_metric_history(read_handles(result.run_dir)["mlflow"]["run_id"], "loss")
-        )
-        assert steps and steps == list(range(1, len(steps) + 1)) and len(steps) < 16
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -327,6 +261,61 @@ def test_runs_table_lists_runs_and_sweep_trials(tracked_run, sweep, storage, cap
     assert table[0].split()[:3] == ["NAME", "STATUS", "STEPS"] and len(table) == 1 + len(rows)
     line = next(x for x in table if x.startswith("tracked "))
     assert f"{evals[-1]:.4f}" in line and "4/4" in line and "finished" in line
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_server_stopped_mid_run_leaves_training_finished_with_one_warning(
+    ray_session, tiny_model_dir, storage, prepared, mlflow_server
+):
+    """Kills the shared server (conftest.mlflow_server), so it runs after every other test of this file that talks
+    to it (the file's order); a later module gets it started again."""
+    from mlflow.tracking import MlflowClient
+
+    server = mlflow_server
+    cfg = _train_cfg(
+        tiny_model_dir,
+        storage,
+        "server-died",
+        server.uri,
+        **{
+            "train.micro_batch_size": 1,
+            "train.max_steps": 16,
+            "train.save_every": 8,
+            "train.eval_every": 8,
+        },
+    )
+    metrics = cfg.run.storage_path + "/server-died/metrics.jsonl"
+
+    def kill_after_first_step():
+        # Step 2's line in metrics.jsonl means step 1 has reached MLflow (rank 0 logs file, then sinks).
+        deadline = time.time() + 300
+        while time.time() < deadline and not (
+            Path(metrics).is_file() and len(Path(metrics).read_text().splitlines()) >= 2
+        ):
+            time.sleep(0.02)
+        server.stop(signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_after_first_step, daemon=True)
+    killer.start()
+    try:
+        result = _fit(cfg, prepared)
+    finally:
+        killer.join(timeout=310)
+        server.stop()
+    local = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in local] == list(range(1, 17))  # training finished every step
+    assert (result.adapter_path / "adapter_model.safetensors").is_file()
+    lost = [
+        json.loads(x)
+        for x in (result.run_dir / FAILURES_FILE).read_text().splitlines()
+        if json.loads(x)["event"] == "tracking_lost"
+    ]
+    assert len(lost) == 1 and lost[0]["sink"] == "mlflow"
+    # In the server's database: the run exists, logged its first steps, and stops where the server died.
+    client = MlflowClient(server.db_uri)
+    steps = sorted(m.step for m in client.get_metric_history(read_handles(result.run_dir)["mlflow"]["run_id"], "loss"))
+    assert steps and steps == list(range(1, len(steps) + 1)) and len(steps) < 16
 
 
 @pytest.mark.ray

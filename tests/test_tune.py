@@ -178,6 +178,24 @@ def test_concurrency_never_oversubscribes_the_cluster():
         max_concurrent_trials(gpu, {"CPU": 8, "GPU": 1})
 
 
+def test_concurrency_counts_the_generation_eval_task():
+    """With train.eval_generate on, each trial also holds its eval task's CPUs/GPUs (a Ray task beside its workers,
+    outside the trial's placement group): the sweep runs fewer trials at once instead of starving the evals."""
+    from raysft.pipeline.sweep.run import max_concurrent_trials
+
+    cpu = load_config(overrides={"scaling.num_workers": 1})
+    on = cpu.with_overrides({"train.eval_generate.prompts": "held_out.jsonl"})
+    assert max_concurrent_trials(cpu, {"CPU": 6}) == 3  # 1 driver + 1 worker
+    assert max_concurrent_trials(on, {"CPU": 6}) == 2  # + 1 eval CPU (train.eval_generate.num_cpus default)
+    assert max_concurrent_trials(on.with_overrides({"train.eval_generate.num_cpus": 0.5}), {"CPU": 5}) == 2
+    assert max_concurrent_trials(cpu.with_overrides({"train.eval_generate.num_cpus": 4}), {"CPU": 6}) == 3  # off
+    gpu = on.with_overrides({"scaling.use_gpu": True, "train.eval_generate.num_gpus": 1})
+    assert max_concurrent_trials(gpu, {"CPU": 64, "GPU": 8}) == 4  # 1 worker GPU + 1 eval GPU each
+    with pytest.raises(ClusterError, match=r"One trial needs 3 CPUs .*plus the generation eval's 1 CPUs and 0 GPUs"):
+        max_concurrent_trials(on, {"CPU": 2})
+    assert max_concurrent_trials(cpu, {"CPU": 2}) == 1  # the same cluster fits the trial without the eval
+
+
 def test_search_algorithms_carry_the_concurrency_limit_and_take_sparse_metrics():
     """Tune ignores TuneConfig.max_concurrent_trials for a given BasicVariantGenerator: the limit must sit
     on the searcher. Optuna must accept results without the eval metric (it arrives at eval intervals)."""

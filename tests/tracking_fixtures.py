@@ -26,6 +26,11 @@ class MlflowServer:
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def db_uri(self) -> str:
+        """The server's sqlite backend store, which MlflowClient reads directly (also once the server is gone)."""
+        return f"sqlite:///{self.root / 'mlflow.db'}"
+
     def start(self, timeout: float = 90.0) -> MlflowServer:
         mlflow = Path(sys.executable).with_name("mlflow")
         self.proc = subprocess.Popen(
@@ -33,7 +38,7 @@ class MlflowServer:
                 str(mlflow),
                 "server",
                 "--backend-store-uri",
-                f"sqlite:///{self.root / 'mlflow.db'}",
+                self.db_uri,
                 "--artifacts-destination",
                 str(self.root / "artifacts"),
                 "--host",

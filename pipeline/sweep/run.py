@@ -40,6 +40,7 @@ from raysft.pipeline.cluster_checks import (
     TRIAL_DRIVER_CPUS,
     Capacity,
     check_shared_storage,
+    eval_task_need,
     read_capacity,
     trials_that_fit,
 )
@@ -220,7 +221,7 @@ def max_concurrent_trials(cfg: Config, cluster: Capacity | dict[str, float]) -> 
     """How many trials fit the cluster at once, grown to its autoscaler's maximum (never more than
     tune.max_concurrent_trials)."""
     capacity = cluster if isinstance(cluster, Capacity) else Capacity(dict(cluster))
-    fits = trials_that_fit(cfg.scaling, capacity)
+    fits = trials_that_fit(cfg.scaling, capacity, eval_task_need(cfg))
     wanted = cfg.tune.max_concurrent_trials
     if wanted is not None and wanted > fits:
         log.warning("tune.max_concurrent_trials %d does not fit the cluster; running %d at a time", wanted, fits)

@@ -218,6 +218,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             folder.close()
 
 
+def import_deepspeed():
+    """`import deepspeed` without the mlflow import its autotuner makes whenever mlflow is installed (2-7 s of
+    CPU per worker process on a small machine); raysft never runs DeepSpeed's autotuner. The guard lasts for
+    this one import: mlflow stays importable afterwards (rank 0's tracking), and one already imported is used."""
+    import sys
+
+    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
+        import deepspeed
+
+        return deepspeed
+    sys.modules["mlflow"] = None  # `import mlflow` raises ImportError, which DeepSpeed's autotuner expects
+    try:
+        import deepspeed
+    finally:
+        if "mlflow" in sys.modules and sys.modules["mlflow"] is None:
+            del sys.modules["mlflow"]
+    return deepspeed
+
+
 def run_worker(
     cfg: Config,
     ctx: WorkerContext,
@@ -232,7 +251,7 @@ def run_worker(
     A step trains `rows_per_step` rows (default `cfg.rows_per_step()`, fixed by the config) at any world size:
     each rank takes rows / (world x micro_batch_size) micro-batches, so a resized run trains the same rows per step.
     """
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     from raysft.pipeline.models.load import build_model
 
