@@ -1,7 +1,9 @@
 """Demo training speed: this tree's streaming shard reader vs the whole-table code it replaced, interleaved.
 
 Issue 14's speed acceptance: demo tokens/s within 5% of the whole-table code (`--base-ref`, default
-373693c, the main commit the streaming reader branched from). Both trees train the demo exactly as
+90fa469: main just before the merge that brought the streaming reader in, 440e892, so the pair differs
+by issue 14's changes only; 373693c, where the scale branch started, also lacks the training branch).
+Both trees train the demo exactly as
 `raysft demo` does (pipeline/demo/demo.yaml, SmolLM2-135M-Instruct NF4 from the local model cache, 2 CPU
 workers, DeepSpeed ZeRO-2, `demo.run._train_on_local_ray`) on one set of generated task rows; the runs
 alternate old/new (ABBA order, so drift hits both sides alike), each in a fresh process with its own
@@ -13,7 +15,7 @@ local Ray. Per run it records
 and prints the median of each per tree and the ratio new/old. The old tree is `git archive REF` unpacked
 in the work folder (bench_memory.base_tree); each tree prepares its own data cache once (not timed).
 
-    python tests/benchmarks/bench_demo_speed.py [--runs 3] [--steps 24] [--base-ref 373693c]
+    python tests/benchmarks/bench_demo_speed.py [--runs 3] [--steps 24] [--base-ref 90fa469]
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def child(args) -> None:
 # ------------------------------------------------------------------------------------------ parent
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base-ref", default="373693c", help="git ref of the whole-table code to measure beside")
+    ap.add_argument("--base-ref", default="90fa469", help="git ref of the whole-table code to measure beside")
     ap.add_argument("--runs", type=int, default=3, help="runs per tree (interleaved)")
     ap.add_argument("--steps", type=int, default=24, help="optimizer steps per run (the demo's 24)")
     ap.add_argument("--model", default=str(DEMO_MODEL_DIR), help="the demo model folder (raysft models fetch)")
