@@ -1,11 +1,11 @@
 """Demo training speed: this tree's streaming shard reader vs the whole-table code it replaced, interleaved.
 
 Issue 14's speed acceptance: demo tokens/s within 5% of the whole-table code (`--base-ref`, default
-90fa469: main just before the merge that brought the streaming reader in, 440e892, so the pair differs
-by issue 14's changes only; 373693c, where the scale branch started, also lacks the training branch).
-Both trees train the demo exactly as
-`raysft demo` does (pipeline/demo/demo.yaml, SmolLM2-135M-Instruct NF4 from the local model cache, 2 CPU
-workers, DeepSpeed ZeRO-2, `demo.run._train_on_local_ray`) on one set of generated task rows; the runs
+90fa469: main just before the merge that brought the streaming reader in, 440e892; the pair differs by
+issue 14's changes and what main merged later, generation eval and formatting; 373693c, where the scale
+branch started, also lacks the training branch). Both trees train the demo exactly as `raysft demo`
+does (pipeline/demo/demo.yaml, SmolLM2-135M-Instruct NF4 from the local model cache, 2 CPU workers,
+DeepSpeed ZeRO-2, `demo.run._train_on_local_ray`) on one set of generated task rows; the runs
 alternate old/new (ABBA order, so drift hits both sides alike), each in a fresh process with its own
 local Ray. Per run it records
   - tok/s: the median over steps 2.. of metrics.jsonl's tokens_per_s (the demo report's number: tokens of
