@@ -31,8 +31,9 @@ def worker_bundle(scaling) -> dict[str, float]:
 
 
 def workers_need(scaling) -> dict[str, float]:
-    """What the whole worker group reserves: num_workers bundles."""
-    return {k: v * scaling.num_workers for k, v in worker_bundle(scaling).items()}
+    """What the worker group needs to start: num_workers bundles (min of a [min, max] range: an elastic run starts
+    as soon as min workers fit and grows when more resources appear)."""
+    return {k: v * scaling.min_workers for k, v in worker_bundle(scaling).items()}
 
 
 def trial_need(scaling) -> dict[str, float]:
@@ -169,7 +170,8 @@ def check_fits(need: dict[str, float], capacity: Capacity, what: str, knobs: str
 def check_workers_fit(scaling, capacity: Capacity | None = None) -> None:
     """The worker group of `scaling` fits the cluster (now, or once its autoscaler has scaled up)."""
     s = scaling
-    knobs = f"scaling.num_workers={s.num_workers} x scaling.cpus_per_worker={s.cpus_per_worker:g}"
+    workers = f"{s.min_workers} (the min of {s.num_workers})" if s.elastic else s.num_workers
+    knobs = f"scaling.num_workers={workers} x scaling.cpus_per_worker={s.cpus_per_worker:g}"
     if s.use_gpu:
         knobs += f", x scaling.gpus_per_worker={s.gpus_per_worker:g}"
     check_fits(workers_need(s), capacity or read_capacity(), "The training", knobs)
@@ -183,7 +185,7 @@ def trials_that_fit(scaling, capacity: Capacity) -> int:
         s = scaling
         raise ClusterError(
             f"One trial needs {need['CPU']:g} CPUs and {need['GPU']:g} GPUs (1 CPU for the trial driver plus "
-            f"{s.num_workers} workers x scaling.cpus_per_worker {s.cpus_per_worker:g}) but the cluster has "
+            f"{s.min_workers} workers x scaling.cpus_per_worker {s.cpus_per_worker:g}) but the cluster has "
             f"{capacity.limit('CPU'):g} CPUs and {capacity.limit('GPU'):g} GPUs; lower scaling.num_workers or the "
             "per-worker resources."
         )

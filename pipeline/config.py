@@ -213,7 +213,19 @@ class TrainConfig(_Section):
     lr: float = Field(2.0e-4, gt=0, description="Peak learning rate (AdamW).")
     seed: int = Field(0, description="Seed of the LoRA init and the data order.")
     micro_batch_size: int = Field(1, ge=1, description="Packed rows per micro-batch per worker.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    grad_accum: int = Field(
+        1,
+        ge=1,
+        description="Micro-batches per worker per optimizer step at the most workers (with fewer, each worker takes "
+        "more); ignored when train.global_batch_rows is set.",
+    )
+    global_batch_rows: int | None = Field(
+        None,
+        ge=1,
+        description="Packed rows per optimizer step over all workers; null: the most workers (scaling.num_workers, "
+        "or its max) x train.grad_accum x train.micro_batch_size. Fixed for the whole run: with fewer workers each "
+        "takes more micro-batches, so every step trains the same rows.",
+    )
     scheduler: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="Learning-rate schedule after warmup."
     )
@@ -243,7 +255,19 @@ class TrainConfig(_Section):
 class ScalingConfig(_Section):
     """Ray Train workers and their resources."""
 
-    num_workers: int = Field(2, ge=0, description="Training workers (processes, one per GPU with use_gpu).")
+    num_workers: int | list[int] = Field(
+        2,
+        description="Training workers (processes, one per GPU with use_gpu); [min, max] for elastic training: the "
+        "run starts once min workers fit, grows toward max when resources appear and goes on with fewer when a "
+        "node is lost (the same rows and math per step at any size; see the README's Elastic training).",
+    )
+    resize_check_s: float = Field(
+        60.0,
+        gt=0,
+        description="Elastic runs: seconds between Ray Train's checks for more (or fewer) workers than are running "
+        "(ScalingConfig.elastic_resize_monitor_interval_s); a resize restarts the group from the last checkpoint. "
+        "Keep it well above 20 s, the interval at which Ray refreshes its view of the nodes.",
+    )
     use_gpu: bool = Field(False, description="Give each worker GPUs (NCCL); otherwise CPU workers over gloo.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker holds.")
     gpus_per_worker: float = Field(
@@ -252,6 +276,31 @@ class ScalingConfig(_Section):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="How Ray places the workers on nodes (placement-group strategy)."
     )
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers_or_range(cls, value: int | list[int]) -> int | list[int]:
+        if isinstance(value, list):
+            if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise ValueError("scaling.num_workers must be an int or [min, max], two ints")
+            if not 1 <= value[0] <= value[1]:
+                raise ValueError("scaling.num_workers [min, max] needs 1 <= min <= max")
+        elif value < 0:
+            raise ValueError("scaling.num_workers must be at least 0")
+        return value
+
+    @property
+    def elastic(self) -> bool:
+        """Whether num_workers is a [min, max] range (Ray Train's elastic worker group)."""
+        return isinstance(self.num_workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, list) else self.num_workers
 
 
 class RunConfig(_Section):
@@ -357,6 +406,14 @@ class Config(_Section):
         for key, value in items:
             set_dotted(data, key, value, self.source)
         return _validate(data, self.source)
+
+    def rows_per_step(self, world_size: int | None = None) -> int:
+        """Packed rows per optimizer step: train.global_batch_rows, else the most workers (or `world_size`, for a
+        launcher such as torchrun that fixes it) x grad_accum x micro_batch_size."""
+        t = self.train
+        if t.global_batch_rows is not None:
+            return t.global_batch_rows
+        return (world_size or self.scaling.max_workers) * t.grad_accum * t.micro_batch_size
 
     def dump_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -63,8 +63,9 @@ def local_dir_of(cfg: Config) -> Path:
 
 def preflight(cfg: Config) -> Config:
     """Check what can be checked without a cluster; return the config with resolved absolute paths."""
-    if cfg.scaling.num_workers < 1:
+    if cfg.scaling.min_workers < 1:
         raise ConfigError("scaling.num_workers must be at least 1 for training.")
+    check_elastic_settings(cfg)
     if cfg.model.dtype == "float16" or (cfg.model.quantization == "nf4" and cfg.model.compute_dtype == "float16"):
         raise ConfigError(
             "model.dtype / model.compute_dtype float16 is not supported with DeepSpeed and a 4-bit base; use bfloat16."
@@ -109,6 +110,38 @@ def read_deepspeed_json(path: str | os.PathLike) -> dict:
             f"train.deepspeed.config {path} holds a JSON {type(data).__name__}, not an object of DeepSpeed settings."
         )
     return data
+
+
+def check_elastic_settings(cfg: Config) -> None:
+    """Every worker count Ray Train may pick must split the fixed global batch into whole micro-batches, and the
+    checkpoint must be re-partitionable to it (training/checkpoint.py); said in one sentence before anything starts."""
+    from raysft.pipeline.training.reader import accumulation
+
+    s, t = cfg.scaling, cfg.train
+    rows = cfg.rows_per_step()
+    bad = [w for w in range(s.min_workers, s.max_workers + 1) if rows % (w * t.micro_batch_size)]
+    if bad:
+        if not s.elastic:
+            accumulation(rows, bad[0], t.micro_batch_size)  # raises the fixed-size sentence
+        shown = ", ".join(str(w) for w in bad)
+        raise ConfigError(
+            f"scaling.num_workers {s.num_workers} lets the run go on at {shown} worker(s), where a step's "
+            f"{rows} packed rows (train.global_batch_rows, or max workers x grad_accum x micro_batch_size) do not "
+            f"split into whole micro-batches of train.micro_batch_size {t.micro_batch_size}; set "
+            "train.global_batch_rows to a multiple of micro_batch_size x every worker count in the range."
+        )
+    if not s.elastic:
+        return
+    if t.deepspeed.stage == 3:
+        raise ConfigError(
+            "scaling.num_workers [min, max] needs train.deepspeed.stage 0, 1 or 2: raysft cannot yet re-partition "
+            "ZeRO-3 optimizer state to another worker count."
+        )
+    if s.placement_strategy.startswith("STRICT_"):
+        raise ConfigError(
+            f"scaling.num_workers [min, max] cannot use scaling.placement_strategy {s.placement_strategy}: Ray Train's "
+            "elastic sizing counts workers by resources alone, so a strict placement it cannot meet would never start."
+        )
 
 
 def check_gpu_settings(cfg: Config) -> None:
@@ -222,9 +255,9 @@ def build_trainer(
     train_index = read_index(prepared.train_dir, "train", cfg)
     eval_index = read_index(getattr(prepared, "eval_dir", None), "eval", cfg)
     s, t = cfg.scaling, cfg.train
-    layout = StepLayout(
-        train_index.rows, s.num_workers * t.grad_accum * t.micro_batch_size, t.max_steps, t.epochs
-    ).require_a_step(s.num_workers, t.grad_accum, t.micro_batch_size)
+    layout = StepLayout(train_index.rows, cfg.rows_per_step(), t.max_steps, t.epochs).require_a_step(
+        s.max_workers, t.grad_accum, t.micro_batch_size
+    )
     # Identity check before anything is written or any worker starts; a refusal leaves the folder as it was.
     if storage.is_remote(cfg.run.storage_path):
         decision = remote_identity(cfg, prepared.key, layout.steps_per_epoch)
@@ -256,7 +289,9 @@ def build_trainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
-            num_workers=s.num_workers,
+            # [min, max]: Ray Train's elastic group (starts at min, resizes at its checks, restarts at what fits)
+            num_workers=(s.min_workers, s.max_workers) if s.elastic else s.num_workers,
+            elastic_resize_monitor_interval_s=s.resize_check_s,
             use_gpu=s.use_gpu,
             resources_per_worker=resources,
             placement_strategy=s.placement_strategy,

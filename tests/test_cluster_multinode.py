@@ -1,12 +1,19 @@
-"""Multi-node training on one machine (`ray.cluster_utils.Cluster`): placement, and recovery from node loss.
+"""Multi-node training on one machine (`ray.cluster_utils.Cluster`): placement, recovery from node loss, and
+elastic training.
 
-The cluster is a head node plus one worker node, each with its own raylet and object store; 2
-training workers with STRICT_SPREAD must land one per node. In the node-loss run, the worker node
-is removed right after the first checkpoint and a fresh node joins (as an autoscaler would add
-one): the worker group restarts from the last checkpoint and finishes, and the data ledger shows
-every step once and every source row exactly once in the epoch.
+The cluster starts as a head node alone. The elastic run (scaling.num_workers [1, 2], 2 CPUs per
+worker, so each node holds one worker) starts at once with 1 worker; a second node joins and the
+run grows to 2 workers at the next resize check; that node is removed after the first checkpoint
+at 2 workers and the run goes on with 1, without a replacement; a third node joins and the run
+grows back to 2. Its adapter must equal the uninterrupted 2-worker run's.
 
-Both runs happen one after the other on one cluster, in a child process that runs this file as a
+Then, on the head and the third node (each with its own raylet and object store), 2 training
+workers with STRICT_SPREAD must land one per node (the uninterrupted reference run). In the
+node-loss run (fixed size), the worker node is removed right after the first checkpoint and a fresh
+node joins (as an autoscaler would add one): the worker group restarts from the last checkpoint and
+finishes, and the data ledger shows every step once and every source row exactly once in the epoch.
+
+All runs happen one after the other on one cluster, in a child process that runs this file as a
 script (its own session, its own RAY_TMPDIR), so the cluster never touches the test session's Ray
 instance or /tmp/ray, and everything it started is killed at the end even if it hangs.
 """
@@ -29,10 +36,13 @@ from pathlib import Path
 from local_processes import free_port, kill_session
 
 # One sample per packed row at max_seq_len 96, 2 rows per step, nothing left out of the epoch.
-# The node-loss run has room after its first checkpoint (step 4 of 16) for the loss to land mid-run.
-# Both runs use the same data (the second reuses the prepared-data cache).
+# The node-loss run has room after its first checkpoint (step 4 of 16) for the loss to land mid-run; the
+# elastic run and its reference (spread) train 2 epochs, so that each of its 4 sizes gets steps.
+# All runs use the same data (the later ones reuse the prepared-data cache).
 N_SAMPLES = 32
-SAVE_EVERY = {"spread": 1000, "node-loss": 4}  # spread: only the final checkpoint
+SAVE_EVERY = {"elastic": 4, "spread": 1000, "node-loss": 4}  # spread: only the final checkpoint
+EPOCHS = {"elastic": 2, "spread": 2, "node-loss": 1}
+RESIZE_CHECK_S = 2.0
 T0 = time.monotonic()
 
 
@@ -76,9 +86,58 @@ def _committed_step(run_dir: Path) -> int:
         return 0
 
 
+def _events(run_dir: Path, kind: str = "start") -> list[dict]:
+    try:
+        lines = (run_dir / "events.jsonl").read_text().splitlines()
+    except OSError:
+        return []
+    return [e for e in (json.loads(x) for x in lines if x.endswith("}")) if e["event"] == kind]
+
+
+def _has_step(run_dir: Path, step: int) -> bool:
+    try:
+        return any(f'"step": {step},' in x for x in (run_dir / "metrics.jsonl").read_text().splitlines())
+    except OSError:
+        return False
+
+
+def _wait(what, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not what():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the elastic scenario waited too long")
+        time.sleep(0.05)
+
+
+def _fast_autoscaling_coordinator(node_id: str) -> None:
+    """Ray Train's elastic sizing reads the cluster through Ray's AutoscalingCoordinator actor, which looks at
+    the nodes every 20 s; the test starts that (named, detached) actor itself with a 1 s tick, so a node's
+    arrival or loss is seen in about a second (Train then finds and reuses it)."""
+    import ray
+    from ray.data._internal.cluster_autoscaler import default_autoscaling_coordinator as coordinator
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    class FastTick(coordinator._AutoscalingCoordinatorActor):
+        TICK_INTERVAL_S = 1
+
+    actor = (
+        ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(FastTick)
+        .options(
+            name="AutoscalingCoordinator",
+            namespace="AutoscalingCoordinator",
+            get_if_exists=True,
+            lifetime="detached",
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+        )
+        .remote()
+    )
+    ray.get(actor.get_reserved_resources.remote("warm-up"))
+
+
 def _config(model_dir: str, data: Path, work: Path, scenario: str):
     from raysft.pipeline.config import load_config
 
+    elastic = scenario == "elastic"
     return load_config(
         None,
         overrides={
@@ -89,18 +148,20 @@ def _config(model_dir: str, data: Path, work: Path, scenario: str):
             "model.gradient_checkpointing": False,
             "lora.r": 4,
             "lora.alpha": 8,
+            "lora.dropout": 0.0,  # dropout masks are drawn per rank: the elastic run is compared with spread
             "data.train": str(data),
             "data.max_seq_len": 96,
             "data.num_tokenizer_actors": 1,
             "data.cache_dir": str(work / "prepared"),
-            "train.epochs": 1,
+            "train.epochs": EPOCHS[scenario],
             "train.save_every": SAVE_EVERY[scenario],
             "train.eval_every": 1000,
             "train.deepspeed.stage": 2,
             "train.logging.tensorboard": False,
-            "scaling.num_workers": 2,
-            "scaling.cpus_per_worker": 1,
-            "scaling.placement_strategy": "STRICT_SPREAD",
+            "scaling.num_workers": [1, 2] if elastic else 2,
+            "scaling.cpus_per_worker": 2 if elastic else 1,  # elastic: a node holds one worker
+            "scaling.placement_strategy": "PACK" if elastic else "STRICT_SPREAD",
+            "scaling.resize_check_s": RESIZE_CHECK_S,
             "run.name": scenario,
             "run.storage_path": str(work / "runs"),
             "run.max_failures": 2,
@@ -108,8 +169,27 @@ def _config(model_dir: str, data: Path, work: Path, scenario: str):
     )
 
 
+def _resize_the_cluster(cluster, run: dict, run_dir: Path, nodes: dict) -> None:
+    """The elastic scenario's cluster, driven by what the run has done (started, checkpointed, trained a step)."""
+    _wait(lambda: len(_events(run_dir)) >= 1)  # started on the head node alone
+    nodes["b"] = cluster.add_node(num_cpus=2, resources={"node_b": 1})
+    run["b_added_at"] = time.time()
+    _wait(lambda: len(_events(run_dir)) >= 2)  # grown to 2 workers
+    resumed = _events(run_dir)[-1]["step"]
+    _wait(lambda: _committed_step(run_dir) > resumed)  # a checkpoint written by 2 workers
+    run["removed_at_step"] = _committed_step(run_dir)
+    cluster.remove_node(nodes["b"], allow_graceful=False)  # the node dies; no replacement comes
+    run["lost_at"] = time.time()
+    _wait(lambda: len(_events(run_dir)) >= 3)  # going on with 1 worker
+    after = _events(run_dir)[-1]["step"] + 1
+    _wait(lambda: _has_step(run_dir, after))
+    run["next_step_after_loss_s"] = round(time.time() - run["lost_at"], 1)
+    nodes["c"] = cluster.add_node(num_cpus=2, resources={"node_c": 1})  # resources come back
+    run["added_at"] = time.time()
+
+
 def run_scenarios(model_dir: str, work: Path) -> dict:
-    """On one head + one worker node: a clean 2-worker run, then a run that loses the worker node."""
+    """On a head node alone, then with a second node: the elastic run, a clean 2-worker run, a node loss."""
     import ray
     from ray._private.services import get_node_ip_address
     from ray.cluster_utils import Cluster
@@ -135,22 +215,30 @@ def run_scenarios(model_dir: str, work: Path) -> dict:
         ),
     )
     assert cluster.address == os.environ["RAY_ADDRESS"], (cluster.address, os.environ["RAY_ADDRESS"])
-    node_b = cluster.add_node(num_cpus=2, resources={"node_b": 1})
-    nodes = {"head": cluster.head_node.node_id, "b": node_b.node_id}
-    out: dict = {"nodes": nodes, "cluster_up_s": round(time.monotonic() - T0, 1)}
+    out: dict = {"cluster_up_s": round(time.monotonic() - T0, 1), "work": str(work)}
+    elastic_nodes: dict = {}
     data = work / "train.jsonl"
     _write_data(data, N_SAMPLES)
     try:
         ray.init(address=cluster.address, log_to_driver=True)
+        _fast_autoscaling_coordinator(cluster.head_node.node_id)
         seen: set = set()
-        for scenario in ("spread", "node-loss"):
+        for scenario in ("elastic", "spread", "node-loss"):
             run = out[scenario] = {}
             run_dir = work / "runs" / scenario
             killer = None
+            if scenario == "elastic":
+                killer = threading.Thread(
+                    target=_resize_the_cluster, args=(cluster, run, run_dir, elastic_nodes), daemon=True
+                )
+                killer.start()
+            if scenario == "spread":
+                node_b = elastic_nodes["c"]  # the head and the elastic run's last node
+                nodes = out["nodes"] = {"head": cluster.head_node.node_id, "b": node_b.node_id}
             if scenario == "node-loss":
 
                 def lose_node_after_first_checkpoint(
-                    run: dict = run, run_dir: Path = run_dir, seen: set = seen
+                    run: dict = run, run_dir: Path = run_dir, seen: set = seen, node_b=node_b, nodes: dict = nodes
                 ) -> None:
                     deadline = time.monotonic() + 300
                     while _committed_step(run_dir) == 0 and time.monotonic() < deadline:
@@ -168,6 +256,7 @@ def run_scenarios(model_dir: str, work: Path) -> dict:
             if killer is not None:
                 killer.join(timeout=60)
             run["summary"] = result.summary()
+            run["starts"] = _events(run_dir)
             run["workers"] = [w for w in _worker_nodes(cluster.address) if w[0] not in seen]
             seen |= {w[0] for w in run["workers"]}
             run["ledger"] = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
@@ -197,6 +286,11 @@ def _run_child(model_dir: Path, work: Path, timeout_s: float = 900) -> tuple[dic
         TOKENIZERS_PARALLELISM="false",
         HF_HUB_OFFLINE="1",
         RAY_DEDUP_LOGS="0",
+        # A group restart decided before Ray has marked a lost node dead asks for a placement that cannot be met
+        # and waits this long before Train retries at the size that fits (default 60 s; ARCHITECTURE.md).
+        RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="15",
+        RAY_health_check_period_ms="1000",  # the GCS marks a killed node dead after ~3 s instead of ~15 s
+        RAY_health_check_failure_threshold="3",
     )
     result_file = work / "result.json"
     # cwd: not the repository, whose kernels/ folder would shadow PyPI's `kernels` on workers' paths
@@ -229,12 +323,12 @@ def multinode(tmp_path_factory, tiny_model_dir) -> tuple[dict, str]:
     return _run_child(tiny_model_dir, tmp_path_factory.mktemp("multinode"))
 
 
-def _assert_exactly_once(ledger: list[dict]) -> None:
+def _assert_exactly_once(ledger: list[dict], epochs: int = 1) -> None:
     steps = [e["step"] for e in ledger]
-    assert steps == list(range(1, N_SAMPLES // 2 + 1)), steps  # every step once, in order
-    ids = [s for e in ledger for s in e["source_ids"]]
-    assert {e["epoch"] for e in ledger} == {0}
-    assert sorted(ids) == list(range(N_SAMPLES))  # every source row exactly once in the epoch
+    assert steps == list(range(1, epochs * N_SAMPLES // 2 + 1)), steps  # every step once, in order
+    assert {e["epoch"] for e in ledger} == set(range(epochs))
+    for epoch in range(epochs):  # every source row exactly once in each epoch
+        assert sorted(s for e in ledger if e["epoch"] == epoch for s in e["source_ids"]) == list(range(N_SAMPLES))
 
 
 @pytest.mark.ray
@@ -244,8 +338,8 @@ def test_two_node_training_places_one_worker_per_node(multinode):
     run, nodes = out["spread"], out["nodes"]
     placed = [node for _, node in run["workers"]]
     assert len(placed) == 2 and set(placed) == {nodes["head"], nodes["b"]}, run["workers"]
-    assert run["adapter"] and run["summary"]["metrics"]["step"] == N_SAMPLES // 2
-    _assert_exactly_once(run["ledger"])
+    assert run["adapter"] and run["summary"]["metrics"]["step"] == EPOCHS["spread"] * N_SAMPLES // 2
+    _assert_exactly_once(run["ledger"], EPOCHS["spread"])
 
 
 @pytest.mark.ray
@@ -266,6 +360,48 @@ def test_node_loss_recovers_from_last_checkpoint_exactly_once(multinode):
     assert resumed >= run["removed_at_step"] > 0, (starts, run["removed_at_step"])  # the last registered one
     assert run["adapter"] and run["summary"]["metrics"]["step"] == total
     _assert_exactly_once(run["ledger"])
+
+
+def _adapter(work: str, name: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(work) / "runs" / name / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_elastic_run_starts_with_the_workers_that_fit(multinode):
+    """Start small: on a cluster with resources for 1 worker (the head node alone), a [1, 2] run starts at once
+    with 1 worker instead of waiting for a second."""
+    run = multinode[0]["elastic"]
+    first = run["starts"][0]
+    assert (first["world_size"], first["step"], first["grad_accum"]) == (1, 0, 2), first
+    assert first["time"] < run["b_added_at"], run  # it trained before any second node existed
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_elastic_run_shrinks_and_grows_back_with_the_same_result(multinode):
+    """Shrink and grow: 1 -> 2 when a node joins, 2 -> 1 when it is lost (no replacement), 1 -> 2 when another
+    joins, each at a resize check or restart from the last checkpoint; the same rows per step at every size, so
+    the adapter equals the uninterrupted 2-worker run's (1e-4) and the ledger is exactly-once over both epochs."""
+    out, _ = multinode
+    run = out["elastic"]
+    sizes = [(s["world_size"], s["grad_accum"]) for s in run["starts"]]
+    assert sizes == [(1, 2), (2, 1), (1, 2), (2, 1)], run["starts"]
+    steps = [s["step"] for s in run["starts"]]
+    assert steps == sorted(steps) and steps[2] == run["removed_at_step"] > 0, (steps, run)
+    assert run["next_step_after_loss_s"] < 60, run  # training went on at 1 worker within a minute of the loss
+    # grown back once the resources were there: a resize check (every RESIZE_CHECK_S) plus the restart
+    assert run["starts"][3]["time"] - run["added_at"] < 60, run
+    total = EPOCHS["elastic"] * N_SAMPLES // 2
+    assert run["adapter"] and run["summary"]["metrics"]["step"] == total
+    _assert_exactly_once(run["ledger"], EPOCHS["elastic"])
+    assert run["ledger"] == out["spread"]["ledger"]  # the same rows in every step as the fixed-size run
+    elastic, fixed = _adapter(out["work"], "elastic"), _adapter(out["work"], "spread")
+    assert elastic.keys() == fixed.keys() and elastic
+    worst = max(float((elastic[k].float() - fixed[k].float()).abs().max()) for k in elastic)
+    assert worst < 1e-4, worst
 
 
 if __name__ == "__main__":

@@ -219,3 +219,38 @@ def test_readme_config_reference_is_the_generated_one():
         "README.md's config reference differs from the schema: replace the text between its markers with the "
         "output of `raysft config --explain --markdown`"
     )
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("[2, 1]", "1 <= min <= max"),
+        ("[0, 2]", "1 <= min <= max"),
+        ("[1, 2, 3]", "an int or [min, max]"),
+    ],
+)
+def test_elastic_num_workers_range_is_checked_in_one_sentence(value, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides=[f"scaling.num_workers={value}"])
+    assert "scaling.num_workers" in str(err.value) and expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_elastic_global_batch_is_fixed_by_the_most_workers_and_must_split_at_every_size():
+    from raysft.pipeline.trainer import check_elastic_settings
+
+    cfg = load_config(None, overrides=["scaling.num_workers=[1, 2]", "train.grad_accum=3", "train.micro_batch_size=2"])
+    assert (cfg.scaling.elastic, cfg.scaling.min_workers, cfg.scaling.max_workers) == (True, 1, 2)
+    assert cfg.rows_per_step() == 12  # max workers x grad_accum x micro_batch_size, at any world size
+    check_elastic_settings(cfg)
+    with pytest.raises(ConfigError, match=r"go on at 2 worker\(s\), where a step's 6 packed rows"):
+        check_elastic_settings(cfg.with_overrides(["scaling.num_workers=[1, 3]", "train.grad_accum=1"]))
+    odd = cfg.with_overrides(["scaling.num_workers=[2, 3]", "train.global_batch_rows=12"])
+    check_elastic_settings(odd)  # 12 rows split over 2 (3 micro-batches each) and 3 workers (2 each)
+    for bad, named in (
+        (["train.deepspeed.stage=3"], "ZeRO-3"),
+        (["scaling.placement_strategy=STRICT_SPREAD"], "STRICT_SPREAD"),
+    ):
+        with pytest.raises(ConfigError, match=named):
+            check_elastic_settings(cfg.with_overrides(bad))
+    with pytest.raises(ConfigError, match="does not split into whole micro-batches"):  # a fixed size too
+        check_elastic_settings(load_config(None, overrides=["scaling.num_workers=2", "train.global_batch_rows=3"]))

@@ -159,11 +159,11 @@ def test_only_byte_level_pipelines_take_the_fast_path(chatml_tokenizer):
     spec = TokenizerSpec.from_hf(chatml_tokenizer)
     config = json.loads(spec.backend_json)
 
-    def variant(**changes) -> str:
-        return json.dumps({**config, **changes})
+    def variant(**changes) -> dict:
+        return {**config, **changes}
 
     backend = chatml_tokenizer.backend_tokenizer
-    assert ByteLevelFastPath.build(backend, spec.backend_json) is not None
+    assert ByteLevelFastPath.build(backend) is not None
     lowercase = json.loads(normalizers.Lowercase().__getstate__())
     trimming = json.loads(processors.ByteLevel(trim_offsets=True).__getstate__())
     for changed in (
@@ -174,10 +174,30 @@ def test_only_byte_level_pipelines_take_the_fast_path(chatml_tokenizer):
         variant(added_tokens=[{**t, "lstrip": True} for t in config["added_tokens"]]),
     ):
         assert ByteLevelFastPath.build(backend, changed) is None
-    path = ByteLevelFastPath.build(backend, spec.backend_json)
+    path = ByteLevelFastPath.build(backend)
     assert path.safe("grüße") and not path.safe("form\x0cfeed") and not path.safe("grüße\x0c")
     assert not path.safe("unit\x1fseparator") and path.safe("tab\tnew\nline\r") and not path.safe("zero\u200bwidth")
     assert not path.safe("line\u2028separator") and not path.safe("private\ue000use")
+
+
+@pytest.mark.parametrize("family", ["llama-3.1-instruct", "qwen2.5-instruct", "qwen3", "mistral-7b-instruct-v0.3"])
+def test_pipeline_config_read_from_components_equals_the_full_json(family):
+    """The fast path decides eligibility from the backend's components (cheap), not its whole JSON:
+    both must say the same on real tokenizers, or a tokenizers upgrade changed a component's state."""
+    if not SHARED_TOKENIZERS.is_dir():
+        pytest.skip(f"real tokenizers not present at {SHARED_TOKENIZERS}")
+    from tokenizers import Tokenizer
+
+    from raysft.pipeline.data.fast_bpe import pipeline_config
+
+    backend = Tokenizer.from_file(str(SHARED_TOKENIZERS / family / "tokenizer.json"))
+    full, read = json.loads(backend.to_str()), pipeline_config(backend)
+    for key in ("normalizer", "pre_tokenizer", "post_processor"):
+        assert read[key] == full[key], key
+    assert read["model"] == {k: full["model"].get(k) for k in read["model"]}
+    fields = ("id", "content", "lstrip", "rstrip", "single_word")
+    expected = sorted(({k: t[k] for k in fields} for t in full["added_tokens"]), key=lambda t: t["id"])
+    assert read["added_tokens"] == expected
 
 
 def test_a_disagreeing_fast_path_is_caught_and_dropped(chatml_tokenizer, caplog):

@@ -142,6 +142,40 @@ def test_off_by_default_and_checked_before_any_worker_starts(tmp_path, tiny_mode
     assert [s for s in range(1, 8) if ge.due(ok, s, s == 7)] == [3, 6, 7]
 
 
+def test_a_reused_eval_process_swaps_the_adapter_and_equals_a_fresh_load(tmp_path, tiny_model_dir):
+    """The eval task keeps the base loaded between checkpoints and swaps only the LoRA weights: the model
+    it then evaluates must be exactly the one a fresh load of the new adapter gives."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config(overrides={"model.name_or_path": str(tiny_model_dir), "model.quantization": "none"})
+    adapters = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        )
+        model.save_pretrained(tmp_path / f"adapter{seed}")
+        adapters.append(tmp_path / f"adapter{seed}")
+    ge._LOADED.clear()
+    first, _ = ge.load_with_adapter(cfg, adapters[0])
+    ids = torch.arange(3, 40).reshape(1, -1)
+    with torch.no_grad():
+        before = first(input_ids=ids).logits
+        swapped, _ = ge.load_with_adapter(cfg, adapters[1])
+        assert swapped is first, "the second eval in the same process loaded the base again"
+        got = swapped(input_ids=ids).logits
+        ge._LOADED.clear()
+        fresh, _ = ge.load_with_adapter(cfg, adapters[1])
+        assert fresh is not first
+        want = fresh(input_ids=ids).logits
+    assert not torch.allclose(before, want)  # the two adapters differ
+    assert torch.equal(got, want)
+    ge._LOADED.clear()
+
+
 def test_tune_metric_may_be_the_generation_metric(tmp_path):
     from raysft.pipeline.sweep.space import plan_sweep
 

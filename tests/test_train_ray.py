@@ -152,8 +152,10 @@ def _torchrun(config: Path, prepared, overrides: list[str], world: int = 2) -> N
 
 def test_torchrun_path_gives_the_ray_adapter(run_2w, tiny_model_dir, runs_root, prepared, tmp_path):
     """The same loop without Ray (torch.distributed, gloo, 2 real processes, the same Parquet): the same
-    ledger, losses and adapter as the Ray Train run (1e-5); then a lost last checkpoint resumes exactly."""
-    cfg = fp32_cfg(tiny_model_dir, runs_root, "torch-w2", workers=2, micro=1, accum=2)
+    ledger, losses and adapter as the Ray Train run (1e-5); then a lost last checkpoint resumes exactly, at
+    another world size: the run is elastic ([1, 2], the global batch of 2 workers), so the ZeRO-2 optimizer
+    state written by 2 ranks is re-partitioned to 1, which takes 4 micro-batches per step instead of 2."""
+    cfg = fp32_cfg(tiny_model_dir, runs_root, "torch-w2", workers=[1, 2], micro=1, accum=2)
     config = tmp_path / "torch.yaml"
     config.write_text(cfg.dump_yaml())
     _torchrun(config, prepared, [])
@@ -167,12 +169,17 @@ def test_torchrun_path_gives_the_ray_adapter(run_2w, tiny_model_dir, runs_root, 
     assert_same_adapter(adapter(run_dir), adapter(run_2w.run_dir))
     assert sorted(p.name for p in run_dir.glob("checkpoint_*")) == ["checkpoint_000006", "checkpoint_000008"]
 
-    # A crash after step 6's checkpoint: the next start resumes from it and ends where the full run did.
+    # A crash after step 6's checkpoint, and only 1 process comes back: it resumes from step 6 and ends where the
+    # full 2-worker run did.
     import shutil
 
     shutil.rmtree(run_dir / "checkpoint_000008")
     shutil.rmtree(run_dir / "adapter")
-    _torchrun(config, prepared, [])
+    _torchrun(config, prepared, [], world=1)
+    assert [(e["world_size"], e["step"], e["grad_accum"]) for e in events(run_dir) if e["event"] == "start"] == [
+        (2, 0, 2),
+        (1, 6, 4),
+    ]
     assert [e["step"] for e in ledger(run_dir)] == list(range(1, 9))
     assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 9))
     assert_same_adapter(adapter(run_dir), adapter(run_2w.run_dir))

@@ -123,7 +123,11 @@ class ShardWriter:
         while table.num_rows:
             if self.writer is None:
                 self.fs.create_dir(self.path, recursive=True)
-                self.writer = pq.ParquetWriter(f"{self.path}/{self._file()}", table.schema, filesystem=self.fs)
+                # No dictionary encoding: token-id lists gain little from it (files ~25% larger) and it made
+                # every shard ~4x slower to read back in the training reader (BENCHMARKS.md).
+                self.writer = pq.ParquetWriter(
+                    f"{self.path}/{self._file()}", table.schema, filesystem=self.fs, use_dictionary=False
+                )
             cum = np.cumsum(row_bytes(table))
             take = int(np.searchsorted(cum, self.limit - self.nbytes, side="right"))
             if take == 0 and self.rows:  # the next row does not fit: start a new shard

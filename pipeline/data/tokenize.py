@@ -214,6 +214,8 @@ def mask_check(decoded: str, pieces: list[str], close: str | None, from_content:
     Whitespace is ignored (templates trim; tokens merge across a boundary's whitespace). A turn
     trained from its content must be its pieces and closing token with nothing before; tool-call and
     reasoning markup the template adds between pieces is allowed."""
+    if from_content and len(pieces) == 1 and close is not None and decoded == pieces[0] + close:
+        return True  # the common case, exact as decoded: no normalising needed
     got = _squeeze(decoded)
     if close is not None:
         end = _squeeze(close)
@@ -268,7 +270,7 @@ class ChatEncoder:
         self.special_ids = set(spec.special_ids)
         self.eos_id = spec.eos_id
         # Exact fast path for byte-level BPE on ASCII rows (see fast_bpe.py), checked on first use.
-        self.fast = ByteLevelFastPath.build(self.backend, spec.backend_json) if fast_path else None
+        self.fast = ByteLevelFastPath.build(self.backend) if fast_path else None
         self.fast_checked = {True: False, False: False}  # per kind of text: ASCII (True) or not
         self.mask_checks = 0  # turns self-checked (for benchmarks and tests)
         self._special_text: dict[int, str] = {}

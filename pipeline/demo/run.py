@@ -174,7 +174,7 @@ def _train_on_local_ray(cfg: Config):
     from raysft.pipeline.trainer import train
 
     # Logical CPUs: at least one per worker plus one for the data plan's tokenizer actors.
-    cpus = max(os.cpu_count() or 1, int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker) + 1)
+    cpus = max(os.cpu_count() or 1, int(cfg.scaling.max_workers * cfg.scaling.cpus_per_worker) + 1)
     with ray_runtime.session(cfg.run.address, ray_runtime.TRAIN, num_cpus=cpus, env={"HF_HUB_OFFLINE": "1"}):
         return train(cfg)
 
@@ -183,7 +183,7 @@ def _rows_for(cfg: Config) -> int:
     """Enough task rows for train.max_steps packed steps (a row renders to ~40-45 tokens), with 10% slack."""
     if cfg.train.max_steps is None:
         return 1000
-    rows_per_step = cfg.scaling.num_workers * cfg.train.micro_batch_size * cfg.train.grad_accum
+    rows_per_step = cfg.rows_per_step()
     return int(cfg.train.max_steps * rows_per_step * max(1, cfg.data.max_seq_len // 40) * 1.1)
 
 

@@ -354,9 +354,9 @@ class PlannedSteps:
 
         base = Config.from_dict(self.base, self.source)
         cfg = base.with_overrides(trial_overrides(self.plan, sampled, base))
-        s, t = cfg.scaling, cfg.train
+        t = cfg.train
         n_rows = self.rows[_variant_key(data_overrides(self.plan, sampled))]
-        return StepLayout(n_rows, s.num_workers * t.grad_accum * t.micro_batch_size, t.max_steps, t.epochs).total_steps
+        return StepLayout(n_rows, cfg.rows_per_step(), t.max_steps, t.epochs).total_steps
 
 
 def _rows(prepared: dict[str, Any], cfg: Config) -> dict[str, int]:

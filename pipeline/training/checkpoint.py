@@ -6,6 +6,10 @@ Layout of one checkpoint folder (every rank writes its part; Ray merges them int
                              rank R's optimizer state (its ZeRO partition), LR scheduler and engine counters
                              (training/safe_state.py: tensors in safetensors, the rest in JSON)
     adapter/                 the PEFT adapter (safetensors), loadable on its own
+    optim/rank{R}.fragments.safetensors + .json
+                             elastic runs (scaling.num_workers [min, max]) under ZeRO-1/2: rank R's pieces of each
+                             trainable parameter's fp32 master and optimizer moments, by parameter name and offset,
+                             so a resumed run re-partitions them over another worker count (`load_engine_state`)
     rng/rank{R}.json         Python, NumPy and torch RNG states of rank R
     samples.jsonl            the ledger up to this step
     config.yaml              the resolved config
@@ -114,6 +118,101 @@ def engine_state(engine) -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------- optimizer state at another world size
+
+
+def _lp_groups(zero_optimizer) -> list[list[torch.nn.Parameter]] | None:
+    """The trainable parameters of each flat partition group of a partitioning DeepSpeed optimizer (ZeRO-1/2:
+    bit16_groups, the bf16 optimizer: bf16_groups); None for a plain torch optimizer (every rank holds all)."""
+    for name in ("bit16_groups", "bf16_groups"):
+        groups = getattr(zero_optimizer, name, None)
+        if groups is not None:
+            return groups
+    return None
+
+
+def fragments(engine) -> dict[str, Any] | None:
+    """This rank's pieces of the fp32 master weights and optimizer moments, by parameter name and offset into the
+    flattened parameter: a layout that does not depend on the world size (None when nothing is partitioned)."""
+    groups = _lp_groups(engine.optimizer)
+    if groups is None:
+        return None
+    names = {id(p): n for n, p in engine.module.named_parameters() if p.requires_grad}
+    inner = engine.optimizer.optimizer
+    out: dict[str, Any] = {"step": [], "params": {}}
+    for i, group in enumerate(groups):
+        hp = inner.param_groups[i]["params"][0]
+        step = inner.state.get(hp, {}).get("step")
+        out["step"].append(float(step) if step is not None else None)
+        for lp in group:
+            m = getattr(lp, "_hp_mapping", None)
+            if m is None:
+                continue  # this rank holds no piece of it
+            piece = {"start": int(m.lp_fragment_address.start), "fp32": m.hp_fragment}
+            piece.update({k: m.get_optim_state_fragment(k) for k in m.get_optim_state_keys()})
+            out["params"][names[id(lp)]] = piece
+    return out
+
+
+def _load_repartitioned(engine, directory: Path, saved_world: int) -> dict[str, Any]:
+    """Restore a checkpoint written at `saved_world` ranks into this engine's partition of another world size.
+
+    ZeRO-1/2 (and the bf16 optimizer): every rank reads every saved rank's fragments, assembles each parameter's
+    fp32 master and moments, and keeps its own new piece of them; a plain optimizer holds the whole state on
+    every rank, so rank 0's is loaded. Scheduler and counters are the same on every rank (rank 0's). Returns
+    rank 0's tree."""
+    from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
+
+    tree = load_tree(directory / "optim" / "rank0")
+    groups = _lp_groups(engine.optimizer)
+    if groups is None:
+        engine.optimizer.load_state_dict(tree["optimizer"])
+        return tree
+    stems = [directory / "optim" / f"rank{r}.fragments" for r in range(saved_world)]
+    if not all(stem.with_name(stem.name + ".json").is_file() for stem in stems):
+        raise CheckpointError(
+            f"Checkpoint {directory} was written by {saved_world} workers without the re-partitionable optimizer "
+            "state (it was not an elastic run), so it can only resume at that many workers; set "
+            f"scaling.num_workers to {saved_world}."
+        )
+    saved = [load_tree(stem) for stem in stems]
+    trainable = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    names, sizes = {id(p): n for n, p in trainable}, {n: p.numel() for n, p in trainable}
+    full: dict[str, dict[str, torch.Tensor]] = {}
+    for part in saved:
+        for name, piece in part["params"].items():
+            target = full.setdefault(name, {})
+            for key, value in piece.items():
+                if key == "start":
+                    continue
+                buf = target.setdefault(key, torch.zeros(sizes[name], dtype=torch.float32))
+                buf[piece["start"] : piece["start"] + value.numel()] = value.float()
+    inner = engine.optimizer.optimizer
+    for i, group in enumerate(groups):
+        keys: set[str] = set()
+        for lp in group:
+            m = getattr(lp, "_hp_mapping", None)
+            if m is None:
+                continue
+            start, numel = int(m.lp_fragment_address.start), int(m.lp_fragment_address.numel)
+            values = full[names[id(lp)]]
+            m.hp_fragment.data.copy_(values["fp32"][start : start + numel])
+            dev = m.hp_fragment.device
+            m.optim_fragment = {k: v[start : start + numel].to(dev).clone() for k, v in values.items() if k != "fp32"}
+            keys |= set(m.optim_fragment)
+        hp = inner.param_groups[i]["params"][0]
+        step = saved[0]["step"][i]
+        if step is not None:
+            inner.state[hp]["step"] = torch.tensor(step, dtype=torch.float32)
+        map_to_flat_opt_states(hp, group, inner.state, sorted(keys))
+    engine.optimizer._hp_optimizer_states_linked = True  # linked above; DeepSpeed would link empty state otherwise
+    base = tree["optimizer"].get("base_optimizer_state")
+    if isinstance(base, dict) and "param_groups" in base:
+        for current, old in zip(inner.param_groups, base["param_groups"]):
+            current.update({k: v for k, v in old.items() if k != "params"})
+    return tree
+
+
 def load_engine_state(engine, directory: Path, rank: int) -> None:
     """Restore trainable weights, optimizer (incl. fp32 master partitions), scheduler and counters."""
     import deepspeed
@@ -136,6 +235,12 @@ def load_engine_state(engine, directory: Path, rank: int) -> None:
                 )
             p.data.copy_(w.to(p.dtype))
 
+    saved_world = int(json.loads((directory / STATE_FILE).read_text())["world_size"])
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if saved_world != world:
+        tree = _load_repartitioned(engine, directory, saved_world)
+        _restore_counters(engine, tree)
+        return
     tree = load_tree(directory / "optim" / f"rank{rank}")
     opt = tree["optimizer"]
     if hasattr(engine.optimizer, "loss_scaler"):
@@ -153,6 +258,11 @@ def load_engine_state(engine, directory: Path, rank: int) -> None:
         engine.optimizer.load_state_dict(opt, load_optimizer_states=True)
     else:
         engine.optimizer.load_state_dict(opt)
+    _restore_counters(engine, tree)
+
+
+def _restore_counters(engine, tree: dict[str, Any]) -> None:
+    """LR scheduler and engine counters (the same on every rank)."""
     if engine.lr_scheduler is not None and tree["lr_scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(tree["lr_scheduler"])
     engine.global_steps, engine.global_samples = (
@@ -188,8 +298,12 @@ def save(
     config_yaml: str,
     storage: str | Path | None = None,
     device: torch.device | str | None = None,
+    resizable: bool = False,
 ) -> Path:
     """Write, seal (manifest) and verify this rank's part of a checkpoint in `directory`; every rank calls it.
+
+    `resizable` (an elastic run): also write this rank's optimizer fragments, so the run can resume at another
+    world size.
 
     With `storage` (a local folder the checkpoint is uploaded to), fail in one sentence on every rank
     when it has less free space than the whole checkpoint (all ranks) needs, before anything is uploaded.
@@ -205,6 +319,9 @@ def save(
     weights = trainable_state_dict(engine.module)
     try:
         written += save_tree(engine_state(engine), directory / "optim" / f"rank{rank}", drop=_LIVE_ONLY)
+        pieces = fragments(engine) if resizable else None
+        if pieces is not None:
+            written += save_tree(pieces, directory / "optim" / f"rank{rank}.fragments")
         rng = directory / "rng" / f"rank{rank}.json"
         rng.parent.mkdir(parents=True, exist_ok=True)
         rng.write_text(json.dumps(rng_state(device)))

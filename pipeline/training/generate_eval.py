@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import math
 import os
 import re
@@ -289,6 +290,13 @@ def _track(cfg: Config, run_dir: Path, metrics: dict[str, float], step: int) -> 
         sinks.close()
 
 
+# The last (base + adapter, tokenizer) the eval loaded on CPU, keyed by the base model config and the adapter's
+# config. Ray reuses the eval task's worker process, so the next checkpoint's eval only swaps in the new
+# LoRA weights instead of loading the base and the tokenizer again (most of an eval's time on a small model).
+# GPU evals always load afresh: an idle worker must not hold GPU memory between evals.
+_LOADED: dict[str, tuple[Any, Any]] = {}
+
+
 def load_with_adapter(cfg: Config, adapter: str | os.PathLike):
     """The configured base (NF4 or plain) with the PEFT adapter at `adapter`, in eval mode, and its tokenizer."""
     import torch
@@ -298,9 +306,27 @@ def load_with_adapter(cfg: Config, adapter: str | os.PathLike):
     from raysft.pipeline.models.tokenizer import load_tokenizer
 
     device = "cuda" if cfg.train.eval_generate.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    key = json.dumps([cfg.model.model_dump(mode="json"), (Path(adapter) / "adapter_config.json").read_text()])
+    if device == "cpu" and key in _LOADED:
+        model, tokenizer = _LOADED[key]
+        _swap_adapter(model, adapter)
+        return model, tokenizer
+    _LOADED.clear()
     model = PeftModel.from_pretrained(load_base_model(cfg.model, device), str(adapter))
     model.eval()
-    return model, load_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg)
+    if device == "cpu":
+        _LOADED[key] = (model, tokenizer)
+    return model, tokenizer
+
+
+def _swap_adapter(model, adapter: str | os.PathLike) -> None:
+    """Load the LoRA weights at `adapter` into `model` (a PeftModel of the same adapter config), in place."""
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, load_peft_weights(str(adapter), device="cpu"))
+    if result.unexpected_keys:
+        raise RuntimeError(f"the adapter at {adapter} holds weights the model lacks: {result.unexpected_keys[:3]}")
 
 
 def generate(model, tokenizer, prompts: list[Prompt], max_new_tokens: int, batch_size: int = 8) -> list[str]:

@@ -47,7 +47,7 @@ IDENTITY_KEYS: tuple[str, ...] = (
     "train.max_grad_norm",  # optimizer and schedule
     "train.seed",
     "train.deepspeed.stage",
-    "scaling.num_workers",  # how optimizer state is partitioned in checkpoints
+    "scaling.num_workers",  # how optimizer state is partitioned in checkpoints (fixed-size runs only)
 )
 
 
@@ -55,9 +55,11 @@ def identity(cfg: Config, data_key: str) -> dict[str, Any]:
     """The values that define a run of `cfg` on the prepared data `data_key`."""
     data = cfg.to_dict()
     ident: dict[str, Any] = {"data.prepared_key": data_key}
-    ident.update({k: get_dotted(data, k) for k in IDENTITY_KEYS})
-    t = cfg.train
-    ident["train.global_batch"] = t.micro_batch_size * t.grad_accum * cfg.scaling.num_workers
+    elastic = cfg.scaling.elastic  # its checkpoints re-partition to any worker count: the count is not identity
+    ident.update({k: get_dotted(data, k) for k in IDENTITY_KEYS if not (elastic and k == "scaling.num_workers")})
+    if elastic:
+        ident["scaling.elastic"] = True
+    ident["train.global_batch"] = cfg.rows_per_step()
     return ident
 
 

@@ -35,7 +35,7 @@ from raysft.pipeline.training import generate_eval
 from raysft.pipeline.training.context import WorkerContext
 from raysft.pipeline.training.ledger import LEDGER_FILE, Ledger
 from raysft.pipeline.training.metrics import MetricsLog
-from raysft.pipeline.training.reader import reader_for
+from raysft.pipeline.training.reader import accumulation, reader_for
 from raysft.pipeline.training.run_files import RunFolder, SyncedContext
 from raysft.pipeline.training.step import (
     MicroBatch,
@@ -47,9 +47,14 @@ from raysft.pipeline.training.step import (
 )
 
 
-def deepspeed_config(cfg: Config, world_size: int, user_json: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The DeepSpeed JSON: from the config, or the user's JSON with raysft's batch/precision keys enforced."""
+def deepspeed_config(
+    cfg: Config, world_size: int, user_json: dict[str, Any] | None = None, grad_accum: int | None = None
+) -> dict[str, Any]:
+    """The DeepSpeed JSON: from the config, or the user's JSON with raysft's batch/precision keys enforced.
+
+    `grad_accum`: the micro-batches per worker at this world size (default train.grad_accum)."""
     t = cfg.train
+    accum = grad_accum if grad_accum is not None else t.grad_accum
     ds: dict[str, Any] = dict(user_json or {})
     zero = dict(ds.get("zero_optimization") or {"stage": t.deepspeed.stage})
     if user_json is None:
@@ -61,8 +66,8 @@ def deepspeed_config(cfg: Config, world_size: int, user_json: dict[str, Any] | N
         {
             # raysft's step logic owns these: the data order and loss normalisation depend on them.
             "train_micro_batch_size_per_gpu": t.micro_batch_size,
-            "gradient_accumulation_steps": t.grad_accum,
-            "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+            "gradient_accumulation_steps": accum,
+            "train_batch_size": t.micro_batch_size * accum * world_size,
             "zero_optimization": zero,
             "zero_allow_untested_optimizer": True,  # torch AdamW over the LoRA parameters
             "zero_force_ds_cpu_optimizer": False,
@@ -210,8 +215,13 @@ def run_worker(
     eval_index: ShardIndex | None,
     run_dir: Path,
     deepspeed_json: dict[str, Any] | None = None,
+    rows_per_step: int | None = None,
 ) -> None:
-    """Train `cfg` on the packed rows of `train_index`'s shards as rank ctx.rank of ctx.world_size."""
+    """Train `cfg` on the packed rows of `train_index`'s shards as rank ctx.rank of ctx.world_size.
+
+    A step trains `rows_per_step` rows (default `cfg.rows_per_step()`, fixed by the config) at any world size:
+    each rank takes rows / (world x micro_batch_size) micro-batches, so a resized run trains the same rows per step.
+    """
     import deepspeed
 
     from raysft.pipeline.models.load import build_model
@@ -221,11 +231,13 @@ def run_worker(
     if device.type == "cuda":
         torch.cuda.set_device(device)  # DeepSpeed and NCCL use the current device
     t = cfg.train
+    rows_per_step = rows_per_step or cfg.rows_per_step()
+    accum = accumulation(rows_per_step, world, t.micro_batch_size)  # micro-batches per rank at this world size
     reader = reader_for(
         train_index,
         seed=t.seed,
         window=t.shuffle_window,
-        rows_per_step=world * t.grad_accum * t.micro_batch_size,
+        rows_per_step=rows_per_step,
         max_steps=t.max_steps,
         epochs=t.epochs,
         columns=REQUIRED_COLUMNS,
@@ -234,7 +246,7 @@ def run_worker(
     plan = reader.layout
     total = plan.total_steps
     layout = layout_for(cfg)
-    step_split = np.arange(plan.rows_per_step).reshape(t.grad_accum, world, t.micro_batch_size)
+    step_split = np.arange(plan.rows_per_step).reshape(accum, world, t.micro_batch_size)
 
     # --- model, optimizer, DeepSpeed ----------------------------------------------------------
     torch.manual_seed(t.seed)
@@ -250,7 +262,7 @@ def run_worker(
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world, deepspeed_json),
+        config=deepspeed_config(cfg, world, deepspeed_json, grad_accum=accum),
         dist_init_required=False,
     )
     stepper = DeepSpeedStepEngine(engine)
@@ -265,7 +277,7 @@ def run_worker(
     ledger = Ledger(run_dir / LEDGER_FILE)
     with ctx.latest_checkpoint() as d:
         if d is not None:
-            state = ckpt_io.load(engine, d, rank=rank, device=device)
+            state = ckpt_io.load(engine, d, rank=rank, device=device)  # re-partitioned when the world size changed
             if rank == 0:
                 ledger.rewind(state["step"], source=Path(d) / LEDGER_FILE)
             start, trained_tokens = state["step"], state["trained_tokens"]
@@ -280,6 +292,8 @@ def run_worker(
                 "event": "start",
                 "step": start,
                 "world_size": world,
+                "grad_accum": accum,
+                "rows_per_step": plan.rows_per_step,
                 "total_steps": total,
                 "rows_left_out_per_epoch": plan.left_out_per_epoch,
                 "data_position": dict(zip(("epoch", "row"), plan.position(start))),
@@ -296,7 +310,7 @@ def run_worker(
     # --- the loop ----------------------------------------------------------------------------
     for step in range(start, total):
         epoch, step_table = reader.step(step)  # the step's rows, streamed from the shards of its window
-        rows = step_split  # rows[grad_accum, world, micro]: indices into step_table
+        rows = step_split  # rows[accum, world, micro]: indices into step_table
         mine = rows[:, rank, :]
         # The step's trained tokens (all ranks) normalise the loss: each rank counts its own rows, one all-reduce.
         row_trained = trained_counts(step_table.column("labels"))  # vectorised
@@ -349,6 +363,7 @@ def run_worker(
                     config_yaml=config_yaml,
                     storage=run_dir,
                     device=device,
+                    resizable=cfg.scaling.elastic,
                 )
                 if rank == 0:
                     _append_event(

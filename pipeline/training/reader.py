@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from raysft.pipeline.data.shards import ShardIndex, read_shard
-from raysft.pipeline.errors import DataError
+from raysft.pipeline.errors import ConfigError, DataError
 
 DEFAULT_WINDOW = 2
 
@@ -114,8 +114,8 @@ class StepLayout:
         if self.steps_per_epoch == 0:
             raise DataError(
                 f"Prepared train data has {self.n_rows} packed rows, fewer than one optimizer step needs "
-                f"(scaling.num_workers x train.grad_accum x train.micro_batch_size = "
-                f"{world_size} x {grad_accum} x {micro} = {self.rows_per_step})."
+                f"({self.rows_per_step}: train.global_batch_rows, or scaling.num_workers (its max) x train.grad_accum "
+                f"x train.micro_batch_size = {world_size} x {grad_accum} x {micro})."
             )
         return self
 
@@ -123,6 +123,19 @@ class StepLayout:
         """(epoch, first epoch position) of 0-based global step `step`."""
         epoch, i = divmod(step, self.steps_per_epoch)
         return epoch, i * self.rows_per_step
+
+
+def accumulation(rows_per_step: int, world_size: int, micro_batch_size: int) -> int:
+    """Micro-batches each of `world_size` workers takes so that an optimizer step trains exactly `rows_per_step`
+    rows (the global batch is fixed by the config; with fewer workers each takes more)."""
+    per_round = world_size * micro_batch_size
+    if rows_per_step % per_round:
+        raise ConfigError(
+            f"An optimizer step of {rows_per_step} packed rows does not split into whole micro-batches of "
+            f"train.micro_batch_size {micro_batch_size} over {world_size} workers; make the global batch "
+            f"(train.global_batch_rows) a multiple of {per_round}."
+        )
+    return rows_per_step // per_round
 
 
 @dataclass

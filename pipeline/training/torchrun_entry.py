@@ -108,14 +108,16 @@ def run(config: str, prepared: str, overrides: list[str]) -> Path:
         eval_dir = str(Path(prepared) / "eval")
         eval_index = load_index(eval_dir, options, what="eval") if has_rows(eval_dir, options) else None
         t, world = cfg.train, dist.get_world_size()
-        StepLayout(train_index.rows, world * t.grad_accum * t.micro_batch_size, t.max_steps, t.epochs).require_a_step(
+        # torchrun fixes the world size: the global batch is train.global_batch_rows, or this world's
+        rows = cfg.rows_per_step(cfg.scaling.max_workers if cfg.scaling.elastic else world)
+        StepLayout(train_index.rows, rows, t.max_steps, t.epochs).require_a_step(
             world, t.grad_accum, t.micro_batch_size
         )
         run_dir = run_dir_of(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         ctx = TorchrunContext(run_dir, device, keep=cfg.train.keep_checkpoints)
         ds_json = read_deepspeed_json(cfg.train.deepspeed.config) if cfg.train.deepspeed.config else None
-        run_worker(cfg, ctx, train_index, eval_index, run_dir, ds_json)
+        run_worker(cfg, ctx, train_index, eval_index, run_dir, ds_json, rows_per_step=rows)
         dist.barrier()
         if ctx.rank == 0:
             publish_adapter(run_dir, complete_checkpoints(run_dir)[-1])
