@@ -9,6 +9,9 @@ as they are saved, one sentence per recovery, and the final summary.
 
 `RunFollower` produces those lines by following the run folder the workers write (metrics.jsonl,
 events.jsonl, failures.jsonl, checkpoint_* folders) from a driver thread, so the training loop needs no console code.
+A run folder on an object store is followed the same way through pyarrow.fs: one listing per poll (every
+REMOTE_POLL_S) and a ranged read of each file that grew (rank 0 publishes its files every few seconds,
+training/run_files.py).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import posixpath
 import re
 import sys
 import threading
@@ -26,11 +30,13 @@ from typing import Any, TextIO
 
 from ray.train import UserCallback
 
+from raysft.pipeline import storage
 from raysft.pipeline.tracking import FAILURES_FILE
 from raysft.pipeline.training.loop import EVENTS_FILE
 from raysft.pipeline.training.metrics import METRICS_FILE
 
 LOG_FILE = "raysft.log"
+REMOTE_POLL_S = 2.0  # how often the console lists a run folder on an object store (local folders: 0.5 s)
 _CKPT = re.compile(r"checkpoint_(\d+)$")
 
 
@@ -92,13 +98,24 @@ def format_eta(seconds: float | None) -> str:
 
 
 class RunFollower:
-    """Turns what a run writes into its folder into console lines; `poll()` handles what is new."""
+    """Turns what a run writes into its folder (a local path or an s3:// / gs:// URI) into console lines;
+    `poll()` handles what is new."""
 
-    def __init__(self, run_dir: str | os.PathLike, console: Console):
-        self.run_dir = Path(run_dir)
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        console: Console,
+        log_file: str | os.PathLike | None = None,
+        options: storage.StorageOptions | None = None,
+    ):
+        self.remote = storage.is_remote(str(run_dir))
+        self.run_dir: Path | str = str(run_dir) if self.remote else Path(run_dir)
+        self.log_file = log_file if log_file is not None else storage.join(self.run_dir, LOG_FILE)
+        self._fs, self._path = storage.resolve(str(run_dir), options) if self.remote else (None, "")
         self.console = console
         self._offsets: dict[str, int] = {}
-        self._seen_ckpts: set[str] = {p.name for p in self.run_dir.glob("checkpoint_*")}  # a resumed run's old ones
+        self._sizes: dict[str, int] = {}
+        self._seen_ckpts: set[str] = set(self._checkpoints())  # a resumed run's old ones
         self.total: int | None = None
         self.last_step = 0
         self.last_eval: tuple[int, float] | None = None
@@ -106,28 +123,59 @@ class RunFollower:
         self._failure: str | None = None
         self._t0: float | None = None
         self._step0 = 0
+        self._replay_until = 0  # after a restart, metrics.jsonl is read again from its start up to here
         self.final: dict[str, Any] = {}
 
-    def _new_lines(self, name: str) -> list[dict[str, Any]]:
+    def _list(self) -> None:
+        """Remote: one listing of the run folder per poll (file sizes, checkpoint folders)."""
+        import pyarrow.fs as pafs
+
+        infos = self._fs.get_file_info(pafs.FileSelector(self._path, allow_not_found=True))
+        self._sizes = {posixpath.basename(i.path): (i.size or 0) for i in infos if i.type == pafs.FileType.File}
+        self._dirs = sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.Directory)
+
+    def _checkpoints(self) -> list[str]:
+        if not self.remote:
+            return sorted(p.name for p in self.run_dir.glob("checkpoint_*"))
+        try:
+            self._list()
+        except (OSError, ValueError):
+            return []
+        return [d for d in self._dirs if d.startswith("checkpoint_")]
+
+    def _read_from(self, name: str) -> bytes:
+        """What `name` holds past what was already read (b'' when it does not exist)."""
+        offset = self._offsets.get(name, 0)
+        if self.remote:
+            size = self._sizes.get(name, 0)
+            if size <= offset:
+                return b""
+            with self._fs.open_input_file(f"{self._path}/{name}") as f:
+                return f.read_at(size - offset, offset)  # a ranged GET of the new bytes only
         path = self.run_dir / name
         if not path.is_file():
-            return []
+            return b""
         with path.open("rb") as f:
-            f.seek(self._offsets.get(name, 0))
-            data = f.read()
+            f.seek(offset)
+            return f.read()
+
+    def _new_lines(self, name: str) -> list[dict[str, Any]]:
+        data = self._read_from(name)
         end = data.rfind(b"\n") + 1  # a line still being written waits for the next poll
         self._offsets[name] = self._offsets.get(name, 0) + end
         return [json.loads(x) for x in data[:end].decode().splitlines() if x.strip()]
 
     def poll(self) -> None:
+        ckpts = self._checkpoints()  # remote: also the listing the reads below use
         for e in self._new_lines(FAILURES_FILE) + self._new_lines(EVENTS_FILE):  # a failure precedes its restart
             self._event(e)
         for m in self._new_lines(METRICS_FILE):
             self._metrics(m)
-        for p in sorted(self.run_dir.glob("checkpoint_*")):
-            if p.name not in self._seen_ckpts and _CKPT.search(p.name):
-                self._seen_ckpts.add(p.name)
-                self.console.line(f"  checkpoint saved: step {int(_CKPT.search(p.name).group(1))} -> {p}")
+        for name in ckpts:
+            if name not in self._seen_ckpts and _CKPT.search(name):
+                self._seen_ckpts.add(name)
+                where = storage.join(self.run_dir, name)
+                self.console.line(f"  checkpoint saved: step {int(_CKPT.search(name).group(1))} -> {where}")
 
     def _event(self, e: dict[str, Any]) -> None:
         kind = e.get("event")
@@ -141,9 +189,12 @@ class RunFollower:
                 where = f" from step {step}" if step else ""
                 self.console.line(
                     f"  training {self.total} steps on {e.get('world_size')} worker(s){where} "
-                    f"(ZeRO-{e.get('zero_stage')}); progress below, full log in {self.run_dir / LOG_FILE}"
+                    f"(ZeRO-{e.get('zero_stage')}); progress below, full log in {self.log_file}"
                 )
             else:
+                # The restarted group rewound metrics.jsonl to its checkpoint (a new, shorter file): read it
+                # again from the top, skipping what was shown up to the step it resumed from.
+                self._offsets[METRICS_FILE], self._replay_until = 0, step
                 what = self._failure or "the worker group stopped"
                 self.console.line(
                     f"  recovered: {what} at step {self.last_step}; resumed from step {step} "
@@ -170,7 +221,7 @@ class RunFollower:
         if gen and "step" in m:  # a generation eval's line (training/generate_eval.py), written when it finishes
             values = ", ".join(f"{k} {v:.4f}" for k, v in gen.items())
             self.console.line(f"  generation eval of step {m['step']}: {values}")
-        if "loss" not in m or "step" not in m:
+        if "loss" not in m or "step" not in m or int(m["step"]) <= self._replay_until:
             return
         step = int(m["step"])
         now = time.time()
@@ -187,10 +238,11 @@ class RunFollower:
 
 class WorkerFailures(UserCallback):
     """Ray Train callback (it runs in the controller, on the driver's node): one failures.jsonl line per
-    worker-group failure, naming the rank, its node and the error, for the console's recovery sentence."""
+    worker-group failure, naming the rank, its node and the error, for the console's recovery sentence
+    (in a run folder on an object store, the object is rewritten with the line added)."""
 
-    def __init__(self, run_dir: str):
-        self.run_dir = run_dir
+    def __init__(self, run_dir: str, options: storage.StorageOptions | None = None):
+        self.run_dir, self.options = run_dir, options
 
     def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
         parts = []
@@ -198,26 +250,24 @@ class WorkerFailures(UserCallback):
             ip = re.search(r"\bip:? ?(\d+\.\d+\.\d+\.\d+)", str(exc))
             where = f" on node {ip.group(1)}" if ip else ""
             parts.append(f"worker rank {rank}{where} lost ({type(exc).__name__})")
-        with (
-            contextlib.suppress(OSError),
-            (Path(self.run_dir) / FAILURES_FILE).open("a") as f,
-        ):
-            f.write(
-                json.dumps(
-                    {
-                        "time": time.time(),
-                        "event": "worker_failure",
-                        "what": "; ".join(parts),
-                    }
-                )
-                + "\n"
-            )
+        line = json.dumps({"time": time.time(), "event": "worker_failure", "what": "; ".join(parts)}) + "\n"
+        with contextlib.suppress(OSError, storage.StorageError):
+            storage.append_bytes(storage.join(self.run_dir, FAILURES_FILE), line.encode(), self.options)
 
 
 @contextlib.contextmanager
-def follow_run(run_dir: str | os.PathLike, console: Console, interval_s: float = 0.5) -> Iterator[RunFollower]:
-    """Follow `run_dir` from a background thread while the body runs (e.g. trainer.fit())."""
-    follower = RunFollower(run_dir, console)
+def follow_run(
+    run_dir: str | os.PathLike,
+    console: Console,
+    interval_s: float | None = None,
+    log_file: str | os.PathLike | None = None,
+    options: storage.StorageOptions | None = None,
+) -> Iterator[RunFollower]:
+    """Follow `run_dir` (a folder, or a URI polled every REMOTE_POLL_S) from a background thread while the body
+    runs (e.g. trainer.fit())."""
+    follower = RunFollower(run_dir, console, log_file, options)
+    if interval_s is None:
+        interval_s = REMOTE_POLL_S if follower.remote else 0.5
     stop = threading.Event()
 
     def loop() -> None:
@@ -317,7 +367,7 @@ def run_with_console(cfg, fn, *, console: Console, log_file: Path) -> Any:
     from raysft.pipeline.trainer import run_dir_of
 
     t0 = time.perf_counter()
-    with follow_run(run_dir_of(cfg), console):
+    with follow_run(run_dir_of(cfg), console, log_file=log_file, options=storage.StorageOptions.of(cfg)):
         result = fn()
     for line in summary_lines(result, time.perf_counter() - t0):
         console.line(line)

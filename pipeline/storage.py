@@ -227,6 +227,18 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) ->
         raise failure(uri, exc, "write") from None
 
 
+def append_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
+    """Append to a local file; an object is rewritten with `data` added (for small, rarely written files only)."""
+    if not is_remote(uri):
+        path = Path(local_path(uri))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("ab") as f:
+            f.write(data)
+        return
+    old = read_bytes(uri, options) if exists(uri, options) else b""
+    write_bytes(uri, old + data, options)
+
+
 def exists(uri: str, options: StorageOptions | None = None) -> bool:
     fs, path = resolve(uri, options)
     try:
@@ -332,6 +344,18 @@ def download(uri: str, local: str | os.PathLike, options: StorageOptions | None 
     except (OSError, ValueError) as exc:
         raise failure(uri, exc) from None
     return True
+
+
+def copy_tree(src: str, dst: str, options: StorageOptions | None = None) -> None:
+    """Copy a file or folder between any two places (local paths or URIs), store to store without a local copy."""
+    sfs, spath = resolve(src, options)
+    dfs, dpath = resolve(dst, options)
+    try:
+        if isinstance(dfs, pafs.LocalFileSystem):
+            Path(dpath).mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(spath, dpath, source_filesystem=sfs, destination_filesystem=dfs)
+    except (OSError, ValueError) as exc:
+        raise failure(dst, exc, "write") from None
 
 
 def upload(local: str | os.PathLike, uri: str, options: StorageOptions | None = None) -> None:

@@ -307,8 +307,8 @@ def build_trainer(
                 max_failures=max_failures, controller_failure_limit=max_failures if max_failures >= 0 else -1
             ),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            # recoveries, for the console (which follows a local run folder only)
-            callbacks=[*(callbacks or []), *([] if storage.is_remote(run_dir) else [WorkerFailures(str(run_dir))])],
+            # recoveries, for the console (which follows the run folder, local or on an object store)
+            callbacks=[*(callbacks or []), WorkerFailures(str(run_dir), storage.StorageOptions.of(cfg))],
         ),
     )
 

@@ -21,10 +21,11 @@ from raysft.pipeline.data.shards import load_index, read_shard
 from raysft.pipeline.storage import StorageError, StorageOptions
 from raysft.pipeline.training.reader import reader_for
 
-# Fake credentials for the local server, set at import (before any Ray instance starts, so Ray workers
-# inherit them the way they inherit a user's AWS_* variables). They are never written anywhere.
-os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+# Fake credentials for the local server, set at import (before any Ray instance or head starts, so Ray
+# workers inherit them the way they inherit a user's AWS_* variables). Distinctive values, so the tests can
+# search what was written for them: they must never be written anywhere.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "raysft-moto-key-id-5c1e")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "raysft-moto-secret-9b7d")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 
@@ -240,7 +241,14 @@ def test_train_with_prepared_rows_and_run_storage_on_s3(s3, ray_session, tiny_mo
         args=(fs, "raysft/runs/s3run", killed, ray_session.get_runtime_context().gcs_address),
     )
     killer.start()
-    result = finish_run(cfg, build_trainer(cfg, prepared).fit())
+    # The console follows the run folder in the bucket (console.RunFollower through pyarrow.fs).
+    import io
+
+    from raysft.pipeline.console import Console, follow_run
+
+    out = io.StringIO()
+    with follow_run("s3://raysft/runs/s3run", Console(out, bar=False), options=opts(endpoint)):
+        result = finish_run(cfg, build_trainer(cfg, prepared).fit())
     killer.join(timeout=5)
     assert result.run_dir == "s3://raysft/runs/s3run" and "eval_loss" in result.metrics
     # Recovery from a killed worker with checkpoints on s3://: the group restarted from the bucket's checkpoint.
@@ -248,6 +256,11 @@ def test_train_with_prepared_rows_and_run_storage_on_s3(s3, ray_session, tiny_mo
     with fs.open_input_stream("raysft/runs/s3run/events.jsonl") as f:
         starts = [e for e in map(json.loads, f.read().decode().splitlines()) if e["event"] == "start"]
     assert [e["step"] for e in starts][0] == 0 and len(starts) == 2 and starts[1]["step"] >= 2, starts
+    shown = out.getvalue()
+    assert "training 4 steps on 2 worker(s)" in shown, shown
+    assert "checkpoint saved: step 2 -> s3://raysft/runs/s3run/checkpoint_000002" in shown, shown
+    assert "recovered: worker rank" in shown and f"resumed from step {starts[1]['step']}" in shown, shown
+    assert [line.split()[1] for line in shown.splitlines() if line.startswith("  step ")][-1] == "4/4", shown
     with fs.open_input_stream("raysft/runs/s3run/samples.jsonl") as f:
         entries = [json.loads(x) for x in f.read().decode().splitlines()]
     from raysft.pipeline.training.ledger import check_exactly_once
@@ -308,8 +321,9 @@ def test_run_identity_on_s3_refuses_a_changed_rerun(s3):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_tune_grid_shares_one_prepared_artifact_on_s3(s3, ray_session, tiny_model_dir, tmp_path, monkeypatch):
-    """A 2-trial grid whose input and prepared cache are on s3://: prepared once (Ray Data's tokenizer actors
-    read the object), and both trials stream the same shards from the bucket."""
+    """A 2-trial grid whose input, prepared cache and sweep folder are on s3://: prepared once (Ray Data's tokenizer
+    actors read the object), both trials stream the same shards from the bucket, and Tune's experiment folder, the
+    trials' run folders, results.csv, the plots and the best adapter are all in the bucket (nothing local)."""
     import csv
     import random
 
@@ -353,7 +367,7 @@ def test_tune_grid_shares_one_prepared_artifact_on_s3(s3, ray_session, tiny_mode
             "train.save_every": 2,
             "train.logging.tensorboard": False,
             "scaling.num_workers": 1,
-            "run.storage_path": str(tmp_path / "runs"),
+            "run.storage_path": "s3://raysft/sweeps",
             "run.max_failures": 0,
             "run.name": "grid",
             "storage.endpoint_url": endpoint,
@@ -361,8 +375,13 @@ def test_tune_grid_shares_one_prepared_artifact_on_s3(s3, ray_session, tiny_mode
         },
     )
     sweep = tune(cfg)
-    with open(Path(sweep.sweep_dir) / "results.csv") as f:
-        rows = list(csv.DictReader(f))
+    assert sweep.sweep_dir == "s3://raysft/sweeps/grid" and sweep.best.adapter == f"{sweep.sweep_dir}/best_adapter"
+
+    def read(path: str) -> bytes:
+        with fs.open_input_stream(f"raysft/sweeps/grid/{path}") as f:
+            return f.read()
+
+    rows = list(csv.DictReader(read("results.csv").decode().splitlines()))
     assert sorted(int(r["lora.r"]) for r in rows) == [4, 8]
     keys = {i.path.split("/")[2] for i in fs.get_file_info(pafs.FileSelector("raysft/tune-cache", recursive=True))}
     assert len(keys) == 1  # one prepared artifact for both trials
@@ -370,9 +389,77 @@ def test_tune_grid_shares_one_prepared_artifact_on_s3(s3, ray_session, tiny_mode
     assert len(load_index(f"s3://raysft/tune-cache/{key}/train", opts(endpoint)).shards) > 1
     ledgers = []
     for row in rows:
-        run_dir = Path(sweep.sweep_dir) / "trials" / row["trial_id"]
-        ledgers.append((run_dir / "samples.jsonl").read_text())
-        reads = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+        trial = f"trials/{row['trial_id']}"
+        ledgers.append(read(f"{trial}/samples.jsonl"))
+        reads = [json.loads(x) for x in read(f"{trial}/events.jsonl").decode().splitlines()]
         assert any(e.get("event") == "reader" and e["reads"] for e in reads)
+        assert json.loads(read(f"{trial}/trial.json"))["adapter"] == f"s3://raysft/sweeps/grid/{trial}/adapter"
+        assert read(f"{trial}/adapter/adapter_config.json") and read(f"{trial}/attempts.jsonl")
+        assert read(f"tune/{row['trial_id']}/result.json")  # Tune's per-trial results, in its experiment folder
     assert ledgers[0] == ledgers[1]  # same artifact, same seed: the same rows per step
-    assert not Path("s3:").exists()
+    everything = fs.get_file_info(pafs.FileSelector("raysft/sweeps/grid", recursive=True))
+    listed = {i.path.removeprefix("raysft/sweeps/grid/") for i in everything}
+    for name in ("sweep.yaml", "events.jsonl", "loss_vs_lr.png", "eval_curves.png", "best_config.yaml"):
+        assert name in listed, sorted(listed)
+    assert "best_adapter/adapter_config.json" in listed and any(n.startswith("tune/experiment_state") for n in listed)
+    assert read("loss_vs_lr.png")[:4] == b"\x89PNG"
+    assert not Path("s3:").exists() and not list(tmp_path.rglob("s3:"))
+
+
+@pytest.fixture(scope="module")
+def s3_head(s3):
+    """A local Ray head (test_submit.start_head) whose environment holds the AWS_* credentials, the way a cluster's
+    nodes have theirs (variables, files or an instance role); the endpoint travels in the config."""
+    from test_submit import start_head
+
+    head = start_head()
+    yield head
+    head.stop()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_submit_wait_of_a_run_on_s3(s3, s3_head, tiny_model_dir, tmp_path):
+    """`raysft submit --wait` of a run whose prepared cache and run.storage_path are on s3://: the job trains, its
+    console follows the run folder in the bucket, checkpoints/metrics/adapter are listed there, and no secret is
+    in the job's runtime_env, its metadata or any object it wrote."""
+    from ray.job_submission import JobSubmissionClient
+    from test_submit import job_id_of, raysft, write_project
+
+    endpoint, fs = s3
+    proj = tmp_path / "proj"
+    cfg = write_project(proj, tiny_model_dir, "s3://raysft/jobruns")
+    over = ["data.cache_dir=s3://raysft/jobcache", f"storage.endpoint_url={endpoint}"]
+    proc = raysft(
+        ["submit", str(cfg), "--address", s3_head.url, "--wait", *[a for o in over for a in ("--set", o)]],
+        env=s3_head.client_env(),
+        cwd=proj,
+        timeout=600,
+    )
+    job = job_id_of(proc)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    # The job's console followed the run folder in the bucket (its lines are in the streamed logs).
+    assert "training 3 steps on 1 worker(s)" in proc.stdout and "  step 3/3  loss" in proc.stdout, proc.stdout[-3000:]
+    assert "checkpoint saved: step 2 -> s3://raysft/jobruns/tiny-job/checkpoint_000002" in proc.stdout
+
+    listed = {i.path for i in fs.get_file_info(pafs.FileSelector("raysft/jobruns/tiny-job", recursive=True))}
+    for name in ("checkpoint_000002/state.json", "metrics.jsonl", "samples.jsonl", "adapter/adapter_config.json"):
+        assert f"raysft/jobruns/tiny-job/{name}" in listed, sorted(listed)
+    with fs.open_input_stream("raysft/jobruns/tiny-job/metrics.jsonl") as f:
+        assert [json.loads(x)["step"] for x in f.read().decode().splitlines()] == [1, 2, 3]
+    cache = [i.path for i in fs.get_file_info(pafs.FileSelector("raysft/jobcache", recursive=True))]
+    assert any(p.endswith("/train/_index.json") for p in cache), cache
+
+    # No secret in what was submitted, nor in anything the job wrote to the bucket (config.yaml, run.json, ...).
+    secrets = [os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ACCESS_KEY_ID"]]
+    info = JobSubmissionClient(s3_head.url, headers={"Authorization": f"Bearer {s3_head.token}"}).get_job_info(job)
+    submitted = json.dumps([info.runtime_env, info.metadata, info.entrypoint], default=str)
+    assert not any(v in submitted for v in secrets) and "env_vars" not in (info.runtime_env or {}), submitted
+    written = [i.path for i in fs.get_file_info(pafs.FileSelector("raysft/jobruns/tiny-job", recursive=True))]
+    assert "raysft/jobruns/tiny-job/config.yaml" in written and "raysft/jobruns/tiny-job/run.json" in written
+    for path in written + cache:
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            with fs.open_input_stream(path) as f:
+                data = f.read()
+            assert not any(v.encode() in data for v in secrets), f"a credential was written to s3://{path}"
+    assert not (proj / "s3:").exists()

@@ -266,6 +266,8 @@ def test_history_keeps_diverged_values_and_the_last_report_of_a_repeated_step(tm
     """A resumed trial re-reports steps after its checkpoint; a diverged one reports NaN (not a missing value)."""
     from types import SimpleNamespace
 
+    import pyarrow.fs as pafs
+
     from raysft.pipeline.sweep.run import _history
 
     lines = [
@@ -276,7 +278,7 @@ def test_history_keeps_diverged_values_and_the_last_report_of_a_repeated_step(tm
         {"step": 4, "loss": float("nan"), "eval_loss": float("nan")},
     ]
     (tmp_path / "result.json").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    history = _history(SimpleNamespace(path=str(tmp_path)))
+    history = _history(SimpleNamespace(path=str(tmp_path), filesystem=pafs.LocalFileSystem()))
     assert [h["step"] for h in history] == [1, 2, 3, 4] and history[2]["loss"] == 1.5
     row = table_row(TrialRecord("t", {}, history, 1.0, COMPLETED), "eval_loss", "min")
     assert math.isnan(row["final_eval_loss"]) and row["best_eval_loss"] == 2.5

@@ -11,6 +11,11 @@ The sweep folder (run.storage_path/run.name) holds:
     trials/ID/        each trial's Ray Train run: checkpoints, metrics.jsonl, adapter/, trial.json
     events.jsonl      one line per trial start, end, early stop or error, as they happen
     results.csv, loss_vs_lr.png, eval_curves.png, best_adapter/, best_config.yaml
+
+run.storage_path may be an s3:// or gs:// URI: Tune keeps its experiment folder there
+(`RunConfig(storage_path, storage_filesystem)`), each trial's Ray Train run writes its run folder there
+(training/run_files.py), and the driver writes its own files into a local staging copy of the sweep
+folder (`RunFolder`) that it uploads after writing sweep.yaml and at the end.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import json
 import logging
 import math
 import os
+import posixpath
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -35,7 +41,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from raysft.pipeline import jsonl, ray_runtime
+from raysft.pipeline import jsonl, ray_runtime, storage
 from raysft.pipeline.cluster_checks import (
     TRIAL_DRIVER_CPUS,
     Capacity,
@@ -61,7 +67,8 @@ from raysft.pipeline.sweep.report import (
     write_csv,
 )
 from raysft.pipeline.sweep.space import SweepPlan, data_overrides, plan_sweep, trial_overrides
-from raysft.pipeline.tracking import finish_sweep_tracking, finish_tracking, start_sweep_tracking
+from raysft.pipeline.tracking import TRACKING_FILE, finish_sweep_tracking, finish_tracking, start_sweep_tracking
+from raysft.pipeline.training.run_files import RunFolder
 
 log = logging.getLogger("raysft.tune")
 
@@ -75,6 +82,14 @@ WORST = 1e30  # what a diverged trial's metric counts as for ASHA (mode min; neg
 ASHA_MAX_T = 2**31  # ASHA stops at max_t; trials end by their own step count instead
 # The same names a resumed sweep may change (where to reach the cluster is not part of the sweep).
 RESUME_MAY_DIFFER = ("run.address",)
+RESULTS_CSV, PLOTS, BEST_ADAPTER, BEST_CONFIG = (
+    "results.csv",
+    ("loss_vs_lr.png", "eval_curves.png"),
+    "best_adapter",
+    "best_config.yaml",
+)
+# The files the sweep's driver writes (staged locally for a sweep folder on an object store).
+DRIVER_FILES = (SWEEP_CONFIG, EVENTS_FILE, RESULTS_CSV, *PLOTS, BEST_ADAPTER, BEST_CONFIG, TRACKING_FILE)
 
 
 def tune(cfg: Config, resume: bool = False) -> SweepResult:
@@ -84,19 +99,25 @@ def tune(cfg: Config, resume: bool = False) -> SweepResult:
     plan = plan_sweep(cfg)  # every user error in the tune section, before anything starts
     data_cfg = cfg  # data paths as written, so the data cache key matches `raysft train`'s
     cfg = preflight(cfg)  # model, tokenizer, storage: checked, and local paths made absolute for the trials
-    sweep_dir = Path(cfg.run.storage_path).expanduser().resolve() / cfg.run.name
+    sweep_dir = storage.join(cfg.run.storage_path, cfg.run.name)  # a local folder or a URI
     _check_sweep_folder(cfg, sweep_dir, resume)
 
-    with ray_runtime.session(cfg.run.address, ray_runtime.TRAIN):
-        return _run_sweep(cfg, data_cfg, plan, sweep_dir, resume)
+    folder = RunFolder(sweep_dir, storage.StorageOptions.of(cfg), names=DRIVER_FILES)
+    try:
+        with ray_runtime.session(cfg.run.address, ray_runtime.TRAIN):
+            return _run_sweep(cfg, data_cfg, plan, folder, resume)
+    finally:
+        folder.close()  # uploads what the driver wrote (a remote sweep folder)
 
 
-def _run_sweep(cfg: Config, data_cfg: Config, plan: SweepPlan, sweep_dir: Path, resume: bool) -> SweepResult:
-    tune_path = sweep_dir / TUNE_DIR
-    tracking_parent = start_sweep_tracking(cfg, sweep_dir)  # one MLflow parent run; trials are its children
+def _run_sweep(cfg: Config, data_cfg: Config, plan: SweepPlan, folder: RunFolder, resume: bool) -> SweepResult:
+    sweep_dir, local = folder.uri, folder.local  # the sweep folder, and where this driver writes its files
+    tune_storage, tune_fs = storage.ray_storage(sweep_dir, folder.options)
+    tracking_parent = start_sweep_tracking(cfg, local)  # one MLflow parent run; trials are its children
     capacity = read_capacity()
     concurrency = max_concurrent_trials(cfg, capacity)
-    check_shared_storage(sweep_dir, cfg.scaling)
+    if not folder.remote:
+        check_shared_storage(local, cfg.scaling)
     prepared = _prepare_all(data_cfg, plan)  # tokenizes at most once per distinct data config
     trainable = rt.with_resources(
         rt.with_parameters(
@@ -105,7 +126,7 @@ def _run_sweep(cfg: Config, data_cfg: Config, plan: SweepPlan, sweep_dir: Path, 
             source=cfg.source,
             plan=plan,
             prepared=prepared,
-            trials_dir=str(sweep_dir / TRIALS_DIR),
+            trials_dir=storage.join(sweep_dir, TRIALS_DIR),
             tracking_parent=tracking_parent,
         ),
         trial_resources(cfg),
@@ -114,11 +135,17 @@ def _run_sweep(cfg: Config, data_cfg: Config, plan: SweepPlan, sweep_dir: Path, 
         if resume:
             log.info("resuming the sweep in %s", sweep_dir)
             tuner = rt.Tuner.restore(
-                str(tune_path), trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
+                f"{tune_storage}/{TUNE_DIR}",
+                trainable=trainable,
+                resume_unfinished=True,
+                resume_errored=False,
+                restart_errored=False,
+                storage_filesystem=tune_fs,
             )
         else:
-            sweep_dir.mkdir(parents=True, exist_ok=True)
-            (sweep_dir / SWEEP_CONFIG).write_text(cfg.dump_yaml())
+            local.mkdir(parents=True, exist_ok=True)
+            (local / SWEEP_CONFIG).write_text(cfg.dump_yaml())
+            folder.push((SWEEP_CONFIG,))
             tuner = rt.Tuner(
                 trainable,
                 param_space=plan.param_space(),
@@ -127,22 +154,23 @@ def _run_sweep(cfg: Config, data_cfg: Config, plan: SweepPlan, sweep_dir: Path, 
                     mode=plan.mode,
                     num_samples=cfg.tune.num_samples,
                     scheduler=_scheduler(
-                        cfg, sweep_dir, PlannedSteps(cfg.to_dict(), cfg.source, plan, _rows(prepared, cfg))
+                        cfg, local, PlannedSteps(cfg.to_dict(), cfg.source, plan, _rows(prepared, cfg))
                     ),
                     search_alg=search_alg(cfg, plan, concurrency),
                     trial_dirname_creator=_trial_dirname,
                 ),
                 run_config=rt.RunConfig(
                     name=TUNE_DIR,
-                    storage_path=str(sweep_dir),
-                    callbacks=[SweepEvents(str(sweep_dir / EVENTS_FILE))],
+                    storage_path=tune_storage,
+                    storage_filesystem=tune_fs,  # None for a folder; pyarrow's (no credentials in it) for a URI
+                    callbacks=[SweepEvents(str(local / EVENTS_FILE))],
                     failure_config=rt.FailureConfig(max_failures=0),
                     verbose=1,
                 ),
             )
         grid = tuner.fit()
-    sweep = _collect(cfg, plan, sweep_dir, grid)
-    finish_sweep_tracking(sweep_dir, sweep)
+    sweep = _collect(cfg, plan, folder, grid)
+    finish_sweep_tracking(local, sweep)
     return sweep
 
 
@@ -166,9 +194,10 @@ def run_trial(
 
     trial_id = rt.get_context().get_trial_id()
     cfg = trial_config(Config.from_dict(base, source), plan, config, trial_id, trials_dir)
-    run_dir = Path(trials_dir) / trial_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    jsonl.append(run_dir / ATTEMPTS_FILE, {"started": time.time(), "pid": os.getpid()})
+    options = storage.StorageOptions.of(cfg)
+    run_dir = storage.join(trials_dir, trial_id)  # a folder or a URI
+    attempt = json.dumps({"started": time.time(), "pid": os.getpid()}) + "\n"
+    storage.append_bytes(storage.join(run_dir, ATTEMPTS_FILE), attempt.encode(), options)
     data = prepared[_variant_key(data_overrides(plan, config))]
     trainer = build_trainer(cfg, data, callbacks=[TuneReportCallback()], tracking_parent=tracking_parent)
     try:
@@ -177,7 +206,8 @@ def run_trial(
         finish_tracking(run_dir, None, status="FAILED")  # the trial's MLflow child run, if any
         raise
     finished = finish_run(cfg, result)  # the final adapter into run_dir/adapter
-    (run_dir / TRIAL_FILE).write_text(
+    storage.write_bytes(
+        storage.join(run_dir, TRIAL_FILE),
         json.dumps(
             {
                 "trial_id": trial_id,
@@ -187,7 +217,8 @@ def run_trial(
                 "params": trial_overrides(plan, config, cfg),
             },
             indent=2,
-        )
+        ).encode(),
+        options,
     )
 
 
@@ -250,26 +281,32 @@ def _prepare_all(cfg: Config, plan: SweepPlan) -> dict[str, Any]:
     return out
 
 
-def _check_sweep_folder(cfg: Config, sweep_dir: Path, resume: bool) -> None:
-    tune_path = sweep_dir / TUNE_DIR
+def _check_sweep_folder(cfg: Config, sweep_dir: str, resume: bool) -> None:
+    """A new sweep needs a writable folder that holds no sweep; a resumed one, a sweep started with the same config."""
+    options = storage.StorageOptions.of(cfg)
+    tune_storage, tune_fs = storage.ray_storage(sweep_dir, options)
+    tune_path = f"{tune_storage}/{TUNE_DIR}"
     if resume:
-        if not rt.Tuner.can_restore(str(tune_path)):
+        if not rt.Tuner.can_restore(tune_path, storage_filesystem=tune_fs):
             raise ConfigError(
                 f"There is no sweep to resume in {sweep_dir} (run.storage_path/run.name); start it without --resume."
             )
-        saved = Config.from_dict(yaml.safe_load((sweep_dir / SWEEP_CONFIG).read_text()), cfg.source)
+        saved_yaml = storage.read_bytes(storage.join(sweep_dir, SWEEP_CONFIG), options)
+        saved = Config.from_dict(yaml.safe_load(saved_yaml), cfg.source)
         diff = _first_difference(saved.to_dict(), cfg.to_dict())
         if diff and diff not in RESUME_MAY_DIFFER:
             raise ConfigError(
-                f"Config key '{diff}' differs from the interrupted sweep's {sweep_dir / SWEEP_CONFIG}; "
+                f"Config key '{diff}' differs from the interrupted sweep's {storage.join(sweep_dir, SWEEP_CONFIG)}; "
                 "resume with the same config."
             )
         return
-    if tune_path.exists():
+    if storage.exists(storage.join(sweep_dir, TUNE_DIR), options):
         raise ConfigError(f"{sweep_dir} already holds a sweep; continue it with --resume or choose another run.name.")
+    if storage.is_remote(sweep_dir):
+        return  # the store, bucket and credentials were checked by preflight
     try:
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        probe = sweep_dir / ".write-test"
+        Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+        probe = Path(sweep_dir) / ".write-test"
         probe.write_text("")
         probe.unlink()
     except OSError:
@@ -291,11 +328,11 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
 # --- Tune pieces --------------------------------------------------------------------------------
 
 
-def _scheduler(cfg: Config, sweep_dir: Path, planned_steps: PlannedSteps):
+def _scheduler(cfg: Config, local: Path, planned_steps: PlannedSteps):
     if cfg.tune.scheduler == "none":
         return None
     return SweepASHA(
-        str(sweep_dir / EVENTS_FILE),
+        str(local / EVENTS_FILE),
         planned_steps,
         time_attr="step",
         max_t=ASHA_MAX_T,
@@ -436,16 +473,19 @@ def _sparse_metrics() -> Iterator[None]:
 # --- results --------------------------------------------------------------------------------------
 
 
-def _collect(cfg: Config, plan: SweepPlan, sweep_dir: Path, grid) -> SweepResult:
-    """Results table, plots, the best adapter and config, from Tune's results and the trial folders."""
-    stopped = {e["trial_id"] for e in jsonl.read(sweep_dir / EVENTS_FILE) if e.get("event") == "early_stopped"}
+def _collect(cfg: Config, plan: SweepPlan, folder: RunFolder, grid) -> SweepResult:
+    """Results table, plots, the best adapter and config, from Tune's results and the trial folders; written into
+    the driver's folder (`folder.local`, uploaded by the caller for a sweep folder on an object store)."""
+    sweep_dir, local, options = folder.uri, folder.local, folder.options
+    stopped = {e["trial_id"] for e in jsonl.read(local / EVENTS_FILE) if e.get("event") == "early_stopped"}
     # A trial that never reported (pending when a sweep was interrupted) has no Result.config.
     configs = {t.trial_id: t.config for t in getattr(getattr(grid, "_experiment_analysis", None), "trials", [])}
     records = []
     for result in grid:
-        trial_id = Path(result.path).name  # trial folders are named by trial id (_trial_dirname)
-        run_dir = sweep_dir / TRIALS_DIR / trial_id
-        done = _read_json(run_dir / TRIAL_FILE)
+        trial_id = posixpath.basename(result.path)  # trial folders are named by trial id (_trial_dirname)
+        run_dir = storage.join(sweep_dir, TRIALS_DIR, trial_id)
+        trial_file = storage.join(run_dir, TRIAL_FILE)
+        done = json.loads(storage.read_bytes(trial_file, options)) if storage.exists(trial_file, options) else None
         # ASHA's decision wins over a trial that raced to its end before the stop reached it.
         if result.error is not None:
             reason = f"{ERROR}: {str(result.error).strip().splitlines()[-1][:200]}"
@@ -453,39 +493,45 @@ def _collect(cfg: Config, plan: SweepPlan, sweep_dir: Path, grid) -> SweepResult
             reason = EARLY_STOPPED
         else:
             reason = COMPLETED if done is not None else INTERRUPTED
+        history = _history(result)
         records.append(
             TrialRecord(
                 trial_id=trial_id,
                 params=trial_overrides(plan, result.config or configs.get(trial_id, {}), cfg),
-                history=with_generation(_history(result), run_dir),
+                # generation eval refuses a run folder on an object store, so only a local one has gen_* lines
+                history=history if folder.remote else with_generation(history, Path(run_dir)),
                 wall_time_s=float(result.metrics.get("time_total_s", math.nan)),
                 stop_reason=reason,
-                run_dir=str(run_dir),
+                run_dir=run_dir,
                 adapter=(done or {}).get("adapter"),
             )
         )
     records.sort(key=lambda r: r.trial_id)
     table = [table_row(r, plan.metric, plan.mode) for r in records]
-    write_csv(table, sweep_dir / "results.csv")
-    plots = [str(sweep_dir / "loss_vs_lr.png"), str(sweep_dir / "eval_curves.png")]
-    plot_loss_vs_lr(table, plots[0], defaults={"train.lr": cfg.train.lr, "lora.r": cfg.lora.r})
-    plot_curves(records, plots[1], plan.keys)
+    write_csv(table, local / RESULTS_CSV)
+    plot_loss_vs_lr(table, str(local / PLOTS[0]), defaults={"train.lr": cfg.train.lr, "lora.r": cfg.lora.r})
+    plot_curves(records, str(local / PLOTS[1]), plan.keys)
 
     best = None
     row = pick_best(table, plan.metric, plan.mode)
     if row is not None:
-        best_dir = sweep_dir / "best_adapter"
+        best_dir = local / BEST_ADAPTER
         shutil.rmtree(best_dir, ignore_errors=True)
         adapter = None
         if row["adapter"]:
-            shutil.copytree(row["adapter"], best_dir)
-            adapter = str(best_dir)
+            storage.copy_tree(row["adapter"], str(best_dir), options)  # from the trial's folder, local or remote
+            adapter = storage.join(sweep_dir, BEST_ADAPTER)
         params = {k: v for k, v in row.items() if k in plan.keys}
         best_cfg = best_config(cfg, plan, params)
-        (sweep_dir / "best_config.yaml").write_text(best_cfg.dump_yaml())
+        (local / BEST_CONFIG).write_text(best_cfg.dump_yaml())
         best = BestTrial(trial_id=row["trial_id"], config=best_cfg.to_dict(), metrics=row, adapter=adapter)
     sweep = SweepResult(
-        sweep_dir=str(sweep_dir), metric=plan.metric, mode=plan.mode, table=table, best=best, plots=plots
+        sweep_dir=sweep_dir,
+        metric=plan.metric,
+        mode=plan.mode,
+        table=table,
+        best=best,
+        plots=[storage.join(sweep_dir, p) for p in PLOTS],
     )
     log.info(sweep.summary_line())
     return sweep
@@ -496,8 +542,13 @@ def _history(result) -> list[dict[str, Any]]:
 
     Read from the trial's result.json, where a metric that was not reported is absent and a diverged
     one is NaN (a dataframe cannot tell the two apart)."""
-    path = Path(result.path) / "result.json"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    fs, path = result.filesystem, f"{result.path}/result.json"  # Tune's storage: a folder or an object store
+    try:
+        with fs.open_input_stream(path) as f:
+            text = f.read().decode()
+    except FileNotFoundError:
+        text = ""
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     by_step: dict[int, dict[str, Any]] = {}
     for row in rows:
         if isinstance(row.get("step"), (int, float)):
@@ -517,10 +568,6 @@ def with_generation(history: list[dict[str, Any]], run_dir: Path) -> list[dict[s
     for step, values in gen.items():
         rows.setdefault(step, {"step": step}).update(values)
     return [rows[s] for s in sorted(rows)]
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _jsonable(v: Any) -> Any:

@@ -76,8 +76,11 @@ def shim(tree: Path) -> Path:
     d = tree / ".bench-shim" / "raysft"
     d.mkdir(parents=True, exist_ok=True)
     for name in ("pipeline", "kernels"):
-        if not (d / name).exists():
-            (d / name).symlink_to(tree / name)
+        link = d / name
+        if link.is_symlink() and os.readlink(link) != str(tree / name):  # a copied or moved tree's old link
+            link.unlink()
+        if not link.is_symlink():
+            link.symlink_to(tree / name)
     return d.parent
 
 
