@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-from local_processes import free_port
 from test_cluster_multinode import (
     N_SAMPLES,
     _committed_step,
@@ -27,6 +26,7 @@ from test_cluster_multinode import (
     _fast_autoscaling_coordinator,
     _run_child,
     _write_data,
+    start_cluster,
 )
 
 from raysft.pipeline.training.ledger import check_exactly_once
@@ -56,26 +56,12 @@ def _events(run_dir: Path) -> list[dict]:
 
 def run_drain(model_dir: str, work: Path) -> dict:
     import ray
-    from ray._private.services import get_node_ip_address
-    from ray.cluster_utils import Cluster
 
     from raysft.pipeline.config import Config
     from raysft.pipeline.trainer import train
 
-    gcs_port = free_port()
     os.environ["RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"] = "0.2"  # Ray Train's drain watcher (5 s by default)
-    os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{gcs_port}"
-    cluster = Cluster(
-        initialize_head=True,
-        shutdown_at_exit=False,
-        head_node_args=dict(
-            num_cpus=2,
-            gcs_server_port=gcs_port,
-            include_dashboard=True,
-            dashboard_port=free_port(),
-            dashboard_host="127.0.0.1",
-        ),
-    )
+    cluster = start_cluster()
     node_b = cluster.add_node(num_cpus=2)
     out: dict = {"nodes": {"head": cluster.head_node.node_id, "b": node_b.node_id}}
     data = work / "train.jsonl"

@@ -187,21 +187,17 @@ def _resize_the_cluster(cluster, run: dict, run_dir: Path, nodes: dict) -> None:
     run["added_at"] = time.time()
 
 
-def run_scenarios(model_dir: str, work: Path) -> dict:
-    """On a head node alone, then with a second node: the elastic run, a clean 2-worker run, a node loss."""
-    import ray
+def start_cluster(**head_args):
+    """A local `Cluster` head (2 CPUs, dashboard, `head_args` added) named in RAY_ADDRESS: Ray processes (e.g.
+    Train's placement-group cleaner) resolve "the" cluster by scanning the machine, and other test runs may
+    have clusters here too. No exit hooks: they register signal handlers, which fails when a node is added
+    from a watcher thread; callers shut the cluster down, and the test kills the child's session anyway."""
     from ray._private.services import get_node_ip_address
     from ray.cluster_utils import Cluster
 
-    from raysft.pipeline.trainer import train
-
     gcs_port = free_port()
-    # Ray processes (e.g. Train's placement-group cleaner) resolve "the" cluster by scanning the
-    # machine; other test runs may have clusters here too, so name ours.
     os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{gcs_port}"
-    # No exit hooks: they register signal handlers, which fails when a node is added from the watcher
-    # thread; the finally below shuts the cluster down, and the test kills the child's session anyway.
-    cluster = Cluster(
+    return Cluster(
         initialize_head=True,
         shutdown_at_exit=False,
         head_node_args=dict(
@@ -210,9 +206,18 @@ def run_scenarios(model_dir: str, work: Path) -> dict:
             include_dashboard=True,
             dashboard_port=free_port(),
             dashboard_host="127.0.0.1",
-            resources={"head_node": 1},
+            **head_args,
         ),
     )
+
+
+def run_scenarios(model_dir: str, work: Path) -> dict:
+    """On a head node alone, then with a second node: the elastic run, a clean 2-worker run, a node loss."""
+    import ray
+
+    from raysft.pipeline.trainer import train
+
+    cluster = start_cluster(resources={"head_node": 1})
     assert cluster.address == os.environ["RAY_ADDRESS"], (cluster.address, os.environ["RAY_ADDRESS"])
     out: dict = {"cluster_up_s": round(time.monotonic() - T0, 1), "work": str(work)}
     elastic_nodes: dict = {}
