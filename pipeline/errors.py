@@ -32,6 +32,10 @@ class CheckpointError(RaysftError):
     """A run folder or checkpoint cannot be used: another run's identity, incomplete files, no space to save."""
 
 
+class RunInUseError(RaysftError):
+    """Another live raysft process holds the lease of the run or output folder (pipeline/lease.py)."""
+
+
 def causes(exc: BaseException) -> Iterator[BaseException]:
     """`exc` and every exception it wraps (`__cause__`, `__context__`, and the `cause` a Ray task error carries)."""
     seen: set[int] = set()
@@ -63,4 +67,7 @@ def user_error(exc: BaseException) -> RaysftError | None:
 
 
 _RAISED = re.compile(r"raysft\.pipeline\.errors\.(\w+): (.+)")
-_KINDS = {k.__name__: k for k in (RaysftError, ConfigError, DataError, ModelError, ClusterError, CheckpointError)}
+_KINDS = {
+    k.__name__: k
+    for k in (RaysftError, ConfigError, DataError, ModelError, ClusterError, CheckpointError, RunInUseError)
+}

@@ -75,6 +75,28 @@ def test_shards_on_s3_stream_like_local_ones(s3, tmp_path):
     assert fs.get_file_info("raysft/art/train/_index.json").type == pafs.FileType.File
 
 
+def test_run_folder_lease_on_s3(s3, capfd):
+    """pipeline/lease.py on s3:// (conditional writes: If-None-Match to create, If-Match to renew, take over and
+    delete): a holder in another process refuses a taker in one sentence and its lease is taken over once it is
+    killed; a holder elsewhere is taken over only once it stopped renewing (the store's clock); one of many
+    takers wins; renewal keeps a short lease."""
+    import lease_probes
+
+    from raysft.pipeline import lease
+
+    endpoint, fs = s3
+    options = opts(endpoint)
+    lease_probes.refused_by_and_taken_over_from_a_killed_process(
+        lease.in_folder("s3://raysft/leases/killed"), options, capfd
+    )
+    assert fs.get_file_info("raysft/leases/killed/.raysft-lease.json").type == pafs.FileType.NotFound  # released
+    lease_probes.elsewhere_refused_while_renewed_then_taken_over(
+        lease.in_folder("s3://raysft/leases/elsewhere"), options, lambda: time.sleep(3.1)
+    )
+    lease_probes.one_of_many_takers_wins(lease.in_folder("s3://raysft/leases/race"), options)
+    lease_probes.renewal_keeps_a_short_lease(lease.in_folder("s3://raysft/leases/renewed"), options)
+
+
 def test_bad_storage_is_one_sentence_naming_the_uri(s3, monkeypatch):
     endpoint, fs = s3
     with pytest.raises(StorageError, match=r"^Cannot reach the object store for s3://raysft/x"):

@@ -30,7 +30,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from raysft.pipeline import outputs, ray_runtime, storage
+from raysft.pipeline import lease, outputs, ray_runtime, storage
 from raysft.pipeline.data import cache
 from raysft.pipeline.data.light_tokenizer import TokenizerSpec, compile_chat_template
 from raysft.pipeline.data.pack import pack_batch
@@ -374,9 +374,16 @@ def prepare(cfg, output: str | Path | None = None, use_ray: bool = True) -> dict
     """
     if output is None:
         return ensure_prepared(cfg, use_ray=use_ray).stats
-    if storage.is_remote(output):
-        return _prepare_remote(cfg, str(output).rstrip("/"), use_ray)
-    out_dir = Path(output).expanduser()
+    # One writer per output folder: a lease beside it (the folder itself is swapped in whole when done).
+    out = str(output).rstrip("/") if storage.is_remote(output) else str(Path(output).expanduser().absolute())
+    with lease.hold(lease.beside(out), f"--output {out}", StorageOptions.of(cfg)):
+        if storage.is_remote(out):
+            return _prepare_remote(cfg, out, use_ray)
+        return _prepare_local(cfg, Path(out), use_ray)
+
+
+def _prepare_local(cfg, out_dir: Path, use_ray: bool) -> dict:
+    """`prepare --output DIR`: into a temporary sibling, swapped in on success."""
     if not use_ray:
         inputs, started = resolve_inputs(cfg), None
     else:
