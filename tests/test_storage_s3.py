@@ -138,7 +138,9 @@ def test_missing_or_truncated_shard_on_s3(s3):
         read_shard(index, 1)
     fs.delete_file("raysft/bad/train/shard-00001.parquet")
     with pytest.raises(
-        StorageError, match=r"shard s3://raysft/bad/train/shard-00001\.parquet listed in .* is missing\.$"
+        StorageError,
+        match=r"shard s3://raysft/bad/train/shard-00001\.parquet listed in .* is missing; write it again with "
+        r"`raysft prepare CONFIG --output s3://raysft/bad`\.$",
     ):
         load_index("s3://raysft/bad/train", opts(endpoint))
 
