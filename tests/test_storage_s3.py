@@ -145,7 +145,7 @@ def test_missing_or_truncated_shard_on_s3(s3):
         load_index("s3://raysft/bad/train", opts(endpoint))
 
 
-def test_prepare_with_input_and_cache_on_s3(s3, tmp_path, chatml_tokenizer, monkeypatch):
+def test_prepare_with_input_and_cache_on_s3(s3, tmp_path, chatml_tokenizer, monkeypatch, capsys):
     endpoint, fs = s3
     from raysft.pipeline.config import load_config
 
@@ -186,6 +186,25 @@ def test_prepare_with_input_and_cache_on_s3(s3, tmp_path, chatml_tokenizer, monk
 
     remote_rows = pq.read_table(f"raysft/cache/{prepared.key}/train", filesystem=fs).to_pylist()
     assert remote_rows == pq.read_table(local.train_dir).to_pylist()
+
+    # A truncated shard of the cache entry in the bucket: found by its size, the entry rebuilt (one line said)
+    # with the same bytes as before.
+    def entry_bytes() -> dict[str, bytes]:
+        selector = pafs.FileSelector(f"raysft/cache/{prepared.key}/train", recursive=True)
+        return {i.path: fs.open_input_stream(i.path).read() for i in fs.get_file_info(selector)}
+
+    before = entry_bytes()
+    shard = f"raysft/cache/{prepared.key}/train/shard-00001.parquet"
+    with fs.open_output_stream(shard) as f:
+        f.write(before[shard][:50])
+    capsys.readouterr()
+    assert plan.ensure_prepared(cfg, use_ray=False).key == prepared.key
+    said = [line for line in capsys.readouterr().err.splitlines() if "cache entry" in line]
+    assert said == [
+        f"raysft: the prepared-data cache entry s3://raysft/cache/{prepared.key} is damaged (The prepared train "
+        f"shard s3://{shard} is truncated or changed (50 bytes, the index says {len(before[shard])})); rebuilding it."
+    ]
+    assert entry_bytes() == before
 
 
 def _kill_a_worker_after_checkpoint(fs, run_path: str, killed: dict, gcs_address: str) -> None:
