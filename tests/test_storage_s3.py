@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -239,8 +240,10 @@ def test_train_with_prepared_rows_and_run_storage_on_s3(s3, ray_session, tiny_mo
     from safetensors.torch import load as load_safetensors
     from train_fixtures import Prepared
 
+    from raysft.pipeline import trainer
     from raysft.pipeline.config import load_config
-    from raysft.pipeline.trainer import build_trainer, finish_run, preflight
+    from raysft.pipeline.errors import RunInUseError
+    from raysft.pipeline.trainer import build_trainer, finish_run, hold_run_folder, preflight
 
     endpoint, fs = s3
     monkeypatch.chdir(tmp_path)
@@ -278,11 +281,15 @@ def test_train_with_prepared_rows_and_run_storage_on_s3(s3, ray_session, tiny_mo
     cfg = preflight(load_config(None, over))
     prepared = Prepared("s3://raysft/prep/train", "s3://raysft/prep/eval", {})
     killed: dict = {}
-    killer = threading.Thread(
-        target=_kill_a_worker_after_checkpoint,
-        daemon=True,
-        args=(fs, "raysft/runs/s3run", killed, ray_session.get_runtime_context().gcs_address),
-    )
+
+    def kill_then_train_again() -> None:  # mid-run: a worker is killed, and a second train of the run is refused
+        _kill_a_worker_after_checkpoint(fs, "raysft/runs/s3run", killed, ray_session.get_runtime_context().gcs_address)
+        try:
+            trainer.train(cfg)
+        except RunInUseError as exc:
+            killed["second"] = str(exc)
+
+    killer = threading.Thread(target=kill_then_train_again, daemon=True)
     killer.start()
     # The console follows the run folder in the bucket (console.RunFollower through pyarrow.fs).
     import io
@@ -290,9 +297,13 @@ def test_train_with_prepared_rows_and_run_storage_on_s3(s3, ray_session, tiny_mo
     from raysft.pipeline.console import Console, follow_run
 
     out = io.StringIO()
-    with follow_run("s3://raysft/runs/s3run", Console(out, bar=False), options=opts(endpoint)):
+    with hold_run_folder(cfg), follow_run("s3://raysft/runs/s3run", Console(out, bar=False), options=opts(endpoint)):
         result = finish_run(cfg, build_trainer(cfg, prepared).fit())
-    killer.join(timeout=5)
+    killer.join(timeout=60)
+    assert killed.get("second", "").startswith(
+        f"The run folder s3://raysft/runs/s3run is in use by raysft on host {socket.gethostname()} (pid {os.getpid()}, "
+    ), killed
+    assert fs.get_file_info("raysft/runs/s3run/.raysft-lease.json").type == pafs.FileType.NotFound  # released
     assert result.run_dir == "s3://raysft/runs/s3run" and "eval_loss" in result.metrics
     # Recovery from a killed worker with checkpoints on s3://: the group restarted from the bucket's checkpoint.
     assert "pid" in killed, "no worker was killed"
