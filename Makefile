@@ -21,9 +21,11 @@ demo: $(STAMP)
 	$(BIN)/raysft demo
 
 # ruff (config in pyproject.toml) runs before the tests: lint and formatting are not review topics.
+# The docs build is strict (mkdocs.yml): a broken link, a missing anchor or a page not in the nav fails it.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mkdocs build --strict --quiet --site-dir site
 
 test: lint
 	$(BIN)/pytest -m "not gpu" -rs --durations=30 tests
@@ -32,4 +34,4 @@ test-fast: $(STAMP)
 	$(BIN)/pytest -m "not gpu and not slow" -x -q tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache site

@@ -266,7 +266,7 @@ class ScalingConfig(_Section):
         2,
         description="Training workers (processes, one per GPU with use_gpu); [min, max] for elastic training: the "
         "run starts once min workers fit, grows toward max when resources appear and goes on with fewer when a "
-        "node is lost (the same rows and math per step at any size; see the README's Elastic training).",
+        "node is lost (the same rows and math per step at any size; see docs/elastic-and-preemption.md).",
     )
     resize_check_s: float = Field(
         60.0,
@@ -614,7 +614,7 @@ def explain_text(cfg: Config | None = None) -> str:
 
 
 def explain_markdown() -> str:
-    """The reference as the README shows it: one table per section (`raysft config --explain --markdown`)."""
+    """The reference as docs/configuration.md shows it: one table per section (`raysft config --explain --markdown`)."""
     docs = config_reference()
     parts = []
     for name, field in Config.model_fields.items():
