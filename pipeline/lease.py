@@ -287,27 +287,40 @@ class Lease:
                 self.store.delete(self.version)
 
 
-def acquire(lease: str | os.PathLike, what: str, options: StorageOptions | None = None, ttl_s: float = TTL_S) -> Lease:
+def acquire(
+    lease: str | os.PathLike,
+    what: str,
+    options: StorageOptions | None = None,
+    ttl_s: float = TTL_S,
+    wait_elsewhere: bool = False,
+) -> Lease:
     """Take the lease at `lease` (`in_folder(run_dir)`, `beside(output)`) or refuse in one sentence naming its holder.
 
     `what` names the folder in the sentence ("The run folder /runs/x"). A lease whose holder is gone is taken
-    over, with a one-line notice.
+    over, with a one-line notice. With `wait_elsewhere`, a holder on another machine is waited for until its
+    lease expires (a resumed tune trial whose previous process died with its node) instead of refused.
     """
     try:
-        return _acquire(store_for(lease, options), what, ttl_s)
+        return _acquire(store_for(lease, options), what, ttl_s, wait_elsewhere)
     except OSError as exc:  # a local folder: the store's own errors are StorageErrors already
         raise CheckpointError(f"{what} cannot hold raysft's lease file {lease} ({exc.strerror or exc}).") from None
 
 
-def _acquire(store, what: str, ttl_s: float) -> Lease:
+def _acquire(store, what: str, ttl_s: float, wait_elsewhere: bool) -> Lease:
     mine = Holder.me(ttl_s)
-    for _ in range(5):  # each pass either takes the lease or sees another process take it first
+    races, waited_age = 0, None
+    while races < 5:  # each pass either takes the lease or sees another process take it first
         current = store.read()
         if current is None:
             version = store.swap(None, mine)
         else:
             holder, age, expected = current
             if holder is not None and holder.alive(age):
+                renewed = waited_age is not None and age < waited_age  # younger than when we last looked
+                if wait_elsewhere and holder.machine != machine() and not renewed:
+                    waited_age = age
+                    time.sleep(min(5.0, holder.ttl_s / 8))  # until it expires, unless its holder renews it
+                    continue
                 raise RunInUseError(
                     f"{what} is in use by {holder.describe()}; wait for it to finish or stop it, then run this again."
                 )
@@ -317,13 +330,16 @@ def _acquire(store, what: str, ttl_s: float) -> Lease:
                 print(f"raysft: taking over {what} from {gone}, which is no longer running.", file=sys.stderr)
         if version is not None:
             return Lease(store, mine, version)
+        races += 1
     raise RunInUseError(f"{what} is being taken by several processes at once; run this again in a moment.")
 
 
 @contextlib.contextmanager
-def hold(lease: str | os.PathLike, what: str, options: StorageOptions | None = None) -> Iterator[Lease]:
+def hold(
+    lease: str | os.PathLike, what: str, options: StorageOptions | None = None, wait_elsewhere: bool = False
+) -> Iterator[Lease]:
     """`acquire` for the length of a `with` block; released however the block ends."""
-    held = acquire(lease, what, options)
+    held = acquire(lease, what, options, wait_elsewhere=wait_elsewhere)
     try:
         yield held
     finally:

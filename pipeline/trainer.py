@@ -62,11 +62,14 @@ def local_dir_of(cfg: Config) -> Path:
     return run_dir if isinstance(run_dir, Path) else Path.home() / ".cache" / "raysft" / "runs" / cfg.run.name
 
 
-def hold_run_folder(cfg: Config, run_dir: Path | str | None = None) -> contextlib.AbstractContextManager:
+def hold_run_folder(
+    cfg: Config, run_dir: Path | str | None = None, wait_elsewhere: bool = False
+) -> contextlib.AbstractContextManager:
     """The run folder's lease (pipeline/lease.py) for as long as this process writes it: a second train, tune trial
     or submit of the run is refused in one sentence naming this process."""
     run_dir = run_dir if run_dir is not None else run_dir_of(cfg)
-    return lease.hold(lease.in_folder(run_dir), f"The run folder {run_dir}", storage.StorageOptions.of(cfg))
+    options = storage.StorageOptions.of(cfg)
+    return lease.hold(lease.in_folder(run_dir), f"The run folder {run_dir}", options, wait_elsewhere=wait_elsewhere)
 
 
 def preflight(cfg: Config) -> Config:

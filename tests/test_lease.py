@@ -6,6 +6,7 @@ test_fault_sentences.py."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import lease_probes
@@ -31,6 +32,25 @@ def test_holder_elsewhere_taken_over_once_it_stops_renewing(tmp_path):
         os.utime(where, (old, old))
 
     lease_probes.elsewhere_refused_while_renewed_then_taken_over(where, StorageOptions(), expire)
+
+
+def test_a_resumed_trial_waits_out_a_lease_left_elsewhere(tmp_path):
+    """wait_elsewhere (tune trials): a lease from another machine that is not renewed is waited out and taken;
+    one that its holder renews meanwhile is refused."""
+    where = lease.in_folder(tmp_path / "run")
+    store = lease.store_for(where)
+    version = store.swap(None, lease_probes.holder_elsewhere(ttl_s=2.0))
+    start = time.monotonic()
+    lease.acquire(where, "The run folder", wait_elsewhere=True).release()
+    assert 1.5 < time.monotonic() - start < 10
+    holder = lease_probes.holder_elsewhere(ttl_s=2.0)
+    version = store.swap(None, holder)
+    renewing = threading.Timer(1.0, lambda: os.utime(where))  # its holder renews it while we wait
+    renewing.start()
+    with pytest.raises(RunInUseError, match="is in use by raysft on host other-host"):
+        lease.acquire(where, "The run folder", wait_elsewhere=True)
+    renewing.join()
+    assert version
 
 
 def test_one_of_many_takers_wins(tmp_path):

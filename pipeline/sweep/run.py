@@ -194,7 +194,9 @@ def run_trial(
     trial_id = rt.get_context().get_trial_id()
     cfg = trial_config(Config.from_dict(base, source), plan, config, trial_id, trials_dir)
     run_dir = storage.join(trials_dir, trial_id)  # a folder or a URI
-    with hold_run_folder(cfg, run_dir):  # a trial's run folder has one writer, like any run's
+    # A trial's run folder has one writer, like any run's; a resumed trial waits out the lease of a previous
+    # attempt that died with its node (it cannot renew it), instead of failing.
+    with hold_run_folder(cfg, run_dir, wait_elsewhere=True):
         _train_trial(cfg, config, plan, prepared, run_dir, trial_id, tracking_parent)
 
 
