@@ -151,3 +151,21 @@ def test_two_trains_of_one_run_then_a_killed_driver(tiny_model_dir, tmp_path):
     assert not (run / lease.LEASE_FILE).exists()  # released by the run that finished
     starts = [e for e in map(json.loads, (run / "events.jsonl").read_text().splitlines()) if e["event"] == "start"]
     assert len(starts) == 2 and starts[1]["step"] >= 2, starts  # the killed run's start and the resumed one
+
+
+def test_submit_of_a_running_run_is_refused(tmp_path, capsys):
+    """`raysft submit` reads the run folder's lease before it contacts any cluster: a live holder is named."""
+    import socket
+
+    from raysft.pipeline import cli
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"run: {{name: probe, storage_path: {tmp_path / 'runs'}}}\n")
+    run = tmp_path / "runs" / "probe"
+    with lease.hold(lease.in_folder(run), "The run folder"):
+        assert cli.main(["submit", str(cfg), "--address", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"raysft: error: The run folder {run} is in use by raysft on host {socket.gethostname()} (pid {os.getpid()}, "
+    ), err
+    assert err[0].endswith("; wait for it to finish or stop it, then submit again.")
