@@ -9,8 +9,9 @@ anywhere else when it has not been renewed for its `ttl_s` (a thread renews it e
 Where the lease lives: `FOLDER/.raysft-lease.json` for a run folder (`in_folder`); beside the folder,
 `PARENT/.NAME.raysft-lease.json`, for an output folder that is swapped in whole when it is done (`beside`).
 How it is taken atomically:
-- a local (or NFS) path: read and replaced under a short file lock on `LEASE.lock` (so a check and its
-  write are one step), written by rename;
+- a local (or NFS) path: created by a hard link (which fails when it exists); renewed, taken over and
+  deleted under a short file lock in ~/.cache/raysft/locks (a check and its write are one step on this
+  machine; across machines only a taker of an expired lease could race);
 - s3://: the object, created with a conditional write (`If-None-Match: *`),
   renewed, taken over and deleted only if its ETag is still the one read (`If-Match`); the lease's age
   is the store's own clock (response `Date` minus `Last-Modified`), so clocks of machines do not matter;
@@ -21,6 +22,7 @@ How it is taken atomically:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -108,13 +110,18 @@ Read = tuple["Holder | None", float, str]
 
 
 class LocalStore:
-    """A lease file on a local (or NFS) path; swaps are one step under a short file lock."""
+    """A lease file on a local (or NFS) path. Created with a hard link (fails if it exists, atomically, also on
+    NFS); renewed, taken over and deleted under a short file lock of this machine's (~/.cache/raysft/locks), so
+    nothing but the lease itself is left in the user's folders."""
 
     def __init__(self, path: Path) -> None:
-        self.path, self.lock = path, path.with_name(path.name + ".lock")
+        self.path = path
+        key = hashlib.sha256(str(path).encode()).hexdigest()[:24]
+        self.lock = Path(os.path.expanduser(os.path.join("~", ".cache", "raysft", "locks", f"lease-{key}.lock")))
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock.parent.mkdir(parents=True, exist_ok=True)
 
-    def _read(self) -> Read | None:
+    def read(self) -> Read | None:
         try:
             data, mtime = self.path.read_bytes(), self.path.stat().st_mtime
         except FileNotFoundError:
@@ -122,27 +129,38 @@ class LocalStore:
         holder = Holder.loads(data)
         return holder, time.time() - mtime, holder.token if holder else "unreadable"
 
-    def read(self) -> Read | None:
-        return self._read()
+    def _write(self, new: Holder, replace: bool) -> bool:
+        tmp = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_bytes(new.dumps())
+        try:
+            if replace:
+                os.replace(tmp, self.path)
+                return True
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def swap(self, expected: str | None, new: Holder) -> str | None:
         """Write `new` if the lease is still at version `expected` (None: no lease); its version, else None."""
         from filelock import FileLock
 
+        if expected is None:
+            return new.token if self._write(new, replace=False) else None
         with FileLock(self.lock):
-            current = self._read()
-            if (current[2] if current else None) != expected:
+            current = self.read()
+            if current is None or current[2] != expected:
                 return None
-            tmp = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
-            tmp.write_bytes(new.dumps())
-            os.replace(tmp, self.path)
+            self._write(new, replace=True)
             return new.token
 
     def delete(self, expected: str) -> None:
         from filelock import FileLock
 
         with FileLock(self.lock):
-            current = self._read()
+            current = self.read()
             if current and current[2] == expected:
                 self.path.unlink()
 
