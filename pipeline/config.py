@@ -39,8 +39,10 @@ class ModelConfig(_Section):
     quantization: Literal["nf4", "none"] = Field(
         "nf4", description="nf4: a bitsandbytes 4-bit base (QLoRA); none: the base in model.dtype (LoRA)."
     )
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="dtype the 4-bit layers compute in (float16 is refused with DeepSpeed)."
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="dtype the 4-bit layers compute in; auto: bfloat16 where the hardware computes bf16 natively "
+        "(CUDA GPUs with bf16, CPUs with AVX512-BF16/AMX), else float32 (float16 is refused with DeepSpeed).",
     )
     double_quant: bool = Field(True, description="bitsandbytes nested quantization of the NF4 absmax constants.")
     quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] | None = Field(
@@ -48,8 +50,10 @@ class ModelConfig(_Section):
         description="Storage dtype of the packed 4-bit weights: uint8, or model.dtype (null: model.dtype), "
         "which lets ZeRO-3 shard them; DeepSpeed recasts any other float dtype and corrupts them.",
     )
-    dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="dtype of the weights that are not quantized (and of DeepSpeed: bf16 or fp32)."
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="dtype of the weights that are not quantized, the LoRA weights and DeepSpeed (bf16 or fp32); "
+        "auto: as compute_dtype, decided once on the driver and said on the console.",
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention implementation passed to transformers."

@@ -36,6 +36,12 @@ class RunInUseError(RaysftError):
     """Another live raysft process holds the lease of the run or output folder (pipeline/lease.py)."""
 
 
+class WorkerError(RaysftError):
+    """A training worker failed (model load, import, out of memory, ...): not the input's fault, exit 1."""
+
+    exit_code = 1
+
+
 def causes(exc: BaseException) -> Iterator[BaseException]:
     """`exc` and every exception it wraps (`__cause__`, `__context__`, and the `cause` a Ray task error carries)."""
     seen: set[int] = set()
@@ -69,5 +75,14 @@ def user_error(exc: BaseException) -> RaysftError | None:
 _RAISED = re.compile(r"raysft\.pipeline\.errors\.(\w+): (.+)")
 _KINDS = {
     k.__name__: k
-    for k in (RaysftError, ConfigError, DataError, ModelError, ClusterError, CheckpointError, RunInUseError)
+    for k in (
+        RaysftError,
+        ConfigError,
+        DataError,
+        ModelError,
+        ClusterError,
+        CheckpointError,
+        RunInUseError,
+        WorkerError,
+    )
 }

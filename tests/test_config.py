@@ -10,6 +10,8 @@ import pytest
 from raysft.pipeline.config import Config, load_config
 from raysft.pipeline.errors import ConfigError
 
+pytestmark = pytest.mark.smoke  # in `make test-latest`'s canary subset
+
 
 def write(tmp_path, text: str):
     path = tmp_path / "cfg.yaml"

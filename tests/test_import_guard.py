@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.smoke  # in `make test-latest`'s canary subset
+
 REPO = Path(__file__).resolve().parents[1]
 
 RAY_SCRIPT = r"""

@@ -102,6 +102,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"{a['accuracy']:.1%} ({a['correct']}/{a['total']})",
         f"wall time   {report['wall_seconds']:.0f} s",
     ]
+    if report.get("machine"):
+        lines.insert(3, f"machine     {report['machine']}, trained in {report.get('dtype')}")
     return lines
 
 

@@ -124,6 +124,11 @@ def _demo(
         f"ZeRO-{cfg.train.deepspeed.stage}, {cfg.train.max_steps} steps",
         t0,
     )
+    from raysft.pipeline.models import precision
+
+    said = precision.describe(cfg)  # dtype auto: the choice and its reason, once
+    if said:
+        console.line(f"  {said}")
     t_train = time.perf_counter()
     with follow_run(run_dir_of(cfg), console):
         result = _train_on_local_ray(cfg)
@@ -144,6 +149,8 @@ def _demo(
         "workers": cfg.scaling.num_workers,
         "zero_stage": cfg.train.deepspeed.stage,
         "quantization": cfg.model.quantization,
+        "machine": f"{precision.cpu_name()}, {os.cpu_count()} cores",
+        "dtype": precision.resolve(cfg).model.dtype,
         "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "target_modules": cfg.lora.target_modules},
         "train_seconds": train_seconds,
         "tokens_per_s": sorted(tok_s)[len(tok_s) // 2] if tok_s else None,

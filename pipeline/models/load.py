@@ -35,6 +35,9 @@ def load_base_model(mcfg: ModelConfig, device: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from raysft.pipeline.models import precision
+
+    mcfg = precision.concrete_model(mcfg, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     source = base_model_path(mcfg)
     kwargs: dict[str, Any] = dict(
         dtype=torch_dtype(mcfg.dtype),
