@@ -413,7 +413,7 @@ class Config(_Section):
     def with_overrides(self, overrides: list[str] | dict[str, Any]) -> Config:
         """A copy with `a.b=c` strings (YAML-parsed values) or a {dotted: value} dict applied."""
         data = self.to_dict()
-        items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)
+        items = overrides.items() if isinstance(overrides, dict) else _split_overrides(overrides)
         for key, value in items:
             set_dotted(data, key, value, self.source)
         return _validate(data, self.source)
@@ -452,7 +452,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
         if not p.is_file():
             raise ConfigError(f"Config file {source} does not exist.")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.load(p.read_text(), Loader=_StrictLoader)
+        except _DuplicateKey as dup:
+            raise ConfigError(
+                f"Config file {source} sets key '{dup.key}' twice (line {dup.first} and line {dup.line}); keep one."
+            ) from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
@@ -464,6 +468,29 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
         data = loaded
     cfg = _validate(data, source)
     return cfg.with_overrides(overrides) if overrides else cfg
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: str, first: int, line: int) -> None:
+        super().__init__(key)
+        self.key, self.first, self.line = key, first, line
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` entries may be overridden on purpose
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise _DuplicateKey(str(key), seen[key], line)
+            if isinstance(key, (str, int, float, bool)):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any, source: str | None = None) -> None:
@@ -493,6 +520,22 @@ def get_dotted(data: dict[str, Any], key: str) -> Any:
             raise KeyError(key)
         node = node[part]
     return node
+
+
+def _split_overrides(texts: list[str]) -> list[tuple[str, Any]]:
+    """`a.b=c` strings parsed; the same key twice with different values is refused (one would silently win)."""
+    given: dict[str, Any] = {}
+    items = []
+    for text in texts:
+        key, value = _split_override(text)
+        if key in given and given[key] != value:
+            raise ConfigError(
+                f"--set {key} is given twice with different values ({show_value(given[key])} and "
+                f"{show_value(value)}); give it once."
+            )
+        given[key] = value
+        items.append((key, value))
+    return items
 
 
 def _split_override(text: str) -> tuple[str, Any]:

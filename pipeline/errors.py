@@ -32,6 +32,10 @@ class CheckpointError(RaysftError):
     """A run folder or checkpoint cannot be used: another run's identity, incomplete files, no space to save."""
 
 
+class RunInUseError(RaysftError):
+    """Another live raysft process holds the lease of the run or output folder (pipeline/lease.py)."""
+
+
 class WorkerError(RaysftError):
     """A training worker failed (model load, import, out of memory, ...): not the input's fault, exit 1."""
 
@@ -70,5 +74,15 @@ def user_error(exc: BaseException) -> RaysftError | None:
 
 _RAISED = re.compile(r"raysft\.pipeline\.errors\.(\w+): (.+)")
 _KINDS = {
-    k.__name__: k for k in (RaysftError, ConfigError, DataError, ModelError, ClusterError, CheckpointError, WorkerError)
+    k.__name__: k
+    for k in (
+        RaysftError,
+        ConfigError,
+        DataError,
+        ModelError,
+        ClusterError,
+        CheckpointError,
+        RunInUseError,
+        WorkerError,
+    )
 }

@@ -7,6 +7,7 @@ storage path, fp16 with DeepSpeed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raysft.pipeline import ray_runtime, storage
+from raysft.pipeline import lease, ray_runtime, storage
 from raysft.pipeline.cluster_checks import check_shared_storage, check_workers_fit, worker_bundle
 from raysft.pipeline.config import Config
 from raysft.pipeline.data.schema import Prepared
@@ -60,6 +61,16 @@ def local_dir_of(cfg: Config) -> Path:
     folder on an object store."""
     run_dir = run_dir_of(cfg)
     return run_dir if isinstance(run_dir, Path) else Path.home() / ".cache" / "raysft" / "runs" / cfg.run.name
+
+
+def hold_run_folder(
+    cfg: Config, run_dir: Path | str | None = None, wait_elsewhere: bool = False
+) -> contextlib.AbstractContextManager:
+    """The run folder's lease (pipeline/lease.py) for as long as this process writes it: a second train, tune trial
+    or submit of the run is refused in one sentence naming this process."""
+    run_dir = run_dir if run_dir is not None else run_dir_of(cfg)
+    options = storage.StorageOptions.of(cfg)
+    return lease.hold(lease.in_folder(run_dir), f"The run folder {run_dir}", options, wait_elsewhere=wait_elsewhere)
 
 
 def preflight(cfg: Config) -> Config:
@@ -355,7 +366,7 @@ def train(cfg: Config) -> TrainResult:
     cfg = preflight(cfg)
     if not storage.is_remote(cfg.run.storage_path) and (run_dir_of(cfg).exists() or cfg.run.resume == "must"):
         run_identity.decide(cfg, resolve_inputs(cfg).key, run_dir_of(cfg))  # a rerun: refuse a mismatch before any work
-    with ray_runtime.session(cfg.run.address, ray_runtime.TRAIN):
+    with hold_run_folder(cfg), ray_runtime.session(cfg.run.address, ray_runtime.TRAIN):
         check_cluster(cfg)
         prepared = ensure_prepared(cfg)
         trainer = build_trainer(cfg, prepared)

@@ -75,6 +75,37 @@ def test_bad_config_is_one_sentence_naming_the_path(tmp_path, text, overrides, e
     assert "\n" not in message
 
 
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (  # two top-level sections of one name: one would silently win
+            "train:\n  lr: 1.0e-3\ndata:\n  max_seq_len: 512\ntrain:\n  epochs: 2\n",
+            "sets key 'train' twice (line 1 and line 5); keep one.",
+        ),
+        ("lora:\n  r: 8\n  alpha: 16\n  r: 4\n", "sets key 'r' twice (line 2 and line 4); keep one."),
+        ("train:\n  deepspeed: {stage: 2, stage: 3}\n", "sets key 'stage' twice (line 2 and line 2); keep one."),
+    ],
+)
+def test_duplicate_yaml_keys_are_refused_naming_key_and_line(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"Config file {path} {expected}"
+
+
+def test_yaml_merge_keys_may_override_what_they_merge(tmp_path):
+    cfg = load_config(write(tmp_path, "lora:\n  <<: {r: 8, alpha: 16}\n  r: 4\n"))
+    assert (cfg.lora.r, cfg.lora.alpha) == (4, 16)
+
+
+def test_conflicting_set_overrides_are_refused(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides=["train.lr=1e-4", "data.max_seq_len=512", "train.lr=2e-4"])
+    assert str(err.value) == "--set train.lr is given twice with different values (1e-4 and 2e-4); give it once."
+    # The same value twice (a wrapper script repeating a flag) says the same thing once: accepted.
+    assert load_config(None, overrides=["lora.r=4", "lora.r=4"]).lora.r == 4
+
+
 def test_missing_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nonexistent/cfg.yaml")

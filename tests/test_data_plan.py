@@ -217,6 +217,79 @@ def test_cache_is_reused_and_keyed_by_inputs(tok_dir, tmp_path):
     assert plan.ensure_prepared(cfg, use_ray=False).key != again.key
 
 
+def entry_bytes(entry: Path) -> dict[str, bytes]:
+    """Every shard and index of a prepared entry (stats.json holds the seconds it took: left out)."""
+    return {
+        str(p.relative_to(entry)): p.read_bytes()
+        for p in sorted(entry.rglob("*"))
+        if p.is_file() and p.name != "stats.json"
+    }
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside a data page: the size stays, one bit changes
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "damage, said",
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "is truncated or changed"),
+        (Path.unlink, "is missing"),
+        (flip_a_byte, "is changed (its bytes do not match the CRC-32 in"),
+    ],
+    ids=["truncated", "deleted", "byte-flipped"],
+)
+def test_damaged_cache_shard_is_rebuilt_as_a_fresh_prepare(tok_dir, tmp_path, capfd, damage, said):
+    """The cache is derived data: a truncated, deleted or changed shard is found before it is used and the entry
+    is rebuilt (one line said), with the same bytes a fresh prepare writes; a second caller then reuses it."""
+    train = write_rows(tmp_path / "t.jsonl", 300)
+    fresh = plan.ensure_prepared(make_cfg(tok_dir, train, tmp_path / "fresh", shard_mb=0.002), use_ray=False)
+    cfg = make_cfg(tok_dir, train, tmp_path, shard_mb=0.002)
+    entry = plan.ensure_prepared(cfg, use_ray=False).train_dir.parent
+    want = entry_bytes(fresh.train_dir.parent)
+    assert entry_bytes(entry) == want and len(list(entry.glob("train/shard-*.parquet"))) >= 3
+    shard = entry / "train" / "shard-00001.parquet"
+    damage(shard)
+    capfd.readouterr()
+    healed = plan.ensure_prepared(cfg, use_ray=False)
+    notice = [line for line in capfd.readouterr().err.splitlines() if "cache entry" in line]
+    assert len(notice) == 1 and said in notice[0], notice
+    assert notice[0].startswith(f"raysft: the prepared-data cache entry {entry} is damaged (The prepared train shard "
+                                f"{shard} "), notice  # fmt: skip
+    assert notice[0].endswith("; rebuilding it.")
+    assert healed.train_dir.parent == entry and entry_bytes(entry) == want
+    assert not list((tmp_path / "cache").glob(".tmp-*"))  # the damaged entry was set aside and removed
+    plan.ensure_prepared(cfg, use_ray=False)
+    assert "cache entry" not in capfd.readouterr().err  # whole again: reused, nothing said
+
+
+def test_damaged_output_folder_names_the_remedy(tok_dir, tmp_path):
+    """A user's own --output folder is not a cache: it is not rewritten behind the user's back; the sentence
+    names the shard and the remedy, before any worker starts and in a worker's read."""
+    from raysft.pipeline.data.shards import load_index, read_shard
+    from raysft.pipeline.storage import StorageError
+
+    out = tmp_path / "prepared"
+    plan.prepare(make_cfg(tok_dir, write_rows(tmp_path / "t.jsonl", 300), tmp_path, shard_mb=0.002), out, False)
+    shard = out / "train" / "shard-00001.parquet"
+    remedy = f"; write it again with `raysft prepare CONFIG --output {out}`."
+    flip_a_byte(shard)
+    with pytest.raises(StorageError) as err:
+        load_index(str(out / "train"), verify_bytes=True)
+    assert str(err.value) == f"The prepared train shard {shard} is changed (its bytes do not match the CRC-32 in " + (
+        f"{out / 'train' / '_index.json'}){remedy}"
+    )
+    with pytest.raises(StorageError, match=r"is truncated or corrupt \(.*\); write it again with `raysft prepare"):
+        read_shard(load_index(str(out / "train")), 1)  # Parquet's page CRC: a worker never reads other tokens
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(StorageError) as err:
+        load_index(str(out / "train"))
+    assert str(err.value).startswith(f"The prepared train shard {shard} is truncated or changed (100 bytes, ")
+    assert str(err.value).endswith(remedy)
+
+
 @pytest.mark.ray
 def test_ray_plan_equals_pure_functions_and_cli(ray_session, tok_dir, tmp_path, capsys):
     data = tmp_path / "data"

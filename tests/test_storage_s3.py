@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -75,6 +76,28 @@ def test_shards_on_s3_stream_like_local_ones(s3, tmp_path):
     assert fs.get_file_info("raysft/art/train/_index.json").type == pafs.FileType.File
 
 
+def test_run_folder_lease_on_s3(s3, capfd):
+    """pipeline/lease.py on s3:// (conditional writes: If-None-Match to create, If-Match to renew, take over and
+    delete): a holder in another process refuses a taker in one sentence and its lease is taken over once it is
+    killed; a holder elsewhere is taken over only once it stopped renewing (the store's clock); one of many
+    takers wins; renewal keeps a short lease."""
+    import lease_probes
+
+    from raysft.pipeline import lease
+
+    endpoint, fs = s3
+    options = opts(endpoint)
+    lease_probes.refused_by_and_taken_over_from_a_killed_process(
+        lease.in_folder("s3://raysft/leases/killed"), options, capfd
+    )
+    assert fs.get_file_info("raysft/leases/killed/.raysft-lease.json").type == pafs.FileType.NotFound  # released
+    lease_probes.elsewhere_refused_while_renewed_then_taken_over(
+        lease.in_folder("s3://raysft/leases/elsewhere"), options, lambda: time.sleep(3.1)
+    )
+    lease_probes.one_of_many_takers_wins(lease.in_folder("s3://raysft/leases/race"), options)
+    lease_probes.renewal_keeps_a_short_lease(lease.in_folder("s3://raysft/leases/renewed"), options)
+
+
 def test_bad_storage_is_one_sentence_naming_the_uri(s3, monkeypatch):
     endpoint, fs = s3
     with pytest.raises(StorageError, match=r"^Cannot reach the object store for s3://raysft/x"):
@@ -116,12 +139,14 @@ def test_missing_or_truncated_shard_on_s3(s3):
         read_shard(index, 1)
     fs.delete_file("raysft/bad/train/shard-00001.parquet")
     with pytest.raises(
-        StorageError, match=r"shard s3://raysft/bad/train/shard-00001\.parquet listed in .* is missing\.$"
+        StorageError,
+        match=r"shard s3://raysft/bad/train/shard-00001\.parquet listed in .* is missing; write it again with "
+        r"`raysft prepare CONFIG --output s3://raysft/bad`\.$",
     ):
         load_index("s3://raysft/bad/train", opts(endpoint))
 
 
-def test_prepare_with_input_and_cache_on_s3(s3, tmp_path, chatml_tokenizer, monkeypatch):
+def test_prepare_with_input_and_cache_on_s3(s3, tmp_path, chatml_tokenizer, monkeypatch, capsys):
     endpoint, fs = s3
     from raysft.pipeline.config import load_config
 
@@ -163,6 +188,25 @@ def test_prepare_with_input_and_cache_on_s3(s3, tmp_path, chatml_tokenizer, monk
     remote_rows = pq.read_table(f"raysft/cache/{prepared.key}/train", filesystem=fs).to_pylist()
     assert remote_rows == pq.read_table(local.train_dir).to_pylist()
 
+    # A truncated shard of the cache entry in the bucket: found by its size, the entry rebuilt (one line said)
+    # with the same bytes as before.
+    def entry_bytes() -> dict[str, bytes]:
+        selector = pafs.FileSelector(f"raysft/cache/{prepared.key}/train", recursive=True)
+        return {i.path: fs.open_input_stream(i.path).read() for i in fs.get_file_info(selector)}
+
+    before = entry_bytes()
+    shard = f"raysft/cache/{prepared.key}/train/shard-00001.parquet"
+    with fs.open_output_stream(shard) as f:
+        f.write(before[shard][:50])
+    capsys.readouterr()
+    assert plan.ensure_prepared(cfg, use_ray=False).key == prepared.key
+    said = [line for line in capsys.readouterr().err.splitlines() if "cache entry" in line]
+    assert said == [
+        f"raysft: the prepared-data cache entry s3://raysft/cache/{prepared.key} is damaged (The prepared train "
+        f"shard s3://{shard} is truncated or changed (50 bytes, the index says {len(before[shard])})); rebuilding it."
+    ]
+    assert entry_bytes() == before
+
 
 def _kill_a_worker_after_checkpoint(fs, run_path: str, killed: dict, gcs_address: str) -> None:
     """SIGKILL a Ray Train worker once the controller registered the step-2 checkpoint in the bucket."""
@@ -196,8 +240,10 @@ def test_train_with_prepared_rows_and_run_storage_on_s3(s3, ray_session, tiny_mo
     from safetensors.torch import load as load_safetensors
     from train_fixtures import Prepared
 
+    from raysft.pipeline import trainer
     from raysft.pipeline.config import load_config
-    from raysft.pipeline.trainer import build_trainer, finish_run, preflight
+    from raysft.pipeline.errors import RunInUseError
+    from raysft.pipeline.trainer import build_trainer, finish_run, hold_run_folder, preflight
 
     endpoint, fs = s3
     monkeypatch.chdir(tmp_path)
@@ -235,11 +281,15 @@ def test_train_with_prepared_rows_and_run_storage_on_s3(s3, ray_session, tiny_mo
     cfg = preflight(load_config(None, over))
     prepared = Prepared("s3://raysft/prep/train", "s3://raysft/prep/eval", {})
     killed: dict = {}
-    killer = threading.Thread(
-        target=_kill_a_worker_after_checkpoint,
-        daemon=True,
-        args=(fs, "raysft/runs/s3run", killed, ray_session.get_runtime_context().gcs_address),
-    )
+
+    def kill_then_train_again() -> None:  # mid-run: a worker is killed, and a second train of the run is refused
+        _kill_a_worker_after_checkpoint(fs, "raysft/runs/s3run", killed, ray_session.get_runtime_context().gcs_address)
+        try:
+            trainer.train(cfg)
+        except RunInUseError as exc:
+            killed["second"] = str(exc)
+
+    killer = threading.Thread(target=kill_then_train_again, daemon=True)
     killer.start()
     # The console follows the run folder in the bucket (console.RunFollower through pyarrow.fs).
     import io
@@ -247,9 +297,13 @@ def test_train_with_prepared_rows_and_run_storage_on_s3(s3, ray_session, tiny_mo
     from raysft.pipeline.console import Console, follow_run
 
     out = io.StringIO()
-    with follow_run("s3://raysft/runs/s3run", Console(out, bar=False), options=opts(endpoint)):
+    with hold_run_folder(cfg), follow_run("s3://raysft/runs/s3run", Console(out, bar=False), options=opts(endpoint)):
         result = finish_run(cfg, build_trainer(cfg, prepared).fit())
-    killer.join(timeout=5)
+    killer.join(timeout=60)
+    assert killed.get("second", "").startswith(
+        f"The run folder s3://raysft/runs/s3run is in use by raysft on host {socket.gethostname()} (pid {os.getpid()}, "
+    ), killed
+    assert fs.get_file_info("raysft/runs/s3run/.raysft-lease.json").type == pafs.FileType.NotFound  # released
     assert result.run_dir == "s3://raysft/runs/s3run" and "eval_loss" in result.metrics
     # Recovery from a killed worker with checkpoints on s3://: the group restarted from the bucket's checkpoint.
     assert "pid" in killed, "no worker was killed"

@@ -4,7 +4,8 @@ Key = sha256 of (cache format version, every input file's path/size/mtime, the t
 serialized content + chat template + special tokens, the data config minus fields that cannot
 change the result). Entries are written to a temp folder and renamed into place, and a file lock
 on `<key>.lock` makes concurrent callers (Tune trials, workers) wait for one writer, then reuse.
-Temp folders a killed run left behind are removed by a later run once they are a day old.
+Temp folders a killed run left behind are removed by a later run once they are a day old. A damaged
+entry (data/plan.py `entry_damage`) is set aside under a temp name and rebuilt: the cache is derived data.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,6 +81,13 @@ def remove_stale_temps(root: Path, older_than_s: float = STALE_TMP_S) -> list[Pa
         except OSError:  # another run removed it first, or it is not ours to remove
             pass
     return removed
+
+
+def set_aside(root: Path, entry: Path) -> None:
+    """Move a damaged entry out of the way (a temp name: removed here, or by a later run if that fails)."""
+    aside = root / f"{TMP_PREFIX}{entry.name}-damaged-{uuid.uuid4().hex[:8]}"
+    os.rename(entry, aside)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def publish(tmp: Path, final: Path) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from raysft.pipeline import outputs, ray_runtime, storage
+from raysft.pipeline import lease, outputs, ray_runtime, storage
 from raysft.pipeline.data import cache
 from raysft.pipeline.data.light_tokenizer import TokenizerSpec, compile_chat_template
 from raysft.pipeline.data.pack import pack_batch
@@ -374,9 +374,16 @@ def prepare(cfg, output: str | Path | None = None, use_ray: bool = True) -> dict
     """
     if output is None:
         return ensure_prepared(cfg, use_ray=use_ray).stats
-    if storage.is_remote(output):
-        return _prepare_remote(cfg, str(output).rstrip("/"), use_ray)
-    out_dir = Path(output).expanduser()
+    # One writer per output folder: a lease beside it (the folder itself is swapped in whole when done).
+    out = str(output).rstrip("/") if storage.is_remote(output) else str(Path(output).expanduser().absolute())
+    with lease.hold(lease.beside(out), f"--output {out}", StorageOptions.of(cfg)):
+        if storage.is_remote(out):
+            return _prepare_remote(cfg, out, use_ray)
+        return _prepare_local(cfg, Path(out), use_ray)
+
+
+def _prepare_local(cfg, out_dir: Path, use_ray: bool) -> dict:
+    """`prepare --output DIR`: into a temporary sibling, swapped in on success."""
     if not use_ray:
         inputs, started = resolve_inputs(cfg), None
     else:
@@ -401,6 +408,9 @@ def _prepare_remote(cfg, output: str, use_ray: bool) -> dict:
 def ensure_prepared(cfg, use_ray: bool = True) -> Prepared:
     """The prepared dataset for cfg from the cache, building it once when missing (safe concurrently).
 
+    An entry that is damaged (a shard missing, truncated or with other bytes; an unreadable index or stats.json)
+    is derived data: it is rebuilt, atomically, with a one-line notice, and never used.
+
     Call it on the driver before starting Tune trials or Train workers: building needs free CPUs for
     the tokenizer actors, which trials that already hold every CPU could not give it.
     """
@@ -409,36 +419,71 @@ def ensure_prepared(cfg, use_ray: bool = True) -> Prepared:
     if storage.is_remote(root):
         return _ensure_remote(cfg, inputs, str(root), use_ray)
     final = root / inputs.key
-    if not (final / "stats.json").exists():
-        with cache.locked(root, inputs.key):
-            if not (final / "stats.json").exists():
-                tmp = root / f"{cache.TMP_PREFIX}{inputs.key}-{uuid.uuid4().hex[:8]}"
-                try:
-                    _run(cfg, inputs, tmp, use_ray)
-                    cache.publish(tmp, final)
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
+    if (final / "stats.json").exists() and entry_damage(final) is None:
+        return load_prepared(final, inputs.key)
+    with cache.locked(root, inputs.key):
+        if final.exists():  # another caller may have built or healed it while we waited
+            damage = entry_damage(final)
+            if damage is None:
+                return load_prepared(final, inputs.key)
+            _notice_rebuild(final, damage)
+            cache.set_aside(root, final)
+        tmp = root / f"{cache.TMP_PREFIX}{inputs.key}-{uuid.uuid4().hex[:8]}"
+        try:
+            _run(cfg, inputs, tmp, use_ray)
+            cache.publish(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return load_prepared(final, inputs.key)
+
+
+def entry_damage(entry: Path | str, options: StorageOptions | None = None) -> str | None:
+    """Why a finished cache entry cannot be used (one sentence), or None when it is whole. A local entry's shard
+    bytes are checked against their CRC-32 (read at ~2 GB/s); an object store's shards by size only."""
+    from raysft.pipeline.data.shards import load_index
+
+    try:
+        stats = json.loads(storage.read_bytes(storage.join(entry, "stats.json"), options))
+        if not isinstance(stats, dict):
+            return f"{storage.join(entry, 'stats.json')} does not hold a JSON object"
+        for split in ("train", "eval"):
+            folder = storage.join(entry, split)
+            if split == "train" or has_rows(folder, options):
+                load_index(folder, options, what=split, verify_bytes=not storage.is_remote(entry))
+    except (RaysftError, OSError, ValueError) as exc:
+        return str(exc).split("; ")[0].rstrip(".")
+    return None
+
+
+def _notice_rebuild(entry: Path | str, damage: str) -> None:
+    print(f"raysft: the prepared-data cache entry {entry} is damaged ({damage}); rebuilding it.", file=sys.stderr)
 
 
 def _ensure_remote(cfg, inputs: Inputs, root: str, use_ray: bool) -> Prepared:
     """The cache on an object store: shards and indexes are written under ROOT/KEY, stats.json last (the
     marker of a finished entry). A local lock keeps this machine's callers to one writer; writers on two
-    machines write the same deterministic objects."""
+    machines write the same deterministic objects. A damaged entry loses its marker first, then is rebuilt."""
     options = StorageOptions.of(cfg)
     storage.check_location(root, options)
     final = storage.join(root, inputs.key)
     marker = storage.join(final, "stats.json")
-    if not storage.exists(marker, options):
-        with cache.locked(cache.lock_root(), inputs.key):
-            if not storage.exists(marker, options):
-                try:
-                    _run(cfg, inputs, final, use_ray)
-                except BaseException:
-                    fs, path = storage.resolve(final, options)
-                    with contextlib.suppress(OSError):
-                        fs.delete_dir(path)  # this call's partial entry, never a finished one (no marker)
-                    raise
+    if storage.exists(marker, options) and entry_damage(final, options) is None:
+        return load_prepared(final, inputs.key, options)
+    with cache.locked(cache.lock_root(), inputs.key):
+        fs, path = storage.resolve(final, options)
+        if storage.exists(marker, options):
+            damage = entry_damage(final, options)
+            if damage is None:
+                return load_prepared(final, inputs.key, options)
+            _notice_rebuild(final, damage)
+            fs.delete_file(storage.resolve(marker, options)[1])  # no longer a finished entry, for any reader
+            fs.delete_dir(path)
+        try:
+            _run(cfg, inputs, final, use_ray)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                fs.delete_dir(path)  # this call's partial entry, never a finished one (no marker)
+            raise
     return load_prepared(final, inputs.key, options)
 
 

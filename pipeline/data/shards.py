@@ -3,18 +3,24 @@
 A split folder (local or an object-store URI) holds `shard-NNNNN.parquet` files and `_index.json`:
 
     {"schema_version": 1, "cache_key": "...", "rows": R, "tokens": T,
-     "shards": [{"file": "shard-00000.parquet", "rows": r, "tokens": t, "bytes": b}, ...]}
+     "shards": [{"file": "shard-00000.parquet", "rows": r, "tokens": t, "bytes": b, "crc32": c}, ...]}
 
 `bytes` is the file's size, so a missing or truncated shard is found from one listing, before any
-worker starts. A shard closes once its rows reach `shard_mb` MiB in memory (Arrow's size, which is
-what a reader holds), so memory per shard is a knob, not a property of the data set. The index is
-written last: a folder without it is incomplete. Folders written before shards existed (any
-`*.parquet` files, no index) are read through an index built from the Parquet footers.
+worker starts; `crc32` is the CRC-32 of the file's bytes (`verify_bytes` reads them back: ~2 GB/s of one
+core, so the driver checks a local cache entry's bytes before training and an object store's only by size).
+Each data page also carries Parquet's own CRC, checked wherever a shard is read (`read_shard`), so a change
+that keeps the size fails the read instead of feeding other tokens. A shard is written in memory and stored
+in one write (at most about `shard_mb` of file bytes held), which is how its CRC comes for free. A shard
+closes once its rows reach `shard_mb` MiB in memory (Arrow's size, which is what a reader holds), so memory
+per shard is a knob, not a property of the data set. The index is written last: a folder without it is
+incomplete. Folders written before shards existed (any `*.parquet` files, no index) are read through an
+index built from the Parquet footers.
 """
 
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -37,6 +43,7 @@ class Shard:
     rows: int
     tokens: int
     bytes: int
+    crc32: int | None = None  # None: written before checksums; its size is still checked
 
 
 @dataclass
@@ -113,6 +120,7 @@ class ShardWriter:
         self.fs, self.path = storage.resolve(self.root, self.options)
         self.shards: list[Shard] = []
         self.writer: pq.ParquetWriter | None = None
+        self.sink: pa.BufferOutputStream | None = None
         self.rows = self.tokens = self.nbytes = 0
 
     def _file(self) -> str:
@@ -122,12 +130,10 @@ class ShardWriter:
         table = table.select(PACKED_COLUMNS)
         while table.num_rows:
             if self.writer is None:
-                self.fs.create_dir(self.path, recursive=True)
                 # No dictionary encoding: token-id lists gain little from it (files ~25% larger) and it made
                 # every shard ~4x slower to read back in the training reader (BENCHMARKS.md).
-                self.writer = pq.ParquetWriter(
-                    f"{self.path}/{self._file()}", table.schema, filesystem=self.fs, use_dictionary=False
-                )
+                self.sink = pa.BufferOutputStream()
+                self.writer = pq.ParquetWriter(self.sink, table.schema, use_dictionary=False, write_page_checksum=True)
             cum = np.cumsum(row_bytes(table))
             take = int(np.searchsorted(cum, self.limit - self.nbytes, side="right"))
             if take == 0 and self.rows:  # the next row does not fit: start a new shard
@@ -149,16 +155,19 @@ class ShardWriter:
         if self.writer is None:
             return
         self.writer.close()
+        data = self.sink.getvalue()
         name = self._file()
-        size = self.fs.get_file_info(f"{self.path}/{name}").size
-        self.shards.append(Shard(name, self.rows, self.tokens, int(size)))
-        self.writer, self.rows, self.tokens, self.nbytes = None, 0, 0, 0
+        self.fs.create_dir(self.path, recursive=True)
+        with self.fs.open_output_stream(f"{self.path}/{name}") as f:
+            f.write(data)
+        self.shards.append(Shard(name, self.rows, self.tokens, data.size, zlib.crc32(memoryview(data))))
+        self.writer, self.sink, self.rows, self.tokens, self.nbytes = None, None, 0, 0, 0
 
     def abort(self) -> None:
         """Stop without an index (a failed prepare leaves no folder that looks finished)."""
         if self.writer is not None:
             self.writer.close()
-        self.writer = None
+        self.writer = self.sink = None
 
     def close(self) -> ShardIndex | None:
         """Close the last shard and write index.json (only when rows were written); the index or None."""
@@ -181,10 +190,26 @@ def has_rows(root: str | None, options: StorageOptions | None = None) -> bool:
     )
 
 
+def remedy(root: str, cache_key: str) -> str:
+    """What to do about a damaged prepared split folder: a cache entry (ROOT/KEY/split) is rebuilt by the next
+    train or prepare; a user's own `prepare --output` folder is the user's to write again."""
+    entry = str(root).rstrip("/").rsplit("/", 1)[0]
+    if cache_key and entry.rsplit("/", 1)[-1] == cache_key:
+        return "train or prepare again and raysft rebuilds this cache entry"
+    return f"write it again with `raysft prepare CONFIG --output {entry}`"
+
+
 def load_index(
-    root: str, options: StorageOptions | None = None, *, what: str = "train", check: bool = True
+    root: str,
+    options: StorageOptions | None = None,
+    *,
+    what: str = "train",
+    check: bool = True,
+    verify_bytes: bool = False,
 ) -> ShardIndex:
-    """The index of a split folder; with `check`, every shard must exist with its recorded size.
+    """The index of a split folder; with `check`, every shard must exist with its recorded size, and with
+    `verify_bytes` also its recorded CRC-32 (every byte is read). A damaged folder is one sentence naming the
+    shard and the remedy.
 
     A folder without index.json (written before shards) gets one from its Parquet footers.
     """
@@ -214,12 +239,14 @@ def load_index(
                 uri = index.uri(i)
                 size = listing.get(_listed(uri))
                 if size is None:
-                    raise StorageError(f"The prepared {what} shard {uri} listed in {index_uri} is missing.")
-                if size != s.bytes:
-                    raise StorageError(
-                        f"The prepared {what} shard {uri} is truncated or changed "
-                        f"({size} bytes, the index says {s.bytes})."
-                    )
+                    problem = f"listed in {index_uri} is missing"
+                elif size != s.bytes:
+                    problem = f"is truncated or changed ({size} bytes, the index says {s.bytes})"
+                elif verify_bytes and s.crc32 is not None and zlib.crc32(storage.read_bytes(uri, options)) != s.crc32:
+                    problem = f"is changed (its bytes do not match the CRC-32 in {index_uri})"
+                else:
+                    continue
+                raise StorageError(f"The prepared {what} shard {uri} {problem}; {remedy(root, index.cache_key)}.")
         return index
     if not listing:
         raise StorageError(f"Prepared {what} data in {root} has no Parquet files.")
@@ -251,13 +278,17 @@ def read_shard(index: ShardIndex, i: int, columns: list[str] | None = None) -> p
     uri = index.uri(i)
     fs, path = storage.resolve(uri, index.options)
     try:
-        table = pq.read_table(path, filesystem=fs, columns=columns)
+        # Parquet's page CRCs (written by ShardWriter) are checked as pages are read: a changed byte fails here.
+        table = pq.read_table(path, filesystem=fs, columns=columns, page_checksum_verification=True)
     except FileNotFoundError:
-        raise StorageError(f"The prepared shard {uri} is missing.") from None
+        raise StorageError(f"The prepared shard {uri} is missing; {remedy(index.root, index.cache_key)}.") from None
     except (OSError, ValueError, pa.ArrowInvalid) as exc:
         if "NETWORK" in str(exc) or "NO_SUCH_BUCKET" in str(exc):
             raise storage.failure(uri, exc) from None
-        raise StorageError(f"The prepared shard {uri} is truncated or corrupt ({storage.describe(exc)}).") from None
+        raise StorageError(
+            f"The prepared shard {uri} is truncated or corrupt ({storage.describe(exc)}); "
+            f"{remedy(index.root, index.cache_key)}."
+        ) from None
     if table.num_rows != index.shards[i].rows:
         raise StorageError(
             f"The prepared shard {uri} has {table.num_rows} rows, its index says {index.shards[i].rows}."

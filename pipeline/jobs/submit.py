@@ -166,6 +166,8 @@ def submit(
 
     cfg = load_config(config, overrides=list(overrides))  # a bad config fails here, before any upload
     command = job_command(cfg, job_command_name)
+    if not dry_run:
+        refuse_a_running_run(cfg)
     client = url = None
     if not dry_run:
         client = connect(address)
@@ -210,6 +212,24 @@ def submit(
         print(f"Follow it with: raysft logs {job_id} --follow --address {url}")
         return 0
     return _follow(client, job_id, url)
+
+
+def refuse_a_running_run(cfg) -> None:
+    """A run (or sweep) folder whose lease a live raysft holds is not submitted again (pipeline/lease.py); the job's
+    own `raysft train` takes the lease on the cluster, which also covers a folder this machine cannot see."""
+    from raysft.pipeline import lease, storage
+    from raysft.pipeline.errors import RunInUseError
+
+    options = storage.StorageOptions.of(cfg)
+    folder = storage.join(cfg.run.storage_path, cfg.run.name)
+    if not storage.is_remote(folder):
+        folder = storage.local_path(folder)
+    holder = lease.live_holder(lease.in_folder(folder), options)
+    if holder is not None:
+        raise RunInUseError(
+            f"The run folder {folder} is in use by {holder.describe()}; wait for it to finish or stop it, "
+            "then submit again."
+        )
 
 
 def _follow(client, job_id: str, url: str) -> int:

@@ -41,7 +41,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from raysft.pipeline import jsonl, ray_runtime, storage
+from raysft.pipeline import jsonl, lease, ray_runtime, storage
 from raysft.pipeline.cluster_checks import (
     TRIAL_DRIVER_CPUS,
     Capacity,
@@ -100,14 +100,15 @@ def tune(cfg: Config, resume: bool = False) -> SweepResult:
     data_cfg = cfg  # data paths as written, so the data cache key matches `raysft train`'s
     cfg = preflight(cfg)  # model, tokenizer, storage: checked, and local paths made absolute for the trials
     sweep_dir = storage.join(cfg.run.storage_path, cfg.run.name)  # a local folder or a URI
-    _check_sweep_folder(cfg, sweep_dir, resume)
-
-    folder = RunFolder(sweep_dir, storage.StorageOptions.of(cfg), names=DRIVER_FILES)
-    try:
-        with ray_runtime.session(cfg.run.address, ray_runtime.TRAIN):
-            return _run_sweep(cfg, data_cfg, plan, folder, resume)
-    finally:
-        folder.close()  # uploads what the driver wrote (a remote sweep folder)
+    options = storage.StorageOptions.of(cfg)
+    with lease.hold(lease.in_folder(sweep_dir), f"The sweep folder {sweep_dir}", options):  # one driver per sweep
+        _check_sweep_folder(cfg, sweep_dir, resume)
+        folder = RunFolder(sweep_dir, options, names=DRIVER_FILES)
+        try:
+            with ray_runtime.session(cfg.run.address, ray_runtime.TRAIN):
+                return _run_sweep(cfg, data_cfg, plan, folder, resume)
+        finally:
+            folder.close()  # uploads what the driver wrote (a remote sweep folder)
 
 
 def _run_sweep(cfg: Config, data_cfg: Config, plan: SweepPlan, folder: RunFolder, resume: bool) -> SweepResult:
@@ -188,14 +189,31 @@ def run_trial(
     tracking_parent: dict[str, Any] | None = None,
 ) -> None:
     """One Tune trial: the config with the sampled values, trained by its own TorchTrainer."""
+    from raysft.pipeline.trainer import hold_run_folder
+
+    trial_id = rt.get_context().get_trial_id()
+    cfg = trial_config(Config.from_dict(base, source), plan, config, trial_id, trials_dir)
+    run_dir = storage.join(trials_dir, trial_id)  # a folder or a URI
+    # A trial's run folder has one writer, like any run's; a resumed trial waits out the lease of a previous
+    # attempt that died with its node (it cannot renew it), instead of failing.
+    with hold_run_folder(cfg, run_dir, wait_elsewhere=True):
+        _train_trial(cfg, config, plan, prepared, run_dir, trial_id, tracking_parent)
+
+
+def _train_trial(
+    cfg: Config,
+    config: dict[str, Any],
+    plan: SweepPlan,
+    prepared: dict[str, Any],
+    run_dir: str,
+    trial_id: str,
+    tracking_parent: dict[str, Any] | None,
+) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raysft.pipeline.trainer import build_trainer, finish_run
 
-    trial_id = rt.get_context().get_trial_id()
-    cfg = trial_config(Config.from_dict(base, source), plan, config, trial_id, trials_dir)
     options = storage.StorageOptions.of(cfg)
-    run_dir = storage.join(trials_dir, trial_id)  # a folder or a URI
     attempt = json.dumps({"started": time.time(), "pid": os.getpid()}) + "\n"
     storage.append_bytes(storage.join(run_dir, ATTEMPTS_FILE), attempt.encode(), options)
     data = prepared[_variant_key(data_overrides(plan, config))]
