@@ -259,13 +259,15 @@ def run_scenarios(model_dir: str, work: Path) -> dict:
 
                 killer = threading.Thread(target=lose_node_after_first_checkpoint, daemon=True)
                 killer.start()
-            start = time.monotonic()
+            start, run["called_at"] = time.monotonic(), time.time()
             result = train(_config(model_dir, data, work, scenario))
             run["seconds"] = round(time.monotonic() - start, 1)
             if killer is not None:
                 killer.join(timeout=60)
             run["summary"] = result.summary()
             run["starts"] = _events(run_dir)
+            # a clean group start on this machine now (the data is prepared): what a restart costs at the least
+            run["first_group_started_after_s"] = round(run["starts"][0]["time"] - run["called_at"], 1)
             run["workers"] = [w for w in _worker_nodes(cluster.address) if w[0] not in seen]
             seen |= {w[0] for w in run["workers"]}
             run["ledger"] = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
@@ -319,6 +321,7 @@ def _run_child(model_dir: Path, work: Path, timeout_s: float = 900, script: str 
     finally:
         kill_session(proc.pid)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+    (work / "child.log").write_text(log)  # Ray Train's controller lines: where a slow recovery's seconds went
     if proc.returncode != 0 or not result_file.is_file():
         pytest.fail(f"multi-node run failed (exit {proc.returncode}):\n{log[-6000:]}")
     return json.loads(result_file.read_text()), log
@@ -369,7 +372,9 @@ def test_node_loss_recovers_from_last_checkpoint_exactly_once(multinode):
     assert resumed >= run["removed_at_step"] > 0, (starts, run["removed_at_step"])  # the last registered one
     assert run["adapter"] and run["summary"]["metrics"]["step"] == total
     _assert_exactly_once(run["ledger"])
-    assert run["next_step_after_loss_s"] < 30, run  # with raysft's own recovery settings (ray_recovery.py)
+    # with raysft's own recovery settings (ray_recovery.py); on a loaded machine the group start alone
+    # (first_group_started_after_s: processes, model load) can take longer than that
+    assert run["next_step_after_loss_s"] < 30, {k: v for k, v in run.items() if k.endswith("_s")}
 
 
 def _adapter(work: str, name: str) -> dict:
@@ -402,7 +407,7 @@ def test_elastic_run_shrinks_and_grows_back_with_the_same_result(multinode):
     steps = [s["step"] for s in run["starts"]]
     assert steps == sorted(steps) and steps[2] == run["removed_at_step"] > 0, (steps, run)
     # training went on at 1 worker within 30 s of the loss, with raysft's own recovery settings
-    assert run["next_step_after_loss_s"] < 30, run
+    assert run["next_step_after_loss_s"] < 30, {k: v for k, v in run.items() if k.endswith("_s")}
     # grown back once the resources were there: a resize check (every RESIZE_CHECK_S) plus the restart
     assert run["starts"][3]["time"] - run["added_at"] < 60, run
     total = EPOCHS["elastic"] * N_SAMPLES // 2
