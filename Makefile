@@ -29,7 +29,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mkdocs build --strict --quiet --site-dir site
+	$(BIN)/mkdocs build --strict --site-dir site  # not --quiet: it hides the warnings strict counts
 
 test: lint
 	$(BIN)/pytest -m "not gpu" -rs --durations=30 tests

@@ -1,6 +1,6 @@
 """Say which versions this environment runs, against requirements.lock (`make test-latest` prints it twice).
 
-    python .ci/versions.py requirements.lock
+python .ci/versions.py requirements.lock
 """
 
 from __future__ import annotations

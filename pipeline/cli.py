@@ -13,11 +13,11 @@ from collections.abc import Callable
 from raysft.pipeline.errors import ConfigError, RaysftError
 
 
-def add_verbose_arg(p: argparse.ArgumentParser) -> None:
+def add_verbose_arg(p: argparse.ArgumentParser, log: str = "the run folder's raysft.log") -> None:
     p.add_argument(
         "--verbose",
         action="store_true",
-        help="also show Ray, Ray Train, Ray Data and DeepSpeed logs (always in the run folder's raysft.log)",
+        help=f"also show Ray, Ray Train, Ray Data and DeepSpeed logs (always in {log})",
     )
 
 
@@ -52,18 +52,37 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    """The same console as `train`, on stderr: stage lines, a progress bar on a terminal, the per-source summary;
+    Ray's and the plan's own output go to the log. stdout gets stats.json as one line when it is not a terminal."""
     from pathlib import Path
 
-    from raysft.pipeline.data.plan import ensure_prepared, prepare, resolve_inputs, summary
+    from raysft.pipeline import storage
+    from raysft.pipeline.console import PrepareConsole, console_session
+    from raysft.pipeline.data.plan import ensure_prepared, prepare, prepare_log_path, reporting, resolve_inputs, summary
 
     cfg = _load(args)
-    if args.output is not None:
-        stats, directory = prepare(cfg, output=args.output), Path(args.output).expanduser()
-    else:
-        prepared = ensure_prepared(cfg)
-        stats, directory = prepared.stats, prepared.train_dir.parent
-    print(json.dumps(stats, indent=2))
-    print(summary(stats), file=sys.stderr, flush=True)
+    log_file = prepare_log_path(cfg)
+    with console_session(log_file, verbose=args.verbose, on_stderr=True) as console:
+        where = args.output if args.output is not None else "the prepared-data cache"
+        tokenizer = cfg.model.tokenizer or cfg.model.name_or_path
+        shown = PrepareConsole(console, f"data {cfg.data.train}, tokenizer {tokenizer} -> {where}")
+        with reporting(shown):
+            if args.output is not None:
+                stats = prepare(cfg, output=args.output)
+                directory = args.output if storage.is_remote(args.output) else Path(args.output).expanduser()
+            else:
+                prepared = ensure_prepared(cfg)
+                stats, directory = prepared.stats, prepared.train_dir.parent
+        done = "written" if shown.ran else "reused (already prepared)"
+        shown.stage(3, f"{done}: {directory} ({stats['rows_used']} rows kept of {stats['rows_read']})")
+        for line in summary(stats).splitlines()[1:]:
+            console.line(line)
+        if stats.get("tool_call_ids_rewritten"):
+            console.line(f"  {stats['tool_call_ids_rewritten']} tool-call id(s) mapped to the chat template's form")
+        console.line(f"  stats    {storage.join(directory, 'stats.json')}")
+        console.line(f"  log      {log_file}")
+    if not sys.stdout.isatty():
+        print(json.dumps(stats), flush=True)
     if args.preview:
         from raysft.pipeline.data.preview import HTML_NAME, preview
 
@@ -208,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="print N prepared samples with trained tokens marked (colour on a terminal, [[brackets]] "
         "otherwise) and write preview.html next to stats.json",
     )
+
+    add_verbose_arg(p, log="DATA.CACHE_DIR/logs/prepare-TIME-PID.log")
 
     p = add("train", cmd_train, "prepare (or reuse the cache) and run QLoRA SFT with Ray Train")
     add_config_args(p)

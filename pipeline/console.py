@@ -7,6 +7,9 @@ terminal. The `Console` it yields writes to the real terminal: the plan, one pro
 tqdm bar on a TTY) per optimizer step with loss, lr, tokens/s, ETA and the last eval, checkpoints
 as they are saved, one sentence per recovery, and the final summary.
 
+`raysft prepare` gets the same routing (its log under DATA.CACHE_DIR/logs/) with `PrepareConsole` on stderr:
+stage lines, the data plan's rows as a bar on a terminal, the per-source summary.
+
 `RunFollower` produces those lines by following the run folder the workers write (metrics.jsonl,
 events.jsonl, failures.jsonl, checkpoint_* folders) from a driver thread, so the training loop needs no console code.
 A run folder on an object store is followed the same way through pyarrow.fs: one listing per poll (every
@@ -288,8 +291,9 @@ def follow_run(
 
 
 @contextlib.contextmanager
-def console_session(log_path: str | os.PathLike, verbose: bool = False) -> Iterator[Console]:
-    """Send fd 1 and fd 2 to `log_path` (and, with `verbose`, on to the terminal); yield a Console on the terminal.
+def console_session(log_path: str | os.PathLike, verbose: bool = False, on_stderr: bool = False) -> Iterator[Console]:
+    """Send fd 1 and fd 2 to `log_path` (and, with `verbose`, on to the terminal); yield a Console on the terminal
+    (its stdout; with `on_stderr` its stderr, so that stdout stays for the command's machine-readable result).
 
     A pump thread copies the pipe to the log; if a child process (one Ray started) still holds the
     pipe when the session ends, the thread lives on to keep draining it for that child."""
@@ -297,7 +301,7 @@ def console_session(log_path: str | os.PathLike, verbose: bool = False) -> Itera
     sys.stdout.flush()
     sys.stderr.flush()
     saved_out, saved_err = os.dup(1), os.dup(2)
-    term = open(os.dup(saved_out), "w", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
+    term = open(os.dup(saved_err if on_stderr else saved_out), "w", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
     read_fd, write_fd = os.pipe()
     echo = os.dup(saved_err)
 
@@ -338,6 +342,59 @@ def console_session(log_path: str | os.PathLike, verbose: bool = False) -> Itera
         os.close(saved_err)
         term.close()
         pumping.join(timeout=2.0)  # drains the rest unless a child process still holds the pipe open
+
+
+class PrepareConsole:
+    """`raysft prepare`'s console: stage lines, the rows read (a bar on a terminal, a line every 10 s elsewhere),
+    then the per-source summary; `__call__` is the data plan's progress report (`plan.reporting`)."""
+
+    STAGES = 3
+    LINE_EVERY_S = 10.0
+
+    def __init__(self, console: Console, inputs: str = ""):
+        self.console = console
+        self.inputs = inputs  # what stage 1 names (data, tokenizer, destination), once the inputs are resolved
+        self.t0 = time.perf_counter()
+        self.ran = False  # the plan ran (else the prepared data came from the cache)
+        self.resolved = False
+        self._bar = None
+        self._last_line = self.t0
+
+    def stage(self, n: int, text: str) -> None:
+        self._close_bar()
+        self.console.line(f"[prepare {time.perf_counter() - self.t0:5.0f}s] {n}/{self.STAGES} {text}")
+
+    def __call__(self, event: str, **info: Any) -> None:
+        if event == "inputs" and not self.resolved:  # not before: a bad input is one sentence, alone
+            self.resolved = True
+            self.stage(1, f"{self.inputs}: {info['files']} file(s), cache key {info['key']}".lstrip(": "))
+        elif event == "run":
+            self.ran = True
+            self.stage(
+                2,
+                f"tokenizing and packing {info['files']} file(s) with {info['actors']} tokenizer actor(s)",
+            )
+        elif event == "batch":
+            self._rows(info["rows"], info["tokens"])
+        elif event == "written":
+            self._close_bar()
+
+    def _rows(self, rows: int, tokens: int) -> None:
+        if self.console.bar_enabled:
+            if self._bar is None:
+                from tqdm import tqdm
+
+                self._bar = tqdm(file=self.console.stream, unit=" rows", dynamic_ncols=True)
+            self._bar.set_postfix_str(f"{tokens} tokens", refresh=False)
+            self._bar.update(rows - self._bar.n)
+        elif time.perf_counter() - self._last_line >= self.LINE_EVERY_S:
+            self._last_line = time.perf_counter()
+            self.console.line(f"  {rows} rows, {tokens} tokens")
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 def log_plan(console: Console, cfg) -> None:

@@ -19,6 +19,11 @@ set win). No job-level runtime_env is passed for it: one would leave the raylet'
 workers. A joined cluster's processes do not inherit the driver's environment; there WORKER_ENV
 travels as the job's runtime_env env_vars, the only way to reach them.
 
+Recovery from a lost node (ray_recovery.py): for Ray Train, on any cluster and also when the caller's own
+`ray.init` came first, the Train settings go into the driver's environment (Ray Train propagates them to its
+controller and workers; on an instance or job raysft starts they are also in Ray's processes' environment, for
+the controllers of Tune trials) and the AutoscalingCoordinator is started with a 1 s tick unless one runs.
+
 Processes of an instance raysft starts end with raysft, SIGKILL included (see ray_orphans.py).
 """
 
@@ -34,7 +39,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from raysft.pipeline import import_guard, ray_orphans
+from raysft.pipeline import import_guard, ray_orphans, ray_recovery
 from raysft.pipeline.errors import ClusterError
 
 WORKER_ENV = {
@@ -87,10 +92,15 @@ def start(address: str | None, needs: Needs, *, num_cpus: int | None = None, env
     import ray
 
     if ray.is_initialized():
+        if needs.train:
+            _warm_train()
         return False
     for name, value in DRIVER_ENV.items():
         os.environ.setdefault(name, value)
     wanted = {**WORKER_ENV, **(env or {})}
+    if needs.train:  # also for Ray Train controllers that Tune trials start in Ray's own processes
+        ray_recovery.apply_train_env()
+        wanted.update(ray_recovery.train_env())
     if address in (None, "", "local") and JOB_CONFIG_ENV not in os.environ:
         where = "a local Ray instance"
         kwargs, scoped = _local(needs, num_cpus, wanted)
@@ -114,19 +124,33 @@ def start(address: str | None, needs: Needs, *, num_cpus: int | None = None, env
 
 
 def _warm_train() -> None:
-    """Ask for Ray Train's autoscaling coordinator (a detached actor, one per cluster) now, without waiting.
+    """Ray Train's recovery settings (ray_recovery.TRAIN_ENV) in the driver's environment, and its autoscaling
+    coordinator (a named, detached actor, one per cluster) asked for now, without waiting.
 
-    Every TorchTrainer's controller first sends it a resource request and waits up to 5 s for the reply; on a
-    fresh instance that wait is the actor's process start (2-5 s on a small machine, and past 5 s a logged
-    GetTimeoutError). Started here, the actor comes up while the driver checks the cluster and prepares the data.
-    Ray Train creates it itself when this cannot (the function is internal to Ray), so a failure is ignored.
+    The coordinator is Ray's with a COORDINATOR_TICK_S refresh of the cluster's nodes instead of 20 s, so a lost
+    or new node is seen in about a second; a coordinator already running (made by an earlier job) is used as it
+    is. Every TorchTrainer's controller first sends it a resource request and waits up to 5 s for the reply; on
+    a fresh instance that wait is the actor's process start (2-5 s on a small machine, and past 5 s a logged
+    GetTimeoutError). Started here, the actor comes up while the driver checks the cluster and prepares the
+    data. Ray Train creates Ray's own when this cannot (the class is internal to Ray), so a failure is ignored.
     """
+    ray_recovery.apply_train_env()
     try:
-        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
-            get_or_create_autoscaling_coordinator,
-        )
+        import ray
+        from ray.data._internal.cluster_autoscaler import default_autoscaling_coordinator as coordinator
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        get_or_create_autoscaling_coordinator()
+        class Coordinator(coordinator._AutoscalingCoordinatorActor):  # pickled by value: workers need no raysft
+            TICK_INTERVAL_S = ray_recovery.COORDINATOR_TICK_S
+
+        # the same options as Ray's get_or_create_autoscaling_coordinator, so either finds the other's actor
+        ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(Coordinator).options(
+            name="AutoscalingCoordinator",
+            namespace="AutoscalingCoordinator",
+            get_if_exists=True,
+            lifetime="detached",
+            scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
+        ).remote()
     except Exception:  # noqa: BLE001 - an optimisation only
         pass
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raysft.pipeline import lease, ray_runtime, storage
+from raysft.pipeline import lease, ray_recovery, ray_runtime, storage
 from raysft.pipeline.cluster_checks import check_shared_storage, check_workers_fit, worker_bundle
 from raysft.pipeline.config import Config
 from raysft.pipeline.data.schema import Prepared
@@ -315,9 +315,10 @@ def build_trainer(
             name=cfg.run.name,
             storage_path=storage_path,
             storage_filesystem=storage_fs,  # None for a folder; for s3:// / gs://, pyarrow's (no credentials in it)
-            # A controller that cannot schedule workers fails after as many tries as a worker group may.
+            # A controller that cannot schedule workers fails after as long a wait as with Ray's defaults,
+            # in shorter tries (ray_recovery.py).
             failure_config=FailureConfig(
-                max_failures=max_failures, controller_failure_limit=max_failures if max_failures >= 0 else -1
+                max_failures=max_failures, controller_failure_limit=ray_recovery.controller_failure_limit(max_failures)
             ),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             # recoveries, for the console (which follows the run folder, local or on an object store)

@@ -23,7 +23,6 @@ from test_cluster_multinode import (
     N_SAMPLES,
     _committed_step,
     _config,
-    _fast_autoscaling_coordinator,
     _run_child,
     _write_data,
     start_cluster,
@@ -106,8 +105,7 @@ def run_drain(model_dir: str, work: Path) -> dict:
         out["done_before_restart"] = done
 
     try:
-        ray.init(address=cluster.address, log_to_driver=True)
-        _fast_autoscaling_coordinator(cluster.head_node.node_id)
+        ray.init(address=cluster.address, log_to_driver=True)  # raysft's recovery settings apply on it
         watcher = threading.Thread(target=drain_then_remove, daemon=True)
         watcher.start()
         start = time.monotonic()

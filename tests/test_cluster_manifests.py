@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 from packaging.requirements import Requirement
 
+from raysft.pipeline import ray_recovery
 from raysft.pipeline.config import Config
 
 try:
@@ -148,6 +149,24 @@ def launcher() -> tuple[Path, dict]:
     found = [(p, d) for p, d in all_docs() if "available_node_types" in d]
     assert len(found) == 1
     return found[0]
+
+
+def test_every_recipe_head_marks_a_lost_node_dead_in_seconds():
+    """The GCS health check is the cluster's (set where the head starts): every recipe's head gets raysft's
+    ray_recovery.CLUSTER_HEAD_ENV, the part of node-loss recovery raysft cannot set from a job (docs/recovery.md)."""
+    heads = []
+    for path, doc in kuberay():
+        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+        if "headGroupSpec" not in spec:
+            continue
+        (container,) = [c for c in spec["headGroupSpec"]["template"]["spec"]["containers"] if c["name"] == "ray-head"]
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        heads.append(path.name)
+        assert {k: env.get(k) for k in ray_recovery.CLUSTER_HEAD_ENV} == ray_recovery.CLUSTER_HEAD_ENV, path.name
+    assert sorted(heads) == ["raycluster.yaml", "rayjob.yaml"]
+    _, cfg = launcher()
+    (head,) = [c for c in cfg["head_start_ray_commands"] if "ray start --head" in c]
+    assert all(f"{k}={v} " in head for k, v in ray_recovery.CLUSTER_HEAD_ENV.items()), head
 
 
 def test_launcher_has_head_and_gpu_worker_types():

@@ -34,6 +34,8 @@ from pathlib import Path
 
 from local_processes import free_port, kill_session
 
+from raysft.pipeline import ray_recovery
+
 # One sample per packed row at max_seq_len 96, 2 rows per step, nothing left out of the epoch.
 # The node-loss run has room after its first checkpoint (step 4 of 16) for the loss to land mid-run; the
 # elastic run and its reference (spread) train 2 epochs, so that each of its 4 sizes gets steps.
@@ -100,37 +102,40 @@ def _has_step(run_dir: Path, step: int) -> bool:
         return False
 
 
+def _seconds_to_next_step(run_dir: Path, lost_at: float, starts_before: int) -> float:
+    """From a node loss to the first step the restarted group trains (the step after the one it resumed at).
+    A group rewinds metrics.jsonl to its checkpoint's step before it writes its start event, so once that
+    event is there, a line for the next step is the new group's."""
+    _wait(lambda: len(_events(run_dir)) > starts_before)
+    after = _events(run_dir)[-1]["step"] + 1
+    _wait(lambda: _has_step(run_dir, after))
+    return round(time.time() - lost_at, 1)
+
+
+def _recovery_breakdown(run_dir: Path, lost_at: float) -> dict:
+    """When, after the loss, the controller saw the failure (failures.jsonl) and the new group started training
+    (its start event, after processes, model and checkpoint load): where a slow recovery's seconds went."""
+    seen = [json.loads(x)["time"] for x in _read_lines(run_dir / "failures.jsonl")]
+    started = [e["time"] for e in _events(run_dir) if e["time"] > lost_at]
+    return {
+        "failure_seen_after_s": round(min(seen) - lost_at, 1) if seen else None,
+        "group_started_after_s": round(min(started) - lost_at, 1) if started else None,
+    }
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return [x for x in path.read_text().splitlines() if x.endswith("}")]
+    except OSError:
+        return []
+
+
 def _wait(what, timeout_s: float = 300) -> None:
     deadline = time.monotonic() + timeout_s
     while not what():
         if time.monotonic() > deadline:
             raise TimeoutError("the elastic scenario waited too long")
         time.sleep(0.05)
-
-
-def _fast_autoscaling_coordinator(node_id: str) -> None:
-    """Ray Train's elastic sizing reads the cluster through Ray's AutoscalingCoordinator actor, which looks at
-    the nodes every 20 s; the test starts that (named, detached) actor itself with a 1 s tick, so a node's
-    arrival or loss is seen in about a second (Train then finds and reuses it)."""
-    import ray
-    from ray.data._internal.cluster_autoscaler import default_autoscaling_coordinator as coordinator
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    class FastTick(coordinator._AutoscalingCoordinatorActor):
-        TICK_INTERVAL_S = 1
-
-    actor = (
-        ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(FastTick)
-        .options(
-            name="AutoscalingCoordinator",
-            namespace="AutoscalingCoordinator",
-            get_if_exists=True,
-            lifetime="detached",
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-        )
-        .remote()
-    )
-    ray.get(actor.get_reserved_resources.remote("warm-up"))
 
 
 def _config(model_dir: str, data: Path, work: Path, scenario: str):
@@ -179,10 +184,8 @@ def _resize_the_cluster(cluster, run: dict, run_dir: Path, nodes: dict) -> None:
     run["removed_at_step"] = _committed_step(run_dir)
     cluster.remove_node(nodes["b"], allow_graceful=False)  # the node dies; no replacement comes
     run["lost_at"] = time.time()
-    _wait(lambda: len(_events(run_dir)) >= 3)  # going on with 1 worker
-    after = _events(run_dir)[-1]["step"] + 1
-    _wait(lambda: _has_step(run_dir, after))
-    run["next_step_after_loss_s"] = round(time.time() - run["lost_at"], 1)
+    run["next_step_after_loss_s"] = _seconds_to_next_step(run_dir, run["lost_at"], 2)  # going on with 1 worker
+    run.update(_recovery_breakdown(run_dir, run["lost_at"]))
     nodes["c"] = cluster.add_node(num_cpus=2, resources={"node_c": 1})  # resources come back
     run["added_at"] = time.time()
 
@@ -224,8 +227,7 @@ def run_scenarios(model_dir: str, work: Path) -> dict:
     data = work / "train.jsonl"
     _write_data(data, N_SAMPLES)
     try:
-        ray.init(address=cluster.address, log_to_driver=True)
-        _fast_autoscaling_coordinator(cluster.head_node.node_id)
+        ray.init(address=cluster.address, log_to_driver=True)  # raysft applies its recovery settings on this
         seen: set = set()
         for scenario in ("elastic", "spread", "node-loss"):
             run = out[scenario] = {}
@@ -249,18 +251,23 @@ def run_scenarios(model_dir: str, work: Path) -> dict:
                         time.sleep(0.05)
                     run["workers_before_loss"] = [w for w in _worker_nodes(cluster.address) if w[0] not in seen]
                     cluster.remove_node(node_b, allow_graceful=False)  # the node dies: raylet, workers, object store
+                    run["lost_at"] = time.time()
                     run["removed_at_step"] = _committed_step(run_dir)
                     nodes["c"] = cluster.add_node(num_cpus=2, resources={"node_c": 1}).node_id  # "autoscaled" in
+                    run["next_step_after_loss_s"] = _seconds_to_next_step(run_dir, run["lost_at"], 1)
+                    run.update(_recovery_breakdown(run_dir, run["lost_at"]))
 
                 killer = threading.Thread(target=lose_node_after_first_checkpoint, daemon=True)
                 killer.start()
-            start = time.monotonic()
+            start, run["called_at"] = time.monotonic(), time.time()
             result = train(_config(model_dir, data, work, scenario))
             run["seconds"] = round(time.monotonic() - start, 1)
             if killer is not None:
                 killer.join(timeout=60)
             run["summary"] = result.summary()
             run["starts"] = _events(run_dir)
+            # a clean group start on this machine now (the data is prepared): what a restart costs at the least
+            run["first_group_started_after_s"] = round(run["starts"][0]["time"] - run["called_at"], 1)
             run["workers"] = [w for w in _worker_nodes(cluster.address) if w[0] not in seen]
             seen |= {w[0] for w in run["workers"]}
             run["ledger"] = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
@@ -281,20 +288,18 @@ def _run_child(model_dir: Path, work: Path, timeout_s: float = 900, script: str 
     """Run `script`'s scenarios in a child process and session; kill whatever is left of that session afterwards."""
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
+    for name in ray_recovery.TRAIN_ENV:  # raysft's own recovery settings, not the suite's
+        env.pop(name, None)
     ray_tmp = Path(tempfile.mkdtemp(prefix="rsftc_", dir="/tmp"))  # short: Ray's socket paths must stay short
     env.update(
         RAY_TMPDIR=str(ray_tmp),
         RAY_AUTH_MODE="disabled",
-        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2",
         RAY_USAGE_STATS_ENABLED="0",
         TOKENIZERS_PARALLELISM="false",
         HF_HUB_OFFLINE="1",
         RAY_DEDUP_LOGS="0",
-        # A group restart decided before Ray has marked a lost node dead asks for a placement that cannot be met
-        # and waits this long before Train retries at the size that fits (default 60 s; ARCHITECTURE.md).
-        RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="15",
-        RAY_health_check_period_ms="1000",  # the GCS marks a killed node dead after ~3 s instead of ~15 s
-        RAY_health_check_failure_threshold="3",
+        # the head's settings from the cluster recipes (docs/recovery.md): a killed node is marked dead in ~5 s
+        **ray_recovery.CLUSTER_HEAD_ENV,
     )
     result_file = work / "result.json"
     # cwd: not the repository, whose kernels/ folder would shadow PyPI's `kernels` on workers' paths
@@ -316,6 +321,7 @@ def _run_child(model_dir: Path, work: Path, timeout_s: float = 900, script: str 
     finally:
         kill_session(proc.pid)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+    (work / "child.log").write_text(log)  # Ray Train's controller lines: where a slow recovery's seconds went
     if proc.returncode != 0 or not result_file.is_file():
         pytest.fail(f"multi-node run failed (exit {proc.returncode}):\n{log[-6000:]}")
     return json.loads(result_file.read_text()), log
@@ -366,6 +372,15 @@ def test_node_loss_recovers_from_last_checkpoint_exactly_once(multinode):
     assert resumed >= run["removed_at_step"] > 0, (starts, run["removed_at_step"])  # the last registered one
     assert run["adapter"] and run["summary"]["metrics"]["step"] == total
     _assert_exactly_once(run["ledger"])
+    # with raysft's own recovery settings (ray_recovery.py); on a loaded machine the group start alone
+    # (first_group_started_after_s: processes, model load) can take longer than that
+    assert run["next_step_after_loss_s"] < NEXT_STEP_BOUND_S, {k: v for k, v in run.items() if k.endswith("_s")}
+
+
+# Issue 22's target is 30 s from a node loss to the next step; measured on a loaded 2-core machine it was 46-81 s
+# (BENCHMARKS.md, docs/recovery.md): the new group's start dominates. This bound catches a return to Ray's
+# defaults (a 60 s start timeout on a stale view: ~90 s) without failing CI on a slow machine.
+NEXT_STEP_BOUND_S = 60
 
 
 def _adapter(work: str, name: str) -> dict:
@@ -397,7 +412,8 @@ def test_elastic_run_shrinks_and_grows_back_with_the_same_result(multinode):
     assert sizes == [(1, 2), (2, 1), (1, 2), (2, 1)], run["starts"]
     steps = [s["step"] for s in run["starts"]]
     assert steps == sorted(steps) and steps[2] == run["removed_at_step"] > 0, (steps, run)
-    assert run["next_step_after_loss_s"] < 60, run  # training went on at 1 worker within a minute of the loss
+    # training went on at 1 worker soon after the loss, with raysft's own recovery settings
+    assert run["next_step_after_loss_s"] < NEXT_STEP_BOUND_S, {k: v for k, v in run.items() if k.endswith("_s")}
     # grown back once the resources were there: a resize check (every RESIZE_CHECK_S) plus the restart
     assert run["starts"][3]["time"] - run["added_at"] < 60, run
     total = EPOCHS["elastic"] * N_SAMPLES // 2
@@ -416,4 +432,13 @@ if __name__ == "__main__":
     parser.add_argument("work", type=Path)
     parser.add_argument("result", type=Path)
     a = parser.parse_args()
-    a.result.write_text(json.dumps(run_scenarios(a.model_dir, a.work)))
+    result = run_scenarios(a.model_dir, a.work)
+    a.result.write_text(json.dumps(result))
+    for name in ("elastic", "spread", "node-loss"):  # for the log a failing test shows
+        run = result[name]
+        lost = run.get("lost_at", 0)
+        starts = [(s["world_size"], s["step"], round(s["time"] - lost, 1) if lost else 0) for s in run["starts"]]
+        print(
+            f"[result] {name}: {run['seconds']} s, next step {run.get('next_step_after_loss_s')} s after the loss, "
+            f"starts (world size, step, s after the loss) {starts}"
+        )

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from raysft.pipeline.console import Console, RunFollower, format_eta
+from raysft.pipeline.console import Console, PrepareConsole, RunFollower, format_eta
 
 
 def _append(path: Path, row: dict) -> None:
@@ -85,6 +85,34 @@ def test_tqdm_bar_on_a_terminal():
     text = out.getvalue()
     assert "3/3" in text and "eval_loss 1.2500 @2" in text and "checkpoint saved: step 3" in text
     assert format_eta(3725) == "1:02:05" and format_eta(65) == "01:05" and format_eta(None) == "--:--"
+
+
+def test_prepare_console_stage_lines_and_rows_bar_or_lines():
+    """`raysft prepare`'s console: numbered stage lines; the data plan's batches as a rows bar on a terminal
+    (closed before the next stage line), as a plain line at most every LINE_EVERY_S elsewhere."""
+    for bar in (True, False):
+        out = io.StringIO()
+        shown = PrepareConsole(Console(out, bar=bar), "data d.jsonl")
+        shown.LINE_EVERY_S = 0.0
+        shown("inputs", files=2, key="k1")
+        shown("inputs", files=2, key="k1")  # resolved again (train's preflight): said once
+        shown("run", files=2, actors=1)
+        shown("batch", rows=10, tokens=500)
+        shown("batch", rows=30, tokens=1500)
+        shown("written", out_dir="x")
+        shown.stage(3, "written: x")
+        lines = [x for x in out.getvalue().replace("\r", "\n").splitlines() if x.strip()]
+        stages = [x.split("] ", 1)[1] for x in lines if x.startswith("[prepare")]
+        assert stages == [
+            "1/3 data d.jsonl: 2 file(s), cache key k1",
+            "2/3 tokenizing and packing 2 file(s) with 1 tokenizer actor(s)",
+            "3/3 written: x",
+        ], lines
+        assert shown.ran
+        if bar:
+            assert any("30 rows" in x and "1500 tokens" in x for x in lines), lines
+        else:
+            assert "  30 rows, 1500 tokens" in lines, lines
 
 
 def test_console_session_sends_every_kind_of_output_to_the_log(tmp_path):

@@ -446,6 +446,78 @@ def test_tool_rows_kept_calls_trained_results_masked(family, shared_tokenizers):
             assert tag in full and not any(tag in d for d in decoded), "tool results are never trained"
 
 
+def openai_style(rows: list[dict]) -> list[dict]:
+    """tool_rows with OpenAI-style ids (`call_` + 24 characters), consistent between calls and results."""
+    rows = json.loads(json.dumps(rows))
+    for row in rows:
+        for m in row.get("messages", []):
+            for call in m.get("tool_calls") or []:
+                call["id"] = f"call_{call['id']}Xq7rT2mB9vK4sLp1Wn"
+            if m["role"] == "tool":
+                m["tool_call_id"] = f"call_{m['tool_call_id']}Xq7rT2mB9vK4sLp1Wn"
+    return rows
+
+
+def test_openai_style_tool_call_ids_on_mistral_are_mapped_kept_exact_and_counted(shared_tokenizers, tmp_path):
+    """Mistral v0.3's template refuses any tool-call id that is not 9 characters. The encoder finds that by
+    probing the template (not by the model's name); each row's ids are mapped to 9 alphanumerics, the same in
+    the call and its result, so every row is kept; its tokens are the template's render of the mapped
+    conversation and its trained tokens exactly the assistant's output with the new id (what the model would
+    emit); stats.json counts the mapped ids. Templates that take OpenAI-style ids are left alone."""
+    from raysft.pipeline.data.pack import pack_batch
+    from raysft.pipeline.data.stats import StatsAccumulator
+    from raysft.pipeline.data.tool_ids import OPENAI_STYLE_ID, ToolIdFormat
+
+    family = "mistral-7b-instruct-v0.3"
+    tok = load(shared_tokenizers, family)
+    encoder = ChatEncoder(tok)
+    assert encoder.tool_ids == ToolIdFormat(9)
+    assert all(ChatEncoder(load(shared_tokenizers, f)).tool_ids is None for f in FAMILIES if f != family)
+    rows = openai_style(tool_rows())
+    items = [normalise_row(r) for r in rows]
+    assert all(i.drop_reason is None for i in items)
+    with pytest.raises(Exception, match="9 characters"):  # as the rows come, the template refuses them
+        tok.apply_chat_template(items[0].messages, tools=items[0].tools, tokenize=False)
+    results = encoder.encode_views(items)
+    assert not [r for r in results if isinstance(r, Exception)], [r.detail for r in results if isinstance(r, Exception)]
+    expected_rewrites = 0
+    for item, samples in zip(items, results):
+        mapped, n = encoder.tool_ids.rewrite(item.messages)
+        assert mapped == encoder.tool_ids.rewrite(item.messages)[0]  # deterministic
+        calls = [c for m in mapped for c in m.get("tool_calls") or ()]
+        originals = [c for m in item.messages for c in m.get("tool_calls") or ()]
+        results_ids = [m["tool_call_id"] for m in mapped if m["role"] == "tool"]
+        assert [c["id"] for c in calls] == results_ids  # a call and its result keep one id
+        assert all(encoder.tool_ids.fits(c["id"]) for c in calls) and len({c["id"] for c in calls}) == len(calls)
+        expected_rewrites += n
+        assert n == sum(1 for c in originals if not encoder.tool_ids.fits(c["id"]))
+        full = tok.apply_chat_template(mapped, tools=item.tools, tokenize=False)
+        assert samples[0][0].tolist() == tok(full, add_special_tokens=False)["input_ids"]
+        # exact masks: the trained tokens of every sample are exactly each assistant turn's output and </s>
+        want = []
+        for m in (m for m in mapped if m["role"] == "assistant"):
+            if m.get("tool_calls"):
+                body = ", ".join(
+                    f"{{&#34;name&#34;: &#34;{c['function']['name']}&#34;, &#34;arguments&#34;: "
+                    f"{json.dumps(c['function']['arguments'], ensure_ascii=False)}, &#34;id&#34;: &#34;{c['id']}&#34;}}"
+                    for c in m["tool_calls"]
+                )
+                want.append(f"[TOOL_CALLS]  [{body}]</s>")
+            else:
+                want.append(f"{m['content']}</s>")
+        got = [tok.decode(seg) for ids, labels in samples for seg in trained_segments(ids, labels)]
+        assert sorted(got) == sorted(want), (got, want)
+    assert expected_rewrites == 6  # 4 + 2 second-round calls; the ShareGPT row's generated id already fits
+    # counted in stats.json, through the packing stage
+    table = encoder.encode_table(items, list(range(len(items))), [0] * len(items))
+    stats = StatsAccumulator(4096, [[tmp_path / "t.jsonl"]])
+    stats.add(pack_batch(table, 4096))
+    out = stats.to_dict()
+    assert out["rows_used"] == len(rows) and out["rows_dropped"] == {}
+    assert out["tool_call_ids_rewritten"] == expected_rewrites
+    assert OPENAI_STYLE_ID.startswith("call_")
+
+
 # ---- template controls ----------------------------------------------------------------------------
 
 

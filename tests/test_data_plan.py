@@ -291,7 +291,7 @@ def test_damaged_output_folder_names_the_remedy(tok_dir, tmp_path):
 
 
 @pytest.mark.ray
-def test_ray_plan_equals_pure_functions_and_cli(ray_session, tok_dir, tmp_path, capsys):
+def test_ray_plan_equals_pure_functions_and_cli(ray_session, tok_dir, tmp_path, capfd):
     data = tmp_path / "data"
     data.mkdir()
     write_rows(data / "a.jsonl", 200, bad={10: "{broken"})
@@ -301,7 +301,7 @@ def test_ray_plan_equals_pure_functions_and_cli(ray_session, tok_dir, tmp_path, 
     config_file = tmp_path / "cfg.yaml"
     config_file.write_text(cfg.dump_yaml())
     assert cli.main(["prepare", str(config_file), "--output", str(tmp_path / "ray"), "--preview", "2"]) == 0
-    captured = capsys.readouterr()
+    captured = capfd.readouterr()
     stats_text, _, shown = captured.out.partition("\n--- sample")
     printed = json.loads(stats_text)
     # --preview: two samples with [[trained]] text (not a terminal), and preview.html next to stats.json.

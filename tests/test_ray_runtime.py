@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -106,6 +107,27 @@ def test_unset_address_starts_its_own_instance_never_the_recorded_one(config, ra
     assert json.loads(proc.stdout)["rows_read"] == 30
     assert list((root / "ray").glob("session_*"))
     assert (root / "ray" / "ray_current_cluster").read_text() == stale
+    assert_quiet_prepare(proc)
+
+
+RAY_CHATTER = re.compile(
+    r"^\[?\d{4}-\d\d-\d\d[ T][\d:,.]+ ?[EWIF] \d+|\bE\d{4} |WARNING|UserWarning|core_worker|raylet|INFO"
+)
+
+
+def assert_quiet_prepare(proc: subprocess.CompletedProcess) -> None:
+    """`raysft prepare`'s console (issue 22 item 5): stage lines, the per-source summary, the stats and log paths,
+    and stats.json as one line on stdout (not a terminal) in at most 40 lines; none of Ray's start-up chatter
+    (token-auth WARNING, core_worker `E` lines, Ray Data UserWarnings, executor INFO lines), which is in the log."""
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert len(lines) <= 40, "\n".join(lines)
+    assert not [line for line in lines if RAY_CHATTER.search(line)], "\n".join(lines)
+    console = proc.stderr.splitlines()
+    stages = [line.split("] ", 1)[1][:4] for line in console if line.startswith("[prepare")]
+    assert stages == ["1/3 ", "2/3 ", "3/3 "], console
+    assert any("30 rows read, 30 kept" in line for line in console), console
+    log = Path(next(line for line in console if line.startswith("  log ")).split()[-1])
+    assert log.is_file() and log.stat().st_size > 0  # Ray's output went there
 
 
 def test_the_watchdog_kills_what_carries_a_finished_owners_marker():

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from raysft.pipeline import ray_recovery
 from raysft.pipeline.config import load_config
 from raysft.pipeline.errors import ConfigError
 from raysft.pipeline.jobs.package import (
@@ -222,13 +223,33 @@ def test_job_package_ships_code_config_and_only_named_secrets(tmp_path, monkeypa
     assert any("model.name_or_path" in n for n in pkg.notes)
 
     # secrets: only the named variable, only as an env var, never written into a shipped file
+    # and Ray Train's node-loss recovery settings (ray_recovery.py), for the job's controller and workers
     assert pkg.runtime_env == {
         "working_dir": str(pkg.directory),
-        "env_vars": {"WANDB_API_KEY": "wandb-secret-value"},
+        "env_vars": {"WANDB_API_KEY": "wandb-secret-value", **ray_recovery.train_env()},
     }
+    assert pkg.runtime_env["env_vars"]["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] == os.environ.get(
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "10"
+    )
     for f in pkg.files:
         text = (pkg.directory / f).read_bytes()
         assert b"wandb-secret-value" not in text and b"hf_do_not_ship" not in text and b"must-not-travel" not in text
+
+
+def test_recovery_settings_ship_with_the_job_and_the_users_own_values_win(tmp_path, monkeypatch):
+    """The job's runtime_env carries Ray Train's recovery settings; one set in the submitting shell is shipped
+    instead, and the controller's retry budget follows the start timeout in effect (60 s of waiting per failure)."""
+    root = make_tree(tmp_path / "proj")
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    pkg = build_job_package(load_config(root / "train.yaml"), tmp_path / "s")
+    assert pkg.runtime_env["env_vars"] == {
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30",
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1",
+    }
+    assert ray_recovery.controller_failure_limit(3) == 7  # 8 tries of 30 s: 4 of Ray's 60 s waits
+    monkeypatch.delenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")
+    assert ray_recovery.controller_failure_limit(3) == 23 and ray_recovery.controller_failure_limit(0) == 5
 
 
 def test_naming_a_credential_or_an_outside_path_is_refused(tmp_path):

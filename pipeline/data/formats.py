@@ -143,7 +143,7 @@ def _arguments(value: Any, where: str) -> Any:
 
 def _tool_calls(value: Any, where: str, first_id: int) -> list[dict[str, Any]]:
     """OpenAI-form tool calls; also accepts bare {name, arguments} objects (ShareGPT function_call).
-    A call without an id gets `call_NNNN` (9 characters, the length Mistral's template requires)."""
+    A call without an id gets `callNNNNN` (9 alphanumerics, the form Mistral's template requires)."""
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list) or not value:
@@ -158,7 +158,7 @@ def _tool_calls(value: Any, where: str, first_id: int) -> list[dict[str, Any]]:
             raise BadRow("bad_tool_call", f"{at} has no function name")
         call_id = call.get("id")
         if not isinstance(call_id, str) or not call_id:
-            call_id = f"call_{first_id + j:04d}"
+            call_id = f"call{first_id + j:05d}"
         args = fn.get("arguments", fn.get("parameters"))
         out.append(
             {"id": call_id, "type": "function", "function": {"name": fn["name"], "arguments": _arguments(args, at)}}

@@ -9,8 +9,9 @@ The output keeps every source row accountable: each packed row lists its `source
 sample comes out as a row with empty token lists and its `drop_reason`, and truncated tokens are
 counted, so tokens in == tokens out + tokens truncated + tokens dropped. Per sample, packed rows also
 carry its `sample_views` (0: the row's full conversation, k: its k-th extra turn view),
-`sample_copies` (0: first copy of the row in the epoch) and `sample_truncated` (tokens cut) for
-stats; only schema.PACKED_COLUMNS are written.
+`sample_copies` (0: first copy of the row in the epoch) and `sample_truncated` (tokens cut), and
+each packed row the kept rows' `tool_ids_rewritten` (tool_ids.py), for stats; only
+schema.PACKED_COLUMNS are written.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ PACKED_SCHEMA = pa.schema(
         ("sample_views", pa.list_(pa.int32())),
         ("sample_copies", pa.list_(pa.int32())),
         ("sample_truncated", pa.list_(pa.int32())),
+        ("tool_ids_rewritten", pa.int64()),
     ]
 )
 
@@ -136,6 +138,11 @@ def pack_batch(table: pa.Table, max_seq_len: int, packing: str = "bfd", too_long
     names = table.column_names
     views = table.column("view").to_numpy() if "view" in names else np.zeros(table.num_rows, np.int32)
     copies = table.column("copy").to_numpy() if "copy" in names else np.zeros(table.num_rows, np.int32)
+    rewritten = (
+        table.column("tool_ids_rewritten").to_numpy()
+        if "tool_ids_rewritten" in names
+        else np.zeros(table.num_rows, np.int32)
+    )
 
     out: dict[str, list] = {k: [] for k in PACKED_SCHEMA.names}
 
@@ -155,6 +162,7 @@ def pack_batch(table: pa.Table, max_seq_len: int, packing: str = "bfd", too_long
             ("sample_views", [int(views[j])]),
             ("sample_copies", [int(copies[j])]),
             ("sample_truncated", [0]),
+            ("tool_ids_rewritten", 0),
         ):
             out[k].append(v)
 
@@ -205,6 +213,7 @@ def pack_batch(table: pa.Table, max_seq_len: int, packing: str = "bfd", too_long
             out["sample_views"].append([int(views[p[0]]) for p in parts])
             out["sample_copies"].append([int(copies[p[0]]) for p in parts])
             out["sample_truncated"].append([p[3] for p in parts])
+            out["tool_ids_rewritten"].append(sum(int(rewritten[p[0]]) for p in parts))
 
     cols = {}
     for name in (
@@ -218,6 +227,14 @@ def pack_batch(table: pa.Table, max_seq_len: int, packing: str = "bfd", too_long
     ):
         cols[name] = _list_array([np.asarray(v, dtype=np.int32) for v in out[name]])
     cols["source_ids"] = pa.array(out["source_ids"], pa.list_(pa.int64()))
-    for name in ("split", "drop_reason", "detail", "rows_truncated", "tokens_truncated", "tokens_dropped"):
+    for name in (
+        "split",
+        "drop_reason",
+        "detail",
+        "rows_truncated",
+        "tokens_truncated",
+        "tokens_dropped",
+        "tool_ids_rewritten",
+    ):
         cols[name] = pa.array(out[name], PACKED_SCHEMA.field(name).type)
     return pa.table({name: cols[name] for name in PACKED_SCHEMA.names}, schema=PACKED_SCHEMA)

@@ -15,6 +15,7 @@ input files, the tokenizer and the data config, or builds it once (lock + atomic
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import json
 import os
@@ -22,7 +23,7 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,7 +103,11 @@ def resolve_inputs(cfg) -> Inputs:
         files_identity(eval_files),
         spec.fingerprint(),
     )
-    return Inputs(train_files, eval_files, spec, key, sources)
+    inputs = Inputs(train_files, eval_files, spec, key, sources)
+    report = _REPORT.get()
+    if report is not None:
+        report("inputs", files=len(train_files) + len(eval_files), key=key)
+    return inputs
 
 
 def read_chat_template(cfg) -> str:
@@ -135,6 +140,22 @@ def chunks_for(cfg, inputs: Inputs) -> list[Chunk]:
     return chunks + plan_chunks(inputs.eval_files, rows, 1, options=options)
 
 
+# Where the plan reports its progress (`reporting`): report(event, **info) with event "inputs" (resolved: files,
+# key), "run" (the plan starts: files, actors), "batch" (rows, tokens so far) or "written" (out_dir). None: a line
+# on stderr every 10 s.
+_REPORT: contextvars.ContextVar[Callable[..., None] | None] = contextvars.ContextVar("raysft_report", default=None)
+
+
+@contextlib.contextmanager
+def reporting(report: Callable[..., None]) -> Iterator[None]:
+    """Send the plan's progress to `report` while the block runs (`raysft prepare`'s console)."""
+    token = _REPORT.set(report)
+    try:
+        yield
+    finally:
+        _REPORT.reset(token)
+
+
 def stage_kwargs(cfg, inputs: Inputs) -> dict:
     """What every tokenize stage (local or actor) is built with."""
     return dict(
@@ -161,6 +182,7 @@ def consume(cfg, inputs: Inputs, batches: Iterable[pa.Table], out_dir: Path | st
         ShardWriter(storage.join(out_dir, split), cfg.data.shard_mb, inputs.key, options) for split in ("train", "eval")
     ]
     start = last = time.monotonic()
+    report = _REPORT.get()
     try:
         for batch in batches:
             stats.add(batch)
@@ -169,7 +191,9 @@ def consume(cfg, inputs: Inputs, batches: Iterable[pa.Table], out_dir: Path | st
                 kept = pc.sum(keep).as_py() or 0
                 if kept:  # filtering copies every list column: skip it when the whole batch is kept
                     sink.write(batch if kept == batch.num_rows else batch.filter(keep))
-            if time.monotonic() - last > 10:
+            if report is not None:
+                report("batch", rows=stats.splits[0].rows_read, tokens=stats.splits[0].tokens_total)
+            elif time.monotonic() - last > 10:
                 last = time.monotonic()
                 st = stats.splits[0]
                 print(
@@ -203,6 +227,8 @@ def consume(cfg, inputs: Inputs, batches: Iterable[pa.Table], out_dir: Path | st
         seconds=round(seconds, 3),
     )
     storage.write_bytes(storage.join(out_dir, "stats.json"), (json.dumps(result, indent=2) + "\n").encode(), options)
+    if report is not None:
+        report("written", out_dir=str(out_dir))
     return result
 
 
@@ -328,7 +354,7 @@ def _resolve_while_ray_starts(cfg) -> tuple[Inputs, bool]:
     GCS and raylet to come up. A config or data error wins over a Ray error, and Ray is shut down again
     when the inputs fail."""
     with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(resolve_inputs, cfg)
+        future = pool.submit(contextvars.copy_context().run, resolve_inputs, cfg)  # with the caller's `reporting`
         try:
             started = _start_ray(cfg)
         except ClusterError:
@@ -344,6 +370,9 @@ def _resolve_while_ray_starts(cfg) -> tuple[Inputs, bool]:
 
 def _run(cfg, inputs: Inputs, out_dir: Path, use_ray: bool = True, started: bool | None = None) -> dict:
     """Run the plan into out_dir; `started` says Ray was already started for this run (by us: True)."""
+    report = _REPORT.get()
+    if report is not None:
+        report("run", files=len(inputs.train_files) + len(inputs.eval_files), actors=cfg.data.num_tokenizer_actors)
     if not use_ray:
         return consume(cfg, inputs, packed_batches_local(cfg, inputs), out_dir)
     if started is None:
@@ -353,6 +382,14 @@ def _run(cfg, inputs: Inputs, out_dir: Path, use_ray: bool = True, started: bool
     finally:
         if started:
             ray_runtime.stop()
+
+
+def prepare_log_path(cfg) -> Path:
+    """Where `raysft prepare` logs Ray's and the plan's output: CACHE_ROOT/logs/prepare-TIME-PID.log (with the
+    cache on an object store, under ~/.cache/raysft/logs)."""
+    root = cache.cache_root(cfg)
+    base = root if isinstance(root, Path) else cache.lock_root().parent
+    return base / "logs" / f"prepare-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{os.getpid()}.log"
 
 
 def input_paths(cfg, inputs: Inputs) -> list[Path]:

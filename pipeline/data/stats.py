@@ -66,6 +66,7 @@ class SplitStats:
         self.extra_views = 0  # kept samples that are a turn's own view (first copy)
         self.samples_repeated = 0  # kept samples that are a weighted repeat of a row (copy >= 1)
         self.samples_dropped: Counter[str] = Counter()  # dropped views and repeats, by reason
+        self.tool_call_ids_rewritten = 0  # kept rows' tool-call ids mapped to the form the template demands
 
     @property
     def rows_read(self) -> int:
@@ -92,6 +93,7 @@ class SplitStats:
             "extra_views": self.extra_views,
             "samples_repeated": self.samples_repeated,
             "samples_dropped": dict(sorted(self.samples_dropped.items())),
+            "tool_call_ids_rewritten": self.tool_call_ids_rewritten,
         }
 
 
@@ -193,7 +195,15 @@ class StatsAccumulator:
             st.tokens_dropped += int(pc.sum(part.column("tokens_dropped")).as_py() or 0)
             keep = pc.is_null(part.column("drop_reason"))
             small = part.select(
-                ["source_ids", "tokens_truncated", "seq_lengths", "sample_views", "sample_copies", "sample_truncated"]
+                [
+                    "source_ids",
+                    "tokens_truncated",
+                    "seq_lengths",
+                    "sample_views",
+                    "sample_copies",
+                    "sample_truncated",
+                    "tool_ids_rewritten",
+                ]
             )
             if not pc.all(keep).as_py():
                 small = small.filter(keep)
@@ -210,6 +220,7 @@ class StatsAccumulator:
             st.samples_repeated += int((flat["sample_copies"] > 0).sum())
             st.rows_truncated += int((first & (flat["sample_truncated"] > 0)).sum())
             st.tokens_truncated += int(pc.sum(small.column("tokens_truncated")).as_py())
+            st.tool_call_ids_rewritten += int(pc.sum(small.column("tool_ids_rewritten")).as_py() or 0)
             st.tokens_total += int(pc.sum(pc.list_value_length(part.column("input_ids"))).as_py() or 0)
             trained = pc.not_equal(pc.list_flatten(part.column("labels")), IGNORE_INDEX).to_numpy(zero_copy_only=False)
             st.tokens_trainable += int(trained.sum())

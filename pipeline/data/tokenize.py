@@ -45,6 +45,7 @@ from raysft.pipeline.data.formats import BadRow, Normalised, parse_and_normalise
 from raysft.pipeline.data.light_tokenizer import TokenizerSpec, compile_chat_template
 from raysft.pipeline.data.schema import IGNORE_INDEX
 from raysft.pipeline.data.sources import MAX_COPIES, MAX_VIEWS, sample_ids
+from raysft.pipeline.data.tool_ids import demanded_format
 from raysft.pipeline.models.source import tokenizer_source
 from raysft.pipeline.models.tokenizer import load_tokenizer, no_chat_template
 
@@ -61,6 +62,7 @@ TOKENIZED_SCHEMA = pa.schema(
         ("detail", pa.string()),
         ("view", pa.int32()),
         ("copy", pa.int32()),
+        ("tool_ids_rewritten", pa.int32()),  # on a row's first sample: its tool-call ids mapped (tool_ids.py)
     ]
 )
 # Sentinel brackets (private-use characters); the first pair that no row text holds is used.
@@ -267,6 +269,8 @@ class ChatEncoder:
         # Templates that read `reasoning_content` (Qwen3) get it as that field; others get it inline.
         self.reasoning_field = bool(spec.chat_template) and "reasoning_content" in spec.chat_template
         self.template_kwargs = {**spec.template_vars, **(template_kwargs or {})}
+        # The tool-call id form the template demands (Mistral v0.3: 9 characters), probed once; rows' ids are mapped.
+        self.tool_ids = demanded_format(self.render) if self.template is not None else None
         self.special_ids = set(spec.special_ids)
         self.eos_id = spec.eos_id
         # Exact fast path for byte-level BPE on ASCII rows (see fast_bpe.py), checked on first use.
@@ -433,16 +437,19 @@ class ChatEncoder:
         samples: list[Sample] = []
         owner: list[int] = []
         bad_item: list[BadRow | None] = [None] * len(items)
+        rewritten = [0] * len(items)  # tool-call ids mapped to the template's form, per item
         for j, item in enumerate(items):
             if item.drop_reason is not None:
                 bad_item[j] = BadRow(item.drop_reason, item.detail or item.drop_reason)
                 continue
             try:
-                row = (
-                    [Sample(item.text, None, plain=True)]
-                    if item.text is not None
-                    else self.samples(item.messages, item.tools)
-                )
+                if item.text is not None:
+                    row = [Sample(item.text, None, plain=True)]
+                else:
+                    messages = item.messages
+                    if self.tool_ids is not None:
+                        messages, rewritten[j] = self.tool_ids.rewrite(messages)
+                    row = self.samples(messages, item.tools)
             except BadRow as exc:
                 bad_item[j] = exc
                 continue
@@ -493,7 +500,7 @@ class ChatEncoder:
             if bad_item[owner[i]] is None and not any(hi > lo for lo, hi, _ in trained[i]):
                 bad_item[owner[i]] = BadRow("no_trainable_tokens", "the rendered row has no trainable token")
         # Output samples: a dropped item is one empty sample carrying its reason.
-        out_ids, out_ranges, out_bad, out_owner, out_view = [], [], [], [], []
+        out_ids, out_ranges, out_bad, out_owner, out_view, out_rewritten = [], [], [], [], [], []
         by_item: dict[int, list[int]] = {}
         for i, j in enumerate(owner):
             by_item.setdefault(j, []).append(i)
@@ -505,11 +512,13 @@ class ChatEncoder:
                     out_bad.append(bad_item[j]),
                     out_owner.append(j),
                     out_view.append(0),
+                    out_rewritten.append(0),
                 )
                 continue
             for i in by_item.get(j, []):
                 out_ids.append(token_ids[i]), out_ranges.append(trained[i]), out_bad.append(None)
                 out_owner.append(j), out_view.append(samples[i].view)
+                out_rewritten.append(rewritten[j] if samples[i].view == 0 else 0)
         lengths = np.fromiter(map(len, out_ids), dtype=np.int64, count=len(out_ids))
         row_offsets = np.zeros(len(out_ids) + 1, dtype=np.int64)
         np.cumsum(lengths, out=row_offsets[1:])
@@ -526,6 +535,7 @@ class ChatEncoder:
             out_bad,
             np.asarray(out_owner, dtype=np.int64),
             np.asarray(out_view, dtype=np.int32),
+            np.asarray(out_rewritten, dtype=np.int32),
         )
 
     def _self_check(self, samples: list[Sample], owner: list[int], token_ids, trained, bad_item) -> None:
@@ -607,7 +617,7 @@ class ChatEncoder:
     def encode_views(self, items: list[Normalised]) -> list[list[tuple[np.ndarray, np.ndarray]] | BadRow]:
         """Encode a batch: per row, its samples (the full conversation first, then its turns' own views)
         as (input_ids, labels), or its BadRow (drop reason)."""
-        ids, labels, offsets, bad, owner, _ = self.encode_flat(items)
+        ids, labels, offsets, bad, owner, _, _ = self.encode_flat(items)
         out: list[Any] = [[] for _ in items]
         for i, j in enumerate(owner.tolist()):
             if bad[i] is not None:
@@ -623,7 +633,7 @@ class ChatEncoder:
     def encode_table(self, items: list[Normalised], source_ids, splits, copies=None) -> pa.Table:
         """Encode a batch straight into a TOKENIZED_SCHEMA table (dropped rows keep empty lists). A kept
         row's samples are repeated `copies` times (its source's weight), numbered in the `copy` column."""
-        ids, labels, offsets, bad, owner, view = self.encode_flat(items)
+        ids, labels, offsets, bad, owner, view, rewritten = self.encode_flat(items)
         sids = np.asarray(source_ids, dtype=np.int64)[owner]
         spl = np.asarray(splits, dtype=np.int8)[owner]
         n = np.ones(len(owner), np.int64) if copies is None else np.asarray(copies, dtype=np.int64)[owner]
@@ -631,11 +641,15 @@ class ChatEncoder:
         n = np.minimum(n, MAX_COPIES)
         take = np.repeat(np.arange(len(n)), n)
         copy = (np.arange(len(take)) - np.repeat(np.cumsum(n) - n, n)).astype(np.int32)
-        table = _tokenized_table(sample_ids(sids, view, np.zeros_like(view)), spl, ids, labels, offsets, bad, view)
+        table = _tokenized_table(
+            sample_ids(sids, view, np.zeros_like(view)), spl, ids, labels, offsets, bad, view, rewritten=rewritten
+        )
         if len(take) == len(n):
             return table
         table = table.take(pa.array(take))
         table = table.set_column(table.schema.get_field_index("copy"), "copy", pa.array(copy, pa.int32()))
+        at = table.schema.get_field_index("tool_ids_rewritten")  # counted on the first copy only
+        table = table.set_column(at, "tool_ids_rewritten", pa.array(rewritten[take] * (copy == 0), pa.int32()))
         return table.set_column(0, "source_id", pa.array(sample_ids(sids[take], view[take], copy), pa.int64()))
 
 
@@ -657,6 +671,7 @@ def _tokenized_table(
     bad: list[BadRow | None],
     view=None,
     copy=None,
+    rewritten=None,
 ) -> pa.Table:
     arrow_offsets = pa.array(row_offsets.astype(np.int32), pa.int32())
     n = len(bad)
@@ -670,6 +685,7 @@ def _tokenized_table(
             "detail": pa.array([b.detail if b is not None else None for b in bad], pa.string()),
             "view": pa.array(np.zeros(n, np.int32) if view is None else view, pa.int32()),
             "copy": pa.array(np.zeros(n, np.int32) if copy is None else copy, pa.int32()),
+            "tool_ids_rewritten": pa.array(np.zeros(n, np.int32) if rewritten is None else rewritten, pa.int32()),
         },
         schema=TOKENIZED_SCHEMA,
     )

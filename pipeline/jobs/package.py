@@ -20,6 +20,7 @@ from typing import Any
 
 from pathspec import PathSpec
 
+from raysft.pipeline import ray_recovery
 from raysft.pipeline.config import Config, get_dotted, set_dotted
 from raysft.pipeline.errors import ClusterError, ConfigError
 
@@ -400,13 +401,11 @@ def build_job_package(
         for rel in walk(src):
             stage.add(src / rel, f"raysft/{name}/{rel}")
 
-    env_vars = {}
+    env_vars = ray_recovery.train_env()  # node-loss recovery in seconds on the cluster too (ray_recovery.py)
     for name in env_names:
         if name not in os.environ:
             raise ConfigError(f"Environment variable {name} named by --env is not set here.")
         env_vars[name] = os.environ[name]
-    runtime_env: dict[str, Any] = {"working_dir": str(dest)}
-    if env_vars:
-        runtime_env["env_vars"] = env_vars
+    runtime_env: dict[str, Any] = {"working_dir": str(dest), "env_vars": env_vars}
     shipped = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
     return JobPackage(directory=dest, files=shipped, runtime_env=runtime_env, notes=notes)

@@ -1,6 +1,7 @@
 """Wall-clock time lost per node loss: fixed size against elastic, on a local 2-node Ray cluster.
 
-    flock /tmp/raysft-ray.lock python tests/benchmarks/bench_elastic.py MODEL_DIR [--readd-after 30] [--epochs 2]
+    flock /tmp/raysft-ray.lock python tests/benchmarks/bench_elastic.py MODEL_DIR [--readd-after 30] [--epochs 2] \
+        [--settings raysft|ray-defaults]
 
 MODEL_DIR: a tiny Hugging Face model folder with a chat template (the tests build one with
 `tests/tiny.py`: `python -c "import sys; sys.path.insert(0, 'tests'); import tiny; tiny.save_tiny_model(...)"`).
@@ -11,8 +12,10 @@ worker:
   fixed      scaling.num_workers 2, run.max_failures 2: the worker node dies after the first checkpoint
              and a fresh node joins --readd-after seconds later (as an autoscaler would add one)
   elastic    scaling.num_workers [1, 2], the same loss and the same re-add
-time lost = the run's wall time - the baseline's. Ray's autoscaling coordinator keeps its default
-20 s view refresh unless --fast-tick (the tests' 1 s). Prints one JSON line per run and a summary.
+time lost = the run's wall time - the baseline's. --settings raysft (the default): what raysft applies
+(pipeline/ray_recovery.py: its Train settings and 1 s coordinator tick, and the head's health-check settings
+from the cluster recipes); ray-defaults: Ray 2.60's (60 s start timeout, 2 s controller poll, Ray's own
+coordinator with its 20 s tick, the GCS's default health check). Prints one JSON line per run and a summary.
 """
 
 from __future__ import annotations
@@ -30,14 +33,6 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parents[1]
 
 
-def _first_step_after(run_dir: Path, since: float, starts_before: int, mn) -> float | None:
-    """Seconds from `since` to the first optimizer step of the group that started after the loss."""
-    mn._wait(lambda: len(mn._events(run_dir)) > starts_before, timeout_s=600)
-    nxt = mn._events(run_dir)[-1]["step"] + 1
-    mn._wait(lambda: mn._has_step(run_dir, nxt), timeout_s=600)
-    return round(time.time() - since, 1)
-
-
 def _lose_and_readd(cluster, node, run: dict, run_dir: Path, readd_after: float, mn) -> None:
     mn._wait(lambda: mn._committed_step(run_dir) > 0, timeout_s=600)
     starts = len(mn._events(run_dir))
@@ -49,7 +44,7 @@ def _lose_and_readd(cluster, node, run: dict, run_dir: Path, readd_after: float,
         run["readded_after_s"] = round(time.time() - run["lost_at"], 1)
 
     threading.Timer(readd_after, readd).start()
-    run["next_step_after_loss_s"] = _first_step_after(run_dir, run["lost_at"], starts, mn)
+    run["next_step_after_loss_s"] = mn._seconds_to_next_step(run_dir, run["lost_at"], starts)
 
 
 def main() -> None:
@@ -57,19 +52,24 @@ def main() -> None:
     parser.add_argument("model_dir")
     parser.add_argument("--readd-after", type=float, default=30.0, help="seconds until a fresh node joins")
     parser.add_argument("--epochs", type=int, default=2, help="epochs of the 32-sample data (16 steps each)")
-    parser.add_argument("--fast-tick", action="store_true", help="the coordinator's 1 s tick instead of 20 s")
+    parser.add_argument("--settings", choices=["raysft", "ray-defaults"], default="raysft")
     parser.add_argument("--runs", default="baseline,fixed,elastic")
     a = parser.parse_args()
     ray_tmp = tempfile.mkdtemp(prefix="rsftb_", dir="/tmp")  # short: Ray's socket paths must stay short
     os.environ.update(
         RAY_TMPDIR=ray_tmp,
         RAY_AUTH_MODE="disabled",
-        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2",
         RAY_USAGE_STATS_ENABLED="0",
         TOKENIZERS_PARALLELISM="false",
         HF_HUB_OFFLINE="1",
     )
     os.environ.pop("RAY_ADDRESS", None)
+    from raysft.pipeline import ray_recovery
+
+    if a.settings == "raysft":
+        os.environ.update(ray_recovery.CLUSTER_HEAD_ENV)  # the recipes' head settings; the rest raysft sets itself
+    else:  # Ray's defaults, set by hand so that raysft's (which never override a user's value) stay out
+        os.environ.update(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="60", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="2")
     sys.path.insert(0, str(TESTS))
     import ray
     import test_cluster_multinode as mn
@@ -93,8 +93,12 @@ def main() -> None:
     results: dict[str, dict] = {}
     try:
         ray.init(address=cluster.address)
-        if a.fast_tick:
-            mn._fast_autoscaling_coordinator(cluster.head_node.node_id)
+        if a.settings == "ray-defaults":  # Ray's own coordinator first (20 s tick): raysft then leaves it as is
+            from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+                get_or_create_autoscaling_coordinator,
+            )
+
+            ray.get(get_or_create_autoscaling_coordinator().get_reserved_resources.remote("warm-up"))
         for name in a.runs.split(","):
             cfg = mn._config(a.model_dir, data, work, "elastic" if name == "elastic" else "spread")
             cfg = cfg.with_overrides(
@@ -136,7 +140,7 @@ def main() -> None:
                 f"(node back after {a.readd_after:g} s; next step {run.get('next_step_after_loss_s')} s after the "
                 f"loss; starts (world size, step) {run.get('starts')})"
             )
-    print(f"baseline: {base} s")
+    print(f"baseline: {base} s ({a.settings} settings)")
 
 
 if __name__ == "__main__":
