@@ -18,7 +18,8 @@ def _fresh_said():
 
 
 def _cfg(*overrides: str):
-    return load_config(None, overrides=["model.name_or_path=x", "data.train=t.jsonl", *overrides])
+    given = dict(o.split("=", 1) for o in overrides)
+    return load_config(None, overrides={"model.name_or_path": "x", "data.train": "t.jsonl", **given})
 
 
 @pytest.mark.parametrize(
