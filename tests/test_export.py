@@ -74,11 +74,13 @@ def compare_exports(base_dir: Path, run: Path, merged: Path, ggufs: dict[str, Pa
     tok = AutoTokenizer.from_pretrained(base_dir)
     ids = _prompt_ids(tok, prompts)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    plain = _greedy(base, ids, tok, n)
     peft = PeftModel.from_pretrained(base, str(run / ADAPTER_DIR)).eval()
     want = _greedy(peft, ids, tok, n)
-    assert want != plain  # the adapter changes the replies: an export that dropped it would fail below
     ref = _logits(peft, ids, want)
+    with peft.disable_adapter():
+        plain = _logits(peft, ids, want)
+    # the adapter changes the greedy choices: an export that dropped it would fail below
+    assert any(not torch.equal(a.argmax(-1), b.argmax(-1)) for a, b in zip(ref, plain))
     std = torch.cat(ref).std().item()
     del peft, base
     results = {}
@@ -131,19 +133,18 @@ def _demo_model_dir() -> Path:
 @pytest.mark.slow
 def test_demo_model_peft_merged_and_gguf_agree(tmp_path):
     """SmolLM2-135M-Instruct (the demo model, fetched from its PyPI wheel) with a random adapter, on 8 held-out
-    prompts of the demo task: merged f32 and GGUF f32 agree token for token; F16 / Q8_0 within their error."""
+    prompts of the demo task: merged f32 agrees token for token, GGUF Q8_0 within its measured error (the F16
+    GGUF's error was measured once with this test's code and is quoted in docs/exports.md; the tiny test checks
+    F16 and F32 on every run)."""
     from raysft.pipeline.demo.task import make_example
 
     base = _demo_model_dir()
     run = make_run(base, tmp_path / "run", std=0.01)
-    requests = [("merged", "f32", None, None), ("gguf", "f16", None, None), ("gguf", None, "q8_0", tmp_path / "q8")]
-    merged, gguf16, q8 = export_many(run, requests)
+    merged, q8 = export_many(run, [("merged", "f32", None, None), ("gguf", None, "q8_0", None)])
     rng = random.Random(12345)  # the demo task's eval rows use other seeds
     prompts = [make_example(rng)[0] for _ in range(8)]
-    ggufs = {"f16": gguf16 / "run-F16.gguf", "q8_0": q8 / "run-Q8_0.gguf"}
-    want, res = compare_exports(base, run, merged, ggufs, prompts, n=12)
+    want, res = compare_exports(base, run, merged, {"q8_0": q8 / "run-Q8_0.gguf"}, prompts, n=10)
     assert res["merged"][0] == want and res["merged"][1] < 1e-4
-    check_close(want, res, "f16", F16_REL_BOUND)
     check_close(want, res, "q8_0", Q8_0_REL_BOUND)
     print({k: round(v[1], 5) for k, v in res.items()}, sum(r == w for r, w in zip(res["q8_0"][0], want)))
 
