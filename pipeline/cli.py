@@ -113,10 +113,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from raysft.pipeline.errors import ConfigError
     from raysft.pipeline.models.export import export_run
 
-    path = export_run(args.run_dir, merge=args.merge, output=args.output)
-    print(f"Exported to {path}")
+    fmt = args.format
+    if args.merge:
+        if fmt not in (None, "merged"):
+            raise ConfigError(f"--merge means --format merged; it cannot go with --format {fmt}.")
+        fmt = "merged"
+    path = export_run(args.run_dir, output=args.output, format=fmt or "peft", dtype=args.dtype, quant=args.quant)
+    print(f"Exported ({fmt or 'peft'}) to {path}")
     return 0
 
 
@@ -238,13 +244,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same run.name")
 
-    p = add("export", cmd_export, "export a finished run's adapter, optionally merged into the base model")
+    p = add("export", cmd_export, "export a finished run: its adapter, a merged model, or a GGUF file")
     p.add_argument("run_dir", help="the run directory written by `raysft train`")
-    p.add_argument("--merge", action="store_true", help="merge the adapter into the base and save a bf16 model")
+    p.add_argument(
+        "--format",
+        default=None,
+        help="peft (the adapter, default), merged (safetensors + tokenizer for vLLM / TGI) "
+        "or gguf (llama.cpp / Ollama)",
+    )
+    p.add_argument("--merge", action="store_true", help="the same as --format merged")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["bf16", "f16", "f32"],
+        help="weights of merged (default bf16) or gguf (default f16)",
+    )
+    p.add_argument("--quant", default=None, choices=["q8_0"], help="gguf only: quantize the weights (Q8_0)")
     p.add_argument(
         "--output",
         default=None,
-        help="output folder (default: RUN_DIR/merged or RUN_DIR/adapter); new, "
+        help="output folder (default: RUN_DIR/<format>); new, "
         "empty or an earlier raysft export, replaced only when the export succeeds",
     )
 

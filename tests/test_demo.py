@@ -136,6 +136,8 @@ def test_demo_end_to_end_on_tiny_model(demo_cli):
     for name in ("report.json", "report.md", "loss_curve.png"):
         assert (out_dir / name).is_file()
     assert Path(report["adapter_path"], "adapter_model.safetensors").is_file()
+    assert Path(report["exports"]["merged"], "config.json").is_file() and Path(report["exports"]["gguf"]).is_file()
+    assert report["exports"]["gguf"] in out and report["exports"]["merged"] in out  # printed where they are
     metrics = [json.loads(x) for x in Path(report["run_dir"], "metrics.jsonl").read_text().splitlines()]
     assert any("eval_loss" in m for m in metrics)
     for stage in ("1/5", "2/5", "3/5", "4/5", "5/5", "eval loss"):

@@ -114,7 +114,12 @@ def test_export_output_follows_the_same_rules(tmp_path):
     with pytest.raises(ConfigError, match="contains the input"):
         export_run(run, output=run)
     out = export_run(run, output=tmp_path / "exported")
-    assert snapshot(out) == {**snapshot(run / "adapter"), outputs.MARKER: b'{"kind": "export"}\n'}
+    card = snapshot(out).pop("README.md")  # the model card (no config.yaml here: it says the base is unknown)
+    assert b"base model and training are unknown" in card
+    assert {k: v for k, v in snapshot(out).items() if k != "README.md"} == {
+        **snapshot(run / "adapter"),
+        outputs.MARKER: b'{"kind": "export"}\n',
+    }
     assert export_run(run, output=out) == out  # a previous export may be replaced
     prepared = tmp_path / "prepared"
     prepared.mkdir()

@@ -4,7 +4,8 @@
 2. generate the date-rewriting task (seeded; train and held-out rows, exact answers);
 3. evaluate the base model: eval loss on held-out rows, exact-match accuracy by greedy decoding;
 4. QLoRA SFT with Ray Train on a local Ray cluster: 2 CPU workers, DeepSpeed ZeRO-2 (demo.yaml, package data);
-5. evaluate base + adapter the same way; write report.json, report.md and loss_curve.png.
+5. evaluate base + adapter the same way; export it merged and as GGUF (RUN/merged, RUN/gguf); write
+   report.json, report.md and loss_curve.png.
 """
 
 from __future__ import annotations
@@ -138,6 +139,8 @@ def _demo(
     after = evaluate(eval_config(cfg), eval_rows, adapter=result.adapter_path)
     console.line(f"  after: eval loss {after.eval_loss:.4f}, accuracy {after.accuracy:.1%} ({after.seconds:.0f} s)")
 
+    exports = _export(result.run_dir)
+
     metrics = read_metrics(result.run_dir)
     steps = [m for m in metrics if "loss" in m]
     tok_s = [m["tokens_per_s"] for m in steps if isinstance(m.get("tokens_per_s"), (int, float))]
@@ -162,6 +165,7 @@ def _demo(
         "run_dir": str(result.run_dir),
         "adapter_path": str(result.adapter_path),
         "config": str(result.run_dir / "config.yaml"),
+        "exports": exports,
         "wall_seconds": time.perf_counter() - t0,
     }
     paths = write_report(output, report, metrics)
@@ -170,10 +174,21 @@ def _demo(
     for line in summary_lines(report):
         console.line("  " + line)
     console.line(f"  report      {paths['md']} (and {paths['json'].name})\n  loss curve  {paths['png']}")
+    console.line(f"  merged      {exports['merged']} (safetensors for vLLM / TGI)")
+    console.line(f"  gguf        {exports['gguf']} (llama.cpp / Ollama; both exported in {exports['seconds']:.0f} s)")
     if after.eval_loss >= before.eval_loss:
         console.line("raysft demo: training did not lower the held-out eval loss.")
         return 1
     return 0
+
+
+def _export(run_dir: Path) -> dict[str, Any]:
+    """The adapter merged (bf16 safetensors) and as GGUF (F16), from one merge: RUN/merged and RUN/gguf."""
+    from raysft.pipeline.models.export import export_many
+
+    t = time.perf_counter()
+    merged, gguf = export_many(run_dir, [("merged", None, None, None), ("gguf", None, None, None)])
+    return {"merged": str(merged), "gguf": str(next(gguf.glob("*.gguf"))), "seconds": time.perf_counter() - t}
 
 
 def _train_on_local_ray(cfg: Config):
