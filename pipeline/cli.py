@@ -73,8 +73,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from raysft.pipeline.console import LOG_FILE, console_session, log_plan, run_with_console
-    from raysft.pipeline.trainer import local_dir_of, train
+    from raysft.pipeline.console import console_session, log_plan, run_with_console
+    from raysft.pipeline.run_folder import LOG_FILE, local_dir_of
+    from raysft.pipeline.trainer import train
 
     cfg = _load(args)
     log_file = local_dir_of(cfg) / LOG_FILE

@@ -20,13 +20,12 @@ from raysft.pipeline.cluster_checks import check_shared_storage, check_workers_f
 from raysft.pipeline.config import Config
 from raysft.pipeline.data.schema import Prepared
 from raysft.pipeline.errors import ConfigError, DataError, RaysftError, causes
-from raysft.pipeline.models.load import ADAPTER_DIR
 from raysft.pipeline.models.source import base_model_path
 from raysft.pipeline.models.tokenizer import load_tokenizer
+from raysft.pipeline.run_folder import ADAPTER_DIR, LEDGER_FILE, run_dir_of
 from raysft.pipeline.tracking import finish_tracking, start_tracking
 from raysft.pipeline.training import generate_eval
 from raysft.pipeline.training import identity as run_identity
-from raysft.pipeline.training.ledger import LEDGER_FILE
 
 
 @dataclass
@@ -45,20 +44,6 @@ class TrainResult:
             "checkpoint_path": self.checkpoint_path,
             "metrics": {k: v for k, v in self.metrics.items() if isinstance(v, (int, float, str, bool)) or v is None},
         }
-
-
-def run_dir_of(cfg: Config) -> Path | str:
-    """The run folder: a local Path, or a URI string when run.storage_path is on an object store."""
-    if storage.is_remote(cfg.run.storage_path):
-        return storage.join(cfg.run.storage_path, cfg.run.name)
-    return Path(cfg.run.storage_path).expanduser().resolve() / cfg.run.name
-
-
-def local_dir_of(cfg: Config) -> Path:
-    """Where this machine keeps the run's console log: the run folder, or ~/.cache/raysft/runs/NAME for a run
-    folder on an object store."""
-    run_dir = run_dir_of(cfg)
-    return run_dir if isinstance(run_dir, Path) else Path.home() / ".cache" / "raysft" / "runs" / cfg.run.name
 
 
 def preflight(cfg: Config) -> Config:
@@ -192,48 +177,6 @@ def read_index(directory: str | os.PathLike | None, what: str, cfg: Config):
     return load_index(str(directory), options, what=what)
 
 
-def remote_identity(cfg: Config, data_key: str, steps_per_epoch: int):
-    """run.json on an object store: the same identity rule as a local run folder (a rerun with other settings,
-    or with run.resume never, is refused in one sentence), then run.json and config.yaml are written. Ray Train
-    resumes from its own snapshot in the bucket; checkpoint completeness is checked by `load` after download."""
-    from raysft.pipeline.errors import CheckpointError
-    from raysft.pipeline.models.load import RESOLVED_CONFIG
-
-    options = storage.StorageOptions.of(cfg)
-    run_dir = run_dir_of(cfg)
-    ident = run_identity.identity(cfg, data_key)
-    record = {
-        "fingerprint": run_identity.fingerprint(ident),
-        "identity": ident,
-        "max_steps": cfg.train.max_steps,
-        "epochs": cfg.train.epochs,
-        "steps_per_epoch": steps_per_epoch,
-        "total_steps": cfg.train.max_steps or cfg.train.epochs * steps_per_epoch,
-    }
-    path = storage.join(run_dir, run_identity.IDENTITY_FILE)
-    exists = storage.exists(path, options)
-    if exists and cfg.run.resume == "never":
-        raise CheckpointError(
-            f"{run_dir} already holds a run named {cfg.run.name} and run.resume is 'never'; "
-            "choose a new run.name, or set run.resume to auto to continue it."
-        )
-    if not exists and cfg.run.resume == "must":
-        raise CheckpointError(f"run.resume is 'must' but {run_dir} holds no run named {cfg.run.name} to resume.")
-    if exists:
-        try:
-            old = json.loads(storage.read_bytes(path, options))["fingerprint"]
-        except (ValueError, KeyError, TypeError):
-            raise CheckpointError(f"{path} is not readable JSON with a 'fingerprint'; choose a new run.name.") from None
-        if old != record["fingerprint"]:
-            raise CheckpointError(
-                f"Run {cfg.run.name} in {run_dir} was started with other settings; rerun it with "
-                "the same settings to resume, or choose a new run.name."
-            )
-    storage.write_bytes(path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode(), options)
-    storage.write_bytes(storage.join(run_dir, RESOLVED_CONFIG), cfg.dump_yaml().encode(), options)
-    return run_identity.Decision(run_dir, "resume" if exists else "new", record)
-
-
 def build_trainer(
     cfg: Config, prepared: Prepared, *, callbacks: list | None = None, tracking_parent: dict | None = None
 ):
@@ -259,13 +202,10 @@ def build_trainer(
         s.max_workers, t.grad_accum, t.micro_batch_size
     )
     # Identity check before anything is written or any worker starts; a refusal leaves the folder as it was.
-    if storage.is_remote(cfg.run.storage_path):
-        decision = remote_identity(cfg, prepared.key, layout.steps_per_epoch)
-    else:
-        decision = run_identity.decide(cfg, prepared.key, run_dir_of(cfg), steps_per_epoch=layout.steps_per_epoch)
+    options = storage.StorageOptions.of(cfg)
+    decision = run_identity.decide(cfg, prepared.key, run_dir_of(cfg), layout.steps_per_epoch, options)
     ds_json = read_deepspeed_json(t.deepspeed.config) if t.deepspeed.config else None
-    if not storage.is_remote(cfg.run.storage_path):
-        run_identity.apply(decision, cfg.dump_yaml())
+    run_identity.apply(decision, cfg.dump_yaml(), options)
     run_dir = decision.run_dir
     storage_path, storage_fs = storage.ray_storage(cfg.run.storage_path, storage.StorageOptions.of(cfg))
     # MLflow / W&B runs (rank 0 logs into them); a resumed run keeps its runs, a fresh start makes new ones.

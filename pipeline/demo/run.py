@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from datetime import datetime, timezone
@@ -20,6 +19,7 @@ from typing import Any
 from raysft.pipeline import ray_runtime
 from raysft.pipeline.config import Config, load_config
 from raysft.pipeline.errors import ConfigError
+from raysft.pipeline.run_folder import LOG_FILE, read_metrics, run_dir_of
 
 DEMO_MODEL = "smollm2-135m-instruct"
 # Package data (importlib.resources), so `raysft demo` works from any install; examples/demo.yaml is the same file.
@@ -69,7 +69,7 @@ def run_demo(
 
     `verbose` None (the Python API) prints to stdout as it goes; True/False (the CLI) sends all of
     the process's output to the run folder's raysft.log and shows the console (and, if True, the logs)."""
-    from raysft.pipeline.console import LOG_FILE, Console, console_session
+    from raysft.pipeline.console import Console, console_session
 
     output = Path(output).expanduser().resolve()
     run_name = "run-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -91,8 +91,6 @@ def _demo(
     from raysft.pipeline.demo.task import write_task
     from raysft.pipeline.jsonl import read as read_rows
     from raysft.pipeline.models.fetch import fetch_model
-    from raysft.pipeline.trainer import run_dir_of
-    from raysft.pipeline.training.metrics import read_metrics
 
     t0 = time.perf_counter()
     output.mkdir(parents=True, exist_ok=True)
@@ -196,8 +194,3 @@ def _override_value(overrides: list[str], key: str) -> str | None:
 
 def _stage(console, n: int, text: str, t0: float) -> None:
     console.line(f"[demo {time.perf_counter() - t0:5.0f}s] {n}/5 {text}")
-
-
-def report_of(output: str | os.PathLike) -> dict[str, Any]:
-    """The report.json a finished demo wrote into `output`."""
-    return json.loads((Path(output) / "report.json").read_text())

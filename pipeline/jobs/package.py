@@ -166,9 +166,6 @@ class JobPackage:
     def sizes(self) -> list[tuple[str, int]]:
         return [(f, (self.directory / f).stat().st_size) for f in self.files]
 
-    def total_bytes(self) -> int:
-        return sum(size for _, size in self.sizes())
-
 
 def is_credential(rel: str, is_dir: bool = False) -> bool:
     """Whether a path (relative, POSIX) matches the credential deny-list, case-insensitively."""
@@ -212,11 +209,6 @@ def walk(
                 continue  # never ship what a link outside the folder points at
             kept.append(rel)
     return sorted(kept)
-
-
-def upload_files(root: str | os.PathLike, extra_excludes: Iterable[str] = ()) -> list[str]:
-    """The files of a working folder a job would ship (see `walk`)."""
-    return walk(root, extra_excludes)
 
 
 def _raysft_sources() -> dict[str, Path]:

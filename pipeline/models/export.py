@@ -15,12 +15,12 @@ from pathlib import Path
 from raysft.pipeline import storage
 from raysft.pipeline.config import Config
 from raysft.pipeline.errors import ModelError
-from raysft.pipeline.models.load import ADAPTER_DIR, RESOLVED_CONFIG, torch_dtype
+from raysft.pipeline.models.load import torch_dtype
 from raysft.pipeline.models.source import base_model_path
 from raysft.pipeline.models.tokenizer import load_tokenizer
 from raysft.pipeline.outputs import atomic_output, check_output
+from raysft.pipeline.run_folder import ADAPTER_DIR, MERGED_DIR, RESOLVED_CONFIG
 
-MERGED_DIR = "merged"
 MERGE_DTYPES = ("bfloat16", "float32")
 
 

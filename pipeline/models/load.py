@@ -15,9 +15,6 @@ from raysft.pipeline.config import Config, ModelConfig
 from raysft.pipeline.errors import ModelError
 from raysft.pipeline.models.source import base_model_path
 
-ADAPTER_DIR = "adapter"  # a run folder's adapter, in PEFT format
-RESOLVED_CONFIG = "config.yaml"  # a run folder's resolved config
-
 
 def torch_dtype(name: str):
     """The torch dtype named in a config (model.dtype, compute_dtype, quant_storage)."""

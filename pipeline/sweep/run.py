@@ -52,6 +52,20 @@ from raysft.pipeline.cluster_checks import (
 )
 from raysft.pipeline.config import Config
 from raysft.pipeline.errors import ConfigError
+from raysft.pipeline.run_folder import (
+    ATTEMPTS_FILE,
+    BEST_ADAPTER,
+    BEST_CONFIG,
+    EVENTS_FILE,
+    RESULTS_CSV,
+    SWEEP_CONFIG,
+    SWEEP_DRIVER_FILES,
+    SWEEP_PLOTS,
+    TRIAL_FILE,
+    TRIALS_DIR,
+    TUNE_DIR,
+    RunFolder,
+)
 from raysft.pipeline.sweep.report import (
     COMPLETED,
     EARLY_STOPPED,
@@ -67,29 +81,14 @@ from raysft.pipeline.sweep.report import (
     write_csv,
 )
 from raysft.pipeline.sweep.space import SweepPlan, data_overrides, plan_sweep, trial_overrides
-from raysft.pipeline.tracking import TRACKING_FILE, finish_sweep_tracking, finish_tracking, start_sweep_tracking
-from raysft.pipeline.training.run_files import RunFolder
+from raysft.pipeline.tracking import finish_sweep_tracking, finish_tracking, start_sweep_tracking
 
 log = logging.getLogger("raysft.tune")
 
-SWEEP_CONFIG = "sweep.yaml"
-TUNE_DIR = "tune"
-TRIALS_DIR = "trials"
-EVENTS_FILE = "events.jsonl"
-TRIAL_FILE = "trial.json"  # written by a trial whose training finished
-ATTEMPTS_FILE = "attempts.jsonl"  # one line each time a trial's function starts (resume proof)
 WORST = 1e30  # what a diverged trial's metric counts as for ASHA (mode min; negated for max)
 ASHA_MAX_T = 2**31  # ASHA stops at max_t; trials end by their own step count instead
 # The same names a resumed sweep may change (where to reach the cluster is not part of the sweep).
 RESUME_MAY_DIFFER = ("run.address",)
-RESULTS_CSV, PLOTS, BEST_ADAPTER, BEST_CONFIG = (
-    "results.csv",
-    ("loss_vs_lr.png", "eval_curves.png"),
-    "best_adapter",
-    "best_config.yaml",
-)
-# The files the sweep's driver writes (staged locally for a sweep folder on an object store).
-DRIVER_FILES = (SWEEP_CONFIG, EVENTS_FILE, RESULTS_CSV, *PLOTS, BEST_ADAPTER, BEST_CONFIG, TRACKING_FILE)
 
 
 def tune(cfg: Config, resume: bool = False) -> SweepResult:
@@ -102,7 +101,7 @@ def tune(cfg: Config, resume: bool = False) -> SweepResult:
     sweep_dir = storage.join(cfg.run.storage_path, cfg.run.name)  # a local folder or a URI
     _check_sweep_folder(cfg, sweep_dir, resume)
 
-    folder = RunFolder(sweep_dir, storage.StorageOptions.of(cfg), names=DRIVER_FILES)
+    folder = RunFolder(sweep_dir, storage.StorageOptions.of(cfg), names=SWEEP_DRIVER_FILES)
     try:
         with ray_runtime.session(cfg.run.address, ray_runtime.TRAIN):
             return _run_sweep(cfg, data_cfg, plan, folder, resume)
@@ -509,8 +508,8 @@ def _collect(cfg: Config, plan: SweepPlan, folder: RunFolder, grid) -> SweepResu
     records.sort(key=lambda r: r.trial_id)
     table = [table_row(r, plan.metric, plan.mode) for r in records]
     write_csv(table, local / RESULTS_CSV)
-    plot_loss_vs_lr(table, str(local / PLOTS[0]), defaults={"train.lr": cfg.train.lr, "lora.r": cfg.lora.r})
-    plot_curves(records, str(local / PLOTS[1]), plan.keys)
+    plot_loss_vs_lr(table, str(local / SWEEP_PLOTS[0]), defaults={"train.lr": cfg.train.lr, "lora.r": cfg.lora.r})
+    plot_curves(records, str(local / SWEEP_PLOTS[1]), plan.keys)
 
     best = None
     row = pick_best(table, plan.metric, plan.mode)
@@ -531,7 +530,7 @@ def _collect(cfg: Config, plan: SweepPlan, folder: RunFolder, grid) -> SweepResu
         mode=plan.mode,
         table=table,
         best=best,
-        plots=[storage.join(sweep_dir, p) for p in PLOTS],
+        plots=[storage.join(sweep_dir, p) for p in SWEEP_PLOTS],
     )
     log.info(sweep.summary_line())
     return sweep

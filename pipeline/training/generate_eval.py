@@ -30,9 +30,9 @@ from typing import Any
 from raysft.pipeline import jsonl
 from raysft.pipeline.config import Config
 from raysft.pipeline.errors import ConfigError, DataError
+from raysft.pipeline.run_folder import ADAPTER_DIR, FAILURES_FILE, GEN_PREFIX, METRICS_FILE
+from raysft.pipeline.run_folder import GEN_SAMPLES_FILE as SAMPLES_FILE
 
-GEN_PREFIX = "gen_"
-SAMPLES_FILE = "gen_samples.jsonl"  # every prompt, reply, reference and score, per eval step
 BUILTIN_METRICS = ("exact_match", "contains")
 
 
@@ -215,7 +215,6 @@ def validation_config(cfg: Config, run_dir: str | os.PathLike):
 def validate_checkpoint(checkpoint, *, config: dict[str, Any], run_dir: str) -> dict[str, Any]:
     """Ray Train's validation fn: generate on the checkpoint's adapter, score, write the results; returns
     {"step": S, "gen_<metric>": value}. A failure is one failures.jsonl line (Ray Train only logs it)."""
-    from raysft.pipeline.tracking import FAILURES_FILE
     from raysft.pipeline.training.checkpoint import step_of
 
     step = step_of(checkpoint.path)
@@ -240,8 +239,6 @@ def validate_checkpoint(checkpoint, *, config: dict[str, Any], run_dir: str) -> 
 
 
 def _validate(checkpoint, cfg: Config, run_dir: Path, step: int) -> dict[str, Any]:
-    from raysft.pipeline.models.load import ADAPTER_DIR
-    from raysft.pipeline.training.metrics import METRICS_FILE
 
     g = cfg.train.eval_generate
     start = time.perf_counter()
@@ -363,7 +360,6 @@ def generate(model, tokenizer, prompts: list[Prompt], max_new_tokens: int, batch
 
 def generation_history(run_dir: str | os.PathLike) -> dict[int, dict[str, float]]:
     """{step: {gen_*: value}} from RUN/metrics.jsonl (what a sweep joins to its trials' Tune results)."""
-    from raysft.pipeline.training.metrics import METRICS_FILE
 
     out: dict[int, dict[str, float]] = {}
     for m in jsonl.read(Path(run_dir) / METRICS_FILE):

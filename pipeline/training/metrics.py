@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from raysft.pipeline import jsonl
+from raysft.pipeline.run_folder import METRICS_FILE, TENSORBOARD_DIR
 
-METRICS_FILE = "metrics.jsonl"
 log = logging.getLogger("raysft.train")
 
 
@@ -36,7 +36,7 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+                self.tb = SummaryWriter(str(Path(run_dir) / TENSORBOARD_DIR))
             except ImportError:
                 log.warning("tensorboard is not installed: no event files are written")
         if logging_cfg.mlflow or logging_cfg.wandb:
@@ -67,7 +67,3 @@ class MetricsLog:
             self.tb.close()
         if self.sinks is not None:
             self.sinks.close()
-
-
-def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    return jsonl.read(Path(run_dir) / METRICS_FILE)

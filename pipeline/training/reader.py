@@ -76,18 +76,6 @@ class ShardOrder:
         w = np.searchsorted(starts, positions, side="right") - 1
         return w, positions - starts[w]
 
-    def global_rows(self, epoch: int, positions: np.ndarray) -> np.ndarray:
-        """Rows as indices into the shards concatenated in index order (for tests and audits)."""
-        offsets = np.concatenate([[0], np.cumsum(self.shard_rows)]).astype(np.int64)
-        windows, within = self.locate(epoch, np.asarray(positions, dtype=np.int64))
-        out = np.empty(len(windows), dtype=np.int64)
-        for w in np.unique(windows):
-            shards = self.window_shards(epoch, int(w))
-            rows = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in shards])
-            sel = windows == w
-            out[sel] = rows[self.window_perm(epoch, int(w))[within[sel]]]
-        return out
-
 
 @dataclass(frozen=True)
 class StepLayout:

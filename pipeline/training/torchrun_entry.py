@@ -93,8 +93,9 @@ def run(config: str, prepared: str, overrides: list[str]) -> Path:
 
     from raysft.pipeline.config import load_config
     from raysft.pipeline.data.shards import has_rows, load_index
+    from raysft.pipeline.run_folder import run_dir_of
     from raysft.pipeline.storage import StorageOptions
-    from raysft.pipeline.trainer import preflight, publish_adapter, read_deepspeed_json, run_dir_of
+    from raysft.pipeline.trainer import preflight, publish_adapter, read_deepspeed_json
     from raysft.pipeline.training.loop import run_worker
     from raysft.pipeline.training.reader import StepLayout
 
