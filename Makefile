@@ -20,10 +20,12 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/raysft demo
 
-# ruff (config in pyproject.toml) runs before the tests: lint and formatting are not review topics.
+# ruff (config in pyproject.toml) runs before the tests: lint and formatting are not review topics. lint-imports
+# checks the layers of pipeline/ARCHITECTURE.md (the [tool.importlinter] contract in pyproject.toml).
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/pytest -m "not gpu" -rs --durations=30 tests

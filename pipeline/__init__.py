@@ -12,6 +12,7 @@ and changes nothing in other libraries.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from raysft.pipeline.config import Config, load_config
@@ -28,8 +29,6 @@ _LAZY = {
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import importlib
-
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'raysft.pipeline' has no attribute {name!r}")

@@ -9,8 +9,10 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from raysft.pipeline.errors import ConfigError, RaysftError
+from raysft.pipeline.jobs.submit import logs, status, stop, submit
 
 
 def add_verbose_arg(p: argparse.ArgumentParser) -> None:
@@ -31,12 +33,14 @@ def add_config_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
 
 
 def _load(args: argparse.Namespace):
+    # pydantic loads when a config is read, so `raysft --help` stays quick
     from raysft.pipeline.config import load_config
 
     return load_config(args.config, overrides=args.overrides)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    # pydantic, as in _load
     from raysft.pipeline.config import explain_markdown, explain_text, load_config
 
     if args.markdown and (not args.explain or args.config or args.overrides):
@@ -52,8 +56,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
+    # pyarrow (and Ray, when the plan runs) load with the command that needs them
     from raysft.pipeline.data.plan import ensure_prepared, prepare, resolve_inputs, summary
 
     cfg = _load(args)
@@ -65,6 +69,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     print(json.dumps(stats, indent=2))
     print(summary(stats), file=sys.stderr, flush=True)
     if args.preview:
+        # pyarrow
         from raysft.pipeline.data.preview import HTML_NAME, preview
 
         print(preview(directory, resolve_inputs(cfg).tokenizer, args.preview, sys.stdout.isatty()))
@@ -73,6 +78,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    # Ray, torch and pyarrow load with the command that needs them
     from raysft.pipeline.console import console_session, log_plan, run_with_console
     from raysft.pipeline.run_folder import LOG_FILE, local_dir_of
     from raysft.pipeline.trainer import train
@@ -87,6 +93,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    # Ray Tune, torch
     from raysft.pipeline.sweep.run import tune
 
     sweep = tune(_load(args), resume=args.resume)
@@ -95,6 +102,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    # pyarrow, pydantic (torch and transformers when the export runs)
     from raysft.pipeline.models.export import export_run
 
     path = export_run(args.run_dir, merge=args.merge, output=args.output)
@@ -103,6 +111,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    # pyarrow
     from raysft.pipeline.runs import format_table, list_runs, rows_json
 
     rows = list_runs(args.storage)
@@ -111,6 +120,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    # pyarrow (matplotlib when the report is drawn)
     from raysft.pipeline.runs import write_report
 
     for path in write_report(args.run, output=args.output):
@@ -119,6 +129,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_models_fetch(args: argparse.Namespace) -> int:
+    # pydantic
     from raysft.pipeline.models.fetch import fetch_model
 
     path = fetch_model(args.name, directory=args.dir)
@@ -127,13 +138,13 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    # pydantic, pyarrow (Ray and torch when the demo runs)
     from raysft.pipeline.demo.run import run_demo
 
     return run_demo(output=args.output, overrides=args.overrides, verbose=args.verbose)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from raysft.pipeline.jobs.submit import submit
 
     return submit(
         args.config,
@@ -150,19 +161,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from raysft.pipeline.jobs.submit import status
 
     return status(args.job, args.address)
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from raysft.pipeline.jobs.submit import logs
 
     return logs(args.job, args.address, follow=args.follow)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from raysft.pipeline.jobs.submit import stop
 
     return stop(args.job, args.address)
 

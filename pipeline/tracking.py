@@ -25,6 +25,7 @@ from typing import Any
 
 from raysft.pipeline.atomic import write_atomic
 from raysft.pipeline.run_folder import FAILURES_FILE, RESULTS_CSV, TRACKING_FILE, TRIALS_DIR
+from raysft.pipeline.runs import write_report
 
 log = logging.getLogger("raysft.tracking")
 
@@ -177,8 +178,6 @@ def finish_tracking(
         return
     plots: list[Path] = []
     if status == "FINISHED":
-        from raysft.pipeline.runs import write_report
-
         try:
             plots = write_report(run_dir)
         except Exception as exc:  # noqa: BLE001 - a plot must not fail a finished run

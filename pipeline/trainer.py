@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +20,19 @@ from typing import Any
 from raysft.pipeline import ray_runtime, storage
 from raysft.pipeline.cluster_checks import check_shared_storage, check_workers_fit, worker_bundle
 from raysft.pipeline.config import Config
+from raysft.pipeline.data.plan import ensure_prepared, resolve_inputs
 from raysft.pipeline.data.schema import Prepared
+from raysft.pipeline.data.shards import has_rows, load_index
 from raysft.pipeline.errors import ConfigError, DataError, RaysftError, causes
 from raysft.pipeline.models.source import base_model_path
 from raysft.pipeline.models.tokenizer import load_tokenizer
 from raysft.pipeline.run_folder import ADAPTER_DIR, LEDGER_FILE, run_dir_of
+from raysft.pipeline.storage import StorageOptions
 from raysft.pipeline.tracking import finish_tracking, start_tracking
 from raysft.pipeline.training import generate_eval
 from raysft.pipeline.training import identity as run_identity
+from raysft.pipeline.training.loop import train_loop_per_worker
+from raysft.pipeline.training.reader import StepLayout, accumulation
 
 
 @dataclass
@@ -100,8 +107,6 @@ def read_deepspeed_json(path: str | os.PathLike) -> dict:
 def check_elastic_settings(cfg: Config) -> None:
     """Every worker count Ray Train may pick must split the fixed global batch into whole micro-batches, and the
     checkpoint must be re-partitionable to it (training/checkpoint.py); said in one sentence before anything starts."""
-    from raysft.pipeline.training.reader import accumulation
-
     s, t = cfg.scaling, cfg.train
     rows = cfg.rows_per_step()
     bad = [w for w in range(s.min_workers, s.max_workers + 1) if rows % (w * t.micro_batch_size)]
@@ -168,9 +173,6 @@ def read_index(directory: str | os.PathLike | None, what: str, cfg: Config):
 
     A missing or truncated shard fails here, naming it, before any worker starts.
     """
-    from raysft.pipeline.data.shards import has_rows, load_index
-    from raysft.pipeline.storage import StorageOptions
-
     options = StorageOptions.of(cfg)
     if directory is None or (what == "eval" and not has_rows(str(directory), options)):
         return None
@@ -188,9 +190,8 @@ def build_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # Ray Train's callback class: the console imports ray.train
     from raysft.pipeline.console import WorkerFailures
-    from raysft.pipeline.training.loop import train_loop_per_worker
-    from raysft.pipeline.training.reader import StepLayout
 
     check_cluster(cfg)
     if not storage.is_remote(str(prepared.train_dir)):  # every worker streams its rows from these shards
@@ -288,8 +289,6 @@ def finish_run(cfg: Config, result) -> TrainResult:
 
 def train(cfg: Config) -> TrainResult:
     """Prepare (or reuse the cache), then train with Ray Train; returns metrics, run dir and adapter path."""
-    from raysft.pipeline.data.plan import ensure_prepared, resolve_inputs
-
     cfg = preflight(cfg)
     if not storage.is_remote(cfg.run.storage_path) and (run_dir_of(cfg).exists() or cfg.run.resume == "must"):
         run_identity.decide(cfg, resolve_inputs(cfg).key, run_dir_of(cfg))  # a rerun: refuse a mismatch before any work
@@ -315,9 +314,6 @@ def fit(trainer, run_dir: Path):
     wherever the driver waited) and leaves that handler installed; a signal wake-up fd sees the SIGINT
     whichever Python handler ran, and the previous handler is put back.
     """
-    import signal
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         return _fit(trainer, run_dir)
     read, write = os.pipe()

@@ -32,6 +32,7 @@ import logging
 import re
 import unicodedata
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
@@ -71,8 +72,6 @@ _SENTINEL_PAIRS = [("\ue000", "\ue001"), ("\ue002", "\ue003"), ("\uf8f0", "\uf8f
 def _spec_cache_path(cfg, src: str, gguf: str | None) -> Path | None:
     """Where the TokenizerSpec of a local tokenizer directory is cached, keyed by every top-level file's
     name, size and mtime there plus the transformers and tokenizers versions; None for hub ids."""
-    from importlib.metadata import PackageNotFoundError, version
-
     folder = Path(src)
     if not folder.is_dir():
         return None

@@ -18,7 +18,11 @@ from typing import Any
 
 from raysft.pipeline import ray_runtime
 from raysft.pipeline.config import Config, load_config
+from raysft.pipeline.demo.report import summary_lines, write_report
+from raysft.pipeline.demo.task import write_task
 from raysft.pipeline.errors import ConfigError
+from raysft.pipeline.jsonl import read as read_rows
+from raysft.pipeline.models.fetch import fetch_model
 from raysft.pipeline.run_folder import LOG_FILE, read_metrics, run_dir_of
 
 DEMO_MODEL = "smollm2-135m-instruct"
@@ -69,6 +73,7 @@ def run_demo(
 
     `verbose` None (the Python API) prints to stdout as it goes; True/False (the CLI) sends all of
     the process's output to the run folder's raysft.log and shows the console (and, if True, the logs)."""
+    # Ray (ray.train), with the console
     from raysft.pipeline.console import Console, console_session
 
     output = Path(output).expanduser().resolve()
@@ -85,12 +90,9 @@ def run_demo(
 def _demo(
     output: Path, overrides: list[str] | None, n_train: int | None, n_eval: int | None, run_name: str, console
 ) -> int:
+    # Ray with the console, torch with the evaluation
     from raysft.pipeline.console import follow_run
     from raysft.pipeline.demo.evaluate import evaluate
-    from raysft.pipeline.demo.report import summary_lines, write_report
-    from raysft.pipeline.demo.task import write_task
-    from raysft.pipeline.jsonl import read as read_rows
-    from raysft.pipeline.models.fetch import fetch_model
 
     t0 = time.perf_counter()
     output.mkdir(parents=True, exist_ok=True)
@@ -169,6 +171,7 @@ def _demo(
 
 def _train_on_local_ray(cfg: Config):
     """Start (or join) Ray, train through the public API, and shut down what we started."""
+    # torch
     from raysft.pipeline.trainer import train
 
     # Logical CPUs: at least one per worker plus one for the data plan's tokenizer actors.

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from raysft.pipeline import storage
-from raysft.pipeline.config import Config
+from raysft.pipeline.config import Config, load_config
 from raysft.pipeline.errors import ModelError
 from raysft.pipeline.models.load import torch_dtype
 from raysft.pipeline.models.source import base_model_path
@@ -62,8 +63,6 @@ def export_run(
 def _export_remote(run_dir: str, merge: bool, output: str | os.PathLike | None, dtype: str) -> Path | str:
     """A run folder and/or an output on an object store: the adapter and config.yaml are staged in a
     temporary folder (removed afterwards), exported there, and the result uploaded when `output` is a URI."""
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="raysft-export-") as tmp:
         run = Path(tmp) / "run"
         if storage.is_remote(run_dir):
@@ -105,7 +104,6 @@ def merge_adapter(cfg: Config, adapter: str | os.PathLike, dtype: str = "bfloat1
 
 
 def _run_config(run: Path) -> Config:
-    from raysft.pipeline.config import load_config
 
     path = run / RESOLVED_CONFIG
     if not path.is_file():

@@ -106,7 +106,7 @@ def build_model(cfg: Config, device: str | None = None):
     torch.manual_seed(cfg.train.seed)  # LoRA init is seeded: every rank starts from the same adapter
     model = attach_lora(load_base_model(cfg.model, device), cfg)
     if cfg.train.kernels:
-        from raysft.kernels import patch_model
+        from raysft.kernels import patch_model  # Triton, only when train.kernels is on
 
         patch_model(model)
     return model

@@ -51,6 +51,8 @@ from raysft.pipeline.cluster_checks import (
     trials_that_fit,
 )
 from raysft.pipeline.config import Config
+from raysft.pipeline.data.plan import ensure_prepared
+from raysft.pipeline.data.shards import load_index
 from raysft.pipeline.errors import ConfigError
 from raysft.pipeline.run_folder import (
     ATTEMPTS_FILE,
@@ -66,6 +68,7 @@ from raysft.pipeline.run_folder import (
     TUNE_DIR,
     RunFolder,
 )
+from raysft.pipeline.storage import StorageOptions
 from raysft.pipeline.sweep.report import (
     COMPLETED,
     EARLY_STOPPED,
@@ -82,6 +85,8 @@ from raysft.pipeline.sweep.report import (
 )
 from raysft.pipeline.sweep.space import SweepPlan, data_overrides, plan_sweep, trial_overrides
 from raysft.pipeline.tracking import finish_sweep_tracking, finish_tracking, start_sweep_tracking
+from raysft.pipeline.training.generate_eval import generation_history
+from raysft.pipeline.training.reader import StepLayout
 
 log = logging.getLogger("raysft.tune")
 
@@ -93,6 +98,7 @@ RESUME_MAY_DIFFER = ("run.address",)
 
 def tune(cfg: Config, resume: bool = False) -> SweepResult:
     """Run (or with `resume`, continue) the sweep declared in `cfg.tune`; returns the table and the best trial."""
+    # torch, with the trainer (not needed to check a sweep's config)
     from raysft.pipeline.trainer import preflight
 
     plan = plan_sweep(cfg)  # every user error in the tune section, before anything starts
@@ -189,6 +195,7 @@ def run_trial(
     """One Tune trial: the config with the sampled values, trained by its own TorchTrainer."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    # torch, with the trainer, in each trial's process
     from raysft.pipeline.trainer import build_trainer, finish_run
 
     trial_id = rt.get_context().get_trial_id()
@@ -267,8 +274,6 @@ def _variant_key(overrides: dict[str, Any]) -> str:
 
 def _prepare_all(cfg: Config, plan: SweepPlan) -> dict[str, Any]:
     """One prepared dataset per distinct data config the sweep can sample (usually exactly one)."""
-    from raysft.pipeline.data.plan import ensure_prepared
-
     out = {}
     for variant in plan.data_variants():
         p = ensure_prepared(cfg.with_overrides(variant) if variant else cfg)
@@ -350,7 +355,6 @@ class PlannedSteps:
     rows: dict[str, int]  # packed train rows per data variant
 
     def __call__(self, sampled: dict[str, Any]) -> int:
-        from raysft.pipeline.training.reader import StepLayout
 
         base = Config.from_dict(self.base, self.source)
         cfg = base.with_overrides(trial_overrides(self.plan, sampled, base))
@@ -361,9 +365,6 @@ class PlannedSteps:
 
 def _rows(prepared: dict[str, Any], cfg: Config) -> dict[str, int]:
     """Packed train rows per data variant, from the shard indexes (no rows are read)."""
-    from raysft.pipeline.data.shards import load_index
-    from raysft.pipeline.storage import StorageOptions
-
     return {key: load_index(str(p.train_dir), StorageOptions.of(cfg), check=False).rows for key, p in prepared.items()}
 
 
@@ -558,8 +559,6 @@ def _history(result) -> list[dict[str, Any]]:
 def with_generation(history: list[dict[str, Any]], run_dir: Path) -> list[dict[str, Any]]:
     """The trial's Tune results with its gen_* values joined in by step, from its metrics.jsonl (train.eval_generate
     writes them there; Ray Train's validation results never reach Tune's per-step stream)."""
-    from raysft.pipeline.training.generate_eval import generation_history
-
     gen = generation_history(run_dir)
     if not gen:
         return history

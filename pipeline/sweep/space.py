@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args, get_origin
 
 from raysft.pipeline.config import Config, get_dotted
 from raysft.pipeline.errors import ConfigError
-from raysft.pipeline.training.generate_eval import GEN_PREFIX
+from raysft.pipeline.training.generate_eval import GEN_PREFIX, enabled, metric_key
 
 log = logging.getLogger("raysft.tune")
 
@@ -118,8 +118,6 @@ def _check_generation_metric(cfg: Config, where: str) -> None:
     """A gen_* metric comes from train.eval_generate (training/generate_eval.py), read from each trial's
     metrics.jsonl when the trials end: the trials can be ranked by it, but no scheduler or searcher sees it
     during the sweep (Ray Train's validation results do not reach Tune's per-step results)."""
-    from raysft.pipeline.training.generate_eval import enabled, metric_key
-
     t = cfg.tune
     if not enabled(cfg):
         raise ConfigError(f"tune.metric '{t.metric}'{where} is a generation metric; set train.eval_generate.prompts.")

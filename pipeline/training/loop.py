@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import random
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from raysft.pipeline import storage
 from raysft.pipeline.config import Config
 from raysft.pipeline.data.schema import REQUIRED_COLUMNS
 from raysft.pipeline.data.shards import ShardIndex, read_all
+from raysft.pipeline.models.load import build_model
 from raysft.pipeline.run_folder import LEDGER_FILE, RunFolder, append_event
 from raysft.pipeline.storage import StorageOptions
 from raysft.pipeline.training import checkpoint as ckpt_io
@@ -37,6 +39,7 @@ from raysft.pipeline.training.context import WorkerContext
 from raysft.pipeline.training.ledger import Ledger
 from raysft.pipeline.training.metrics import MetricsLog
 from raysft.pipeline.training.preemption import Notice, PreemptionWatch
+from raysft.pipeline.training.ray_context import RayTrainContext
 from raysft.pipeline.training.reader import accumulation, reader_for
 from raysft.pipeline.training.run_files import SyncedContext
 from raysft.pipeline.training.step import (
@@ -187,8 +190,6 @@ def note_preemption(run_dir: Path | None, step: int, ranks: float, notice: Notic
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's entry: the shard indexes from the driver, the context from ray.train."""
-    from raysft.pipeline.training.ray_context import RayTrainContext
-
     cfg = Config.from_dict(loop_config["config"])
     ctx = RayTrainContext(resume_from=loop_config.get("resume_from"), upload=cfg.train.checkpoint_upload)
     # Rank 0 writes the run's files into the run folder, or into a staging copy of one on an object store
@@ -215,8 +216,6 @@ def import_deepspeed():
     """`import deepspeed` without the mlflow import its autotuner makes whenever mlflow is installed (2-7 s of
     CPU per worker process on a small machine); raysft never runs DeepSpeed's autotuner. The guard lasts for
     this one import: mlflow stays importable afterwards (rank 0's tracking), and one already imported is used."""
-    import sys
-
     if "deepspeed" in sys.modules or "mlflow" in sys.modules:
         import deepspeed
 
@@ -245,8 +244,6 @@ def run_worker(
     each rank takes rows / (world x micro_batch_size) micro-batches, so a resized run trains the same rows per step.
     """
     deepspeed = import_deepspeed()
-
-    from raysft.pipeline.models.load import build_model
 
     # --- who am I, what do I train on ---------------------------------------------------------
     rank, world, device = ctx.rank, ctx.world_size, ctx.device

@@ -13,6 +13,7 @@ from typing import Any
 
 from raysft.pipeline import jsonl
 from raysft.pipeline.run_folder import METRICS_FILE, TENSORBOARD_DIR
+from raysft.pipeline.tracking import StepSinks
 
 log = logging.getLogger("raysft.train")
 
@@ -40,8 +41,6 @@ class MetricsLog:
             except ImportError:
                 log.warning("tensorboard is not installed: no event files are written")
         if logging_cfg.mlflow or logging_cfg.wandb:
-            from raysft.pipeline.tracking import StepSinks
-
             # Into the runs the driver created (RUN_DIR/tracking.json); rank 0 only.
             self.sinks = StepSinks(run_dir, config_dict)
         else:
