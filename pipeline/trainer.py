@@ -32,7 +32,7 @@ from raysft.pipeline.tracking import finish_tracking, start_tracking
 from raysft.pipeline.training import generate_eval
 from raysft.pipeline.training import identity as run_identity
 from raysft.pipeline.training.loop import train_loop_per_worker
-from raysft.pipeline.training.reader import StepLayout, accumulation
+from raysft.pipeline.training.reader import StepLayout
 
 
 @dataclass
@@ -57,12 +57,8 @@ def preflight(cfg: Config) -> Config:
     """Check what can be checked without a cluster; return the config with resolved absolute paths."""
     if cfg.scaling.min_workers < 1:
         raise ConfigError("scaling.num_workers must be at least 1 for training.")
-    check_elastic_settings(cfg)
-    if cfg.model.dtype == "float16" or (cfg.model.quantization == "nf4" and cfg.model.compute_dtype == "float16"):
-        raise ConfigError(
-            "model.dtype / model.compute_dtype float16 is not supported with DeepSpeed and a 4-bit base; use bfloat16."
-        )
-    check_gpu_settings(cfg)
+    # The rules between fields (dtype, GPUs, how the global batch splits over every worker count) hold
+    # already: Config refuses them at load time (config.py, _rules_between_fields).
     source = base_model_path(cfg.model, cfg.source)  # a GGUF is converted once here; workers read the HF folder
     updates: dict[str, Any] = {}
     if os.path.isdir(source):
@@ -102,52 +98,6 @@ def read_deepspeed_json(path: str | os.PathLike) -> dict:
             f"train.deepspeed.config {path} holds a JSON {type(data).__name__}, not an object of DeepSpeed settings."
         )
     return data
-
-
-def check_elastic_settings(cfg: Config) -> None:
-    """Every worker count Ray Train may pick must split the fixed global batch into whole micro-batches, and the
-    checkpoint must be re-partitionable to it (training/checkpoint.py); said in one sentence before anything starts."""
-    s, t = cfg.scaling, cfg.train
-    rows = cfg.rows_per_step()
-    bad = [w for w in range(s.min_workers, s.max_workers + 1) if rows % (w * t.micro_batch_size)]
-    if bad:
-        if not s.elastic:
-            accumulation(rows, bad[0], t.micro_batch_size)  # raises the fixed-size sentence
-        shown = ", ".join(str(w) for w in bad)
-        raise ConfigError(
-            f"scaling.num_workers {s.num_workers} lets the run go on at {shown} worker(s), where a step's "
-            f"{rows} packed rows (train.global_batch_rows, or max workers x grad_accum x micro_batch_size) do not "
-            f"split into whole micro-batches of train.micro_batch_size {t.micro_batch_size}; set "
-            "train.global_batch_rows to a multiple of micro_batch_size x every worker count in the range."
-        )
-    if not s.elastic:
-        return
-    if t.deepspeed.stage == 3:
-        raise ConfigError(
-            "scaling.num_workers [min, max] needs train.deepspeed.stage 0, 1 or 2: raysft cannot yet re-partition "
-            "ZeRO-3 optimizer state to another worker count."
-        )
-    if s.placement_strategy.startswith("STRICT_"):
-        raise ConfigError(
-            f"scaling.num_workers [min, max] cannot use scaling.placement_strategy {s.placement_strategy}: Ray Train's "
-            "elastic sizing counts workers by resources alone, so a strict placement it cannot meet would never start."
-        )
-
-
-def check_gpu_settings(cfg: Config) -> None:
-    """Settings that would silently break a GPU run: several GPUs per worker, and a 4-bit storage dtype
-    DeepSpeed recasts."""
-    s, m = cfg.scaling, cfg.model
-    if s.use_gpu and s.gpus_per_worker != 1:
-        raise ConfigError(
-            f"scaling.gpus_per_worker must be 1 with scaling.use_gpu (got {s.gpus_per_worker:g}): each worker is one "
-            "rank on one GPU; use more scaling.num_workers instead."
-        )
-    if m.quantization == "nf4" and m.quant_storage not in (None, "uint8", m.dtype):
-        raise ConfigError(
-            f"model.quant_storage {m.quant_storage} must be uint8 or equal to model.dtype ({m.dtype}): DeepSpeed "
-            "recasts the packed 4-bit weights to model.dtype, which corrupts them in any other float dtype."
-        )
 
 
 def _check_writable(path: Path, key: str) -> None:

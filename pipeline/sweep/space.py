@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
 
-from raysft.pipeline.config import Config, get_dotted
+from raysft.pipeline.config import NOT_IN_DATA_KEY, Config, get_dotted
 from raysft.pipeline.errors import ConfigError
 from raysft.pipeline.training.generate_eval import GEN_PREFIX, enabled, metric_key
 
@@ -32,7 +32,6 @@ FIXED_SECTIONS = ("run.", "tune.", "scaling.")
 # Searched keys that change the prepared data (the data plan's cache key): each distinct
 # combination is prepared up front, so no trial tokenizes.
 DATA_KEY_FIELDS = ("model.name_or_path", "model.tokenizer", "model.gguf_file", "model.trust_remote_code")
-NOT_DATA_FIELDS = ("data.cache_dir", "data.num_tokenizer_actors")
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,7 @@ class Param:
 
     @property
     def changes_data(self) -> bool:
-        return (self.key.startswith("data.") and self.key not in NOT_DATA_FIELDS) or self.key in DATA_KEY_FIELDS
+        return (self.key.startswith("data.") and self.key not in NOT_IN_DATA_KEY) or self.key in DATA_KEY_FIELDS
 
     def to_tune(self) -> Any:
         """The Ray Tune domain for this parameter."""

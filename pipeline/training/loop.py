@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from raysft.pipeline import storage
-from raysft.pipeline.config import Config
+from raysft.pipeline.config import Config, accumulation
 from raysft.pipeline.data.schema import REQUIRED_COLUMNS
 from raysft.pipeline.data.shards import ShardIndex, read_all
 from raysft.pipeline.models.load import build_model
@@ -40,7 +40,7 @@ from raysft.pipeline.training.ledger import Ledger
 from raysft.pipeline.training.metrics import MetricsLog
 from raysft.pipeline.training.preemption import Notice, PreemptionWatch
 from raysft.pipeline.training.ray_context import RayTrainContext
-from raysft.pipeline.training.reader import accumulation, reader_for
+from raysft.pipeline.training.reader import reader_for
 from raysft.pipeline.training.run_files import SyncedContext
 from raysft.pipeline.training.step import (
     MicroBatch,

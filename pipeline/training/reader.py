@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from raysft.pipeline.data.shards import ShardIndex, read_shard
-from raysft.pipeline.errors import ConfigError, DataError
+from raysft.pipeline.errors import DataError
 
 DEFAULT_WINDOW = 2
 
@@ -111,19 +111,6 @@ class StepLayout:
         """(epoch, first epoch position) of 0-based global step `step`."""
         epoch, i = divmod(step, self.steps_per_epoch)
         return epoch, i * self.rows_per_step
-
-
-def accumulation(rows_per_step: int, world_size: int, micro_batch_size: int) -> int:
-    """Micro-batches each of `world_size` workers takes so that an optimizer step trains exactly `rows_per_step`
-    rows (the global batch is fixed by the config; with fewer workers each takes more)."""
-    per_round = world_size * micro_batch_size
-    if rows_per_step % per_round:
-        raise ConfigError(
-            f"An optimizer step of {rows_per_step} packed rows does not split into whole micro-batches of "
-            f"train.micro_batch_size {micro_batch_size} over {world_size} workers; make the global batch "
-            f"(train.global_batch_rows) a multiple of {per_round}."
-        )
-    return rows_per_step // per_round
 
 
 @dataclass
