@@ -7,7 +7,8 @@
     sweep = tune(cfg)
 
 Heavy modules (ray, torch, transformers) load on first use, so importing this package is cheap
-and changes nothing in other libraries.
+and changes nothing in other libraries. It does install `import_guard`: the bare names `kernels` and
+`pipeline` then find the installed PyPI packages even where a raysft checkout is on sys.path.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from raysft.pipeline import import_guard
 from raysft.pipeline.config import Config, load_config
 from raysft.pipeline.errors import ConfigError, DataError, ModelError, RaysftError
+
+import_guard.install()  # before anything raysft runs imports transformers (which imports PyPI's `kernels`)
 
 __all__ = ["Config", "load_config", "prepare", "train", "tune", "RaysftError", "ConfigError", "DataError", "ModelError"]
 

@@ -196,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
         "also the values it sets",
     )
     p.add_argument(
-        "--markdown", action="store_true", help="with --explain: the reference as the README's markdown tables"
+        "--markdown",
+        action="store_true",
+        help="with --explain: the reference as docs/configuration.md's markdown tables",
     )
 
     p = add("prepare", cmd_prepare, "run only the data plan and write the processed dataset and stats.json")

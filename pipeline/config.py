@@ -44,8 +44,10 @@ class ModelConfig(_Section):
     quantization: Literal["nf4", "none"] = Field(
         "nf4", description="nf4: a bitsandbytes 4-bit base (QLoRA); none: the base in model.dtype (LoRA)."
     )
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="dtype the 4-bit layers compute in (float16 is refused with DeepSpeed)."
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="dtype the 4-bit layers compute in; auto: bfloat16 where the hardware computes bf16 natively "
+        "(CUDA GPUs with bf16, CPUs with AVX512-BF16/AMX), else float32 (float16 is refused with DeepSpeed).",
     )
     double_quant: bool = Field(True, description="bitsandbytes nested quantization of the NF4 absmax constants.")
     quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] | None = Field(
@@ -53,8 +55,10 @@ class ModelConfig(_Section):
         description="Storage dtype of the packed 4-bit weights: uint8, or model.dtype (null: model.dtype), "
         "which lets ZeRO-3 shard them; DeepSpeed recasts any other float dtype and corrupts them.",
     )
-    dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="dtype of the weights that are not quantized (and of DeepSpeed: bf16 or fp32)."
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="dtype of the weights that are not quantized, the LoRA weights and DeepSpeed (bf16 or fp32); "
+        "auto: as compute_dtype, decided once on the driver and said on the console.",
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention implementation passed to transformers."
@@ -275,7 +279,7 @@ class ScalingConfig(_Section):
         2,
         description="Training workers (processes, one per GPU with use_gpu); [min, max] for elastic training: the "
         "run starts once min workers fit, grows toward max when resources appear and goes on with fewer when a "
-        "node is lost (the same rows and math per step at any size; see the README's Elastic training).",
+        "node is lost (the same rows and math per step at any size; see docs/elastic-and-preemption.md).",
     )
     resize_check_s: float = Field(
         60.0,
@@ -499,7 +503,8 @@ def _gpu_rule(cfg: Config) -> str | None:
             f"scaling.gpus_per_worker must be 1 with scaling.use_gpu (got {s.gpus_per_worker:g}): each worker is one "
             "rank on one GPU; use more scaling.num_workers instead."
         )
-    if m.quantization == "nf4" and m.quant_storage not in (None, "uint8", m.dtype):
+    # dtype auto is checked once it is resolved (models/precision.py revalidates the resolved config)
+    if m.quantization == "nf4" and m.dtype != "auto" and m.quant_storage not in (None, "uint8", m.dtype):
         return (
             f"model.quant_storage {m.quant_storage} must be uint8 or equal to model.dtype ({m.dtype}): DeepSpeed "
             "recasts the packed 4-bit weights to model.dtype, which corrupts them in any other float dtype."
@@ -681,7 +686,7 @@ def explain_text(cfg: Config | None = None) -> str:
 
 
 def explain_markdown() -> str:
-    """The reference as the README shows it: one table per section (`raysft config --explain --markdown`)."""
+    """The reference as docs/configuration.md shows it: one table per section (`raysft config --explain --markdown`)."""
     docs = config_reference()
     parts = []
     for name, field in Config.model_fields.items():

@@ -344,6 +344,11 @@ def log_plan(console: Console, cfg) -> None:
         f"raysft: {cfg.run.name}: model {cfg.model.name_or_path} ({cfg.model.quantization}), "
         f"data {cfg.data.train}, {cfg.scaling.num_workers} worker(s), {steps} steps"
     )
+    from raysft.pipeline.models import precision  # imports torch: only once the plan is said
+
+    said = precision.describe(cfg)
+    if said:
+        console.line(f"raysft: {said}")
 
 
 def summary_lines(result, seconds: float) -> list[str]:

@@ -32,6 +32,12 @@ class CheckpointError(RaysftError):
     """A run folder or checkpoint cannot be used: another run's identity, incomplete files, no space to save."""
 
 
+class WorkerError(RaysftError):
+    """A training worker failed (model load, import, out of memory, ...): not the input's fault, exit 1."""
+
+    exit_code = 1
+
+
 def causes(exc: BaseException) -> Iterator[BaseException]:
     """`exc` and every exception it wraps (`__cause__`, `__context__`, and the `cause` a Ray task error carries)."""
     seen: set[int] = set()
@@ -63,4 +69,6 @@ def user_error(exc: BaseException) -> RaysftError | None:
 
 
 _RAISED = re.compile(r"raysft\.pipeline\.errors\.(\w+): (.+)")
-_KINDS = {k.__name__: k for k in (RaysftError, ConfigError, DataError, ModelError, ClusterError, CheckpointError)}
+_KINDS = {
+    k.__name__: k for k in (RaysftError, ConfigError, DataError, ModelError, ClusterError, CheckpointError, WorkerError)
+}

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from raysft.pipeline import ray_orphans
+from raysft.pipeline import import_guard, ray_orphans
 from raysft.pipeline.errors import ClusterError
 
 WORKER_ENV = {
@@ -47,6 +47,7 @@ DRIVER_ENV = {"RAY_DATA_USAGE_DISABLED": "1"}
 PROBE_TIMEOUT_S = 5.0
 GCS_CONNECT_WINDOW_S = "20"  # Ray's RAY_gcs_server_port_wait_time_s: about one connect try per second
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for a job's driver
+SETUP_HOOK_ENV = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"  # ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,9 @@ def _local(needs: Needs, num_cpus: int | None, wanted: dict[str, str]) -> tuple[
     kwargs: dict = dict(address="local", num_cpus=num_cpus, include_dashboard=needs.dashboard)
     scoped = {k: os.environ.get(k, v) for k, v in wanted.items()}
     scoped[ray_orphans.MARKER] = ray_orphans.owner_token()
+    # Every worker runs the import guard first (Ray's worker_process_setup_hook, by the variable Ray reads;
+    # as a runtime_env field it would leave the prestarted workers unusable, see the module docstring).
+    scoped.setdefault(SETUP_HOOK_ENV, os.environ.get(SETUP_HOOK_ENV, import_guard.HOOK))
     if needs.dashboard:
         # Ray Train's placement-group cleaner finds the State API by scanning for clusters (and reads
         # ray_current_cluster, which may name another one): tell it where this instance's is.
@@ -154,13 +158,17 @@ def _local(needs: Needs, num_cpus: int | None, wanted: dict[str, str]) -> tuple[
 
 
 def _job_env(wanted: dict[str, str]) -> dict:
-    """WORKER_ENV as a job-level runtime_env, minus names a Ray Job already sets (Ray refuses a clash)."""
-    taken: set[str] = set()
+    """WORKER_ENV as a job-level runtime_env, minus names a Ray Job already sets (Ray refuses a clash), and the
+    import guard as the workers' setup hook unless the job has a hook of its own."""
+    job_env: dict = {}
     if JOB_CONFIG_ENV in os.environ:
         with contextlib.suppress(ValueError, TypeError, AttributeError):
-            job = json.loads(os.environ[JOB_CONFIG_ENV])
-            taken = set((job.get("runtime_env") or {}).get("env_vars") or {})
-    return {"env_vars": {k: os.environ.get(k, v) for k, v in wanted.items() if k not in taken}}
+            job_env = json.loads(os.environ[JOB_CONFIG_ENV]).get("runtime_env") or {}
+    taken = set(job_env.get("env_vars") or {})
+    runtime_env: dict = {"env_vars": {k: os.environ.get(k, v) for k, v in wanted.items() if k not in taken}}
+    if not job_env.get("worker_process_setup_hook") and SETUP_HOOK_ENV not in taken:
+        runtime_env["worker_process_setup_hook"] = import_guard.HOOK
+    return runtime_env
 
 
 def _join_target(address: str | None) -> tuple[str | None, str]:

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import threading
 import uuid
 from dataclasses import dataclass
@@ -23,10 +24,11 @@ from raysft.pipeline.config import Config
 from raysft.pipeline.data.plan import ensure_prepared, resolve_inputs
 from raysft.pipeline.data.schema import Prepared
 from raysft.pipeline.data.shards import has_rows, load_index
-from raysft.pipeline.errors import ConfigError, DataError, RaysftError, causes
+from raysft.pipeline.errors import ConfigError, DataError, RaysftError, WorkerError, causes
+from raysft.pipeline.models import precision
 from raysft.pipeline.models.source import base_model_path
 from raysft.pipeline.models.tokenizer import load_tokenizer
-from raysft.pipeline.run_folder import ADAPTER_DIR, LEDGER_FILE, run_dir_of
+from raysft.pipeline.run_folder import ADAPTER_DIR, LEDGER_FILE, LOG_FILE, local_dir_of, run_dir_of
 from raysft.pipeline.storage import StorageOptions
 from raysft.pipeline.tracking import finish_tracking, start_tracking
 from raysft.pipeline.training import generate_eval
@@ -57,8 +59,10 @@ def preflight(cfg: Config) -> Config:
     """Check what can be checked without a cluster; return the config with resolved absolute paths."""
     if cfg.scaling.min_workers < 1:
         raise ConfigError("scaling.num_workers must be at least 1 for training.")
-    # The rules between fields (dtype, GPUs, how the global batch splits over every worker count) hold
-    # already: Config refuses them at load time (config.py, _rules_between_fields).
+    # dtype auto: decided here, once, from the hardware; said on stderr. The rules between fields (dtypes, GPUs,
+    # how the global batch splits over every worker count) are Config's: refused at load time, and checked again
+    # on the resolved dtypes (resolve goes through with_overrides; config.py, _rules_between_fields).
+    cfg = precision.resolve(cfg)
     source = base_model_path(cfg.model, cfg.source)  # a GGUF is converted once here; workers read the HF folder
     updates: dict[str, Any] = {}
     if os.path.isdir(source):
@@ -247,31 +251,32 @@ def train(cfg: Config) -> TrainResult:
         prepared = ensure_prepared(cfg)
         trainer = build_trainer(cfg, prepared)
         try:
-            result = fit(trainer, run_dir_of(cfg))
+            result = fit(trainer, run_dir_of(cfg), log_file=local_dir_of(cfg) / LOG_FILE)
         except BaseException:
             finish_tracking(run_dir_of(cfg), None, status="FAILED")
             raise
         return finish_run(cfg, result)
 
 
-def fit(trainer, run_dir: Path):
+def fit(trainer, run_dir: Path, log_file: Path | None = None):
     """`trainer.fit()`, its failures said as a user can act on them instead of Ray's tracebacks: Ctrl-C as
     KeyboardInterrupt (the CLI: exit 130, "resume with the same command"), an error a worker raised for the
-    user to fix (e.g. no space for a checkpoint) as that one sentence, and a checkpoint list naming a deleted
-    checkpoint as one sentence.
+    user to fix (e.g. no space for a checkpoint) as that one sentence, a checkpoint list naming a deleted
+    checkpoint as one sentence, and any other worker failure (model load, import, out of memory) as a
+    `WorkerError` naming the cause and `log_file`, where the full traceback is written.
 
     Ray Train answers SIGINT with its own handler (abort the run, then SystemExit or a Ray error from
     wherever the driver waited) and leaves that handler installed; a signal wake-up fd sees the SIGINT
     whichever Python handler ran, and the previous handler is put back.
     """
     if threading.current_thread() is not threading.main_thread():
-        return _fit(trainer, run_dir)
+        return _fit(trainer, run_dir, log_file)
     read, write = os.pipe()
     os.set_blocking(read, False)
     os.set_blocking(write, False)
     handler, wakeup = signal.getsignal(signal.SIGINT), signal.set_wakeup_fd(write, warn_on_full_buffer=False)
     try:
-        return _fit(trainer, run_dir)
+        return _fit(trainer, run_dir, log_file)
     except BaseException:
         try:
             seen = os.read(read, 4096)
@@ -287,7 +292,7 @@ def fit(trainer, run_dir: Path):
         os.close(write)
 
 
-def _fit(trainer, run_dir: Path):
+def _fit(trainer, run_dir: Path, log_file: Path | None):
     from ray.train import TrainingFailedError
 
     try:
@@ -310,4 +315,23 @@ def _fit(trainer, run_dir: Path):
                     if issubclass(c, RaysftError) and c.__module__.startswith("raysft.")
                 )
                 raise kind(str(original.args[0]) if original.args else str(original)) from None
-        raise
+        raise worker_error(exc, log_file) from None
+
+
+def worker_error(exc: BaseException, log_file: Path | None) -> WorkerError:
+    """One sentence for a failed run: which worker, the cause's type and first line, where the traceback is.
+
+    The whole traceback (the worker's, as Ray carried it) is written to stderr first: under the CLI that is
+    the run's raysft.log, for the Python API the terminal."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    if failures:
+        rank, failure = min(failures.items())
+        original, who = getattr(failure, "cause", None) or failure, f"Training worker rank {rank}"
+        print(f"raysft: training worker rank {rank} failed:\n{failure}", file=sys.stderr, flush=True)
+    else:
+        inner = [e for e in causes(exc) if e is not exc]
+        original, who = (inner[-1] if inner else exc), "Training"
+        print(f"raysft: training failed:\n{exc}", file=sys.stderr, flush=True)
+    first = (str(original).strip().splitlines() or [""])[0][:300]
+    where = f"the traceback is in {log_file}" if log_file is not None and log_file.exists() else "traceback above"
+    return WorkerError(f"{who} failed: {type(original).__name__}: {first} ({where}).")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import raysft.pipeline  # noqa: F401 - installs the import guard: `python -m pytest` puts the checkout root on sys.path
+
 sys.path.insert(0, str(Path(__file__).parent))  # so tests can `import tiny`
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -132,10 +132,11 @@ def test_rayjob_runs_raysft_on_a_valid_config():
 
 def test_example_files_named_in_cluster_recipes_and_docs_exist():
     named = {}
-    for path in [*sorted(p for p in CLUSTER.rglob("*") if p.is_file()), REPO / "README.md"]:
+    docs = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    for path in [*sorted(p for p in CLUSTER.rglob("*") if p.is_file()), *docs]:
         for name in re.findall(r"examples/[\w.-]+\.(?:yaml|py)", path.read_text(errors="replace")):
             named.setdefault(name, path.relative_to(REPO).as_posix())
-    assert named, "no example named in cluster/ or README.md"
+    assert named, "no example named in cluster/, README.md or docs/"
     missing = {name: where for name, where in named.items() if not (REPO / name).is_file()}
     assert not missing, f"files named but not in the repository (name: where): {missing}"
 

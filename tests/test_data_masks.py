@@ -15,6 +15,8 @@ from raysft.pipeline.data.formats import normalise_row
 from raysft.pipeline.data.schema import IGNORE_INDEX as IGNORE
 from raysft.pipeline.data.tokenize import ChatEncoder
 
+pytestmark = pytest.mark.smoke  # in `make test-latest`'s canary subset
+
 EOT = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}
 
 SYNTHETIC = [

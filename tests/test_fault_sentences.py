@@ -193,3 +193,30 @@ def test_bad_rows_and_unreadable_files_through_ray_are_one_sentence(tiny_model_d
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr, proc.stderr
         assert re.fullmatch(sentence, proc.stderr.strip().splitlines()[-1]), proc.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_worker_that_fails_at_model_load_ends_in_one_sentence(tiny_model_dir, tmp_path):
+    """The driver loads only the tokenizer; the worker's model load meets corrupt weights. `raysft train` ends
+    with exit 1 and one sentence naming the worker, the cause and the log; the log holds the traceback."""
+    broken = tmp_path / "broken_model"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}" + b"\0" * 64)
+    cfg = config_file(tmp_path, broken, **{"train.max_steps": 2})
+    proc = subprocess.run(
+        [sys.executable, "-m", "raysft.pipeline.cli", "train", str(cfg)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    log = tmp_path / "runs" / "probe" / "raysft.log"
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"raysft: error: Training worker rank 0 failed: \w+: .+ \(the traceback is in {re.escape(str(log))}\)\.", last
+    ), proc.stderr
+    text = log.read_text()
+    assert "Traceback (most recent call last)" in text and "load_base_model" in text

@@ -14,6 +14,8 @@ from raysft.pipeline.models.load import build_model, load_base_model, save_adapt
 from raysft.pipeline.models.source import materialize_gguf, resolve_model_source
 from raysft.pipeline.models.tokenizer import load_tokenizer
 
+pytestmark = pytest.mark.smoke  # in `make test-latest`'s canary subset
+
 
 def cfg_for(model_dir, **over):
     return load_config(None, overrides={"model.name_or_path": str(model_dir), **over})
@@ -22,7 +24,9 @@ def cfg_for(model_dir, **over):
 def test_nf4_base_is_double_quantized_with_float_storage(tiny_model_dir):
     import bitsandbytes as bnb
 
-    model = load_base_model(cfg_for(tiny_model_dir).model)
+    model = load_base_model(
+        cfg_for(tiny_model_dir, **{"model.dtype": "bfloat16", "model.compute_dtype": "bfloat16"}).model
+    )
     q = model.model.layers[0].self_attn.q_proj
     assert isinstance(q, bnb.nn.Linear4bit)
     assert q.weight.quant_state.quant_type == "nf4" and q.weight.quant_state.nested  # double quantization

@@ -19,6 +19,8 @@ from raysft.pipeline.training.step import (
     optimizer_step,
 )
 
+pytestmark = pytest.mark.smoke  # in `make test-latest`'s canary subset
+
 
 def fp32_cfg(model_dir, **over):
     base = {

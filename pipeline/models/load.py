@@ -13,6 +13,7 @@ from typing import Any
 
 from raysft.pipeline.config import Config, ModelConfig
 from raysft.pipeline.errors import ModelError
+from raysft.pipeline.models import precision
 from raysft.pipeline.models.source import base_model_path
 
 
@@ -32,6 +33,7 @@ def load_base_model(mcfg: ModelConfig, device: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    mcfg = precision.concrete_model(mcfg, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     source = base_model_path(mcfg)
     kwargs: dict[str, Any] = dict(
         dtype=torch_dtype(mcfg.dtype),

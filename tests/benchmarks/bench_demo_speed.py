@@ -42,7 +42,8 @@ def child(args) -> None:
     from raysft.pipeline.demo.run import _train_on_local_ray, demo_config
 
     tree_dir = Path(args.tree_dir)
-    cfg = demo_config(args.model, Path(args.data), tree_dir, args.run_name, overrides=[f"train.max_steps={args.steps}"])
+    overrides = [f"train.max_steps={args.steps}", *(args.overrides or [])]
+    cfg = demo_config(args.model, Path(args.data), tree_dir, args.run_name, overrides=overrides)
     metrics = tree_dir / args.run_name / "metrics.jsonl"
     seen: dict[int, float] = {}
     stop = threading.Event()
@@ -92,6 +93,7 @@ def main() -> None:
     ap.add_argument("--run-name", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--set", dest="overrides", action="append", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args)

@@ -2,10 +2,11 @@
 
 Stages (GPU): environment; a tiny random Llama (built from a config) and packed Parquet rows; the Ray-free
 loop (`python -m raysft.pipeline.training.torchrun_entry`, NCCL, world size 1) with NF4 + ZeRO-2 and
-kernels off, kernels on, and a resume from a lost last checkpoint; tests/test_gpu_path.py on the GPU;
-bench_kernels.py --quick; bench_train.py --gpu. Every child runs with `ray` made unimportable, so
-nothing on the path can lean on Ray. With --dry-run (CPU): the wheels and their size with the
-working tree, then the same loop stages on CPU (gloo, fp32), which checks the plumbing.
+kernels off, kernels on, and a resume from a lost last checkpoint; tests/test_gpu_path.py and the bf16
+kernel numerics (tests/test_kernels_bf16.py) on the GPU; bench_kernels.py --quick; bench_train.py --gpu.
+Every child runs with `ray` made unimportable, so nothing on the path can lean on Ray. With --dry-run
+(CPU): the wheels and their size with the working tree, then the same loop stages on CPU (gloo, fp32),
+which checks the plumbing.
 
     python tests/benchmarks/gpu_acceptance.py [--dry-run [--wheels DIR | --no-wheels]] --out DIR
 """
@@ -371,6 +372,13 @@ def main() -> int:
                 timeout=min(120, left()),
             )
             report.add("tests/test_gpu_path.py on the GPU", code == 0, secs, {"exit": code}, log)
+            code, log, secs = child(
+                ["pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels_bf16.py", "-m", "gpu"],
+                timeout=min(150, left()),
+            )
+            report.add(
+                "tests/test_kernels_bf16.py on the GPU (bf16 kernel numerics)", code == 0, secs, {"exit": code}, log
+            )
             out_md = work / "kernels.md"
             code, log, secs = child(
                 ["tests/benchmarks/bench_kernels.py", "--quick", "--skip-compile", "--out", str(out_md)],
