@@ -87,7 +87,10 @@ def run_side(side_out: Path, data: Path) -> None:
 
 
 def launch(checkout: Path, out: Path, data: Path, name: str) -> Path:
+    """Run one side in its own process; a side that finished before (OUT/NAME/adapter_path) is reused."""
     side_out = out / name
+    if (side_out / "adapter_path").is_file():
+        return side_out
     side_out.mkdir(parents=True, exist_ok=True)
     shim = out / f"{name}-path" / "raysft"
     shim.mkdir(parents=True, exist_ok=True)
