@@ -24,11 +24,13 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/raysft demo
 
-# ruff (config in pyproject.toml) runs before the tests: lint and formatting are not review topics.
+# ruff (config in pyproject.toml) runs before the tests: lint and formatting are not review topics. lint-imports
+# checks the layers of pipeline/ARCHITECTURE.md (the [tool.importlinter] contract in pyproject.toml).
 # The docs build is strict (mkdocs.yml): a broken link, a missing anchor or a page not in the nav fails it.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 	$(BIN)/mkdocs build --strict --site-dir site  # not --quiet: it hides the warnings strict counts
 
 test: lint

@@ -13,6 +13,7 @@ and changes nothing in other libraries. It does install `import_guard`: the bare
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from raysft.pipeline import import_guard
@@ -32,8 +33,6 @@ _LAZY = {
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import importlib
-
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'raysft.pipeline' has no attribute {name!r}")

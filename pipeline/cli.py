@@ -9,8 +9,10 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from raysft.pipeline.errors import ConfigError, RaysftError
+from raysft.pipeline.jobs.submit import logs, status, stop, submit
 
 
 def add_verbose_arg(p: argparse.ArgumentParser, log: str = "the run folder's raysft.log") -> None:
@@ -31,12 +33,14 @@ def add_config_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
 
 
 def _load(args: argparse.Namespace):
+    # pydantic loads when a config is read, so `raysft --help` stays quick
     from raysft.pipeline.config import load_config
 
     return load_config(args.config, overrides=args.overrides)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    # pydantic, as in _load
     from raysft.pipeline.config import explain_markdown, explain_text, load_config
 
     if args.markdown and (not args.explain or args.config or args.overrides):
@@ -54,8 +58,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     """The same console as `train`, on stderr: stage lines, a progress bar on a terminal, the per-source summary;
     Ray's and the plan's own output go to the log. stdout gets stats.json as one line when it is not a terminal."""
-    from pathlib import Path
-
+    # pyarrow (and Ray, when the plan runs) load with the command that needs them
     from raysft.pipeline import storage
     from raysft.pipeline.console import PrepareConsole, console_session
     from raysft.pipeline.data.plan import ensure_prepared, prepare, prepare_log_path, reporting, resolve_inputs, summary
@@ -84,6 +87,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if not sys.stdout.isatty():
         print(json.dumps(stats), flush=True)
     if args.preview:
+        # pyarrow
         from raysft.pipeline.data.preview import HTML_NAME, preview
 
         print(preview(directory, resolve_inputs(cfg).tokenizer, args.preview, sys.stdout.isatty()))
@@ -92,8 +96,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from raysft.pipeline.console import LOG_FILE, console_session, log_plan, run_with_console
-    from raysft.pipeline.trainer import local_dir_of, train
+    # Ray, torch and pyarrow load with the command that needs them
+    from raysft.pipeline.console import console_session, log_plan, run_with_console
+    from raysft.pipeline.run_folder import LOG_FILE, local_dir_of
+    from raysft.pipeline.trainer import train
 
     cfg = _load(args)
     log_file = local_dir_of(cfg) / LOG_FILE
@@ -105,6 +111,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    # Ray Tune, torch
     from raysft.pipeline.sweep.run import tune
 
     sweep = tune(_load(args), resume=args.resume)
@@ -113,7 +120,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from raysft.pipeline.errors import ConfigError
+    # pyarrow, pydantic (torch and transformers when the export runs)
     from raysft.pipeline.models.export import export_run
 
     fmt = args.format
@@ -127,6 +134,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    # pyarrow
     from raysft.pipeline.runs import format_table, list_runs, rows_json
 
     rows = list_runs(args.storage)
@@ -135,6 +143,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    # pyarrow (matplotlib when the report is drawn)
     from raysft.pipeline.runs import write_report
 
     for path in write_report(args.run, output=args.output):
@@ -143,6 +152,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_models_fetch(args: argparse.Namespace) -> int:
+    # pydantic
     from raysft.pipeline.models.fetch import fetch_model
 
     path = fetch_model(args.name, directory=args.dir)
@@ -151,13 +161,13 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    # pydantic, pyarrow (Ray and torch when the demo runs)
     from raysft.pipeline.demo.run import run_demo
 
     return run_demo(output=args.output, overrides=args.overrides, verbose=args.verbose)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from raysft.pipeline.jobs.submit import submit
 
     return submit(
         args.config,
@@ -174,19 +184,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from raysft.pipeline.jobs.submit import status
 
     return status(args.job, args.address)
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from raysft.pipeline.jobs.submit import logs
 
     return logs(args.job, args.address, follow=args.follow)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from raysft.pipeline.jobs.submit import stop
 
     return stop(args.job, args.address)
 

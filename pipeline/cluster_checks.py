@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raysft.pipeline.errors import ClusterError
+from raysft.pipeline.training.generate_eval import enabled
 
 log = logging.getLogger("raysft.cluster")
 EPS = 1e-9
@@ -39,8 +40,6 @@ def workers_need(scaling) -> dict[str, float]:
 def eval_task_need(cfg) -> dict[str, float]:
     """What a run's generation-eval task (train.eval_generate) holds beside its workers while it runs: Ray Train
     runs at most one at a time per run, outside the run's placement group; nothing when the eval is off."""
-    from raysft.pipeline.training.generate_eval import enabled
-
     if not enabled(cfg):
         return {}
     g = cfg.train.eval_generate

@@ -16,9 +16,14 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from raysft.pipeline.errors import ConfigError
+
+# A data.* field marked so cannot change the prepared rows (where they are cached, how many actors make them):
+# it stays out of the prepared-data cache key (data/cache.py) and a sweep may vary it without preparing again.
+NOT_DATA = {"prepared_data": False}
 
 
 class _Section(BaseModel):
@@ -130,9 +135,13 @@ class DataConfig(_Section):
     max_bad_fraction: float = Field(0.1, ge=0, le=1, description="Stop when more than this share of rows is bad.")
     pack_window: int = Field(4096, ge=1, description="Samples per packing window (bounds the packer's memory).")
     tokenize_batch_size: int = Field(1024, ge=1, description="Rows per chunk a tokenizer actor reads and tokenizes.")
-    num_tokenizer_actors: int = Field(2, ge=1, description="Ray Data actors that tokenize in parallel.")
+    num_tokenizer_actors: int = Field(
+        2, ge=1, description="Ray Data actors that tokenize in parallel.", json_schema_extra=NOT_DATA
+    )
     cache_dir: str | None = Field(
-        None, description="Prepared-data cache, a folder or an s3:// / gs:// URI (default: ~/.cache/raysft/prepared)."
+        None,
+        description="Prepared-data cache, a folder or an s3:// / gs:// URI (default: ~/.cache/raysft/prepared).",
+        json_schema_extra=NOT_DATA,
     )
     shard_mb: float = Field(
         64,
@@ -429,9 +438,109 @@ class Config(_Section):
     def dump_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    @model_validator(mode="after")
+    def _rules_between_fields(self) -> Config:
+        """Settings that each hold alone but not together, refused at load time in one sentence naming the
+        fields (what needs a cluster, a model or the data is checked when a command starts)."""
+        for rule in (_dtype_rule, _gpu_rule, _batch_rule):
+            problem = rule(self)
+            if problem is not None:
+                raise PydanticCustomError(RULE_ERROR, problem)
+        return self
+
     def resolve_path(self, path: str | None) -> str | None:
         """Relative data/model paths are relative to the config file's folder when they exist there."""
         return resolve_relative(path, self.source)
+
+
+# The data.* fields marked NOT_DATA, as dotted keys.
+NOT_IN_DATA_KEY: tuple[str, ...] = tuple(
+    f"data.{name}" for name, field in DataConfig.model_fields.items() if field.json_schema_extra == NOT_DATA
+)
+
+# --------------------------------------------------------------------------- rules between fields
+
+RULE_ERROR = "config_rule"  # a pydantic error type whose message is the whole sentence (_one_sentence)
+
+
+def split_problem(rows_per_step: int, world_size: int, micro_batch_size: int) -> str | None:
+    """Why a step of `rows_per_step` packed rows cannot be split into whole micro-batches over `world_size`
+    workers, or None when it can."""
+    per_round = world_size * micro_batch_size
+    if rows_per_step % per_round == 0:
+        return None
+    return (
+        f"An optimizer step of {rows_per_step} packed rows does not split into whole micro-batches of "
+        f"train.micro_batch_size {micro_batch_size} over {world_size} workers; make the global batch "
+        f"(train.global_batch_rows) a multiple of {per_round}."
+    )
+
+
+def accumulation(rows_per_step: int, world_size: int, micro_batch_size: int) -> int:
+    """Micro-batches each of `world_size` workers takes so that an optimizer step trains exactly `rows_per_step`
+    rows (the global batch is fixed by the config; with fewer workers each takes more)."""
+    problem = split_problem(rows_per_step, world_size, micro_batch_size)
+    if problem is not None:
+        raise ConfigError(problem)
+    return rows_per_step // (world_size * micro_batch_size)
+
+
+def _dtype_rule(cfg: Config) -> str | None:
+    m = cfg.model
+    if m.dtype == "float16" or (m.quantization == "nf4" and m.compute_dtype == "float16"):
+        return (
+            "model.dtype / model.compute_dtype float16 is not supported with DeepSpeed and a 4-bit base; use bfloat16."
+        )
+    return None
+
+
+def _gpu_rule(cfg: Config) -> str | None:
+    """Settings that would silently break a GPU run: several GPUs per worker, and a 4-bit storage dtype
+    DeepSpeed recasts."""
+    s, m = cfg.scaling, cfg.model
+    if s.use_gpu and s.gpus_per_worker != 1:
+        return (
+            f"scaling.gpus_per_worker must be 1 with scaling.use_gpu (got {s.gpus_per_worker:g}): each worker is one "
+            "rank on one GPU; use more scaling.num_workers instead."
+        )
+    # dtype auto is checked once it is resolved (models/precision.py revalidates the resolved config)
+    if m.quantization == "nf4" and m.dtype != "auto" and m.quant_storage not in (None, "uint8", m.dtype):
+        return (
+            f"model.quant_storage {m.quant_storage} must be uint8 or equal to model.dtype ({m.dtype}): DeepSpeed "
+            "recasts the packed 4-bit weights to model.dtype, which corrupts them in any other float dtype."
+        )
+    return None
+
+
+def _batch_rule(cfg: Config) -> str | None:
+    """Every worker count Ray Train may pick must split the fixed global batch into whole micro-batches, and the
+    checkpoint must be re-partitionable to it (training/checkpoint.py; ARCHITECTURE.md, "Elastic training")."""
+    s, t = cfg.scaling, cfg.train
+    if s.min_workers < 1:  # no training workers: refused by the commands that train (trainer.preflight)
+        return None
+    rows = cfg.rows_per_step()
+    bad = [w for w in range(s.min_workers, s.max_workers + 1) if split_problem(rows, w, t.micro_batch_size)]
+    if bad and not s.elastic:
+        return split_problem(rows, bad[0], t.micro_batch_size)
+    if bad:
+        shown = ", ".join(str(w) for w in bad)
+        return (
+            f"scaling.num_workers {s.num_workers} lets the run go on at {shown} worker(s), where a step's "
+            f"{rows} packed rows (train.global_batch_rows, or max workers x grad_accum x micro_batch_size) do not "
+            f"split into whole micro-batches of train.micro_batch_size {t.micro_batch_size}; set "
+            "train.global_batch_rows to a multiple of micro_batch_size x every worker count in the range."
+        )
+    if s.elastic and t.deepspeed.stage == 3:
+        return (
+            "scaling.num_workers [min, max] needs train.deepspeed.stage 0, 1 or 2: raysft cannot yet re-partition "
+            "ZeRO-3 optimizer state to another worker count."
+        )
+    if s.elastic and s.placement_strategy.startswith("STRICT_"):
+        return (
+            f"scaling.num_workers [min, max] cannot use scaling.placement_strategy {s.placement_strategy}: Ray Train's "
+            "elastic sizing counts workers by resources alone, so a strict placement it cannot meet would never start."
+        )
+    return None
 
 
 def resolve_relative(path: str | None, source: str | None) -> str | None:
@@ -567,6 +676,8 @@ def _one_sentence(exc: ValidationError, source: str | None) -> str:
     more = f" ({len(exc.errors()) - 1} more problem(s) after this one)" if len(exc.errors()) > 1 else ""
     if err["type"] == "extra_forbidden":
         return f"Unknown config key '{path}'{where}{more}."
+    if err["type"] == RULE_ERROR:  # already one sentence naming its fields
+        return f"{err['msg'].removesuffix('.')}" + (f" (in {source})." if source else ".")
     given = err.get("input")
     message = err["msg"].removeprefix("Value error, ").rstrip(".")
     return f"Config key '{path}'{where} has a bad value {given!r}: {message}{more}."

@@ -14,7 +14,7 @@ stage lines, the data plan's rows as a bar on a terminal, the per-source summary
 events.jsonl, failures.jsonl, checkpoint_* folders) from a driver thread, so the training loop needs no console code.
 A run folder on an object store is followed the same way through pyarrow.fs: one listing per poll (every
 REMOTE_POLL_S) and a ranged read of each file that grew (rank 0 publishes its files every few seconds,
-training/run_files.py).
+run_folder.py).
 """
 
 from __future__ import annotations
@@ -34,11 +34,8 @@ from typing import Any, TextIO
 from ray.train import UserCallback
 
 from raysft.pipeline import storage
-from raysft.pipeline.tracking import FAILURES_FILE
-from raysft.pipeline.training.loop import EVENTS_FILE
-from raysft.pipeline.training.metrics import METRICS_FILE
+from raysft.pipeline.run_folder import EVENTS_FILE, FAILURES_FILE, LOG_FILE, METRICS_FILE, run_dir_of
 
-LOG_FILE = "raysft.log"
 REMOTE_POLL_S = 2.0  # how often the console lists a run folder on an object store (local folders: 0.5 s)
 _CKPT = re.compile(r"checkpoint_(\d+)$")
 
@@ -426,8 +423,6 @@ def summary_lines(result, seconds: float) -> list[str]:
 
 def run_with_console(cfg, fn, *, console: Console, log_file: Path) -> Any:
     """Run `fn()` (a training call for `cfg`) while following its run folder on `console`."""
-    from raysft.pipeline.trainer import run_dir_of
-
     t0 = time.perf_counter()
     with follow_run(run_dir_of(cfg), console, log_file=log_file, options=storage.StorageOptions.of(cfg)):
         result = fn()

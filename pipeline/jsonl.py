@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from raysft.pipeline.atomic import write_atomic
+
 
 def append(path: str | os.PathLike, record: dict[str, Any]) -> None:
     """Append `record` as one line (values that JSON cannot hold are written as their str())."""
@@ -31,10 +33,7 @@ def read(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def write(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> None:
     """Replace the file with `records` (temporary sibling + atomic rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(r, default=str) + "\n" for r in records))
 
 
 def rewind(path: str | os.PathLike, step: int, source: str | os.PathLike | None = None, key: str = "step") -> None:

@@ -9,23 +9,27 @@ cluster and on runs from other machines.
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
+from raysft.pipeline import plots
 from raysft.pipeline.errors import ConfigError
-from raysft.pipeline.models.load import ADAPTER_DIR, RESOLVED_CONFIG
-from raysft.pipeline.training.generate_eval import GEN_PREFIX  # gen_* lines in metrics.jsonl
-from raysft.pipeline.training.metrics import METRICS_FILE, read_metrics
+from raysft.pipeline.plots import is_number
+from raysft.pipeline.run_folder import (
+    ADAPTER_DIR,
+    GEN_PREFIX,
+    METRICS_FILE,
+    REPORT_DIR,
+    RESOLVED_CONFIG,
+    SWEEP_CONFIG,
+    TRIALS_DIR,
+    read_events,
+    read_metrics,
+)
 
-EVENTS_FILE = "events.jsonl"  # training/loop.py's name for it (not imported: `raysft runs` should not load torch)
-SWEEP_FILE = "sweep.yaml"
-TRIALS_DIR = "trials"
-REPORT_DIR = "report"
 RUNNING_WITHIN_S = 300  # a run whose metrics.jsonl changed this recently counts as running
 
 
@@ -45,20 +49,15 @@ class RunRow:
     path: str
 
 
-def _events(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / EVENTS_FILE
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
-
-
 def run_row(run_dir: Path, name: str, sweep: str | None = None) -> RunRow:
     """Summarise one run folder from its metrics, events and adapter."""
     metrics = read_metrics(run_dir)
     steps = [m for m in metrics if isinstance(m.get("step"), (int, float))]
     done = int(max((m["step"] for m in steps), default=0))
-    starts = [e for e in _events(run_dir) if e.get("event") == "start" and "total_steps" in e]
+    starts = [e for e in read_events(run_dir) if e.get("event") == "start" and "total_steps" in e]
     total = int(starts[-1]["total_steps"]) if starts else None
-    evals = [float(m["eval_loss"]) for m in steps if _number(m.get("eval_loss"))]
-    tok = [float(m["tokens_per_s"]) for m in steps if _number(m.get("tokens_per_s"))]
+    evals = [float(m["eval_loss"]) for m in steps if is_number(m.get("eval_loss"))]
+    tok = [float(m["tokens_per_s"]) for m in steps if is_number(m.get("tokens_per_s"))]
     adapter = run_dir / ADAPTER_DIR
     has_adapter = (adapter / "adapter_config.json").is_file()
     if has_adapter and (total is None or done >= total):
@@ -83,10 +82,6 @@ def run_row(run_dir: Path, name: str, sweep: str | None = None) -> RunRow:
     )
 
 
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def list_runs(storage: str | os.PathLike = "runs") -> list[RunRow]:
     """Every run under `storage`: plain runs and each sweep's trials, in name order."""
     root = Path(storage).expanduser()
@@ -94,7 +89,7 @@ def list_runs(storage: str | os.PathLike = "runs") -> list[RunRow]:
         raise ConfigError(f"Storage path {root} does not exist or is not a folder.")
     rows: list[RunRow] = []
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
-        if (d / SWEEP_FILE).is_file():
+        if (d / SWEEP_CONFIG).is_file():
             trials = d / TRIALS_DIR
             for t in sorted(p for p in trials.iterdir() if p.is_dir()) if trials.is_dir() else []:
                 rows.append(run_row(t, f"{d.name}/{t.name}", sweep=d.name))
@@ -155,72 +150,18 @@ def resolve_run(run: str | os.PathLike) -> Path:
 def write_report(run: str | os.PathLike, output: str | os.PathLike | None = None) -> list[Path]:
     """PNGs from RUN/metrics.jsonl into RUN/report/ (or `output`): loss.png (train and eval loss), lr.png,
     tokens_per_s.png, grad_norm.png, and one per generation metric (gen_*.png) when the run has them."""
-    from raysft.pipeline.demo.report import loss_series
-
     run_dir = resolve_run(run)
     out = Path(output) if output is not None else run_dir / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     metrics = read_metrics(run_dir)
-    train, evals = loss_series(metrics)
-    paths = [
-        _plot(
-            {"train loss": train, "eval loss": evals},
-            out / "loss.png",
-            "cross-entropy (response tokens)",
-            run_dir.name,
-        )
-    ]
+    paths = [plots.loss_curve(metrics, out / "loss.png", run_dir.name)]
     for key, label in [
         ("lr", "learning rate"),
         ("tokens_per_s", "trained tokens / s"),
         ("grad_norm", "gradient norm"),
     ]:
-        paths.append(_plot({key: _series(metrics, key)}, out / f"{key}.png", label, run_dir.name))
-    gen_keys = sorted({k for m in metrics for k in m if k.startswith(GEN_PREFIX) and _number(m[k])})
+        paths.append(plots.line_plot({key: plots.series(metrics, key)}, out / f"{key}.png", label, run_dir.name))
+    gen_keys = sorted({k for m in metrics for k in m if k.startswith(GEN_PREFIX) and is_number(m[k])})
     for key in gen_keys:
-        paths.append(_plot({key: _series(metrics, key)}, out / f"{key}.png", key, run_dir.name))
+        paths.append(plots.line_plot({key: plots.series(metrics, key)}, out / f"{key}.png", key, run_dir.name))
     return paths
-
-
-def _series(metrics: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
-    by_step = {int(m["step"]): float(m[key]) for m in metrics if "step" in m and _number(m.get(key))}
-    return sorted(by_step.items())
-
-
-def _plot(series: dict[str, list[tuple[int, float]]], path: Path, ylabel: str, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    for label, points in series.items():
-        if points:
-            style = "o-" if len(points) < 30 else "-"
-            ax.plot(
-                [s for s, _ in points],
-                [v for _, v in points],
-                style,
-                lw=1.3,
-                ms=3,
-                label=label,
-            )
-    if not any(series.values()):
-        ax.text(
-            0.5,
-            0.5,
-            "no values recorded",
-            ha="center",
-            va="center",
-            transform=ax.transAxes,
-        )
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if any(series.values()):
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path

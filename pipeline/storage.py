@@ -22,9 +22,9 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from raysft.pipeline.atomic import write_atomic
 from raysft.pipeline.errors import DataError
 
-REMOTE_SCHEMES = ("s3", "gs", "gcs")
 CREDENTIAL_VARS = (
     "AWS_ACCESS_KEY_ID",
     "AWS_PROFILE",
@@ -216,10 +216,7 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) ->
     fs, path = resolve(uri, options)
     try:
         if isinstance(fs, pafs.LocalFileSystem):
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            tmp = f"{path}.tmp-{os.getpid()}"
-            Path(tmp).write_bytes(data)
-            os.replace(tmp, path)
+            write_atomic(path, data)
             return
         with fs.open_output_stream(path) as f:
             f.write(data)

@@ -23,10 +23,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-TRACKING_FILE = "tracking.json"
-# One line per incident that did not stop the run: a lost tracking sink here, worker failures (console.py).
-# events.jsonl stays what training/loop.py makes it: one line per (re)start of the worker group.
-FAILURES_FILE = "failures.jsonl"
+from raysft.pipeline.atomic import write_atomic
+from raysft.pipeline.run_folder import FAILURES_FILE, RESULTS_CSV, TRACKING_FILE, TRIALS_DIR
+from raysft.pipeline.runs import write_report
+
 log = logging.getLogger("raysft.tracking")
 
 # mlflow's defaults retry a dead server for minutes per call; a training step must not wait that long.
@@ -60,10 +60,7 @@ def read_handles(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def _write_handles(run_dir: Path, handles: dict[str, Any]) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / (TRACKING_FILE + ".tmp")
-    tmp.write_text(json.dumps(handles, indent=2))
-    os.replace(tmp, run_dir / TRACKING_FILE)
+    write_atomic(run_dir / TRACKING_FILE, json.dumps(handles, indent=2))
 
 
 def _client(uri: str | None):
@@ -181,8 +178,6 @@ def finish_tracking(
         return
     plots: list[Path] = []
     if status == "FINISHED":
-        from raysft.pipeline.runs import write_report
-
         try:
             plots = write_report(run_dir)
         except Exception as exc:  # noqa: BLE001 - a plot must not fail a finished run
@@ -276,11 +271,11 @@ def finish_sweep_tracking(sweep_dir: str | os.PathLike, sweep) -> None:
                 )
             client.set_tag(h["run_id"], "raysft.best_trial", sweep.best.trial_id)
         for row in sweep.table:  # children that did not finish (ASHA stop, error, interrupt) are closed too
-            child = read_handles(sweep_dir / "trials" / row["trial_id"]).get("mlflow")
+            child = read_handles(sweep_dir / TRIALS_DIR / row["trial_id"]).get("mlflow")
             if child and row["stop_reason"] != "completed" and client.get_run(child["run_id"]).info.status == "RUNNING":
                 stopped = row["stop_reason"].startswith("early")
                 client.set_terminated(child["run_id"], status="KILLED" if stopped else "FAILED")
-        for path in [sweep_dir / "results.csv", *map(Path, sweep.plots)]:
+        for path in [sweep_dir / RESULTS_CSV, *map(Path, sweep.plots)]:
             if path.is_file():
                 client.log_artifact(h["run_id"], str(path))
         client.set_terminated(h["run_id"], status="FINISHED")

@@ -11,6 +11,9 @@ import contextlib
 import json
 import os
 import shutil
+import signal
+import sys
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,16 +22,20 @@ from typing import Any
 from raysft.pipeline import lease, ray_recovery, ray_runtime, storage
 from raysft.pipeline.cluster_checks import check_shared_storage, check_workers_fit, worker_bundle
 from raysft.pipeline.config import Config
+from raysft.pipeline.data.plan import ensure_prepared, resolve_inputs
 from raysft.pipeline.data.schema import Prepared
+from raysft.pipeline.data.shards import has_rows, load_index
 from raysft.pipeline.errors import ConfigError, DataError, RaysftError, WorkerError, causes
 from raysft.pipeline.models import precision
-from raysft.pipeline.models.load import ADAPTER_DIR
 from raysft.pipeline.models.source import base_model_path
 from raysft.pipeline.models.tokenizer import load_tokenizer
+from raysft.pipeline.run_folder import ADAPTER_DIR, LEDGER_FILE, LOG_FILE, local_dir_of, run_dir_of
+from raysft.pipeline.storage import StorageOptions
 from raysft.pipeline.tracking import finish_tracking, start_tracking
 from raysft.pipeline.training import generate_eval
 from raysft.pipeline.training import identity as run_identity
-from raysft.pipeline.training.ledger import LEDGER_FILE
+from raysft.pipeline.training.loop import train_loop_per_worker
+from raysft.pipeline.training.reader import StepLayout
 
 
 @dataclass
@@ -49,20 +56,6 @@ class TrainResult:
         }
 
 
-def run_dir_of(cfg: Config) -> Path | str:
-    """The run folder: a local Path, or a URI string when run.storage_path is on an object store."""
-    if storage.is_remote(cfg.run.storage_path):
-        return storage.join(cfg.run.storage_path, cfg.run.name)
-    return Path(cfg.run.storage_path).expanduser().resolve() / cfg.run.name
-
-
-def local_dir_of(cfg: Config) -> Path:
-    """Where this machine keeps the run's console log: the run folder, or ~/.cache/raysft/runs/NAME for a run
-    folder on an object store."""
-    run_dir = run_dir_of(cfg)
-    return run_dir if isinstance(run_dir, Path) else Path.home() / ".cache" / "raysft" / "runs" / cfg.run.name
-
-
 def hold_run_folder(
     cfg: Config, run_dir: Path | str | None = None, wait_elsewhere: bool = False
 ) -> contextlib.AbstractContextManager:
@@ -77,13 +70,10 @@ def preflight(cfg: Config) -> Config:
     """Check what can be checked without a cluster; return the config with resolved absolute paths."""
     if cfg.scaling.min_workers < 1:
         raise ConfigError("scaling.num_workers must be at least 1 for training.")
-    check_elastic_settings(cfg)
-    cfg = precision.resolve(cfg)  # dtype auto: decided here, once, from the hardware; said on stderr
-    if cfg.model.dtype == "float16" or (cfg.model.quantization == "nf4" and cfg.model.compute_dtype == "float16"):
-        raise ConfigError(
-            "model.dtype / model.compute_dtype float16 is not supported with DeepSpeed and a 4-bit base; use bfloat16."
-        )
-    check_gpu_settings(cfg)
+    # dtype auto: decided here, once, from the hardware; said on stderr. The rules between fields (dtypes, GPUs,
+    # how the global batch splits over every worker count) are Config's: refused at load time, and checked again
+    # on the resolved dtypes (resolve goes through with_overrides; config.py, _rules_between_fields).
+    cfg = precision.resolve(cfg)
     source = base_model_path(cfg.model, cfg.source)  # a GGUF is converted once here; workers read the HF folder
     updates: dict[str, Any] = {}
     if os.path.isdir(source):
@@ -125,54 +115,6 @@ def read_deepspeed_json(path: str | os.PathLike) -> dict:
     return data
 
 
-def check_elastic_settings(cfg: Config) -> None:
-    """Every worker count Ray Train may pick must split the fixed global batch into whole micro-batches, and the
-    checkpoint must be re-partitionable to it (training/checkpoint.py); said in one sentence before anything starts."""
-    from raysft.pipeline.training.reader import accumulation
-
-    s, t = cfg.scaling, cfg.train
-    rows = cfg.rows_per_step()
-    bad = [w for w in range(s.min_workers, s.max_workers + 1) if rows % (w * t.micro_batch_size)]
-    if bad:
-        if not s.elastic:
-            accumulation(rows, bad[0], t.micro_batch_size)  # raises the fixed-size sentence
-        shown = ", ".join(str(w) for w in bad)
-        raise ConfigError(
-            f"scaling.num_workers {s.num_workers} lets the run go on at {shown} worker(s), where a step's "
-            f"{rows} packed rows (train.global_batch_rows, or max workers x grad_accum x micro_batch_size) do not "
-            f"split into whole micro-batches of train.micro_batch_size {t.micro_batch_size}; set "
-            "train.global_batch_rows to a multiple of micro_batch_size x every worker count in the range."
-        )
-    if not s.elastic:
-        return
-    if t.deepspeed.stage == 3:
-        raise ConfigError(
-            "scaling.num_workers [min, max] needs train.deepspeed.stage 0, 1 or 2: raysft cannot yet re-partition "
-            "ZeRO-3 optimizer state to another worker count."
-        )
-    if s.placement_strategy.startswith("STRICT_"):
-        raise ConfigError(
-            f"scaling.num_workers [min, max] cannot use scaling.placement_strategy {s.placement_strategy}: Ray Train's "
-            "elastic sizing counts workers by resources alone, so a strict placement it cannot meet would never start."
-        )
-
-
-def check_gpu_settings(cfg: Config) -> None:
-    """Settings that would silently break a GPU run: several GPUs per worker, and a 4-bit storage dtype
-    DeepSpeed recasts."""
-    s, m = cfg.scaling, cfg.model
-    if s.use_gpu and s.gpus_per_worker != 1:
-        raise ConfigError(
-            f"scaling.gpus_per_worker must be 1 with scaling.use_gpu (got {s.gpus_per_worker:g}): each worker is one "
-            "rank on one GPU; use more scaling.num_workers instead."
-        )
-    if m.quantization == "nf4" and m.quant_storage not in (None, "uint8", m.dtype):
-        raise ConfigError(
-            f"model.quant_storage {m.quant_storage} must be uint8 or equal to model.dtype ({m.dtype}): DeepSpeed "
-            "recasts the packed 4-bit weights to model.dtype, which corrupts them in any other float dtype."
-        )
-
-
 def _check_writable(path: Path, key: str) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -196,55 +138,10 @@ def read_index(directory: str | os.PathLike | None, what: str, cfg: Config):
 
     A missing or truncated shard fails here, naming it, before any worker starts.
     """
-    from raysft.pipeline.data.shards import has_rows, load_index
-    from raysft.pipeline.storage import StorageOptions
-
     options = StorageOptions.of(cfg)
     if directory is None or (what == "eval" and not has_rows(str(directory), options)):
         return None
     return load_index(str(directory), options, what=what)
-
-
-def remote_identity(cfg: Config, data_key: str, steps_per_epoch: int):
-    """run.json on an object store: the same identity rule as a local run folder (a rerun with other settings,
-    or with run.resume never, is refused in one sentence), then run.json and config.yaml are written. Ray Train
-    resumes from its own snapshot in the bucket; checkpoint completeness is checked by `load` after download."""
-    from raysft.pipeline.errors import CheckpointError
-    from raysft.pipeline.models.load import RESOLVED_CONFIG
-
-    options = storage.StorageOptions.of(cfg)
-    run_dir = run_dir_of(cfg)
-    ident = run_identity.identity(cfg, data_key)
-    record = {
-        "fingerprint": run_identity.fingerprint(ident),
-        "identity": ident,
-        "max_steps": cfg.train.max_steps,
-        "epochs": cfg.train.epochs,
-        "steps_per_epoch": steps_per_epoch,
-        "total_steps": cfg.train.max_steps or cfg.train.epochs * steps_per_epoch,
-    }
-    path = storage.join(run_dir, run_identity.IDENTITY_FILE)
-    exists = storage.exists(path, options)
-    if exists and cfg.run.resume == "never":
-        raise CheckpointError(
-            f"{run_dir} already holds a run named {cfg.run.name} and run.resume is 'never'; "
-            "choose a new run.name, or set run.resume to auto to continue it."
-        )
-    if not exists and cfg.run.resume == "must":
-        raise CheckpointError(f"run.resume is 'must' but {run_dir} holds no run named {cfg.run.name} to resume.")
-    if exists:
-        try:
-            old = json.loads(storage.read_bytes(path, options))["fingerprint"]
-        except (ValueError, KeyError, TypeError):
-            raise CheckpointError(f"{path} is not readable JSON with a 'fingerprint'; choose a new run.name.") from None
-        if old != record["fingerprint"]:
-            raise CheckpointError(
-                f"Run {cfg.run.name} in {run_dir} was started with other settings; rerun it with "
-                "the same settings to resume, or choose a new run.name."
-            )
-    storage.write_bytes(path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode(), options)
-    storage.write_bytes(storage.join(run_dir, RESOLVED_CONFIG), cfg.dump_yaml().encode(), options)
-    return run_identity.Decision(run_dir, "resume" if exists else "new", record)
 
 
 def build_trainer(
@@ -258,9 +155,8 @@ def build_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # Ray Train's callback class: the console imports ray.train
     from raysft.pipeline.console import WorkerFailures
-    from raysft.pipeline.training.loop import train_loop_per_worker
-    from raysft.pipeline.training.reader import StepLayout
 
     check_cluster(cfg)
     if not storage.is_remote(str(prepared.train_dir)):  # every worker streams its rows from these shards
@@ -272,13 +168,10 @@ def build_trainer(
         s.max_workers, t.grad_accum, t.micro_batch_size
     )
     # Identity check before anything is written or any worker starts; a refusal leaves the folder as it was.
-    if storage.is_remote(cfg.run.storage_path):
-        decision = remote_identity(cfg, prepared.key, layout.steps_per_epoch)
-    else:
-        decision = run_identity.decide(cfg, prepared.key, run_dir_of(cfg), steps_per_epoch=layout.steps_per_epoch)
+    options = storage.StorageOptions.of(cfg)
+    decision = run_identity.decide(cfg, prepared.key, run_dir_of(cfg), layout.steps_per_epoch, options)
     ds_json = read_deepspeed_json(t.deepspeed.config) if t.deepspeed.config else None
-    if not storage.is_remote(cfg.run.storage_path):
-        run_identity.apply(decision, cfg.dump_yaml())
+    run_identity.apply(decision, cfg.dump_yaml(), options)
     run_dir = decision.run_dir
     storage_path, storage_fs = storage.ray_storage(cfg.run.storage_path, storage.StorageOptions.of(cfg))
     # MLflow / W&B runs (rank 0 logs into them); a resumed run keeps its runs, a fresh start makes new ones.
@@ -362,8 +255,6 @@ def finish_run(cfg: Config, result) -> TrainResult:
 
 def train(cfg: Config) -> TrainResult:
     """Prepare (or reuse the cache), then train with Ray Train; returns metrics, run dir and adapter path."""
-    from raysft.pipeline.data.plan import ensure_prepared, resolve_inputs
-
     cfg = preflight(cfg)
     if not storage.is_remote(cfg.run.storage_path) and (run_dir_of(cfg).exists() or cfg.run.resume == "must"):
         run_identity.decide(cfg, resolve_inputs(cfg).key, run_dir_of(cfg))  # a rerun: refuse a mismatch before any work
@@ -371,8 +262,6 @@ def train(cfg: Config) -> TrainResult:
         check_cluster(cfg)
         prepared = ensure_prepared(cfg)
         trainer = build_trainer(cfg, prepared)
-        from raysft.pipeline.console import LOG_FILE
-
         try:
             result = fit(trainer, run_dir_of(cfg), log_file=local_dir_of(cfg) / LOG_FILE)
         except BaseException:
@@ -392,9 +281,6 @@ def fit(trainer, run_dir: Path, log_file: Path | None = None):
     wherever the driver waited) and leaves that handler installed; a signal wake-up fd sees the SIGINT
     whichever Python handler ran, and the previous handler is put back.
     """
-    import signal
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         return _fit(trainer, run_dir, log_file)
     read, write = os.pipe()
@@ -449,8 +335,6 @@ def worker_error(exc: BaseException, log_file: Path | None) -> WorkerError:
 
     The whole traceback (the worker's, as Ray carried it) is written to stderr first: under the CLI that is
     the run's raysft.log, for the Python API the terminal."""
-    import sys
-
     failures = getattr(exc, "worker_failures", None) or {}
     if failures:
         rank, failure = min(failures.items())

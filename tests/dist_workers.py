@@ -40,9 +40,9 @@ def zero3_trace_worker(
     import deepspeed
     import deepspeed.ops
     import torch.distributed as dist
+    from audit import read_split
 
     from raysft.pipeline.config import load_config
-    from raysft.pipeline.data.schema import read_split
     from raysft.pipeline.models.load import build_model
     from raysft.pipeline.training.loop import DeepSpeedStepEngine, deepspeed_config
     from raysft.pipeline.training.step import (

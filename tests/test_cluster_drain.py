@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from audit import check_exactly_once
 from test_cluster_multinode import (
     N_SAMPLES,
     _committed_step,
@@ -27,8 +28,6 @@ from test_cluster_multinode import (
     _write_data,
     start_cluster,
 )
-
-from raysft.pipeline.training.ledger import check_exactly_once
 
 DEADLINE_S = 25  # what the drain announces; Ray Train restarts the group when it passes
 EPOCHS = 5  # tiny-model steps take 0.1-0.2 s: room for the drain command (~2 s) and the notice mid-run

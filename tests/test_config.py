@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from raysft.pipeline.config import Config, load_config
+from raysft.pipeline.config import Config, accumulation, load_config
 from raysft.pipeline.errors import ConfigError
 
 pytestmark = pytest.mark.smoke  # in `make test-latest`'s canary subset
@@ -271,21 +271,63 @@ def test_elastic_num_workers_range_is_checked_in_one_sentence(value, expected):
 
 
 def test_elastic_global_batch_is_fixed_by_the_most_workers_and_must_split_at_every_size():
-    from raysft.pipeline.trainer import check_elastic_settings
-
+    """Refused when the config is loaded (Config's rules between fields), in one sentence naming the fields."""
     cfg = load_config(None, overrides=["scaling.num_workers=[1, 2]", "train.grad_accum=3", "train.micro_batch_size=2"])
     assert (cfg.scaling.elastic, cfg.scaling.min_workers, cfg.scaling.max_workers) == (True, 1, 2)
     assert cfg.rows_per_step() == 12  # max workers x grad_accum x micro_batch_size, at any world size
-    check_elastic_settings(cfg)
     with pytest.raises(ConfigError, match=r"go on at 2 worker\(s\), where a step's 6 packed rows"):
-        check_elastic_settings(cfg.with_overrides(["scaling.num_workers=[1, 3]", "train.grad_accum=1"]))
+        cfg.with_overrides(["scaling.num_workers=[1, 3]", "train.grad_accum=1"])
     odd = cfg.with_overrides(["scaling.num_workers=[2, 3]", "train.global_batch_rows=12"])
-    check_elastic_settings(odd)  # 12 rows split over 2 (3 micro-batches each) and 3 workers (2 each)
+    assert [accumulation(12, w, 2) for w in (2, 3)] == [3, 2]  # 12 rows over 2 (3 micro-batches each) and 3 workers
+    assert odd.scaling.elastic
     for bad, named in (
         (["train.deepspeed.stage=3"], "ZeRO-3"),
         (["scaling.placement_strategy=STRICT_SPREAD"], "STRICT_SPREAD"),
     ):
         with pytest.raises(ConfigError, match=named):
-            check_elastic_settings(cfg.with_overrides(bad))
-    with pytest.raises(ConfigError, match="does not split into whole micro-batches"):  # a fixed size too
-        check_elastic_settings(load_config(None, overrides=["scaling.num_workers=2", "train.global_batch_rows=3"]))
+            cfg.with_overrides(bad)
+    with pytest.raises(ConfigError, match="does not split into whole micro-batches") as err:  # a fixed size too
+        load_config(None, overrides=["scaling.num_workers=2", "train.global_batch_rows=3"])
+    assert "\n" not in str(err.value) and "train.micro_batch_size" in str(err.value)
+    with pytest.raises(ConfigError, match="does not split"):
+        accumulation(3, 2, 1)  # what a worker computes at its world size, the same sentence
+
+
+def test_dtype_rule_is_refused_when_the_file_is_loaded(tmp_path):
+    """A rule between fields names the fields and the file, in one sentence, before any command starts."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  dtype: float16\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (
+        "model.dtype / model.compute_dtype float16 is not supported with DeepSpeed and a 4-bit base; use bfloat16 "
+        f"(in {path})."
+    )
+
+
+def test_fields_that_do_not_change_prepared_data_are_one_list_from_the_schema():
+    """data.* fields marked NOT_DATA in the schema are exactly those the cache key leaves out and those a sweep
+    may vary without preparing again; every other data.* field changes the key."""
+    from raysft.pipeline.config import NOT_DATA, NOT_IN_DATA_KEY, DataConfig
+    from raysft.pipeline.data.cache import prepared_key
+    from raysft.pipeline.sweep.space import Param
+
+    marked = {f"data.{n}" for n, f in DataConfig.model_fields.items() if f.json_schema_extra == NOT_DATA}
+    assert set(NOT_IN_DATA_KEY) == marked == {"data.cache_dir", "data.num_tokenizer_actors"}
+    data = load_config(None).data.model_dump(mode="json")
+    base = prepared_key(data, [], [], "tokenizer")
+    for name in data:
+        changes = prepared_key({**data, name: "another value"}, [], [], "tokenizer") != base
+        assert changes == (f"data.{name}" not in NOT_IN_DATA_KEY), name
+        assert Param(f"data.{name}", "constant", ("another value",)).changes_data == changes, name
+
+
+def test_every_list_of_config_keys_names_fields_of_the_schema():
+    from raysft.pipeline.config import NOT_IN_DATA_KEY, config_reference
+    from raysft.pipeline.sweep.run import RESUME_MAY_DIFFER
+    from raysft.pipeline.sweep.space import DATA_KEY_FIELDS
+    from raysft.pipeline.training.identity import IDENTITY_KEYS
+
+    known = {doc.key for doc in config_reference()}
+    for keys in (IDENTITY_KEYS, DATA_KEY_FIELDS, NOT_IN_DATA_KEY, RESUME_MAY_DIFFER):
+        assert set(keys) <= known, sorted(set(keys) - known)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from audit import normalise_batch
 
 from raysft.pipeline.config import load_config
 from raysft.pipeline.data import plan
-from raysft.pipeline.data.formats import normalise_batch
 from raysft.pipeline.data.sources import MAX_ROW_BYTES, Chunk, plan_chunks, read_chunk
 from raysft.pipeline.data.tokenize import TokenizeStage, load_tokenizer_spec
 from raysft.pipeline.errors import DataError

@@ -9,8 +9,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from audit import normalise_batch
 
-from raysft.pipeline.data.formats import normalise_batch, normalise_row, parse_and_normalise
+from raysft.pipeline.data.formats import normalise_row, parse_and_normalise
 from raysft.pipeline.data.sources import expand, held_out, plan_chunks, read_chunk, source_id, split_source_id
 from raysft.pipeline.errors import DataError
 

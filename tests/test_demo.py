@@ -10,10 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from audit import report_of
 
 from raysft.pipeline.demo import task as demo_task
-from raysft.pipeline.demo.report import loss_series, write_report
-from raysft.pipeline.demo.run import DEMO_CONFIG, demo_config, eval_config, report_of
+from raysft.pipeline.demo.report import write_report
+from raysft.pipeline.demo.run import DEMO_CONFIG, demo_config, eval_config
+from raysft.pipeline.plots import loss_series
 
 
 def test_task_is_seeded_disjoint_and_checkable(tmp_path):

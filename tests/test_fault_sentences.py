@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from raysft.pipeline import cli
-from raysft.pipeline.models.load import RESOLVED_CONFIG
+from raysft.pipeline.run_folder import RESOLVED_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
 

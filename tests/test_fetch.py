@@ -15,7 +15,8 @@ import torch
 
 from raysft.pipeline.cli import main as cli_main
 from raysft.pipeline.errors import ModelError
-from raysft.pipeline.models.fetch import MARKER, convert_gguf, fetch_model
+from raysft.pipeline.models.fetch import MARKER, fetch_model
+from raysft.pipeline.models.source import convert_gguf
 
 
 def _permute_for_gguf(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -340,7 +340,8 @@ def test_the_eval_task_writes_metrics_samples_mlflow_and_wandb_and_records_a_fai
     from tracking_fixtures import wandb_history
 
     from raysft.pipeline.models.load import build_model, save_adapter
-    from raysft.pipeline.tracking import FAILURES_FILE, _client, read_handles, start_tracking
+    from raysft.pipeline.run_folder import FAILURES_FILE
+    from raysft.pipeline.tracking import _client, read_handles, start_tracking
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     run_dir = tmp_path / "runs" / "r"

@@ -22,7 +22,6 @@ from raysft.pipeline.cluster_checks import (
 )
 from raysft.pipeline.config import load_config
 from raysft.pipeline.errors import ClusterError, ConfigError
-from raysft.pipeline.trainer import check_gpu_settings
 
 
 def cfg_of(**over):
@@ -30,11 +29,11 @@ def cfg_of(**over):
 
 
 def test_gpus_per_worker_must_be_one_with_gpus():
-    check_gpu_settings(cfg_of(**{"scaling.use_gpu": True, "scaling.gpus_per_worker": 1}))
-    check_gpu_settings(cfg_of(**{"scaling.use_gpu": False, "scaling.gpus_per_worker": 2}))  # no GPUs: unused
+    cfg_of(**{"scaling.use_gpu": True, "scaling.gpus_per_worker": 1})
+    cfg_of(**{"scaling.use_gpu": False, "scaling.gpus_per_worker": 2})  # no GPUs: unused
     for bad in (2, 0.5):
         with pytest.raises(ConfigError, match="scaling.gpus_per_worker must be 1"):
-            check_gpu_settings(cfg_of(**{"scaling.use_gpu": True, "scaling.gpus_per_worker": bad}))
+            cfg_of(**{"scaling.use_gpu": True, "scaling.gpus_per_worker": bad})
 
 
 def test_quant_storage_is_uint8_or_model_dtype():
@@ -45,13 +44,11 @@ def test_quant_storage_is_uint8_or_model_dtype():
         ("float32", "uint8"),
         ("bfloat16", "uint8"),
     ]:
-        check_gpu_settings(cfg_of(**{"model.dtype": dtype, "model.quant_storage": storage}))
+        cfg_of(**{"model.dtype": dtype, "model.quant_storage": storage})
     with pytest.raises(ConfigError, match="model.quant_storage bfloat16 must be uint8 or equal to model.dtype"):
-        check_gpu_settings(cfg_of(**{"model.dtype": "float32", "model.quant_storage": "bfloat16"}))
+        cfg_of(**{"model.dtype": "float32", "model.quant_storage": "bfloat16"})
     # Without a 4-bit base there is nothing to corrupt.
-    check_gpu_settings(
-        cfg_of(**{"model.quantization": "none", "model.dtype": "float32", "model.quant_storage": "bfloat16"})
-    )
+    cfg_of(**{"model.quantization": "none", "model.dtype": "float32", "model.quant_storage": "bfloat16"})
 
 
 def test_quant_storage_defaults_to_model_dtype(tiny_model_dir):

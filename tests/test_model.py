@@ -158,7 +158,7 @@ def test_merge_reproduces_base_plus_adapter(tiny_model_dir, tmp_path, dtype, rel
     from transformers import AutoModelForCausalLM
 
     from raysft.pipeline.models.export import export_run, merge_adapter
-    from raysft.pipeline.models.load import ADAPTER_DIR, RESOLVED_CONFIG
+    from raysft.pipeline.run_folder import ADAPTER_DIR, RESOLVED_CONFIG
 
     cfg = cfg_for(tiny_model_dir, **{"model.quantization": "none", "model.dtype": "float32", "lora.r": 4})
     model = build_model(cfg)

@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from audit import check_exactly_once
 from train_fixtures import make_prepared
 
 from raysft.pipeline.config import load_config
-from raysft.pipeline.training.ledger import check_exactly_once
 from raysft.pipeline.training.preemption import PreemptionWatch
 
 TOTAL = 8  # 48 samples, 3 per row -> 16 rows; 2 ranks x 1 row per step -> 8 steps

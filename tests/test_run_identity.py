@@ -149,7 +149,8 @@ def test_cli_refuses_a_changed_rerun_before_ray_starts(tiny_model_dir, tmp_path)
     import yaml
 
     from raysft.pipeline.data.plan import resolve_inputs
-    from raysft.pipeline.trainer import preflight, run_dir_of
+    from raysft.pipeline.run_folder import run_dir_of
+    from raysft.pipeline.trainer import preflight
 
     (tmp_path / "d.jsonl").write_text(
         json.dumps(

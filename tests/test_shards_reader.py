@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from audit import global_rows
 from train_fixtures import make_sample, pack_rows, write_rows
 
 from raysft.pipeline.data.shards import INDEX_FILE, ShardWriter, load_index, read_all, read_shard, row_bytes
@@ -76,11 +77,11 @@ def test_folder_without_index_is_read_through_its_footers(tmp_path):
 def test_order_depends_only_on_seed_epoch_and_index():
     order = ShardOrder((5, 7, 3, 6, 4), seed=3, window=2)
     n = order.n_rows
-    e0 = order.global_rows(0, np.arange(n))
+    e0 = global_rows(order, 0, np.arange(n))
     assert sorted(e0.tolist()) == list(range(n))  # each epoch is a permutation of every row
-    assert not np.array_equal(e0, order.global_rows(1, np.arange(n)))
-    assert np.array_equal(e0, ShardOrder((5, 7, 3, 6, 4), seed=3, window=2).global_rows(0, np.arange(n)))
-    assert not np.array_equal(e0, ShardOrder((5, 7, 3, 6, 4), seed=4, window=2).global_rows(0, np.arange(n)))
+    assert not np.array_equal(e0, global_rows(order, 1, np.arange(n)))
+    assert np.array_equal(e0, global_rows(ShardOrder((5, 7, 3, 6, 4), seed=3, window=2), 0, np.arange(n)))
+    assert not np.array_equal(e0, global_rows(ShardOrder((5, 7, 3, 6, 4), seed=4, window=2), 0, np.arange(n)))
     # A window's rows are contiguous in the epoch order: rows of the first window come from its shards only.
     offsets = np.cumsum((0, 5, 7, 3, 6, 4))
     first = order.window_shards(0, 0)
@@ -100,7 +101,7 @@ def test_reader_serves_the_order_and_any_split_of_a_step_trains_the_same_rows(sh
         served = [reader.step(s) for s in range(steps)]
     for s, (epoch, t) in enumerate(served):
         pos = np.arange((s % (steps // 2)) * rps, (s % (steps // 2) + 1) * rps)
-        want = reader.order.global_rows(epoch, pos)
+        want = global_rows(reader.order, epoch, pos)
         assert t.column("source_ids").to_pylist() == [sids[r] for r in want]
     # 1x4, 2x2 and 4x1 (workers x grad_accum) cut the same step rows: the union is the step, whatever the split.
     step_rows = served[3][1].column("source_ids").to_pylist()

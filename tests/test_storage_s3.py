@@ -317,7 +317,7 @@ def test_train_with_prepared_rows_and_run_storage_on_s3(s3, ray_session, tiny_mo
     assert [line.split()[1] for line in shown.splitlines() if line.startswith("  step ")][-1] == "4/4", shown
     with fs.open_input_stream("raysft/runs/s3run/samples.jsonl") as f:
         entries = [json.loads(x) for x in f.read().decode().splitlines()]
-    from raysft.pipeline.training.ledger import check_exactly_once
+    from audit import check_exactly_once
 
     assert [e["step"] for e in entries] == [1, 2, 3, 4]
     check_exactly_once(entries)
@@ -353,23 +353,38 @@ def test_train_with_prepared_rows_and_run_storage_on_s3(s3, ray_session, tiny_mo
     assert not Path("s3:").exists()
 
 
-def test_run_identity_on_s3_refuses_a_changed_rerun(s3):
+def test_run_identity_on_s3_is_the_local_rule(s3):
+    """identity.decide / apply through storage: the same resume, extend and refusal sentences (naming the keys
+    that differ) for a run folder in a bucket as for a local one."""
     endpoint, fs = s3
     from raysft.pipeline.config import load_config
     from raysft.pipeline.errors import CheckpointError
-    from raysft.pipeline.trainer import remote_identity
+    from raysft.pipeline.run_folder import run_dir_of
+    from raysft.pipeline.storage import StorageOptions
+    from raysft.pipeline.training import identity
+
+    def rerun(c, steps_per_epoch=4):
+        decision = identity.decide(c, "k", run_dir_of(c), steps_per_epoch, StorageOptions.of(c))
+        identity.apply(decision, c.dump_yaml(), StorageOptions.of(c))
+        return decision
 
     cfg = load_config(
         None, {"run.storage_path": "s3://raysft/ident", "run.name": "r", "storage.endpoint_url": endpoint}
     )
-    assert remote_identity(cfg, "k", steps_per_epoch=4).mode == "new"
+    assert rerun(cfg).mode == "new"
     assert fs.get_file_info("raysft/ident/r/run.json").type == pafs.FileType.File
     assert fs.get_file_info("raysft/ident/r/config.yaml").type == pafs.FileType.File
-    assert remote_identity(cfg, "k", steps_per_epoch=4).mode == "resume"
-    with pytest.raises(CheckpointError, match=r"^Run r in s3://raysft/ident/r was started with other settings"):
-        remote_identity(cfg.with_overrides({"train.lr": 1e-3}), "k", steps_per_epoch=4)
+    assert rerun(cfg).mode == "resume"
+    changed = r"^Run r in s3://raysft/ident/r was started with other settings \(train\.lr [^ ]+ -> 0\.001\)"
+    with pytest.raises(CheckpointError, match=changed):
+        rerun(cfg.with_overrides({"train.lr": 1e-3}))
     with pytest.raises(CheckpointError, match=r"run\.resume is 'never'"):
-        remote_identity(cfg.with_overrides({"run.resume": "never"}), "k", steps_per_epoch=4)
+        rerun(cfg.with_overrides({"run.resume": "never"}))
+    longer = cfg.with_overrides({"train.epochs": cfg.train.epochs + 1})
+    assert rerun(longer).mode == "extend"
+    assert json.loads(fs.open_input_stream("raysft/ident/r/run.json").read())["total_steps"] == 4 * longer.train.epochs
+    with pytest.raises(CheckpointError, match=r"can only be extended"):
+        rerun(cfg)
 
 
 @pytest.mark.ray

@@ -17,7 +17,7 @@ from raysft.pipeline.errors import ConfigError
 from raysft.pipeline.jobs.package import (
     JOB_CONFIG_NAME,
     build_job_package,
-    upload_files,
+    walk,
 )
 from raysft.pipeline.jobs.submit import entrypoint, job_command, local_token
 
@@ -102,9 +102,9 @@ def make_tree(root: Path, extra: list[str] = ()) -> Path:
 
 def test_working_folder_excludes_credentials_envs_caches_and_outputs(tmp_path):
     root = make_tree(tmp_path / "proj", CREDENTIAL_ZOO)
-    files = upload_files(root)
+    files = walk(root)
     assert sorted(files) == sorted(KEEP + [".rayignore", ".gitignore"])
-    assert upload_files(root, extra_excludes=["examples/"]) == sorted(set(files) - {"examples/sweep.yaml"})
+    assert walk(root, extra_excludes=["examples/"]) == sorted(set(files) - {"examples/sweep.yaml"})
 
 
 def test_symlinks_leaving_the_folder_are_never_followed(tmp_path):
@@ -116,7 +116,7 @@ def test_symlinks_leaving_the_folder_are_never_followed(tmp_path):
     os.symlink(outside / "plain.txt", root / "link_to_outside.txt")
     os.symlink(outside, root / "linked_dir")
     os.symlink(root / "README.md", root / "link_inside.md")
-    files = upload_files(root)
+    files = walk(root)
     assert "link_inside.md" in files
     assert "link_to_outside.txt" not in files and not any(f.startswith("linked_dir") for f in files)
 
@@ -272,7 +272,7 @@ def test_submitting_from_this_checkout_ships_raysft_once(tmp_path):
     # no top-level kernels/ on the job's sys.path to shadow PyPI's `kernels` package
     assert not any(f.startswith(("kernels/", "pipeline/")) for f in pkg.files)
     assert "pyproject.toml" in pkg.files and not any(f.startswith(".venv/") for f in pkg.files)
-    assert pkg.total_bytes() < 20 * 2**20
+    assert sum(size for _, size in pkg.sizes()) < 20 * 2**20
 
 
 def test_named_secret_must_exist_here(tmp_path, monkeypatch):

@@ -16,7 +16,8 @@ from train_fixtures import make_prepared
 
 from raysft.pipeline.cli import main as cli_main
 from raysft.pipeline.config import load_config
-from raysft.pipeline.tracking import FAILURES_FILE, StepSinks, flat_params, read_handles
+from raysft.pipeline.run_folder import FAILURES_FILE
+from raysft.pipeline.tracking import StepSinks, flat_params, read_handles
 
 
 def test_flat_params_is_the_resolved_config():

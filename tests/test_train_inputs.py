@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from audit import check_exactly_once, global_rows
 
 from raysft.pipeline.config import load_config
 from raysft.pipeline.errors import ClusterError, ConfigError, ModelError
 from raysft.pipeline.trainer import preflight, train
 from raysft.pipeline.training.checkpoint import rng_state, set_rng_state
-from raysft.pipeline.training.ledger import Ledger, check_exactly_once
+from raysft.pipeline.training.ledger import Ledger
 from raysft.pipeline.training.loop import deepspeed_config
 from raysft.pipeline.training.reader import ShardOrder, StepLayout
 
@@ -103,9 +104,9 @@ def test_step_layout_and_order_cover_every_kept_row_once_per_epoch():
         for s in range(epoch * layout.steps_per_epoch, (epoch + 1) * layout.steps_per_epoch):
             e, first = layout.position(s)
             assert e == epoch
-            seen += order.global_rows(e, np.arange(first, first + 12)).tolist()
+            seen += global_rows(order, e, np.arange(first, first + 12)).tolist()
         assert len(seen) == len(set(seen)) == 48
-    assert not np.array_equal(order.global_rows(0, np.arange(50)), order.global_rows(1, np.arange(50)))
+    assert not np.array_equal(global_rows(order, 0, np.arange(50)), global_rows(order, 1, np.arange(50)))
     assert StepLayout(50, 12, max_steps=20).total_steps == 20
 
 

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from audit import check_exactly_once
 from safetensors.torch import load_file
 from train_fixtures import make_prepared
 
 from raysft.pipeline.config import load_config
+from raysft.pipeline.run_folder import read_metrics
 from raysft.pipeline.trainer import build_trainer, finish_run, preflight
-from raysft.pipeline.training.ledger import check_exactly_once
-from raysft.pipeline.training.metrics import read_metrics
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

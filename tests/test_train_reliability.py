@@ -9,15 +9,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from audit import check_exactly_once
 from local_processes import mounted_tmpfs
 from train_fixtures import make_prepared
 
 from raysft.pipeline.config import load_config
 from raysft.pipeline.errors import CheckpointError
-from raysft.pipeline.trainer import build_trainer, finish_run, fit, preflight, run_dir_of
+from raysft.pipeline.run_folder import read_metrics, run_dir_of
+from raysft.pipeline.trainer import build_trainer, finish_run, fit, preflight
 from raysft.pipeline.training import checkpoint as ck
-from raysft.pipeline.training.ledger import check_exactly_once
-from raysft.pipeline.training.metrics import read_metrics
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -22,8 +22,10 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from raysft.pipeline.config import NOT_IN_DATA_KEY
+
 CACHE_VERSION = 3  # 2: the tokenizer part of the key is TokenizerSpec.fingerprint(); 3: tool-call ids mapped
-NOT_IN_KEY = ("cache_dir", "num_tokenizer_actors")  # cannot change the prepared rows
+NOT_IN_KEY = tuple(k.removeprefix("data.") for k in NOT_IN_DATA_KEY)  # cannot change the prepared rows
 TMP_PREFIX = ".tmp-"  # a prepared entry being written
 STALE_TMP_S = 24 * 3600  # no live run writes one for a day: a killed run left it
 

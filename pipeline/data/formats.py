@@ -18,8 +18,6 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
-
 # Drop reasons that mean the input itself is malformed (they count towards data.max_bad_fraction).
 BAD_INPUT_REASONS = frozenset(
     {
@@ -52,17 +50,6 @@ _SHAREGPT_ROLES = {
 }
 _CHAT_ROLES = {"system", "user", "assistant", "tool"}
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
-
-MESSAGE_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-NORMALISED_SCHEMA = pa.schema(
-    [
-        ("source_id", pa.int64()),
-        ("split", pa.int8()),
-        ("messages", MESSAGE_TYPE),
-        ("text", pa.string()),
-        ("drop_reason", pa.string()),
-    ]
-)
 
 
 class BadRow(Exception):
@@ -349,26 +336,3 @@ def parse_and_normalise(
     except RecursionError:
         return Normalised(drop_reason="malformed_json", detail="nested too deeply to parse")
     return normalise_row(row, fmt, system_prompt, columns)
-
-
-def normalise_batch(table: pa.Table, fmt: str = "auto", system_prompt: str | None = None) -> pa.Table:
-    """Pure stage: read table (source_id, split, row, read_reason) -> NORMALISED_SCHEMA table."""
-    rows = table.column("row").to_pylist()
-    reasons = table.column("read_reason").to_pylist()
-    out = [parse_and_normalise(r, fmt, system_prompt, why) for r, why in zip(rows, reasons)]
-    return pa.table(
-        {
-            "source_id": table.column("source_id"),
-            "split": table.column("split"),
-            "messages": pa.array(
-                [
-                    None if n.messages is None else [{"role": m["role"], "content": m["content"]} for m in n.messages]
-                    for n in out
-                ],
-                MESSAGE_TYPE,
-            ),
-            "text": pa.array([n.text for n in out], pa.string()),
-            "drop_reason": pa.array([n.drop_reason for n in out], pa.string()),
-        },
-        schema=NORMALISED_SCHEMA,
-    )

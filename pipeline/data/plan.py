@@ -46,7 +46,7 @@ from raysft.pipeline.storage import StorageOptions
 
 
 @dataclass
-class Source:
+class TrainSource:
     """One data.train source, resolved: its files (consecutive in Inputs.train_files), format, columns, weight."""
 
     name: str
@@ -64,18 +64,18 @@ class Inputs:
     eval_files: list[Path]
     tokenizer: TokenizerSpec
     key: str
-    sources: list[Source] = field(default_factory=list)
+    sources: list[TrainSource] = field(default_factory=list)
 
 
-def resolve_sources(cfg) -> list[Source]:
+def resolve_sources(cfg) -> list[TrainSource]:
     """data.train as a list of sources (a single path is one source of weight 1 in data.format)."""
     if not cfg.data.train:
         raise ConfigError("data.train is not set; point it at a file, directory, glob or hf:// data set.")
     options = StorageOptions.of(cfg)
     if isinstance(cfg.data.train, str):
-        return [Source(cfg.data.train, expand(cfg.resolve_path(cfg.data.train), options), cfg.data.format)]
+        return [TrainSource(cfg.data.train, expand(cfg.resolve_path(cfg.data.train), options), cfg.data.format)]
     return [
-        Source(
+        TrainSource(
             s.path, expand(cfg.resolve_path(s.path), options), s.format or cfg.data.format, dict(s.columns), s.weight
         )
         for s in cfg.data.train

@@ -7,13 +7,10 @@ taken, `position_ids` restarting at 0 for every packed sample.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-
-from raysft.pipeline.errors import DataError
 
 IGNORE_INDEX = -100  # label of a token that carries no loss (the value torch's cross_entropy skips)
 
@@ -39,21 +36,3 @@ class Prepared:
     eval_dir: Path | None
     stats: dict
     key: str = ""
-
-
-def read_split(directory: str | os.PathLike | None, what: str) -> pa.Table | None:
-    """All Parquet files of a prepared split, in file-name order, as one pyarrow Table (None: no eval data)."""
-    import pyarrow.parquet as pq
-
-    if directory is None:
-        return None
-    files = sorted(Path(directory).rglob("*.parquet"))
-    if not files:
-        if what == "eval":
-            return None
-        raise DataError(f"Prepared train data in {directory} has no Parquet files.")
-    table = pa.concat_tables([pq.read_table(f) for f in files]).combine_chunks()
-    missing = set(REQUIRED_COLUMNS) - set(table.column_names)
-    if missing:
-        raise DataError(f"Prepared {what} data in {directory} lacks column(s) {sorted(missing)}.")
-    return table

@@ -29,10 +29,10 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 import re
 import unicodedata
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from raysft.pipeline.atomic import write_atomic
+from raysft.pipeline.data.cache import cache_root, lock_root
 from raysft.pipeline.data.fast_bpe import ByteLevelFastPath, char_spans
 from raysft.pipeline.data.formats import BadRow, Normalised, parse_and_normalise
 from raysft.pipeline.data.light_tokenizer import TokenizerSpec, compile_chat_template
@@ -72,10 +74,6 @@ _SENTINEL_PAIRS = [("\ue000", "\ue001"), ("\ue002", "\ue003"), ("\uf8f0", "\uf8f
 def _spec_cache_path(cfg, src: str, gguf: str | None) -> Path | None:
     """Where the TokenizerSpec of a local tokenizer directory is cached, keyed by every top-level file's
     name, size and mtime there plus the transformers and tokenizers versions; None for hub ids."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from raysft.pipeline.data.cache import cache_root, lock_root
-
     folder = Path(src)
     if not folder.is_dir():
         return None
@@ -115,10 +113,7 @@ def load_tokenizer_spec(cfg, need_chat_template: bool | None = None) -> Tokenize
     spec = TokenizerSpec.from_hf(load_tokenizer(cfg, need_chat_template))
     if path is not None:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(spec.to_json())
-            os.replace(tmp, path)  # atomic: concurrent writers write the same content
+            write_atomic(path, spec.to_json())  # concurrent writers write the same content
         except OSError:
             pass  # a read-only cache only costs the next call the transformers import
     return spec

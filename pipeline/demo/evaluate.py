@@ -16,7 +16,13 @@ from typing import Any
 import torch
 
 from raysft.pipeline.config import Config
+from raysft.pipeline.data.formats import normalise_row
+from raysft.pipeline.data.tokenize import ChatEncoder
 from raysft.pipeline.demo import task as demo_task
+from raysft.pipeline.models.load import load_base_model
+from raysft.pipeline.models.tokenizer import load_tokenizer
+from raysft.pipeline.training.generate_eval import Prompt, generate
+from raysft.pipeline.training.step import collate, eval_loss_sum
 
 
 @dataclass
@@ -35,9 +41,6 @@ class EvalResult:
 
 def load_model(cfg: Config, adapter: str | os.PathLike | None = None):
     """The configured base (NF4 or plain, no gradient checkpointing) with the adapter when given, in eval mode."""
-    from raysft.pipeline.models.load import load_base_model
-    from raysft.pipeline.models.tokenizer import load_tokenizer
-
     model = load_base_model(cfg.model)
     if adapter is not None:
         from peft import PeftModel
@@ -53,10 +56,6 @@ def eval_loss(
     model, tokenizer, rows: list[dict], system_prompt: str | None = None, tokens_per_batch: int = 1024
 ) -> tuple[float, int]:
     """Mean next-token CE over response tokens of `rows` (packed, samples kept apart by position_ids)."""
-    from raysft.pipeline.data.formats import normalise_row
-    from raysft.pipeline.data.tokenize import ChatEncoder
-    from raysft.pipeline.training.step import collate, eval_loss_sum
-
     encoded = ChatEncoder(tokenizer).encode([normalise_row(r, system_prompt=system_prompt) for r in rows])
     packed: list[list[dict]] = [[]]
     size = 0
@@ -85,8 +84,6 @@ def generate_replies(
     progress: bool = False,
 ) -> list[str]:
     """Greedy replies to single-turn user prompts (training/generate_eval.generate, in batches)."""
-    from raysft.pipeline.training.generate_eval import Prompt, generate
-
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     replies: list[str] = []
     for i in range(0, len(prompts), batch_size):

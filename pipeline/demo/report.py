@@ -11,64 +11,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from raysft.pipeline import plots
+
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 LOSS_PNG = "loss_curve.png"
-
-
-def loss_series(metrics: list[dict[str, Any]]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    """(step, train loss) and (step, eval loss) pairs from metrics.jsonl rows, in step order."""
-    train, evals = {}, {}
-    for row in metrics:
-        step = row.get("step")
-        if step is None:
-            continue
-        loss = row.get("loss", row.get("train_loss"))
-        if isinstance(loss, (int, float)):
-            train[int(step)] = float(loss)
-        if isinstance(row.get("eval_loss"), (int, float)):
-            evals[int(step)] = float(row["eval_loss"])
-    return sorted(train.items()), sorted(evals.items())
-
-
-def plot_losses(
-    metrics: list[dict[str, Any]],
-    path: str | os.PathLike,
-    title: str = "raysft demo",
-    before_eval: float | None = None,
-    after_eval: float | None = None,
-) -> Path:
-    """Train loss per step, the run's eval loss points, and the demo's before/after eval as markers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train, evals = loss_series(metrics)
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    if train:
-        ax.plot([s for s, _ in train], [v for _, v in train], lw=1.2, label="train loss per step (NF4 base)")
-    if evals:
-        ax.plot(
-            [s for s, _ in evals], [v for _, v in evals], "o-", lw=1.5, label="eval loss during training (NF4 base)"
-        )
-    last = max([s for s, _ in train] + [s for s, _ in evals] + [1])
-    if before_eval is not None:
-        ax.plot([0], [before_eval], "s", color="tab:red", label=f"eval before, fp32 base: {before_eval:.3f}")
-    if after_eval is not None:
-        ax.plot(
-            [last], [after_eval], "D", color="tab:green", label=f"eval after, fp32 base + adapter: {after_eval:.3f}"
-        )
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy on response tokens")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
 
 
 def write_report(output: str | os.PathLike, report: dict[str, Any], metrics: list[dict[str, Any]]) -> dict[str, Path]:
@@ -76,12 +23,13 @@ def write_report(output: str | os.PathLike, report: dict[str, Any], metrics: lis
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     before, after = report["before"], report["after"]
-    png = plot_losses(
+    png = plots.loss_curve(
         metrics,
         output / LOSS_PNG,
         title=f"raysft demo: {report.get('task', 'task')}",
-        before_eval=before["eval_loss"],
-        after_eval=after["eval_loss"],
+        label_note=" (NF4 base)",
+        before_eval=("eval before, fp32 base", before["eval_loss"]),
+        after_eval=("eval after, fp32 base + adapter", after["eval_loss"]),
     )
     report = {**report, "loss_curve": png.name}
     (output / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")

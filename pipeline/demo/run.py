@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from datetime import datetime, timezone
@@ -20,7 +19,12 @@ from typing import Any
 
 from raysft.pipeline import ray_runtime
 from raysft.pipeline.config import Config, load_config
+from raysft.pipeline.demo.report import summary_lines, write_report
+from raysft.pipeline.demo.task import write_task
 from raysft.pipeline.errors import ConfigError
+from raysft.pipeline.jsonl import read as read_rows
+from raysft.pipeline.models.fetch import fetch_model
+from raysft.pipeline.run_folder import LOG_FILE, read_metrics, run_dir_of
 
 DEMO_MODEL = "smollm2-135m-instruct"
 # Package data (importlib.resources), so `raysft demo` works from any install; examples/demo.yaml is the same file.
@@ -70,7 +74,8 @@ def run_demo(
 
     `verbose` None (the Python API) prints to stdout as it goes; True/False (the CLI) sends all of
     the process's output to the run folder's raysft.log and shows the console (and, if True, the logs)."""
-    from raysft.pipeline.console import LOG_FILE, Console, console_session
+    # Ray (ray.train), with the console
+    from raysft.pipeline.console import Console, console_session
 
     output = Path(output).expanduser().resolve()
     run_name = "run-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -86,14 +91,9 @@ def run_demo(
 def _demo(
     output: Path, overrides: list[str] | None, n_train: int | None, n_eval: int | None, run_name: str, console
 ) -> int:
+    # Ray with the console, torch with the evaluation
     from raysft.pipeline.console import follow_run
     from raysft.pipeline.demo.evaluate import evaluate
-    from raysft.pipeline.demo.report import summary_lines, write_report
-    from raysft.pipeline.demo.task import write_task
-    from raysft.pipeline.jsonl import read as read_rows
-    from raysft.pipeline.models.fetch import fetch_model
-    from raysft.pipeline.trainer import run_dir_of
-    from raysft.pipeline.training.metrics import read_metrics
 
     t0 = time.perf_counter()
     output.mkdir(parents=True, exist_ok=True)
@@ -193,6 +193,7 @@ def _export(run_dir: Path) -> dict[str, Any]:
 
 def _train_on_local_ray(cfg: Config):
     """Start (or join) Ray, train through the public API, and shut down what we started."""
+    # torch
     from raysft.pipeline.trainer import train
 
     # Logical CPUs: at least one per worker plus one for the data plan's tokenizer actors.
@@ -218,8 +219,3 @@ def _override_value(overrides: list[str], key: str) -> str | None:
 
 def _stage(console, n: int, text: str, t0: float) -> None:
     console.line(f"[demo {time.perf_counter() - t0:5.0f}s] {n}/5 {text}")
-
-
-def report_of(output: str | os.PathLike) -> dict[str, Any]:
-    """The report.json a finished demo wrote into `output`."""
-    return json.loads((Path(output) / "report.json").read_text())

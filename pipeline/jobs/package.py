@@ -15,9 +15,11 @@ import os
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, requires
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pathspec import PathSpec
 
 from raysft.pipeline import ray_recovery
@@ -167,9 +169,6 @@ class JobPackage:
     def sizes(self) -> list[tuple[str, int]]:
         return [(f, (self.directory / f).stat().st_size) for f in self.files]
 
-    def total_bytes(self) -> int:
-        return sum(size for _, size in self.sizes())
-
 
 def is_credential(rel: str, is_dir: bool = False) -> bool:
     """Whether a path (relative, POSIX) matches the credential deny-list, case-insensitively."""
@@ -215,15 +214,10 @@ def walk(
     return sorted(kept)
 
 
-def upload_files(root: str | os.PathLike, extra_excludes: Iterable[str] = ()) -> list[str]:
-    """The files of a working folder a job would ship (see `walk`)."""
-    return walk(root, extra_excludes)
-
-
 def _raysft_sources() -> dict[str, Path]:
     """The installed raysft halves (editable or not): import name -> source folder."""
+    # torch (kernels/); only to find the installed source folder
     import raysft.kernels
-    import raysft.pipeline
 
     return {
         "pipeline": Path(raysft.pipeline.__file__).parent,
@@ -235,13 +229,11 @@ def raysft_requirements() -> list[str]:
     """raysft's own requirements: the checkout's pyproject.toml when running from one, else the installed metadata."""
     pyproject = _raysft_sources()["pipeline"].resolve().parent / "pyproject.toml"
     if pyproject.is_file():
-        import tomllib
+        import tomllib  # Python 3.11+; only a checkout has a pyproject.toml to read
 
         project = tomllib.loads(pyproject.read_text()).get("project", {})
         if project.get("name") == "raysft":
             return list(project.get("dependencies", []))
-    from importlib.metadata import PackageNotFoundError, requires
-
     try:
         return [r for r in requires("raysft") or [] if "extra ==" not in r]
     except PackageNotFoundError:
@@ -351,8 +343,6 @@ def build_job_package(
     The job's folder mirrors `working_dir` when given, else the config file's folder: files keep their
     paths relative to it; referenced files from elsewhere go to inputs/<config key>/.
     """
-    import yaml
-
     if working_dir is not None:
         root = Path(working_dir).resolve()
         if not root.is_dir():

@@ -161,6 +161,7 @@ def submit(
 
     With `dry_run`, print the exact files and total size that would be uploaded, and contact no cluster.
     """
+    # pydantic: status, logs and stop need no config
     from raysft.pipeline.config import load_config
     from raysft.pipeline.jobs.package import JOB_CONFIG_NAME, build_job_package
 

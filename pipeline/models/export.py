@@ -26,16 +26,16 @@ import tempfile
 from pathlib import Path
 
 from raysft.pipeline import storage
-from raysft.pipeline.config import Config
+from raysft.pipeline.config import Config, load_config
 from raysft.pipeline.errors import ConfigError, ModelError
-from raysft.pipeline.models.load import ADAPTER_DIR, RESOLVED_CONFIG, torch_dtype
+from raysft.pipeline.models.load import torch_dtype
 from raysft.pipeline.models.model_card import write_card
 from raysft.pipeline.models.source import base_model_path
 from raysft.pipeline.outputs import atomic_output, check_output
+from raysft.pipeline.run_folder import ADAPTER_DIR, MERGED_DIR, RESOLVED_CONFIG
 
 FORMATS = ("peft", "merged", "gguf")
-DEFAULT_DIRS = {"peft": "peft", "merged": "merged", "gguf": "gguf"}  # under the run folder
-MERGED_DIR = DEFAULT_DIRS["merged"]
+DEFAULT_DIRS = {"peft": "peft", "merged": MERGED_DIR, "gguf": "gguf"}  # under the run folder
 DTYPES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}  # --dtype -> torch name
 DEFAULT_DTYPE = {"merged": "bf16", "gguf": "f16"}
 QUANTS = ("q8_0",)
@@ -263,8 +263,6 @@ def merge_adapter(cfg: Config, adapter: str | os.PathLike, dtype: str = "bfloat1
 
 
 def _run_config(run: Path, required: bool = True) -> Config | None:
-    from raysft.pipeline.config import load_config
-
     path = run / RESOLVED_CONFIG
     if not path.is_file():
         if not required:

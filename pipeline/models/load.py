@@ -13,10 +13,8 @@ from typing import Any
 
 from raysft.pipeline.config import Config, ModelConfig
 from raysft.pipeline.errors import ModelError
+from raysft.pipeline.models import precision
 from raysft.pipeline.models.source import base_model_path
-
-ADAPTER_DIR = "adapter"  # a run folder's adapter, in PEFT format
-RESOLVED_CONFIG = "config.yaml"  # a run folder's resolved config
 
 
 def torch_dtype(name: str):
@@ -34,8 +32,6 @@ def load_base_model(mcfg: ModelConfig, device: str | None = None):
     """
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    from raysft.pipeline.models import precision
 
     mcfg = precision.concrete_model(mcfg, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     source = base_model_path(mcfg)
@@ -112,7 +108,7 @@ def build_model(cfg: Config, device: str | None = None):
     torch.manual_seed(cfg.train.seed)  # LoRA init is seeded: every rank starts from the same adapter
     model = attach_lora(load_base_model(cfg.model, device), cfg)
     if cfg.train.kernels:
-        from raysft.kernels import patch_model
+        from raysft.kernels import patch_model  # Triton, only when train.kernels is on
 
         patch_model(model)
     return model

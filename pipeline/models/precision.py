@@ -11,6 +11,7 @@ probed here: auto means bf16 (every GPU of the Ampere generation or newer has it
 
 from __future__ import annotations
 
+import platform
 import sys
 from dataclasses import dataclass
 
@@ -38,7 +39,6 @@ def cpu_name() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
 
     return platform.processor() or platform.machine() or "this CPU"
 

@@ -108,15 +108,45 @@ def tokenizer_source(cfg: Config) -> Source:
     return src
 
 
+def convert_gguf(gguf_path: str | os.PathLike, output: str | os.PathLike, dtype: str = "bfloat16") -> Path:
+    """Load a GGUF checkpoint with transformers, dequantized, and save it as safetensors + tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf_path = Path(gguf_path)
+    output = Path(output)
+    folder, file = str(gguf_path.parent), gguf_path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        # dequantize=True: a plain dense model whatever GGUF kernels happen to be installed.
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=file, dtype=getattr(torch, dtype), quantization_config=GgufConfig(dequantize=True)
+        )
+    except Exception as exc:  # transformers raises many kinds for a bad file
+        raise ModelError(
+            f"GGUF file {gguf_path} could not be loaded by transformers ({type(exc).__name__}: {exc})."
+        ) from None
+    if not tokenizer.chat_template:
+        raise ModelError(f"GGUF file {gguf_path} carries no chat template (tokenizer.chat_template), which SFT needs.")
+    # The GGUF quantizer marks the model as non-serializable; the weights are plain tensors now.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    output.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output, safe_serialization=True)
+    tokenizer.save_pretrained(output)
+    return output
+
+
 def materialize_gguf(directory: str, gguf_file: str, cache_root: str | None = None) -> str:
     """Dequantize a GGUF model once into a Hugging Face safetensors folder and return its path.
 
     bitsandbytes quantizes from float weights, so the GGUF is converted once (on the driver, through
-    `raysft.pipeline.models.fetch.convert_gguf`) and workers load the HF copy. The copy is keyed by
+    `convert_gguf`) and workers load the HF copy. The copy is keyed by
     the file's path, size and mtime under ~/.cache/raysft/gguf (or `cache_root`).
     """
-    from raysft.pipeline.models.fetch import convert_gguf
-
     src = Path(directory) / gguf_file
     stat = src.stat()
     key = hashlib.sha256(f"{src.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]

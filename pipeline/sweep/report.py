@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raysft.pipeline import plots
+
 COMPLETED = "completed"
 EARLY_STOPPED = "early-stopped by ASHA"
 ERROR = "error"
@@ -113,59 +115,18 @@ def plot_loss_vs_lr(
 ) -> None:
     """Final eval loss against learning rate, one line per LoRA rank (early-stopped trials hollow);
     `defaults` give the value of an axis the sweep did not search."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    table = [{**(defaults or {}), **r} for r in table]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ranks = sorted({r.get(rank_key) for r in table}, key=lambda v: (v is None, v))
-    for rank in ranks:
-        rows = sorted(
-            (r for r in table if r.get(rank_key) == rank and r.get(lr_key) is not None), key=lambda r: float(r[lr_key])
-        )
-        xs = [float(r[lr_key]) for r in rows]
-        ys = [float(r["final_eval_loss"]) for r in rows]
-        (line,) = ax.plot(xs, ys, marker="o", label=f"r = {rank}" if rank is not None else "all trials")
-        for x, y, r in zip(xs, ys, rows):
-            if r["stop_reason"] != COMPLETED:
-                ax.plot([x], [y], marker="o", markerfacecolor="white", color=line.get_color())
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("final eval loss")
-    ax.set_title("Sweep: final eval loss by learning rate and LoRA rank\n(hollow: stopped early or failed)", fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plots.sweep_loss_vs_lr(table, path, COMPLETED, lr_key=lr_key, rank_key=rank_key, defaults=defaults)
 
 
 def plot_curves(records: list[TrialRecord], path: str | Path, keys: list[str]) -> None:
     """Eval loss against step for every trial (training loss when a trial never evaluated)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    curves = []
     for rec in records:
         label = rec.trial_id + " " + ", ".join(f"{k.split('.')[-1]}={_fmt(rec.params.get(k))}" for k in keys)
         metric = "eval_loss" if _series(rec.history, "eval_loss") else "loss"
         points = [(r["step"], r[metric]) for r in rec.history if metric in r and "step" in r]
-        if points:
-            xs, ys = zip(*points)
-            style = "-" if metric == "eval_loss" else ":"
-            ax.plot(xs, ys, style, marker="." if len(xs) < 30 else None, label=f"{label} [{rec.stop_reason}]")
-    ax.set_xlabel("step")
-    ax.set_ylabel("eval loss (dotted: training loss)")
-    ax.set_title("Sweep: eval curves of all trials", fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        curves.append((f"{label} [{rec.stop_reason}]", points, metric == "eval_loss"))
+    plots.sweep_curves(curves, path)
 
 
 def summary_line(table: list[dict[str, Any]], best: BestTrial | None, metric: str, sweep_dir: str) -> str:

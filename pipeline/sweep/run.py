@@ -51,7 +51,24 @@ from raysft.pipeline.cluster_checks import (
     trials_that_fit,
 )
 from raysft.pipeline.config import Config
+from raysft.pipeline.data.plan import ensure_prepared
+from raysft.pipeline.data.shards import load_index
 from raysft.pipeline.errors import ConfigError
+from raysft.pipeline.run_folder import (
+    ATTEMPTS_FILE,
+    BEST_ADAPTER,
+    BEST_CONFIG,
+    EVENTS_FILE,
+    RESULTS_CSV,
+    SWEEP_CONFIG,
+    SWEEP_DRIVER_FILES,
+    SWEEP_PLOTS,
+    TRIAL_FILE,
+    TRIALS_DIR,
+    TUNE_DIR,
+    RunFolder,
+)
+from raysft.pipeline.storage import StorageOptions
 from raysft.pipeline.sweep.report import (
     COMPLETED,
     EARLY_STOPPED,
@@ -67,33 +84,21 @@ from raysft.pipeline.sweep.report import (
     write_csv,
 )
 from raysft.pipeline.sweep.space import SweepPlan, data_overrides, plan_sweep, trial_overrides
-from raysft.pipeline.tracking import TRACKING_FILE, finish_sweep_tracking, finish_tracking, start_sweep_tracking
-from raysft.pipeline.training.run_files import RunFolder
+from raysft.pipeline.tracking import finish_sweep_tracking, finish_tracking, start_sweep_tracking
+from raysft.pipeline.training.generate_eval import generation_history
+from raysft.pipeline.training.reader import StepLayout
 
 log = logging.getLogger("raysft.tune")
 
-SWEEP_CONFIG = "sweep.yaml"
-TUNE_DIR = "tune"
-TRIALS_DIR = "trials"
-EVENTS_FILE = "events.jsonl"
-TRIAL_FILE = "trial.json"  # written by a trial whose training finished
-ATTEMPTS_FILE = "attempts.jsonl"  # one line each time a trial's function starts (resume proof)
 WORST = 1e30  # what a diverged trial's metric counts as for ASHA (mode min; negated for max)
 ASHA_MAX_T = 2**31  # ASHA stops at max_t; trials end by their own step count instead
 # The same names a resumed sweep may change (where to reach the cluster is not part of the sweep).
 RESUME_MAY_DIFFER = ("run.address",)
-RESULTS_CSV, PLOTS, BEST_ADAPTER, BEST_CONFIG = (
-    "results.csv",
-    ("loss_vs_lr.png", "eval_curves.png"),
-    "best_adapter",
-    "best_config.yaml",
-)
-# The files the sweep's driver writes (staged locally for a sweep folder on an object store).
-DRIVER_FILES = (SWEEP_CONFIG, EVENTS_FILE, RESULTS_CSV, *PLOTS, BEST_ADAPTER, BEST_CONFIG, TRACKING_FILE)
 
 
 def tune(cfg: Config, resume: bool = False) -> SweepResult:
     """Run (or with `resume`, continue) the sweep declared in `cfg.tune`; returns the table and the best trial."""
+    # torch, with the trainer (not needed to check a sweep's config)
     from raysft.pipeline.trainer import preflight
 
     plan = plan_sweep(cfg)  # every user error in the tune section, before anything starts
@@ -103,7 +108,7 @@ def tune(cfg: Config, resume: bool = False) -> SweepResult:
     options = storage.StorageOptions.of(cfg)
     with lease.hold(lease.in_folder(sweep_dir), f"The sweep folder {sweep_dir}", options):  # one driver per sweep
         _check_sweep_folder(cfg, sweep_dir, resume)
-        folder = RunFolder(sweep_dir, options, names=DRIVER_FILES)
+        folder = RunFolder(sweep_dir, options, names=SWEEP_DRIVER_FILES)
         try:
             with ray_runtime.session(cfg.run.address, ray_runtime.TRAIN):
                 return _run_sweep(cfg, data_cfg, plan, folder, resume)
@@ -211,6 +216,7 @@ def _train_trial(
 ) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    # torch, with the trainer, in each trial's process
     from raysft.pipeline.trainer import build_trainer, finish_run
 
     options = storage.StorageOptions.of(cfg)
@@ -286,8 +292,6 @@ def _variant_key(overrides: dict[str, Any]) -> str:
 
 def _prepare_all(cfg: Config, plan: SweepPlan) -> dict[str, Any]:
     """One prepared dataset per distinct data config the sweep can sample (usually exactly one)."""
-    from raysft.pipeline.data.plan import ensure_prepared
-
     out = {}
     for variant in plan.data_variants():
         p = ensure_prepared(cfg.with_overrides(variant) if variant else cfg)
@@ -369,7 +373,6 @@ class PlannedSteps:
     rows: dict[str, int]  # packed train rows per data variant
 
     def __call__(self, sampled: dict[str, Any]) -> int:
-        from raysft.pipeline.training.reader import StepLayout
 
         base = Config.from_dict(self.base, self.source)
         cfg = base.with_overrides(trial_overrides(self.plan, sampled, base))
@@ -380,9 +383,6 @@ class PlannedSteps:
 
 def _rows(prepared: dict[str, Any], cfg: Config) -> dict[str, int]:
     """Packed train rows per data variant, from the shard indexes (no rows are read)."""
-    from raysft.pipeline.data.shards import load_index
-    from raysft.pipeline.storage import StorageOptions
-
     return {key: load_index(str(p.train_dir), StorageOptions.of(cfg), check=False).rows for key, p in prepared.items()}
 
 
@@ -527,8 +527,8 @@ def _collect(cfg: Config, plan: SweepPlan, folder: RunFolder, grid) -> SweepResu
     records.sort(key=lambda r: r.trial_id)
     table = [table_row(r, plan.metric, plan.mode) for r in records]
     write_csv(table, local / RESULTS_CSV)
-    plot_loss_vs_lr(table, str(local / PLOTS[0]), defaults={"train.lr": cfg.train.lr, "lora.r": cfg.lora.r})
-    plot_curves(records, str(local / PLOTS[1]), plan.keys)
+    plot_loss_vs_lr(table, str(local / SWEEP_PLOTS[0]), defaults={"train.lr": cfg.train.lr, "lora.r": cfg.lora.r})
+    plot_curves(records, str(local / SWEEP_PLOTS[1]), plan.keys)
 
     best = None
     row = pick_best(table, plan.metric, plan.mode)
@@ -549,7 +549,7 @@ def _collect(cfg: Config, plan: SweepPlan, folder: RunFolder, grid) -> SweepResu
         mode=plan.mode,
         table=table,
         best=best,
-        plots=[storage.join(sweep_dir, p) for p in PLOTS],
+        plots=[storage.join(sweep_dir, p) for p in SWEEP_PLOTS],
     )
     log.info(sweep.summary_line())
     return sweep
@@ -577,8 +577,6 @@ def _history(result) -> list[dict[str, Any]]:
 def with_generation(history: list[dict[str, Any]], run_dir: Path) -> list[dict[str, Any]]:
     """The trial's Tune results with its gen_* values joined in by step, from its metrics.jsonl (train.eval_generate
     writes them there; Ray Train's validation results never reach Tune's per-step stream)."""
-    from raysft.pipeline.training.generate_eval import generation_history
-
     gen = generation_history(run_dir)
     if not gen:
         return history

@@ -14,9 +14,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
 
-from raysft.pipeline.config import Config, get_dotted
+from raysft.pipeline.config import NOT_IN_DATA_KEY, Config, get_dotted
 from raysft.pipeline.errors import ConfigError
-from raysft.pipeline.training.generate_eval import GEN_PREFIX
+from raysft.pipeline.training.generate_eval import GEN_PREFIX, enabled, metric_key
 
 log = logging.getLogger("raysft.tune")
 
@@ -32,7 +32,6 @@ FIXED_SECTIONS = ("run.", "tune.", "scaling.")
 # Searched keys that change the prepared data (the data plan's cache key): each distinct
 # combination is prepared up front, so no trial tokenizes.
 DATA_KEY_FIELDS = ("model.name_or_path", "model.tokenizer", "model.gguf_file", "model.trust_remote_code")
-NOT_DATA_FIELDS = ("data.cache_dir", "data.num_tokenizer_actors")
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,7 @@ class Param:
 
     @property
     def changes_data(self) -> bool:
-        return (self.key.startswith("data.") and self.key not in NOT_DATA_FIELDS) or self.key in DATA_KEY_FIELDS
+        return (self.key.startswith("data.") and self.key not in NOT_IN_DATA_KEY) or self.key in DATA_KEY_FIELDS
 
     def to_tune(self) -> Any:
         """The Ray Tune domain for this parameter."""
@@ -118,8 +117,6 @@ def _check_generation_metric(cfg: Config, where: str) -> None:
     """A gen_* metric comes from train.eval_generate (training/generate_eval.py), read from each trial's
     metrics.jsonl when the trials end: the trials can be ranked by it, but no scheduler or searcher sees it
     during the sweep (Ray Train's validation results do not reach Tune's per-step results)."""
-    from raysft.pipeline.training.generate_eval import enabled, metric_key
-
     t = cfg.tune
     if not enabled(cfg):
         raise ConfigError(f"tune.metric '{t.metric}'{where} is a generation metric; set train.eval_generate.prompts.")

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from raysft.pipeline.errors import CheckpointError
-from raysft.pipeline.models.load import ADAPTER_DIR, RESOLVED_CONFIG, save_adapter
-from raysft.pipeline.training.ledger import LEDGER_FILE
+from raysft.pipeline.models.load import save_adapter
+from raysft.pipeline.run_folder import ADAPTER_DIR, LEDGER_FILE, RESOLVED_CONFIG
 from raysft.pipeline.training.safe_state import load_tree, save_tree
 
 STATE_FILE = "state.json"

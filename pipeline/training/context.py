@@ -7,7 +7,6 @@ how a GPU machine without Ray runs the exact loop code).
 
 from __future__ import annotations
 
-import contextlib
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,8 +44,3 @@ class WorkerContext(Protocol):
     def latest_checkpoint(self) -> AbstractContextManager[Path | None]:
         """The folder of the latest complete checkpoint (every rank's part), or None on a fresh start."""
         ...
-
-
-@contextlib.contextmanager
-def no_checkpoint():
-    yield None

@@ -27,12 +27,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raysft.pipeline import jsonl
-from raysft.pipeline.config import Config
+from raysft.pipeline import jsonl, storage
+from raysft.pipeline.config import Config, resolve_relative
+from raysft.pipeline.data.formats import parse_and_normalise
+from raysft.pipeline.data.sources import expand, plan_chunks, read_chunk, split_source_id
 from raysft.pipeline.errors import ConfigError, DataError
+from raysft.pipeline.models.load import load_base_model
+from raysft.pipeline.models.tokenizer import load_tokenizer
+from raysft.pipeline.run_folder import ADAPTER_DIR, FAILURES_FILE, GEN_PREFIX, METRICS_FILE
+from raysft.pipeline.run_folder import GEN_SAMPLES_FILE as SAMPLES_FILE
+from raysft.pipeline.tracking import StepSinks
 
-GEN_PREFIX = "gen_"
-SAMPLES_FILE = "gen_samples.jsonl"  # every prompt, reply, reference and score, per eval step
 BUILTIN_METRICS = ("exact_match", "contains")
 
 
@@ -60,9 +65,6 @@ class Prompt:
 def read_prompts(cfg: Config) -> list[Prompt]:
     """Every row of train.eval_generate.prompts through the data plan's readers; a bad row is an error
     naming its file and row (a held-out set that silently shrinks would change the metric)."""
-    from raysft.pipeline.data.formats import parse_and_normalise
-    from raysft.pipeline.data.sources import expand, plan_chunks, read_chunk, split_source_id
-
     g = cfg.train.eval_generate
     spec = cfg.resolve_path(g.prompts) or g.prompts
     fmt = g.format or cfg.data.format
@@ -137,7 +139,6 @@ def load_metric(spec: str, source: str | None = None) -> tuple[str, Callable[[li
 
 
 def _metric_file(module_name: str, source: str | None) -> str:
-    from raysft.pipeline.config import resolve_relative
 
     return str(Path(resolve_relative(module_name, source) or module_name).expanduser().resolve())
 
@@ -182,7 +183,6 @@ def validation_config(cfg: Config, run_dir: str | os.PathLike):
     holding the section's CPUs/GPUs, with the config and the run folder as its arguments."""
     if not enabled(cfg):
         return None
-    from raysft.pipeline import storage
 
     if storage.is_remote(run_dir):  # the eval task appends to metrics.jsonl and gen_samples.jsonl there
         raise ConfigError(
@@ -215,7 +215,7 @@ def validation_config(cfg: Config, run_dir: str | os.PathLike):
 def validate_checkpoint(checkpoint, *, config: dict[str, Any], run_dir: str) -> dict[str, Any]:
     """Ray Train's validation fn: generate on the checkpoint's adapter, score, write the results; returns
     {"step": S, "gen_<metric>": value}. A failure is one failures.jsonl line (Ray Train only logs it)."""
-    from raysft.pipeline.tracking import FAILURES_FILE
+    # torch: the driver's prompt checks need no checkpoint code
     from raysft.pipeline.training.checkpoint import step_of
 
     step = step_of(checkpoint.path)
@@ -240,8 +240,6 @@ def validate_checkpoint(checkpoint, *, config: dict[str, Any], run_dir: str) -> 
 
 
 def _validate(checkpoint, cfg: Config, run_dir: Path, step: int) -> dict[str, Any]:
-    from raysft.pipeline.models.load import ADAPTER_DIR
-    from raysft.pipeline.training.metrics import METRICS_FILE
 
     g = cfg.train.eval_generate
     start = time.perf_counter()
@@ -281,7 +279,6 @@ def _track(cfg: Config, run_dir: Path, metrics: dict[str, float], step: int) -> 
     """Into the run's MLflow / W&B runs (tracking.json) when they are on; never fails the eval."""
     if not (cfg.train.logging.mlflow or cfg.train.logging.wandb):
         return
-    from raysft.pipeline.tracking import StepSinks
 
     sinks = StepSinks(run_dir)
     try:
@@ -301,9 +298,6 @@ def load_with_adapter(cfg: Config, adapter: str | os.PathLike):
     """The configured base (NF4 or plain) with the PEFT adapter at `adapter`, in eval mode, and its tokenizer."""
     import torch
     from peft import PeftModel
-
-    from raysft.pipeline.models.load import load_base_model
-    from raysft.pipeline.models.tokenizer import load_tokenizer
 
     device = "cuda" if cfg.train.eval_generate.num_gpus > 0 and torch.cuda.is_available() else "cpu"
     key = json.dumps([cfg.model.model_dump(mode="json"), (Path(adapter) / "adapter_config.json").read_text()])
@@ -363,7 +357,6 @@ def generate(model, tokenizer, prompts: list[Prompt], max_new_tokens: int, batch
 
 def generation_history(run_dir: str | os.PathLike) -> dict[int, dict[str, float]]:
     """{step: {gen_*: value}} from RUN/metrics.jsonl (what a sweep joins to its trials' Tune results)."""
-    from raysft.pipeline.training.metrics import METRICS_FILE
 
     out: dict[int, dict[str, float]] = {}
     for m in jsonl.read(Path(run_dir) / METRICS_FILE):

@@ -8,6 +8,9 @@ length. Rerunning the same run.name (decided on the driver, before any worker st
 `run.resume` (auto | never | must) narrows that. A refused run changes nothing in the folder;
 an accepted one records run.json and config.yaml, and sets aside what would block resuming (a
 truncated checkpoint_manager_snapshot.json, incomplete checkpoints), each said in one sentence.
+The same rule holds for a run folder on an object store, read and written through storage.py; there
+Ray Train resumes from its own snapshot in the bucket, and checkpoint completeness is checked by
+`checkpoint.load` after download, so no checkpoint is picked or set aside here.
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raysft.pipeline import storage
 from raysft.pipeline.config import Config, get_dotted
 from raysft.pipeline.errors import CheckpointError
+from raysft.pipeline.run_folder import IDENTITY_FILE, RAY_SNAPSHOT, RESOLVED_CONFIG
+from raysft.pipeline.storage import StorageOptions
 from raysft.pipeline.training import checkpoint as ckpt_io
-
-IDENTITY_FILE = "run.json"
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of registered checkpoints
 
 # Config keys that define a run, by family: the prepared data and the global batch are added as values.
 IDENTITY_KEYS: tuple[str, ...] = (
@@ -71,7 +74,7 @@ def fingerprint(ident: dict[str, Any]) -> str:
 class Decision:
     """What a (re)run of a run.name does; `apply` makes it so in the folder."""
 
-    run_dir: Path
+    run_dir: Path | str  # a URI string for a run folder on an object store
     mode: str  # "new" | "resume" | "extend"
     record: dict[str, Any]
     resume_from: str | None = None  # the newest complete checkpoint folder
@@ -89,8 +92,15 @@ def _show(v: Any) -> str:
     return json.dumps(v) if not isinstance(v, str) else v
 
 
-def decide(cfg: Config, data_key: str, run_dir: Path, steps_per_epoch: int | None = None) -> Decision:
-    """Check `run_dir` against `cfg` and run.resume; raise CheckpointError (one sentence) or say what happens."""
+def decide(
+    cfg: Config,
+    data_key: str,
+    run_dir: Path | str,
+    steps_per_epoch: int | None = None,
+    options: StorageOptions | None = None,
+) -> Decision:
+    """Check `run_dir` (a folder or an object-store URI) against `cfg` and run.resume; raise CheckpointError (one
+    sentence) or say what happens."""
     ident = identity(cfg, data_key)
     t = cfg.train
     record = {
@@ -102,13 +112,19 @@ def decide(cfg: Config, data_key: str, run_dir: Path, steps_per_epoch: int | Non
         "total_steps": _total(t.max_steps, t.epochs, steps_per_epoch),
     }
     name, mode = cfg.run.name, cfg.run.resume
-    path = run_dir / IDENTITY_FILE
-    checkpoints = sorted(
-        (p for p in run_dir.glob("checkpoint_*") if p.is_dir() and ckpt_io.step_of(p) >= 0),
-        key=ckpt_io.step_of,
-        reverse=True,
+    remote = storage.is_remote(run_dir)
+    path = storage.join(run_dir, IDENTITY_FILE)
+    has_identity = storage.exists(path, options)
+    checkpoints = (
+        []
+        if remote  # Ray Train resumes from its snapshot in the bucket (module docstring)
+        else sorted(
+            (p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir() and ckpt_io.step_of(p) >= 0),
+            key=ckpt_io.step_of,
+            reverse=True,
+        )
     )
-    if not path.exists() and not checkpoints:
+    if not has_identity and not checkpoints:
         if mode == "must":
             raise CheckpointError(f"run.resume is 'must' but {run_dir} holds no run named {name} to resume.")
         return Decision(run_dir, "new", record)
@@ -117,13 +133,13 @@ def decide(cfg: Config, data_key: str, run_dir: Path, steps_per_epoch: int | Non
             f"{run_dir} already holds a run named {name} and run.resume is 'never'; "
             "choose a new run.name, or set run.resume to auto to continue it."
         )
-    if not path.exists():
+    if not has_identity:
         raise CheckpointError(
             f"{run_dir} holds checkpoints but no {IDENTITY_FILE}, so raysft cannot tell which run "
             "they belong to; choose a new run.name."
         )
     try:
-        old = json.loads(path.read_text())
+        old = json.loads(storage.read_bytes(path, options))
         old_ident, old_spe = dict(old["identity"]), old.get("steps_per_epoch")
     except (OSError, ValueError, KeyError, TypeError):
         raise CheckpointError(f"{path} is not readable JSON with an 'identity'; choose a new run.name.") from None
@@ -157,9 +173,11 @@ def decide(cfg: Config, data_key: str, run_dir: Path, steps_per_epoch: int | Non
             break
         decision.set_aside.append(ckpt)
         decision.notes.append(f"skipping checkpoint {ckpt.name}: {why}.")
+    if remote:
+        return decision
     if mode == "must" and decision.resume_from is None:
         raise CheckpointError(f"run.resume is 'must' but {run_dir} has no complete checkpoint to resume from.")
-    snapshot = run_dir / RAY_SNAPSHOT
+    snapshot = Path(run_dir) / RAY_SNAPSHOT
     if snapshot.exists() and not _snapshot_usable(snapshot, decision.resume_from):
         decision.set_aside.append(snapshot)
         decision.notes.append(
@@ -181,25 +199,15 @@ def _snapshot_usable(snapshot: Path, resume_from: str | None) -> bool:
     return resume_from is not None and ckpt_io.step_of(latest) <= ckpt_io.step_of(resume_from)
 
 
-def apply(decision: Decision, config_yaml: str) -> None:
-    """Record the run's identity and resolved config; move blocking files aside (never delete them)."""
+def apply(decision: Decision, config_yaml: str, options: StorageOptions | None = None) -> None:
+    """Record the run's identity and resolved config (a local file through a temp sibling, an object in one PUT);
+    move blocking files aside (never delete them)."""
     run_dir = decision.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     for note in decision.notes:
         print(f"[raysft] {note}", flush=True)
     for p in decision.set_aside:
         target = p.with_name(f"{p.name}.set-aside-{os.getpid()}")
         os.replace(p, target)
-    _write_atomic(
-        run_dir / IDENTITY_FILE,
-        json.dumps(decision.record, indent=2, sort_keys=True) + "\n",
-    )
-    from raysft.pipeline.models.load import RESOLVED_CONFIG
-
-    _write_atomic(run_dir / RESOLVED_CONFIG, config_yaml)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    record = json.dumps(decision.record, indent=2, sort_keys=True) + "\n"
+    storage.write_bytes(storage.join(run_dir, IDENTITY_FILE), record.encode(), options)
+    storage.write_bytes(storage.join(run_dir, RESOLVED_CONFIG), config_yaml.encode(), options)

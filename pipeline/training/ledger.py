@@ -12,8 +12,6 @@ from pathlib import Path
 
 from raysft.pipeline import jsonl
 
-LEDGER_FILE = "samples.jsonl"
-
 
 class Ledger:
     """Append-only JSON lines file, written by rank 0 only."""
@@ -30,17 +28,3 @@ class Ledger:
     def rewind(self, step: int, source: str | os.PathLike | None = None) -> None:
         """Keep only steps <= `step`; take them from `source` (a checkpoint's copy) when given."""
         jsonl.rewind(self.path, step, source=source if source is not None else self.path)
-
-
-def check_exactly_once(entries: list[dict], kept_per_epoch: dict[int, set[int]] | None = None) -> None:
-    """Raise AssertionError unless each step appears once and no source id repeats within an epoch."""
-    steps = [e["step"] for e in entries]
-    assert len(steps) == len(set(steps)), "a step appears more than once"
-    seen: dict[int, set[int]] = {}
-    for e in entries:
-        ids = seen.setdefault(e["epoch"], set())
-        for s in e["source_ids"]:
-            assert s not in ids, f"source id {s} twice in epoch {e['epoch']}"
-            ids.add(s)
-    for epoch, kept in (kept_per_epoch or {}).items():
-        assert seen.get(epoch, set()) == kept, f"epoch {epoch} does not list every kept row"

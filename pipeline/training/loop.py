@@ -9,7 +9,7 @@ torch.distributed (`training/torchrun_entry.py`). `loop_config` holds:
                  steps' rows from the shards (training/reader.py); eval_index likewise or None (read whole)
     resume_from  the newest complete checkpoint the driver found in storage (trainer's run identity), or None
     run_dir      the run folder (a path or a URI) where rank 0 keeps metrics.jsonl, samples.jsonl, events.jsonl
-                 and TensorBoard events (training/run_files.py)
+                 and TensorBoard events (run_folder.py)
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import random
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,19 +26,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from raysft.pipeline import jsonl, storage
-from raysft.pipeline.config import Config
+from raysft.pipeline import storage
+from raysft.pipeline.config import Config, accumulation
 from raysft.pipeline.data.schema import REQUIRED_COLUMNS
 from raysft.pipeline.data.shards import ShardIndex, read_all
+from raysft.pipeline.models.load import build_model
+from raysft.pipeline.run_folder import LEDGER_FILE, RunFolder, append_event
 from raysft.pipeline.storage import StorageOptions
 from raysft.pipeline.training import checkpoint as ckpt_io
 from raysft.pipeline.training import generate_eval
 from raysft.pipeline.training.context import WorkerContext
-from raysft.pipeline.training.ledger import LEDGER_FILE, Ledger
+from raysft.pipeline.training.ledger import Ledger
 from raysft.pipeline.training.metrics import MetricsLog
 from raysft.pipeline.training.preemption import Notice, PreemptionWatch
-from raysft.pipeline.training.reader import accumulation, reader_for
-from raysft.pipeline.training.run_files import RunFolder, SyncedContext
+from raysft.pipeline.training.ray_context import RayTrainContext
+from raysft.pipeline.training.reader import reader_for
+from raysft.pipeline.training.run_files import SyncedContext
 from raysft.pipeline.training.step import (
     MicroBatch,
     collate_table,
@@ -157,14 +161,6 @@ def _evaluate(
     return {"eval_loss": loss, "eval_ppl": float(math.exp(min(loss, 50.0)))}
 
 
-EVENTS_FILE = "events.jsonl"
-
-
-def _append_event(run_dir: Path, event: dict[str, Any]) -> None:
-    """events.jsonl: one line per (re)start of the worker group, so restarts are visible afterwards."""
-    jsonl.append(run_dir / EVENTS_FILE, {"time": time.time(), **event})
-
-
 def _base_weight_residency(model: torch.nn.Module) -> dict[str, int]:
     """Elements of the frozen base weights this rank holds vs their full size (ZeRO-3 partitions them)."""
     counts = {"base_numel_local": 0, "base_numel_full": 0, "base4bit_numel_local": 0, "base4bit_numel_full": 0}
@@ -188,14 +184,12 @@ def note_preemption(run_dir: Path | None, step: int, ranks: float, notice: Notic
     if run_dir is None:
         return
     what = notice.to_dict() if notice is not None else {"reason": "another rank's notice"}
-    _append_event(run_dir, {"event": "preemption", "step": step, "ranks_notified": int(ranks), **what})
+    append_event(run_dir, {"event": "preemption", "step": step, "ranks_notified": int(ranks), **what})
     print(f"[raysft] preemption notice ({what['reason']}): checkpoint at step {step}, then every step", flush=True)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's entry: the shard indexes from the driver, the context from ray.train."""
-    from raysft.pipeline.training.ray_context import RayTrainContext
-
     cfg = Config.from_dict(loop_config["config"])
     ctx = RayTrainContext(resume_from=loop_config.get("resume_from"), upload=cfg.train.checkpoint_upload)
     # Rank 0 writes the run's files into the run folder, or into a staging copy of one on an object store
@@ -222,8 +216,6 @@ def import_deepspeed():
     """`import deepspeed` without the mlflow import its autotuner makes whenever mlflow is installed (2-7 s of
     CPU per worker process on a small machine); raysft never runs DeepSpeed's autotuner. The guard lasts for
     this one import: mlflow stays importable afterwards (rank 0's tracking), and one already imported is used."""
-    import sys
-
     if "deepspeed" in sys.modules or "mlflow" in sys.modules:
         import deepspeed
 
@@ -252,8 +244,6 @@ def run_worker(
     each rank takes rows / (world x micro_batch_size) micro-batches, so a resized run trains the same rows per step.
     """
     deepspeed = import_deepspeed()
-
-    from raysft.pipeline.models.load import build_model
 
     # --- who am I, what do I train on ---------------------------------------------------------
     rank, world, device = ctx.rank, ctx.world_size, ctx.device
@@ -315,7 +305,7 @@ def run_worker(
     metrics_log = MetricsLog(run_dir, t.logging, cfg.to_dict(), cfg.run.name, resume_step=start) if rank == 0 else None
     config_yaml = cfg.dump_yaml()
     if rank == 0:
-        _append_event(
+        append_event(
             run_dir,
             {
                 "event": "start",
@@ -405,7 +395,7 @@ def run_worker(
                     resizable=cfg.scaling.elastic,
                 )
                 if rank == 0:
-                    _append_event(
+                    append_event(
                         run_dir, {"event": "reader", "step": done, "start": start, **reader.counters.to_dict()}
                     )
                 written = time.perf_counter()
@@ -415,7 +405,7 @@ def run_worker(
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             if rank == 0:
-                _append_event(
+                append_event(
                     run_dir,
                     {
                         "event": "checkpoint",

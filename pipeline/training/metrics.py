@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from raysft.pipeline import jsonl
+from raysft.pipeline.run_folder import METRICS_FILE, TENSORBOARD_DIR
+from raysft.pipeline.tracking import StepSinks
 
-METRICS_FILE = "metrics.jsonl"
 log = logging.getLogger("raysft.train")
 
 
@@ -36,12 +37,10 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+                self.tb = SummaryWriter(str(Path(run_dir) / TENSORBOARD_DIR))
             except ImportError:
                 log.warning("tensorboard is not installed: no event files are written")
         if logging_cfg.mlflow or logging_cfg.wandb:
-            from raysft.pipeline.tracking import StepSinks
-
             # Into the runs the driver created (RUN_DIR/tracking.json); rank 0 only.
             self.sinks = StepSinks(run_dir, config_dict)
         else:
@@ -67,7 +66,3 @@ class MetricsLog:
             self.tb.close()
         if self.sinks is not None:
             self.sinks.close()
-
-
-def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    return jsonl.read(Path(run_dir) / METRICS_FILE)

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from raysft.pipeline.training.checkpoint import resume_checkpoint
 from raysft.pipeline.training.preemption import Notice
 
 
@@ -70,8 +71,6 @@ class RayTrainContext:
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
         import ray.train
-
-        from raysft.pipeline.training.checkpoint import resume_checkpoint
 
         resume = resume_checkpoint(ray.train.get_checkpoint(), self.resume_from, self.rank)
         if resume is None:

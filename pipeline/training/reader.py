@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from raysft.pipeline.data.shards import ShardIndex, read_shard
-from raysft.pipeline.errors import ConfigError, DataError
+from raysft.pipeline.errors import DataError
 
 DEFAULT_WINDOW = 2
 
@@ -76,18 +76,6 @@ class ShardOrder:
         w = np.searchsorted(starts, positions, side="right") - 1
         return w, positions - starts[w]
 
-    def global_rows(self, epoch: int, positions: np.ndarray) -> np.ndarray:
-        """Rows as indices into the shards concatenated in index order (for tests and audits)."""
-        offsets = np.concatenate([[0], np.cumsum(self.shard_rows)]).astype(np.int64)
-        windows, within = self.locate(epoch, np.asarray(positions, dtype=np.int64))
-        out = np.empty(len(windows), dtype=np.int64)
-        for w in np.unique(windows):
-            shards = self.window_shards(epoch, int(w))
-            rows = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in shards])
-            sel = windows == w
-            out[sel] = rows[self.window_perm(epoch, int(w))[within[sel]]]
-        return out
-
 
 @dataclass(frozen=True)
 class StepLayout:
@@ -123,19 +111,6 @@ class StepLayout:
         """(epoch, first epoch position) of 0-based global step `step`."""
         epoch, i = divmod(step, self.steps_per_epoch)
         return epoch, i * self.rows_per_step
-
-
-def accumulation(rows_per_step: int, world_size: int, micro_batch_size: int) -> int:
-    """Micro-batches each of `world_size` workers takes so that an optimizer step trains exactly `rows_per_step`
-    rows (the global batch is fixed by the config; with fewer workers each takes more)."""
-    per_round = world_size * micro_batch_size
-    if rows_per_step % per_round:
-        raise ConfigError(
-            f"An optimizer step of {rows_per_step} packed rows does not split into whole micro-batches of "
-            f"train.micro_batch_size {micro_batch_size} over {world_size} workers; make the global batch "
-            f"(train.global_batch_rows) a multiple of {per_round}."
-        )
-    return rows_per_step // per_round
 
 
 @dataclass

@@ -1,62 +1,11 @@
-"""The files rank 0 keeps in the run folder (metrics.jsonl, events.jsonl, samples.jsonl, TensorBoard
-events), wherever the run folder is.
-
-A local run folder is written in place. For a run folder on an object store (`run.storage_path` as
-s3:// or gs://) rank 0 writes a local staging copy, filled from the store when the worker group
-(re)starts and uploaded after every checkpoint and at the end, so a restarted group on any node
-continues the same files and no node reads another node's disk. Between checkpoints the small progress
-files (metrics.jsonl, events.jsonl) are also published at most every PROGRESS_PUSH_S seconds, for the
-driver's console (console.RunFollower) to follow; a restarted group rewinds metrics.jsonl to its checkpoint.
-Checkpoints go through Ray Train.
-"""
+"""A WorkerContext whose reports keep rank 0's staged run files (`run_folder.RunFolder`) published: at every
+checkpoint, and every few seconds for the progress files the driver's console follows."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-import time
 from pathlib import Path
 
-from raysft.pipeline import storage
-from raysft.pipeline.storage import StorageOptions
-
-SYNCED = ("metrics.jsonl", "events.jsonl", "samples.jsonl", "tensorboard")
-PROGRESS = ("metrics.jsonl", "events.jsonl")  # what the console follows between checkpoints
-PROGRESS_PUSH_S = 5.0  # at most one small upload per file this often (the first report pushes at once)
-
-
-class RunFolder:
-    """Rank 0's view of the run folder (or the sweep driver's of its sweep folder): `local` is where it writes;
-    `push()` publishes the `names` of a remote folder."""
-
-    def __init__(self, run_dir: str, options: StorageOptions | None = None, names: tuple[str, ...] = SYNCED) -> None:
-        self.uri, self.options, self.names = str(run_dir), options or StorageOptions(), names
-        self.remote = storage.is_remote(self.uri)
-        self._pushed_at = 0.0
-        if not self.remote:
-            self.local = Path(self.uri)
-            return
-        self.local = Path(tempfile.mkdtemp(prefix="raysft-run-"))
-        for name in names:
-            storage.download(storage.join(self.uri, name), self.local / name, self.options)
-
-    def push(self, names: tuple[str, ...] | None = None) -> None:
-        if not self.remote:
-            return
-        for name in names or self.names:
-            if (self.local / name).exists():
-                storage.upload(self.local / name, storage.join(self.uri, name), self.options)
-        self._pushed_at = time.monotonic()
-
-    def push_progress(self, every_s: float = PROGRESS_PUSH_S) -> None:
-        """Publish metrics.jsonl and events.jsonl when the last push is `every_s` old (cheap: two small PUTs)."""
-        if self.remote and time.monotonic() - self._pushed_at >= every_s:
-            self.push(PROGRESS)
-
-    def close(self) -> None:
-        self.push()
-        if self.remote:
-            shutil.rmtree(self.local, ignore_errors=True)
+from raysft.pipeline.run_folder import RunFolder
 
 
 class SyncedContext:

@@ -152,7 +152,7 @@ def reference_loss_sum(
 def loss_sum(model, mb: MicroBatch, kernels: bool = False) -> torch.Tensor:
     """Summed CE of one micro-batch, through the opt-in kernels or the reference."""
     if kernels:
-        from raysft.kernels import causal_lm_loss_sum
+        from raysft.kernels import causal_lm_loss_sum  # Triton, only when train.kernels is on
 
         return causal_lm_loss_sum(model, mb.input_ids, mb.position_ids, mb.labels, **mb.attn_kwargs)
     return reference_loss_sum(model, mb.input_ids, mb.position_ids, mb.labels, **mb.attn_kwargs)

@@ -25,6 +25,15 @@ from typing import Any
 import torch
 
 from raysft.pipeline.cli import add_config_args
+from raysft.pipeline.config import load_config
+from raysft.pipeline.data.shards import has_rows, load_index
+from raysft.pipeline.errors import RaysftError
+from raysft.pipeline.run_folder import run_dir_of
+from raysft.pipeline.storage import StorageOptions
+from raysft.pipeline.trainer import preflight, publish_adapter, read_deepspeed_json
+from raysft.pipeline.training.checkpoint import problem
+from raysft.pipeline.training.loop import run_worker
+from raysft.pipeline.training.reader import StepLayout
 
 
 class TorchrunContext:
@@ -73,8 +82,6 @@ class TorchrunContext:
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """Checkpoint folders whose every rank's manifest verifies (checkpoint.problem), oldest first."""
-    from raysft.pipeline.training.checkpoint import problem
-
     return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir() and problem(p) is None)
 
 
@@ -90,13 +97,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(config: str, prepared: str, overrides: list[str]) -> Path:
     """Initialise the process group, run the worker loop, publish the adapter (rank 0); returns the run folder."""
     import torch.distributed as dist
-
-    from raysft.pipeline.config import load_config
-    from raysft.pipeline.data.shards import has_rows, load_index
-    from raysft.pipeline.storage import StorageOptions
-    from raysft.pipeline.trainer import preflight, publish_adapter, read_deepspeed_json, run_dir_of
-    from raysft.pipeline.training.loop import run_worker
-    from raysft.pipeline.training.reader import StepLayout
 
     cfg = preflight(load_config(config, overrides))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -138,7 +138,6 @@ def run(config: str, prepared: str, overrides: list[str]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from raysft.pipeline.errors import RaysftError
 
     args = parse_args(argv)
     try:
