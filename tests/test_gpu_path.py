@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,3 +188,141 @@ def test_a_local_instance_is_no_autoscaler_but_a_launcher_cluster_is():
     launcher = {"autoscaler_report": {"node_type_mapping": {"c907": "ray.head.default", "a1b2": "gpu-workers"}}}
     assert not autoscaler_has_node_types(local) and not autoscaler_has_node_types({})
     assert autoscaler_has_node_types(launcher)
+
+
+# ---------------------------------------------------------------- issue 20 item 1: one home for collectives
+
+COLLECTIVES_MODULE = "pipeline/training/collectives.py"
+
+
+def test_only_the_collectives_module_touches_torch_distributed():
+    """Parse every module of the package: none but training/collectives.py imports torch.distributed or
+    deepspeed.comm, or reaches them as an attribute (torch.distributed.all_reduce, dist.barrier, ...)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for path in sorted([*(root / "pipeline").rglob("*.py"), *(root / "kernels").rglob("*.py")]):
+        rel = path.relative_to(root).as_posix()
+        if rel == COLLECTIVES_MODULE:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=rel)):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                names = [f"{node.value.id}.{node.attr}"]
+            bad = [n for n in names if n.startswith(("torch.distributed", "deepspeed.comm")) or n == "deepspeed.comm"]
+            if bad:
+                offenders.append(f"{rel}:{node.lineno} {bad[0]}")
+    assert not offenders, offenders
+
+
+@pytest.fixture
+def emulated_nccl(monkeypatch):
+    """A world-1 gloo group that the recorder treats as NCCL, under FakeTensorMode (cuda tensors, no GPU)."""
+    import torch.distributed as dist
+    from dist_workers import CollectiveRecorder
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    recorder = CollectiveRecorder(emulate="nccl").install()
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            yield recorder
+    finally:
+        recorder.uninstall()
+        dist.destroy_process_group()
+
+
+def test_checkpoint_space_check_hands_nccl_a_cuda_tensor(emulated_nccl, tmp_path):
+    """The checkpoint's free-space agreement under an NCCL group: its collective gets cuda tensors (a CPU tensor
+    is what crashed every GPU run's first checkpoint: "No backend type associated with device type cpu")."""
+    from dist_workers import Emulated
+
+    from raysft.pipeline.training import checkpoint as ckpt_io
+
+    with pytest.raises(Emulated):
+        ckpt_io._check_space(tmp_path, 1000, 3, True)
+    assert emulated_nccl.records and not emulated_nccl.mismatches(), emulated_nccl.records
+
+
+@pytest.mark.slow
+def test_every_collective_of_a_gloo_run_goes_through_one_module_on_the_group_device(tmp_path, tiny_model_dir):
+    """Two gloo ranks train through the torchrun entry (loop, eval, checkpoints) with every torch.distributed
+    collective recorded; rank 1 gets a real SIGTERM mid-run (preemption: a checkpoint at every later step);
+    then one rank resumes at the other world size (elastic re-partitioning). Every collective's tensors are on a
+    device the backend takes, and each one raysft starts comes from training/collectives.py."""
+    import shutil
+
+    import torch.multiprocessing as mp
+    from dist_workers import DEVICE_RULE, recorded_torchrun_worker
+
+    from raysft.pipeline.trainer import preflight
+
+    prepared = make_prepared(tmp_path / "data", n_train=48, n_eval=6, per_row=3, rows_per_shard=4)
+    cfg = preflight(
+        load_config(
+            None,
+            overrides={
+                "model.name_or_path": str(tiny_model_dir),
+                "model.quantization": "none",
+                "model.dtype": "float32",
+                "model.compute_dtype": "float32",
+                "lora.r": 4,
+                "lora.alpha": 8,
+                "lora.dropout": 0.0,
+                "train.epochs": 1,
+                "train.micro_batch_size": 1,
+                "train.grad_accum": 2,
+                "train.save_every": 2,
+                "train.eval_every": 2,
+                "train.deepspeed.stage": 2,
+                "scaling.num_workers": [1, 2],
+                "run.storage_path": str(tmp_path / "runs"),
+                "run.name": "recorded",
+            },
+        )
+    )
+    config = tmp_path / "run.yaml"
+    config.write_text(cfg.dump_yaml())
+    out = tmp_path / "collectives"
+
+    def start(world: int, sigterm_after: int | None, tag: str) -> list[dict]:
+        mp.start_processes(
+            recorded_torchrun_worker,
+            args=(world, free_port(), str(config), str(prepared.train_dir.parent), [], f"{out}-{tag}", sigterm_after),
+            nprocs=world,
+            start_method="spawn",
+        )
+        return [r for rank in range(world) for r in json.loads(Path(f"{out}-{tag}.rank{rank}.json").read_text())]
+
+    first = start(2, 3, "w2")  # SIGTERM to rank 1 in step 2
+    run_dir = tmp_path / "runs" / "recorded"
+    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "preemption" for e in events)
+    last = sorted(run_dir.glob("checkpoint_*"))[-1]
+    shutil.rmtree(last)
+    second = start(1, None, "w1")  # resumes from the checkpoint before, re-partitioned to 1 rank
+    starts = [
+        (e["world_size"], e["step"])
+        for e in map(json.loads, (run_dir / "events.jsonl").read_text().splitlines())
+        if e["event"] == "start"
+    ]
+    assert [w for w, _ in starts] == [2, 1] and starts[1][1] > 0
+
+    records = first + second
+    assert set(DEVICE_RULE) >= {r["backend"] for r in records}
+    bad = [r for r in records if any(d not in DEVICE_RULE[r["backend"]] for d in r["devices"])]
+    assert not bad, bad
+    ours = [r for r in records if r["site"] is not None]  # raysft's own calls, not DeepSpeed's
+    outside = sorted({r["site"] for r in ours if not r["site"].startswith("collectives.py:")})
+    assert not outside, f"collectives started outside training/collectives.py: {outside}"
+    callers = {r["caller"] for r in ours}
+    for path in ("checkpoint.py:_check_space", "loop.py:_evaluate"):
+        assert path in callers, callers
+    assert any(c.startswith("loop.py:") for c in callers - {"loop.py:_evaluate"}), callers
