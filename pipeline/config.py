@@ -51,8 +51,10 @@ class ModelConfig(_Section):
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="dtype of the weights that are not quantized (and of DeepSpeed: bf16 or fp32)."
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="Attention implementation passed to transformers."
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto",
+        description="Attention implementation passed to transformers; auto: flash_attention_2 (packed samples "
+        "as one varlen sequence, no dense mask) on GPUs when flash-attn is importable, else sdpa.",
     )
     gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass to save memory.")
     trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint.")

@@ -71,8 +71,11 @@ def preflight(cfg: Config) -> Config:
             "model.dtype / model.compute_dtype float16 is not supported with DeepSpeed and a 4-bit base; use bfloat16."
         )
     check_gpu_settings(cfg)
+    from raysft.pipeline.training.loop import resolve_attention
+
+    updates_first = {"model.attn_implementation": resolve_attention(cfg)}
     source = base_model_path(cfg.model, cfg.source)  # a GGUF is converted once here; workers read the HF folder
-    updates: dict[str, Any] = {}
+    updates: dict[str, Any] = dict(updates_first)
     if os.path.isdir(source):
         updates["model.name_or_path"] = source
         updates["model.gguf_file"] = None
@@ -91,7 +94,7 @@ def preflight(cfg: Config) -> Config:
         path = Path(cfg.resolve_path(ds) or ds)
         if not path.is_file():
             raise ConfigError(f"train.deepspeed.config {ds} does not exist.")
-        read_deepspeed_json(path)
+        check_precision(cfg, read_deepspeed_json(path))
         updates["train.deepspeed.config"] = str(path.resolve())
     updates.update(generate_eval.preflight(cfg))  # prompts readable, metric loadable; their paths made absolute
     out = cfg.with_overrides(updates)
@@ -144,6 +147,19 @@ def check_elastic_settings(cfg: Config) -> None:
         )
 
 
+def check_precision(cfg: Config, user_json: dict | None) -> None:
+    """fp32 gradient accumulation at every ZeRO stage: DeepSpeed's stage 0 accumulates in the model's dtype
+    (a bf16 model with fp32 accumulation is refused by DeepSpeed there), so stage 0 with bf16 is refused here."""
+    zero = (user_json or {}).get("zero_optimization") or {"stage": cfg.train.deepspeed.stage}
+    stage = int(zero.get("stage", 0)) if isinstance(zero, dict) else cfg.train.deepspeed.stage
+    if stage == 0 and cfg.model.dtype == "bfloat16":
+        where = "train.deepspeed.config's zero_optimization.stage" if user_json else "train.deepspeed.stage"
+        raise ConfigError(
+            f"{where} 0 with model.dtype bfloat16 would accumulate gradients in bf16 (DeepSpeed accumulates in "
+            "fp32 only at ZeRO stages 1-3); use stage 1 or higher, or model.dtype float32."
+        )
+
+
 def check_gpu_settings(cfg: Config) -> None:
     """Settings that would silently break a GPU run: several GPUs per worker, and a 4-bit storage dtype
     DeepSpeed recasts."""
@@ -153,6 +169,7 @@ def check_gpu_settings(cfg: Config) -> None:
             f"scaling.gpus_per_worker must be 1 with scaling.use_gpu (got {s.gpus_per_worker:g}): each worker is one "
             "rank on one GPU; use more scaling.num_workers instead."
         )
+    check_precision(cfg, None)
     if m.quantization == "nf4" and m.quant_storage not in (None, "uint8", m.dtype):
         raise ConfigError(
             f"model.quant_storage {m.quant_storage} must be uint8 or equal to model.dtype ({m.dtype}): DeepSpeed "

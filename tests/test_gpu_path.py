@@ -115,8 +115,45 @@ def test_generated_deepspeed_config_accumulates_in_fp32():
         assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["bf16"] == {"enabled": True}
     user = {"zero_optimization": {"stage": 2}, "data_types": {"grad_accum_dtype": "bf16"}}
     assert deepspeed_config(cfg_of(), 2, user)["data_types"]["grad_accum_dtype"] == "fp32"
-    # Stage 0 only supports the model's own dtype in DeepSpeed: leave it alone there.
-    assert "data_types" not in deepspeed_config(cfg_of(**{"train.deepspeed.stage": 0}), 1)
+    # Stage 0 only supports the model's own dtype in DeepSpeed: leave it alone there (fp32 models only, below).
+    assert "data_types" not in deepspeed_config(cfg_of(**{"train.deepspeed.stage": 0, "model.dtype": "float32"}), 1)
+
+
+def test_stage_0_with_bf16_is_refused_in_one_sentence():
+    """Issue 20 item 5: DeepSpeed's stage 0 accumulates in the model dtype; bf16 there is refused up front."""
+    from raysft.pipeline.trainer import check_precision
+
+    with pytest.raises(ConfigError, match=r"^train.deepspeed.stage 0 with model.dtype bfloat16 .*stage 1 or higher"):
+        check_gpu_settings(cfg_of(**{"train.deepspeed.stage": 0, "model.dtype": "bfloat16"}))
+    check_gpu_settings(cfg_of(**{"train.deepspeed.stage": 0, "model.dtype": "float32"}))
+    check_gpu_settings(cfg_of(**{"train.deepspeed.stage": 1, "model.dtype": "bfloat16"}))
+    with pytest.raises(ConfigError, match="train.deepspeed.config's zero_optimization.stage 0"):
+        check_precision(cfg_of(**{"model.dtype": "bfloat16"}), {"zero_optimization": {"stage": 0}})
+    check_precision(cfg_of(**{"model.dtype": "bfloat16"}), {"zero_optimization": {"stage": 3}})
+
+
+def test_attention_auto_and_a_refused_flash_config(monkeypatch):
+    """Issue 20 item 3: auto is flash_attention_2 (varlen, no dense mask) only on GPUs with flash-attn importable;
+    flash_attention_2 without the package is refused naming it; the flat layout follows flash."""
+    from raysft.pipeline.training import loop
+
+    monkeypatch.setattr(loop, "flash_attn_importable", lambda: False)
+    assert loop.resolve_attention(cfg_of(**{"scaling.use_gpu": True})) == "sdpa"
+    with pytest.raises(ConfigError, match=r"^model.attn_implementation flash_attention_2 needs the flash-attn package"):
+        loop.resolve_attention(cfg_of(**{"model.attn_implementation": "flash_attention_2"}))
+    monkeypatch.setattr(loop, "flash_attn_importable", lambda: True)
+    assert loop.resolve_attention(cfg_of(**{"scaling.use_gpu": True})) == "flash_attention_2"
+    assert loop.resolve_attention(cfg_of(**{"scaling.use_gpu": False})) == "sdpa"  # flash-attn has no CPU kernels
+    assert loop.resolve_attention(cfg_of(**{"model.attn_implementation": "eager"})) == "eager"
+    assert loop.layout_for(cfg_of(**{"model.attn_implementation": "flash_attention_2"})) == "flat"
+    assert loop.layout_for(cfg_of()) == "rows"
+
+
+def test_run_json_records_the_attention_the_run_used(tmp_path):
+    from raysft.pipeline.training.identity import decide
+
+    cfg = cfg_of(**{"model.attn_implementation": "sdpa", "run.storage_path": str(tmp_path)})
+    assert decide(cfg, "key", tmp_path / "run").record["attention"] == "sdpa"
 
 
 def test_rng_state_is_per_rank_and_own_device_only():
@@ -326,3 +363,14 @@ def test_every_collective_of_a_gloo_run_goes_through_one_module_on_the_group_dev
     for path in ("checkpoint.py:_check_space", "loop.py:_evaluate"):
         assert path in callers, callers
     assert any(c.startswith("loop.py:") for c in callers - {"loop.py:_evaluate"}), callers
+
+
+def test_torchrun_entry_refuses_object_store_storage_in_one_sentence(tmp_path, capsys):
+    """Issue 20 item 7 (partly): an s3:// run folder is refused before the process group starts, not a crash
+    on Path('s3://...').mkdir()."""
+    from raysft.pipeline.training.torchrun_entry import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text("run:\n  storage_path: s3://bucket/runs\n")
+    assert main([str(config), "--prepared", str(tmp_path)]) == 2
+    assert "run.storage_path s3://bucket/runs is an object store" in capsys.readouterr().err

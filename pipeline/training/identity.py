@@ -100,6 +100,7 @@ def decide(cfg: Config, data_key: str, run_dir: Path, steps_per_epoch: int | Non
         "epochs": t.epochs,
         "steps_per_epoch": steps_per_epoch,
         "total_steps": _total(t.max_steps, t.epochs, steps_per_epoch),
+        "attention": cfg.model.attn_implementation,  # resolved by preflight: what this run's workers use
     }
     name, mode = cfg.run.name, cfg.run.resume
     path = run_dir / IDENTITY_FILE
