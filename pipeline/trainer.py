@@ -193,6 +193,11 @@ def check_cluster(cfg: Config) -> None:
     check_workers_fit(cfg.scaling)
     if not storage.is_remote(cfg.run.storage_path):  # an object store is shared by construction
         check_shared_storage(run_dir_of(cfg).parent, cfg.scaling)
+    model_dir = Path(cfg.model.name_or_path)  # preflight made a local model (or a converted GGUF) a folder
+    if model_dir.is_dir() and (model_dir / "config.json").is_file():
+        check_shared_storage(
+            model_dir, cfg.scaling, what="The model folder (model.name_or_path)", probe_file="config.json"
+        )
 
 
 def read_index(directory: str | os.PathLike | None, what: str, cfg: Config):
