@@ -58,10 +58,15 @@ def barrier() -> None:
 
 
 def _on_group(values: torch.Tensor | Sequence[float], dtype: torch.dtype) -> torch.Tensor:
-    device = group_device()
+    """`values` as a flat tensor where the group's collectives take it. Only host-to-device copies are
+    non-blocking (a non-blocking copy to the host could be read before it lands); without a group a tensor
+    stays where it is."""
     if isinstance(values, torch.Tensor):
-        return values.detach().to(device=device, dtype=dtype, non_blocking=True).reshape(-1)
-    return torch.tensor(list(values), dtype=dtype).to(device, non_blocking=True)
+        t = values.detach().reshape(-1).to(dtype=dtype)
+        device = group_device() if is_distributed() else t.device
+    else:
+        t, device = torch.tensor(list(values), dtype=dtype), group_device()
+    return t.to(device, non_blocking=t.device.type == "cpu" and device.type == "cuda")
 
 
 def sum_on_device(values: torch.Tensor | Sequence[float], dtype: torch.dtype = torch.float64) -> torch.Tensor:
