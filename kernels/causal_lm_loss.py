@@ -100,14 +100,21 @@ def lm_head_parts(model: nn.Module) -> LMHead:
 
 
 def causal_lm_loss_sum(
-    model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor, **attn_kwargs
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    labels: torch.Tensor,
+    trained_index: torch.Tensor | None = None,
+    **attn_kwargs,
 ) -> torch.Tensor:
     """Sum of next-token cross-entropy over the trained tokens of packed rows [B, T] (labels unshifted).
 
     The model runs through its top-level forward (so DeepSpeed ZeRO-3's per-step trace, which resets
     in the top module's forward hook, completes and prefetching works) with `logits_to_keep=1`; the
     body's last hidden state is taken from a forward hook. `attn_kwargs` (cu_seq_lens_q/k,
-    max_length_q/k for flash attention) go to attention unchanged.
+    max_length_q/k for flash attention) go to attention unchanged. `trained_index`: the flat positions of
+    labels[:, 1:] that carry loss, known on the host; only those enter the loss (index_select: no host
+    sync). Without it every position enters and ignored ones count 0.
     """
     if input_ids.dim() != 2 or labels.shape != input_ids.shape or position_ids.shape != input_ids.shape:
         raise ValueError(
@@ -135,9 +142,10 @@ def causal_lm_loss_sum(
     finally:
         handle.remove()
     hidden = captured[-1]  # [B, T, H]
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    h, y = hidden[:, :-1][keep], targets[keep]  # only trained positions enter the loss
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    y = labels[:, 1:].reshape(-1)
+    if trained_index is not None:  # only trained positions enter the loss
+        h, y = h.index_select(0, trained_index), y.index_select(0, trained_index)
     lora_hidden, lora_weight = head.lora_inputs(h)
     with _gathered([head.weight, *(b.weight for _, _, b, _ in head.adapters)]):
         return fused_linear_cross_entropy(

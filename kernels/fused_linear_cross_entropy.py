@@ -126,7 +126,7 @@ def fused_linear_cross_entropy_forward(
 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """Loss (fp32 scalar) and the gradients [hidden, weight, lora_hidden, lora_weight] (None when not needed)."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
-    n_kept = int((labels != ignore_index).sum())
+    n_kept = int((labels != ignore_index).sum()) if reduction == "mean" else 0  # "sum" needs no host sync
     grad_scale = 1.0 / n_kept if (reduction == "mean" and n_kept) else 1.0
     triton_path = use_triton(hidden)
     rows_per_chunk = _chunk_rows(n_rows, vocab, hidden.shape[1], 1 if triton_path else 1 << 18)
@@ -193,8 +193,8 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                 "fused_linear_cross_entropy supports one backward per forward (retain_graph is not supported)"
             )
         grads, ctx.grads = ctx.grads, None
-        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):  # scale in place: no extra copies
-            grads = [g.mul_(grad_loss.to(g.dtype)) if g is not None else None for g in grads]
+        # Scale in place (no extra copies), always: testing grad_loss == 1 first would be a host sync.
+        grads = [g.mul_(grad_loss.to(g.dtype)) if g is not None else None for g in grads]
         g_hidden, g_weight, g_lora_hidden, g_lora_weight = grads
         return g_hidden, g_weight, None, None, None, g_lora_hidden, g_lora_weight, None
 

@@ -236,12 +236,17 @@ def _sees(path: str, token: str) -> bool:
 
 
 def check_shared_storage(
-    storage_path: str | Path, scaling, timeout_s: float = 120.0, what: str = "run.storage_path"
+    storage_path: str | Path,
+    scaling,
+    timeout_s: float = 120.0,
+    what: str = "run.storage_path",
+    probe_file: str | None = None,
 ) -> None:
     """Every node that can host a worker must see the driver's run.storage_path (a GPU node, not only the head).
 
     The driver writes a marker file there; a zero-CPU task pinned to every node that can host a
-    worker reads it back. A node that cannot is named in the error.
+    worker reads it back. A node that cannot is named in the error. `probe_file`: a file already in
+    the folder that every node must read the same (a model folder's config.json: nothing is written).
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -249,9 +254,13 @@ def check_shared_storage(
     nodes = _worker_nodes(scaling)
     if not nodes:
         return  # none up yet (an autoscaler adds them): Ray checks at the first checkpoint
-    marker = Path(storage_path) / f".raysft-shared-{uuid.uuid4().hex}"
-    token = uuid.uuid4().hex
-    marker.write_text(token)
+    if probe_file is not None:
+        marker = Path(storage_path) / probe_file
+        token = marker.read_text()
+    else:
+        marker = Path(storage_path) / f".raysft-shared-{uuid.uuid4().hex}"
+        token = uuid.uuid4().hex
+        marker.write_text(token)
     try:
         probe = ray.remote(num_cpus=0, max_retries=0)(_sees)
         refs = [
@@ -262,7 +271,8 @@ def check_shared_storage(
         ]
         seen = ray.get(refs, timeout=timeout_s)
     finally:
-        marker.unlink(missing_ok=True)
+        if probe_file is None:
+            marker.unlink(missing_ok=True)
     blind = [n for n, ok in zip(nodes, seen) if not ok]
     if blind:
         raise ClusterError(

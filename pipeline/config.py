@@ -60,8 +60,10 @@ class ModelConfig(_Section):
         description="dtype of the weights that are not quantized, the LoRA weights and DeepSpeed (bf16 or fp32); "
         "auto: as compute_dtype, decided once on the driver and said on the console.",
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="Attention implementation passed to transformers."
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto",
+        description="Attention implementation passed to transformers; auto: flash_attention_2 (packed samples "
+        "as one varlen sequence, no dense mask) on GPUs when flash-attn is importable, else sdpa.",
     )
     gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass to save memory.")
     trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint.")

@@ -74,8 +74,14 @@ def preflight(cfg: Config) -> Config:
     # how the global batch splits over every worker count) are Config's: refused at load time, and checked again
     # on the resolved dtypes (resolve goes through with_overrides; config.py, _rules_between_fields).
     cfg = precision.resolve(cfg)
+    check_precision(cfg, None)  # on the resolved dtype: ZeRO stage 0 would accumulate bf16 gradients in bf16
+    # attention auto: flash_attention_2 on GPUs with flash-attn importable, else sdpa; an explicit flash without it
+    # is refused here (training/loop.resolve_attention)
+    from raysft.pipeline.training.loop import resolve_attention  # torch
+
+    updates_first = {"model.attn_implementation": resolve_attention(cfg)}
     source = base_model_path(cfg.model, cfg.source)  # a GGUF is converted once here; workers read the HF folder
-    updates: dict[str, Any] = {}
+    updates: dict[str, Any] = dict(updates_first)
     if os.path.isdir(source):
         updates["model.name_or_path"] = source
         updates["model.gguf_file"] = None
@@ -94,7 +100,7 @@ def preflight(cfg: Config) -> Config:
         path = Path(cfg.resolve_path(ds) or ds)
         if not path.is_file():
             raise ConfigError(f"train.deepspeed.config {ds} does not exist.")
-        read_deepspeed_json(path)
+        check_precision(cfg, read_deepspeed_json(path))
         updates["train.deepspeed.config"] = str(path.resolve())
     updates.update(generate_eval.preflight(cfg))  # prompts readable, metric loadable; their paths made absolute
     out = cfg.with_overrides(updates)
@@ -115,6 +121,19 @@ def read_deepspeed_json(path: str | os.PathLike) -> dict:
     return data
 
 
+def check_precision(cfg: Config, user_json: dict | None) -> None:
+    """fp32 gradient accumulation at every ZeRO stage: DeepSpeed's stage 0 accumulates in the model's dtype
+    (a bf16 model with fp32 accumulation is refused by DeepSpeed there), so stage 0 with bf16 is refused here."""
+    zero = (user_json or {}).get("zero_optimization") or {"stage": cfg.train.deepspeed.stage}
+    stage = int(zero.get("stage", 0)) if isinstance(zero, dict) else cfg.train.deepspeed.stage
+    if stage == 0 and cfg.model.dtype == "bfloat16":
+        where = "train.deepspeed.config's zero_optimization.stage" if user_json else "train.deepspeed.stage"
+        raise ConfigError(
+            f"{where} 0 with model.dtype bfloat16 would accumulate gradients in bf16 (DeepSpeed accumulates in "
+            "fp32 only at ZeRO stages 1-3); use stage 1 or higher, or model.dtype float32."
+        )
+
+
 def _check_writable(path: Path, key: str) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -131,6 +150,11 @@ def check_cluster(cfg: Config) -> None:
     check_workers_fit(cfg.scaling)
     if not storage.is_remote(cfg.run.storage_path):  # an object store is shared by construction
         check_shared_storage(run_dir_of(cfg).parent, cfg.scaling)
+    model_dir = Path(cfg.model.name_or_path)  # preflight made a local model (or a converted GGUF) a folder
+    if model_dir.is_dir() and (model_dir / "config.json").is_file():
+        check_shared_storage(
+            model_dir, cfg.scaling, what="The model folder (model.name_or_path)", probe_file="config.json"
+        )
 
 
 def read_index(directory: str | os.PathLike | None, what: str, cfg: Config):

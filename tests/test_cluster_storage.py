@@ -72,6 +72,24 @@ def run_scenario(work: Path) -> dict:
             out["refused"] = None
         except ClusterError as exc:
             out["refused"] = str(exc)
+        # Issue 20 item 6: a model folder only the driver's node has (a local model, a converted GGUF).
+        model_dir = node_local / "model"
+        model_dir.mkdir()
+        (model_dir / "config.json").write_text('{"model_type": "llama"}')
+        cfg = load_config(
+            None,
+            overrides={
+                "scaling.num_workers": 2,
+                "run.storage_path": str(shared),
+                "model.name_or_path": str(model_dir),
+            },
+        )
+        try:
+            check_cluster(cfg)
+            out["model_refused"] = None
+        except ClusterError as exc:
+            out["model_refused"] = str(exc)
+        shutil.rmtree(model_dir)
         out["markers_left"] = sorted(p.name for p in node_local.iterdir()) + sorted(p.name for p in shared.iterdir())
     finally:
         ray.shutdown()
@@ -123,6 +141,10 @@ def test_storage_a_worker_node_cannot_see_is_refused_before_start(tmp_path):
         f"run.storage_path {tmp_path / 'node-local'} is not shared: 1 of the 2 nodes"
     )
     assert "\n" not in refused and out["markers_left"] == []  # one sentence; the probe cleans up after itself
+    # The model folder is probed like the run folder (by reading its config.json; nothing written into it).
+    assert (out["model_refused"] or "").startswith(
+        f"The model folder (model.name_or_path) {tmp_path / 'node-local' / 'model'} is not shared: 1 of the 2 nodes"
+    ), out["model_refused"]
 
 
 if __name__ == "__main__":

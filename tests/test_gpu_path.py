@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,12 +108,51 @@ def test_generated_deepspeed_config_accumulates_in_fp32():
     from raysft.pipeline.training.loop import deepspeed_config
 
     for stage in (1, 2, 3):
-        ds = deepspeed_config(cfg_of(**{"train.deepspeed.stage": stage, "train.grad_accum": 8}), 4)
+        ds = deepspeed_config(
+            cfg_of(**{"train.deepspeed.stage": stage, "train.grad_accum": 8, "model.dtype": "bfloat16"}), 4
+        )
         assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["bf16"] == {"enabled": True}
     user = {"zero_optimization": {"stage": 2}, "data_types": {"grad_accum_dtype": "bf16"}}
     assert deepspeed_config(cfg_of(), 2, user)["data_types"]["grad_accum_dtype"] == "fp32"
-    # Stage 0 only supports the model's own dtype in DeepSpeed: leave it alone there.
-    assert "data_types" not in deepspeed_config(cfg_of(**{"train.deepspeed.stage": 0}), 1)
+    # Stage 0 only supports the model's own dtype in DeepSpeed: leave it alone there (fp32 models only, below).
+    assert "data_types" not in deepspeed_config(cfg_of(**{"train.deepspeed.stage": 0, "model.dtype": "float32"}), 1)
+
+
+def test_stage_0_with_bf16_is_refused_in_one_sentence():
+    """Issue 20 item 5: DeepSpeed's stage 0 accumulates in the model dtype; bf16 there is refused up front."""
+    from raysft.pipeline.trainer import check_precision
+
+    with pytest.raises(ConfigError, match=r"^train.deepspeed.stage 0 with model.dtype bfloat16 .*stage 1 or higher"):
+        check_precision(cfg_of(**{"train.deepspeed.stage": 0, "model.dtype": "bfloat16"}), None)
+    check_precision(cfg_of(**{"train.deepspeed.stage": 0, "model.dtype": "float32"}), None)
+    check_precision(cfg_of(**{"train.deepspeed.stage": 1, "model.dtype": "bfloat16"}), None)
+    with pytest.raises(ConfigError, match="train.deepspeed.config's zero_optimization.stage 0"):
+        check_precision(cfg_of(**{"model.dtype": "bfloat16"}), {"zero_optimization": {"stage": 0}})
+    check_precision(cfg_of(**{"model.dtype": "bfloat16"}), {"zero_optimization": {"stage": 3}})
+
+
+def test_attention_auto_and_a_refused_flash_config(monkeypatch):
+    """Issue 20 item 3: auto is flash_attention_2 (varlen, no dense mask) only on GPUs with flash-attn importable;
+    flash_attention_2 without the package is refused naming it; the flat layout follows flash."""
+    from raysft.pipeline.training import loop
+
+    monkeypatch.setattr(loop, "flash_attn_importable", lambda: False)
+    assert loop.resolve_attention(cfg_of(**{"scaling.use_gpu": True})) == "sdpa"
+    with pytest.raises(ConfigError, match=r"^model.attn_implementation flash_attention_2 needs the flash-attn package"):
+        loop.resolve_attention(cfg_of(**{"model.attn_implementation": "flash_attention_2"}))
+    monkeypatch.setattr(loop, "flash_attn_importable", lambda: True)
+    assert loop.resolve_attention(cfg_of(**{"scaling.use_gpu": True})) == "flash_attention_2"
+    assert loop.resolve_attention(cfg_of(**{"scaling.use_gpu": False})) == "sdpa"  # flash-attn has no CPU kernels
+    assert loop.resolve_attention(cfg_of(**{"model.attn_implementation": "eager"})) == "eager"
+    assert loop.layout_for(cfg_of(**{"model.attn_implementation": "flash_attention_2"})) == "flat"
+    assert loop.layout_for(cfg_of()) == "rows"
+
+
+def test_run_json_records_the_attention_the_run_used(tmp_path):
+    from raysft.pipeline.training.identity import decide
+
+    cfg = cfg_of(**{"model.attn_implementation": "sdpa", "run.storage_path": str(tmp_path)})
+    assert decide(cfg, "key", tmp_path / "run").record["attention"] == "sdpa"
 
 
 def test_rng_state_is_per_rank_and_own_device_only():
@@ -184,3 +224,152 @@ def test_a_local_instance_is_no_autoscaler_but_a_launcher_cluster_is():
     launcher = {"autoscaler_report": {"node_type_mapping": {"c907": "ray.head.default", "a1b2": "gpu-workers"}}}
     assert not autoscaler_has_node_types(local) and not autoscaler_has_node_types({})
     assert autoscaler_has_node_types(launcher)
+
+
+# ---------------------------------------------------------------- issue 20 item 1: one home for collectives
+
+COLLECTIVES_MODULE = "pipeline/training/collectives.py"
+
+
+def test_only_the_collectives_module_touches_torch_distributed():
+    """Parse every module of the package: none but training/collectives.py imports torch.distributed or
+    deepspeed.comm, or reaches them as an attribute (torch.distributed.all_reduce, dist.barrier, ...)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for path in sorted([*(root / "pipeline").rglob("*.py"), *(root / "kernels").rglob("*.py")]):
+        rel = path.relative_to(root).as_posix()
+        if rel == COLLECTIVES_MODULE:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=rel)):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                names = [f"{node.value.id}.{node.attr}"]
+            bad = [n for n in names if n.startswith(("torch.distributed", "deepspeed.comm")) or n == "deepspeed.comm"]
+            if bad:
+                offenders.append(f"{rel}:{node.lineno} {bad[0]}")
+    assert not offenders, offenders
+
+
+@pytest.fixture
+def emulated_nccl(monkeypatch):
+    """A world-1 gloo group that the recorder treats as NCCL, under FakeTensorMode (cuda tensors, no GPU)."""
+    import torch.distributed as dist
+    from dist_workers import CollectiveRecorder
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    recorder = CollectiveRecorder(emulate="nccl").install()
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            yield recorder
+    finally:
+        recorder.uninstall()
+        dist.destroy_process_group()
+
+
+def test_checkpoint_space_check_hands_nccl_a_cuda_tensor(emulated_nccl, tmp_path):
+    """The checkpoint's free-space agreement under an NCCL group: its collective gets cuda tensors (a CPU tensor
+    is what crashed every GPU run's first checkpoint: "No backend type associated with device type cpu")."""
+    from dist_workers import Emulated
+
+    from raysft.pipeline.training import checkpoint as ckpt_io
+
+    with pytest.raises(Emulated):
+        ckpt_io._check_space(tmp_path, 1000, 3, True)
+    assert emulated_nccl.records and not emulated_nccl.mismatches(), emulated_nccl.records
+
+
+@pytest.mark.slow
+def test_every_collective_of_a_gloo_run_goes_through_one_module_on_the_group_device(tmp_path, tiny_model_dir):
+    """Two gloo ranks train through the torchrun entry (loop, eval, checkpoints) with every torch.distributed
+    collective recorded; rank 1 gets a real SIGTERM mid-run (preemption: a checkpoint at every later step);
+    then one rank resumes at the other world size (elastic re-partitioning). Every collective's tensors are on a
+    device the backend takes, and each one raysft starts comes from training/collectives.py."""
+    import shutil
+
+    import torch.multiprocessing as mp
+    from dist_workers import DEVICE_RULE, recorded_torchrun_worker
+
+    from raysft.pipeline.trainer import preflight
+
+    prepared = make_prepared(tmp_path / "data", n_train=48, n_eval=6, per_row=3, rows_per_shard=4)
+    cfg = preflight(
+        load_config(
+            None,
+            overrides={
+                "model.name_or_path": str(tiny_model_dir),
+                "model.quantization": "none",
+                "model.dtype": "float32",
+                "model.compute_dtype": "float32",
+                "lora.r": 4,
+                "lora.alpha": 8,
+                "lora.dropout": 0.0,
+                "train.epochs": 1,
+                "train.micro_batch_size": 1,
+                "train.grad_accum": 2,
+                "train.save_every": 2,
+                "train.eval_every": 2,
+                "train.deepspeed.stage": 2,
+                "scaling.num_workers": [1, 2],
+                "run.storage_path": str(tmp_path / "runs"),
+                "run.name": "recorded",
+            },
+        )
+    )
+    config = tmp_path / "run.yaml"
+    config.write_text(cfg.dump_yaml())
+    out = tmp_path / "collectives"
+
+    def start(world: int, sigterm_after: int | None, tag: str) -> list[dict]:
+        mp.start_processes(
+            recorded_torchrun_worker,
+            args=(world, free_port(), str(config), str(prepared.train_dir.parent), [], f"{out}-{tag}", sigterm_after),
+            nprocs=world,
+            start_method="spawn",
+        )
+        return [r for rank in range(world) for r in json.loads(Path(f"{out}-{tag}.rank{rank}.json").read_text())]
+
+    first = start(2, 3, "w2")  # SIGTERM to rank 1 in step 2
+    run_dir = tmp_path / "runs" / "recorded"
+    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "preemption" for e in events)
+    last = sorted(run_dir.glob("checkpoint_*"))[-1]
+    shutil.rmtree(last)
+    second = start(1, None, "w1")  # resumes from the checkpoint before, re-partitioned to 1 rank
+    starts = [
+        (e["world_size"], e["step"])
+        for e in map(json.loads, (run_dir / "events.jsonl").read_text().splitlines())
+        if e["event"] == "start"
+    ]
+    assert [w for w, _ in starts] == [2, 1] and starts[1][1] > 0
+
+    records = first + second
+    assert set(DEVICE_RULE) >= {r["backend"] for r in records}
+    bad = [r for r in records if any(d not in DEVICE_RULE[r["backend"]] for d in r["devices"])]
+    assert not bad, bad
+    ours = [r for r in records if r["site"] is not None]  # raysft's own calls, not DeepSpeed's
+    outside = sorted({r["site"] for r in ours if not r["site"].startswith("collectives.py:")})
+    assert not outside, f"collectives started outside training/collectives.py: {outside}"
+    callers = {r["caller"] for r in ours}
+    for path in ("checkpoint.py:_check_space", "loop.py:_evaluate"):
+        assert path in callers, callers
+    assert any(c.startswith("loop.py:") for c in callers - {"loop.py:_evaluate"}), callers
+
+
+def test_torchrun_entry_refuses_object_store_storage_in_one_sentence(tmp_path, capsys):
+    """Issue 20 item 7 (partly): an s3:// run folder is refused before the process group starts, not a crash
+    on Path('s3://...').mkdir()."""
+    from raysft.pipeline.training.torchrun_entry import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text("run:\n  storage_path: s3://bucket/runs\n")
+    assert main([str(config), "--prepared", str(tmp_path)]) == 2
+    assert "run.storage_path s3://bucket/runs is an object store" in capsys.readouterr().err

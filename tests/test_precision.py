@@ -92,3 +92,11 @@ def test_a_model_loaded_without_resolve_gets_a_concrete_dtype(monkeypatch, tiny_
     cfg = _cfg(f"model.name_or_path={tiny_model_dir}", "model.quantization=none")
     model = load_base_model(cfg.model, device="cpu")
     assert next(model.parameters()).dtype == torch.float32
+
+
+def test_auto_keeps_float32_at_zero_stage_0_even_with_native_bf16():
+    """DeepSpeed accumulates in the model's dtype at stage 0 (an explicit bfloat16 there is refused by preflight)."""
+    cfg = _cfg("train.deepspeed.stage=0")
+    updates, note, _ = precision.decide(cfg, precision.Capability("cpu", True, "AMX box"))
+    assert updates == {"model.dtype": "float32", "model.compute_dtype": "float32"}
+    assert note == "dtype auto -> float32: train.deepspeed.stage 0 accumulates gradients in the model's dtype."

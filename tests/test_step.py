@@ -204,3 +204,63 @@ def test_reported_lr_is_the_rate_of_that_update(tiny_model_dir):
     lrs = [optimizer_step(engine, [mb], mb.n_trained).lr for _ in range(6)]
     assert lrs[0] == pytest.approx(1e-3 / 3) and lrs[1] == pytest.approx(2e-3 / 3) and lrs[2] == pytest.approx(1e-3)
     assert lrs[3] > lrs[4] > lrs[5] > 0
+
+
+class SyncCounter:
+    """Counts host syncs raysft code asks for: Tensor.item / __float__ / __int__ / __bool__ / tolist / cpu /
+    numpy called from raysft's own frames (pipeline/, kernels/), and torch.equal anywhere (the fused CE's
+    backward used it). torch's and DeepSpeed's internals are not raysft's to change and are not counted."""
+
+    METHODS = ("item", "__float__", "__int__", "__bool__", "tolist", "cpu", "numpy")
+
+    def __init__(self, monkeypatch):
+        import sys
+
+        self.calls: list[str] = []
+
+        def ours(depth: int = 2) -> str | None:
+            f = sys._getframe(depth)
+            path = f.f_code.co_filename.replace("\\", "/")
+            if ("/pipeline/" in path or "/kernels/" in path) and "/site-packages/" not in path:
+                return f"{path.rsplit('/', 1)[-1]}:{f.f_lineno}"
+            return None
+
+        for name in self.METHODS:
+            original = getattr(torch.Tensor, name)
+
+            def counted(t, *a, _original=original, _name=name, **k):
+                site = ours()
+                if site is not None:
+                    self.calls.append(f"{_name} at {site}")
+                return _original(t, *a, **k)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+        equal = torch.equal
+
+        def counted_equal(*a, **k):
+            self.calls.append("torch.equal")
+            return equal(*a, **k)
+
+        monkeypatch.setattr(torch, "equal", counted_equal)
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+def test_one_host_sync_per_optimizer_step(tiny_model_dir, monkeypatch, kernels):
+    """The loop's step (training/loop.train_step: 3 micro-batches, the step's all-reduce, the preemption flag,
+    the grad norm) reads the device once: the loss sums, token counts, notices and grad norm come back together."""
+    from raysft.pipeline.training.loop import train_step
+
+    cfg = fp32_cfg(tiny_model_dir, **{"train.kernels": kernels})
+    model = build_model(cfg)
+    opt, sched = make_optimizer(model, cfg.train, 4)
+    engine = TorchEngine(model, opt, sched, cfg.train.max_grad_norm)
+    rng = random.Random(6)
+    mbs = [collate([pack([random_sample(rng, 500, 3 * k + i) for i in range(3)])]) for k in range(3)]
+    n = sum(m.n_trained for m in mbs)
+    expected = optimizer_step(engine, mbs, n).loss_sum  # warm (the optimizer's state is created here)
+    counter = SyncCounter(monkeypatch)
+    res = train_step(engine, mbs, n, world=1, kernels=kernels, device=torch.device("cpu"), pending=lambda: None)
+    monkeypatch.undo()
+    assert len(counter.calls) <= 1, counter.calls
+    assert res.tokens == sum(m.n_tokens for m in mbs) and res.notices == 0
+    assert res.loss_sum == pytest.approx(expected, rel=0.2) and res.grad_norm > 0

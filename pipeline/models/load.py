@@ -37,7 +37,8 @@ def load_base_model(mcfg: ModelConfig, device: str | None = None):
     source = base_model_path(mcfg)
     kwargs: dict[str, Any] = dict(
         dtype=torch_dtype(mcfg.dtype),
-        attn_implementation=mcfg.attn_implementation,
+        # "auto" is resolved by trainer.preflight (training/loop.resolve_attention); unresolved: sdpa
+        attn_implementation="sdpa" if mcfg.attn_implementation == "auto" else mcfg.attn_implementation,
         trust_remote_code=mcfg.trust_remote_code,
         use_safetensors=True,
     )

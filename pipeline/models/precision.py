@@ -69,7 +69,11 @@ def decide(cfg: Config, cap: Capability) -> tuple[dict[str, str], str | None, st
     chosen = "bfloat16" if cap.bf16_native else "float32"
     updates = {f"model.{k}": chosen for k in ("dtype", "compute_dtype") if getattr(m, k) == AUTO}
     note = None
-    if updates:
+    if updates and chosen == "bfloat16" and cfg.train.deepspeed.stage == 0:
+        # DeepSpeed accumulates gradients in the model's dtype at stage 0 (fp32 only at stages 1-3)
+        updates = dict.fromkeys(updates, "float32")
+        note = "dtype auto -> float32: train.deepspeed.stage 0 accumulates gradients in the model's dtype."
+    elif updates:
         if cap.device == "cpu" and not cap.bf16_native:
             why = f"this CPU ({cap.name}) has no native bf16; bf16 would be about {CPU_BF16_SLOWDOWN}x slower here"
         elif cap.device == "cpu":

@@ -35,6 +35,7 @@ import torch
 from raysft.pipeline.errors import CheckpointError
 from raysft.pipeline.models.load import save_adapter
 from raysft.pipeline.run_folder import ADAPTER_DIR, LEDGER_FILE, RESOLVED_CONFIG
+from raysft.pipeline.training import collectives
 from raysft.pipeline.training.safe_state import load_tree, save_tree
 
 STATE_FILE = "state.json"
@@ -216,7 +217,6 @@ def _load_repartitioned(engine, directory: Path, saved_world: int) -> dict[str, 
 def load_engine_state(engine, directory: Path, rank: int) -> None:
     """Restore trainable weights, optimizer (incl. fp32 master partitions), scheduler and counters."""
     import deepspeed
-    import torch.distributed as dist
 
     weights = _load_module_file(directory / MODULE_FILE)
     params = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
@@ -236,7 +236,7 @@ def load_engine_state(engine, directory: Path, rank: int) -> None:
             p.data.copy_(w.to(p.dtype))
 
     saved_world = int(json.loads((directory / STATE_FILE).read_text())["world_size"])
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = collectives.world_size()
     if saved_world != world:
         tree = _load_repartitioned(engine, directory, saved_world)
         _restore_counters(engine, tree)
@@ -247,8 +247,8 @@ def load_engine_state(engine, directory: Path, rank: int) -> None:
         opt["loss_scaler"] = engine.optimizer.loss_scaler
     if engine.zero_optimization():
         group = engine.optimizer.dp_process_group
-        sd_list: list[Any] = [None] * dist.get_world_size(group=group)
-        sd_list[dist.get_rank(group=group)] = opt
+        sd_list: list[Any] = [None] * collectives.world_size(group)
+        sd_list[collectives.rank(group)] = opt
         engine.optimizer.load_state_dict(
             state_dict_list=sd_list,
             load_optimizer_states=True,
@@ -308,13 +308,8 @@ def save(
     With `storage` (a local folder the checkpoint is uploaded to), fail in one sentence on every rank
     when it has less free space than the whole checkpoint (all ranks) needs, before anything is uploaded.
     """
-    import torch.distributed as dist
-
     directory = Path(directory)
-    state = {
-        **state,
-        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-    }
+    state = {**state, "world_size": collectives.world_size()}
     written: list[Path] = []
     weights = trainable_state_dict(engine.module)
     try:
@@ -351,32 +346,24 @@ def save(
         sum(f["size"] for f in manifest["files"].values())
         + (directory / MANIFEST_DIR / f"rank{rank}.json").stat().st_size
     )
-    _check_space(storage, need, state["step"], dist.is_initialized())
+    _check_space(storage, need, state["step"], collectives.is_distributed())
     return directory
 
 
 def _check_space(storage: str | Path | None, need: int, step: int, distributed: bool) -> None:
-    """Every rank raises the same sentence when the storage cannot take the whole checkpoint."""
-    import torch.distributed as dist
+    """Every rank raises the same sentence when the storage cannot take the whole checkpoint.
 
-    total = torch.tensor([float(need)], dtype=torch.float64)
-    if distributed:
-        dist.all_reduce(total)
+    One collective (training/collectives.py: on the group's device) gathers every rank's (bytes, free space)."""
     free = -1.0
     if storage is not None and Path(storage).exists():
         free = float(shutil.disk_usage(storage).free)
-    short = torch.tensor(
-        [1.0 if 0 <= free < total.item() + SPACE_MARGIN_BYTES else 0.0],
-        dtype=torch.float64,
-    )
-    worst = torch.tensor([free if free >= 0 else float("inf")], dtype=torch.float64)
-    if distributed:
-        dist.all_reduce(short, op=dist.ReduceOp.MAX)
-        dist.all_reduce(worst, op=dist.ReduceOp.MIN)
-    if short.item() > 0:
+    ranks = collectives.gather_to_host([float(need), free]) if distributed else [[float(need), free]]
+    total = sum(r[0] for r in ranks)
+    known = [r[1] for r in ranks if r[1] >= 0]
+    if any(f < total + SPACE_MARGIN_BYTES for f in known):
         raise CheckpointError(
-            f"Not enough space in {storage} for checkpoint step {step}: {worst.item() / 2**20:.1f} MiB free, "
-            f"{(total.item() + SPACE_MARGIN_BYTES) / 2**20:.1f} MiB needed; free space and rerun the same command "
+            f"Not enough space in {storage} for checkpoint step {step}: {min(known) / 2**20:.1f} MiB free, "
+            f"{(total + SPACE_MARGIN_BYTES) / 2**20:.1f} MiB needed; free space and rerun the same command "
             "to resume from the last complete checkpoint."
         )
 

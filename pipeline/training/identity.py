@@ -110,6 +110,7 @@ def decide(
         "epochs": t.epochs,
         "steps_per_epoch": steps_per_epoch,
         "total_steps": _total(t.max_steps, t.epochs, steps_per_epoch),
+        "attention": cfg.model.attn_implementation,  # resolved by preflight: what this run's workers use
     }
     name, mode = cfg.run.name, cfg.run.resume
     remote = storage.is_remote(run_dir)

@@ -20,6 +20,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ from raysft.pipeline.models.load import build_model
 from raysft.pipeline.run_folder import LEDGER_FILE, RunFolder, append_event
 from raysft.pipeline.storage import StorageOptions
 from raysft.pipeline.training import checkpoint as ckpt_io
-from raysft.pipeline.training import generate_eval
+from raysft.pipeline.training import collectives, generate_eval
 from raysft.pipeline.training.context import WorkerContext
 from raysft.pipeline.training.ledger import Ledger
 from raysft.pipeline.training.metrics import MetricsLog
@@ -107,12 +109,34 @@ class DeepSpeedStepEngine:
     def micro_step(self) -> None:
         self.engine.step()  # DeepSpeed updates only at the accumulation boundary
 
-    def finish_step(self) -> float:
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+    def finish_step(self) -> torch.Tensor | float | None:
+        return self.engine.get_global_grad_norm()  # a tensor stays on the device until the step's host read
 
     def lr(self) -> float:
         return float(self.engine.optimizer.param_groups[0]["lr"])
+
+
+def flash_attn_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_attention(cfg: Config) -> str:
+    """The attention a run uses: "auto" is flash_attention_2 (one varlen sequence per micro-batch: no dense
+    block-causal mask) on GPUs when flash-attn is importable, else sdpa. An explicit flash_attention_2 without
+    the package is refused before any worker starts: transformers would try a hub download instead."""
+    from raysft.pipeline.errors import ConfigError
+
+    impl = cfg.model.attn_implementation
+    if impl == "auto":
+        return "flash_attention_2" if cfg.scaling.use_gpu and flash_attn_importable() else "sdpa"
+    if impl == "flash_attention_2" and not flash_attn_importable():
+        raise ConfigError(
+            "model.attn_implementation flash_attention_2 needs the flash-attn package, which is not importable "
+            "here; install flash-attn (pip install flash-attn) or set model.attn_implementation: sdpa."
+        )
+    return impl
 
 
 def layout_for(cfg: Config) -> str:
@@ -133,14 +157,45 @@ def _step_sources(table, rows: np.ndarray) -> list[int]:
     return pc.list_flatten(taken).to_numpy(zero_copy_only=False).tolist()
 
 
-def _all_reduce(values: list[float], device: torch.device) -> torch.Tensor:
-    """Sum over ranks, on the training device (an NCCL group has no CPU backend)."""
-    import torch.distributed as dist
+@dataclass
+class StepNumbers:
+    """What the loop reads of a step on the host, summed over ranks, after the step's one host sync."""
 
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():  # world size 1 too: the GPU acceptance run exercises the NCCL path
-        dist.all_reduce(t)
-    return t.cpu()
+    loss_sum: float
+    tokens: float
+    notices: float  # ranks holding a preemption notice
+    grad_norm: float
+    lr: float
+    seconds: float
+    notice: Notice | None  # this rank's own notice
+
+
+def train_step(
+    stepper,
+    mbs: list[MicroBatch],
+    n_global: int,
+    *,
+    world: int,
+    kernels: bool,
+    device: torch.device,
+    pending: Callable[[], Notice | None],
+) -> StepNumbers:
+    """One optimizer step, its one all-reduce (loss sum, tokens, preemption notices) and one host read.
+
+    `pending` (this rank's notice) is read after the backward passes, so a notice that arrives during the
+    step is agreed on at its end; the grad norm comes back in the same device-to-host copy
+    (ARCHITECTURE.md, "Collectives and host syncs")."""
+    start = time.perf_counter()
+    res = optimizer_step(stepper, mbs, n_global, grad_scale=float(world), kernels=kernels, device=device)
+    notice = pending()
+    loss = res.loss.detach().reshape(1).to(torch.float64)
+    flags = torch.tensor([float(res.tokens), 0.0 if notice is None else 1.0], dtype=torch.float64)
+    summed = collectives.sum_on_device(torch.cat([loss, flags.to(loss.device, non_blocking=True)]))
+    norm = res.norm if isinstance(res.norm, torch.Tensor) else torch.tensor(res.grad_norm)
+    loss_sum, tokens, notices, grad_norm = collectives.to_host(
+        torch.cat([summed, norm.detach().reshape(1).to(summed.device, torch.float64)])
+    )
+    return StepNumbers(loss_sum, tokens, notices, grad_norm, res.lr, time.perf_counter() - start, notice)
 
 
 def _evaluate(
@@ -156,8 +211,8 @@ def _evaluate(
     mine = mine + [chunks[0]] * (per_rank - len(mine))
     mbs = [collate_table(eval_table, c, layout) for c in mine]
     s, cnt = eval_loss_sum(engine.module, mbs, weights, kernels=kernels, device=device)
-    t = _all_reduce([s, float(cnt)], device)
-    loss = float(t[0] / max(float(t[1]), 1.0))
+    total, n = collectives.sum_to_host([s, float(cnt)])
+    loss = total / max(n, 1.0)
     return {"eval_loss": loss, "eval_ppl": float(math.exp(min(loss, 50.0)))}
 
 
@@ -333,24 +388,23 @@ def run_worker(
         epoch, step_table = reader.step(step)  # the step's rows, streamed from the shards of its window
         rows = step_split  # rows[accum, world, micro]: indices into step_table
         mine = rows[:, rank, :]
-        # The step's trained tokens (all ranks) normalise the loss: each rank counts its own rows, one all-reduce.
+        # The step's trained tokens (all ranks) normalise the loss. Every rank holds the whole step's rows,
+        # so each counts them all on the host: no collective, no device sync.
         row_trained = trained_counts(step_table.column("labels"))  # vectorised
-        n_global = int(_all_reduce([float(row_trained[mine.reshape(-1)].sum())], device)[0])
+        n_global = int(row_trained[rows.reshape(-1)].sum())
         mbs = _micro_batches(step_table, mine, layout)
-        res = optimizer_step(stepper, mbs, n_global, grad_scale=float(world), kernels=t.kernels, device=device)
         # The step's all-reduce also carries the ranks' preemption notices: all agree at this boundary.
-        notice = watch.pending()
-        sums = _all_reduce([res.loss_sum, float(res.tokens), 1.0 if notice is not None else 0.0], device)
-        preempting = float(sums[2]) > 0
+        res = train_step(stepper, mbs, n_global, world=world, kernels=t.kernels, device=device, pending=watch.pending)
+        preempting = res.notices > 0
         trained_tokens += n_global
         done = step + 1
         metrics: dict[str, Any] = {
             "step": done,
             "epoch": epoch,
-            "loss": float(sums[0]) / max(n_global, 1),
+            "loss": res.loss_sum / max(n_global, 1),
             "lr": res.lr,
             "grad_norm": res.grad_norm,
-            "tokens_per_s": float(sums[1]) / max(res.seconds, 1e-9),
+            "tokens_per_s": res.tokens / max(res.seconds, 1e-9),
             "trained_tokens": trained_tokens,
         }
         last = done == total
@@ -368,7 +422,7 @@ def run_worker(
 
         if preempting and preempted_at is None:
             preempted_at = done
-            note_preemption(run_dir if rank == 0 else None, done, sums[2], notice)
+            note_preemption(run_dir if rank == 0 else None, done, res.notices, res.notice)
         gen_eval = generate_eval.due(cfg, done, last)  # runs on this step's checkpoint, off the workers
         # While a notice stands, every boundary is a checkpoint: losing the node costs at most the step in flight.
         if done % t.save_every == 0 or last or gen_eval or preempting:

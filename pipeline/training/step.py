@@ -42,22 +42,36 @@ class MicroBatch:
     source_ids: list[int] = field(default_factory=list)
     attn_kwargs: dict[str, Any] = field(default_factory=dict)  # flat layout: cu_seq_lens_q/k, max_length_q/k
     real_tokens: int | None = None  # tokens without the rows layout's padding (None: all of them)
+    # Positions of labels[:, 1:].reshape(-1) that carry loss, found on the host in collate: the kernels' loss
+    # selects them with index_select, which needs no host sync (a boolean mask would).
+    trained_index: torch.Tensor | None = None
 
     @property
     def n_tokens(self) -> int:
         return int(self.input_ids.numel()) if self.real_tokens is None else self.real_tokens
 
     def to(self, device: torch.device | str) -> MicroBatch:
-        kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.attn_kwargs.items()}
+        """Host-to-device copies that do not block the host: from pinned memory on a GPU."""
+        device = torch.device(device)
+        kw = {k: _to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in self.attn_kwargs.items()}
         return MicroBatch(
-            self.input_ids.to(device),
-            self.position_ids.to(device),
-            self.labels.to(device),
+            _to_device(self.input_ids, device),
+            _to_device(self.position_ids, device),
+            _to_device(self.labels, device),
             self.n_trained,
             self.source_ids,
             kw,
             self.real_tokens,
+            _to_device(self.trained_index, device) if self.trained_index is not None else None,
         )
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def trained_tokens(labels: Sequence[int]) -> int:
@@ -112,7 +126,8 @@ def collate(rows: Sequence[Mapping[str, Any]], layout: str = "rows") -> MicroBat
             "max_length_q": int(lengths.max(initial=0)),
             "max_length_k": int(lengths.max(initial=0)),
         }
-        return MicroBatch(t(ids), t(pos), t(lab), n, src, kw, real)
+        flat_lab = np.concatenate(lab) if lab else np.zeros(0, np.int64)
+        return MicroBatch(t(ids), t(pos), t(lab), n, src, kw, real, _trained_index(flat_lab[None, :]))
     width = max((len(x) for x in ids), default=0)
     out_ids = np.zeros((len(ids), width), np.int64)
     out_lab = np.full((len(ids), width), IGNORE_INDEX, np.int64)
@@ -120,7 +135,21 @@ def collate(rows: Sequence[Mapping[str, Any]], layout: str = "rows") -> MicroBat
     for i, (a, p, b) in enumerate(zip(ids, pos, lab)):
         out_ids[i, : len(a)], out_pos[i, : len(a)], out_lab[i, : len(a)] = a, p, b
         out_pos[i, len(a) :] = np.arange(width - len(a))  # the tail restarts: a sample of its own, never attended to
-    return MicroBatch(torch.from_numpy(out_ids), torch.from_numpy(out_pos), torch.from_numpy(out_lab), n, src, {}, real)
+    return MicroBatch(
+        torch.from_numpy(out_ids),
+        torch.from_numpy(out_pos),
+        torch.from_numpy(out_lab),
+        n,
+        src,
+        {},
+        real,
+        _trained_index(out_lab),
+    )
+
+
+def _trained_index(labels: np.ndarray) -> torch.Tensor:
+    """Flat positions of labels[:, 1:] that carry loss (labels [B, T])."""
+    return torch.from_numpy(np.flatnonzero(labels[:, 1:] != IGNORE_INDEX).astype(np.int64))
 
 
 def collate_table(table, indices: Sequence[int], layout: str = "rows") -> MicroBatch:
@@ -154,7 +183,9 @@ def loss_sum(model, mb: MicroBatch, kernels: bool = False) -> torch.Tensor:
     if kernels:
         from raysft.kernels import causal_lm_loss_sum  # Triton, only when train.kernels is on
 
-        return causal_lm_loss_sum(model, mb.input_ids, mb.position_ids, mb.labels, **mb.attn_kwargs)
+        return causal_lm_loss_sum(
+            model, mb.input_ids, mb.position_ids, mb.labels, trained_index=mb.trained_index, **mb.attn_kwargs
+        )
     return reference_loss_sum(model, mb.input_ids, mb.position_ids, mb.labels, **mb.attn_kwargs)
 
 
@@ -164,18 +195,26 @@ class StepEngine(Protocol):
     def forward_model(self) -> torch.nn.Module: ...
     def backward(self, loss: torch.Tensor) -> None: ...
     def micro_step(self) -> None: ...
-    def finish_step(self) -> float: ...
+    def finish_step(self) -> torch.Tensor | float | None: ...  # the grad norm; a tensor stays on the device
     def lr(self) -> float: ...
 
 
 @dataclass
 class StepResult:
-    loss_sum: float  # this rank's summed CE (divide the all-rank sum by n_global for the step loss)
+    loss: torch.Tensor  # this rank's summed CE, on the device (divide the all-rank sum by n_global)
     n_global: int
     tokens: int  # this rank's tokens (all, not only trained)
-    grad_norm: float
+    norm: torch.Tensor | float | None  # the grad norm as the engine gave it
     lr: float
-    seconds: float
+    seconds: float  # host time to queue the step (the loop's one host sync comes after it)
+
+    @property
+    def loss_sum(self) -> float:
+        return float(self.loss)  # a host sync: the loop reads it with the step's other numbers instead
+
+    @property
+    def grad_norm(self) -> float:
+        return float(self.norm) if self.norm is not None else float("nan")
 
 
 def optimizer_step(
@@ -191,23 +230,26 @@ def optimizer_step(
 
     `grad_scale` undoes the averaging the engine applies: DeepSpeed/DDP average gradients over
     the data-parallel ranks, so it is world_size there (and 1 with `TorchEngine`).
+    No host sync here: the loss sum and the grad norm stay on the device (ARCHITECTURE.md, "One host sync").
     """
     start = time.perf_counter()
     lr = engine.lr()  # the rate this update uses (the schedule advances inside finish_step)
     model = engine.forward_model()
     model.train()
-    total = 0.0
+    total: torch.Tensor | None = None
     tokens = 0
-    denom = max(n_global, 1)
+    scale = grad_scale / max(n_global, 1)
     for mb in micro_batches:
         if device is not None:
             mb = mb.to(device)
         s = loss_sum(model, mb, kernels)
-        engine.backward(s * (grad_scale / denom))
+        engine.backward(s * scale)
         engine.micro_step()
-        total += float(s.detach())
+        total = s.detach().float() if total is None else total + s.detach().float()
         tokens += mb.n_tokens
     grad_norm = engine.finish_step()
+    if total is None:
+        total = torch.zeros((), device=device)
     return StepResult(total, n_global, tokens, grad_norm, lr, time.perf_counter() - start)
 
 
@@ -222,16 +264,16 @@ def eval_loss_sum(
     """(summed CE, trained tokens) over eval micro-batches; weight 0 runs a forward that counts nothing."""
     was_training = model.training
     model.eval()
-    total, n = 0.0, 0
+    total: torch.Tensor | float = 0.0
+    n = 0
     for i, mb in enumerate(micro_batches):
         w = 1.0 if weights is None else weights[i]
         if device is not None:
             mb = mb.to(device)
-        s = float(loss_sum(model, mb, kernels))
-        total += w * s
+        total = total + w * loss_sum(model, mb, kernels).float()  # on the device: one sync at the end
         n += int(w) * mb.n_trained
     model.train(was_training)
-    return total, n
+    return float(total), n
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -280,7 +322,7 @@ class TorchEngine:
     def micro_step(self) -> None:
         pass
 
-    def finish_step(self) -> float:
+    def finish_step(self) -> torch.Tensor:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
@@ -289,7 +331,7 @@ class TorchEngine:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm.detach()
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])

@@ -18,7 +18,6 @@ import os
 import shutil
 import sys
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from raysft.pipeline.errors import RaysftError
 from raysft.pipeline.run_folder import run_dir_of
 from raysft.pipeline.storage import StorageOptions
 from raysft.pipeline.trainer import preflight, publish_adapter, read_deepspeed_json
+from raysft.pipeline.training import collectives
 from raysft.pipeline.training.checkpoint import problem
 from raysft.pipeline.training.loop import run_worker
 from raysft.pipeline.training.reader import StepLayout
@@ -40,9 +40,9 @@ class TorchrunContext:
     """WorkerContext over torch.distributed: checkpoints land in run_dir/checkpoint_NNNNNN."""
 
     def __init__(self, run_dir: Path, device: torch.device, keep: int = 2):
-        import torch.distributed as dist
+        from raysft.pipeline.training import collectives
 
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.rank, self.world_size = collectives.rank(), collectives.world_size()
         self.device = device
         self.run_dir = run_dir
         self.keep = keep
@@ -57,18 +57,18 @@ class TorchrunContext:
     ) -> None:
         """`validation` is ignored: the generation eval is Ray Train's checkpoint validation (no Ray here).
         Checkpoints are always copied in place before this returns (`durable`)."""
-        import torch.distributed as dist
+        from raysft.pipeline.training import collectives
 
         if checkpoint_dir is None:
             return  # metrics.jsonl (rank 0) is the record; nothing to synchronise
         dest = self.run_dir / f"checkpoint_{step:06d}"
         shutil.copytree(checkpoint_dir, dest, dirs_exist_ok=True)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        dist.barrier()  # every rank's part (sealed by its manifest) is in place
+        collectives.barrier()  # every rank's part (sealed by its manifest) is in place
         if self.rank == 0:
             for old in complete_checkpoints(self.run_dir)[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
-        dist.barrier()
+        collectives.barrier()
 
     def drain_notice(self) -> None:
         """No runtime announces drains here; SIGTERM (training/preemption.py) is the notice."""
@@ -85,6 +85,19 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir() and problem(p) is None)
 
 
+def check_local_storage(storage_path: str) -> None:
+    """This entry writes its run folder with local file operations; an object store is refused in one sentence
+    (rather than a `mkdir` on an s3:// string): run such a run through Ray (`raysft train`), which stages it."""
+    from raysft.pipeline import storage
+    from raysft.pipeline.errors import ConfigError
+
+    if storage.is_remote(storage_path):
+        raise ConfigError(
+            f"run.storage_path {storage_path} is an object store, which the torchrun entry cannot write yet; "
+            "use a local or shared folder here, or `raysft train` for s3:// / gs:// storage."
+        )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m raysft.pipeline.training.torchrun_entry", description=__doc__.split("\n\n")[0]
@@ -96,9 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(config: str, prepared: str, overrides: list[str]) -> Path:
     """Initialise the process group, run the worker loop, publish the adapter (rank 0); returns the run folder."""
-    import torch.distributed as dist
-
-    cfg = preflight(load_config(config, overrides))
+    cfg = load_config(config, overrides)
+    check_local_storage(cfg.run.storage_path)
+    cfg = preflight(cfg)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", str(local_rank))
@@ -108,17 +121,17 @@ def run(config: str, prepared: str, overrides: list[str]) -> Path:
     if cfg.scaling.use_gpu:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device, timeout=timedelta(minutes=10))
+        collectives.init("nccl", device)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo", timeout=timedelta(minutes=10))
+        collectives.init("gloo")
     try:
         # Only the shard indexes here; each rank streams its own steps' rows from the shards (training/reader.py).
         options = StorageOptions.of(cfg)
         train_index = load_index(str(Path(prepared) / "train"), options)
         eval_dir = str(Path(prepared) / "eval")
         eval_index = load_index(eval_dir, options, what="eval") if has_rows(eval_dir, options) else None
-        t, world = cfg.train, dist.get_world_size()
+        t, world = cfg.train, collectives.world_size()
         # torchrun fixes the world size: the global batch is train.global_batch_rows, or this world's
         rows = cfg.rows_per_step(cfg.scaling.max_workers if cfg.scaling.elastic else world)
         StepLayout(train_index.rows, rows, t.max_steps, t.epochs).require_a_step(
@@ -129,12 +142,12 @@ def run(config: str, prepared: str, overrides: list[str]) -> Path:
         ctx = TorchrunContext(run_dir, device, keep=cfg.train.keep_checkpoints)
         ds_json = read_deepspeed_json(cfg.train.deepspeed.config) if cfg.train.deepspeed.config else None
         run_worker(cfg, ctx, train_index, eval_index, run_dir, ds_json, rows_per_step=rows)
-        dist.barrier()
+        collectives.barrier()
         if ctx.rank == 0:
             publish_adapter(run_dir, complete_checkpoints(run_dir)[-1])
         return run_dir
     finally:
-        dist.destroy_process_group()
+        collectives.destroy()
 
 
 def main(argv: list[str] | None = None) -> int:

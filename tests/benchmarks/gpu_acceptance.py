@@ -272,6 +272,23 @@ def adapter_diff(a: Path, b: Path) -> float:
     return max(float((x[k].float() - y[k].float()).abs().max()) for k in x)
 
 
+def resume_tolerance(run: Path, gpu: bool) -> float:
+    """How far a resumed run's adapter may be from the uninterrupted one's, from the dtype it is stored in.
+
+    The resume restores the exact state (fp32 master weights, bf16 weights, optimizer, RNG, data position), so
+    the runs differ only where GPU kernels reduce in a nondeterministic order; that moves a stored bf16 weight
+    by a rounding step or two at its magnitude: 2 ulps of bf16 (eps 2^-7) at the largest adapter weight. On the
+    CPU (fp32, deterministic reductions) the runs agree to fp32 rounding: 1e-5."""
+    if not gpu:
+        return 1e-5
+    import torch
+    from safetensors.torch import load_file
+
+    weights = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    scale = max(float(w.float().abs().max()) for w in weights.values())
+    return 2 * torch.finfo(torch.bfloat16).eps * scale
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU: check the wheels and the plumbing, no GPU needed")
@@ -349,11 +366,8 @@ def main() -> int:
             if ok:
                 details.update(run_summary(resumed))
                 details["adapter_max_abs_diff_vs_uninterrupted"] = diff = adapter_diff(resumed, runs / "kernels-off")
-                ok = (
-                    details["starts"] == [0, 4]
-                    and details["steps"] == list(range(1, 9))
-                    and diff < (1e-3 if gpu else 1e-5)
-                )
+                details["tolerance"] = tol = resume_tolerance(runs / "kernels-off", gpu)
+                ok = details["starts"] == [0, 4] and details["steps"] == list(range(1, 9)) and diff <= tol
             report.add("checkpoint + resume (lost last checkpoint)", ok, secs, details, log)
 
         if gpu:
