@@ -21,8 +21,9 @@ from raysft.pipeline.cli import main as cli_main
 from raysft.pipeline.config import load_config
 from raysft.pipeline.errors import ConfigError, ModelError
 from raysft.pipeline.models.export import export_many, export_run
-from raysft.pipeline.models.load import ADAPTER_DIR, RESOLVED_CONFIG, build_model, save_adapter
+from raysft.pipeline.models.load import build_model, save_adapter
 from raysft.pipeline.outputs import MARKER
+from raysft.pipeline.run_folder import ADAPTER_DIR, RESOLVED_CONFIG
 
 # GGUF logit error, measured (max |logit - PEFT logit| over 8 prompts + their greedy replies, divided by the std
 # of the PEFT logits): Q8_0 tiny model 0.073, SmolLM2-135M 0.245 (8 of 8 replies identical); F16 tiny 0.0028.

@@ -98,9 +98,8 @@ def test_two_trains_of_one_run_then_a_killed_driver(tiny_model_dir, tmp_path):
     import subprocess
     import sys
 
+    from audit import check_exactly_once
     from test_fault_sentences import config_file
-
-    from raysft.pipeline.training.ledger import check_exactly_once
 
     cfg = config_file(tmp_path, tiny_model_dir, **{"train.max_steps": 30})
     run = tmp_path / "runs" / "probe"
