@@ -11,8 +11,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from raysft.pipeline import storage
+from raysft.pipeline.data.preview import HTML_NAME, preview
 from raysft.pipeline.errors import ConfigError, RaysftError
 from raysft.pipeline.jobs.submit import logs, status, stop, submit
+from raysft.pipeline.run_folder import LOG_FILE, local_dir_of
+from raysft.pipeline.runs import format_table, list_runs, rows_json, write_report
 
 
 def add_verbose_arg(p: argparse.ArgumentParser, log: str = "the run folder's raysft.log") -> None:
@@ -59,7 +63,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     """The same console as `train`, on stderr: stage lines, a progress bar on a terminal, the per-source summary;
     Ray's and the plan's own output go to the log. stdout gets stats.json as one line when it is not a terminal."""
     # pyarrow (and Ray, when the plan runs) load with the command that needs them
-    from raysft.pipeline import storage
     from raysft.pipeline.console import PrepareConsole, console_session
     from raysft.pipeline.data.plan import ensure_prepared, prepare, prepare_log_path, reporting, resolve_inputs, summary
 
@@ -88,7 +91,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         print(json.dumps(stats), flush=True)
     if args.preview:
         # pyarrow
-        from raysft.pipeline.data.preview import HTML_NAME, preview
 
         print(preview(directory, resolve_inputs(cfg).tokenizer, args.preview, sys.stdout.isatty()))
         print(f"raysft prepare: mask preview written to {directory / HTML_NAME}", file=sys.stderr)
@@ -98,7 +100,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     # Ray, torch and pyarrow load with the command that needs them
     from raysft.pipeline.console import console_session, log_plan, run_with_console
-    from raysft.pipeline.run_folder import LOG_FILE, local_dir_of
     from raysft.pipeline.trainer import train
 
     cfg = _load(args)
@@ -135,7 +136,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     # pyarrow
-    from raysft.pipeline.runs import format_table, list_runs, rows_json
 
     rows = list_runs(args.storage)
     print(rows_json(rows) if args.json else format_table(rows))
@@ -144,7 +144,6 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     # pyarrow (matplotlib when the report is drawn)
-    from raysft.pipeline.runs import write_report
 
     for path in write_report(args.run, output=args.output):
         print(path)

@@ -118,6 +118,7 @@ class LocalStore:
         self.path = path
         key = hashlib.sha256(str(path).encode()).hexdigest()[:24]
         self.lock = Path(os.path.expanduser(os.path.join("~", ".cache", "raysft", "locks", f"lease-{key}.lock")))
+        self.made_folder = not path.parent.exists()  # removed again with the lease when nothing else was written
         path.parent.mkdir(parents=True, exist_ok=True)
         self.lock.parent.mkdir(parents=True, exist_ok=True)
 
@@ -163,6 +164,9 @@ class LocalStore:
             current = self.read()
             if current and current[2] == expected:
                 self.path.unlink()
+                if self.made_folder:
+                    with contextlib.suppress(OSError):  # not empty: the run wrote into it
+                        self.path.parent.rmdir()
 
 
 class S3Store:

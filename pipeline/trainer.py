@@ -34,7 +34,7 @@ from raysft.pipeline.storage import StorageOptions
 from raysft.pipeline.tracking import finish_tracking, start_tracking
 from raysft.pipeline.training import generate_eval
 from raysft.pipeline.training import identity as run_identity
-from raysft.pipeline.training.loop import train_loop_per_worker
+from raysft.pipeline.training.loop import resolve_attention, train_loop_per_worker
 from raysft.pipeline.training.reader import StepLayout
 
 
@@ -70,15 +70,13 @@ def preflight(cfg: Config) -> Config:
     """Check what can be checked without a cluster; return the config with resolved absolute paths."""
     if cfg.scaling.min_workers < 1:
         raise ConfigError("scaling.num_workers must be at least 1 for training.")
-    # dtype auto: decided here, once, from the hardware; said on stderr. The rules between fields (dtypes, GPUs,
-    # how the global batch splits over every worker count) are Config's: refused at load time, and checked again
-    # on the resolved dtypes (resolve goes through with_overrides; config.py, _rules_between_fields).
+    # dtype auto: decided here, once, from the hardware (logged; the console says it). The rules between fields
+    # (dtypes, GPUs, how the global batch splits over every worker count) are Config's: refused at load time, and
+    # checked again on the resolved dtypes (resolve goes through with_overrides; config.py, _rules_between_fields).
     cfg = precision.resolve(cfg)
     check_precision(cfg, None)  # on the resolved dtype: ZeRO stage 0 would accumulate bf16 gradients in bf16
     # attention auto: flash_attention_2 on GPUs with flash-attn importable, else sdpa; an explicit flash without it
     # is refused here (training/loop.resolve_attention)
-    from raysft.pipeline.training.loop import resolve_attention  # torch
-
     updates_first = {"model.attn_implementation": resolve_attention(cfg)}
     source = base_model_path(cfg.model, cfg.source)  # a GGUF is converted once here; workers read the HF folder
     updates: dict[str, Any] = dict(updates_first)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
+import yaml
 
 from raysft.pipeline import load_config
 from raysft.pipeline.models import precision
@@ -18,7 +21,7 @@ def _fresh_said():
 
 
 def _cfg(*overrides: str):
-    given = dict(o.split("=", 1) for o in overrides)
+    given = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in overrides)}
     return load_config(None, overrides={"model.name_or_path": "x", "data.train": "t.jsonl", **given})
 
 
@@ -29,29 +32,31 @@ def _cfg(*overrides: str):
         (True, "bfloat16", "computes bf16 natively"),
     ],
 )
-def test_auto_on_both_cpu_kinds(monkeypatch, capsys, native, chosen, reason):
+def test_auto_on_both_cpu_kinds(monkeypatch, caplog, native, chosen, reason):
+    caplog.set_level(logging.INFO, logger="raysft")
     monkeypatch.setattr(precision, "cpu_bf16_native", lambda: native)
     monkeypatch.setattr(precision, "cpu_name", lambda: "Test CPU 9000")
     cfg = _cfg()
     assert (cfg.model.dtype, cfg.model.compute_dtype) == ("auto", "auto")  # the default
     out = precision.resolve(cfg)
     assert (out.model.dtype, out.model.compute_dtype) == (chosen, chosen)
-    err = capsys.readouterr().err
-    assert err.count("raysft: dtype auto -> ") == 1
-    assert f"dtype auto -> {chosen}: this CPU (Test CPU 9000) {reason}." in err
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [f"raysft: dtype auto -> {chosen}: this CPU (Test CPU 9000) {reason}."]
+    assert caplog.records[0].levelno == logging.INFO
+    caplog.clear()
     precision.resolve(cfg)  # said once per process
-    assert capsys.readouterr().err == ""
+    assert not caplog.records
     assert precision.describe(cfg) == f"dtype auto -> {chosen}: this CPU (Test CPU 9000) {reason}."
 
 
-def test_explicit_bfloat16_on_a_cpu_without_it_runs_with_one_warning(monkeypatch, capsys):
+def test_explicit_bfloat16_on_a_cpu_without_it_runs_with_one_warning(monkeypatch, caplog):
     monkeypatch.setattr(precision, "cpu_bf16_native", lambda: False)
     monkeypatch.setattr(precision, "cpu_name", lambda: "AVX2 box")
     cfg = _cfg("model.dtype=bfloat16", "model.compute_dtype=bfloat16")
     out = precision.resolve(cfg)
     assert (out.model.dtype, out.model.compute_dtype) == ("bfloat16", "bfloat16")
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert [r.getMessage() for r in caplog.records] == [
         "raysft: model.dtype and model.compute_dtype bfloat16 on a CPU without native bf16 (AVX2 box) runs about "
         "15x slower than float32; set them to auto (or float32) unless you need bf16 here."
     ]

@@ -205,14 +205,14 @@ def test_cli_refuses_a_changed_rerun_before_ray_starts(tiny_model_dir, tmp_path)
 def test_an_elastic_run_resumes_at_another_worker_range_with_the_same_global_batch(tmp_path):
     """Elastic checkpoints re-partition to any worker count: the identity holds the global batch, not the count."""
     d = tmp_path / "e"
-    first = cfg(scaling__num_workers=[1, 2], train__global_batch_rows=4)
+    first = cfg(scaling__num_workers=[1, 2], train__global_batch_rows=12)  # splits over 1, 2, 3 and 4 workers
     ri.apply(ri.decide(first, "data-key-1", d, steps_per_epoch=4), first.dump_yaml())
     checkpoint(d, 2)
-    wider = cfg(scaling__num_workers=[1, 4], train__global_batch_rows=4)
+    wider = cfg(scaling__num_workers=[1, 4], train__global_batch_rows=12)
     assert ri.decide(wider, "data-key-1", d, steps_per_epoch=4).mode == "resume"
     for other, named in (
-        (cfg(scaling__num_workers=[1, 3]), "train.global_batch"),  # max 3 x 1 x 1 rows: another global batch
-        (cfg(scaling__num_workers=4, train__global_batch_rows=4), "scaling.num_workers"),  # fixed size: refused
+        (cfg(scaling__num_workers=[1, 3], train__global_batch_rows=6), "train.global_batch"),  # another global batch
+        (cfg(scaling__num_workers=4, train__global_batch_rows=12), "scaling.num_workers"),  # fixed size: refused
     ):
         with pytest.raises(CheckpointError, match=named):
             ri.decide(other, "data-key-1", d, steps_per_epoch=4)

@@ -214,7 +214,7 @@ def test_job_package_ships_code_config_and_only_named_secrets(tmp_path, monkeypa
     ]
     assert "raysft/__init__.py" in pkg.files and "raysft/pipeline/trainer.py" in pkg.files
     assert "raysft/kernels/__init__.py" in pkg.files and not any("__pycache__" in f for f in pkg.files)
-    assert "pathspec>=0.11" in (pkg.directory / "raysft" / "requirements.txt").read_text().split()
+    assert "pathspec>=0.11,<2" in (pkg.directory / "raysft" / "requirements.txt").read_text().split()
     shipped = yaml.safe_load((pkg.directory / JOB_CONFIG_NAME).read_text())
     assert shipped["train"]["lr"] == 3e-4  # overrides are resolved into the shipped config
     assert shipped["data"]["train"] == "data/train.jsonl"  # shipped: relative to the job's directory

@@ -135,6 +135,7 @@ def test_deepspeed_config_owns_batching_and_precision(tiny_model_dir, tmp_path):
             "train.deepspeed.stage": 3,
             "train.deepspeed.offload_optimizer": True,
             "train.deepspeed.offload_params": True,
+            "model.dtype": "bfloat16",
         },
     )
     ds = deepspeed_config(cfg, world_size=4)

@@ -36,7 +36,7 @@ from raysft.pipeline.data import cache
 from raysft.pipeline.data.light_tokenizer import TokenizerSpec, compile_chat_template
 from raysft.pipeline.data.pack import pack_batch
 from raysft.pipeline.data.schema import Prepared
-from raysft.pipeline.data.shards import ShardWriter, has_rows
+from raysft.pipeline.data.shards import ShardWriter, has_rows, load_index
 from raysft.pipeline.data.sources import MAX_FILES, Chunk, expand, files_identity, plan_chunks, read_chunk
 from raysft.pipeline.data.stats import StatsAccumulator
 from raysft.pipeline.data.tokenize import TokenizeStage, load_tokenizer_spec
@@ -477,8 +477,6 @@ def ensure_prepared(cfg, use_ray: bool = True) -> Prepared:
 def entry_damage(entry: Path | str, options: StorageOptions | None = None) -> str | None:
     """Why a finished cache entry cannot be used (one sentence), or None when it is whole. A local entry's shard
     bytes are checked against their CRC-32 (read at ~2 GB/s); an object store's shards by size only."""
-    from raysft.pipeline.data.shards import load_index
-
     try:
         stats = json.loads(storage.read_bytes(storage.join(entry, "stats.json"), options))
         if not isinstance(stats, dict):

@@ -23,6 +23,8 @@ from raysft.pipeline.demo.report import summary_lines, write_report
 from raysft.pipeline.demo.task import write_task
 from raysft.pipeline.errors import ConfigError
 from raysft.pipeline.jsonl import read as read_rows
+from raysft.pipeline.models import precision
+from raysft.pipeline.models.export import export_many
 from raysft.pipeline.models.fetch import fetch_model
 from raysft.pipeline.run_folder import LOG_FILE, read_metrics, run_dir_of
 
@@ -125,7 +127,6 @@ def _demo(
         f"ZeRO-{cfg.train.deepspeed.stage}, {cfg.train.max_steps} steps",
         t0,
     )
-    from raysft.pipeline.models import precision
 
     said = precision.describe(cfg)  # dtype auto: the choice and its reason, once
     if said:
@@ -184,8 +185,6 @@ def _demo(
 
 def _export(run_dir: Path) -> dict[str, Any]:
     """The adapter merged (bf16 safetensors) and as GGUF (F16), from one merge: RUN/merged and RUN/gguf."""
-    from raysft.pipeline.models.export import export_many
-
     t = time.perf_counter()
     merged, gguf = export_many(run_dir, [("merged", None, None, None), ("gguf", None, None, None)])
     return {"merged": str(merged), "gguf": str(next(gguf.glob("*.gguf"))), "seconds": time.perf_counter() - t}

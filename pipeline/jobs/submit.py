@@ -22,7 +22,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
-from raysft.pipeline.errors import ClusterError
+from raysft.pipeline import lease, storage
+from raysft.pipeline.errors import ClusterError, RunInUseError
 
 T = TypeVar("T")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -218,9 +219,6 @@ def submit(
 def refuse_a_running_run(cfg) -> None:
     """A run (or sweep) folder whose lease a live raysft holds is not submitted again (pipeline/lease.py); the job's
     own `raysft train` takes the lease on the cluster, which also covers a folder this machine cannot see."""
-    from raysft.pipeline import lease, storage
-    from raysft.pipeline.errors import RunInUseError
-
     options = storage.StorageOptions.of(cfg)
     folder = storage.join(cfg.run.storage_path, cfg.run.name)
     if not storage.is_remote(folder):

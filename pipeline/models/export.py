@@ -28,9 +28,11 @@ from pathlib import Path
 from raysft.pipeline import storage
 from raysft.pipeline.config import Config, load_config
 from raysft.pipeline.errors import ConfigError, ModelError
+from raysft.pipeline.models.gguf_export import check_architecture, write_gguf
 from raysft.pipeline.models.load import torch_dtype
 from raysft.pipeline.models.model_card import write_card
 from raysft.pipeline.models.source import base_model_path
+from raysft.pipeline.models.tokenizer import load_tokenizer
 from raysft.pipeline.outputs import atomic_output, check_output
 from raysft.pipeline.run_folder import ADAPTER_DIR, MERGED_DIR, RESOLVED_CONFIG
 
@@ -138,8 +140,6 @@ def _card(folder: Path, run: Path, cfg: Config | None, fmt: str, details: dict[s
 
 
 def _tokenizer(cfg: Config):
-    from raysft.pipeline.models.tokenizer import load_tokenizer
-
     try:
         return load_tokenizer(cfg, need_chat_template=False)
     except ModelError:
@@ -188,15 +188,11 @@ def _gguf_name(cfg: Config, qtype: str) -> str:
 def _check_gguf_architecture(cfg: Config) -> None:
     from transformers import AutoConfig
 
-    from raysft.pipeline.models.gguf_export import check_architecture
-
     path = base_model_path(cfg.model)
     check_architecture(AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code))
 
 
 def _save_gguf(model, tokenizer, folder: Path, cfg: Config, qtype: str) -> None:
-    from raysft.pipeline.models.gguf_export import write_gguf
-
     if tokenizer is None:
         raise ModelError(
             f"GGUF export needs the run's tokenizer, which could not be loaded for {cfg.model.name_or_path}."

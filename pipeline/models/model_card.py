@@ -8,17 +8,17 @@ loss and generation metric). What cannot be found is said in the card, never gue
 from __future__ import annotations
 
 import json
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from raysft.pipeline.config import Config
+from raysft.pipeline.data.cache import cache_root
 
 CARD = "README.md"
 
 
 def raysft_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("raysft")
     except PackageNotFoundError:
@@ -75,8 +75,6 @@ def card_text(run: Path, cfg: Config, fmt: str, details: dict[str, str]) -> str:
 
 
 def _stats(run: Path, cfg: Config) -> tuple[dict[str, Any] | None, str]:
-    from raysft.pipeline.data.cache import cache_root
-
     try:
         key = json.loads((run / "run.json").read_text())["identity"]["data.prepared_key"]
     except (OSError, ValueError, KeyError, TypeError):

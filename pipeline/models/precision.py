@@ -11,8 +11,8 @@ probed here: auto means bf16 (every GPU of the Ampere generation or newer has it
 
 from __future__ import annotations
 
+import logging
 import platform
-import sys
 from dataclasses import dataclass
 
 from raysft.pipeline.config import Config, ModelConfig
@@ -97,19 +97,21 @@ def decide(cfg: Config, cap: Capability) -> tuple[dict[str, str], str | None, st
 
 
 _said: set[str] = set()
+log = logging.getLogger("raysft")
 
 
 def resolve(cfg: Config, cap: Capability | None = None) -> Config:
-    """The config with concrete dtypes; the choice (or the warning) is said once per process, on stderr.
+    """The config with concrete dtypes; the choice is logged once per process (INFO), a slow explicit bf16 warned.
 
-    The CLI's console shows the same sentence (`describe`); under it, stderr goes to the run's log."""
+    The console of `raysft train` / `demo` shows the same sentence (`describe`) on the terminal; a warning with
+    no logging configured reaches stderr (Python's last-resort handler), which the CLI sends to the run's log."""
     if cap is None and not needs_probe(cfg):
         return cfg
     updates, note, warning = decide(cfg, cap or probe(cfg.scaling.use_gpu))
-    for text in (note, warning):
+    for text, level in ((note, logging.INFO), (warning, logging.WARNING)):
         if text and text not in _said:
             _said.add(text)
-            print(f"raysft: {text}", file=sys.stderr, flush=True)
+            log.log(level, "raysft: %s", text)
     return cfg.with_overrides(updates) if updates else cfg
 
 

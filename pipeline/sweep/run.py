@@ -85,6 +85,7 @@ from raysft.pipeline.sweep.report import (
 )
 from raysft.pipeline.sweep.space import SweepPlan, data_overrides, plan_sweep, trial_overrides
 from raysft.pipeline.tracking import finish_sweep_tracking, finish_tracking, start_sweep_tracking
+from raysft.pipeline.trainer import build_trainer, finish_run, hold_run_folder, preflight
 from raysft.pipeline.training.generate_eval import generation_history
 from raysft.pipeline.training.reader import StepLayout
 
@@ -99,7 +100,6 @@ RESUME_MAY_DIFFER = ("run.address",)
 def tune(cfg: Config, resume: bool = False) -> SweepResult:
     """Run (or with `resume`, continue) the sweep declared in `cfg.tune`; returns the table and the best trial."""
     # torch, with the trainer (not needed to check a sweep's config)
-    from raysft.pipeline.trainer import preflight
 
     plan = plan_sweep(cfg)  # every user error in the tune section, before anything starts
     data_cfg = cfg  # data paths as written, so the data cache key matches `raysft train`'s
@@ -194,8 +194,6 @@ def run_trial(
     tracking_parent: dict[str, Any] | None = None,
 ) -> None:
     """One Tune trial: the config with the sampled values, trained by its own TorchTrainer."""
-    from raysft.pipeline.trainer import hold_run_folder
-
     trial_id = rt.get_context().get_trial_id()
     cfg = trial_config(Config.from_dict(base, source), plan, config, trial_id, trials_dir)
     run_dir = storage.join(trials_dir, trial_id)  # a folder or a URI
@@ -217,7 +215,6 @@ def _train_trial(
     from ray.tune.integration.ray_train import TuneReportCallback
 
     # torch, with the trainer, in each trial's process
-    from raysft.pipeline.trainer import build_trainer, finish_run
 
     options = storage.StorageOptions.of(cfg)
     attempt = json.dumps({"started": time.time(), "pid": os.getpid()}) + "\n"

@@ -14,6 +14,7 @@ torch.distributed (`training/torchrun_entry.py`). `loop_config` holds:
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import random
 import shutil
@@ -32,6 +33,7 @@ from raysft.pipeline import storage
 from raysft.pipeline.config import Config, accumulation
 from raysft.pipeline.data.schema import REQUIRED_COLUMNS
 from raysft.pipeline.data.shards import ShardIndex, read_all
+from raysft.pipeline.errors import ConfigError
 from raysft.pipeline.models.load import build_model
 from raysft.pipeline.run_folder import LEDGER_FILE, RunFolder, append_event
 from raysft.pipeline.storage import StorageOptions
@@ -117,8 +119,6 @@ class DeepSpeedStepEngine:
 
 
 def flash_attn_importable() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("flash_attn") is not None
 
 
@@ -126,8 +126,6 @@ def resolve_attention(cfg: Config) -> str:
     """The attention a run uses: "auto" is flash_attention_2 (one varlen sequence per micro-batch: no dense
     block-causal mask) on GPUs when flash-attn is importable, else sdpa. An explicit flash_attention_2 without
     the package is refused before any worker starts: transformers would try a hub download instead."""
-    from raysft.pipeline.errors import ConfigError
-
     impl = cfg.model.attn_implementation
     if impl == "auto":
         return "flash_attention_2" if cfg.scaling.use_gpu and flash_attn_importable() else "sdpa"

@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 
+from raysft.pipeline import storage
 from raysft.pipeline.cli import add_config_args
 from raysft.pipeline.config import load_config
 from raysft.pipeline.data.shards import has_rows, load_index
-from raysft.pipeline.errors import RaysftError
+from raysft.pipeline.errors import ConfigError, RaysftError
 from raysft.pipeline.run_folder import run_dir_of
 from raysft.pipeline.storage import StorageOptions
 from raysft.pipeline.trainer import preflight, publish_adapter, read_deepspeed_json
@@ -40,8 +41,6 @@ class TorchrunContext:
     """WorkerContext over torch.distributed: checkpoints land in run_dir/checkpoint_NNNNNN."""
 
     def __init__(self, run_dir: Path, device: torch.device, keep: int = 2):
-        from raysft.pipeline.training import collectives
-
         self.rank, self.world_size = collectives.rank(), collectives.world_size()
         self.device = device
         self.run_dir = run_dir
@@ -57,8 +56,6 @@ class TorchrunContext:
     ) -> None:
         """`validation` is ignored: the generation eval is Ray Train's checkpoint validation (no Ray here).
         Checkpoints are always copied in place before this returns (`durable`)."""
-        from raysft.pipeline.training import collectives
-
         if checkpoint_dir is None:
             return  # metrics.jsonl (rank 0) is the record; nothing to synchronise
         dest = self.run_dir / f"checkpoint_{step:06d}"
@@ -88,9 +85,6 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 def check_local_storage(storage_path: str) -> None:
     """This entry writes its run folder with local file operations; an object store is refused in one sentence
     (rather than a `mkdir` on an s3:// string): run such a run through Ray (`raysft train`), which stages it."""
-    from raysft.pipeline import storage
-    from raysft.pipeline.errors import ConfigError
-
     if storage.is_remote(storage_path):
         raise ConfigError(
             f"run.storage_path {storage_path} is an object store, which the torchrun entry cannot write yet; "
