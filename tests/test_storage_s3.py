@@ -523,7 +523,9 @@ def test_submit_wait_of_a_run_on_s3(s3, s3_head, tiny_model_dir, tmp_path):
     secrets = [os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["AWS_ACCESS_KEY_ID"]]
     info = JobSubmissionClient(s3_head.url, headers={"Authorization": f"Bearer {s3_head.token}"}).get_job_info(job)
     submitted = json.dumps([info.runtime_env, info.metadata, info.entrypoint], default=str)
-    assert not any(v in submitted for v in secrets) and "env_vars" not in (info.runtime_env or {}), submitted
+    shipped = (info.runtime_env or {}).get("env_vars") or {}
+    # only raysft's recovery settings travel as env_vars (pipeline/ray_recovery.py); credentials never do
+    assert not any(v in submitted for v in secrets) and all(k.startswith("RAY_TRAIN_") for k in shipped), submitted
     written = [i.path for i in fs.get_file_info(pafs.FileSelector("raysft/jobruns/tiny-job", recursive=True))]
     assert "raysft/jobruns/tiny-job/config.yaml" in written and "raysft/jobruns/tiny-job/run.json" in written
     for path in written + cache:
