@@ -14,9 +14,10 @@ import json
 
 import pytest
 
+from raysft.pipeline.data.encode import ChatEncoder
 from raysft.pipeline.data.formats import normalise_row
 from raysft.pipeline.data.schema import IGNORE_INDEX as IGNORE
-from raysft.pipeline.data.tokenize import ChatEncoder
+from raysft.pipeline.data.tokenize import encode_table
 
 FAMILIES = ["llama-3.1-instruct", "qwen2.5-instruct", "qwen3", "mistral-7b-instruct-v0.3"]
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -509,7 +510,7 @@ def test_openai_style_tool_call_ids_on_mistral_are_mapped_kept_exact_and_counted
         assert sorted(got) == sorted(want), (got, want)
     assert expected_rewrites == 6  # 4 + 2 second-round calls; the ShareGPT row's generated id already fits
     # counted in stats.json, through the packing stage
-    table = encoder.encode_table(items, list(range(len(items))), [0] * len(items))
+    table = encode_table(encoder, items, list(range(len(items))), [0] * len(items))
     stats = StatsAccumulator(4096, [[tmp_path / "t.jsonl"]])
     stats.add(pack_batch(table, 4096))
     out = stats.to_dict()

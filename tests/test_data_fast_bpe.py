@@ -22,10 +22,10 @@ import pytest
 from conftest import SHARED_DATA, SHARED_TOKENIZERS
 from test_data_masks import SYNTHETIC
 
+from raysft.pipeline.data.encode import ChatEncoder
 from raysft.pipeline.data.fast_bpe import ByteLevelFastPath
 from raysft.pipeline.data.formats import normalise_row
 from raysft.pipeline.data.light_tokenizer import TokenizerSpec
-from raysft.pipeline.data.tokenize import ChatEncoder
 
 TRICKY = [
     "It's what they've said: we'll see, I'd think you're 'quoted' and 'S'T'",

@@ -13,7 +13,8 @@ from audit import normalise_batch
 from raysft.pipeline.config import load_config
 from raysft.pipeline.data import plan
 from raysft.pipeline.data.sources import MAX_ROW_BYTES, Chunk, plan_chunks, read_chunk
-from raysft.pipeline.data.tokenize import TokenizeStage, load_tokenizer_spec
+from raysft.pipeline.data.spec_cache import load_tokenizer_spec
+from raysft.pipeline.data.tokenize import TokenizeStage
 from raysft.pipeline.errors import DataError
 
 GOOD = json.dumps({"question": "what is 2 + 2", "answer": "it is 4"})

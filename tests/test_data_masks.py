@@ -11,9 +11,9 @@ import json
 import numpy as np
 import pytest
 
+from raysft.pipeline.data.encode import ChatEncoder
 from raysft.pipeline.data.formats import normalise_row
 from raysft.pipeline.data.schema import IGNORE_INDEX as IGNORE
-from raysft.pipeline.data.tokenize import ChatEncoder
 
 pytestmark = pytest.mark.smoke  # in `make test-latest`'s canary subset
 
@@ -239,7 +239,7 @@ def test_light_spec_matches_transformers_token_for_token(name, shared_data, chat
             assert got[0].tolist()[:-1] == tok(item.text)["input_ids"]
     # The light path really is light: building and using it imports no transformers.
     code = (
-        "import pickle, sys; from raysft.pipeline.data.tokenize import ChatEncoder; "
+        "import pickle, sys; from raysft.pipeline.data.encode import ChatEncoder; "
         "from raysft.pipeline.data.formats import normalise_row; "
         "e = ChatEncoder(pickle.loads(sys.stdin.buffer.read())); "
         "e.encode([normalise_row({'prompt': 'a', 'completion': 'b'})]); "

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raysft.pipeline.config import load_config
-from raysft.pipeline.data import plan, preview, tokenize
+from raysft.pipeline.data import masks, plan, preview
 from raysft.pipeline.data.sources import split_source_id
 from raysft.pipeline.errors import ConfigError
 
@@ -46,7 +46,7 @@ def test_self_check_drops_and_counts_every_row_a_broken_mask_routine_breaks(
     cfg = config(tmp_path, shared_tokenizers / LLAMA, str(train), max_bad_fraction=1.0)
     clean = plan.prepare(cfg, tmp_path / "clean", use_ray=False)
     assert clean["rows_used"] == 300 and "mask_check_failed" not in clean["rows_dropped"]
-    real = tokenize._trained_ranges
+    real = masks.trained_ranges
 
     def broken(ids, turns, *args):  # skips the first content token of answers whose result starts with 1
         return [
@@ -54,7 +54,7 @@ def test_self_check_drops_and_counts_every_row_a_broken_mask_routine_breaks(
             for t, (lo, hi, close) in zip(turns, real(ids, turns, *args))
         ]
 
-    monkeypatch.setattr(tokenize, "_trained_ranges", broken)
+    monkeypatch.setattr(masks, "trained_ranges", broken)
     stats = plan.prepare(cfg, tmp_path / "broken", use_ray=False)
     affected = sum("#### 1" in r["answer"] for r in rows)
     assert 10 < affected < 300

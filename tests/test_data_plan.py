@@ -17,7 +17,7 @@ from raysft.pipeline import cli
 from raysft.pipeline.config import load_config
 from raysft.pipeline.data import plan
 from raysft.pipeline.data.light_tokenizer import TokenizerSpec
-from raysft.pipeline.data.tokenize import load_tokenizer_spec
+from raysft.pipeline.data.spec_cache import load_tokenizer_spec
 from raysft.pipeline.errors import DataError, ModelError
 from raysft.pipeline.models.tokenizer import load_tokenizer
 
@@ -165,7 +165,7 @@ def test_tokenizer_spec_is_cached_and_keyed_by_the_tokenizer_files(tok_dir, tmp_
     (entry,) = (tmp_path / "cache" / "tokenizers").glob("*.json")
     code = (
         "import sys; from raysft.pipeline.config import load_config; "
-        "from raysft.pipeline.data.tokenize import load_tokenizer_spec; "
+        "from raysft.pipeline.data.spec_cache import load_tokenizer_spec; "
         f"s = load_tokenizer_spec(load_config(None, {cfg_overrides(cfg)!r})); "
         "print(s.fingerprint(), 'transformers' in sys.modules)"
     )

@@ -22,8 +22,8 @@ from collections import defaultdict
 import numpy as np
 import pyarrow as pa
 
+from raysft.pipeline.data.arrow_lists import flat_lists, int32_lists
 from raysft.pipeline.data.schema import IGNORE_INDEX, PACKED_ROW_SCHEMA
-from raysft.pipeline.data.tokenize import _list_array
 
 # The packed rows plus the drop rows and counters the stats need (the dataset keeps PACKED_COLUMNS).
 PACKED_SCHEMA = pa.schema(
@@ -44,7 +44,13 @@ PACKED_SCHEMA = pa.schema(
 
 
 def _subset_fill(counts: dict[int, int], room: int, lengths_desc: list[int]) -> list[int]:
-    """Lengths (with repeats, at most counts[L] of each) whose sum is the largest reachable <= room."""
+    """Lengths (with repeats, at most counts[L] of each) whose sum is the largest reachable <= room.
+
+    >>> _subset_fill({4: 1, 3: 3, 2: 1}, 5, [4, 3, 2])  # 3 + 2 fills 5 exactly; 4 alone would leave 1
+    [2, 3]
+    >>> _subset_fill({4: 1, 3: 3, 2: 1}, 1, [4, 3, 2])
+    []
+    """
     if room <= 0:
         return []
     mask, full = (1 << (room + 1)) - 1, 1 << room
@@ -73,7 +79,11 @@ def _subset_fill(counts: dict[int, int], room: int, lengths_desc: list[int]) -> 
 
 
 def bfd_bins(lengths: list[int] | np.ndarray, capacity: int) -> list[list[int]]:
-    """Plain best-fit decreasing: each sample, longest first, goes to the fullest bin it fits in."""
+    """Plain best-fit decreasing: each sample, longest first, goes to the fullest bin it fits in.
+
+    >>> bfd_bins([5, 4, 3, 3, 3, 2], 10)  # 5 + 4 leaves 1 that nothing fills
+    [[0, 1], [2, 3, 4], [5]]
+    """
     rem: list[tuple[int, int]] = []  # (room left, bin index), sorted
     bins: list[list[int]] = []
     for i in sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i)):
@@ -95,6 +105,9 @@ def plan_bins(lengths: list[int] | np.ndarray, capacity: int) -> list[list[int]]
     The subset-sum fill wins when samples are small next to the capacity (gsm8k at 1024: 0.9997
     vs 0.976); when most samples exceed half the capacity plain BFD can be better, so both run
     (each takes milliseconds) and the one with fewer bins is kept.
+
+    >>> plan_bins([5, 4, 3, 3, 3, 2], 10)  # two full bins (subset-sum fill) instead of BFD's three
+    [[0, 5, 2], [1, 3, 4]]
     """
     fill = subset_fill_bins(lengths, capacity)
     bfd = bfd_bins(lengths, capacity)
@@ -102,7 +115,11 @@ def plan_bins(lengths: list[int] | np.ndarray, capacity: int) -> list[list[int]]
 
 
 def subset_fill_bins(lengths: list[int] | np.ndarray, capacity: int) -> list[list[int]]:
-    """Largest remaining sample first, then an exact subset-sum fill of the room it leaves."""
+    """Largest remaining sample first, then an exact subset-sum fill of the room it leaves.
+
+    >>> subset_fill_bins([5, 4, 3, 3, 3, 2], 10)  # 5 + 3 + 2, then 4 + 3 + 3
+    [[0, 5, 2], [1, 3, 4]]
+    """
     by_length: dict[int, list[int]] = defaultdict(list)
     for i in sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i), reverse=True):
         by_length[int(lengths[i])].append(i)  # each list pops its lowest index first
@@ -122,15 +139,28 @@ def subset_fill_bins(lengths: list[int] | np.ndarray, capacity: int) -> list[lis
     return bins
 
 
-def _rows(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    return arr.offsets.to_numpy(), arr.values.to_numpy(zero_copy_only=False)
-
-
 def pack_batch(table: pa.Table, max_seq_len: int, packing: str = "bfd", too_long: str = "truncate") -> pa.Table:
-    """Pure stage: TOKENIZED_SCHEMA table (one window) -> PACKED_SCHEMA table (packed rows + drop rows)."""
-    offs, ids_flat = _rows(table.column("input_ids"))
-    _, lab_flat = _rows(table.column("labels"))
+    """Pure stage: TOKENIZED_SCHEMA table (one window) -> PACKED_SCHEMA table (packed rows + drop rows).
+
+    Three samples and a dropped row, packed into rows of at most 5 tokens: each packed sample's first
+    label is ignored, positions restart per sample, and the drop comes out as a row carrying its reason.
+
+    >>> table = pa.table({
+    ...     "source_id": [0, 1, 2, 3],
+    ...     "split": pa.array([0, 0, 0, 0], pa.int8()),
+    ...     "input_ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9], []],
+    ...     "labels": [[-100, 2, 3], [-100, 5], [-100, -100, 8, 9], []],
+    ...     "drop_reason": [None, None, None, "unknown_format"],
+    ...     "detail": [None, None, None, "row 3 has no known format"],
+    ... })
+    >>> for row in pack_batch(table, max_seq_len=5).to_pylist():
+    ...     print(row["source_ids"], row["input_ids"], row["labels"], row["position_ids"], row["drop_reason"])
+    [3] [] [] [] unknown_format
+    [2] [6, 7, 8, 9] [-100, -100, 8, 9] [0, 1, 2, 3] None
+    [0, 1] [1, 2, 3, 4, 5] [-100, 2, 3, -100, 5] [0, 1, 2, 0, 1] None
+    """
+    offs, ids_flat = flat_lists(table.column("input_ids"))
+    _, lab_flat = flat_lists(table.column("labels"))
     sids = table.column("source_id").to_numpy()
     splits = table.column("split").to_numpy()
     reasons = table.column("drop_reason").to_pylist()
@@ -225,7 +255,7 @@ def pack_batch(table: pa.Table, max_seq_len: int, packing: str = "bfd", too_long
         "sample_copies",
         "sample_truncated",
     ):
-        cols[name] = _list_array([np.asarray(v, dtype=np.int32) for v in out[name]])
+        cols[name] = int32_lists([np.asarray(v, dtype=np.int32) for v in out[name]])
     cols["source_ids"] = pa.array(out["source_ids"], pa.list_(pa.int64()))
     for name in (
         "split",

@@ -38,8 +38,9 @@ from raysft.pipeline.data.pack import pack_batch
 from raysft.pipeline.data.schema import Prepared
 from raysft.pipeline.data.shards import ShardWriter, has_rows, load_index
 from raysft.pipeline.data.sources import MAX_FILES, Chunk, expand, files_identity, plan_chunks, read_chunk
+from raysft.pipeline.data.spec_cache import load_tokenizer_spec
 from raysft.pipeline.data.stats import StatsAccumulator
-from raysft.pipeline.data.tokenize import TokenizeStage, load_tokenizer_spec
+from raysft.pipeline.data.tokenize import TokenizeStage
 from raysft.pipeline.errors import ClusterError, ConfigError, DataError, RaysftError, user_error
 from raysft.pipeline.models.source import tokenizer_source
 from raysft.pipeline.storage import StorageOptions

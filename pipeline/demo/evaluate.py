@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from raysft.pipeline.config import Config
+from raysft.pipeline.data.encode import ChatEncoder
 from raysft.pipeline.data.formats import normalise_row
-from raysft.pipeline.data.tokenize import ChatEncoder
 from raysft.pipeline.demo import task as demo_task
 from raysft.pipeline.models.load import load_base_model
 from raysft.pipeline.models.tokenizer import load_tokenizer

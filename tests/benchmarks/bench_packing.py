@@ -32,9 +32,9 @@ def main() -> None:
     from transformers import AutoTokenizer
     from trl import pack_dataset
 
+    from raysft.pipeline.data.encode import ChatEncoder
     from raysft.pipeline.data.formats import normalise_row
     from raysft.pipeline.data.pack import bfd_bins, plan_bins
-    from raysft.pipeline.data.tokenize import ChatEncoder
 
     datasets.disable_caching()
     datasets.disable_progress_bars()

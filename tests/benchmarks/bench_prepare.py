@@ -116,8 +116,9 @@ def run(cmd: list[str], env: dict | None = None) -> tuple[float, int, int, float
 def self_check_cost(tokenizer: str, runs: int, work: Path) -> dict:
     """Median seconds of encode_flat over gsm8k x1 with the mask self-check on and off (interleaved)."""
     from raysft.pipeline.config import load_config
+    from raysft.pipeline.data.encode import ChatEncoder
     from raysft.pipeline.data.formats import normalise_row
-    from raysft.pipeline.data.tokenize import ChatEncoder, load_tokenizer_spec
+    from raysft.pipeline.data.spec_cache import load_tokenizer_spec
 
     spec = load_tokenizer_spec(
         load_config(None, {"model.name_or_path": tokenizer, "data.cache_dir": str(work / "cache")})
