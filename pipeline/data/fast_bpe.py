@@ -233,7 +233,14 @@ class ByteLevelFastPath:
 
 def char_spans(text: str, byte_starts: np.ndarray, byte_ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Byte spans of tokens in `text` -> character spans (start: the character holding the first byte;
-    end: one past the character holding the last byte)."""
+    end: one past the character holding the last byte).
+
+    "né!" is 4 bytes (é is 2); tokens "n", "é", "!" at bytes 0..1, 1..3, 3..4 are characters 0..1, 1..2, 2..3:
+
+    >>> starts, ends = char_spans("né!", np.array([0, 1, 3]), np.array([1, 3, 4]))
+    >>> starts.tolist(), ends.tolist()
+    ([0, 1, 2], [1, 2, 3])
+    """
     raw = np.frombuffer(text.encode(), dtype=np.uint8)
     char_of = np.cumsum((raw & 0xC0) != 0x80, dtype=np.int64) - 1  # UTF-8: continuation bytes are 10xxxxxx
     nonempty = byte_ends > byte_starts

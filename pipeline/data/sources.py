@@ -76,16 +76,30 @@ class Chunk:
 
 
 def source_id(file_index: int, row: int) -> int:
+    """A row's id: its file's index in the high bits, its row number in the low 40 (one file's ids are its rows).
+
+    >>> source_id(0, 7), source_id(2, 7) == 2 * 2**40 + 7
+    (7, True)
+    """
     return (file_index << FILE_SHIFT) | row
 
 
 def split_source_id(sid: int) -> tuple[int, int]:
-    """(file_index, row) of a source id (of any of the row's samples)."""
+    """(file_index, row) of a source id (of any of the row's samples).
+
+    >>> split_source_id(source_id(2, 7))
+    (2, 7)
+    """
     return (sid >> FILE_SHIFT) & (MAX_FILES - 1), sid & ((1 << FILE_SHIFT) - 1)
 
 
 def sample_ids(sids: np.ndarray, views: np.ndarray, copies: np.ndarray) -> np.ndarray:
-    """The ids of a row's samples: its source id, plus its view and copy numbers in the high bits."""
+    """The ids of a row's samples: its source id, plus its view and copy numbers in the high bits.
+
+    >>> ids = sample_ids(np.array([7, 7]), views=np.array([0, 1]), copies=np.array([0, 2]))
+    >>> ids.tolist() == [7, 7 | 1 << VIEW_SHIFT | 2 << COPY_SHIFT], [split_source_id(i) for i in ids.tolist()]
+    (True, [(0, 7), (0, 7)])
+    """
     return sids.astype(np.int64) | (views.astype(np.int64) << VIEW_SHIFT) | (copies.astype(np.int64) << COPY_SHIFT)
 
 
