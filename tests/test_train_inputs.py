@@ -15,8 +15,8 @@ from raysft.pipeline.config import load_config
 from raysft.pipeline.errors import ClusterError, ConfigError, ModelError
 from raysft.pipeline.trainer import preflight, train
 from raysft.pipeline.training.checkpoint import rng_state, set_rng_state
+from raysft.pipeline.training.engine import deepspeed_config
 from raysft.pipeline.training.ledger import Ledger
-from raysft.pipeline.training.loop import deepspeed_config
 from raysft.pipeline.training.reader import ShardOrder, StepLayout
 
 
