@@ -84,7 +84,7 @@ def run_worker(
 class WorkerRecipe:
     """One worker's run, laid out as torchtune's recipes are: `setup_data`, `setup_model` (model, optimizer,
     DeepSpeed engine), `resume`, `train` (the step loop; `save_checkpoint` at its save boundaries), `close`.
-    Each step sets the attributes the later ones read; rank 0 also keeps the run folder's files."""
+    Each stage sets the attributes the later ones read; rank 0 also keeps the run folder's files."""
 
     def __init__(self, cfg: Config, ctx: WorkerContext, run_dir: Path):
         self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
@@ -195,7 +195,7 @@ class WorkerRecipe:
             epoch, step_table = self.reader.step(step)  # the step's rows, streamed from the shards of its window
             done = step + 1
             last = done == total
-            res, metrics = self.train_step(step_table, epoch, done, last, watch.pending)
+            res, metrics = self.run_step(step_table, epoch, done, last, watch.pending)
             if self.rank == 0:
                 self._record_step(step_table, epoch, metrics)
             preempting = res.notices > 0
@@ -210,7 +210,7 @@ class WorkerRecipe:
                 self.ctx.report(metrics)
         watch.close()
 
-    def train_step(
+    def run_step(
         self, step_table, epoch: int, done: int, last: bool, pending: Callable[[], Notice | None]
     ) -> tuple[StepNumbers, dict[str, Any]]:
         """One optimizer step on this rank's micro-batches of the step's rows; its metrics, with the eval when due."""
