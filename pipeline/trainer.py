@@ -8,7 +8,6 @@ storage path, fp16 with DeepSpeed.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -34,6 +33,7 @@ from raysft.pipeline.storage import StorageOptions
 from raysft.pipeline.tracking import finish_tracking, start_tracking
 from raysft.pipeline.training import generate_eval
 from raysft.pipeline.training import identity as run_identity
+from raysft.pipeline.training.engine import check_precision, read_deepspeed_json
 from raysft.pipeline.training.loop import resolve_attention, train_loop_per_worker
 from raysft.pipeline.training.reader import StepLayout
 
@@ -104,32 +104,6 @@ def preflight(cfg: Config) -> Config:
     out = cfg.with_overrides(updates)
     object.__setattr__(out, "source", cfg.source)
     return out
-
-
-def read_deepspeed_json(path: str | os.PathLike) -> dict:
-    """The user's DeepSpeed config (train.deepspeed.config): readable JSON holding an object."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"train.deepspeed.config {path} is not readable JSON ({exc}).") from None
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"train.deepspeed.config {path} holds a JSON {type(data).__name__}, not an object of DeepSpeed settings."
-        )
-    return data
-
-
-def check_precision(cfg: Config, user_json: dict | None) -> None:
-    """fp32 gradient accumulation at every ZeRO stage: DeepSpeed's stage 0 accumulates in the model's dtype
-    (a bf16 model with fp32 accumulation is refused by DeepSpeed there), so stage 0 with bf16 is refused here."""
-    zero = (user_json or {}).get("zero_optimization") or {"stage": cfg.train.deepspeed.stage}
-    stage = int(zero.get("stage", 0)) if isinstance(zero, dict) else cfg.train.deepspeed.stage
-    if stage == 0 and cfg.model.dtype == "bfloat16":
-        where = "train.deepspeed.config's zero_optimization.stage" if user_json else "train.deepspeed.stage"
-        raise ConfigError(
-            f"{where} 0 with model.dtype bfloat16 would accumulate gradients in bf16 (DeepSpeed accumulates in "
-            "fp32 only at ZeRO stages 1-3); use stage 1 or higher, or model.dtype float32."
-        )
 
 
 def _check_writable(path: Path, key: str) -> None:

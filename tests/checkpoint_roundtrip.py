@@ -44,7 +44,7 @@ import train_fixtures as F  # noqa: E402
 from raysft.pipeline.config import load_config  # noqa: E402
 from raysft.pipeline.models.load import build_model  # noqa: E402
 from raysft.pipeline.training import checkpoint as ck  # noqa: E402
-from raysft.pipeline.training.loop import DeepSpeedStepEngine, deepspeed_config  # noqa: E402
+from raysft.pipeline.training.engine import DeepSpeedStepEngine, deepspeed_config, trainable_state_dict  # noqa: E402
 from raysft.pipeline.training.step import collate, make_optimizer, optimizer_step  # noqa: E402
 
 cfg = load_config(
@@ -98,17 +98,17 @@ ck.save(
     storage=out,
 )
 problem = ck.problem(out)
-saved = ck.trainable_state_dict(a.module)
+saved = trainable_state_dict(a.module)
 step(a, 2)
 step(a, 3)
-wa, lra = ck.trainable_state_dict(a.module), a.optimizer.param_groups[0]["lr"]
+wa, lra = trainable_state_dict(a.module), a.optimizer.param_groups[0]["lr"]
 
 b = engine()
 step(b, 5)  # other state that loading must replace
 state = ck.load(b, out, rank=0)
 step(b, 2)
 step(b, 3)
-wb, lrb = ck.trainable_state_dict(b.module), b.optimizer.param_groups[0]["lr"]
+wb, lrb = trainable_state_dict(b.module), b.optimizer.param_groups[0]["lr"]
 diff = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
 changed = max(float((wa[k].float() - saved[k].float()).abs().max()) for k in wa)
 from pathlib import Path  # noqa: E402

@@ -44,7 +44,7 @@ def zero3_trace_worker(
 
     from raysft.pipeline.config import load_config
     from raysft.pipeline.models.load import build_model
-    from raysft.pipeline.training.loop import DeepSpeedStepEngine, deepspeed_config
+    from raysft.pipeline.training.engine import DeepSpeedStepEngine, deepspeed_config
     from raysft.pipeline.training.step import (
         collate_table,
         make_optimizer,

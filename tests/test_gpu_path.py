@@ -105,7 +105,7 @@ def test_sweep_concurrency_uses_the_autoscaler_maximum():
 
 
 def test_generated_deepspeed_config_accumulates_in_fp32():
-    from raysft.pipeline.training.loop import deepspeed_config
+    from raysft.pipeline.training.engine import deepspeed_config
 
     for stage in (1, 2, 3):
         ds = deepspeed_config(
@@ -120,7 +120,7 @@ def test_generated_deepspeed_config_accumulates_in_fp32():
 
 def test_stage_0_with_bf16_is_refused_in_one_sentence():
     """Issue 20 item 5: DeepSpeed's stage 0 accumulates in the model dtype; bf16 there is refused up front."""
-    from raysft.pipeline.trainer import check_precision
+    from raysft.pipeline.training.engine import check_precision
 
     with pytest.raises(ConfigError, match=r"^train.deepspeed.stage 0 with model.dtype bfloat16 .*stage 1 or higher"):
         check_precision(cfg_of(**{"train.deepspeed.stage": 0, "model.dtype": "bfloat16"}), None)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,8 +17,8 @@ from raysft.pipeline.config import load_config
 from raysft.pipeline.errors import ClusterError, ConfigError, ModelError
 from raysft.pipeline.trainer import preflight, train
 from raysft.pipeline.training.checkpoint import rng_state, set_rng_state
+from raysft.pipeline.training.engine import deepspeed_config
 from raysft.pipeline.training.ledger import Ledger
-from raysft.pipeline.training.loop import deepspeed_config
 from raysft.pipeline.training.reader import ShardOrder, StepLayout
 
 
@@ -161,6 +163,23 @@ def test_deepspeed_config_owns_batching_and_precision(tiny_model_dir, tmp_path):
     assert "fp16" not in ds and "optimizer" not in ds and ds["train_batch_size"] == 6
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True} and ds["gradient_clipping"] == 0.5
     json.dumps(ds)
+
+
+def test_import_deepspeed_leaves_out_its_autotuners_mlflow_import(tmp_path):
+    """engine.import_deepspeed: DeepSpeed loads without the mlflow import its autotuner makes (seconds of CPU per
+    worker), and leaves no trace that would keep mlflow from importing later (rank 0's tracking). A fresh
+    interpreter: this one may hold either package already."""
+    pytest.importorskip("mlflow")
+    code = (
+        "import sys\n"
+        "from raysft.pipeline.training.engine import import_deepspeed\n"
+        "import_deepspeed()\n"
+        "from deepspeed.autotuning import autotuner\n"
+        "print('mlflow' in sys.modules, autotuner.has_mlflow)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["False", "False"], out.stdout
 
 
 def test_rng_state_roundtrip_is_json():

@@ -9,7 +9,8 @@ Layout of one checkpoint folder (every rank writes its part; Ray merges them int
     optim/rank{R}.fragments.safetensors + .json
                              elastic runs (scaling.num_workers [min, max]) under ZeRO-1/2: rank R's pieces of each
                              trainable parameter's fp32 master and optimizer moments, by parameter name and offset,
-                             so a resumed run re-partitions them over another worker count (`load_engine_state`)
+                             so a resumed run re-partitions them over another worker count (`load_engine_state`,
+                             training/engine.py)
     rng/rank{R}.json         Python, NumPy and torch RNG states of rank R
     samples.jsonl            the ledger up to this step
     config.yaml              the resolved config
@@ -36,6 +37,17 @@ from raysft.pipeline.errors import CheckpointError
 from raysft.pipeline.models.load import save_adapter
 from raysft.pipeline.run_folder import ADAPTER_DIR, LEDGER_FILE, RESOLVED_CONFIG
 from raysft.pipeline.training import collectives
+from raysft.pipeline.training.engine import (
+    LIVE_ONLY,
+    engine_state,
+    fragments,
+    load_partition,
+    load_repartitioned,
+    load_trainable,
+    partitioned,
+    restore_counters,
+    trainable_state_dict,
+)
 from raysft.pipeline.training.safe_state import load_tree, save_tree
 
 STATE_FILE = "state.json"
@@ -43,9 +55,6 @@ MODULE_FILE = "module.safetensors"
 MANIFEST_DIR = "manifest"
 # Written by Ray itself next to a checkpoint's files (Checkpoint.set_metadata); JSON, never read by raysft.
 RAY_FILES = frozenset({".metadata.json"})
-# Optimizer-state entries that are objects, not data; restored from the live optimizer (DeepSpeed's
-# static loss scaler with bf16/fp32, and the slice maps only universal checkpoints use).
-_LIVE_ONLY = frozenset({"loss_scaler", "param_slice_mappings", "universal_checkpoint_info"})
 SPACE_MARGIN_BYTES = 4 << 20  # leave this much free after a checkpoint (metadata, Ray's snapshot)
 
 
@@ -95,80 +104,28 @@ def _device_module(dev: torch.device):
     return getattr(torch, dev.type)
 
 
-def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Full (gathered under ZeRO-3) copies of the trainable parameters; call on every rank."""
-    import deepspeed
-
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
-        return {n: p.detach().cpu().clone() for n, p in params}
+# ---------------------------------------------------------------- engine state in the folder
 
 
-# ---------------------------------------------------------------- engine state as tensors
+def load_engine_state(engine, directory: Path, rank: int) -> None:
+    """Restore trainable weights, optimizer (incl. fp32 master partitions), scheduler and counters: this rank's own
+    partition at the saved world size, else re-partitioned from every saved rank's pieces (training/engine.py)."""
+    load_trainable(engine, _load_module_file(directory / MODULE_FILE), directory)
+    saved_world = int(json.loads((directory / STATE_FILE).read_text())["world_size"])
+    if saved_world != collectives.world_size():
+        tree = load_tree(directory / "optim" / "rank0")
+        load_repartitioned(engine, tree, _saved_fragments(engine, directory, saved_world))
+    else:
+        tree = load_tree(directory / "optim" / f"rank{rank}")
+        load_partition(engine, tree)
+    restore_counters(engine, tree)
 
 
-def engine_state(engine) -> dict[str, Any]:
-    """What DeepSpeed's save_checkpoint would keep for resuming, as a plain tree (this rank's partition)."""
-    sched = engine.lr_scheduler
-    return {
-        "optimizer": engine.optimizer.state_dict(),
-        "lr_scheduler": sched.state_dict() if sched is not None else None,
-        "global_steps": int(engine.global_steps),
-        "global_samples": int(engine.global_samples),
-        "skipped_steps": int(engine.skipped_steps),
-    }
-
-
-# ---------------------------------------------------------------- optimizer state at another world size
-
-
-def _lp_groups(zero_optimizer) -> list[list[torch.nn.Parameter]] | None:
-    """The trainable parameters of each flat partition group of a partitioning DeepSpeed optimizer (ZeRO-1/2:
-    bit16_groups, the bf16 optimizer: bf16_groups); None for a plain torch optimizer (every rank holds all)."""
-    for name in ("bit16_groups", "bf16_groups"):
-        groups = getattr(zero_optimizer, name, None)
-        if groups is not None:
-            return groups
-    return None
-
-
-def fragments(engine) -> dict[str, Any] | None:
-    """This rank's pieces of the fp32 master weights and optimizer moments, by parameter name and offset into the
-    flattened parameter: a layout that does not depend on the world size (None when nothing is partitioned)."""
-    groups = _lp_groups(engine.optimizer)
-    if groups is None:
+def _saved_fragments(engine, directory: Path, saved_world: int) -> list[dict[str, Any]] | None:
+    """Every saved rank's optimizer fragments, in rank order (None when the optimizer is not partitioned: each rank
+    holds the whole state); one sentence when the checkpoint was written without them (not an elastic run)."""
+    if not partitioned(engine):
         return None
-    names = {id(p): n for n, p in engine.module.named_parameters() if p.requires_grad}
-    inner = engine.optimizer.optimizer
-    out: dict[str, Any] = {"step": [], "params": {}}
-    for i, group in enumerate(groups):
-        hp = inner.param_groups[i]["params"][0]
-        step = inner.state.get(hp, {}).get("step")
-        out["step"].append(float(step) if step is not None else None)
-        for lp in group:
-            m = getattr(lp, "_hp_mapping", None)
-            if m is None:
-                continue  # this rank holds no piece of it
-            piece = {"start": int(m.lp_fragment_address.start), "fp32": m.hp_fragment}
-            piece.update({k: m.get_optim_state_fragment(k) for k in m.get_optim_state_keys()})
-            out["params"][names[id(lp)]] = piece
-    return out
-
-
-def _load_repartitioned(engine, directory: Path, saved_world: int) -> dict[str, Any]:
-    """Restore a checkpoint written at `saved_world` ranks into this engine's partition of another world size.
-
-    ZeRO-1/2 (and the bf16 optimizer): every rank reads every saved rank's fragments, assembles each parameter's
-    fp32 master and moments, and keeps its own new piece of them; a plain optimizer holds the whole state on
-    every rank, so rank 0's is loaded. Scheduler and counters are the same on every rank (rank 0's). Returns
-    rank 0's tree."""
-    from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
-
-    tree = load_tree(directory / "optim" / "rank0")
-    groups = _lp_groups(engine.optimizer)
-    if groups is None:
-        engine.optimizer.load_state_dict(tree["optimizer"])
-        return tree
     stems = [directory / "optim" / f"rank{r}.fragments" for r in range(saved_world)]
     if not all(stem.with_name(stem.name + ".json").is_file() for stem in stems):
         raise CheckpointError(
@@ -176,100 +133,7 @@ def _load_repartitioned(engine, directory: Path, saved_world: int) -> dict[str, 
             "state (it was not an elastic run), so it can only resume at that many workers; set "
             f"scaling.num_workers to {saved_world}."
         )
-    saved = [load_tree(stem) for stem in stems]
-    trainable = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
-    names, sizes = {id(p): n for n, p in trainable}, {n: p.numel() for n, p in trainable}
-    full: dict[str, dict[str, torch.Tensor]] = {}
-    for part in saved:
-        for name, piece in part["params"].items():
-            target = full.setdefault(name, {})
-            for key, value in piece.items():
-                if key == "start":
-                    continue
-                buf = target.setdefault(key, torch.zeros(sizes[name], dtype=torch.float32))
-                buf[piece["start"] : piece["start"] + value.numel()] = value.float()
-    inner = engine.optimizer.optimizer
-    for i, group in enumerate(groups):
-        keys: set[str] = set()
-        for lp in group:
-            m = getattr(lp, "_hp_mapping", None)
-            if m is None:
-                continue
-            start, numel = int(m.lp_fragment_address.start), int(m.lp_fragment_address.numel)
-            values = full[names[id(lp)]]
-            m.hp_fragment.data.copy_(values["fp32"][start : start + numel])
-            dev = m.hp_fragment.device
-            m.optim_fragment = {k: v[start : start + numel].to(dev).clone() for k, v in values.items() if k != "fp32"}
-            keys |= set(m.optim_fragment)
-        hp = inner.param_groups[i]["params"][0]
-        step = saved[0]["step"][i]
-        if step is not None:
-            inner.state[hp]["step"] = torch.tensor(step, dtype=torch.float32)
-        map_to_flat_opt_states(hp, group, inner.state, sorted(keys))
-    engine.optimizer._hp_optimizer_states_linked = True  # linked above; DeepSpeed would link empty state otherwise
-    base = tree["optimizer"].get("base_optimizer_state")
-    if isinstance(base, dict) and "param_groups" in base:
-        for current, old in zip(inner.param_groups, base["param_groups"]):
-            current.update({k: v for k, v in old.items() if k != "params"})
-    return tree
-
-
-def load_engine_state(engine, directory: Path, rank: int) -> None:
-    """Restore trainable weights, optimizer (incl. fp32 master partitions), scheduler and counters."""
-    import deepspeed
-
-    weights = _load_module_file(directory / MODULE_FILE)
-    params = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
-    missing = [n for n, _ in params if n not in weights]
-    if missing or len(weights) != len(params):
-        raise CheckpointError(
-            f"Checkpoint {directory} holds weights for {len(weights)} trainable parameters, this model "
-            f"has {len(params)} (first missing: {missing[0] if missing else 'none'}); it belongs to another LoRA shape."
-        )
-    with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
-        for n, p in params:
-            w = weights[n]
-            if tuple(w.shape) != tuple(p.shape):
-                raise CheckpointError(
-                    f"Checkpoint {directory}: {n} has shape {tuple(w.shape)}, the model {tuple(p.shape)}."
-                )
-            p.data.copy_(w.to(p.dtype))
-
-    saved_world = int(json.loads((directory / STATE_FILE).read_text())["world_size"])
-    world = collectives.world_size()
-    if saved_world != world:
-        tree = _load_repartitioned(engine, directory, saved_world)
-        _restore_counters(engine, tree)
-        return
-    tree = load_tree(directory / "optim" / f"rank{rank}")
-    opt = tree["optimizer"]
-    if hasattr(engine.optimizer, "loss_scaler"):
-        opt["loss_scaler"] = engine.optimizer.loss_scaler
-    if engine.zero_optimization():
-        group = engine.optimizer.dp_process_group
-        sd_list: list[Any] = [None] * collectives.world_size(group)
-        sd_list[collectives.rank(group)] = opt
-        engine.optimizer.load_state_dict(
-            state_dict_list=sd_list,
-            load_optimizer_states=True,
-            load_from_fp32_weights=engine.zero_load_from_fp32_weights(),
-        )
-    elif engine.bfloat16_enabled() or engine.fp16_enabled():
-        engine.optimizer.load_state_dict(opt, load_optimizer_states=True)
-    else:
-        engine.optimizer.load_state_dict(opt)
-    _restore_counters(engine, tree)
-
-
-def _restore_counters(engine, tree: dict[str, Any]) -> None:
-    """LR scheduler and engine counters (the same on every rank)."""
-    if engine.lr_scheduler is not None and tree["lr_scheduler"] is not None:
-        engine.lr_scheduler.load_state_dict(tree["lr_scheduler"])
-    engine.global_steps, engine.global_samples = (
-        tree["global_steps"],
-        tree["global_samples"],
-    )
-    engine.skipped_steps = tree["skipped_steps"]
+    return [load_tree(stem) for stem in stems]
 
 
 def _load_module_file(path: Path) -> dict[str, torch.Tensor]:
@@ -313,7 +177,7 @@ def save(
     written: list[Path] = []
     weights = trainable_state_dict(engine.module)
     try:
-        written += save_tree(engine_state(engine), directory / "optim" / f"rank{rank}", drop=_LIVE_ONLY)
+        written += save_tree(engine_state(engine), directory / "optim" / f"rank{rank}", drop=LIVE_ONLY)
         pieces = fragments(engine) if resizable else None
         if pieces is not None:
             written += save_tree(pieces, directory / "optim" / f"rank{rank}.fragments")

@@ -1,4 +1,6 @@
-"""The per-worker training loop: QLoRA with DeepSpeed on packed rows. `run_worker` reads top to bottom.
+"""The per-worker training loop: QLoRA with DeepSpeed on packed rows. `run_worker` reads as a recipe:
+setup (data, model and DeepSpeed engine), resume, the step loop, checkpoint (`WorkerRecipe`; DeepSpeed itself is
+training/engine.py).
 
 It takes its distributed context (rank, world size, device, report/checkpoint, resume) from a
 `WorkerContext` (training/context.py), so the same code runs under Ray Train
@@ -18,7 +20,6 @@ import importlib.util
 import math
 import random
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -40,6 +41,7 @@ from raysft.pipeline.storage import StorageOptions
 from raysft.pipeline.training import checkpoint as ckpt_io
 from raysft.pipeline.training import collectives, generate_eval
 from raysft.pipeline.training.context import WorkerContext
+from raysft.pipeline.training.engine import DeepSpeedStepEngine, base_weight_residency, import_deepspeed, initialize
 from raysft.pipeline.training.ledger import Ledger
 from raysft.pipeline.training.metrics import MetricsLog
 from raysft.pipeline.training.preemption import Notice, PreemptionWatch
@@ -56,103 +58,272 @@ from raysft.pipeline.training.step import (
 )
 
 
-def deepspeed_config(
-    cfg: Config, world_size: int, user_json: dict[str, Any] | None = None, grad_accum: int | None = None
-) -> dict[str, Any]:
-    """The DeepSpeed JSON: from the config, or the user's JSON with raysft's batch/precision keys enforced.
+def run_worker(
+    cfg: Config,
+    ctx: WorkerContext,
+    train_index: ShardIndex,
+    eval_index: ShardIndex | None,
+    run_dir: Path,
+    deepspeed_json: dict[str, Any] | None = None,
+    rows_per_step: int | None = None,
+) -> None:
+    """Train `cfg` on the packed rows of `train_index`'s shards as rank ctx.rank of ctx.world_size.
 
-    `grad_accum`: the micro-batches per worker at this world size (default train.grad_accum)."""
-    t = cfg.train
-    accum = grad_accum if grad_accum is not None else t.grad_accum
-    ds: dict[str, Any] = dict(user_json or {})
-    zero = dict(ds.get("zero_optimization") or {"stage": t.deepspeed.stage})
-    if user_json is None:
-        if t.deepspeed.offload_optimizer:
-            zero["offload_optimizer"] = {"device": "cpu"}
-        if t.deepspeed.offload_params and t.deepspeed.stage == 3:
-            zero["offload_param"] = {"device": "cpu"}
-    ds.update(
-        {
-            # raysft's step logic owns these: the data order and loss normalisation depend on them.
-            "train_micro_batch_size_per_gpu": t.micro_batch_size,
-            "gradient_accumulation_steps": accum,
-            "train_batch_size": t.micro_batch_size * accum * world_size,
-            "zero_optimization": zero,
-            "zero_allow_untested_optimizer": True,  # torch AdamW over the LoRA parameters
-            "zero_force_ds_cpu_optimizer": False,
-        }
-    )
-    ds.setdefault("gradient_clipping", t.max_grad_norm)
-    ds.setdefault("steps_per_print", 1 << 30)
-    ds.setdefault("wall_clock_breakdown", False)
-    ds["bf16"] = {"enabled": cfg.model.dtype == "bfloat16"}  # bf16, never fp16, with a 4-bit base
-    if zero.get("stage", 0) >= 1:
-        # Accumulate the micro-batches' gradients in fp32, not in the bf16 of the model (DeepSpeed's
-        # ZeRO optimizers take the dtype from here; stage 0 only supports the model's own dtype).
-        ds["data_types"] = {**ds.get("data_types", {}), "grad_accum_dtype": "fp32"}
-    ds.pop("fp16", None)
-    ds.pop("optimizer", None)  # the optimizer and schedule come from train.* (so resume restores them)
-    ds.pop("scheduler", None)
-    return ds
+    A step trains `rows_per_step` rows (default `cfg.rows_per_step()`, fixed by the config) at any world size:
+    each rank takes rows / (world x micro_batch_size) micro-batches, so a resized run trains the same rows per step.
+    """
+    import_deepspeed()  # first, so no later import (transformers, peft) loads DeepSpeed with its mlflow import
+    recipe = WorkerRecipe(cfg, ctx, run_dir)
+    recipe.setup_data(train_index, eval_index, rows_per_step or cfg.rows_per_step())
+    recipe.setup_model(deepspeed_json)
+    recipe.resume()
+    recipe.train()
+    recipe.close()
 
 
-class DeepSpeedStepEngine:
-    """StepEngine over a DeepSpeed engine: the engine averages gradients over ranks and accumulation."""
+class WorkerRecipe:
+    """One worker's run, laid out as torchtune's recipes are: `setup_data`, `setup_model` (model, optimizer,
+    DeepSpeed engine), `resume`, `train` (the step loop; `save_checkpoint` at its save boundaries), `close`.
+    Each stage sets the attributes the later ones read; rank 0 also keeps the run folder's files."""
 
-    def __init__(self, engine):
-        self.engine = engine
+    def __init__(self, cfg: Config, ctx: WorkerContext, run_dir: Path):
+        self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
+        self.rank, self.world, self.device = ctx.rank, ctx.world_size, ctx.device
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # DeepSpeed and NCCL use the current device
 
-    def forward_model(self):
-        return self.engine.module
+    # --- setup ---------------------------------------------------------------------------------
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss, scale_wrt_gas=False)  # the loss is already divided by the step's N
-
-    def micro_step(self) -> None:
-        self.engine.step()  # DeepSpeed updates only at the accumulation boundary
-
-    def finish_step(self) -> torch.Tensor | float | None:
-        return self.engine.get_global_grad_norm()  # a tensor stays on the device until the step's host read
-
-    def lr(self) -> float:
-        return float(self.engine.optimizer.param_groups[0]["lr"])
-
-
-def flash_attn_importable() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
-
-
-def resolve_attention(cfg: Config) -> str:
-    """The attention a run uses: "auto" is flash_attention_2 (one varlen sequence per micro-batch: no dense
-    block-causal mask) on GPUs when flash-attn is importable, else sdpa. An explicit flash_attention_2 without
-    the package is refused before any worker starts: transformers would try a hub download instead."""
-    impl = cfg.model.attn_implementation
-    if impl == "auto":
-        return "flash_attention_2" if cfg.scaling.use_gpu and flash_attn_importable() else "sdpa"
-    if impl == "flash_attention_2" and not flash_attn_importable():
-        raise ConfigError(
-            "model.attn_implementation flash_attention_2 needs the flash-attn package, which is not importable "
-            "here; install flash-attn (pip install flash-attn) or set model.attn_implementation: sdpa."
+    def setup_data(self, train_index: ShardIndex, eval_index: ShardIndex | None, rows_per_step: int) -> None:
+        """The step reader over the train shards, the eval rows (read whole), and how a step's rows split into
+        micro-batches over this world."""
+        t = self.cfg.train
+        self.accum = accumulation(rows_per_step, self.world, t.micro_batch_size)  # micro-batches per rank
+        self.reader = reader_for(
+            train_index,
+            seed=t.seed,
+            window=t.shuffle_window,
+            rows_per_step=rows_per_step,
+            max_steps=t.max_steps,
+            epochs=t.epochs,
+            columns=REQUIRED_COLUMNS,
         )
-    return impl
+        self.eval_table = read_all(eval_index, REQUIRED_COLUMNS) if eval_index is not None else None
+        self.plan = self.reader.layout
+        self.layout = layout_for(self.cfg)
+        # step_split[accum, world, micro]: indices into a step's rows; rank r trains step_split[:, r, :]
+        self.step_split = np.arange(self.plan.rows_per_step).reshape(self.accum, self.world, t.micro_batch_size)
+
+    def setup_model(self, deepspeed_json: dict[str, Any] | None) -> None:
+        """The model (the same initial LoRA weights on every rank), AdamW and its schedule, the DeepSpeed engine;
+        then each rank's own RNG streams (dropout masks)."""
+        t = self.cfg.train
+        torch.manual_seed(t.seed)
+        model = build_model(self.cfg, device=str(self.device))
+        optimizer, scheduler = make_optimizer(model, t, self.plan.total_steps)
+        self.engine = initialize(
+            self.cfg,
+            model,
+            optimizer,
+            scheduler,
+            world_size=self.world,
+            grad_accum=self.accum,
+            device=self.device,
+            user_json=deepspeed_json,
+        )
+        self.stepper = DeepSpeedStepEngine(self.engine)
+        seed_rank(t.seed + self.rank, self.device)
+
+    # --- resume --------------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Weights, optimizer, scheduler, RNG, data position and ledger from the latest checkpoint (re-partitioned
+        when the world size changed), or a fresh ledger; rank 0 opens the metrics and notes the start."""
+        self.start, self.trained_tokens = 0, 0
+        self.ledger = Ledger(self.run_dir / LEDGER_FILE)
+        with self.ctx.latest_checkpoint() as d:
+            if d is not None:
+                state = ckpt_io.load(self.engine, d, rank=self.rank, device=self.device)
+                if self.rank == 0:
+                    self.ledger.rewind(state["step"], source=Path(d) / LEDGER_FILE)
+                self.start, self.trained_tokens = state["step"], state["trained_tokens"]
+            elif self.rank == 0 and self.ledger.path.exists():
+                self.ledger.path.unlink()  # a fresh run of this name starts a fresh ledger
+        cfg = self.cfg
+        self.metrics_log = (
+            MetricsLog(self.run_dir, cfg.train.logging, cfg.to_dict(), cfg.run.name, resume_step=self.start)
+            if self.rank == 0
+            else None
+        )
+        self.config_yaml = cfg.dump_yaml()
+        if self.rank == 0:
+            self._note_start()
+
+    def _note_start(self) -> None:
+        """Rank 0: the start line of events.jsonl (world, data position, residency of the base) and the log."""
+        plan, start, total = self.plan, self.start, self.plan.total_steps
+        append_event(
+            self.run_dir,
+            {
+                "event": "start",
+                "step": start,
+                "world_size": self.world,
+                "grad_accum": self.accum,
+                "rows_per_step": plan.rows_per_step,
+                "total_steps": total,
+                "rows_left_out_per_epoch": plan.left_out_per_epoch,
+                "data_position": dict(zip(("epoch", "row"), plan.position(start))),
+                "zero_stage": self.cfg.train.deepspeed.stage,
+                **base_weight_residency(self.engine.module),
+            },
+        )
+        print(
+            f"[raysft] training {total} steps on {self.world} worker(s) from step {start} "
+            f"({plan.n_rows} packed rows, {plan.left_out_per_epoch} left out per epoch to balance ranks)",
+            flush=True,
+        )
+
+    # --- the step loop -------------------------------------------------------------------------
+
+    def train(self) -> None:
+        """From the resumed step to the last: one optimizer step, its metrics and rank 0's record, then a checkpoint
+        at a save boundary (every boundary while a preemption notice stands), else a report of the metrics."""
+        t, total = self.cfg.train, self.plan.total_steps
+        watch = PreemptionWatch(self.ctx.drain_notice)  # SIGTERM (main thread only) or Ray's drain notice
+        preempted_at: int | None = None  # the step boundary where the ranks first agreed on a notice
+        for step in range(self.start, total):
+            epoch, step_table = self.reader.step(step)  # the step's rows, streamed from the shards of its window
+            done = step + 1
+            last = done == total
+            res, metrics = self.run_step(step_table, epoch, done, last, watch.pending)
+            if self.rank == 0:
+                self._record_step(step_table, epoch, metrics)
+            preempting = res.notices > 0
+            if preempting and preempted_at is None:
+                preempted_at = done
+                note_preemption(self.run_dir if self.rank == 0 else None, done, res.notices, res.notice)
+            gen_eval = generate_eval.due(self.cfg, done, last)  # runs on this step's checkpoint, off the workers
+            # While a notice stands, every boundary is a checkpoint: losing the node costs at most the step in flight.
+            if done % t.save_every == 0 or last or gen_eval or preempting:
+                self.save_checkpoint(done, epoch, metrics, validation=gen_eval, preempting=preempting)
+            else:
+                self.ctx.report(metrics)
+        watch.close()
+
+    def run_step(
+        self, step_table, epoch: int, done: int, last: bool, pending: Callable[[], Notice | None]
+    ) -> tuple[StepNumbers, dict[str, Any]]:
+        """One optimizer step on this rank's micro-batches of the step's rows; its metrics, with the eval when due."""
+        t = self.cfg.train
+        rows = self.step_split
+        # The step's trained tokens (all ranks) normalise the loss. Every rank holds the whole step's rows,
+        # so each counts them all on the host: no collective, no device sync.
+        row_trained = trained_counts(step_table.column("labels"))  # vectorised
+        n_global = int(row_trained[rows.reshape(-1)].sum())
+        mbs = _micro_batches(step_table, rows[:, self.rank, :], self.layout)
+        # The step's all-reduce also carries the ranks' preemption notices: all agree at this boundary.
+        res = train_step(
+            self.stepper, mbs, n_global, world=self.world, kernels=t.kernels, device=self.device, pending=pending
+        )
+        self.trained_tokens += n_global
+        metrics: dict[str, Any] = {
+            "step": done,
+            "epoch": epoch,
+            "loss": res.loss_sum / max(n_global, 1),
+            "lr": res.lr,
+            "grad_norm": res.grad_norm,
+            "tokens_per_s": res.tokens / max(res.seconds, 1e-9),
+            "trained_tokens": self.trained_tokens,
+        }
+        evals = self.eval_table
+        if evals is not None and evals.num_rows > 0 and (done % t.eval_every == 0 or last):
+            metrics.update(
+                _evaluate(
+                    self.engine, evals, self.rank, self.world, t.micro_batch_size, t.kernels, self.device, self.layout
+                )
+            )
+        return res, metrics
+
+    def _record_step(self, step_table, epoch: int, metrics: dict[str, Any]) -> None:
+        """Rank 0: the step's source ids in the ledger, its metrics in metrics.jsonl (and sinks), one log line."""
+        done = metrics["step"]
+        self.ledger.append(done, epoch, _step_sources(step_table, self.step_split))
+        self.metrics_log.log(metrics)
+        extra = f" eval_loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""
+        print(
+            f"[raysft] step {done}/{self.plan.total_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+            f"{metrics['tokens_per_s']:.0f} tok/s{extra}",
+            flush=True,
+        )
+
+    # --- checkpoint and report -----------------------------------------------------------------
+
+    def save_checkpoint(
+        self, done: int, epoch: int, metrics: dict[str, Any], *, validation: bool, preempting: bool
+    ) -> None:
+        """Every rank writes its part of checkpoint `done` into a temporary folder that ctx.report registers with
+        the step's metrics; rank 0 notes the reader's counters and what the step waited (events.jsonl)."""
+        rank, plan = self.rank, self.plan
+        saving = time.perf_counter()
+        tmp = Path(tempfile.mkdtemp(prefix=f"raysft-ckpt-r{rank}-"))
+        state = {
+            "step": done,
+            "epoch": epoch,
+            "trained_tokens": self.trained_tokens,
+            "steps_per_epoch": plan.steps_per_epoch,
+            "total_steps": plan.total_steps,
+            "data_position": dict(zip(("epoch", "row"), plan.position(done))),
+        }
+        try:
+            ckpt_io.save(
+                self.engine,
+                tmp,
+                rank=rank,
+                state=state,
+                ledger_path=self.ledger.path if rank == 0 else None,
+                config_yaml=self.config_yaml,
+                storage=self.run_dir,
+                device=self.device,
+                resizable=self.cfg.scaling.elastic,
+            )
+            if rank == 0:
+                append_event(
+                    self.run_dir,
+                    {"event": "reader", "step": done, "start": self.start, **self.reader.counters.to_dict()},
+                )
+            written = time.perf_counter()
+            # ctx owns tmp from here; under a notice the upload finishes before the next step starts
+            self.ctx.report(metrics, checkpoint_dir=tmp, step=done, validation=validation, durable=preempting)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if rank == 0:
+            append_event(
+                self.run_dir,
+                {
+                    "event": "checkpoint",
+                    "step": done,
+                    "write_s": round(written - saving, 4),
+                    "report_s": round(time.perf_counter() - written, 4),
+                    "upload": "sync" if preempting else self.cfg.train.checkpoint_upload,
+                    "preemption": preempting,
+                },
+            )
+
+    def close(self) -> None:
+        """The reader's prefetch and rank 0's metrics sinks."""
+        self.reader.close()
+        if self.metrics_log is not None:
+            self.metrics_log.close()
 
 
-def layout_for(cfg: Config) -> str:
-    """Flash attention takes one flat sequence with its sample boundaries; other attention, rows stacked."""
-    return "flat" if cfg.model.attn_implementation.startswith("flash_attention") else "rows"
-
-
-def _micro_batches(table, rows: np.ndarray, layout: str) -> list[MicroBatch]:
-    """rows[k, m]: k micro-batches of m packed rows each."""
-    return [collate_table(table, rows[k].tolist(), layout) for k in range(rows.shape[0])]
-
-
-def _step_sources(table, rows: np.ndarray) -> list[int]:
-    """Source ids of ALL rows of a step, in step order (for the ledger, on rank 0 only): Arrow, no Python rows."""
-    import pyarrow.compute as pc
-
-    taken = table.column("source_ids").take(rows.reshape(-1))
-    return pc.list_flatten(taken).to_numpy(zero_copy_only=False).tolist()
+def seed_rank(seed: int, device: torch.device) -> None:
+    """Python, NumPy, torch (and the GPU's) RNG of this rank from `seed` (the run's seed + rank)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # per-rank dropout masks
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
 
 
 @dataclass
@@ -196,6 +367,19 @@ def train_step(
     return StepNumbers(loss_sum, tokens, notices, grad_norm, res.lr, time.perf_counter() - start, notice)
 
 
+def _micro_batches(table, rows: np.ndarray, layout: str) -> list[MicroBatch]:
+    """rows[k, m]: k micro-batches of m packed rows each."""
+    return [collate_table(table, rows[k].tolist(), layout) for k in range(rows.shape[0])]
+
+
+def _step_sources(table, rows: np.ndarray) -> list[int]:
+    """Source ids of ALL rows of a step, in step order (for the ledger, on rank 0 only): Arrow, no Python rows."""
+    import pyarrow.compute as pc
+
+    taken = table.column("source_ids").take(rows.reshape(-1))
+    return pc.list_flatten(taken).to_numpy(zero_copy_only=False).tolist()
+
+
 def _evaluate(
     engine, eval_table, rank: int, world: int, micro: int, kernels: bool, device, layout: str
 ) -> dict[str, float]:
@@ -214,24 +398,6 @@ def _evaluate(
     return {"eval_loss": loss, "eval_ppl": float(math.exp(min(loss, 50.0)))}
 
 
-def _base_weight_residency(model: torch.nn.Module) -> dict[str, int]:
-    """Elements of the frozen base weights this rank holds vs their full size (ZeRO-3 partitions them)."""
-    counts = {"base_numel_local": 0, "base_numel_full": 0, "base4bit_numel_local": 0, "base4bit_numel_full": 0}
-    for p in model.parameters():
-        if p.requires_grad:
-            continue
-        ds_tensor = getattr(p, "ds_tensor", None)
-        # Under ZeRO-3 a released parameter's .data is empty and its shard is ds_tensor; a
-        # "persistent" (small) one keeps its full .data as well, so it counts fully here.
-        local = p.data.numel() + (ds_tensor.numel() if ds_tensor is not None else 0)
-        full = getattr(p, "ds_numel", p.numel())
-        kinds = ["base", "base4bit"] if type(p).__name__ == "Params4bit" else ["base"]
-        for kind in kinds:
-            counts[f"{kind}_numel_local"] += int(local)
-            counts[f"{kind}_numel_full"] += int(full)
-    return counts
-
-
 def note_preemption(run_dir: Path | None, step: int, ranks: float, notice: Notice | None) -> None:
     """Rank 0 (run_dir set): one events.jsonl line and one log line when the ranks first agree on a notice."""
     if run_dir is None:
@@ -239,6 +405,30 @@ def note_preemption(run_dir: Path | None, step: int, ranks: float, notice: Notic
     what = notice.to_dict() if notice is not None else {"reason": "another rank's notice"}
     append_event(run_dir, {"event": "preemption", "step": step, "ranks_notified": int(ranks), **what})
     print(f"[raysft] preemption notice ({what['reason']}): checkpoint at step {step}, then every step", flush=True)
+
+
+def flash_attn_importable() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_attention(cfg: Config) -> str:
+    """The attention a run uses: "auto" is flash_attention_2 (one varlen sequence per micro-batch: no dense
+    block-causal mask) on GPUs when flash-attn is importable, else sdpa. An explicit flash_attention_2 without
+    the package is refused before any worker starts: transformers would try a hub download instead."""
+    impl = cfg.model.attn_implementation
+    if impl == "auto":
+        return "flash_attention_2" if cfg.scaling.use_gpu and flash_attn_importable() else "sdpa"
+    if impl == "flash_attention_2" and not flash_attn_importable():
+        raise ConfigError(
+            "model.attn_implementation flash_attention_2 needs the flash-attn package, which is not importable "
+            "here; install flash-attn (pip install flash-attn) or set model.attn_implementation: sdpa."
+        )
+    return impl
+
+
+def layout_for(cfg: Config) -> str:
+    """Flash attention takes one flat sequence with its sample boundaries; other attention, rows stacked."""
+    return "flat" if cfg.model.attn_implementation.startswith("flash_attention") else "rows"
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -263,215 +453,3 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     finally:
         if folder is not None:
             folder.close()
-
-
-def import_deepspeed():
-    """`import deepspeed` without the mlflow import its autotuner makes whenever mlflow is installed (2-7 s of
-    CPU per worker process on a small machine); raysft never runs DeepSpeed's autotuner. The guard lasts for
-    this one import: mlflow stays importable afterwards (rank 0's tracking), and one already imported is used."""
-    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
-        import deepspeed
-
-        return deepspeed
-    sys.modules["mlflow"] = None  # `import mlflow` raises ImportError, which DeepSpeed's autotuner expects
-    try:
-        import deepspeed
-    finally:
-        if "mlflow" in sys.modules and sys.modules["mlflow"] is None:
-            del sys.modules["mlflow"]
-    return deepspeed
-
-
-def run_worker(
-    cfg: Config,
-    ctx: WorkerContext,
-    train_index: ShardIndex,
-    eval_index: ShardIndex | None,
-    run_dir: Path,
-    deepspeed_json: dict[str, Any] | None = None,
-    rows_per_step: int | None = None,
-) -> None:
-    """Train `cfg` on the packed rows of `train_index`'s shards as rank ctx.rank of ctx.world_size.
-
-    A step trains `rows_per_step` rows (default `cfg.rows_per_step()`, fixed by the config) at any world size:
-    each rank takes rows / (world x micro_batch_size) micro-batches, so a resized run trains the same rows per step.
-    """
-    deepspeed = import_deepspeed()
-
-    # --- who am I, what do I train on ---------------------------------------------------------
-    rank, world, device = ctx.rank, ctx.world_size, ctx.device
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # DeepSpeed and NCCL use the current device
-    t = cfg.train
-    rows_per_step = rows_per_step or cfg.rows_per_step()
-    accum = accumulation(rows_per_step, world, t.micro_batch_size)  # micro-batches per rank at this world size
-    reader = reader_for(
-        train_index,
-        seed=t.seed,
-        window=t.shuffle_window,
-        rows_per_step=rows_per_step,
-        max_steps=t.max_steps,
-        epochs=t.epochs,
-        columns=REQUIRED_COLUMNS,
-    )
-    eval_table = read_all(eval_index, REQUIRED_COLUMNS) if eval_index is not None else None
-    plan = reader.layout
-    total = plan.total_steps
-    layout = layout_for(cfg)
-    step_split = np.arange(plan.rows_per_step).reshape(accum, world, t.micro_batch_size)
-
-    # --- model, optimizer, DeepSpeed ----------------------------------------------------------
-    torch.manual_seed(t.seed)
-    model = build_model(cfg, device=str(device))
-    optimizer, scheduler = make_optimizer(model, t, total)
-    if device.type == "cpu":
-        # The shared-memory all-reduce op (JIT-compiled, ~2 min) only serves inference collectives;
-        # training over gloo does not use it, so do not build it.
-        import deepspeed.ops
-
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world, deepspeed_json, grad_accum=accum),
-        dist_init_required=False,
-    )
-    stepper = DeepSpeedStepEngine(engine)
-    random.seed(t.seed + rank)
-    np.random.seed(t.seed + rank)
-    torch.manual_seed(t.seed + rank)  # per-rank dropout masks
-    if device.type == "cuda":
-        torch.cuda.manual_seed(t.seed + rank)
-
-    # --- resume: weights, optimizer, scheduler, RNG, data position, ledger ------------------------
-    start, trained_tokens = 0, 0
-    ledger = Ledger(run_dir / LEDGER_FILE)
-    with ctx.latest_checkpoint() as d:
-        if d is not None:
-            state = ckpt_io.load(engine, d, rank=rank, device=device)  # re-partitioned when the world size changed
-            if rank == 0:
-                ledger.rewind(state["step"], source=Path(d) / LEDGER_FILE)
-            start, trained_tokens = state["step"], state["trained_tokens"]
-        elif rank == 0 and ledger.path.exists():
-            ledger.path.unlink()  # a fresh run of this name starts a fresh ledger
-    metrics_log = MetricsLog(run_dir, t.logging, cfg.to_dict(), cfg.run.name, resume_step=start) if rank == 0 else None
-    config_yaml = cfg.dump_yaml()
-    if rank == 0:
-        append_event(
-            run_dir,
-            {
-                "event": "start",
-                "step": start,
-                "world_size": world,
-                "grad_accum": accum,
-                "rows_per_step": plan.rows_per_step,
-                "total_steps": total,
-                "rows_left_out_per_epoch": plan.left_out_per_epoch,
-                "data_position": dict(zip(("epoch", "row"), plan.position(start))),
-                "zero_stage": cfg.train.deepspeed.stage,
-                **_base_weight_residency(engine.module),
-            },
-        )
-        print(
-            f"[raysft] training {total} steps on {world} worker(s) from step {start} "
-            f"({plan.n_rows} packed rows, {plan.left_out_per_epoch} left out per epoch to balance ranks)",
-            flush=True,
-        )
-
-    # --- the loop ----------------------------------------------------------------------------
-    watch = PreemptionWatch(ctx.drain_notice)  # SIGTERM (main thread only) or Ray's drain notice
-    preempted_at: int | None = None  # the step boundary where the ranks first agreed on a notice
-    for step in range(start, total):
-        epoch, step_table = reader.step(step)  # the step's rows, streamed from the shards of its window
-        rows = step_split  # rows[accum, world, micro]: indices into step_table
-        mine = rows[:, rank, :]
-        # The step's trained tokens (all ranks) normalise the loss. Every rank holds the whole step's rows,
-        # so each counts them all on the host: no collective, no device sync.
-        row_trained = trained_counts(step_table.column("labels"))  # vectorised
-        n_global = int(row_trained[rows.reshape(-1)].sum())
-        mbs = _micro_batches(step_table, mine, layout)
-        # The step's all-reduce also carries the ranks' preemption notices: all agree at this boundary.
-        res = train_step(stepper, mbs, n_global, world=world, kernels=t.kernels, device=device, pending=watch.pending)
-        preempting = res.notices > 0
-        trained_tokens += n_global
-        done = step + 1
-        metrics: dict[str, Any] = {
-            "step": done,
-            "epoch": epoch,
-            "loss": res.loss_sum / max(n_global, 1),
-            "lr": res.lr,
-            "grad_norm": res.grad_norm,
-            "tokens_per_s": res.tokens / max(res.seconds, 1e-9),
-            "trained_tokens": trained_tokens,
-        }
-        last = done == total
-        if eval_table is not None and eval_table.num_rows > 0 and (done % t.eval_every == 0 or last):
-            metrics.update(_evaluate(engine, eval_table, rank, world, t.micro_batch_size, t.kernels, device, layout))
-        if rank == 0:
-            ledger.append(done, epoch, _step_sources(step_table, rows))
-            metrics_log.log(metrics)
-            extra = f" eval_loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""
-            print(
-                f"[raysft] step {done}/{total} loss {metrics['loss']:.4f} lr {res.lr:.2e} "
-                f"{metrics['tokens_per_s']:.0f} tok/s{extra}",
-                flush=True,
-            )
-
-        if preempting and preempted_at is None:
-            preempted_at = done
-            note_preemption(run_dir if rank == 0 else None, done, res.notices, res.notice)
-        gen_eval = generate_eval.due(cfg, done, last)  # runs on this step's checkpoint, off the workers
-        # While a notice stands, every boundary is a checkpoint: losing the node costs at most the step in flight.
-        if done % t.save_every == 0 or last or gen_eval or preempting:
-            saving = time.perf_counter()
-            tmp = Path(tempfile.mkdtemp(prefix=f"raysft-ckpt-r{rank}-"))
-            state = {
-                "step": done,
-                "epoch": epoch,
-                "trained_tokens": trained_tokens,
-                "steps_per_epoch": plan.steps_per_epoch,
-                "total_steps": total,
-                "data_position": dict(zip(("epoch", "row"), plan.position(done))),
-            }
-            try:
-                ckpt_io.save(
-                    engine,
-                    tmp,
-                    rank=rank,
-                    state=state,
-                    ledger_path=ledger.path if rank == 0 else None,
-                    config_yaml=config_yaml,
-                    storage=run_dir,
-                    device=device,
-                    resizable=cfg.scaling.elastic,
-                )
-                if rank == 0:
-                    append_event(
-                        run_dir, {"event": "reader", "step": done, "start": start, **reader.counters.to_dict()}
-                    )
-                written = time.perf_counter()
-                # ctx owns tmp from here; under a notice the upload finishes before the next step starts
-                ctx.report(metrics, checkpoint_dir=tmp, step=done, validation=gen_eval, durable=preempting)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            if rank == 0:
-                append_event(
-                    run_dir,
-                    {
-                        "event": "checkpoint",
-                        "step": done,
-                        "write_s": round(written - saving, 4),
-                        "report_s": round(time.perf_counter() - written, 4),
-                        "upload": "sync" if preempting else cfg.train.checkpoint_upload,
-                        "preemption": preempting,
-                    },
-                )
-        else:
-            ctx.report(metrics)
-
-    watch.close()
-    reader.close()
-    if metrics_log is not None:
-        metrics_log.close()

@@ -30,9 +30,10 @@ from raysft.pipeline.data.shards import has_rows, load_index
 from raysft.pipeline.errors import ConfigError, RaysftError
 from raysft.pipeline.run_folder import run_dir_of
 from raysft.pipeline.storage import StorageOptions
-from raysft.pipeline.trainer import preflight, publish_adapter, read_deepspeed_json
+from raysft.pipeline.trainer import preflight, publish_adapter
 from raysft.pipeline.training import collectives
 from raysft.pipeline.training.checkpoint import problem
+from raysft.pipeline.training.engine import read_deepspeed_json
 from raysft.pipeline.training.loop import run_worker
 from raysft.pipeline.training.reader import StepLayout
 
