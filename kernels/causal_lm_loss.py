@@ -11,6 +11,7 @@ silently left untrained.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -39,20 +40,39 @@ class LMHead:
         return torch.cat(low, dim=-1), torch.cat([lora_b.weight for _, _, lora_b, _ in self.adapters], dim=-1)
 
 
+def _zero3_partitioned(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The weights DeepSpeed ZeRO-3 holds partitioned (only a gather makes them whole)."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if any(p.requires_grad for p in partitioned):
+        raise ModelError(
+            "the chunked loss cannot train lm_head weights (LoRA on lm_head) under DeepSpeed ZeRO-3; "
+            "use train.deepspeed.stage 2, leave lm_head out of lora.target_modules, or set train.kernels: false"
+        )
+    return partitioned
+
+
 def _gathered(params: list[torch.Tensor]) -> contextlib.AbstractContextManager:
     """Gather DeepSpeed ZeRO-3 partitioned weights for the fused loss, which reads them outside their
     module's forward. Safe for frozen weights only: the loss finishes all its math in the forward."""
-    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    partitioned = _zero3_partitioned(params)
     if not partitioned:
         return contextlib.nullcontext()
-    if any(p.requires_grad for p in partitioned):
-        raise ModelError(
-            "train.kernels cannot train lm_head weights (LoRA on lm_head) under DeepSpeed ZeRO-3; "
-            "use train.deepspeed.stage 2, leave lm_head out of lora.target_modules, or set train.kernels: false"
-        )
-    import deepspeed
+    import deepspeed  # heavy, and only under ZeRO-3
 
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+
+
+class _HiddenCapture(nn.Module):
+    """Stands in for lm_head during the model's forward: keeps its input (the final hidden states) and
+    returns it unchanged, so no logits are computed and, under ZeRO-3, lm_head is not gathered there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden: torch.Tensor | None = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.hidden = hidden
+        return hidden
 
 
 def _base_causal_lm(model: nn.Module) -> nn.Module:
@@ -99,22 +119,48 @@ def lm_head_parts(model: nn.Module) -> LMHead:
     return LMHead(weight, adapters)
 
 
+def chunked_loss_blocker(model: nn.Module) -> str | None:
+    """Why `causal_lm_loss_sum` cannot compute this model's loss (one sentence), or None when it can."""
+    try:
+        head = lm_head_parts(model)
+        _zero3_partitioned([head.weight, *(b.weight for _, _, b, _ in head.adapters)])
+    except ModelError as exc:
+        return str(exc)
+    return None
+
+
+@contextlib.contextmanager
+def _lm_head_replaced(base: nn.Module) -> Iterator[_HiddenCapture]:
+    """lm_head swapped for a `_HiddenCapture` during the forward, restored after (also on error)."""
+    head = base.get_output_embeddings()
+    capture = _HiddenCapture()
+    base.set_output_embeddings(capture)
+    try:
+        yield capture
+    finally:
+        base.set_output_embeddings(head)
+
+
 def causal_lm_loss_sum(
     model: nn.Module,
     input_ids: torch.Tensor,
     position_ids: torch.Tensor,
     labels: torch.Tensor,
     trained_index: torch.Tensor | None = None,
+    triton: bool | None = None,
     **attn_kwargs,
 ) -> torch.Tensor:
     """Sum of next-token cross-entropy over the trained tokens of packed rows [B, T] (labels unshifted).
 
     The model runs through its top-level forward (so DeepSpeed ZeRO-3's per-step trace, which resets
-    in the top module's forward hook, completes and prefetching works) with `logits_to_keep=1`; the
-    body's last hidden state is taken from a forward hook. `attn_kwargs` (cu_seq_lens_q/k,
-    max_length_q/k for flash attention) go to attention unchanged. `trained_index`: the flat positions of
-    labels[:, 1:] that carry loss, known on the host; only those enter the loss (index_select: no host
-    sync). Without it every position enters and ignored ones count 0.
+    in the top module's forward hook, completes and prefetching works) with lm_head replaced by a
+    capture of its input: no logits are computed there, and under ZeRO-3 lm_head's weight is gathered
+    once per call, for the chunked loss (whose backward only scales gradients computed in the forward,
+    so it needs no second gather). `attn_kwargs` (cu_seq_lens_q/k, max_length_q/k for flash attention)
+    go to attention unchanged. `trained_index`: the flat positions of labels[:, 1:] that carry loss,
+    known on the host; only those enter the loss (index_select: no host sync). Without it every
+    position enters and ignored ones count 0. `triton`: as in `fused_linear_cross_entropy` (False: the
+    PyTorch chunks even on a GPU, for runs without train.kernels).
     """
     if input_ids.dim() != 2 or labels.shape != input_ids.shape or position_ids.shape != input_ids.shape:
         raise ValueError(
@@ -122,26 +168,18 @@ def causal_lm_loss_sum(
             f"{tuple(position_ids.shape)}, {tuple(labels.shape)}"
         )
     head = lm_head_parts(model)
-    base = _base_causal_lm(model)
-    body = getattr(base, base.base_model_prefix)
-    captured: list[torch.Tensor] = []
-
-    def grab(_module, _args, out) -> None:
-        captured.append(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0])
-
-    handle = body.register_forward_hook(grab)
-    try:
+    with _lm_head_replaced(_base_causal_lm(model)) as capture:
         model(
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask=None,
             use_cache=False,
-            logits_to_keep=1,
+            logits_to_keep=0,  # every position reaches the capture
             **attn_kwargs,
         )
-    finally:
-        handle.remove()
-    hidden = captured[-1]  # [B, T, H]
+    hidden = capture.hidden  # [B, T, H]: the final norm's output, lm_head's input
+    if hidden is None:
+        raise ModelError(f"{type(model).__name__}'s forward did not call its lm_head; the chunked loss needs it")
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
     if trained_index is not None:  # only trained positions enter the loss
@@ -156,4 +194,5 @@ def causal_lm_loss_sum(
             reduction="sum",
             lora_hidden=lora_hidden,
             lora_weight=lora_weight,
+            triton=triton,
         )

@@ -123,12 +123,14 @@ def fused_linear_cross_entropy_forward(
     lora_hidden: torch.Tensor | None,
     lora_weight: torch.Tensor | None,
     need: tuple[bool, bool, bool, bool],
+    triton: bool | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    """Loss (fp32 scalar) and the gradients [hidden, weight, lora_hidden, lora_weight] (None when not needed)."""
+    """Loss (fp32 scalar) and the gradients [hidden, weight, lora_hidden, lora_weight] (None when not needed).
+    `triton`: None runs the kernel where it can (`use_triton`), False the PyTorch step on any device."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     n_kept = int((labels != ignore_index).sum()) if reduction == "mean" else 0  # "sum" needs no host sync
     grad_scale = 1.0 / n_kept if (reduction == "mean" and n_kept) else 1.0
-    triton_path = use_triton(hidden)
+    triton_path = use_triton(hidden) if triton is None else (triton and use_triton(hidden))
     rows_per_chunk = _chunk_rows(n_rows, vocab, hidden.shape[1], 1 if triton_path else 1 << 18)
     block = min(next_power_of_2(vocab), 32768 if hidden.is_cuda else 8192)
 
@@ -177,11 +179,11 @@ def fused_linear_cross_entropy_forward(
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, reduction, lora_hidden, lora_weight, grad_enabled):
+    def forward(ctx, hidden, weight, labels, ignore_index, reduction, lora_hidden, lora_weight, grad_enabled, triton):
         wants = ctx.needs_input_grad
         need = tuple(grad_enabled and wants[i] for i in (0, 1, 5, 6))
         loss, grads = fused_linear_cross_entropy_forward(
-            hidden, weight, labels, ignore_index, reduction, lora_hidden, lora_weight, need
+            hidden, weight, labels, ignore_index, reduction, lora_hidden, lora_weight, need, triton
         )
         ctx.grads = grads
         return loss.to(hidden.dtype) if hidden.dtype == torch.float64 else loss
@@ -196,7 +198,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         # Scale in place (no extra copies), always: testing grad_loss == 1 first would be a host sync.
         grads = [g.mul_(grad_loss.to(g.dtype)) if g is not None else None for g in grads]
         g_hidden, g_weight, g_lora_hidden, g_lora_weight = grads
-        return g_hidden, g_weight, None, None, None, g_lora_hidden, g_lora_weight, None
+        return g_hidden, g_weight, None, None, None, g_lora_hidden, g_lora_weight, None, None
 
 
 # ----------------------------------------------------------------------------- functional API and module
@@ -212,11 +214,13 @@ def fused_linear_cross_entropy(
     lora_hidden: torch.Tensor | None = None,
     lora_weight: torch.Tensor | None = None,
     reference: bool = False,
+    triton: bool | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of hidden[N, H] @ weight[V, H].T against labels[N] without the full logits.
 
     reduction "sum" or "mean" (over tokens whose label != ignore_index; 0 when there are none).
     Returns an fp32 scalar. Triton kernel on GPU or under TRITON_INTERPRET=1, PyTorch chunks otherwise;
+    `triton=False` takes the PyTorch chunks on every device (the chunked loss of runs without train.kernels);
     `reference=True` computes the full logits + torch cross_entropy instead (the ground truth of the tests).
     """
     if reduction not in _REDUCTIONS:
@@ -240,7 +244,15 @@ def fused_linear_cross_entropy(
     grad_enabled = torch.is_grad_enabled()  # under no_grad (eval) no gradient is computed at all
     with torch.autocast(hidden.device.type, enabled=False):
         return FusedLinearCrossEntropyFunction.apply(
-            hidden, weight, labels.contiguous(), ignore_index, reduction, lora_hidden, lora_weight, grad_enabled
+            hidden,
+            weight,
+            labels.contiguous(),
+            ignore_index,
+            reduction,
+            lora_hidden,
+            lora_weight,
+            grad_enabled,
+            triton,
         )
 
 

@@ -355,6 +355,19 @@ def copy_tree(src: str, dst: str, options: StorageOptions | None = None) -> None
         raise failure(dst, exc, "write") from None
 
 
+def remove_tree(uri: str, options: StorageOptions | None = None) -> None:
+    """Delete a file or folder (local or remote); nothing when it does not exist."""
+    fs, path = resolve(uri, options)
+    try:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        elif info.type == pafs.FileType.File:
+            fs.delete_file(path)
+    except (OSError, ValueError) as exc:
+        raise failure(uri, exc, "write") from None
+
+
 def upload(local: str | os.PathLike, uri: str, options: StorageOptions | None = None) -> None:
     """Copy a local file or folder to a remote path (objects are replaced, not merged with stale ones)."""
     fs, path = resolve(uri, options)

@@ -362,14 +362,3 @@ def test_every_collective_of_a_gloo_run_goes_through_one_module_on_the_group_dev
     for path in ("checkpoint.py:_check_space", "loop.py:_evaluate"):
         assert path in callers, callers
     assert any(c.startswith("loop.py:") for c in callers - {"loop.py:_evaluate"}), callers
-
-
-def test_torchrun_entry_refuses_object_store_storage_in_one_sentence(tmp_path, capsys):
-    """Issue 20 item 7 (partly): an s3:// run folder is refused before the process group starts, not a crash
-    on Path('s3://...').mkdir()."""
-    from raysft.pipeline.training.torchrun_entry import main
-
-    config = tmp_path / "c.yaml"
-    config.write_text("run:\n  storage_path: s3://bucket/runs\n")
-    assert main([str(config), "--prepared", str(tmp_path)]) == 2
-    assert "run.storage_path s3://bucket/runs is an object store" in capsys.readouterr().err

@@ -336,20 +336,41 @@ def engine_for(targets):
     twin = copy.deepcopy(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": 1,
-           "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True,
+           # threshold 0: no weight persists whole (a real lm_head is far above the default threshold)
+           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+           "zero_allow_untested_optimizer": True,
            "zero_force_ds_cpu_optimizer": False}
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg, dist_init_required=False)
     return engine, twin
+
+def count_head_gathers(model):
+    # the all-gathers that make lm_head's partitioned weight whole: ZeRO-3's module hooks and
+    # GatheredParameters both call a parameter's all_gather or all_gather_coalesced
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    head = model.base_model.model.lm_head.weight
+    gathers = []
+    for p in model.parameters():
+        for name in ("all_gather", "all_gather_coalesced"):
+            def counted(*a, _orig=getattr(p, name), _self=p, **k):
+                params = k.get("param_list", k.get("params", a[0] if a else None)) or [_self]
+                if any(q is head for q in params) and head.ds_status == ZeroParamStatus.NOT_AVAILABLE:
+                    gathers.append(1)
+                return _orig(*a, **k)
+            setattr(p, name, counted)
+    return gathers
 
 ids, pos, labels = T.packed_row(3)
 engine, twin = engine_for(["q_proj", "v_proj"])
 model = engine.module
 assert model.base_model.model.lm_head.weight.numel() == 0  # partitioned: only ZeRO-3 can gather it
 ref = T.hf_loss_sum(twin, ids, pos, labels).item()
+gathers = count_head_gathers(model)
 with patch_model(model):
     loss = causal_lm_loss_sum(model, ids, pos, labels)
     engine.backward(loss)
     engine.step()
+assert len(gathers) == 1, f"lm_head was gathered {len(gathers)} times for one micro-batch"
 assert abs(loss.item() - ref) <= 1e-4 * ref, (loss.item(), ref)
 engine, _ = engine_for(["q_proj", "lm_head"])
 try:
@@ -364,7 +385,8 @@ print("zero3 ok")
 @in_parent
 @pytest.mark.slow
 def test_causal_lm_loss_sum_under_deepspeed_zero3():
-    """ZeRO-3 partitions lm_head: the fused loss gathers a frozen one, and refuses a LoRA-trained one."""
+    """ZeRO-3 partitions lm_head: the fused loss gathers a frozen one once per micro-batch (forward and backward
+    together), and refuses a LoRA-trained one."""
     pytest.importorskip("deepspeed")
     proc = subprocess.run(
         [sys.executable, "-c", ZERO3_SCRIPT, str(Path(__file__).parent)],

@@ -244,12 +244,17 @@ class SyncCounter:
         monkeypatch.setattr(torch, "equal", counted_equal)
 
 
-@pytest.mark.parametrize("kernels", [False, True])
+@pytest.mark.parametrize("kernels", [False, True, "chunked"])
 def test_one_host_sync_per_optimizer_step(tiny_model_dir, monkeypatch, kernels):
     """The loop's step (training/loop.train_step: 3 micro-batches, the step's all-reduce, the preemption flag,
-    the grad norm) reads the device once: the loss sums, token counts, notices and grad norm come back together."""
+    the grad norm) reads the device once: the loss sums, token counts, notices and grad norm come back together.
+    "chunked": kernels off with the loss a GPU takes by default (the PyTorch chunks, step.chunked_by_default)."""
+    from raysft.pipeline.training import step as step_module
     from raysft.pipeline.training.loop import train_step
 
+    if kernels == "chunked":
+        monkeypatch.setattr(step_module, "chunked_by_default", lambda device: True)
+        kernels = False
     cfg = fp32_cfg(tiny_model_dir, **{"train.kernels": kernels})
     model = build_model(cfg)
     opt, sched = make_optimizer(model, cfg.train, 4)

@@ -387,6 +387,76 @@ def test_run_identity_on_s3_is_the_local_rule(s3):
         rerun(cfg)
 
 
+@pytest.mark.slow
+def test_torchrun_entry_with_run_storage_on_s3(s3, tiny_model_dir, tmp_path, monkeypatch):
+    """Issue 20 item 7: the torchrun entry (one gloo process, no Ray) with run.storage_path on s3://: metrics,
+    events, the ledger, the kept checkpoints and the adapter land in the bucket; a lost last checkpoint resumes
+    from the one before it, downloaded from the bucket; nothing is written under a local `s3:` folder."""
+    import torch.multiprocessing as mp
+    from dist_workers import torchrun_worker
+    from local_processes import free_port
+    from train_fixtures import make_prepared
+
+    from raysft.pipeline.config import load_config
+    from raysft.pipeline.run_folder import read_events
+    from raysft.pipeline.training import ledger as ledger_io
+
+    endpoint, fs = s3
+    monkeypatch.chdir(tmp_path)
+    prepared = make_prepared(tmp_path / "data", n_train=12, n_eval=3, per_row=3)
+    config = tmp_path / "torchrun.yaml"
+    over = {
+        "model.name_or_path": str(tiny_model_dir),
+        "model.quantization": "none",
+        "model.dtype": "float32",
+        "lora.r": 4,
+        "lora.alpha": 8,
+        "lora.dropout": 0.0,
+        "train.max_steps": 4,
+        "train.save_every": 2,
+        "train.eval_every": 4,
+        "train.grad_accum": 1,
+        "train.micro_batch_size": 1,
+        "run.name": "tr",
+        "run.storage_path": "s3://raysft/torchrun",
+        "storage.endpoint_url": endpoint,
+    }
+    config.write_text(load_config(None, over).dump_yaml())
+
+    def torchrun() -> None:
+        args = (1, free_port(), str(config), str(prepared.train_dir.parent), [])
+        mp.start_processes(torchrun_worker, args=args, nprocs=1, start_method="spawn")
+
+    def listing() -> set[str]:
+        infos = fs.get_file_info(pafs.FileSelector("raysft/torchrun/tr", recursive=True))
+        return {i.path.removeprefix("raysft/torchrun/tr/") for i in infos if i.type == pafs.FileType.File}
+
+    def staged(name: str, into: Path) -> Path:
+        assert storage.download(f"s3://raysft/torchrun/tr/{name}", into / name, opts(endpoint))
+        return into / name
+
+    torchrun()
+    files = listing()
+    assert {"metrics.jsonl", "events.jsonl", "samples.jsonl", "adapter/adapter_model.safetensors"} <= files, files
+    assert {f.split("/")[0] for f in files if f.startswith("checkpoint_")} == {"checkpoint_000002", "checkpoint_000004"}
+
+    # The last checkpoint and the adapter are lost: the second start resumes from step 2, from the bucket.
+    fs.delete_dir("raysft/torchrun/tr/checkpoint_000004")
+    fs.delete_dir("raysft/torchrun/tr/adapter")
+    torchrun()
+    local = tmp_path / "fetched"
+    starts = [e["step"] for e in read_events(staged("events.jsonl", local).parent) if e["event"] == "start"]
+    assert starts == [0, 2]
+    assert [r["step"] for r in jsonl_rows(staged("metrics.jsonl", local))] == [1, 2, 3, 4]
+    assert [e["step"] for e in ledger_io.Ledger(staged("samples.jsonl", local)).entries()] == [1, 2, 3, 4]
+    assert "adapter/adapter_model.safetensors" in listing() and "checkpoint_000004/state.json" in listing()
+    assert not Path("s3:").exists()
+
+
+def jsonl_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_tune_grid_shares_one_prepared_artifact_on_s3(s3, ray_session, tiny_model_dir, tmp_path, monkeypatch):

@@ -16,8 +16,10 @@ Correctness by construction (pipeline/ARCHITECTURE.md):
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -178,13 +180,42 @@ def reference_loss_sum(
     )
 
 
+def chunked_by_default(device: torch.device) -> bool:
+    """Whether a run without train.kernels takes the chunked loss: on GPUs, where full logits cost
+    gigabytes; not on CPUs, where the PyTorch chunks measured slower than full logits (BENCHMARKS.md)."""
+    return device.type == "cuda"
+
+
+_FULL_LOGITS_BECAUSE: weakref.WeakKeyDictionary[torch.nn.Module, str | None] = weakref.WeakKeyDictionary()
+
+
+def _chunked_fits(model: torch.nn.Module) -> bool:
+    """The chunked loss can compute this model's loss; when not, say why once (the run then takes full logits)."""
+    if model not in _FULL_LOGITS_BECAUSE:
+        from raysft.kernels.causal_lm_loss import chunked_loss_blocker  # heavy: torch + the optional triton
+
+        reason = chunked_loss_blocker(model)
+        _FULL_LOGITS_BECAUSE[model] = reason
+        if reason is not None:
+            logging.getLogger(__name__).warning("the loss computes full logits: %s", reason)
+    return _FULL_LOGITS_BECAUSE[model] is None
+
+
 def loss_sum(model, mb: MicroBatch, kernels: bool = False) -> torch.Tensor:
-    """Summed CE of one micro-batch, through the opt-in kernels or the reference."""
-    if kernels:
-        from raysft.kernels import causal_lm_loss_sum  # Triton, only when train.kernels is on
+    """Summed CE of one micro-batch without full logits where it can: the kernels' fused loss with
+    train.kernels; else its PyTorch chunks by default on GPUs (`chunked_by_default`) when lm_head allows;
+    else the full-logits reference."""
+    if kernels or (chunked_by_default(mb.input_ids.device) and _chunked_fits(model)):
+        from raysft.kernels import causal_lm_loss_sum  # heavy: torch + the optional triton
 
         return causal_lm_loss_sum(
-            model, mb.input_ids, mb.position_ids, mb.labels, trained_index=mb.trained_index, **mb.attn_kwargs
+            model,
+            mb.input_ids,
+            mb.position_ids,
+            mb.labels,
+            trained_index=mb.trained_index,
+            triton=None if kernels else False,
+            **mb.attn_kwargs,
         )
     return reference_loss_sum(model, mb.input_ids, mb.position_ids, mb.labels, **mb.attn_kwargs)
 

@@ -8,6 +8,10 @@ DIR is what `raysft prepare --output DIR` writes (train/, eval/, stats.json). Th
 run.storage_path/run.name, laid out as a Ray run's: checkpoint_NNNNNN/ (every rank's part),
 metrics.jsonl, samples.jsonl, adapter/. A second start with the same run folder resumes from its
 latest complete checkpoint. Backend: nccl with scaling.use_gpu, else gloo. No Ray import anywhere.
+
+On an object store (s3:// or gs:// run.storage_path) rank 0 writes its files into a staging copy
+(run_folder.RunFolder, as a Ray run's rank 0 does) published at each checkpoint; every rank uploads its
+part of a checkpoint, rank 0 prunes the old ones, and a resume downloads the newest complete one.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import contextlib
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,8 +32,8 @@ from raysft.pipeline import storage
 from raysft.pipeline.cli import add_config_args
 from raysft.pipeline.config import load_config
 from raysft.pipeline.data.shards import has_rows, load_index
-from raysft.pipeline.errors import ConfigError, RaysftError
-from raysft.pipeline.run_folder import run_dir_of
+from raysft.pipeline.errors import RaysftError
+from raysft.pipeline.run_folder import ADAPTER_DIR, LEDGER_FILE, RunFolder, run_dir_of
 from raysft.pipeline.storage import StorageOptions
 from raysft.pipeline.trainer import preflight, publish_adapter
 from raysft.pipeline.training import collectives
@@ -36,16 +41,20 @@ from raysft.pipeline.training.checkpoint import problem
 from raysft.pipeline.training.engine import read_deepspeed_json
 from raysft.pipeline.training.loop import run_worker
 from raysft.pipeline.training.reader import StepLayout
+from raysft.pipeline.training.run_files import SyncedContext
 
 
 class TorchrunContext:
-    """WorkerContext over torch.distributed: checkpoints land in run_dir/checkpoint_NNNNNN."""
+    """WorkerContext over torch.distributed: checkpoints land in run_dir/checkpoint_NNNNNN (a folder or a URI)."""
 
-    def __init__(self, run_dir: Path, device: torch.device, keep: int = 2):
+    def __init__(
+        self, run_dir: Path | str, device: torch.device, keep: int = 2, options: StorageOptions | None = None
+    ) -> None:
         self.rank, self.world_size = collectives.rank(), collectives.world_size()
         self.device = device
         self.run_dir = run_dir
         self.keep = keep
+        self.options = options or StorageOptions()
 
     def report(
         self,
@@ -59,13 +68,20 @@ class TorchrunContext:
         Checkpoints are always copied in place before this returns (`durable`)."""
         if checkpoint_dir is None:
             return  # metrics.jsonl (rank 0) is the record; nothing to synchronise
-        dest = self.run_dir / f"checkpoint_{step:06d}"
-        shutil.copytree(checkpoint_dir, dest, dirs_exist_ok=True)
+        name = f"checkpoint_{step:06d}"
+        if isinstance(self.run_dir, Path):
+            shutil.copytree(checkpoint_dir, self.run_dir / name, dirs_exist_ok=True)
+        else:
+            storage.upload(checkpoint_dir, storage.join(self.run_dir, name), self.options)  # this rank's part
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
         collectives.barrier()  # every rank's part (sealed by its manifest) is in place
         if self.rank == 0:
-            for old in complete_checkpoints(self.run_dir)[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            if isinstance(self.run_dir, Path):
+                for old in complete_checkpoints(self.run_dir)[: -self.keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+            else:
+                for old in checkpoint_names(self.run_dir, self.options)[: -self.keep]:
+                    storage.remove_tree(storage.join(self.run_dir, old), self.options)
         collectives.barrier()
 
     def drain_notice(self) -> None:
@@ -74,8 +90,12 @@ class TorchrunContext:
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
-        found = complete_checkpoints(self.run_dir)
-        yield found[-1] if found else None
+        if isinstance(self.run_dir, Path):
+            found = complete_checkpoints(self.run_dir)
+            yield found[-1] if found else None
+            return
+        with tempfile.TemporaryDirectory(prefix="raysft-resume-") as tmp:
+            yield latest_remote_checkpoint(self.run_dir, Path(tmp), self.options)
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -83,14 +103,34 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir() and problem(p) is None)
 
 
-def check_local_storage(storage_path: str) -> None:
-    """This entry writes its run folder with local file operations; an object store is refused in one sentence
-    (rather than a `mkdir` on an s3:// string): run such a run through Ray (`raysft train`), which stages it."""
-    if storage.is_remote(storage_path):
-        raise ConfigError(
-            f"run.storage_path {storage_path} is an object store, which the torchrun entry cannot write yet; "
-            "use a local or shared folder here, or `raysft train` for s3:// / gs:// storage."
-        )
+def checkpoint_names(run_uri: str, options: StorageOptions) -> list[str]:
+    """The checkpoint_NNNNNN folders of a run folder on an object store, oldest first."""
+    base = run_uri.rstrip("/") + "/"
+    names = {uri[len(base) :].split("/", 1)[0] for uri, _ in storage.list_files(run_uri, "", options)}
+    return sorted(n for n in names if n.startswith("checkpoint_"))
+
+
+def latest_remote_checkpoint(run_uri: str, into: Path, options: StorageOptions) -> Path | None:
+    """The newest checkpoint of an object-store run folder that verifies, downloaded into `into`; None if none."""
+    for name in reversed(checkpoint_names(run_uri, options)):
+        local = into / name
+        storage.download(storage.join(run_uri, name), local, options)
+        if problem(local) is None:
+            return local
+        shutil.rmtree(local, ignore_errors=True)
+    return None
+
+
+def publish_remote_adapter(run_uri: str, options: StorageOptions) -> str:
+    """The final adapter (and ledger) of the newest checkpoint, copied store to store into the run folder."""
+    name = checkpoint_names(run_uri, options)[-1]
+    adapter = storage.join(run_uri, ADAPTER_DIR)
+    storage.remove_tree(adapter, options)  # objects are replaced, not merged with a stale adapter's
+    storage.copy_tree(storage.join(run_uri, name, ADAPTER_DIR), adapter, options)
+    ledger = storage.join(run_uri, name, LEDGER_FILE)
+    if storage.exists(ledger, options):
+        storage.copy_tree(ledger, storage.join(run_uri, LEDGER_FILE), options)
+    return adapter
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,11 +142,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run(config: str, prepared: str, overrides: list[str]) -> Path:
+def run(config: str, prepared: str, overrides: list[str]) -> Path | str:
     """Initialise the process group, run the worker loop, publish the adapter (rank 0); returns the run folder."""
     cfg = load_config(config, overrides)
-    check_local_storage(cfg.run.storage_path)
-    cfg = preflight(cfg)
+    cfg = preflight(cfg)  # an object store: reachable, its bucket there, credentials found
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", str(local_rank))
@@ -120,6 +159,7 @@ def run(config: str, prepared: str, overrides: list[str]) -> Path:
     else:
         device = torch.device("cpu")
         collectives.init("gloo")
+    folder: RunFolder | None = None
     try:
         # Only the shard indexes here; each rank streams its own steps' rows from the shards (training/reader.py).
         options = StorageOptions.of(cfg)
@@ -133,15 +173,25 @@ def run(config: str, prepared: str, overrides: list[str]) -> Path:
             world, t.grad_accum, t.micro_batch_size
         )
         run_dir = run_dir_of(cfg)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ctx = TorchrunContext(run_dir, device, keep=cfg.train.keep_checkpoints)
+        ctx = TorchrunContext(run_dir, device, keep=cfg.train.keep_checkpoints, options=options)
         ds_json = read_deepspeed_json(cfg.train.deepspeed.config) if cfg.train.deepspeed.config else None
-        run_worker(cfg, ctx, train_index, eval_index, run_dir, ds_json, rows_per_step=rows)
+        if isinstance(run_dir, Path):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            run_worker(cfg, ctx, train_index, eval_index, run_dir, ds_json, rows_per_step=rows)
+        else:  # rank 0 stages its files, published at each checkpoint and at the end; other ranks write none
+            folder = RunFolder(run_dir, options) if ctx.rank == 0 else None
+            staged = folder.local if folder is not None else Path(tempfile.mkdtemp(prefix="raysft-rank-"))
+            run_worker(cfg, SyncedContext(ctx, folder), train_index, eval_index, staged, ds_json, rows_per_step=rows)
         collectives.barrier()
         if ctx.rank == 0:
-            publish_adapter(run_dir, complete_checkpoints(run_dir)[-1])
+            if isinstance(run_dir, Path):
+                publish_adapter(run_dir, complete_checkpoints(run_dir)[-1])
+            else:
+                publish_remote_adapter(run_dir, options)
         return run_dir
     finally:
+        if folder is not None:
+            folder.close()
         collectives.destroy()
 
 

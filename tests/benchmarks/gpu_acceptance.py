@@ -311,10 +311,21 @@ def main() -> int:
     try:
         t = time.monotonic()
         report.add("environment", None, time.monotonic() - t, environment(gpu))
-        if args.dry_run and not args.no_wheels:
+        if args.dry_run:
             t = time.monotonic()
-            w = wheels(args.wheels or REPO / ".whl")
-            report.add("wheels to carry (<= 64 MiB with the working tree)", w["fits"], time.monotonic() - t, w)
+            if args.no_wheels:
+                tree = tree_bytes()
+                w = {"tree_mib": round(tree / 2**20, 2), "wheels_mib": None, "total_mib": round(tree / 2**20, 2)}
+                w |= {"limit_mib": LIMIT_MIB, "fits": tree <= LIMIT_MIB * 2**20}
+            else:
+                w = wheels(args.wheels or REPO / ".whl")
+            wheels_text = "not checked (--no-wheels)" if w["wheels_mib"] is None else f"{w['wheels_mib']} MiB"
+            print(
+                f"carry: working tree {w['tree_mib']} MiB + wheels {wheels_text} = {w['total_mib']} MiB "
+                f"of the device tool's {LIMIT_MIB} MiB ({'fits' if w['fits'] else 'TOO BIG'})",
+                flush=True,
+            )
+            report.add("carry: working tree + wheels (<= 64 MiB)", w["fits"], time.monotonic() - t, w)
 
         t = time.monotonic()
         model_dir, prepared = fixtures(work, gpu)
