@@ -78,10 +78,11 @@ def compare_exports(base_dir: Path, run: Path, merged: Path, ggufs: dict[str, Pa
     peft = PeftModel.from_pretrained(base, str(run / ADAPTER_DIR)).eval()
     want = _greedy(peft, ids, tok, n)
     ref = _logits(peft, ids, want)
+    # the adapter changes the greedy choices: an export that dropped it would fail below (the base's logits
+    # are computed prompt by prompt until one differs)
     with peft.disable_adapter():
-        plain = _logits(peft, ids, want)
-    # the adapter changes the greedy choices: an export that dropped it would fail below
-    assert any(not torch.equal(a.argmax(-1), b.argmax(-1)) for a, b in zip(ref, plain))
+        plain = (_logits(peft, [x], [r])[0] for x, r in zip(ids, want))
+        assert any(not torch.equal(a.argmax(-1), b.argmax(-1)) for a, b in zip(ref, plain))
     std = torch.cat(ref).std().item()
     del peft, base
     results = {}
@@ -91,8 +92,9 @@ def compare_exports(base_dir: Path, run: Path, merged: Path, ggufs: dict[str, Pa
         got_tok = AutoTokenizer.from_pretrained(folder, **kw)
         assert [x.tolist() for x in _prompt_ids(got_tok, prompts)] == [x.tolist() for x in ids], name
         assert got_tok.eos_token_id == tok.eos_token_id, name
-        err = max((a - b).abs().max().item() for a, b in zip(ref, _logits(model, ids, want)))
-        results[name] = (_greedy(model, ids, tok, n), err / std, ref, _logits(model, ids, want))
+        got = _logits(model, ids, want)
+        err = max((a - b).abs().max().item() for a, b in zip(ref, got))
+        results[name] = (_greedy(model, ids, tok, n), err / std, ref, got)
     return want, results
 
 
@@ -133,7 +135,7 @@ def _demo_model_dir() -> Path:
 
 @pytest.mark.slow
 def test_demo_model_peft_merged_and_gguf_agree(tmp_path):
-    """SmolLM2-135M-Instruct (the demo model, fetched from its PyPI wheel) with a random adapter, on 8 held-out
+    """SmolLM2-135M-Instruct (the demo model, fetched from its PyPI wheel) with a random adapter, on 4 held-out
     prompts of the demo task: merged f32 agrees token for token, GGUF Q8_0 within its measured error (the F16
     GGUF's error was measured once with this test's code and is quoted in docs/exports.md; the tiny test checks
     F16 and F32 on every run)."""
@@ -143,7 +145,7 @@ def test_demo_model_peft_merged_and_gguf_agree(tmp_path):
     run = make_run(base, tmp_path / "run", std=0.01)
     merged, q8 = export_many(run, [("merged", "f32", None, None), ("gguf", None, "q8_0", None)])
     rng = random.Random(12345)  # the demo task's eval rows use other seeds
-    prompts = [make_example(rng)[0] for _ in range(8)]
+    prompts = [make_example(rng)[0] for _ in range(4)]  # the first 4 of the 8 the Q8_0 bound was measured on
     want, res = compare_exports(base, run, merged, {"q8_0": q8 / "run-Q8_0.gguf"}, prompts, n=10)
     assert res["merged"][0] == want and res["merged"][1] < 1e-4
     check_close(want, res, "q8_0", Q8_0_REL_BOUND)
