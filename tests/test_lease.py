@@ -101,9 +101,10 @@ def test_two_trains_of_one_run_then_a_killed_driver(tiny_model_dir, tmp_path):
     from audit import check_exactly_once
     from test_fault_sentences import config_file
 
-    # 8 steps (a checkpoint every 2): the first run is killed after its first checkpoint with 6 steps to go; the
-    # takeover trains the rest. One tokenizer actor: the two prepares start one actor process each, not two.
-    steps = 8
+    # 12 steps (a checkpoint every 2): the first run is killed after its first checkpoint, seen about 1 s late (it
+    # had reached step 4 at 8 steps), so still well before its end; the takeover trains the rest. One tokenizer
+    # actor: the data is one block, so a second actor process would only start up (each prepare starts one, not two).
+    steps = 12
     cfg = config_file(tmp_path, tiny_model_dir, **{"train.max_steps": steps, "data.num_tokenizer_actors": 1})
     run = tmp_path / "runs" / "probe"
     command = [sys.executable, "-m", "raysft.pipeline.cli", "train", str(cfg)]
