@@ -306,8 +306,14 @@ def test_submit_tiny_training_succeeds(head, tmp_path, tiny_model_dir):
     assert steps == [1, 2, 3]
 
     env["RAY_ADDRESS"] = head.url
-    assert raysft(["status", job], env=env, timeout=120).stdout.strip() == f"{job}: SUCCEEDED"
-    logs = raysft(["logs", job, "--follow"], env=env, timeout=120)  # follows a finished job to its end
+    # status and logs are independent reads of the ended job: two clients at once (each a fresh Python process)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        status = pool.submit(raysft, ["status", job], env=env, timeout=120)
+        logs = pool.submit(raysft, ["logs", job, "--follow"], env=env, timeout=120)  # follows a finished job to its end
+        status, logs = status.result(), logs.result()
+    assert status.stdout.strip() == f"{job}: SUCCEEDED", status.stderr
     assert logs.returncode == 0 and "step 3/3" in logs.stdout
 
     # what reached the cluster: only the named secret, as an env var; no .env file, no old run outputs
