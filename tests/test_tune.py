@@ -512,10 +512,9 @@ def test_tune_metric_names_are_what_a_real_run_reported(grid_sweep):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_asha_stops_the_bad_learning_rate_and_an_interrupted_sweep_resumes(sweep_base, tmp_path):
-    """`raysft tune` in a subprocess with its own local cluster, one trial at a time, grid of 3 learning rates
-    (good, bad, bad): the diverging lr is stopped by ASHA at its first rung; Ctrl-C after two finished trials
-    (one completed, one early-stopped), then `--resume` runs the third (ASHA, restored, stops it too) and leaves
-    the first two untouched. Three trials, not four: each costs a trial start (~40-80 s here), not its 4 steps."""
+    """`raysft tune` in a subprocess with its own local cluster, one trial at a time, grid (lr x seed):
+    the diverging lr is stopped by ASHA at its first rung; Ctrl-C after two finished trials, then
+    `--resume` runs the other two and leaves the first two untouched."""
     import yaml
 
     base = {
@@ -523,7 +522,7 @@ def test_asha_stops_the_bad_learning_rate_and_an_interrupted_sweep_resumes(sweep
         "run": {**sweep_base["run"], "storage_path": str(tmp_path), "name": "asha", "address": "local"},
     }
     base["tune"] = {
-        "search_space": {"train.lr": [GOOD_LR, BAD_LR, 10 * BAD_LR]},
+        "search_space": {"train.lr": [GOOD_LR, BAD_LR], "train.seed": [0, 1]},
         "search_alg": "grid",
         "scheduler": "asha",
         "grace_period": 2,
@@ -564,13 +563,13 @@ def test_asha_stops_the_bad_learning_rate_and_an_interrupted_sweep_resumes(sweep
     assert (
         resumed.stdout.strip()
         .splitlines()[-1]
-        .startswith("Sweep of 3 trials (1 completed, 2 early-stopped by ASHA): best ")
+        .startswith("Sweep of 4 trials (2 completed, 2 early-stopped by ASHA): best ")
     )
 
     rows = _csv(sweep_dir / "results.csv")
-    assert len(rows) == 3
+    assert len(rows) == 4
     for row in rows:
-        bad = float(row["train.lr"]) >= BAD_LR
+        bad = float(row["train.lr"]) == BAD_LR
         assert row["stop_reason"] == (EARLY_STOPPED if bad else COMPLETED), row
         assert int(row["steps"]) == (2 if bad else 4)  # stopped at ASHA's first rung (grace period 2)
     # The two trials that had finished were not run again: same files, one start each.
