@@ -15,6 +15,7 @@ import random
 
 import pytest
 import torch
+from tiny import fp32_cfg
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from raysft.kernels import fused_linear_cross_entropy, linear_cross_entropy_reference
@@ -93,21 +94,6 @@ def test_chunked_loss_never_allocates_tokens_by_vocab():
 
 
 # ----------------------------------------------------------------------------- the step's default
-
-
-def fp32_cfg(model_dir, **over):
-    from raysft.pipeline.config import load_config
-
-    base = {
-        "model.name_or_path": str(model_dir),
-        "model.quantization": "none",
-        "model.dtype": "float32",
-        "model.gradient_checkpointing": False,
-        "lora.dropout": 0.0,
-        "lora.r": 4,
-        "lora.alpha": 8,
-    }
-    return load_config(None, overrides={**base, **over})
 
 
 def packed_micro_batch(seed: int = 4):

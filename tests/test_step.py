@@ -6,8 +6,8 @@ import random
 
 import pytest
 import torch
+from tiny import fp32_cfg
 
-from raysft.pipeline.config import load_config
 from raysft.pipeline.data.schema import IGNORE_INDEX as IGNORE
 from raysft.pipeline.models.load import build_model
 from raysft.pipeline.training.step import (
@@ -20,20 +20,6 @@ from raysft.pipeline.training.step import (
 )
 
 pytestmark = pytest.mark.smoke  # in `make test-latest`'s canary subset
-
-
-def fp32_cfg(model_dir, **over):
-    base = {
-        "model.name_or_path": str(model_dir),
-        "model.quantization": "none",
-        "model.dtype": "float32",
-        "model.gradient_checkpointing": False,
-        "lora.dropout": 0.0,
-        "lora.r": 4,
-        "lora.alpha": 8,
-    }
-    base.update(over)
-    return load_config(None, overrides=base)
 
 
 def random_sample(rng: random.Random, vocab: int, sid: int) -> dict:

@@ -128,3 +128,19 @@ def addition_rows(n: int, answer=lambda a, b: f"{a + b}", seed: int = 0) -> list
             }
         )
     return rows
+
+
+def fp32_cfg(model_dir, **over):
+    """A float32, unquantized config of `model_dir` with a small deterministic LoRA (no dropout, no checkpointing)."""
+    from raysft.pipeline.config import load_config
+
+    base = {
+        "model.name_or_path": str(model_dir),
+        "model.quantization": "none",
+        "model.dtype": "float32",
+        "model.gradient_checkpointing": False,
+        "lora.dropout": 0.0,
+        "lora.r": 4,
+        "lora.alpha": 8,
+    }
+    return load_config(None, overrides={**base, **over})
