@@ -262,6 +262,65 @@ def test_asha_stops_diverged_trials_but_never_a_trial_at_its_last_step(tmp_path)
     assert [(e["trial_id"], e["event"], e["step"]) for e in stops] == [("t1", "early_stopped", 2)]
 
 
+def test_a_resumed_asha_judges_the_remaining_trials_against_the_finished_ones(tmp_path):
+    """Tuner.restore brings back the scheduler as it was before any trial ran: SweepASHA rebuilds its rungs from
+    what the restored trials reported (up to an early stop), so a diverged trial left to run is still stopped."""
+    from types import SimpleNamespace
+
+    import pyarrow.fs as pafs
+
+    from raysft.pipeline.sweep.run import ASHA_MAX_T, SweepASHA
+
+    events = tmp_path / "events.jsonl"
+    reported = {
+        "t0": [{"step": 1, "loss": 3.0}, {"step": 2, "eval_loss": 1.0}, {"step": 4, "eval_loss": 0.5}],
+        # stopped at step 2; its step-4 result raced the stop and is not judged
+        "t1": [{"step": 2, "eval_loss": float("nan")}, {"step": 4, "eval_loss": 0.1}],
+    }
+    for trial_id, results in reported.items():
+        (tmp_path / trial_id).mkdir()
+        (tmp_path / trial_id / "result.json").write_text("".join(json.dumps(r) + "\n" for r in results))
+    events.write_text(json.dumps({"trial_id": "t1", "event": "early_stopped", "step": 2}) + "\n")
+
+    def restored_asha(*trial_ids):
+        asha = SweepASHA(
+            str(events),
+            lambda config: 8,
+            metric="eval_loss",
+            mode="min",
+            time_attr="step",
+            max_t=ASHA_MAX_T,
+            grace_period=2,
+            reduction_factor=2,
+        )
+        fs = pafs.LocalFileSystem()
+        trials = [
+            SimpleNamespace(
+                trial_id=t,
+                config={},
+                has_reported_at_least_once=t in reported,
+                path=str(tmp_path / t),
+                storage=SimpleNamespace(storage_filesystem=fs),
+            )
+            for t in trial_ids
+        ]
+        for t in trials:
+            asha.on_trial_add(None, t)
+        return asha, trials[-1]
+
+    asha, t2 = restored_asha("t0", "t1", "t2")
+    (step2,) = [recorded for milestone, recorded in asha._brackets[0]._rungs if milestone == 2]
+    (step4,) = [recorded for milestone, recorded in asha._brackets[0]._rungs if milestone == 4]
+    assert step2 == {"t0": -1.0, "t1": -1e30} and step4 == {"t0": -0.5}  # t1's raced step 4 is not there
+    assert asha.on_trial_result(None, t2, {"step": 2, "eval_loss": float("nan")}) == "STOP"
+    assert [json.loads(x)["trial_id"] for x in events.read_text().splitlines()] == ["t1", "t2"]  # none replayed
+    asha, t2 = restored_asha("t0", "t2")
+    assert asha.on_trial_result(None, t2, {"step": 2, "eval_loss": 0.9}) == "CONTINUE"  # better than t0
+    # What resuming did before: the first trial at an empty rung passes it, diverged or not.
+    asha, t2 = restored_asha("t2")
+    assert asha.on_trial_result(None, t2, {"step": 2, "eval_loss": float("nan")}) == "CONTINUE"
+
+
 def test_history_keeps_diverged_values_and_the_last_report_of_a_repeated_step(tmp_path):
     """A resumed trial re-reports steps after its checkpoint; a diverged one reports NaN (not a missing value)."""
     from types import SimpleNamespace
