@@ -1,6 +1,7 @@
 """Sweeps: search-space checks, resource sizing, the results table and plots, and real Ray Tune sweeps
-of the tiny model (grid with concurrent trials; ASHA with a deliberately bad learning rate, interrupted
-after two finished trials and resumed)."""
+of the tiny model (the suite's grid sweep, tests/sweep_fixtures.py, shared with test_tracking and
+test_generate_eval; ASHA with a deliberately bad learning rate, interrupted after two finished trials and
+resumed)."""
 
 from __future__ import annotations
 
@@ -435,6 +436,11 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+def _train_reports(run_dir: Path) -> list[dict]:
+    """The lines of metrics.jsonl that the training reported (not the generation eval's gen_ lines)."""
+    return [m for m in _metrics(run_dir) if not any(k.startswith("gen_") for k in m)]
+
+
 def _csv(path: Path) -> list[dict]:
     import csv
 
@@ -465,58 +471,40 @@ def test_sweep_folder_mistakes_are_caught_before_ray(sweep_base, tmp_path):
         tune(cfg)
 
 
-@pytest.fixture(scope="module")
-def grid_sweep(ray_session, sweep_base):
-    """2 ranks x 2 learning rates, 2 trials at a time on the 4-CPU test cluster (run once for the tests below)."""
-    from raysft.pipeline import tune
-
-    cfg = load_config(
-        overrides={
-            **_flat(sweep_base),
-            "run.name": "grid",
-            "tune": {
-                "search_space": {"lora.r": [4, 8], "train.lr": [GOOD_LR, 0.003]},
-                "search_alg": "grid",
-                "scheduler": "none",
-                "alpha_rule": "2r",
-            },
-        }
-    )
-    return tune(cfg)
-
-
 @pytest.mark.ray
 @pytest.mark.slow
-def test_grid_of_ranks_and_learning_rates(grid_sweep, sweep_base, tiny_model_dir):
-    """The grid sweep's table, plots, best adapter and best config; trials never exceed the cluster."""
+def test_grid_of_ranks_and_learning_rates(shared_sweep, tiny_model_dir):
+    """The suite's grid sweep (sweep_fixtures: 2 ranks x 2 learning rates, alpha_rule 2r, judged by a generation
+    metric, mode max): its table, plots, best adapter and best config; trials never exceed the cluster."""
     import yaml
     from peft import PeftModel
+    from sweep_fixtures import LRS, METRIC, NAME, RANKS
     from transformers import AutoModelForCausalLM
 
-    sweep = grid_sweep
-    sweep_dir = Path(sweep.sweep_dir)
+    from raysft.pipeline.sweep.run import max_concurrent_trials
+
+    sweep = shared_sweep.result
+    sweep_dir = shared_sweep.sweep_dir
 
     rows = _csv(sweep_dir / "results.csv")
     assert len(rows) == 4 and [r["trial_id"] for r in rows] == [r["trial_id"] for r in sweep.table]
-    assert sorted((int(r["lora.r"]), float(r["train.lr"])) for r in rows) == [
-        (4, 0.003),
-        (4, GOOD_LR),
-        (8, 0.003),
-        (8, GOOD_LR),
-    ]
+    assert sorted((int(r["lora.r"]), float(r["train.lr"])) for r in rows) == sorted(
+        (r, lr) for r in RANKS for lr in LRS
+    )
     for row in rows:
         run_dir = sweep_dir / "trials" / row["trial_id"]
         trained = yaml.safe_load((run_dir / "config.yaml").read_text())  # what the trial really trained with
         assert (trained["lora"]["r"], trained["train"]["lr"]) == (int(row["lora.r"]), float(row["train.lr"]))
         assert trained["lora"]["alpha"] == float(row["lora.alpha"]) == 2 * int(row["lora.r"])
-        history = _metrics(run_dir)
+        history = _train_reports(run_dir)
         evals = [m["eval_loss"] for m in history if "eval_loss" in m]
         assert len(evals) == 2 and float(row["final_eval_loss"]) == pytest.approx(evals[-1], rel=1e-9)
         assert float(row["best_eval_loss"]) == pytest.approx(min(evals), rel=1e-9)
         assert int(row["trained_tokens"]) == history[-1]["trained_tokens"] > 0
         assert (row["steps"], row["stop_reason"]) == ("4", COMPLETED) and float(row["wall_time_s"]) > 0
 
-    best = min(rows, key=lambda r: float(r["final_eval_loss"]))
+    # The best trial is the completed one with the best final tune.metric (here the highest generation score).
+    best = max(rows, key=lambda r: float(r[f"final_{METRIC}"]))
     assert sweep.best.trial_id == best["trial_id"]
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), sweep_dir / "best_adapter")
     lora = model.peft_config["default"]
@@ -525,37 +513,45 @@ def test_grid_of_ranks_and_learning_rates(grid_sweep, sweep_base, tiny_model_dir
     assert (best_cfg.lora.r, best_cfg.train.lr) == (int(best["lora.r"]), float(best["train.lr"]))
     assert (best_cfg.lora.alpha, best_cfg.run.name, best_cfg.tune.search_space) == (
         2 * best_cfg.lora.r,
-        "grid-best",
+        f"{NAME}-best",
         {},
     )
     for png in ("loss_vs_lr.png", "eval_curves.png"):
         assert (sweep_dir / png).read_bytes()[:4] == b"\x89PNG"
     assert sweep.summary_line().startswith(f"Sweep of 4 trials (4 completed): best {best['trial_id']}")
 
-    # Trial resources are accounted: never more than 2 trials (1 driver CPU + 1 worker CPU each) at once.
+    # Trial resources are accounted: Tune alone would start all 4 (each reserves 1 driver CPU of the 4), but a
+    # trial holds 1 driver + 1 worker + 1 generation-eval CPU, so raysft runs one at a time (2 without the eval).
+    sweep_cfg = load_config(sweep_dir / "sweep.yaml")
+    assert max_concurrent_trials(sweep_cfg, {"CPU": 4}) == 1
+    assert max_concurrent_trials(sweep_cfg.with_overrides({"train.eval_generate.prompts": None}), {"CPU": 4}) == 2
     events = [json.loads(line) for line in (sweep_dir / "events.jsonl").read_text().splitlines()]
     running, peak = 0, 0
     for e in events:
         running += {"started": 1, "ended": -1}.get(e["event"], 0)
         peak = max(peak, running)
-    assert peak == 2
+    assert peak == 1 and [e["event"] for e in events].count("started") == 4
     # The data was prepared once, by the driver: one cache entry.
-    cache = Path(sweep_base["data"]["cache_dir"])
-    assert len([d for d in cache.iterdir() if (d / "stats.json").is_file()]) == 1
+    assert len([d for d in shared_sweep.cache_dir.iterdir() if (d / "stats.json").is_file()]) == 1
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_tune_metric_names_are_what_a_real_run_reported(grid_sweep):
+def test_tune_metric_names_are_what_a_real_run_reported(shared_sweep):
     """tune.metric is checked against REPORTED_METRICS before Ray starts, so they must be exactly the metrics the
-    trials' training reported (each line of a trial's metrics.jsonl is one ray.train.report): every step metric
-    at every step, the eval metrics together at eval steps, and nothing else."""
+    trials' training reported (each training line of a trial's metrics.jsonl is one ray.train.report): every step
+    metric at every step, the eval metrics together at eval steps, and nothing else. The generation eval (a task
+    beside the workers) adds its own lines: the step and gen_<metric> only."""
+    from sweep_fixtures import METRIC
+
     from raysft.pipeline.sweep.space import EVAL_METRICS, STEP_METRICS
 
-    trials = [row["trial_id"] for row in grid_sweep.table]
+    sweep = shared_sweep.result
+    trials = [row["trial_id"] for row in sweep.table]
     assert len(trials) == 4
     for trial in trials:
-        history = _metrics(Path(grid_sweep.sweep_dir) / "trials" / trial)
+        run_dir = shared_sweep.sweep_dir / "trials" / trial
+        history = _train_reports(run_dir)
         assert [m["step"] for m in history] == [1, 2, 3, 4], trial
         reported = set().union(*history)
         assert reported == set(REPORTED_METRICS), (
@@ -566,6 +562,8 @@ def test_tune_metric_names_are_what_a_real_run_reported(grid_sweep):
             assert set(STEP_METRICS) <= set(m), (trial, m)
             assert (set(EVAL_METRICS) & set(m)) in (set(), set(EVAL_METRICS)), (trial, m)
         assert [m["step"] for m in history if "eval_loss" in m] == [2, 4]  # train.eval_every 2, and the end
+        generation = [m for m in _metrics(run_dir) if m not in history]
+        assert [sorted(m) for m in generation] == [sorted(["step", METRIC])], (trial, generation)
 
 
 @pytest.mark.ray
@@ -619,14 +617,15 @@ def test_asha_stops_the_bad_learning_rate_and_an_interrupted_sweep_resumes(sweep
 
     resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    rows = _csv(sweep_dir / "results.csv")
+    assert len(rows) == 4
+    # The best is the completed trial with the lowest final eval_loss (tune.metric's default, mode min).
+    best = min((r for r in rows if r["stop_reason"] == COMPLETED), key=lambda r: float(r["final_eval_loss"]))
     assert (
         resumed.stdout.strip()
         .splitlines()[-1]
-        .startswith("Sweep of 4 trials (2 completed, 2 early-stopped by ASHA): best ")
+        .startswith(f"Sweep of 4 trials (2 completed, 2 early-stopped by ASHA): best {best['trial_id']} ")
     )
-
-    rows = _csv(sweep_dir / "results.csv")
-    assert len(rows) == 4
     for row in rows:
         bad = float(row["train.lr"]) == BAD_LR
         assert row["stop_reason"] == (EARLY_STOPPED if bad else COMPLETED), row
