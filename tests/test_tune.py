@@ -569,9 +569,11 @@ def test_tune_metric_names_are_what_a_real_run_reported(shared_sweep):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_asha_stops_the_bad_learning_rate_and_an_interrupted_sweep_resumes(sweep_base, tmp_path):
-    """`raysft tune` in a subprocess with its own local cluster, one trial at a time, grid (lr x seed):
-    the diverging lr is stopped by ASHA at its first rung; Ctrl-C after two finished trials, then
-    `--resume` runs the other two and leaves the first two untouched."""
+    """`raysft tune` in a subprocess with its own local cluster, one trial at a time, grid of 3 learning rates
+    (good, bad, bad): the diverging lr is stopped by ASHA at its first rung; Ctrl-C after two finished trials
+    (one completed, one early-stopped), then `--resume` runs the third, which ASHA, its rungs rebuilt from the
+    finished trials, stops too (it would be the first at an empty rung otherwise), and leaves the first two
+    untouched. Three trials, not four: each costs a trial start (~40-80 s here), not its 4 steps."""
     import yaml
 
     base = {
@@ -579,7 +581,7 @@ def test_asha_stops_the_bad_learning_rate_and_an_interrupted_sweep_resumes(sweep
         "run": {**sweep_base["run"], "storage_path": str(tmp_path), "name": "asha", "address": "local"},
     }
     base["tune"] = {
-        "search_space": {"train.lr": [GOOD_LR, BAD_LR], "train.seed": [0, 1]},
+        "search_space": {"train.lr": [GOOD_LR, BAD_LR, 10 * BAD_LR]},
         "search_alg": "grid",
         "scheduler": "asha",
         "grace_period": 2,
@@ -618,16 +620,16 @@ def test_asha_stops_the_bad_learning_rate_and_an_interrupted_sweep_resumes(sweep
     resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     rows = _csv(sweep_dir / "results.csv")
-    assert len(rows) == 4
+    assert len(rows) == 3
     # The best is the completed trial with the lowest final eval_loss (tune.metric's default, mode min).
     best = min((r for r in rows if r["stop_reason"] == COMPLETED), key=lambda r: float(r["final_eval_loss"]))
     assert (
         resumed.stdout.strip()
         .splitlines()[-1]
-        .startswith(f"Sweep of 4 trials (2 completed, 2 early-stopped by ASHA): best {best['trial_id']} ")
+        .startswith(f"Sweep of 3 trials (1 completed, 2 early-stopped by ASHA): best {best['trial_id']} ")
     )
     for row in rows:
-        bad = float(row["train.lr"]) == BAD_LR
+        bad = float(row["train.lr"]) >= BAD_LR
         assert row["stop_reason"] == (EARLY_STOPPED if bad else COMPLETED), row
         assert int(row["steps"]) == (2 if bad else 4)  # stopped at ASHA's first rung (grace period 2)
     # The two trials that had finished were not run again: same files, one start each.
@@ -638,6 +640,9 @@ def test_asha_stops_the_bad_learning_rate_and_an_interrupted_sweep_resumes(sweep
     starts = [json.loads(line)["trial_id"] for line in events.read_text().splitlines() if '"started"' in line]
     assert sorted(set(starts)) == sorted(r["trial_id"] for r in rows)
     assert all(starts.count(t) == 1 for t in done)
+    # The third was stopped by the resumed sweep's ASHA (rungs rebuilt from the first two), not before Ctrl-C.
+    (third,) = [r["trial_id"] for r in rows if r["trial_id"] not in done]
+    assert f"[raysft] ASHA stopped trial {third} at step 2" in resumed.stdout, resumed.stdout[-3000:]
     assert Path(sweep_dir / "best_adapter" / "adapter_config.json").is_file()
 
 
