@@ -89,14 +89,33 @@ def _mlflow_server_of_the_session(tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(_mlflow_server_of_the_session):
-    """A real MLflow tracking server (sqlite backend) shared by the session: started on first use, and started
-    again (same database, new port) for a module when an earlier test stopped it."""
+def _running(server):
     from tracking_fixtures import free_port
 
-    server = _mlflow_server_of_the_session
     if server.proc is None or server.proc.poll() is not None:
         server.port = free_port()
         server.start()
     return server
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(_mlflow_server_of_the_session):
+    """A real MLflow tracking server (sqlite backend) shared by the session: started on first use, and started
+    again (same database, new port) for a module when an earlier test stopped it."""
+    return _running(_mlflow_server_of_the_session)
+
+
+@pytest.fixture(scope="session")
+def sweep_storage(tmp_path_factory) -> Path:
+    """The run.storage_path of the shared sweep; test_tracking trains its runs there too (`raysft runs` lists all)."""
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="session")
+def shared_sweep(ray_session, tiny_model_dir, sweep_storage, _mlflow_server_of_the_session, tmp_path_factory):
+    """The suite's one Ray Tune grid sweep (sweep_fixtures.run_shared_sweep), run on first use and checked by the
+    sweep tests of test_tune, test_tracking and test_generate_eval."""
+    from sweep_fixtures import run_shared_sweep
+
+    server = _running(_mlflow_server_of_the_session)
+    return run_shared_sweep(tmp_path_factory.mktemp("sweepdata"), sweep_storage, tiny_model_dir, server.uri)
