@@ -6,25 +6,32 @@
     result = train(cfg)
     sweep = tune(cfg)
 
-Heavy modules (ray, torch, transformers) load on first use, so importing this package is cheap
-and changes nothing in other libraries. It does install `import_guard`: the bare names `kernels` and
-`pipeline` then find the installed PyPI packages even where a raysft checkout is on sys.path.
+Importing this package runs only the standard library: every API name, `Config` and `load_config` included,
+loads on first use. That matters beyond the driver: `import_guard.install` is the `worker_process_setup_hook` of
+every Ray worker raysft starts (data-plan actors, Ray Train's own actors), and importing it runs this file first;
+pydantic and pyarrow (config.py, storage.py) there cost 0.2-0.4 s of CPU per process
+(tests/test_import_guard.py checks that the hook imports neither). It does install `import_guard`: the bare
+names `kernels` and `pipeline` then find the installed PyPI packages even where a raysft checkout is on sys.path.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raysft.pipeline import import_guard
-from raysft.pipeline.config import Config, load_config
 from raysft.pipeline.errors import ConfigError, DataError, ModelError, RaysftError
+
+if TYPE_CHECKING:
+    from raysft.pipeline.config import Config, load_config
 
 import_guard.install()  # before anything raysft runs imports transformers (which imports PyPI's `kernels`)
 
 __all__ = ["Config", "load_config", "prepare", "train", "tune", "RaysftError", "ConfigError", "DataError", "ModelError"]
 
 _LAZY = {
+    "Config": ("raysft.pipeline.config", "Config"),
+    "load_config": ("raysft.pipeline.config", "load_config"),
     "prepare": ("raysft.pipeline.data.plan", "prepare"),
     "train": ("raysft.pipeline.trainer", "train"),
     "tune": ("raysft.pipeline.sweep.run", "tune"),

@@ -24,10 +24,10 @@ from raysft.pipeline.config import Config
 from raysft.pipeline.data.plan import ensure_prepared, resolve_inputs
 from raysft.pipeline.data.schema import Prepared
 from raysft.pipeline.data.shards import has_rows, load_index
+from raysft.pipeline.data.spec_cache import load_tokenizer_spec
 from raysft.pipeline.errors import ConfigError, DataError, RaysftError, WorkerError, causes
 from raysft.pipeline.models import precision
 from raysft.pipeline.models.source import base_model_path
-from raysft.pipeline.models.tokenizer import load_tokenizer
 from raysft.pipeline.run_folder import ADAPTER_DIR, LEDGER_FILE, LOG_FILE, local_dir_of, run_dir_of
 from raysft.pipeline.storage import StorageOptions
 from raysft.pipeline.tracking import finish_tracking, start_tracking
@@ -84,7 +84,9 @@ def preflight(cfg: Config) -> Config:
         updates["model.name_or_path"] = source
         updates["model.gguf_file"] = None
     local_model = cfg.model.model_copy(update={"name_or_path": source, "gguf_file": None})
-    load_tokenizer(cfg.model_copy(update={"model": local_model}))
+    # The tokenizer's checks (found, fast, a chat template where the format needs one) through the cached spec:
+    # on an unchanged tokenizer folder the driver never imports transformers (~3 s of CPU; data/spec_cache.py).
+    load_tokenizer_spec(cfg.model_copy(update={"model": local_model}))
     if storage.is_remote(cfg.run.storage_path):  # s3:// / gs://: reachable, bucket exists, credentials found
         storage.check_location(cfg.run.storage_path, storage.StorageOptions.of(cfg))
     else:

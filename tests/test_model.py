@@ -42,6 +42,32 @@ def test_quantization_none_loads_plain_weights(tiny_model_dir):
     assert type(q) is torch.nn.Linear and q.weight.dtype == torch.float32
 
 
+def test_lora_on_a_plain_base_skips_bitsandbytes_and_a_4bit_base_still_finds_it(tiny_model_dir):
+    """quantization none: peft's LoRA dispatch would import bitsandbytes (1.7 s of CPU per worker) to match 4-bit
+    layers there are none of; a fresh interpreter builds a plain LoRA model without it, then a 4-bit one in the
+    same process still gets peft's 4-bit LoRA layers (peft's cached answers were cleared)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        "from raysft.pipeline.config import load_config\n"
+        "from raysft.pipeline.models.load import build_model\n"
+        f"over = {{'model.name_or_path': {str(tiny_model_dir)!r}, 'model.dtype': 'float32'}}\n"
+        "kinds = lambda m: sorted({type(x).__module__ + '.' + type(x).__name__ for x in m.modules()"
+        " if hasattr(x, 'lora_A')})\n"
+        "plain = kinds(build_model(load_config(None, {**over, 'model.quantization': 'none'})))\n"
+        "bnb = 'bitsandbytes' in sys.modules\n"
+        "nf4 = kinds(build_model(load_config(None, {**over, 'model.compute_dtype': 'float32'})))\n"
+        "print(json.dumps([plain, bnb, nf4]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    plain, bnb_imported, nf4 = json.loads(out.stdout.splitlines()[-1])
+    assert plain == ["peft.tuners.lora.layer.Linear"] and not bnb_imported
+    assert nf4 == ["peft.tuners.lora.bnb.Linear4bit"]
+
+
 def test_lora_all_linear_rslora_and_checkpointing(tiny_model_dir):
     cfg = cfg_for(tiny_model_dir, **{"lora.r": 4, "lora.alpha": 8, "lora.use_rslora": True})
     model = build_model(cfg)

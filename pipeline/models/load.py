@@ -7,7 +7,10 @@ safetensors only; `trust_remote_code` stays off unless the config turns it on.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +102,36 @@ def attach_lora(model, cfg: Config):
         bias=lcfg.bias,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_cfg)
+    if cfg.model.quantization != "none":
+        return get_peft_model(model, peft_cfg)
+    with _bitsandbytes_hidden():  # no 4-bit layer to wrap: skip its import (1.7 s of CPU per worker)
+        return get_peft_model(model, peft_cfg)
+
+
+@contextlib.contextmanager
+def _bitsandbytes_hidden() -> Iterator[None]:
+    """peft's LoRA dispatch imports bitsandbytes whenever it is installed (`peft.tuners.lora.model`, to match its
+    quantized layers), ~1.7 s of CPU; a plain base has none of them. For this call only, bitsandbytes looks absent
+    to peft (`importlib.util.find_spec` answers None for a `None` entry of sys.modules) and peft's cached answers
+    are cleared before and after, so a 4-bit model later in the same process finds it. One already imported is
+    left alone (nothing to save)."""
+    if "bitsandbytes" in sys.modules:
+        yield
+        return
+    from peft import import_utils  # heavy: peft (already imported by the caller)
+
+    caches = [getattr(import_utils, n, None) for n in ("is_bnb_available", "is_bnb_4bit_available")]
+    clears = [c.cache_clear for c in caches if hasattr(c, "cache_clear")]
+    for clear in clears:
+        clear()
+    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+            del sys.modules["bitsandbytes"]
+        for clear in clears:
+            clear()
 
 
 def build_model(cfg: Config, device: str | None = None):
