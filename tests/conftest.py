@@ -80,6 +80,33 @@ def ray_session():
     ray_runtime.stop()
 
 
+_HEADS: list = []  # the shared head, once started (stopped after the last test that asks for it)
+_LAST_HEAD_USER: list[str] = []  # that test's node id
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """One local Ray head (`ray start --head`, token authentication; local_processes.start_head) for the tests that
+    submit jobs to or join a running cluster (test_ray_runtime, test_storage_s3, test_submit): one `ray start`
+    instead of one per module. Stopped right after the last test that uses it, not at the session's end."""
+    from local_processes import start_head
+
+    head = start_head()
+    _HEADS.append(head)
+    yield head
+    head.stop()
+
+
+def pytest_collection_finish(session):
+    users = [item.nodeid for item in session.items if "ray_head" in getattr(item, "fixturenames", ())]
+    _LAST_HEAD_USER[:] = users[-1:]
+
+
+def pytest_runtest_teardown(item, nextitem):
+    if _HEADS and _LAST_HEAD_USER and item.nodeid == _LAST_HEAD_USER[0]:
+        _HEADS.pop().stop()  # idle from here on; its session finalizer's stop() then finds nothing left
+
+
 @pytest.fixture(scope="session")
 def _mlflow_server_of_the_session(tmp_path_factory):
     from tracking_fixtures import MlflowServer, free_port

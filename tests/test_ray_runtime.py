@@ -54,7 +54,8 @@ def config(tmp_path_factory, chatml_tokenizer) -> Path:
     path = root / "cfg.yaml"
     path.write_text(
         f"model: {{name_or_path: {root / 'tok'}}}\n"
-        f"data: {{train: {root / 'train.jsonl'}, cache_dir: {root / 'cache'}, max_seq_len: 256}}\n"
+        f"data: {{train: {root / 'train.jsonl'}, cache_dir: {root / 'cache'}, max_seq_len: 256, "
+        "num_tokenizer_actors: 1}\n"  # one actor: a second only starts up (30 rows are one block)
     )
     return path
 
@@ -240,24 +241,18 @@ def _marked_by(pid: int) -> list[int]:
 
 
 @pytest.mark.ray
-def test_auto_joins_the_cluster_ray_start_recorded(ray_tmp):
+def test_auto_joins_the_cluster_ray_start_recorded(ray_tmp, ray_head):
     """run.address: auto joins, on purpose, the head `ray start` recorded in ray_current_cluster (here a real
-    head of its own, with token authentication, on free ports)."""
-    from test_submit import start_head
-
+    head, with token authentication, on free ports: the suite's shared one, conftest.ray_head)."""
     root, _ = ray_tmp
-    head = start_head(num_cpus=1)
-    try:
-        gcs = head.env["RAY_ADDRESS"]
-        (root / "ray" / "ray_current_cluster").write_text(gcs)
-        code = (
-            "import ray; from raysft.pipeline import ray_runtime; "
-            "assert ray_runtime.start('auto', ray_runtime.PREPARE); "
-            "print(ray.get_runtime_context().gcs_address); ray_runtime.stop()"
-        )
-        env = {**head.client_env(mode="token"), "RAY_TMPDIR": str(root)}
-        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.strip().splitlines()[-1].rsplit(":", 1)[1] == gcs.rsplit(":", 1)[1]  # its GCS port
-    finally:
-        head.stop()
+    gcs = ray_head.env["RAY_ADDRESS"]
+    (root / "ray" / "ray_current_cluster").write_text(gcs)
+    code = (
+        "import ray; from raysft.pipeline import ray_runtime; "
+        "assert ray_runtime.start('auto', ray_runtime.PREPARE); "
+        "print(ray.get_runtime_context().gcs_address); ray_runtime.stop()"
+    )
+    env = {**ray_head.client_env(mode="token"), "RAY_TMPDIR": str(root)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1].rsplit(":", 1)[1] == gcs.rsplit(":", 1)[1]  # its GCS port
