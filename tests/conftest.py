@@ -87,8 +87,9 @@ _LAST_HEAD_USER: list[str] = []  # that test's node id
 @pytest.fixture(scope="session")
 def ray_head():
     """One local Ray head (`ray start --head`, token authentication; local_processes.start_head) for the tests that
-    submit jobs to or join a running cluster (test_ray_runtime, test_storage_s3, test_submit): one `ray start`
-    instead of one per module. Stopped right after the last test that uses it, not at the session's end."""
+    submit jobs to it (test_storage_s3's last test, then test_submit): one `ray start` instead of one per module.
+    Stopped right after the last test that uses it, not at the session's end: idle, a head costs about 4 CPU-s a
+    minute (BENCHMARKS.md), so only tests that run close together should share it."""
     from local_processes import start_head
 
     head = start_head()

@@ -241,18 +241,25 @@ def _marked_by(pid: int) -> list[int]:
 
 
 @pytest.mark.ray
-def test_auto_joins_the_cluster_ray_start_recorded(ray_tmp, ray_head):
+def test_auto_joins_the_cluster_ray_start_recorded(ray_tmp):
     """run.address: auto joins, on purpose, the head `ray start` recorded in ray_current_cluster (here a real
-    head, with token authentication, on free ports: the suite's shared one, conftest.ray_head)."""
+    head of its own, with token authentication, on free ports). Not the suite's shared head (conftest.ray_head):
+    it would idle through test_storage_s3 until its submit test, at about 4 CPU-s a minute, more than its start."""
+    from local_processes import start_head
+
     root, _ = ray_tmp
-    gcs = ray_head.env["RAY_ADDRESS"]
-    (root / "ray" / "ray_current_cluster").write_text(gcs)
-    code = (
-        "import ray; from raysft.pipeline import ray_runtime; "
-        "assert ray_runtime.start('auto', ray_runtime.PREPARE); "
-        "print(ray.get_runtime_context().gcs_address); ray_runtime.stop()"
-    )
-    env = {**ray_head.client_env(mode="token"), "RAY_TMPDIR": str(root)}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1].rsplit(":", 1)[1] == gcs.rsplit(":", 1)[1]  # its GCS port
+    head = start_head(num_cpus=1)
+    try:
+        gcs = head.env["RAY_ADDRESS"]
+        (root / "ray" / "ray_current_cluster").write_text(gcs)
+        code = (
+            "import ray; from raysft.pipeline import ray_runtime; "
+            "assert ray_runtime.start('auto', ray_runtime.PREPARE); "
+            "print(ray.get_runtime_context().gcs_address); ray_runtime.stop()"
+        )
+        env = {**head.client_env(mode="token"), "RAY_TMPDIR": str(root)}
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip().splitlines()[-1].rsplit(":", 1)[1] == gcs.rsplit(":", 1)[1]  # its GCS port
+    finally:
+        head.stop()

@@ -1,8 +1,8 @@
 """Job submission against a real local Ray head: submit, --wait, status, logs, stop, failures, auth.
 
 The head is the suite's shared one (conftest.ray_head, local_processes.start_head): `ray start --head --block` in
-its own session and temp dir, with token authentication, started once for test_ray_runtime, test_storage_s3 and
-this module (each `ray start` costs tens of seconds on a 2-core machine).
+its own session and temp dir, with token authentication, started once for test_storage_s3's submit test and this
+module (each `ray start` costs about 20 s on a 2-core machine).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from local_processes import free_port
 
 @pytest.fixture(scope="module")
 def head(ray_head):
-    """The suite's shared head (conftest.ray_head): it also ran test_ray_runtime's and test_storage_s3's jobs."""
+    """The suite's shared head (conftest.ray_head): it also ran test_storage_s3's job."""
     return ray_head
 
 
