@@ -545,7 +545,7 @@ def test_tune_grid_shares_one_prepared_artifact_on_s3(s3, ray_session, tiny_mode
     assert not Path("s3:").exists() and not list(tmp_path.rglob("s3:"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def s3_head(s3, ray_head):
     """The suite's shared local Ray head (conftest.ray_head), whose environment holds the AWS_* credentials (set at
     this module's import, before any head starts), the way a cluster's nodes have theirs (variables, files or an

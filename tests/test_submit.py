@@ -20,7 +20,7 @@ from local_processes import free_port
 # ---------------------------------------------------------------- fixtures and helpers
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def head(ray_head):
     """The suite's shared head (conftest.ray_head): it also ran test_storage_s3's job."""
     return ray_head
