@@ -34,7 +34,7 @@ lint: $(STAMP)
 	$(BIN)/mkdocs build --strict --site-dir site  # not --quiet: it hides the warnings strict counts
 
 test: lint
-	$(BIN)/pytest -m "not gpu" -rs --durations=30 tests
+	$(BIN)/pytest -n 2 -m "not gpu" -rs --durations=30 tests  # two lanes: tests/conftest.py
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -m "not gpu and not slow" -x -q tests

@@ -122,14 +122,74 @@ def _mlflow_server_of_the_session(tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(_mlflow_server_of_the_session):
-    """A real MLflow tracking server (sqlite backend) shared by the session: started on first use, and started
-    again (same database, new port) for a module when an earlier test stopped it."""
+def _running(server):
     from tracking_fixtures import free_port
 
-    server = _mlflow_server_of_the_session
     if server.proc is None or server.proc.poll() is not None:
         server.port = free_port()
         server.start()
     return server
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(_mlflow_server_of_the_session):
+    """A real MLflow tracking server (sqlite backend) shared by the session: started on first use, and started
+    again (same database, new port) for a module when an earlier test stopped it."""
+    return _running(_mlflow_server_of_the_session)
+
+
+@pytest.fixture(scope="session")
+def sweep_storage(tmp_path_factory) -> Path:
+    """The run.storage_path of the shared sweep; test_tracking trains its runs there too (`raysft runs` lists all)."""
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="session")
+def shared_sweep(ray_session, tiny_model_dir, sweep_storage, _mlflow_server_of_the_session, tmp_path_factory):
+    """The suite's one Ray Tune grid sweep (sweep_fixtures.run_shared_sweep), run on first use and checked by the
+    sweep tests of test_tune, test_tracking and test_generate_eval."""
+    from sweep_fixtures import run_shared_sweep
+
+    server = _running(_mlflow_server_of_the_session)
+    return run_shared_sweep(tmp_path_factory.mktemp("sweepdata"), sweep_storage, tiny_model_dir, server.uri)
+
+
+# ---------------------------------------------------------------- two lanes under `make test` (pytest -n 2)
+# `make test` runs the suite on two pytest-xdist workers: one runs every test that starts Ray, one after the other
+# as before (they share `ray_session`, and their timing bounds never see a second Ray beside them); the other runs
+# the modules below beside it: CPU-only work (kernels, engines on gloo, exports, data) that never starts Ray and
+# fills the CPU time a Ray test spends waiting on process starts. A module not listed runs in the Ray lane (the
+# safe default). (xdist's own `--dist loadgroup` cannot do this on pytest 9: it renames node ids through an
+# attribute pytest 9 no longer reads, so the groups are silently ignored.)
+CPU_LANE = frozenset(
+    {
+        "test_architecture", "test_checkpoint_safety", "test_chunked_loss", "test_cluster_manifests", "test_console",
+        "test_data_fast_bpe", "test_data_hostile_inputs", "test_data_masks", "test_data_pack", "test_data_sources",
+        "test_doctests", "test_export", "test_fetch", "test_gpu_acceptance", "test_gpu_path", "test_kernels_bf16",
+        "test_kernels_memory", "test_kernels_model", "test_kernels_numerics", "test_layers", "test_model",
+        "test_model_source", "test_precision", "test_preemption", "test_step",
+    }
+)  # fmt: skip
+# Ray-lane modules with wall-clock bounds (recovery within N s) run last, when the CPU lane has finished.
+RAY_LANE_LAST = ("test_cluster_drain", "test_cluster_multinode", "test_ray_runtime")
+
+
+def lane(nodeid: str) -> str:
+    """'cpu' or 'ray': the pytest-xdist worker a test runs on (by its module)."""
+    return "cpu" if Path(nodeid.split("::")[0]).stem in CPU_LANE else "ray"
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: Path(item.nodeid.split("::")[0]).stem in RAY_LANE_LAST)  # stable sort
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook
+def pytest_xdist_make_scheduler(config, log):
+    """Under `-n 2`: each lane is one unit of work, so each runs whole on one worker, in collection order."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class TwoLanes(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return lane(nodeid)
+
+    return TwoLanes(config, log)

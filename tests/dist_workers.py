@@ -33,9 +33,11 @@ def torchrun_worker(rank: int, world: int, port: int, config: str, prepared: str
 
 
 def zero3_trace_worker(
-    rank: int, world: int, port: int, model_dir: str, prepared: str, out: str, kernels: bool
+    rank: int, world: int, port: int, model_dir: str, prepared: str, out: str, kernels: list[bool]
 ) -> None:
-    """Two ZeRO-3 optimizer steps (one micro-batch each); write whether the parameter trace is complete after each."""
+    """For each setting of `kernels`, in turn: a fresh model and ZeRO-3 engine, three optimizer steps (one
+    micro-batch each); write whether the parameter trace is complete after each step (one process group and
+    one process start for all the settings)."""
     _env(rank, world, port)
     import deepspeed
     import deepspeed.ops
@@ -52,38 +54,47 @@ def zero3_trace_worker(
     )
 
     dist.init_process_group("gloo")
-    cfg = load_config(
-        None,
-        overrides={
-            "model.name_or_path": model_dir,
-            "model.quantization": "none",
-            "model.dtype": "float32",
-            "model.gradient_checkpointing": False,
-            "lora.r": 4,
-            "lora.alpha": 8,
-            "lora.dropout": 0.0,
-            "train.kernels": kernels,
-            "train.deepspeed.stage": 3,
-            "train.max_steps": 2,
-            "scaling.num_workers": world,
-        },
-    )
-    table = read_split(Path(prepared) / "train", "train")
-    model = build_model(cfg, device="cpu")
-    opt, sched = make_optimizer(model, cfg.train, 2)
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, world), dist_init_required=False
-    )
-    coordinator = engine.optimizer.parameter_offload.get_param_coordinator()
-    complete, losses = [], []
-    for step in range(3):
-        mb = collate_table(table, [2 * step + rank])
-        res = optimizer_step(DeepSpeedStepEngine(engine), [mb], mb.n_trained, kernels=kernels, device="cpu")
-        complete.append(coordinator.is_complete_trace())
-        losses.append(res.loss_sum)
+    table = read_split(Path(prepared) / "train", "train")
+    results = {}
+    for fused in kernels:
+        cfg = load_config(
+            None,
+            overrides={
+                "model.name_or_path": model_dir,
+                "model.quantization": "none",
+                "model.dtype": "float32",
+                "model.gradient_checkpointing": False,
+                "lora.r": 4,
+                "lora.alpha": 8,
+                "lora.dropout": 0.0,
+                "train.kernels": fused,
+                "train.deepspeed.stage": 3,
+                "train.max_steps": 2,
+                "scaling.num_workers": world,
+            },
+        )
+        model = build_model(cfg, device="cpu")
+        opt, sched = make_optimizer(model, cfg.train, 2)
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            optimizer=opt,
+            lr_scheduler=sched,
+            config=deepspeed_config(cfg, world),
+            dist_init_required=False,
+        )
+        coordinator = engine.optimizer.parameter_offload.get_param_coordinator()
+        complete, losses = [], []
+        for step in range(3):
+            mb = collate_table(table, [2 * step + rank])
+            res = optimizer_step(DeepSpeedStepEngine(engine), [mb], mb.n_trained, kernels=fused, device="cpu")
+            complete.append(coordinator.is_complete_trace())
+            losses.append(res.loss_sum)
+        results[str(fused)] = {"complete": complete, "losses": losses}
+        engine.destroy()
+        del engine, model, opt, sched, coordinator
     if rank == 0:
-        Path(out).write_text(json.dumps({"complete": complete, "losses": losses}))
+        Path(out).write_text(json.dumps(results))
     dist.destroy_process_group()
 
 

@@ -22,34 +22,38 @@ from raysft.pipeline.training.safe_state import load_tree, save_tree
 TESTS = Path(__file__).resolve().parent
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "stage,dtype,quantization",
-    [(2, "float32", "none"), (3, "float32", "none"), (0, "bfloat16", "none"), (3, "bfloat16", "nf4")],
-)
-def test_resume_from_safetensors_state_is_exact(tiny_model_dir, tmp_path, stage, dtype, quantization):
-    """DeepSpeed engine state saved by raysft (no torch.save) restores weights, fp32 master, AdamW, schedule;
-    the checkpoint holds the LoRA weights and their optimizer state only, nothing of the frozen (or 4-bit) base."""
-    out = tmp_path / "ckpt"
+ROUNDTRIP_CASES = [(2, "float32", "none"), (3, "float32", "none"), (0, "bfloat16", "none"), (3, "bfloat16", "nf4")]
+
+
+@pytest.fixture(scope="module")
+def roundtrips(tiny_model_dir, tmp_path_factory) -> tuple[dict, str]:
+    """checkpoint_roundtrip.py over every case in one fresh process (one DeepSpeed import and gloo group for all):
+    {case: its RESULT}, and the process's output for a failure message."""
+    out = tmp_path_factory.mktemp("ckpt")
+    cases = [f"{stage}:{dtype}:{quantization}" for stage, dtype, quantization in ROUNDTRIP_CASES]
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(TESTS / "checkpoint_roundtrip.py"),
-            str(TESTS),
-            str(tiny_model_dir),
-            str(stage),
-            dtype,
-            str(out),
-            quantization,
-        ],
+        [sys.executable, str(TESTS / "checkpoint_roundtrip.py"), str(TESTS), str(tiny_model_dir), str(out), *cases],
         capture_output=True,
         check=False,
         text=True,
-        timeout=300,
+        timeout=600,
     )
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-    assert line, proc.stdout[-2000:] + proc.stderr[-4000:]
-    res = json.loads(line[len("RESULT ") :])
+    results = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            case, res = line[len("RESULT ") :].split(" ", 1)
+            results[case] = json.loads(res)
+    return results, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,dtype,quantization", ROUNDTRIP_CASES)
+def test_resume_from_safetensors_state_is_exact(roundtrips, stage, dtype, quantization):
+    """DeepSpeed engine state saved by raysft (no torch.save) restores weights, fp32 master, AdamW, schedule;
+    the checkpoint holds the LoRA weights and their optimizer state only, nothing of the frozen (or 4-bit) base."""
+    results, output = roundtrips
+    res = results.get(f"{stage}:{dtype}:{quantization}")
+    assert res, output
     assert res["problem"] is None and res["state"]["world_size"] == 1
     assert res["changed"] > 1e-4  # the two steps after the checkpoint really moved the weights
     assert res["diff"] <= 1e-7 and res["lr"][0] == res["lr"][1], res

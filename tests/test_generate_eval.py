@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-from tiny import addition_rows
 
 from raysft.pipeline.config import load_config
 from raysft.pipeline.errors import ConfigError, DataError
@@ -265,69 +264,31 @@ def test_exact_match_on_held_out_prompts_at_its_interval(ray_session, tiny_model
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_tune_grid_picks_its_best_trial_by_a_user_generation_metric(ray_session, tiny_model_dir, tmp_path):
-    """A grid of two learning rates, judged by gen_char_code (a user function in a .py file, mode max): each trial's
-    value is the function applied to its replies, and the sweep's best trial is the one with the highest value."""
+def test_tune_grid_picks_its_best_trial_by_a_user_generation_metric(shared_sweep):
+    """The suite's grid sweep (sweep_fixtures: 2 ranks x 2 learning rates) is judged by gen_char_code (a user
+    function in a .py file, mode max): each trial's value is the function applied to its replies, and the sweep's
+    best trial is the one with the highest value."""
     import csv
 
-    from raysft.pipeline import tune
+    from sweep_fixtures import METRIC, STEPS, char_code
 
-    rows = addition_rows(40)
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "held.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
-    (tmp_path / "metric.py").write_text(CUSTOM_METRIC)
-    cfg = load_config(
-        overrides={
-            "model": {
-                "name_or_path": str(tiny_model_dir),
-                "quantization": "none",
-                "dtype": "float32",
-                "gradient_checkpointing": False,
-            },
-            "lora": {"r": 4, "dropout": 0.0},
-            "data": {
-                "train": str(tmp_path / "train.jsonl"),
-                "max_seq_len": 128,
-                "cache_dir": str(tmp_path / "cache"),
-                "num_tokenizer_actors": 1,
-            },
-            "train": {
-                "max_steps": 2,
-                "save_every": 100,
-                "logging": {"tensorboard": False},
-                "eval_generate": {
-                    "prompts": str(tmp_path / "held.jsonl"),
-                    "every": 2,
-                    "max_new_tokens": 8,
-                    "metric": f"{tmp_path / 'metric.py'}:char_code",
-                },
-            },
-            "scaling": {"num_workers": 1},
-            "run": {"storage_path": str(tmp_path / "runs"), "name": "gengrid", "max_failures": 0},
-            "tune": {
-                "search_space": {"train.lr": [0.05, 0.0001]},
-                "search_alg": "grid",
-                "scheduler": "none",
-                "metric": "gen_char_code",
-                "mode": "max",
-            },
-        }
-    )
-    sweep = tune(cfg)
+    sweep = shared_sweep.result
+    assert (sweep.metric, sweep.mode) == (METRIC, "max")
     values = {}
-    for trial in (Path(sweep.sweep_dir) / "trials").iterdir():
-        (line,) = _gen_lines(trial, "gen_char_code")
+    for trial in (shared_sweep.sweep_dir / "trials").iterdir():
+        (line,) = _gen_lines(trial, METRIC)  # train.eval_generate.every = max_steps: once, at the end
         (s,) = ge.jsonl.read(trial / ge.SAMPLES_FILE)
-        assert line["step"] == 2 and line["gen_char_code"] == pytest.approx(
-            _char_code([x["reply"] for x in s["samples"]])
-        )
-        values[trial.name] = line["gen_char_code"]
-    assert len(values) == 2 and len(set(values.values())) == 2, values  # the trials differ, so the pick means something
+        assert line["step"] == s["step"] == STEPS and len(s["samples"]) == 4
+        assert line[METRIC] == pytest.approx(char_code([x["reply"] for x in s["samples"]]))
+        values[trial.name] = line[METRIC]
+    assert len(values) == 4
     best = max(values, key=values.get)
+    # The trials differ, and the best one is the only one with its value, so the pick means something.
+    assert sorted(values.values())[-2] < values[best], values
     assert sweep.best.trial_id == best
-    with open(Path(sweep.sweep_dir) / "results.csv") as f:
+    with open(shared_sweep.sweep_dir / "results.csv") as f:
         table = {r["trial_id"]: r for r in csv.DictReader(f)}
-    assert {k: float(r["final_gen_char_code"]) for k, r in table.items()} == pytest.approx(values)
+    assert {k: float(r[f"final_{METRIC}"]) for k, r in table.items()} == pytest.approx(values)
 
 
 def test_the_eval_task_writes_metrics_samples_mlflow_and_wandb_and_records_a_failure(

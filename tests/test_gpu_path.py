@@ -196,23 +196,31 @@ def test_rank_local_token_counts_sum_to_the_step_count(tmp_path):
             assert _step_sources(table, split) == before.source_ids
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kernels", [False, True])
-def test_zero3_trace_completes_with_and_without_the_fused_loss(tmp_path, tiny_model_dir, kernels):
-    """A DeepSpeed ZeRO-3 run on CPU (2 gloo processes): the parameter coordinator's trace is recorded in
-    step 1 and complete from step 2 on, so ZeRO-3 prefetches, also when the fused loss computes the loss."""
+@pytest.fixture(scope="module")
+def zero3_traces(tmp_path_factory, tiny_model_dir) -> dict:
+    """One DeepSpeed ZeRO-3 run on CPU (2 gloo processes) per loss path, both in one process start: a fresh model
+    and engine without the fused loss, then with it."""
     import torch.multiprocessing as mp
     from dist_workers import zero3_trace_worker
 
-    prepared = make_prepared(tmp_path / "data", n_train=24, n_eval=0, per_row=3)
-    out = tmp_path / "trace.json"
+    tmp = tmp_path_factory.mktemp("zero3_trace")
+    prepared = make_prepared(tmp / "data", n_train=24, n_eval=0, per_row=3)
+    out = tmp / "trace.json"
     mp.start_processes(
         zero3_trace_worker,
-        args=(2, free_port(), str(tiny_model_dir), str(prepared.train_dir.parent), str(out), kernels),
+        args=(2, free_port(), str(tiny_model_dir), str(prepared.train_dir.parent), str(out), [False, True]),
         nprocs=2,
         start_method="spawn",
     )
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernels", [False, True])
+def test_zero3_trace_completes_with_and_without_the_fused_loss(zero3_traces, kernels):
+    """A DeepSpeed ZeRO-3 run on CPU (2 gloo processes): the parameter coordinator's trace is recorded in
+    step 1 and complete from step 2 on, so ZeRO-3 prefetches, also when the fused loss computes the loss."""
+    result = zero3_traces[str(kernels)]
     assert result["complete"] == [False, True, True], result
     assert all(np.isfinite(result["losses"]))
 

@@ -1,5 +1,5 @@
 """MLflow and W&B tracking against a real MLflow server and W&B offline files; `raysft runs` / `raysft report`
-on the real runs they produce (a train run, a run whose server died mid-run, a 2-trial sweep)."""
+on the real runs they produce (a train run, a run whose server died mid-run, the suite's grid sweep)."""
 
 from __future__ import annotations
 
@@ -57,8 +57,9 @@ def test_unreachable_server_gives_one_warning_and_logging_goes_on(tmp_path, capl
 
 
 @pytest.fixture(scope="module")
-def storage(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("runs")
+def storage(sweep_storage) -> Path:
+    """Where these runs go: the shared sweep's run.storage_path (conftest), so `raysft runs` lists both."""
+    return sweep_storage
 
 
 def _train_cfg(model_dir, storage, name, uri, **more):
@@ -155,83 +156,32 @@ def test_wandb_offline_run_files_hold_the_logged_metrics(tracked_run):
     assert [r["_step"] for r in rows if "eval_loss" in r] == [2, 4]
 
 
-@pytest.fixture(scope="module")
-def sweep(ray_session, tiny_model_dir, storage, mlflow_server, tmp_path_factory):
-    """A 2-trial grid over train.lr with MLflow on (2 steps per trial)."""
-    import random
-
-    from raysft.pipeline import tune
-
-    root = tmp_path_factory.mktemp("sweepdata")
-    rng = random.Random(0)
-    rows = []
-    for _ in range(40):
-        a, b = rng.randint(0, 50), rng.randint(0, 50)
-        rows.append(
-            {
-                "messages": [
-                    {"role": "user", "content": f"what is {a} plus {b}?"},
-                    {"role": "assistant", "content": f"{a} plus {b} equals {a + b}"},
-                ]
-            }
-        )
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = load_config(
-        overrides={
-            "model.name_or_path": str(tiny_model_dir),
-            "model.quantization": "none",
-            "model.dtype": "float32",
-            "model.gradient_checkpointing": False,
-            "lora.r": 4,
-            "lora.dropout": 0.0,
-            "data.train": str(root / "train.jsonl"),
-            "data.eval_split": 0.2,
-            "data.max_seq_len": 128,
-            "data.cache_dir": str(root / "cache"),
-            "data.num_tokenizer_actors": 1,
-            "train.max_steps": 2,
-            "train.eval_every": 2,
-            "train.save_every": 2,
-            "train.logging.tensorboard": False,
-            "train.logging.mlflow": True,
-            "train.logging.mlflow_tracking_uri": mlflow_server.uri,
-            "train.logging.project": "raysft-sweeps",
-            "scaling.num_workers": 1,
-            "run.storage_path": str(storage),
-            "run.name": "sweep",
-            "run.max_failures": 0,
-            "tune": {
-                "search_space": {"train.lr": [0.01, 0.003]},
-                "search_alg": "grid",
-                "scheduler": "none",
-            },
-        }
-    )
-    return tune(cfg)
-
-
 @pytest.mark.ray
 @pytest.mark.slow
-def test_sweep_logs_one_parent_run_with_a_child_per_trial(sweep, mlflow_server):
+def test_sweep_logs_one_parent_run_with_a_child_per_trial(shared_sweep, mlflow_server):
+    """The suite's grid sweep (sweep_fixtures, MLflow on): one parent run, one child run per trial."""
     from mlflow.tracking import MlflowClient
+    from sweep_fixtures import LRS, METRIC, PROJECT, STEPS
 
+    sweep = shared_sweep.result
     client = MlflowClient(mlflow_server.uri)
     parent_id = read_handles(sweep.sweep_dir)["mlflow"]["run_id"]
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["raysft.kind"] == "sweep"
-    assert json.loads(parent.data.params["tune.search_space.train.lr"]) == [0.01, 0.003]
+    assert client.get_experiment(parent.info.experiment_id).name == PROJECT
+    assert json.loads(parent.data.params["tune.search_space.train.lr"]) == LRS
     assert parent.data.tags["raysft.best_trial"] == sweep.best.trial_id
-    assert parent.data.metrics["best_trial_eval_loss"] == pytest.approx(sweep.best.metrics["final_eval_loss"])
+    assert parent.data.metrics[f"best_trial_{METRIC}"] == pytest.approx(sweep.best.metrics[f"final_{METRIC}"])
     assert "results.csv" in {a.path for a in client.list_artifacts(parent_id)}
     children = client.search_runs(
         [parent.info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
     )
     assert sorted(c.info.run_name for c in children) == sorted(r["trial_id"] for r in sweep.table)
-    assert sorted(float(c.data.params["train.lr"]) for c in children) == [0.003, 0.01]
+    assert sorted(float(c.data.params["train.lr"]) for c in children) == sorted(LRS * 2)  # 2 ranks x 2 lrs
     for child in children:
         assert child.info.status == "FINISHED"
-        assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "loss")) == [1, 2]
+        assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "loss")) == list(range(1, STEPS + 1))
         assert "eval_loss" in child.data.metrics
         assert "adapter" in {a.path for a in client.list_artifacts(child.info.run_id)}
 
@@ -241,7 +191,11 @@ def test_sweep_logs_one_parent_run_with_a_child_per_trial(sweep, mlflow_server):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_runs_table_lists_runs_and_sweep_trials(tracked_run, sweep, storage, capsys):
+def test_runs_table_lists_runs_and_sweep_trials(tracked_run, shared_sweep, storage, capsys):
+    """`raysft runs` on the storage path that holds the tracked run and the suite's grid sweep (sweep_fixtures)."""
+    from sweep_fixtures import NAME, STEPS
+
+    sweep = shared_sweep.result
     assert cli_main(["runs", str(storage), "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     tracked = rows["tracked"]
@@ -254,9 +208,9 @@ def test_runs_table_lists_runs_and_sweep_trials(tracked_run, sweep, storage, cap
     assert tracked["last_eval_loss"] == evals[-1] and tracked["best_eval_loss"] == min(evals)
     assert tracked["tokens_per_s"] > 0 and tracked["adapter"] == str(tracked_run.adapter_path)
     assert tracked["sweep"] is None
-    trials = [r for r in rows.values() if r["sweep"] == "sweep"]
-    assert sorted(r["name"] for r in trials) == sorted(f"sweep/{r['trial_id']}" for r in sweep.table)
-    assert all(r["status"] == "finished" and r["steps_done"] == r["steps_total"] == 2 for r in trials)
+    trials = [r for r in rows.values() if r["sweep"] == NAME]
+    assert sorted(r["name"] for r in trials) == sorted(f"{NAME}/{r['trial_id']}" for r in sweep.table)
+    assert all(r["status"] == "finished" and r["steps_done"] == r["steps_total"] == STEPS for r in trials)
     assert cli_main(["runs", str(storage)]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:3] == ["NAME", "STATUS", "STEPS"] and len(table) == 1 + len(rows)

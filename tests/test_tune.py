@@ -1,6 +1,7 @@
 """Sweeps: search-space checks, resource sizing, the results table and plots, and real Ray Tune sweeps
-of the tiny model (grid with concurrent trials; ASHA with a deliberately bad learning rate, interrupted
-after two finished trials and resumed)."""
+of the tiny model (the suite's grid sweep, tests/sweep_fixtures.py, shared with test_tracking and
+test_generate_eval; ASHA with a deliberately bad learning rate, interrupted after two finished trials and
+resumed)."""
 
 from __future__ import annotations
 
@@ -262,6 +263,65 @@ def test_asha_stops_diverged_trials_but_never_a_trial_at_its_last_step(tmp_path)
     assert [(e["trial_id"], e["event"], e["step"]) for e in stops] == [("t1", "early_stopped", 2)]
 
 
+def test_a_resumed_asha_judges_the_remaining_trials_against_the_finished_ones(tmp_path):
+    """Tuner.restore brings back the scheduler as it was before any trial ran: SweepASHA rebuilds its rungs from
+    what the restored trials reported (up to an early stop), so a diverged trial left to run is still stopped."""
+    from types import SimpleNamespace
+
+    import pyarrow.fs as pafs
+
+    from raysft.pipeline.sweep.run import ASHA_MAX_T, SweepASHA
+
+    events = tmp_path / "events.jsonl"
+    reported = {
+        "t0": [{"step": 1, "loss": 3.0}, {"step": 2, "eval_loss": 1.0}, {"step": 4, "eval_loss": 0.5}],
+        # stopped at step 2; its step-4 result raced the stop and is not judged
+        "t1": [{"step": 2, "eval_loss": float("nan")}, {"step": 4, "eval_loss": 0.1}],
+    }
+    for trial_id, results in reported.items():
+        (tmp_path / trial_id).mkdir()
+        (tmp_path / trial_id / "result.json").write_text("".join(json.dumps(r) + "\n" for r in results))
+    events.write_text(json.dumps({"trial_id": "t1", "event": "early_stopped", "step": 2}) + "\n")
+
+    def restored_asha(*trial_ids):
+        asha = SweepASHA(
+            str(events),
+            lambda config: 8,
+            metric="eval_loss",
+            mode="min",
+            time_attr="step",
+            max_t=ASHA_MAX_T,
+            grace_period=2,
+            reduction_factor=2,
+        )
+        fs = pafs.LocalFileSystem()
+        trials = [
+            SimpleNamespace(
+                trial_id=t,
+                config={},
+                has_reported_at_least_once=t in reported,
+                path=str(tmp_path / t),
+                storage=SimpleNamespace(storage_filesystem=fs),
+            )
+            for t in trial_ids
+        ]
+        for t in trials:
+            asha.on_trial_add(None, t)
+        return asha, trials[-1]
+
+    asha, t2 = restored_asha("t0", "t1", "t2")
+    (step2,) = [recorded for milestone, recorded in asha._brackets[0]._rungs if milestone == 2]
+    (step4,) = [recorded for milestone, recorded in asha._brackets[0]._rungs if milestone == 4]
+    assert step2 == {"t0": -1.0, "t1": -1e30} and step4 == {"t0": -0.5}  # t1's raced step 4 is not there
+    assert asha.on_trial_result(None, t2, {"step": 2, "eval_loss": float("nan")}) == "STOP"
+    assert [json.loads(x)["trial_id"] for x in events.read_text().splitlines()] == ["t1", "t2"]  # none replayed
+    asha, t2 = restored_asha("t0", "t2")
+    assert asha.on_trial_result(None, t2, {"step": 2, "eval_loss": 0.9}) == "CONTINUE"  # better than t0
+    # What resuming did before: the first trial at an empty rung passes it, diverged or not.
+    asha, t2 = restored_asha("t2")
+    assert asha.on_trial_result(None, t2, {"step": 2, "eval_loss": float("nan")}) == "CONTINUE"
+
+
 def test_history_keeps_diverged_values_and_the_last_report_of_a_repeated_step(tmp_path):
     """A resumed trial re-reports steps after its checkpoint; a diverged one reports NaN (not a missing value)."""
     from types import SimpleNamespace
@@ -376,6 +436,11 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+def _train_reports(run_dir: Path) -> list[dict]:
+    """The lines of metrics.jsonl that the training reported (not the generation eval's gen_ lines)."""
+    return [m for m in _metrics(run_dir) if not any(k.startswith("gen_") for k in m)]
+
+
 def _csv(path: Path) -> list[dict]:
     import csv
 
@@ -406,58 +471,40 @@ def test_sweep_folder_mistakes_are_caught_before_ray(sweep_base, tmp_path):
         tune(cfg)
 
 
-@pytest.fixture(scope="module")
-def grid_sweep(ray_session, sweep_base):
-    """2 ranks x 2 learning rates, 2 trials at a time on the 4-CPU test cluster (run once for the tests below)."""
-    from raysft.pipeline import tune
-
-    cfg = load_config(
-        overrides={
-            **_flat(sweep_base),
-            "run.name": "grid",
-            "tune": {
-                "search_space": {"lora.r": [4, 8], "train.lr": [GOOD_LR, 0.003]},
-                "search_alg": "grid",
-                "scheduler": "none",
-                "alpha_rule": "2r",
-            },
-        }
-    )
-    return tune(cfg)
-
-
 @pytest.mark.ray
 @pytest.mark.slow
-def test_grid_of_ranks_and_learning_rates(grid_sweep, sweep_base, tiny_model_dir):
-    """The grid sweep's table, plots, best adapter and best config; trials never exceed the cluster."""
+def test_grid_of_ranks_and_learning_rates(shared_sweep, tiny_model_dir):
+    """The suite's grid sweep (sweep_fixtures: 2 ranks x 2 learning rates, alpha_rule 2r, judged by a generation
+    metric, mode max): its table, plots, best adapter and best config; trials never exceed the cluster."""
     import yaml
     from peft import PeftModel
+    from sweep_fixtures import LRS, METRIC, NAME, RANKS
     from transformers import AutoModelForCausalLM
 
-    sweep = grid_sweep
-    sweep_dir = Path(sweep.sweep_dir)
+    from raysft.pipeline.sweep.run import max_concurrent_trials
+
+    sweep = shared_sweep.result
+    sweep_dir = shared_sweep.sweep_dir
 
     rows = _csv(sweep_dir / "results.csv")
     assert len(rows) == 4 and [r["trial_id"] for r in rows] == [r["trial_id"] for r in sweep.table]
-    assert sorted((int(r["lora.r"]), float(r["train.lr"])) for r in rows) == [
-        (4, 0.003),
-        (4, GOOD_LR),
-        (8, 0.003),
-        (8, GOOD_LR),
-    ]
+    assert sorted((int(r["lora.r"]), float(r["train.lr"])) for r in rows) == sorted(
+        (r, lr) for r in RANKS for lr in LRS
+    )
     for row in rows:
         run_dir = sweep_dir / "trials" / row["trial_id"]
         trained = yaml.safe_load((run_dir / "config.yaml").read_text())  # what the trial really trained with
         assert (trained["lora"]["r"], trained["train"]["lr"]) == (int(row["lora.r"]), float(row["train.lr"]))
         assert trained["lora"]["alpha"] == float(row["lora.alpha"]) == 2 * int(row["lora.r"])
-        history = _metrics(run_dir)
+        history = _train_reports(run_dir)
         evals = [m["eval_loss"] for m in history if "eval_loss" in m]
         assert len(evals) == 2 and float(row["final_eval_loss"]) == pytest.approx(evals[-1], rel=1e-9)
         assert float(row["best_eval_loss"]) == pytest.approx(min(evals), rel=1e-9)
         assert int(row["trained_tokens"]) == history[-1]["trained_tokens"] > 0
         assert (row["steps"], row["stop_reason"]) == ("4", COMPLETED) and float(row["wall_time_s"]) > 0
 
-    best = min(rows, key=lambda r: float(r["final_eval_loss"]))
+    # The best trial is the completed one with the best final tune.metric (here the highest generation score).
+    best = max(rows, key=lambda r: float(r[f"final_{METRIC}"]))
     assert sweep.best.trial_id == best["trial_id"]
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), sweep_dir / "best_adapter")
     lora = model.peft_config["default"]
@@ -466,37 +513,45 @@ def test_grid_of_ranks_and_learning_rates(grid_sweep, sweep_base, tiny_model_dir
     assert (best_cfg.lora.r, best_cfg.train.lr) == (int(best["lora.r"]), float(best["train.lr"]))
     assert (best_cfg.lora.alpha, best_cfg.run.name, best_cfg.tune.search_space) == (
         2 * best_cfg.lora.r,
-        "grid-best",
+        f"{NAME}-best",
         {},
     )
     for png in ("loss_vs_lr.png", "eval_curves.png"):
         assert (sweep_dir / png).read_bytes()[:4] == b"\x89PNG"
     assert sweep.summary_line().startswith(f"Sweep of 4 trials (4 completed): best {best['trial_id']}")
 
-    # Trial resources are accounted: never more than 2 trials (1 driver CPU + 1 worker CPU each) at once.
+    # Trial resources are accounted: Tune alone would start all 4 (each reserves 1 driver CPU of the 4), but a
+    # trial holds 1 driver + 1 worker + 1 generation-eval CPU, so raysft runs one at a time (2 without the eval).
+    sweep_cfg = load_config(sweep_dir / "sweep.yaml")
+    assert max_concurrent_trials(sweep_cfg, {"CPU": 4}) == 1
+    assert max_concurrent_trials(sweep_cfg.with_overrides({"train.eval_generate.prompts": None}), {"CPU": 4}) == 2
     events = [json.loads(line) for line in (sweep_dir / "events.jsonl").read_text().splitlines()]
     running, peak = 0, 0
     for e in events:
         running += {"started": 1, "ended": -1}.get(e["event"], 0)
         peak = max(peak, running)
-    assert peak == 2
+    assert peak == 1 and [e["event"] for e in events].count("started") == 4
     # The data was prepared once, by the driver: one cache entry.
-    cache = Path(sweep_base["data"]["cache_dir"])
-    assert len([d for d in cache.iterdir() if (d / "stats.json").is_file()]) == 1
+    assert len([d for d in shared_sweep.cache_dir.iterdir() if (d / "stats.json").is_file()]) == 1
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_tune_metric_names_are_what_a_real_run_reported(grid_sweep):
+def test_tune_metric_names_are_what_a_real_run_reported(shared_sweep):
     """tune.metric is checked against REPORTED_METRICS before Ray starts, so they must be exactly the metrics the
-    trials' training reported (each line of a trial's metrics.jsonl is one ray.train.report): every step metric
-    at every step, the eval metrics together at eval steps, and nothing else."""
+    trials' training reported (each training line of a trial's metrics.jsonl is one ray.train.report): every step
+    metric at every step, the eval metrics together at eval steps, and nothing else. The generation eval (a task
+    beside the workers) adds its own lines: the step and gen_<metric> only."""
+    from sweep_fixtures import METRIC
+
     from raysft.pipeline.sweep.space import EVAL_METRICS, STEP_METRICS
 
-    trials = [row["trial_id"] for row in grid_sweep.table]
+    sweep = shared_sweep.result
+    trials = [row["trial_id"] for row in sweep.table]
     assert len(trials) == 4
     for trial in trials:
-        history = _metrics(Path(grid_sweep.sweep_dir) / "trials" / trial)
+        run_dir = shared_sweep.sweep_dir / "trials" / trial
+        history = _train_reports(run_dir)
         assert [m["step"] for m in history] == [1, 2, 3, 4], trial
         reported = set().union(*history)
         assert reported == set(REPORTED_METRICS), (
@@ -507,14 +562,18 @@ def test_tune_metric_names_are_what_a_real_run_reported(grid_sweep):
             assert set(STEP_METRICS) <= set(m), (trial, m)
             assert (set(EVAL_METRICS) & set(m)) in (set(), set(EVAL_METRICS)), (trial, m)
         assert [m["step"] for m in history if "eval_loss" in m] == [2, 4]  # train.eval_every 2, and the end
+        generation = [m for m in _metrics(run_dir) if m not in history]
+        assert [sorted(m) for m in generation] == [sorted(["step", METRIC])], (trial, generation)
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_asha_stops_the_bad_learning_rate_and_an_interrupted_sweep_resumes(sweep_base, tmp_path):
-    """`raysft tune` in a subprocess with its own local cluster, one trial at a time, grid (lr x seed):
-    the diverging lr is stopped by ASHA at its first rung; Ctrl-C after two finished trials, then
-    `--resume` runs the other two and leaves the first two untouched."""
+    """`raysft tune` in a subprocess with its own local cluster, one trial at a time, grid of 3 learning rates
+    (good, bad, bad): the diverging lr is stopped by ASHA at its first rung; Ctrl-C after two finished trials
+    (one completed, one early-stopped), then `--resume` runs the third, which ASHA, its rungs rebuilt from the
+    finished trials, stops too (it would be the first at an empty rung otherwise), and leaves the first two
+    untouched. Three trials, not four: each costs a trial start (~40-80 s here), not its 4 steps."""
     import yaml
 
     base = {
@@ -522,7 +581,7 @@ def test_asha_stops_the_bad_learning_rate_and_an_interrupted_sweep_resumes(sweep
         "run": {**sweep_base["run"], "storage_path": str(tmp_path), "name": "asha", "address": "local"},
     }
     base["tune"] = {
-        "search_space": {"train.lr": [GOOD_LR, BAD_LR], "train.seed": [0, 1]},
+        "search_space": {"train.lr": [GOOD_LR, BAD_LR, 10 * BAD_LR]},
         "search_alg": "grid",
         "scheduler": "asha",
         "grace_period": 2,
@@ -560,16 +619,17 @@ def test_asha_stops_the_bad_learning_rate_and_an_interrupted_sweep_resumes(sweep
 
     resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    rows = _csv(sweep_dir / "results.csv")
+    assert len(rows) == 3
+    # The best is the completed trial with the lowest final eval_loss (tune.metric's default, mode min).
+    best = min((r for r in rows if r["stop_reason"] == COMPLETED), key=lambda r: float(r["final_eval_loss"]))
     assert (
         resumed.stdout.strip()
         .splitlines()[-1]
-        .startswith("Sweep of 4 trials (2 completed, 2 early-stopped by ASHA): best ")
+        .startswith(f"Sweep of 3 trials (1 completed, 2 early-stopped by ASHA): best {best['trial_id']} ")
     )
-
-    rows = _csv(sweep_dir / "results.csv")
-    assert len(rows) == 4
     for row in rows:
-        bad = float(row["train.lr"]) == BAD_LR
+        bad = float(row["train.lr"]) >= BAD_LR
         assert row["stop_reason"] == (EARLY_STOPPED if bad else COMPLETED), row
         assert int(row["steps"]) == (2 if bad else 4)  # stopped at ASHA's first rung (grace period 2)
     # The two trials that had finished were not run again: same files, one start each.
@@ -580,6 +640,9 @@ def test_asha_stops_the_bad_learning_rate_and_an_interrupted_sweep_resumes(sweep
     starts = [json.loads(line)["trial_id"] for line in events.read_text().splitlines() if '"started"' in line]
     assert sorted(set(starts)) == sorted(r["trial_id"] for r in rows)
     assert all(starts.count(t) == 1 for t in done)
+    # The third was stopped by the resumed sweep's ASHA (rungs rebuilt from the first two), not before Ctrl-C.
+    (third,) = [r["trial_id"] for r in rows if r["trial_id"] not in done]
+    assert f"[raysft] ASHA stopped trial {third} at step 2" in resumed.stdout, resumed.stdout[-3000:]
     assert Path(sweep_dir / "best_adapter" / "adapter_config.json").is_file()
 
 

@@ -403,10 +403,33 @@ class SweepASHA(ASHAScheduler):
         self._planned_steps = planned_steps
         self._last_step: dict[str, int] = {}
 
-    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+    def on_trial_add(self, tune_controller, trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        if getattr(trial, "has_reported_at_least_once", False):
+            self._replay(tune_controller, trial)
+
+    def _replay(self, tune_controller, trial) -> None:
+        """Record at each rung what a trial reported before the sweep was interrupted. `Tuner.restore` brings the
+        scheduler back as it was before the first trial (Tune never saves its state): without this, the trials
+        left to run would each meet empty rungs, and pass them, however badly they do (a diverged one included)."""
+        stopped_at = {
+            e["trial_id"]: e["step"] for e in jsonl.read(self._events_path) if e.get("event") == "early_stopped"
+        }
+        last = stopped_at.get(trial.trial_id)
+        for result in _read_history(trial.storage.storage_filesystem, trial.path):
+            if last is not None and result.get(self._time_attr, 0) > last:
+                break  # what it reported while its stop was on its way: never judged
+            super().on_trial_result(tune_controller, trial, self._finite(result))
+
+    def _finite(self, result: dict) -> dict:
         value = result.get(self._metric)
         if isinstance(value, float) and not math.isfinite(value):
-            result = {**result, self._metric: WORST if self._mode == "min" else -WORST}
+            return {**result, self._metric: WORST if self._mode == "min" else -WORST}
+        return result
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        value = result.get(self._metric)
+        result = self._finite(result)
         action = super().on_trial_result(tune_controller, trial, result)
         if action == self.STOP and result.get("step", 0) >= self._final_step(trial):
             return self.CONTINUE  # at its last step the trial is done anyway: let it save its adapter
@@ -557,7 +580,12 @@ def _history(result) -> list[dict[str, Any]]:
 
     Read from the trial's result.json, where a metric that was not reported is absent and a diverged
     one is NaN (a dataframe cannot tell the two apart)."""
-    fs, path = result.filesystem, f"{result.path}/result.json"  # Tune's storage: a folder or an object store
+    return _read_history(result.filesystem, result.path)
+
+
+def _read_history(fs, trial_path: str) -> list[dict[str, Any]]:
+    """_history of the trial folder `trial_path` on `fs` (Tune's storage: a folder or an object store)."""
+    path = f"{trial_path}/result.json"
     try:
         with fs.open_input_stream(path) as f:
             text = f.read().decode()
