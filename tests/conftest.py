@@ -80,6 +80,39 @@ def ray_session():
     ray_runtime.stop()
 
 
+_HEADS: list = []  # the shared head while it runs
+_LAST_HEAD_USER: list[str] = []  # the node id of the last test (in run order) that asks for it
+
+
+@pytest.fixture
+def ray_head():
+    """One local Ray head (`ray start --head`, token authentication; local_processes.start_head) for the tests that
+    submit jobs to it (test_storage_s3's last test, then test_submit): one `ray start` instead of one per module.
+    Started on first use and stopped right after the last test that uses it, not at the session's end: idle, a head
+    costs about 4 CPU-s a minute (BENCHMARKS.md), so only tests that run close together should share it. A user that
+    runs after that (another order) starts a new one."""
+    if not _HEADS:
+        from local_processes import start_head
+
+        _HEADS.append(start_head())
+    return _HEADS[0]
+
+
+def pytest_collection_finish(session):
+    users = [item.nodeid for item in session.items if "ray_head" in getattr(item, "fixturenames", ())]
+    _LAST_HEAD_USER[:] = users[-1:]
+
+
+def pytest_runtest_teardown(item, nextitem):
+    if _HEADS and (nextitem is None or item.nodeid in _LAST_HEAD_USER):
+        _HEADS.pop().stop()
+
+
+def pytest_sessionfinish(session):
+    while _HEADS:
+        _HEADS.pop().stop()
+
+
 @pytest.fixture(scope="session")
 def _mlflow_server_of_the_session(tmp_path_factory):
     from tracking_fixtures import MlflowServer, free_port

@@ -86,11 +86,13 @@ def test_a_second_prepare_into_one_output_is_refused(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_trains_of_one_run_then_a_killed_driver(tiny_model_dir, tmp_path):
+def test_two_trains_of_one_run_then_a_killed_driver(ray_session, tiny_model_dir, tmp_path, monkeypatch):
     """Real `raysft train`s of one run: a second one while the first runs is refused in one sentence naming the
     first (host, pid, since), before it starts anything; the first is SIGKILLed mid-run (its lease stays behind); the
     same command then takes the lease over (and heals a changed cache shard) and finishes, and the ledger holds
-    every step exactly once."""
+    every step exactly once. The first two are subprocesses (one to kill, one refused before any Ray start); the
+    takeover is `raysft train`'s main() in this process, on the suite's Ray (what it proves is the lease, the
+    cache and the ledger, not a Ray start of its own: that is test_ray_runtime's)."""
     import json
     import re
     import signal
@@ -140,8 +142,14 @@ def test_two_trains_of_one_run_then_a_killed_driver(tiny_model_dir, tmp_path):
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))
-    again = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=400)
-    assert again.returncode == 0, again.stderr
+    from raysft.pipeline import cli
+
+    monkeypatch.chdir(tmp_path)
+    # The command's own streams, as in its process: its console sends file descriptors 1 and 2 to the run's log,
+    # which pytest's sys-level capture objects would bypass.
+    monkeypatch.setattr(sys, "stdout", sys.__stdout__)
+    monkeypatch.setattr(sys, "stderr", sys.__stderr__)
+    assert cli.main(["train", str(cfg)]) == 0
     log = (run / "raysft.log").read_text()  # under `raysft train`, raysft's notices go to the run's log
     assert f"raysft: the prepared-data cache entry {entry} is damaged (The prepared train shard {shard} is " in log
     assert f"taking over The run folder {run} from raysft on host {socket.gethostname()} (pid {first.pid}" in log

@@ -54,7 +54,8 @@ def config(tmp_path_factory, chatml_tokenizer) -> Path:
     path = root / "cfg.yaml"
     path.write_text(
         f"model: {{name_or_path: {root / 'tok'}}}\n"
-        f"data: {{train: {root / 'train.jsonl'}, cache_dir: {root / 'cache'}, max_seq_len: 256}}\n"
+        f"data: {{train: {root / 'train.jsonl'}, cache_dir: {root / 'cache'}, max_seq_len: 256, "
+        "num_tokenizer_actors: 1}\n"  # one actor: a second only starts up (30 rows are one block)
     )
     return path
 
@@ -242,8 +243,9 @@ def _marked_by(pid: int) -> list[int]:
 @pytest.mark.ray
 def test_auto_joins_the_cluster_ray_start_recorded(ray_tmp):
     """run.address: auto joins, on purpose, the head `ray start` recorded in ray_current_cluster (here a real
-    head of its own, with token authentication, on free ports)."""
-    from test_submit import start_head
+    head of its own, with token authentication, on free ports). Not the suite's shared head (conftest.ray_head):
+    it would idle through test_storage_s3 until its submit test, at about 4 CPU-s a minute, more than its start."""
+    from local_processes import start_head
 
     root, _ = ray_tmp
     head = start_head(num_cpus=1)

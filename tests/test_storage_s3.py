@@ -545,15 +545,13 @@ def test_tune_grid_shares_one_prepared_artifact_on_s3(s3, ray_session, tiny_mode
     assert not Path("s3:").exists() and not list(tmp_path.rglob("s3:"))
 
 
-@pytest.fixture(scope="module")
-def s3_head(s3):
-    """A local Ray head (test_submit.start_head) whose environment holds the AWS_* credentials, the way a cluster's
-    nodes have theirs (variables, files or an instance role); the endpoint travels in the config."""
-    from test_submit import start_head
-
-    head = start_head()
-    yield head
-    head.stop()
+@pytest.fixture
+def s3_head(s3, ray_head):
+    """The suite's shared local Ray head (conftest.ray_head), whose environment holds the AWS_* credentials (set at
+    this module's import, before any head starts), the way a cluster's nodes have theirs (variables, files or an
+    instance role); the endpoint travels in the config."""
+    assert ray_head.env["AWS_SECRET_ACCESS_KEY"] == os.environ["AWS_SECRET_ACCESS_KEY"]
+    return ray_head
 
 
 @pytest.mark.ray
