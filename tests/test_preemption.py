@@ -49,6 +49,12 @@ def test_ray_private_preemption_path_still_exists():
 
     assert callable(context.get_train_context)
     assert "preemption_context" in {f.name for f in dataclasses.fields(context.TrainContext)}
+    # ray_context.wait_until_taken: a worker's reports wait in a queue of one that the controller's poll empties
+    assert "get_result_queue().put(" in inspect.getsource(context.TrainContext) and callable(
+        context.TrainContext.get_result_queue
+    )
+    assert "result_queue.get_nowait()" in inspect.getsource(RayTrainWorker.poll_status)
+    assert "queue.Queue(maxsize=1)" in inspect.getsource(RayTrainWorker)
     assert PreemptionContext().preemption_info is None
     # The public API broadcasts exactly that value, and the watcher's mark_preempt writes it.
     assert "preemption_context.preemption_info" in inspect.getsource(DistributedTrainFnUtils.get_preemption_info)

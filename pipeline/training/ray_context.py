@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,8 @@ class RayTrainContext:
         )
         if mode == CheckpointUploadMode.SYNC:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)  # Ray deleted it already; nothing else holds it
+        if durable:  # the next step starts once Ray has this checkpoint: a restart then loses at most that step
+            wait_until_taken(REGISTRATION_WAIT_S)
 
     def drain_notice(self) -> Notice | None:
         """The node drain Ray Train's preemption watcher announced to this worker, or None (no RPC)."""
@@ -78,6 +81,30 @@ class RayTrainContext:
             return
         with resume.as_directory() as d:
             yield Path(d)
+
+
+REGISTRATION_WAIT_S = 30.0  # the controller takes a report at its next poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 1 s)
+
+
+def wait_until_taken(timeout_s: float) -> bool:
+    """Wait until Ray Train's controller has taken this worker's last report (False after `timeout_s`).
+
+    PRIVATE Ray API, isolated here: a worker's reports wait in a queue of one (`result_queue`) until the
+    controller's next poll takes them; it registers a checkpoint once it has every rank's report. The queue holds
+    one report, so without this wait a worker runs a step ahead of its last report: after a drain notice, a
+    node lost then can cost the step in flight and the one whose checkpoint was durable but not yet taken
+    (tests/test_cluster_drain.py). tests/test_preemption.py::test_ray_private_preemption_path_still_exists
+    fails if Ray moves the queue.
+    """
+    from ray.train.v2._internal.execution.context import get_train_context
+
+    queue = get_train_context().get_result_queue()
+    deadline = time.monotonic() + timeout_s
+    while not queue.empty():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def ray_preemption_info():
