@@ -43,8 +43,8 @@ def zero3_trace_worker(
     import deepspeed.ops
     import torch.distributed as dist
     from audit import read_split
+    from tiny import fp32_cfg
 
-    from raysft.pipeline.config import load_config
     from raysft.pipeline.models.load import build_model
     from raysft.pipeline.training.engine import DeepSpeedStepEngine, deepspeed_config
     from raysft.pipeline.training.step import (
@@ -58,21 +58,9 @@ def zero3_trace_worker(
     table = read_split(Path(prepared) / "train", "train")
     results = {}
     for fused in kernels:
-        cfg = load_config(
-            None,
-            overrides={
-                "model.name_or_path": model_dir,
-                "model.quantization": "none",
-                "model.dtype": "float32",
-                "model.gradient_checkpointing": False,
-                "lora.r": 4,
-                "lora.alpha": 8,
-                "lora.dropout": 0.0,
-                "train.kernels": fused,
-                "train.deepspeed.stage": 3,
-                "train.max_steps": 2,
-                "scaling.num_workers": world,
-            },
+        cfg = fp32_cfg(
+            model_dir,
+            **{"train.kernels": fused, "train.deepspeed.stage": 3, "train.max_steps": 2, "scaling.num_workers": world},
         )
         model = build_model(cfg, device="cpu")
         opt, sched = make_optimizer(model, cfg.train, 2)

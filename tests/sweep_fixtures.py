@@ -44,57 +44,57 @@ class SharedSweep:
         return Path(self.result.sweep_dir)
 
 
+def tiny_sweep_base(root: Path, model_dir: Path) -> dict:
+    """Config (as a dict) for 4-step trials of the tiny model on 1 worker, sharing one data cache under `root`
+    (its train.jsonl is written there): the base of the shared sweep and of test_tune's own sweeps."""
+    rows = addition_rows(60, answer=lambda a, b: f"{a} plus {b} equals {a + b}")
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {
+        "model": {
+            "name_or_path": str(model_dir),
+            "quantization": "none",
+            "dtype": "float32",
+            "gradient_checkpointing": False,
+        },
+        "lora": {"r": 4, "dropout": 0.0},
+        "data": {
+            "train": str(root / "train.jsonl"),
+            "eval_split": 0.2,
+            "max_seq_len": 128,
+            "cache_dir": str(root / "cache"),
+            "num_tokenizer_actors": 1,
+        },
+        "train": {"max_steps": STEPS, "eval_every": 2, "save_every": 2, "logging": {"tensorboard": False}},
+        "scaling": {"num_workers": 1},
+        "run": {"storage_path": str(root / "runs"), "max_failures": 0},
+    }
+
+
 def run_shared_sweep(root: Path, storage: Path, model_dir: Path, mlflow_uri: str) -> SharedSweep:
     from raysft.pipeline import tune
     from raysft.pipeline.config import load_config
 
-    rows = addition_rows(60, answer=lambda a, b: f"{a} plus {b} equals {a + b}")
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "held.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
-    (root / "metric.py").write_text(CHAR_CODE_METRIC)
-    cfg = load_config(
-        overrides={
-            "model": {
-                "name_or_path": str(model_dir),
-                "quantization": "none",
-                "dtype": "float32",
-                "gradient_checkpointing": False,
-            },
-            "lora": {"r": 4, "dropout": 0.0},
-            "data": {
-                "train": str(root / "train.jsonl"),
-                "eval_split": 0.2,
-                "max_seq_len": 128,
-                "cache_dir": str(root / "cache"),
-                "num_tokenizer_actors": 1,
-            },
-            "train": {
-                "max_steps": STEPS,
-                "eval_every": 2,
-                "save_every": 2,
-                "logging": {
-                    "tensorboard": False,
-                    "mlflow": True,
-                    "mlflow_tracking_uri": mlflow_uri,
-                    "project": PROJECT,
-                },
-                "eval_generate": {
-                    "prompts": str(root / "held.jsonl"),
-                    "every": STEPS,  # once, at the last step
-                    "max_new_tokens": 8,
-                    "metric": f"{root / 'metric.py'}:char_code",
-                },
-            },
-            "scaling": {"num_workers": 1},
-            "run": {"storage_path": str(storage), "name": NAME, "max_failures": 0},
-            "tune": {
-                "search_space": {"lora.r": RANKS, "train.lr": LRS},
-                "search_alg": "grid",
-                "scheduler": "none",
-                "alpha_rule": "2r",
-                "metric": METRIC,
-                "mode": "max",
-            },
-        }
+    base = tiny_sweep_base(root, model_dir)
+    (root / "held.jsonl").write_text(
+        "".join(line + "\n" for line in (root / "train.jsonl").read_text().splitlines()[:4])
     )
+    (root / "metric.py").write_text(CHAR_CODE_METRIC)
+    train = base["train"]
+    train["logging"].update(mlflow=True, mlflow_tracking_uri=mlflow_uri, project=PROJECT)
+    train["eval_generate"] = {
+        "prompts": str(root / "held.jsonl"),
+        "every": STEPS,  # once, at the last step
+        "max_new_tokens": 8,
+        "metric": f"{root / 'metric.py'}:char_code",
+    }
+    base["run"] = {"storage_path": str(storage), "name": NAME, "max_failures": 0}
+    base["tune"] = {
+        "search_space": {"lora.r": RANKS, "train.lr": LRS},
+        "search_alg": "grid",
+        "scheduler": "none",
+        "alpha_rule": "2r",
+        "metric": METRIC,
+        "mode": "max",
+    }
+    cfg = load_config(overrides=base)
     return SharedSweep(tune(cfg), storage, root / "cache")

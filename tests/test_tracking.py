@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny import fp32_cfg
 from tracking_fixtures import free_port, wandb_history
 from train_fixtures import make_prepared
 
@@ -66,13 +67,6 @@ def _train_cfg(model_dir, storage, name, uri, **more):
     from raysft.pipeline.trainer import preflight
 
     over = {
-        "model.name_or_path": str(model_dir),
-        "model.quantization": "none",
-        "model.dtype": "float32",
-        "model.gradient_checkpointing": False,
-        "lora.r": 4,
-        "lora.alpha": 8,
-        "lora.dropout": 0.0,
         "train.lr": 5e-3,
         "train.warmup_steps": 1,
         "train.micro_batch_size": 4,
@@ -89,7 +83,7 @@ def _train_cfg(model_dir, storage, name, uri, **more):
         "run.max_failures": 0,
     }
     over.update(more)
-    return preflight(load_config(None, overrides=over))
+    return preflight(fp32_cfg(model_dir, **over))
 
 
 def _fit(cfg, prepared):

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny import addition_rows
+from sweep_fixtures import tiny_sweep_base
 
 from raysft.pipeline.config import load_config
 from raysft.pipeline.errors import ClusterError, ConfigError
@@ -233,15 +233,13 @@ def test_sweep_examples_plan_and_fit_their_clusters():
     assert max_concurrent_trials(multi, {"CPU": 192, "GPU": 16}) == 4
 
 
-def test_asha_stops_diverged_trials_but_never_a_trial_at_its_last_step(tmp_path):
-    from types import SimpleNamespace
-
+def _asha(events: Path, steps: int):
+    """The sweep's ASHA on eval_loss (min), rungs from step 2 halving, for trials of `steps` steps."""
     from raysft.pipeline.sweep.run import ASHA_MAX_T, SweepASHA
 
-    events = tmp_path / "events.jsonl"
-    asha = SweepASHA(
+    return SweepASHA(
         str(events),
-        lambda config: 4,
+        lambda config: steps,
         metric="eval_loss",
         mode="min",
         time_attr="step",
@@ -249,6 +247,13 @@ def test_asha_stops_diverged_trials_but_never_a_trial_at_its_last_step(tmp_path)
         grace_period=2,
         reduction_factor=2,
     )
+
+
+def test_asha_stops_diverged_trials_but_never_a_trial_at_its_last_step(tmp_path):
+    from types import SimpleNamespace
+
+    events = tmp_path / "events.jsonl"
+    asha = _asha(events, steps=4)
     t0, t1, t2 = (SimpleNamespace(trial_id=f"t{i}", config={}) for i in range(3))
     for t in (t0, t1, t2):
         asha.on_trial_add(None, t)
@@ -270,8 +275,6 @@ def test_a_resumed_asha_judges_the_remaining_trials_against_the_finished_ones(tm
 
     import pyarrow.fs as pafs
 
-    from raysft.pipeline.sweep.run import ASHA_MAX_T, SweepASHA
-
     events = tmp_path / "events.jsonl"
     reported = {
         "t0": [{"step": 1, "loss": 3.0}, {"step": 2, "eval_loss": 1.0}, {"step": 4, "eval_loss": 0.5}],
@@ -284,16 +287,7 @@ def test_a_resumed_asha_judges_the_remaining_trials_against_the_finished_ones(tm
     events.write_text(json.dumps({"trial_id": "t1", "event": "early_stopped", "step": 2}) + "\n")
 
     def restored_asha(*trial_ids):
-        asha = SweepASHA(
-            str(events),
-            lambda config: 8,
-            metric="eval_loss",
-            mode="min",
-            time_attr="step",
-            max_t=ASHA_MAX_T,
-            grace_period=2,
-            reduction_factor=2,
-        )
+        asha = _asha(events, steps=8)
         fs = pafs.LocalFileSystem()
         trials = [
             SimpleNamespace(
@@ -407,29 +401,7 @@ GOOD_LR, BAD_LR = 0.01, 1.0e30  # BAD_LR makes the loss NaN at the first step: A
 @pytest.fixture(scope="module")
 def sweep_base(tmp_path_factory, tiny_model_dir) -> dict:
     """Config (as a dict) for 4-step trials of the tiny model on 1 worker, sharing one data cache."""
-
-    root = tmp_path_factory.mktemp("sweep")
-    rows = addition_rows(60, answer=lambda a, b: f"{a} plus {b} equals {a + b}")
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {
-        "model": {
-            "name_or_path": str(tiny_model_dir),
-            "quantization": "none",
-            "dtype": "float32",
-            "gradient_checkpointing": False,
-        },
-        "lora": {"r": 4, "dropout": 0.0},
-        "data": {
-            "train": str(root / "train.jsonl"),
-            "eval_split": 0.2,
-            "max_seq_len": 128,
-            "cache_dir": str(root / "cache"),
-            "num_tokenizer_actors": 1,
-        },
-        "train": {"max_steps": 4, "eval_every": 2, "save_every": 2, "logging": {"tensorboard": False}},
-        "scaling": {"num_workers": 1},
-        "run": {"storage_path": str(root / "runs"), "max_failures": 0},
-    }
+    return tiny_sweep_base(tmp_path_factory.mktemp("sweep"), tiny_model_dir)
 
 
 def _metrics(run_dir: Path) -> list[dict]:
