@@ -22,10 +22,12 @@ has it from its first line. It imports only the standard library and never raise
 
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.machinery
 import os
 import sys
+from collections.abc import Iterator
 from functools import lru_cache
 
 GUARDED = frozenset({"kernels", "pipeline"})
@@ -65,3 +67,19 @@ def install() -> None:
                 del sys.modules[name]  # a checkout folder imported under the bare name: found again, correctly
     except Exception:  # noqa: BLE001 - a guard must never stop a process (a Ray worker exits on a hook error)
         pass
+
+
+@contextlib.contextmanager
+def hidden(name: str) -> Iterator[None]:
+    """For the block, the top-level module `name` looks absent (`import` raises ImportError and
+    `importlib.util.find_spec` answers None), so a library that imports it only if installed skips it; afterwards it
+    is importable again. A module already imported is left as it is."""
+    if name in sys.modules:
+        yield
+        return
+    sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if name in sys.modules and sys.modules[name] is None:
+            del sys.modules[name]

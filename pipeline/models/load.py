@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from raysft.pipeline import import_guard
 from raysft.pipeline.config import Config, ModelConfig
 from raysft.pipeline.errors import ModelError
 from raysft.pipeline.models import precision
@@ -124,12 +125,10 @@ def _bitsandbytes_hidden() -> Iterator[None]:
     clears = [c.cache_clear for c in caches if hasattr(c, "cache_clear")]
     for clear in clears:
         clear()
-    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
     try:
-        yield
+        with import_guard.hidden("bitsandbytes"):
+            yield
     finally:
-        if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
-            del sys.modules["bitsandbytes"]
         for clear in clears:
             clear()
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from raysft.pipeline import import_guard
 from raysft.pipeline.config import Config
 from raysft.pipeline.errors import CheckpointError, ConfigError
 from raysft.pipeline.training import collectives
@@ -101,16 +101,8 @@ def import_deepspeed():
     """`import deepspeed` without the mlflow import its autotuner makes whenever mlflow is installed (2-7 s of
     CPU per worker process on a small machine); raysft never runs DeepSpeed's autotuner. The guard lasts for
     this one import: mlflow stays importable afterwards (rank 0's tracking), and one already imported is used."""
-    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
+    with import_guard.hidden("mlflow"):  # `import mlflow` raises ImportError, which DeepSpeed's autotuner expects
         import deepspeed  # heavy: deferred to the worker that trains
-
-        return deepspeed
-    sys.modules["mlflow"] = None  # `import mlflow` raises ImportError, which DeepSpeed's autotuner expects
-    try:
-        import deepspeed  # heavy: deferred to the worker that trains
-    finally:
-        if "mlflow" in sys.modules and sys.modules["mlflow"] is None:
-            del sys.modules["mlflow"]
     return deepspeed
 
 
