@@ -70,16 +70,21 @@ def install() -> None:
 
 
 @contextlib.contextmanager
-def hidden(name: str) -> Iterator[None]:
+def hidden(name: str, *, even_if_imported: bool = False) -> Iterator[None]:
     """For the block, the top-level module `name` looks absent (`import` raises ImportError and
     `importlib.util.find_spec` answers None), so a library that imports it only if installed skips it; afterwards it
-    is importable again. A module already imported is left as it is."""
-    if name in sys.modules:
+    is importable again. A module already imported is left as it is, unless `even_if_imported`: then it is hidden
+    for the block too and put back after it."""
+    if name in sys.modules and not even_if_imported:
         yield
         return
+    saved = sys.modules.get(name)
     sys.modules[name] = None  # type: ignore[assignment]
     try:
         yield
     finally:
         if name in sys.modules and sys.modules[name] is None:
-            del sys.modules[name]
+            if saved is None:
+                del sys.modules[name]
+            else:
+                sys.modules[name] = saved

@@ -68,6 +68,48 @@ def test_lora_on_a_plain_base_skips_bitsandbytes_and_a_4bit_base_still_finds_it(
     assert nf4 == ["peft.tuners.lora.bnb.Linear4bit"]
 
 
+_HUB_KERNEL_PROBE = """
+import json, logging, sys
+import raysft.pipeline  # the import guard: PyPI's kernels, not the checkout's folder (run from the checkout root)
+heard = []
+class Heard(logging.Handler):
+    def emit(self, record):
+        heard.append(record.getMessage())
+logging.getLogger().addHandler(Heard())
+import transformers.activations  # imports PyPI's kernels, as loading any Llama does
+import kernels
+asked = []
+real = kernels.get_kernel
+kernels.get_kernel = lambda *a, **k: asked.append(a[0]) or real(*a, **k)  # a spy: the real call still runs
+%s
+import bitsandbytes.functional as F
+print(json.dumps({"native": bool(F.has_avx512bf16()), "asked": asked, "restored": sys.modules["kernels"] is kernels,
+                  "warned": [m for m in heard if "kernels-community" in m]}))
+"""
+
+
+@pytest.mark.parametrize("importer", ["raysft", "plain"])
+def test_bitsandbytes_is_imported_without_its_hub_kernel_fetch(importer):
+    """bitsandbytes 0.50 on a CPU with AVX512-BF16 fetches an inference kernel from the Hugging Face hub as it is
+    imported (and warns in every worker where the hub is off). raysft's import_bitsandbytes never asks the hub, says
+    nothing, and leaves PyPI's kernels importable; the plain import beside it shows the fetch is real on this CPU."""
+    import subprocess
+    import sys
+
+    line = "from raysft.pipeline.models.load import import_bitsandbytes; import_bitsandbytes()"
+    code = _HUB_KERNEL_PROBE % (line if importer == "raysft" else "import bitsandbytes")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.splitlines()[-1])
+    if not seen["native"]:
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes fetches no hub kernel here")
+    assert seen["restored"]
+    if importer == "raysft":
+        assert seen["asked"] == [] and seen["warned"] == []
+    else:
+        assert seen["asked"] == ["kernels-community/quantization-bitsandbytes"]
+
+
 def test_lora_all_linear_rslora_and_checkpointing(tiny_model_dir):
     cfg = cfg_for(tiny_model_dir, **{"lora.r": 4, "lora.alpha": 8, "lora.use_rslora": True})
     model = build_model(cfg)

@@ -8,6 +8,7 @@ safetensors only; `trust_remote_code` stays off unless the config turns it on.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -47,6 +48,7 @@ def load_base_model(mcfg: ModelConfig, device: str | None = None):
         use_safetensors=True,
     )
     if mcfg.quantization == "nf4":
+        import_bitsandbytes()
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -75,11 +77,31 @@ def _keep_4bit_layout(model) -> None:
     temporary gather that is thrown away while the flag stays, so every later forward reads the
     weights wrongly (training diverged after the first eval in our tests). One layout, always.
     """
-    import bitsandbytes as bnb
-
+    bnb = import_bitsandbytes()
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
+
+
+def import_bitsandbytes():
+    """bitsandbytes, imported without the hub fetch it makes on some CPUs.
+
+    bitsandbytes 0.50, imported on a CPU with AVX512-BF16, fetches a CPU inference kernel from the Hugging Face hub
+    (`kernels.get_kernel("kernels-community/quantization-bitsandbytes")`): remote code at run time where the hub is
+    reachable, a WARNING in every worker where it is not, and a kernel raysft switches off anyway
+    (`_keep_4bit_layout`). With PyPI's `kernels` hidden for the import, bitsandbytes takes its own fallback; its
+    warning about that is dropped. Imported already: returned as it is.
+    """
+    if "bitsandbytes" not in sys.modules:
+        log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            with import_guard.hidden("kernels", even_if_imported=True):
+                import bitsandbytes  # noqa: F401
+        finally:
+            log.setLevel(level)
+    return sys.modules["bitsandbytes"]
 
 
 def attach_lora(model, cfg: Config):
