@@ -155,31 +155,47 @@ def shared_sweep(ray_session, tiny_model_dir, sweep_storage, _mlflow_server_of_t
 
 
 # ---------------------------------------------------------------- two lanes under `make test` (pytest -n 2)
-# `make test` runs the suite on two pytest-xdist workers: one runs every test that starts Ray, one after the other
-# as before (they share `ray_session`, and their timing bounds never see a second Ray beside them); the other runs
-# the modules below beside it: CPU-only work (kernels, engines on gloo, exports, data) that never starts Ray and
-# fills the CPU time a Ray test spends waiting on process starts. A module not listed runs in the Ray lane (the
-# safe default). (xdist's own `--dist loadgroup` cannot do this on pytest 9: it renames node ids through an
-# attribute pytest 9 no longer reads, so the groups are silently ignored.)
-CPU_LANE = frozenset(
+# `make test` runs the suite on two pytest-xdist workers. The Ray lane runs every test on the session's Ray instance
+# (`ray_session`, `ray_head`, `shared_sweep`), one after the other as before, and the 2-node and recovery modules.
+# The side lane runs the modules below beside it: CPU-only work (kernels, engines on gloo, exports, data) and
+# commands that start and stop their own short-lived local Ray in a subprocess (fault sentences, the demo, the
+# import guard's workers, the storage cluster), which never touch the session's instance; two local Ray instances
+# at once are independent (their own ports and session folders). A module not listed runs in the Ray lane (the safe
+# default); a listed one that asks for the session's Ray stops the collection. (xdist's own `--dist loadgroup`
+# cannot do this on pytest 9: it renames node ids through an attribute pytest 9 no longer reads, so the groups are
+# silently ignored.)
+SIDE_LANE = frozenset(
     {
-        "test_architecture", "test_checkpoint_safety", "test_chunked_loss", "test_cluster_manifests", "test_console",
-        "test_data_fast_bpe", "test_data_hostile_inputs", "test_data_masks", "test_data_pack", "test_data_sources",
-        "test_doctests", "test_export", "test_fetch", "test_gpu_acceptance", "test_gpu_path", "test_kernels_bf16",
-        "test_kernels_memory", "test_kernels_model", "test_kernels_numerics", "test_layers", "test_model",
-        "test_model_source", "test_precision", "test_preemption", "test_step",
+        # CPU only
+        "test_architecture", "test_checkpoint_safety", "test_chunked_loss", "test_cluster_manifests", "test_config",
+        "test_console", "test_data_families", "test_data_fast_bpe", "test_data_hostile_inputs", "test_data_masks",
+        "test_data_mix", "test_data_pack", "test_data_sources", "test_docs", "test_doctests", "test_examples",
+        "test_export", "test_fetch", "test_gpu_acceptance", "test_gpu_path", "test_kernels_bf16", "test_kernels_memory",
+        "test_kernels_model", "test_kernels_numerics", "test_layers", "test_model", "test_model_source", "test_outputs",
+        "test_package", "test_precision", "test_preemption", "test_run_identity", "test_shards_reader", "test_step",
+        "test_submit_package",
+        # their own local Ray, in a subprocess
+        "test_cluster_storage", "test_demo", "test_fault_sentences", "test_import_guard",
     }
 )  # fmt: skip
-# Ray-lane modules with wall-clock bounds (recovery within N s) run last, when the CPU lane has finished.
+SESSION_RAY_FIXTURES = frozenset({"ray_session", "ray_head", "shared_sweep"})
+# Ray-lane modules with wall-clock bounds (recovery within N s) run last, when the side lane has finished.
 RAY_LANE_LAST = ("test_cluster_drain", "test_cluster_multinode", "test_ray_runtime")
 
 
 def lane(nodeid: str) -> str:
-    """'cpu' or 'ray': the pytest-xdist worker a test runs on (by its module)."""
-    return "cpu" if Path(nodeid.split("::")[0]).stem in CPU_LANE else "ray"
+    """'side' or 'ray': the pytest-xdist worker a test runs on (by its module)."""
+    return "side" if Path(nodeid.split("::")[0]).stem in SIDE_LANE else "ray"
 
 
 def pytest_collection_modifyitems(config, items):
+    misplaced = [
+        item.nodeid
+        for item in items
+        if lane(item.nodeid) == "side" and SESSION_RAY_FIXTURES & set(getattr(item, "fixturenames", ()))
+    ]
+    if misplaced:
+        raise pytest.UsageError(f"{misplaced[0]} uses the session's Ray: its module must leave SIDE_LANE (conftest.py)")
     items.sort(key=lambda item: Path(item.nodeid.split("::")[0]).stem in RAY_LANE_LAST)  # stable sort
 
 
