@@ -161,7 +161,8 @@ def shared_sweep(ray_session, tiny_model_dir, sweep_storage, _mlflow_server_of_t
 # commands that start and stop their own short-lived local Ray in a subprocess (fault sentences, the demo, the
 # import guard's workers, the storage cluster), which never touch the session's instance; two local Ray instances
 # at once are independent (their own ports and session folders). A module not listed runs in the Ray lane (the safe
-# default); a listed one that asks for the session's Ray stops the collection. (xdist's own `--dist loadgroup`
+# default); a listed one that asks for the session's Ray stops the collection, and so does a listed single test
+# that no longer exists. (xdist's own `--dist loadgroup`
 # cannot do this on pytest 9: it renames node ids through an attribute pytest 9 no longer reads, so the groups are
 # silently ignored.)
 SIDE_LANE = frozenset(
@@ -176,6 +177,13 @@ SIDE_LANE = frozenset(
         "test_submit_package",
         # their own local Ray, in a subprocess
         "test_cluster_storage", "test_demo", "test_fault_sentences", "test_import_guard",
+        # single tests of Ray-lane modules, the same kind (no wall-clock bound either)
+        "test_tune::test_asha_stops_the_bad_learning_rate_and_an_interrupted_sweep_resumes",
+        "test_ray_runtime::test_unset_address_starts_its_own_instance_never_the_recorded_one",
+        "test_ray_runtime::test_the_watchdog_kills_what_carries_a_finished_owners_marker",
+        "test_ray_runtime::test_temp_folders_older_than_a_day_are_removed",
+        "test_ray_runtime::test_sigkill_during_prepare_leaves_no_orphans_after_the_next_run",
+        "test_ray_runtime::test_auto_joins_the_cluster_ray_start_recorded",
     }
 )  # fmt: skip
 SESSION_RAY_FIXTURES = frozenset({"ray_session", "ray_head", "shared_sweep"})
@@ -184,8 +192,11 @@ RAY_LANE_LAST = ("test_cluster_drain", "test_cluster_multinode", "test_ray_runti
 
 
 def lane(nodeid: str) -> str:
-    """'side' or 'ray': the pytest-xdist worker a test runs on (by its module)."""
-    return "side" if Path(nodeid.split("::")[0]).stem in SIDE_LANE else "ray"
+    """'side' or 'ray': the pytest-xdist worker a test runs on (by its module, or module::function)."""
+    parts = nodeid.split("::")
+    module = Path(parts[0]).stem
+    function = parts[1].split("[")[0] if len(parts) > 1 else ""
+    return "side" if module in SIDE_LANE or f"{module}::{function}" in SIDE_LANE else "ray"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -195,7 +206,12 @@ def pytest_collection_modifyitems(config, items):
         if lane(item.nodeid) == "side" and SESSION_RAY_FIXTURES & set(getattr(item, "fixturenames", ()))
     ]
     if misplaced:
-        raise pytest.UsageError(f"{misplaced[0]} uses the session's Ray: its module must leave SIDE_LANE (conftest.py)")
+        raise pytest.UsageError(f"{misplaced[0]} uses the session's Ray: it must leave SIDE_LANE (conftest.py)")
+    collected = {f"{Path(item.nodeid.split('::')[0]).stem}::{item.originalname}" for item in items}
+    modules = {name.split("::")[0] for name in collected}
+    gone = [name for name in SIDE_LANE if "::" in name and name.split("::")[0] in modules and name not in collected]
+    if gone:
+        raise pytest.UsageError(f"SIDE_LANE (conftest.py) names {gone[0]}, which is not a test any more")
     items.sort(key=lambda item: Path(item.nodeid.split("::")[0]).stem in RAY_LANE_LAST)  # stable sort
 
 
