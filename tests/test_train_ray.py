@@ -350,6 +350,23 @@ def test_zero3_with_4bit_base_trains_and_shards_the_base(ray_session, tiny_model
     assert _eval_loss(model, prepared.eval_dir) == pytest.approx(result.metrics["eval_loss"], rel=1e-2)
 
 
+@pytest.mark.ray
+def test_a_step_never_waits_for_the_controllers_poll(ray_session, tiny_model_dir, runs_root, prepared, monkeypatch):
+    """Ray Train takes a worker's reports from a queue of one, one per controller poll: a report every step capped
+    a run at one step per poll (0.93 s a step of the tiny model under raysft's 1 s poll). With a 2 s poll, 16 steps
+    of a few ms each now take seconds, not the 30 s the poll would make them; metrics.jsonl still has every step,
+    and the run ends at its last step's checkpoint."""
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")
+    cfg = fp32_cfg(tiny_model_dir, runs_root, "no-poll-wait", 2, 1, 1, **{"train.save_every": 1000})
+    result = fit(cfg, prepared)
+    log = events(result.run_dir)
+    start = [e["time"] for e in log if e["event"] == "start"]
+    saved = [(e["step"], e["time"]) for e in log if e["event"] == "checkpoint"]
+    assert len(start) == 1 and [step for step, _ in saved] == [16], (start, saved)
+    assert saved[-1][1] - start[0] < 12, f"16 steps took {saved[-1][1] - start[0]:.1f} s: steps wait for the poll"
+    assert [r["step"] for r in read_metrics(result.run_dir)] == list(range(1, 17))
+
+
 def test_python_api_zero2_4bit_end_to_end(ray_session, tiny_model_dir, runs_root, tmp_path, monkeypatch):
     """raysft.pipeline.train on a chat JSONL through the data plan; no secret reaches the run folder."""
     import random

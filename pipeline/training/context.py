@@ -37,6 +37,18 @@ class WorkerContext(Protocol):
         (training/generate_eval.py) runs on that checkpoint, off the workers."""
         ...
 
+    def report_would_wait(self) -> bool:
+        """Non-blocking: True when a report now would wait for the runtime to take this rank's last one (Ray
+        Train's controller takes one per poll, `RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`). The loop then skips a
+        metrics-only report on every rank (the step's all-reduce carries this answer), so a step is never
+        slower than the poll; checkpoint, eval and last-step reports are never skipped, and rank 0's
+        metrics.jsonl has every step."""
+        ...
+
+    def progress(self) -> None:
+        """A skipped metrics report: publish rank 0's progress files if they are due, report nothing."""
+        ...
+
     def drain_notice(self) -> Notice | None:
         """Non-blocking: the drain of this worker group's nodes the runtime announced, or None."""
         ...

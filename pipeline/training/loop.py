@@ -206,8 +206,10 @@ class WorkerRecipe:
             # While a notice stands, every boundary is a checkpoint: losing the node costs at most the step in flight.
             if done % t.save_every == 0 or last or gen_eval or preempting:
                 self.save_checkpoint(done, epoch, metrics, validation=gen_eval, preempting=preempting)
-            else:
+            elif res.waiting_reports == 0 or "eval_loss" in metrics:
                 self.ctx.report(metrics)
+            else:  # a rank's last report is not taken yet: skip this one on every rank rather than wait for it
+                self.ctx.progress()
         watch.close()
 
     def run_step(
@@ -221,9 +223,17 @@ class WorkerRecipe:
         row_trained = trained_counts(step_table.column("labels"))  # vectorised
         n_global = int(row_trained[rows.reshape(-1)].sum())
         mbs = _micro_batches(step_table, rows[:, self.rank, :], self.layout)
-        # The step's all-reduce also carries the ranks' preemption notices: all agree at this boundary.
+        # The step's all-reduce also carries the ranks' preemption notices and whether a report would wait:
+        # all agree at this boundary.
         res = train_step(
-            self.stepper, mbs, n_global, world=self.world, kernels=t.kernels, device=self.device, pending=pending
+            self.stepper,
+            mbs,
+            n_global,
+            world=self.world,
+            kernels=t.kernels,
+            device=self.device,
+            pending=pending,
+            report_would_wait=self.ctx.report_would_wait,
         )
         self.trained_tokens += n_global
         metrics: dict[str, Any] = {
@@ -333,6 +343,7 @@ class StepNumbers:
     loss_sum: float
     tokens: float
     notices: float  # ranks holding a preemption notice
+    waiting_reports: float  # ranks whose last metrics report the runtime has not taken yet
     grad_norm: float
     lr: float
     seconds: float
@@ -348,23 +359,27 @@ def train_step(
     kernels: bool,
     device: torch.device,
     pending: Callable[[], Notice | None],
+    report_would_wait: Callable[[], bool] = lambda: False,
 ) -> StepNumbers:
-    """One optimizer step, its one all-reduce (loss sum, tokens, preemption notices) and one host read.
+    """One optimizer step, its one all-reduce (loss sum, tokens, preemption notices, reports not yet taken) and
+    one host read.
 
     `pending` (this rank's notice) is read after the backward passes, so a notice that arrives during the
     step is agreed on at its end; the grad norm comes back in the same device-to-host copy
-    (ARCHITECTURE.md, "Collectives and host syncs")."""
+    (ARCHITECTURE.md, "Collectives and host syncs"). `report_would_wait` is read there too: a metrics report
+    is skipped on every rank alike when any rank's last one is still waiting (the same section)."""
     start = time.perf_counter()
     res = optimizer_step(stepper, mbs, n_global, grad_scale=float(world), kernels=kernels, device=device)
     notice = pending()
     loss = res.loss.detach().reshape(1).to(torch.float64)
-    flags = torch.tensor([float(res.tokens), 0.0 if notice is None else 1.0], dtype=torch.float64)
-    summed = collectives.sum_on_device(torch.cat([loss, flags.to(loss.device, non_blocking=True)]))
+    flags = [float(res.tokens), 0.0 if notice is None else 1.0, 1.0 if report_would_wait() else 0.0]
+    flags_t = torch.tensor(flags, dtype=torch.float64)
+    summed = collectives.sum_on_device(torch.cat([loss, flags_t.to(loss.device, non_blocking=True)]))
     norm = res.norm if isinstance(res.norm, torch.Tensor) else torch.tensor(res.grad_norm)
-    loss_sum, tokens, notices, grad_norm = collectives.to_host(
+    loss_sum, tokens, notices, waiting, grad_norm = collectives.to_host(
         torch.cat([summed, norm.detach().reshape(1).to(summed.device, torch.float64)])
     )
-    return StepNumbers(loss_sum, tokens, notices, grad_norm, res.lr, time.perf_counter() - start, notice)
+    return StepNumbers(loss_sum, tokens, notices, waiting, grad_norm, res.lr, time.perf_counter() - start, notice)
 
 
 def _micro_batches(table, rows: np.ndarray, layout: str) -> list[MicroBatch]:

@@ -62,6 +62,15 @@ class RayTrainContext:
         if durable:  # the next step starts once Ray has this checkpoint: a restart then loses at most that step
             wait_until_taken(REGISTRATION_WAIT_S)
 
+    def report_would_wait(self) -> bool:
+        """Ray Train's queue of one still holds this worker's last report (PRIVATE Ray API, as wait_until_taken)."""
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        return not get_train_context().get_result_queue().empty()
+
+    def progress(self) -> None:
+        pass
+
     def drain_notice(self) -> Notice | None:
         """The node drain Ray Train's preemption watcher announced to this worker, or None (no RPC)."""
         info = ray_preemption_info()

@@ -30,6 +30,14 @@ class SyncedContext:
             self.folder.push_progress()
         self.ctx.report(metrics, checkpoint_dir=checkpoint_dir, step=step, validation=validation, durable=durable)
 
+    def report_would_wait(self) -> bool:
+        return self.ctx.report_would_wait()
+
+    def progress(self) -> None:
+        if self.folder is not None:
+            self.folder.push_progress()
+        self.ctx.progress()
+
     def drain_notice(self):
         return self.ctx.drain_notice()
 

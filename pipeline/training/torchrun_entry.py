@@ -84,6 +84,12 @@ class TorchrunContext:
                     storage.remove_tree(storage.join(self.run_dir, old), self.options)
         collectives.barrier()
 
+    def report_would_wait(self) -> bool:
+        return False  # metrics reports go nowhere (see report)
+
+    def progress(self) -> None:
+        pass
+
     def drain_notice(self) -> None:
         """No runtime announces drains here; SIGTERM (training/preemption.py) is the notice."""
         return None
