@@ -421,7 +421,7 @@ def test_elastic_run_shrinks_and_grows_back_with_the_same_result(multinode, reco
     sizes = [(s["world_size"], s["grad_accum"]) for s in run["starts"]]
     assert sizes == [(1, 2), (2, 1), (1, 2), (2, 1)], run["starts"]
     steps = [s["step"] for s in run["starts"]]
-    assert steps == sorted(steps) and steps[2] == run["removed_at_step"] > 0, (steps, run)
+    assert steps == sorted(steps) and steps[2] >= run["removed_at_step"] > 0, (steps, run)  # the last registered one
     # training went on at 1 worker soon after the loss, with raysft's own recovery settings
     assert run["next_step_after_loss_s"] < NEXT_STEP_BOUND_S, {k: v for k, v in run.items() if k.endswith("_s")}
     # grown back once the resources were there: a resize check (every RESIZE_CHECK_S) plus the restart
