@@ -206,7 +206,7 @@ class WorkerRecipe:
             # While a notice stands, every boundary is a checkpoint: losing the node costs at most the step in flight.
             if done % t.save_every == 0 or last or gen_eval or preempting:
                 self.save_checkpoint(done, epoch, metrics, validation=gen_eval, preempting=preempting)
-            elif res.waiting_reports == 0 or "eval_loss" in metrics:
+            elif res.waiting_reports == 0 or "eval_loss" in metrics or self.cfg.scaling.elastic:
                 self.ctx.report(metrics)
             else:  # a rank's last report is not taken yet: skip this one on every rank rather than wait for it
                 self.ctx.progress()
