@@ -193,10 +193,14 @@ RAY_LANE_LAST = ("test_cluster_drain", "test_cluster_multinode", "test_ray_runti
 
 def lane(nodeid: str) -> str:
     """'side' or 'ray': the pytest-xdist worker a test runs on (by its module, or module::function)."""
-    parts = nodeid.split("::")
-    module = Path(parts[0]).stem
-    function = parts[1].split("[")[0] if len(parts) > 1 else ""
+    module, function = _names(nodeid)
     return "side" if module in SIDE_LANE or f"{module}::{function}" in SIDE_LANE else "ray"
+
+
+def _names(nodeid: str) -> tuple[str, str]:
+    """(module stem, test function without parameters) of a node id."""
+    parts = nodeid.split("::")
+    return Path(parts[0]).stem, parts[1].split("[")[0] if len(parts) > 1 else ""
 
 
 def pytest_collection_modifyitems(config, items):
@@ -207,12 +211,12 @@ def pytest_collection_modifyitems(config, items):
     ]
     if misplaced:
         raise pytest.UsageError(f"{misplaced[0]} uses the session's Ray: it must leave SIDE_LANE (conftest.py)")
-    collected = {f"{Path(item.nodeid.split('::')[0]).stem}::{item.originalname}" for item in items}
+    collected = {"::".join(_names(item.nodeid)) for item in items}
     modules = {name.split("::")[0] for name in collected}
     gone = [name for name in SIDE_LANE if "::" in name and name.split("::")[0] in modules and name not in collected]
     if gone:
         raise pytest.UsageError(f"SIDE_LANE (conftest.py) names {gone[0]}, which is not a test any more")
-    items.sort(key=lambda item: Path(item.nodeid.split("::")[0]).stem in RAY_LANE_LAST)  # stable sort
+    items.sort(key=lambda item: _names(item.nodeid)[0] in RAY_LANE_LAST)  # stable sort
 
 
 @pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook

@@ -63,10 +63,8 @@ class RayTrainContext:
             wait_until_taken(REGISTRATION_WAIT_S)
 
     def report_would_wait(self) -> bool:
-        """Ray Train's queue of one still holds this worker's last report (PRIVATE Ray API, as wait_until_taken)."""
-        from ray.train.v2._internal.execution.context import get_train_context
-
-        return not get_train_context().get_result_queue().empty()
+        """Ray Train's queue of one still holds this worker's last report."""
+        return not _result_queue().empty()
 
     def progress(self) -> None:
         pass
@@ -105,15 +103,21 @@ def wait_until_taken(timeout_s: float) -> bool:
     (tests/test_cluster_drain.py). tests/test_preemption.py::test_ray_private_preemption_path_still_exists
     fails if Ray moves the queue.
     """
-    from ray.train.v2._internal.execution.context import get_train_context
-
-    queue = get_train_context().get_result_queue()
+    queue = _result_queue()
     deadline = time.monotonic() + timeout_s
     while not queue.empty():
         if time.monotonic() > deadline:
             return False
         time.sleep(0.01)
     return True
+
+
+def _result_queue():
+    """This worker's queue of one for its reports, which Ray Train's controller empties at each poll (PRIVATE Ray
+    API: tests/test_preemption.py::test_ray_private_preemption_path_still_exists fails if Ray moves it)."""
+    from ray.train.v2._internal.execution.context import get_train_context
+
+    return get_train_context().get_result_queue()
 
 
 def ray_preemption_info():
